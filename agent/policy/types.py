@@ -1,0 +1,98 @@
+"""The policy compiler's output: what goes into the kernel's policy map, and who decided it.
+
+These are the Python-side view of `bpf/lib/policy.h`. `agent/datapath/maps.py` turns them into
+the kernel's byte layout; nothing else in the agent needs to know that layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+# Directions as the datapath numbers them (bpf/lib/common.h: DIR_INGRESS / DIR_EGRESS).
+INGRESS = 0
+EGRESS = 1
+DIRECTION_NAMES = {INGRESS: "ingress", EGRESS: "egress"}
+
+ANY_IDENTITY = 0  # policy key identity that matches every peer
+ANY_PROTO = 0  # policy key protocol that matches every protocol (the port is then wildcarded too)
+
+PROTO_NUMBERS = {"TCP": 6, "UDP": 17, "ICMP": 1, "SCTP": 132}
+PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
+
+
+class Action(IntEnum):
+    ALLOW = 1
+    DENY = 2
+
+
+@dataclass(frozen=True, order=True)
+class PolicyKey:
+    """One LPM-trie key of the policy map.
+
+    ``port_prefix`` is how many leading bits of ``port`` must match: 16 for one port, fewer for a
+    power-of-two aligned block of a port range, 0 for any port. With ``proto == ANY_PROTO`` the
+    port is not looked at (port and port_prefix must be 0). For ICMP the "port" is the ICMP type.
+    """
+
+    ep_id: int
+    direction: int  # INGRESS or EGRESS, seen from the endpoint
+    identity: int  # peer identity, or ANY_IDENTITY
+    proto: int  # IP protocol number, or ANY_PROTO
+    port: int = 0
+    port_prefix: int = 0
+
+
+@dataclass(frozen=True)
+class PolicyEntry:
+    action: Action
+    audit: bool  # from a policy annotated meshagent.io/audit: "true": a deny here only reports
+    rule_id: int  # RuleInfo that produced this entry; the datapath reports it with the verdict
+
+
+@dataclass(frozen=True)
+class Enforcement:
+    """Whether an endpoint is under default deny in one direction, and which policy put it there."""
+
+    enforced: bool
+    audit: bool = False  # every policy selecting it in this direction is in audit mode
+    rule_id: int = 0  # RuleInfo of kind "default-deny" naming the selecting policy
+
+
+@dataclass(frozen=True)
+class RuleInfo:
+    rule_id: int
+    policy: str  # "namespace/name"
+    kind: str  # CiliumNetworkPolicy | NetworkPolicy
+    path: str  # where in the policy: "spec.ingress[0]", "spec.egressDeny[1]", or "default-deny"
+    action: str  # "allow" | "deny" | "default-deny"
+    audit: bool = False
+
+    def describe(self) -> str:
+        if self.action == "default-deny":
+            return f"{self.kind} {self.policy} selects the endpoint and no rule matched (default deny)"
+        return f"{self.kind} {self.policy} {self.path} ({self.action})"
+
+
+@dataclass(frozen=True)
+class IdentityInfo:
+    id: int
+    labels: dict[str, str]
+
+
+@dataclass(frozen=True)
+class EndpointInfo:
+    ep_id: int
+    name: str
+    namespace: str
+    ip: str
+    identity: int
+    labels: dict[str, str]  # security labels (agent.labels.security_labels)
+
+
+@dataclass
+class CompiledPolicy:
+    entries: dict[PolicyKey, PolicyEntry] = field(default_factory=dict)
+    enforcement: dict[tuple[int, int], Enforcement] = field(default_factory=dict)  # (ep_id, direction)
+    rules: dict[int, RuleInfo] = field(default_factory=dict)
+    cidr_identities: dict[str, int] = field(default_factory=dict)  # "10.0.0.0/8" -> local CIDR identity
