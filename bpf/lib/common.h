@@ -1,0 +1,71 @@
+/* Shared definitions of the meshagent datapath: directions, verdicts, the per-endpoint table and
+ * the global config. Every struct here is mirrored by agent/datapath/maps.py, which checks its
+ * ctypes copies against the types BCC builds from this C at load time (our alignchecker).
+ *
+ * Load-time options come in as -D cflags from agent/datapath/loader.py:
+ *   PIN_DIR          bpffs directory of this node's pinned maps, e.g. "/sys/fs/bpf/meshagent/n1"
+ *   CT_MAP_SIZE, POLICY_MAP_SIZE, IPCACHE_MAP_SIZE, ENDPOINT_MAP_SIZE
+ */
+#ifndef __MESH_COMMON_H
+#define __MESH_COMMON_H
+
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/in.h>
+
+#ifndef PIN_DIR
+#error "PIN_DIR must be given as a -D cflag (the node's bpffs directory)"
+#endif
+
+/* Direction as seen from the endpoint. */
+#define DIR_INGRESS 0 /* towards the endpoint: TC egress of the host-side veth */
+#define DIR_EGRESS  1 /* from the endpoint: TC ingress of the host-side veth */
+
+/* Verdicts, numbered as Hubble's flow.Verdict. */
+#define VERDICT_FORWARDED  1
+#define VERDICT_DROPPED    2
+#define VERDICT_REDIRECTED 4
+#define VERDICT_AUDIT      6
+
+/* Endpoint flags: is default deny on in a direction, and is it only audited. */
+#define EP_F_ENFORCE_INGRESS 0x1
+#define EP_F_ENFORCE_EGRESS  0x2
+#define EP_F_AUDIT_INGRESS   0x4
+#define EP_F_AUDIT_EGRESS    0x8
+
+/* One entry per local endpoint, keyed by the ifindex of its host-side veth (the device both TC
+ * programs run on, so skb->ifindex finds it in either direction). Addresses in network order. */
+struct endpoint_info {
+	__u32 ip;                 /*  0: the only source address the endpoint may use */
+	__u32 identity;           /*  4: security identity of its labels */
+	__u16 ep_id;              /*  8: node-local endpoint id, part of policy and CT keys */
+	__u8  flags;              /* 10: EP_F_* */
+	__u8  pad;                /* 11 */
+	__u32 deny_rule_ingress;  /* 12: rule id reported for a default deny, ingress */
+	__u32 deny_rule_egress;   /* 16: the same, egress */
+};                            /* 20 bytes */
+
+BPF_TABLE_PINNED("hash", __u32, struct endpoint_info, endpoints, ENDPOINT_MAP_SIZE,
+		 PIN_DIR "/endpoints");
+
+/* Global datapath config, one element. The agent bumps policy_revision after every change to
+ * the policy map or the ipcache; conntrack entries from an older revision re-check policy on
+ * their next packet, which is how a revoked allow cuts an established flow. */
+struct datapath_config {
+	__u32 policy_revision;    /* 0 */
+	__u32 pad;                /* 4 */
+};                            /* 8 bytes */
+
+BPF_TABLE_PINNED("array", __u32, struct datapath_config, config_map, 1, PIN_DIR "/config");
+
+static __always_inline __u32 current_policy_revision(void)
+{
+	__u32 zero = 0;
+	struct datapath_config *cfg = config_map.lookup(&zero);
+
+	return cfg ? cfg->policy_revision : 0;
+}
+
+#endif /* __MESH_COMMON_H */

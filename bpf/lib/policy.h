@@ -1,0 +1,149 @@
+/* L3/L4 identity policy: one global LPM trie for all endpoints of the node.
+ *
+ * Key fields are in network byte order and in this order so that a prefix of the key is a
+ * wildcard that makes sense:
+ *   ep_id, dir, pad   always matched                      (bits  0..31)
+ *   identity          always matched; ANY_IDENTITY (0) is a concrete value, looked up separately
+ *                                                         (bits 32..63)
+ *   proto, pad2       matched unless the rule is for any protocol   (prefix 64 = any protocol)
+ *   dport             matched for the first N bits: N=16 one port, N<16 an aligned block of a
+ *                     port range, N=0 any port              (prefix 80 + N)
+ * The agent (agent/policy/compiler.py) resolves deny-over-allow when it fills the map, because a
+ * longest-prefix lookup returns only the most specific entry per identity.
+ */
+#ifndef __MESH_POLICY_H
+#define __MESH_POLICY_H
+
+#include "common.h"
+
+#define ANY_IDENTITY 0
+#define POLICY_FULL_PREFIX 96
+
+#define POLICY_ACTION_ALLOW 1
+#define POLICY_ACTION_DENY  2
+#define POLICY_F_AUDIT      0x1
+
+/* Policy-verdict match types, as Cilium reports them (meshagent_policy_verdicts_total{match}). */
+#define MATCH_NONE     0
+#define MATCH_L3_ONLY  1
+#define MATCH_L3_L4    2
+#define MATCH_L4_ONLY  3
+#define MATCH_ALL      4
+
+struct policy_key {
+	__u32 prefixlen;          /*  0: LPM prefix length in bits of what follows, 64..96 */
+	__u16 ep_id;              /*  4: network order */
+	__u8  dir;                /*  6: DIR_INGRESS / DIR_EGRESS */
+	__u8  pad;                /*  7 */
+	__u32 identity;           /*  8: peer identity, network order; 0 = any */
+	__u8  proto;              /* 12: IP protocol */
+	__u8  pad2;               /* 13 */
+	__u16 dport;              /* 14: network order; ICMP type for ICMP */
+};                            /* 16 bytes */
+
+struct policy_entry {
+	__u32 rule_id;            /* 0: which policy rule wrote this entry, reported with the verdict */
+	__u8  action;             /* 4: POLICY_ACTION_* */
+	__u8  flags;              /* 5: POLICY_F_* */
+	__u8  match;              /* 6: MATCH_* of the key that holds it, reported as the match type */
+	__u8  pad;                /* 7 */
+};                            /* 8 bytes */
+
+BPF_TABLE_PINNED("lpm_trie", struct policy_key, struct policy_entry, policy_map, POLICY_MAP_SIZE,
+		 PIN_DIR "/policy", BPF_F_NO_PREALLOC);
+
+/* The policy decision for one flow, handed back to the caller. */
+struct policy_result {
+	__u8  verdict;            /* VERDICT_FORWARDED, VERDICT_DROPPED or VERDICT_AUDIT */
+	__u8  drop_reason;        /* DROP_POLICY (default deny) or DROP_POLICY_DENY (deny rule) */
+	__u8  match;              /* MATCH_* */
+	__u8  pad;
+	__u32 rule_id;
+};
+
+static __always_inline struct policy_entry *
+__policy_lookup(__u16 ep_id, __u8 dir, __u32 identity, __u8 proto, __u16 dport)
+{
+	struct policy_key key = {
+		.prefixlen = POLICY_FULL_PREFIX,
+		.ep_id = bpf_htons(ep_id),
+		.dir = dir,
+		.identity = bpf_htonl(identity),
+		.proto = proto,
+		.dport = bpf_htons(dport),
+	};
+
+	return policy_map.lookup(&key);
+}
+
+/**
+ * policy_can_access - decide a new flow of an endpoint
+ * @ep:       the local endpoint
+ * @dir:      DIR_INGRESS or DIR_EGRESS, seen from @ep
+ * @identity: the peer's identity
+ * @proto:    IP protocol
+ * @dport:    destination port of the flow's original direction (ICMP type for ICMP)
+ * @res:      out: verdict, drop reason, match type and the deciding rule id
+ *
+ * Deny entries beat allow entries; an audit deny (or an audited default deny) passes with
+ * VERDICT_AUDIT. The same algorithm in Python is agent/policy/lookup.py (`meshagent policy trace`).
+ */
+static __always_inline void policy_can_access(struct endpoint_info *ep, __u8 dir, __u32 identity,
+					      __u8 proto, __u16 dport, struct policy_result *res)
+{
+	__u8 enforce = dir == DIR_INGRESS ? EP_F_ENFORCE_INGRESS : EP_F_ENFORCE_EGRESS;
+	__u8 audit = dir == DIR_INGRESS ? EP_F_AUDIT_INGRESS : EP_F_AUDIT_EGRESS;
+	struct policy_entry *l3, *any;
+
+	res->rule_id = 0;
+	res->drop_reason = 0;
+	if (!(ep->flags & enforce)) {
+		res->verdict = VERDICT_FORWARDED;
+		res->match = MATCH_NONE;
+		return;
+	}
+
+	l3 = __policy_lookup(ep->ep_id, dir, identity, proto, dport);
+	any = __policy_lookup(ep->ep_id, dir, ANY_IDENTITY, proto, dport);
+
+	if (l3 && l3->action == POLICY_ACTION_DENY && !(l3->flags & POLICY_F_AUDIT)) {
+		res->verdict = VERDICT_DROPPED;
+		res->drop_reason = DROP_POLICY_DENY;
+		res->rule_id = l3->rule_id;
+		res->match = l3->match;
+		return;
+	}
+	if (any && any->action == POLICY_ACTION_DENY && !(any->flags & POLICY_F_AUDIT)) {
+		res->verdict = VERDICT_DROPPED;
+		res->drop_reason = DROP_POLICY_DENY;
+		res->rule_id = any->rule_id;
+		res->match = any->match;
+		return;
+	}
+	if (l3 && l3->action == POLICY_ACTION_ALLOW) {
+		res->verdict = VERDICT_FORWARDED;
+		res->rule_id = l3->rule_id;
+		res->match = l3->match;
+		return;
+	}
+	if (any && any->action == POLICY_ACTION_ALLOW) {
+		res->verdict = VERDICT_FORWARDED;
+		res->rule_id = any->rule_id;
+		res->match = any->match;
+		return;
+	}
+	if (l3 || any) { /* only audit denies matched */
+		res->verdict = VERDICT_AUDIT;
+		res->drop_reason = DROP_POLICY_DENY;
+		res->rule_id = l3 ? l3->rule_id : any->rule_id;
+		res->match = l3 ? l3->match : any->match;
+		return;
+	}
+	/* Default deny: name the policy that put the endpoint under enforcement. */
+	res->verdict = (ep->flags & audit) ? VERDICT_AUDIT : VERDICT_DROPPED;
+	res->drop_reason = DROP_POLICY;
+	res->rule_id = dir == DIR_INGRESS ? ep->deny_rule_ingress : ep->deny_rule_egress;
+	res->match = MATCH_NONE;
+}
+
+#endif /* __MESH_POLICY_H */
