@@ -1,0 +1,152 @@
+"""Node configuration (`/etc/meshagent/agent.yaml`, SPEC §6a): every key optional, unknown keys are errors."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+DEFAULT_CONFIG_PATH = "/etc/meshagent/agent.yaml"
+POLICY_MODES = ("default", "always", "never")
+
+
+class ConfigError(ValueError):
+    """The node config is wrong; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class L7Ports:
+    outbound: int = 15001
+    inbound: int = 15006
+    mtls: int = 15008
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    node_name: str
+    node_ip: str | None
+    pod_cidr: str
+    service_cidr: str
+    trust_domain: str
+    store: str
+    state_dir: str
+    bpffs_dir: str
+    cgroup: str
+    api_socket: str
+    metrics_addr: str
+    l7_ports: L7Ports = field(default_factory=L7Ports)
+    policy_enforcement: str = "default"
+    source: str = "<defaults>"
+
+    @property
+    def pod_network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.pod_cidr)
+
+    @property
+    def metrics_host_port(self) -> tuple[str, int]:
+        host, _, port = self.metrics_addr.rpartition(":")
+        return host, int(port)
+
+
+_KEYS = (
+    "node_name", "node_ip", "pod_cidr", "service_cidr", "trust_domain", "store", "state_dir",
+    "bpffs_dir", "cgroup", "api_socket", "metrics_addr", "l7_ports", "policy_enforcement",
+)
+
+
+def default_node_name() -> str:
+    return os.environ.get("MESHAGENT_NODE") or socket.gethostname()
+
+
+def default_api_socket(node_name: str) -> str:
+    return f"/run/meshagent/{node_name}.sock"
+
+
+def load(path: str | None = None) -> NodeConfig:
+    """Load the config at ``path`` (or the default file if it exists, else the defaults)."""
+    raw: dict = {}
+    source = "<defaults>"
+    if path is None and os.path.exists(DEFAULT_CONFIG_PATH):
+        path = DEFAULT_CONFIG_PATH
+    if path is not None:
+        source = path
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read node config: {e.strerror}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: node config must be a mapping of keys to values")
+    return from_dict(raw, source)
+
+
+def from_dict(raw: dict, source: str = "<defaults>") -> NodeConfig:
+    unknown = sorted(set(raw) - set(_KEYS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r}; supported: {', '.join(_KEYS)}")
+
+    def get(key: str, default):
+        value = raw.get(key, default)
+        if value is None:
+            return default
+        if default is not None and not isinstance(value, type(default)):
+            raise ConfigError(f"{source}: {key} must be a {type(default).__name__}, not {value!r}")
+        return value
+
+    name = get("node_name", default_node_name())
+    if not name or "/" in name or len(name) > 63:
+        raise ConfigError(f"{source}: node_name {name!r} must be 1-63 characters without '/'")
+    cfg = dict(
+        node_name=name,
+        node_ip=get("node_ip", "") or None,
+        pod_cidr=get("pod_cidr", "10.200.0.0/24"),
+        service_cidr=get("service_cidr", "10.96.0.0/16"),
+        trust_domain=get("trust_domain", "cluster.local"),
+        store=get("store", "dir:///var/lib/meshagent/store"),
+        state_dir=get("state_dir", "/var/lib/meshagent"),
+        bpffs_dir=get("bpffs_dir", f"/sys/fs/bpf/meshagent/{name}"),
+        cgroup=get("cgroup", f"/sys/fs/cgroup/unified/meshagent-{name}"),
+        api_socket=get("api_socket", default_api_socket(name)),
+        metrics_addr=get("metrics_addr", "127.0.0.1:9962"),
+        policy_enforcement=get("policy_enforcement", "default"),
+    )
+    for key in ("pod_cidr", "service_cidr"):
+        try:
+            net = ipaddress.IPv4Network(cfg[key], strict=True)
+        except ValueError as e:
+            raise ConfigError(f"{source}: {key} {cfg[key]!r} is not an IPv4 CIDR: {e}") from None
+        if net.prefixlen > 30:
+            raise ConfigError(f"{source}: {key} {cfg[key]} is too small; use a /30 or larger")
+    if cfg["node_ip"] is not None:
+        try:
+            ipaddress.IPv4Address(cfg["node_ip"])
+        except ValueError:
+            raise ConfigError(f"{source}: node_ip {cfg['node_ip']!r} is not an IPv4 address") from None
+    if cfg["policy_enforcement"] not in POLICY_MODES:
+        raise ConfigError(
+            f"{source}: policy_enforcement {cfg['policy_enforcement']!r}; supported: {', '.join(POLICY_MODES)}"
+        )
+    if not (cfg["store"].startswith("dir://") or cfg["store"].startswith("etcd://")):
+        raise ConfigError(f"{source}: store {cfg['store']!r}: use dir:///PATH or etcd://HOST:PORT[,HOST:PORT]")
+    host, sep, port = cfg["metrics_addr"].rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{source}: metrics_addr {cfg['metrics_addr']!r} must be HOST:PORT")
+    for key in ("state_dir", "bpffs_dir", "cgroup", "api_socket"):
+        if not os.path.isabs(cfg[key]):
+            raise ConfigError(f"{source}: {key} {cfg[key]!r} must be an absolute path")
+    l7 = raw.get("l7_ports") or {}
+    if not isinstance(l7, dict) or set(l7) - {f.name for f in fields(L7Ports)}:
+        raise ConfigError(f"{source}: l7_ports takes outbound, inbound and mtls port numbers")
+    for key, value in l7.items():
+        if not isinstance(value, int) or not 0 < value < 65536:
+            raise ConfigError(f"{source}: l7_ports.{key} {value!r} is not a port number")
+    return NodeConfig(**cfg, l7_ports=L7Ports(**l7), source=source)

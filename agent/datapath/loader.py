@@ -1,0 +1,167 @@
+"""Compile, load, pin and attach the TC policy programs; hand out the node's maps.
+
+Maps are declared pinned in the C (BPF_TABLE_PINNED), so a restarted agent that compiles the same
+source gets the very maps the running programs use, and replacing the TC filters in place
+(`replace-filter` at a fixed priority) swaps programs without a moment of no enforcement.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import os
+import platform
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from agent.datapath import maps
+from agent.datapath.source import program_source
+
+PROGRAMS = {"from_container": "ingress", "to_container": "egress"}  # program -> clsact hook
+TC_PARENT = {"ingress": "ffff:fff2", "egress": "ffff:fff3"}
+TC_PRIO = 1  # one filter per hook, always this priority, so replace-filter swaps it in place
+
+MAP_SIZES = {
+    "CT_MAP_SIZE": 262144,
+    "POLICY_MAP_SIZE": 262144,
+    "IPCACHE_MAP_SIZE": 65536,
+    "ENDPOINT_MAP_SIZE": 4096,
+}
+PINNED_MAPS = ("endpoints", "config", "ipcache", "policy", "ct", "frag", "metrics", "lost_events")
+
+
+class DatapathError(RuntimeError):
+    """The kernel or the machine lacks something the datapath needs; the message says what."""
+
+
+def kernel_build_dir() -> Path:
+    return Path("/lib/modules") / platform.release() / "build"
+
+
+def check_kernel_headers() -> None:
+    build = kernel_build_dir()
+    if not (build / "include").is_dir():
+        raise DatapathError(
+            f"cannot compile BPF: no kernel headers at {build} (BCC needs them). Install Debian's "
+            f"linux-headers-amd64 and link {build} and ../source to /usr/src/linux-headers-<ver>-amd64 "
+            "and -common, which `make install` does"
+        )
+
+
+def ensure_bpffs(bpffs_dir: str) -> None:
+    """Mount bpffs at /sys/fs/bpf if nothing is mounted there, then create the node's directory."""
+    if not _is_bpffs("/sys/fs/bpf") and bpffs_dir.startswith("/sys/fs/bpf/"):
+        os.makedirs("/sys/fs/bpf", exist_ok=True)
+        subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], check=True, capture_output=True)
+    os.makedirs(bpffs_dir, exist_ok=True)
+    if not _is_bpffs(bpffs_dir):
+        raise DatapathError(f"{bpffs_dir} is not on a bpffs mount: mount one (mount -t bpf bpf /sys/fs/bpf)")
+
+
+def _is_bpffs(path: str) -> bool:
+    stat = os.statvfs(path) if os.path.exists(path) else None
+    if stat is None:
+        return False
+    # statfs f_type is not in os.statvfs; read /proc/self/mounts instead.
+    real = os.path.realpath(path)
+    with open("/proc/self/mounts") as mounts:
+        points = [line.split()[1] for line in mounts if line.split()[2] == "bpf"]
+    return any(real == p or real.startswith(p.rstrip("/") + "/") for p in points)
+
+
+class Datapath:
+    """The node's loaded policy programs and their maps."""
+
+    def __init__(self, bpffs_dir: str, map_sizes: dict[str, int] | None = None):
+        self.bpffs_dir = bpffs_dir
+        self.map_sizes = {**MAP_SIZES, **(map_sizes or {})}
+        self.bpf = None
+        self.functions: dict[str, object] = {}
+
+    # ---- loading -------------------------------------------------------------------------------
+
+    def cflags(self) -> list[str]:
+        flags = [f'-DPIN_DIR="{self.bpffs_dir}"']
+        flags += [f"-D{k}={v}" for k, v in self.map_sizes.items()]
+        return flags
+
+    def load(self) -> None:
+        check_kernel_headers()
+        ensure_bpffs(self.bpffs_dir)
+        try:
+            from bcc import BPF
+        except ImportError:
+            raise DatapathError(
+                "cannot import bcc: install Debian's python3-bpfcc and run the agent from a virtualenv "
+                "created with --system-site-packages (`make install` does both)"
+            ) from None
+        try:
+            self.bpf = BPF(text=program_source("policy"), cflags=self.cflags())
+            for name in PROGRAMS:
+                self.functions[name] = self.bpf.load_func(name, BPF.SCHED_CLS)
+        except Exception as e:  # BCC raises bare Exception for compile and verifier failures
+            raise DatapathError(f"cannot load bpf/policy.c: {e}") from None
+        for struct, (ours, table, side) in maps.LAYOUTS.items():
+            maps.check_layout(ours, getattr(self.bpf[table], side))
+        for name, fn in self.functions.items():
+            self._pin_program(fn.fd, os.path.join(self.bpffs_dir, f"prog_{name}"))
+
+    def _pin_program(self, fd: int, path: str) -> None:
+        from bcc import libbcc
+
+        if os.path.exists(path):
+            os.unlink(path)  # the new program replaces the pin; the old one lives while attached
+        if libbcc.lib.bpf_obj_pin(fd, path.encode()) != 0:
+            err = ct.get_errno()
+            raise DatapathError(f"cannot pin program at {path}: {os.strerror(err) if err else 'error'}")
+
+    def table(self, name: str):
+        return self.bpf[name]
+
+    # ---- attaching -----------------------------------------------------------------------------
+
+    def attach(self, ifindex: int) -> None:
+        """Attach both programs to a host-side veth (creating its clsact qdisc)."""
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        with IPRoute() as ipr:
+            try:
+                ipr.tc("add", "clsact", ifindex)
+            except NetlinkError as e:
+                if e.code != errno.EEXIST:
+                    raise
+            for name, hook in PROGRAMS.items():
+                ipr.tc(
+                    "replace-filter", "bpf", ifindex, ":1", fd=self.functions[name].fd, name=name,
+                    parent=TC_PARENT[hook], classid=1, direct_action=True, prio=TC_PRIO,
+                )
+
+    # ---- events --------------------------------------------------------------------------------
+
+    def open_events(self, callback: Callable[[maps.FlowEventC], None]) -> None:
+        size = ct.sizeof(maps.FlowEventC)
+
+        def on_event(_ctx, data, length):
+            if length >= size:
+                callback(ct.cast(data, ct.POINTER(maps.FlowEventC)).contents)
+
+        self.bpf["events"].open_ring_buffer(on_event)
+
+    def poll_events(self, timeout_ms: int) -> None:
+        self.bpf.ring_buffer_poll(timeout_ms)
+
+    def lost_events(self) -> int:
+        return sum(int(v) for v in self.bpf["lost_events"][0])
+
+    def metrics(self) -> dict[tuple[int, int], tuple[int, int]]:
+        """(reason, direction) -> (packets, bytes), summed over CPUs, non-zero only."""
+        out = {}
+        table = self.bpf["metrics_map"]
+        for idx in range(512):
+            per_cpu = table[idx]
+            packets = sum(v.packets for v in per_cpu)
+            if packets:
+                out[(idx >> 1, idx & 1)] = (packets, sum(v.bytes for v in per_cpu))
+        return out
