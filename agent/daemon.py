@@ -1,0 +1,398 @@
+"""`meshagent agent`: the node agent process.
+
+Threads: the main thread waits for signals and runs periodic work (store changes, conntrack GC);
+one thread drains the BPF ring buffer into the flow buffer; the API server answers on the Unix
+socket with a thread per connection; prometheus-client serves /metrics. Every state change takes
+`Agent.lock` and ends in `Agent.reconcile()`, the one path that writes the maps.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from agent import __version__
+from agent import endpoint as ep
+from agent import identity as ids
+from agent.config import ConfigError, NodeConfig, load
+from agent.datapath import maps
+from agent.datapath.loader import PROGRAMS, Datapath, DatapathError
+from agent.flows import EndpointRef, FlowBuffer, FlowContext, FlowCounters, decode_event
+from agent.identity import IdentityAllocator
+from agent.labels import LabelError, check_key, check_value, security_labels
+from agent.node import NodeError, NodeLock, enable_forwarding, local_ipv4_addresses
+from agent.policy.compiler import PolicyCompileError, PolicyInput
+from agent.reconcile import POLICY_KINDS, DesiredState, MapSync, compute
+from agent.store import StoreError, open_store
+
+log = logging.getLogger("meshagent")
+
+CT_GC_INTERVAL_S = 10.0
+CT_TIMEOUT_CLOSED_S = 10.0
+CT_TIMEOUT_NON_TCP_S = 60.0
+CT_TIMEOUT_TCP_S = 6 * 3600.0
+
+
+class UserError(RuntimeError):
+    """A request the user must fix; its message goes back as is."""
+
+
+class Agent:
+    def __init__(self, cfg: NodeConfig):
+        self.cfg = cfg
+        self.store = open_store(cfg.store)
+        self.identities = IdentityAllocator(self.store)
+        self.lock = threading.RLock()
+        self.datapath = Datapath(cfg.bpffs_dir)
+        self.sync: MapSync | None = None
+        self.flows = FlowBuffer()
+        self.counters = FlowCounters()
+        self.flow_ctx = FlowContext(
+            node_name=cfg.node_name, endpoints_by_ip={}, identity_labels={}, rules={},
+            boot_offset_ns=time.time_ns() - time.monotonic_ns(),
+        )
+        self.rules: dict = {}
+        self.ifindex: dict[str, int] = {}  # endpoint name -> host-side ifindex
+        self.ready = False
+        self.stopping = threading.Event()
+        self._store_generation = -1
+        self._cidr_path = os.path.join(cfg.state_dir, f"cidr-identities-{cfg.node_name}.json")
+
+    # ---- bring-up --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        enable_forwarding()
+        ep.create_cgroup(self.cfg.cgroup)
+        self.datapath.load()
+        self.sync = MapSync(self.datapath)  # adopts whatever the pinned maps hold
+        with self.lock:
+            self._adopt_endpoints()
+            self.reconcile()
+        self.datapath.open_events(self._on_event)
+
+    def _adopt_endpoints(self) -> None:
+        """Re-attach this node's endpoints (replacing the programs in place) after a restart."""
+        for rec in self._local_records():
+            if not os.path.exists(rec.netns):
+                log.warning("endpoint %s: namespace %s is gone; removing it", rec.name, rec.netns)
+                self._forget_endpoint(rec)
+                continue
+            idx = ep.host_ifindex(rec.ifname)
+            if idx is None:
+                idx = ep.plumb(rec)
+            self.datapath.attach(idx)
+            self.ifindex[rec.name] = idx
+
+    # ---- store views -----------------------------------------------------------------------------
+
+    def _local_records(self) -> list[ep.EndpointRecord]:
+        return [ep.EndpointRecord.from_dict(v) for v in self.store.list(f"endpoints/{self.cfg.node_name}").values()]
+
+    def _all_records(self) -> list[ep.EndpointRecord]:
+        return [ep.EndpointRecord.from_dict(v) for v in self.store.list("endpoints").values()]
+
+    def _resources(self, kind: str | None = None) -> list[dict]:
+        prefix = f"resources/{kind}" if kind else "resources"
+        return list(self.store.list(prefix).values())
+
+    def _remote_node_ips(self) -> list[str]:
+        return [
+            n["node_ip"] for name, n in ((k.split("/")[-1], v) for k, v in self.store.list("nodes").items())
+            if name != self.cfg.node_name and n.get("node_ip")
+        ]
+
+    def _load_cidr_identities(self) -> dict[str, int]:
+        try:
+            with open(self._cidr_path) as f:
+                return {k: int(v) for k, v in json.load(f).items()}
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    # ---- the reconcile path ----------------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        """Store -> desired map contents -> incremental map updates. Caller holds self.lock."""
+        self._store_generation = self.store.generation()
+        local = [(rec, self.ifindex[rec.name]) for rec in self._local_records() if rec.name in self.ifindex]
+        all_eps = self._all_records()
+        policies = []
+        for kind in POLICY_KINDS:
+            for body in self._resources(kind):
+                meta = body.get("metadata", {})
+                audit = (meta.get("annotations") or {}).get("meshagent.io/audit") == "true"
+                policies.append(
+                    PolicyInput(kind=kind, namespace=meta.get("namespace", "default"), name=meta["name"],
+                                body=body, audit=audit)
+                )
+        desired = DesiredState(
+            local_endpoints=local, all_endpoints=all_eps, identities=self.identities.all(),
+            policies=policies, local_node_ips=local_ipv4_addresses(self.cfg.pod_cidr),
+            remote_node_ips=self._remote_node_ips(), mode=self.cfg.policy_enforcement,
+            cidr_identities=self._load_cidr_identities(),
+        )
+        contents, compiled = compute(desired)
+        self.sync.sync(contents)
+        self.rules = compiled.rules
+        _write_json(self._cidr_path, compiled.cidr_identities)
+        labels = {i: dict(lbls) for i, lbls in desired.identities.items()}
+        for prefix, cid in compiled.cidr_identities.items():
+            labels[cid] = {f"cidr:{prefix}": ""}
+        self.flow_ctx = FlowContext(
+            node_name=self.cfg.node_name,
+            endpoints_by_ip={
+                r.ip: EndpointRef(name=r.name, namespace=r.namespace,
+                                  labels=security_labels(r.labels, r.namespace, r.serviceaccount),
+                                  identity=r.identity)
+                for r in all_eps
+            },
+            identity_labels=labels, rules=dict(compiled.rules), boot_offset_ns=self.flow_ctx.boot_offset_ns,
+        )
+
+    def check_policies(self, policies: list[PolicyInput]) -> None:
+        """Compile a candidate policy set without touching the maps (apply's semantic check)."""
+        from agent.policy.compiler import compile_policies
+
+        compile_policies(policies, [], [], mode=self.cfg.policy_enforcement,
+                         cidr_identities=self._load_cidr_identities())
+
+    # ---- events ----------------------------------------------------------------------------------
+
+    def _on_event(self, ev: maps.FlowEventC) -> None:
+        flow = decode_event(ev, self.flow_ctx)
+        self.flows.add(flow)
+        self.counters.observe(flow)
+
+    def _poll_events(self) -> None:
+        while not self.stopping.is_set():
+            self.datapath.poll_events(100)
+
+    # ---- periodic work ---------------------------------------------------------------------------
+
+    def periodic(self) -> None:
+        next_gc = time.monotonic() + CT_GC_INTERVAL_S
+        while not self.stopping.wait(0.5):
+            try:
+                if self.store.generation() != self._store_generation:
+                    with self.lock:
+                        self.reconcile()
+                if time.monotonic() >= next_gc:
+                    self.ct_gc()
+                    next_gc = time.monotonic() + CT_GC_INTERVAL_S
+            except Exception:  # keep enforcing; report and retry on the next tick
+                log.exception("periodic reconcile failed")
+
+    def ct_gc(self) -> None:
+        """Remove closed and idle conntrack entries (the LRU alone would keep them until full)."""
+        now = time.monotonic_ns()
+        table = self.datapath.table("ct_map")
+        stale = []
+        for key, entry in table.items():
+            idle = (now - entry.last_seen_ns) / 1e9
+            closed = entry.flags & 0x7  # FIN either way or RST
+            tcp = key.proto == 6
+            if (closed and idle > CT_TIMEOUT_CLOSED_S) or (not tcp and idle > CT_TIMEOUT_NON_TCP_S) or (
+                tcp and idle > CT_TIMEOUT_TCP_S
+            ):
+                stale.append(key)
+        for key in stale:
+            try:
+                del table[key]
+            except KeyError:
+                pass
+
+    # ---- endpoints -------------------------------------------------------------------------------
+
+    def endpoint_add(self, name: str, labels: dict, namespace: str = "default", serviceaccount: str = "default",
+                     netns: str | None = None, ip: str | None = None) -> dict:
+        _check_name("endpoint name", name)
+        _check_name("namespace", namespace)
+        _check_name("serviceaccount", serviceaccount)
+        try:
+            for k, v in labels.items():
+                check_key(k)
+                check_value(v)
+        except LabelError as e:
+            raise UserError(str(e)) from None
+        with self.lock:
+            for rec in self._all_records():
+                if rec.name == name:
+                    raise UserError(f"endpoint {name} already exists (node {rec.node}); delete it first")
+            used = {r.ip for r in self._all_records()}
+            ip = self._pick_ip(ip, used)
+            used_ids = {r.ep_id for r in self._local_records()}
+            ep_id = next(i for i in range(1, 65535) if i not in used_ids)
+            if netns is not None and not os.path.exists(netns):
+                raise UserError(f"--netns {netns}: no such network namespace file")
+            sec = security_labels(labels, namespace, serviceaccount)
+            identity = self.identities.allocate(sec)
+            rec = ep.EndpointRecord(
+                name=name, node=self.cfg.node_name, namespace=namespace, serviceaccount=serviceaccount,
+                labels=dict(labels), ip=ip, ep_id=ep_id, identity=identity,
+                netns=netns or f"/run/netns/{name}", netns_owned=netns is None,
+                ifname=ep.host_ifname(self.cfg.node_name, name),
+                peer_ifname="eth0", cgroup=os.path.join(self.cfg.cgroup, f"ep-{name}"),
+            )
+            created_ns = False
+            try:
+                if netns is None:
+                    ep.create_netns(name)
+                    created_ns = True
+                ep.create_cgroup(rec.cgroup)
+                idx = ep.plumb(rec)
+                self.ifindex[name] = idx
+                self.store.put(f"endpoints/{self.cfg.node_name}/{name}", rec.to_dict())
+                # Maps first, programs second: the programs find the endpoint when they start.
+                self.reconcile()
+                self.datapath.attach(idx)
+            except Exception:
+                self.ifindex.pop(name, None)
+                self.store.delete(f"endpoints/{self.cfg.node_name}/{name}")
+                ep.unplumb(rec)
+                if created_ns:
+                    ep.delete_netns(rec.netns)
+                ep.remove_cgroup(rec.cgroup)
+                self._release_identity(sec)
+                self.reconcile()
+                raise
+            return self._endpoint_view(rec)
+
+    def _pick_ip(self, ip: str | None, used: set[str]) -> str:
+        net = self.cfg.pod_network
+        if ip is not None:
+            try:
+                addr = ipaddress.IPv4Address(ip)
+            except ValueError:
+                raise UserError(f"--ip {ip!r} is not an IPv4 address") from None
+            if addr not in net or addr in (net.network_address, net.broadcast_address):
+                raise UserError(f"--ip {ip} is not a usable address of the node's pod_cidr {net}")
+            if ip in used:
+                raise UserError(f"--ip {ip} is already used by another endpoint")
+            return ip
+        hosts = list(net.hosts())[1:]  # the first address is kept for the node
+        for addr in hosts:
+            if str(addr) not in used:
+                return str(addr)
+        raise UserError(f"pod_cidr {net} has no free addresses left")
+
+    def endpoint_delete(self, name: str) -> dict:
+        with self.lock:
+            rec = self._find_local(name)
+            self._forget_endpoint(rec)
+            return {"deleted": name}
+
+    def _forget_endpoint(self, rec: ep.EndpointRecord) -> None:
+        ep.unplumb(rec)
+        if rec.netns_owned:
+            ep.delete_netns(rec.netns)
+        ep.remove_cgroup(rec.cgroup)
+        self.store.delete(f"endpoints/{self.cfg.node_name}/{rec.name}")
+        self.ifindex.pop(rec.name, None)
+        self._release_identity(security_labels(rec.labels, rec.namespace, rec.serviceaccount))
+        self.reconcile()
+
+    def _release_identity(self, sec: dict) -> None:
+        if not any(security_labels(r.labels, r.namespace, r.serviceaccount) == sec for r in self._all_records()):
+            self.identities.release(sec)
+
+    def _find_local(self, name: str) -> ep.EndpointRecord:
+        d = self.store.get(f"endpoints/{self.cfg.node_name}/{name}") if _valid_name(name) else None
+        if d is None:
+            known = ", ".join(r.name for r in self._local_records()) or "none"
+            raise UserError(f"unknown endpoint {name!r} on node {self.cfg.node_name} (known: {known})")
+        return ep.EndpointRecord.from_dict(d)
+
+    def _endpoint_view(self, rec: ep.EndpointRecord) -> dict:
+        d = rec.to_dict()
+        d["ifindex"] = self.ifindex.get(rec.name)
+        d["state"] = "ready" if rec.name in self.ifindex else "not-ready"
+        return d
+
+    # ---- status ----------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        eps = self._local_records()
+        return {
+            "node": self.cfg.node_name,
+            "ready": self.ready,
+            "version": __version__,
+            "programs": [{"name": n, "attached": len(self.ifindex)} for n in PROGRAMS],
+            "endpoints": len(eps),
+            "policies": sum(len(self._resources(k)) for k in POLICY_KINDS),
+            "policy_revision": self.sync.revision() if self.sync else 0,
+            "lost_events": self.datapath.lost_events() if self.sync else 0,
+            "bpffs_dir": self.cfg.bpffs_dir,
+            "store": self.cfg.store,
+            "api_socket": self.cfg.api_socket,
+            "policy_enforcement": self.cfg.policy_enforcement,
+        }
+
+
+def _valid_name(name: str) -> bool:
+    return isinstance(name, str) and 0 < len(name) <= 63 and all(c.isalnum() or c in "-." for c in name) and \
+        name[0].isalnum()
+
+
+def _check_name(what: str, name: str) -> None:
+    if not _valid_name(name):
+        raise UserError(f"invalid {what} {name!r}: 1-63 characters of [a-zA-Z0-9-.], starting alphanumeric")
+
+
+def _write_json(path: str, value) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def run_agent(config_path: str | None) -> int:
+    """Run the agent in the foreground until SIGTERM/SIGINT. Returns the process exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        cfg = load(config_path)
+    except ConfigError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    lock = NodeLock(cfg)
+    try:
+        lock.acquire()
+    except NodeError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    from agent.api import ApiServer
+    from agent.metrics import start_metrics
+
+    agent = Agent(cfg)
+    stop = agent.stopping
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    api = None
+    try:
+        agent.start()
+        api = ApiServer(agent)
+        api.start()
+        start_metrics(agent)
+        threading.Thread(target=agent._poll_events, name="events", daemon=True).start()
+        agent.ready = True
+        log.info("agent ready: node %s, %d endpoints, API %s", cfg.node_name, len(agent.ifindex), cfg.api_socket)
+        agent.periodic()
+        log.info("stopping; the datapath stays attached and enforcing")
+        return 0
+    except (DatapathError, StoreError, NodeError, ep.EndpointError, PolicyCompileError, OSError) as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        stop.set()
+        if api:
+            api.stop()
+        lock.release()
+
+
+# Re-exported for the API module.
+__all__ = ["Agent", "UserError", "run_agent", "ids"]

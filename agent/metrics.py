@@ -1,0 +1,62 @@
+"""Prometheus metrics (SPEC §7), read at scrape time from the kernel maps and the agent's counters."""
+
+from __future__ import annotations
+
+from prometheus_client import start_http_server
+from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
+
+from agent.datapath.reasons import reason_name
+from agent.policy.types import DIRECTION_NAMES
+
+
+class AgentCollector:
+    def __init__(self, agent):
+        self.agent = agent
+
+    def collect(self):
+        a = self.agent
+        flows_by_verdict, verdicts = a.counters.snapshot()
+        fp = CounterMetricFamily("meshagent_flows_processed", "Flow events processed by the agent",
+                                 labels=["verdict", "type"])
+        for (verdict, typ), n in sorted(flows_by_verdict.items()):
+            fp.add_metric([verdict, typ], n)
+        yield fp
+
+        pv = CounterMetricFamily("meshagent_policy_verdicts", "Policy decisions on new flows",
+                                 labels=["direction", "match"])
+        for (direction, match), n in sorted(verdicts.items()):
+            pv.add_metric([direction, match], n)
+        yield pv
+
+        drops = CounterMetricFamily("meshagent_drop_count", "Packets dropped by the datapath",
+                                    labels=["reason", "direction"])
+        drop_bytes = CounterMetricFamily("meshagent_drop_bytes", "Bytes dropped by the datapath",
+                                         labels=["reason", "direction"])
+        fwd = CounterMetricFamily("meshagent_forward_count", "Packets forwarded by the datapath",
+                                  labels=["direction"])
+        for (reason, direction), (packets, nbytes) in sorted(a.datapath.metrics().items()):
+            d = DIRECTION_NAMES.get(direction, str(direction)).upper()
+            if reason == 0:
+                fwd.add_metric([d], packets)
+            else:
+                drops.add_metric([reason_name(reason), d], packets)
+                drop_bytes.add_metric([reason_name(reason), d], nbytes)
+        yield drops
+        yield drop_bytes
+        yield fwd
+
+        eps = GaugeMetricFamily("meshagent_endpoints", "Endpoints managed by this node's agent")
+        eps.add_metric([], len(a.ifindex))
+        yield eps
+        ops = CounterMetricFamily("meshagent_bpf_map_ops", "BPF map writes made by the agent")
+        ops.add_metric([], a.sync.ops_total if a.sync else 0)
+        yield ops
+        lost = CounterMetricFamily("meshagent_lost_events", "Flow events lost because the ring buffer was full")
+        lost.add_metric([], a.datapath.lost_events())
+        yield lost
+
+
+def start_metrics(agent) -> None:
+    host, port = agent.cfg.metrics_host_port
+    REGISTRY.register(AgentCollector(agent))
+    start_http_server(port, addr=host)

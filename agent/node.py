@@ -1,0 +1,117 @@
+"""Node bring-up and teardown: the parts of a node that are not endpoints or maps."""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import os
+import shutil
+
+from agent import endpoint as ep
+from agent.config import NodeConfig
+from agent.store import open_store
+
+
+class NodeError(RuntimeError):
+    """The node cannot be brought up or torn down; the message says why."""
+
+
+class NodeLock:
+    """One agent per node: an exclusive lock on a file in the node's state directory."""
+
+    def __init__(self, cfg: NodeConfig):
+        self.path = os.path.join(cfg.state_dir, f"agent-{cfg.node_name}.lock")
+        self.node = cfg.node_name
+        self._file = None
+
+    def acquire(self) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            f.close()
+            raise NodeError(
+                f"another agent (pid {pid}) is already running for node {self.node} (lock {self.path}); "
+                "stop it first"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file:
+            self._file.close()
+            self._file = None
+
+
+def enable_forwarding() -> None:
+    """Route between endpoints in this (the node's) network namespace."""
+    with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+        f.write("1")
+
+
+def local_ipv4_addresses(pod_cidr: str) -> list[str]:
+    """Addresses of this namespace's interfaces, minus loopback and pod addresses: the host identity."""
+    from pyroute2 import IPRoute
+
+    pods = ipaddress.IPv4Network(pod_cidr)
+    out = []
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr(family=2):
+            ip = msg.get_attr("IFA_ADDRESS")
+            if ip and not ip.startswith("127.") and ipaddress.IPv4Address(ip) not in pods:
+                out.append(ip)
+    return sorted(set(out))
+
+
+def node_endpoints(cfg: NodeConfig) -> list[ep.EndpointRecord]:
+    store = open_store(cfg.store)
+    return [ep.EndpointRecord.from_dict(v) for v in store.list(f"endpoints/{cfg.node_name}").values()]
+
+
+def teardown(cfg: NodeConfig, endpoints: bool = False) -> list[str]:
+    """Remove every program, pin, cgroup hook, route and state file the node installed.
+
+    The agent must be stopped (its lock is free). With ``endpoints`` the node's endpoints go too:
+    veths, namespaces we created, cgroups and their store records.
+    """
+    lock = NodeLock(cfg)
+    lock.acquire()  # refuses while an agent runs
+    done: list[str] = []
+    try:
+        store = open_store(cfg.store)
+        for rec in node_endpoints(cfg):
+            ep.detach_programs(rec.ifname)
+            done.append(f"detached programs from {rec.ifname} ({rec.name})")
+            if endpoints:
+                ep.unplumb(rec)
+                if rec.netns_owned:
+                    ep.delete_netns(rec.netns)
+                ep.remove_cgroup(rec.cgroup)
+                store.delete(f"endpoints/{cfg.node_name}/{rec.name}")
+                hosts = f"/etc/netns/{os.path.basename(rec.netns)}"
+                if rec.netns_owned and os.path.isdir(hosts):
+                    shutil.rmtree(hosts, ignore_errors=True)
+                done.append(f"removed endpoint {rec.name} ({rec.ip})")
+        if os.path.isdir(cfg.bpffs_dir):
+            for name in sorted(os.listdir(cfg.bpffs_dir)):
+                os.unlink(os.path.join(cfg.bpffs_dir, name))
+            os.rmdir(cfg.bpffs_dir)
+            done.append(f"removed pins in {cfg.bpffs_dir}")
+        if endpoints and os.path.isdir(cfg.cgroup):
+            ep.remove_cgroup(cfg.cgroup)
+            done.append(f"removed cgroup {cfg.cgroup}")
+        for path in (cfg.api_socket, os.path.join(cfg.state_dir, f"cidr-identities-{cfg.node_name}.json")):
+            if os.path.exists(path):
+                os.unlink(path)
+                done.append(f"removed {path}")
+    finally:
+        lock.release()
+        if os.path.exists(lock.path):
+            os.unlink(lock.path)
+    return done
