@@ -1,0 +1,299 @@
+"""What the meshagent CLI prints: aligned tables, JSON, YAML, and Hubble-style flow lines.
+
+Pure functions from the agent's replies (plain dicts) to text: no I/O, no click, no sockets, so
+each one is tested on its own (tests/unit/test_output.py). cli/main.py decides what to call and
+where the text goes.
+
+Tables look like kubectl's and cilium's: an upper-case header, columns padded with three spaces,
+no trailing blanks. ``-o json`` and ``-o yaml`` print the agent's data as it came.
+
+A flow line reads like `hubble observe`'s compact output:
+
+    Nov 25 20:01:02.123  default/client:34567 (ID:12345) -> default/server:80 (ID:23456)  to-endpoint FORWARDED (TCP Flags: SYN)
+    Nov 25 20:01:03.456  default/client:34568 (ID:12345) -> default/db:5432 (ID:34567)  to-endpoint DROPPED (POLICY_DENIED) by default/deny-all default-deny
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime, tzinfo
+from typing import Any
+
+import yaml
+
+from agent.identity import RESERVED
+
+OUTPUT_FORMATS = ("table", "json", "yaml")
+
+# Resource kinds (SPEC §4): canonical kind -> (API group, the names kubectl users type for it).
+KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "Service": ("", ("service", "services", "svc")),
+    "CiliumNetworkPolicy": ("cilium.io", ("ciliumnetworkpolicy", "ciliumnetworkpolicies", "cnp")),
+    "NetworkPolicy": ("networking.k8s.io", ("networkpolicy", "networkpolicies", "netpol")),
+    "VirtualService": ("networking.istio.io", ("virtualservice", "virtualservices", "vs")),
+    "DestinationRule": ("networking.istio.io", ("destinationrule", "destinationrules", "dr")),
+    "PeerAuthentication": ("security.istio.io", ("peerauthentication", "peerauthentications", "pa")),
+    "AuthorizationPolicy": ("security.istio.io", ("authorizationpolicy", "authorizationpolicies", "ap")),
+    "ServiceEntry": ("networking.istio.io", ("serviceentry", "serviceentries", "se")),
+}
+
+
+def canonical_kind(name: str) -> str | None:
+    """``svc``, ``services``, ``Service`` or ``ciliumnetworkpolicy.cilium.io`` -> the kind; None if unknown."""
+    typed = name.lower()
+    for kind, (group, aliases) in KINDS.items():
+        names = {kind.lower(), *aliases}
+        if typed in names or (group and typed in {f"{n}.{group}" for n in names}):
+            return kind
+    return None
+
+
+def resource_ref(kind: str, name: str) -> str:
+    """kubectl's way of naming a resource: ``ciliumnetworkpolicy.cilium.io/allow-web``, ``service/web``."""
+    group = KINDS.get(kind, ("",))[0]
+    return f"{kind.lower()}.{group}/{name}" if group else f"{kind.lower()}/{name}"
+
+
+# ---- generic rendering -------------------------------------------------------------------------
+
+
+def as_json(data: Any) -> str:
+    return json.dumps(data, indent=2)
+
+
+def as_yaml(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+
+
+def render(data: Any, fmt: str, as_text: Callable[[Any], str]) -> str:
+    """``data`` in the output format the user picked; ``as_text`` makes the table form."""
+    if fmt == "json":
+        return as_json(data)
+    if fmt == "yaml":
+        return as_yaml(data).rstrip("\n")
+    return as_text(data)
+
+
+def cell(value: Any) -> str:
+    """One table cell: booleans as yes/no, label mappings as k=v,k=v, lists comma-joined, None as -."""
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, Mapping):
+        return labels_text(value)
+    if isinstance(value, list | tuple):
+        return ",".join(cell(v) for v in value) or "-"
+    return str(value)
+
+
+def labels_text(labels: Mapping[str, Any] | Iterable[str]) -> str:
+    """``{"app": "web"}`` -> ``app=web``; a label with an empty value (``reserved:host``) prints alone."""
+    if isinstance(labels, Mapping):
+        parts = [f"{k}={v}" if v not in (None, "") else str(k) for k, v in sorted(labels.items())]
+    else:
+        parts = sorted(str(x) for x in labels)
+    return ",".join(parts) or "-"
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """Aligned columns under an upper-case header, three spaces apart, no trailing blanks."""
+    lines = [[h.upper() for h in headers]] + [[cell(v) for v in row] for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(headers))]
+    return "\n".join(
+        "   ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+def auto_table(items: Sequence[Mapping[str, Any]]) -> str:
+    """A table whose columns are the first item's keys, in order (for raw map dumps)."""
+    if not items:
+        return ""
+    keys = list(items[0])
+    return table(keys, ([item.get(k) for k in keys] for item in items))
+
+
+def key_values(pairs: Iterable[tuple[str, Any]]) -> str:
+    """``Key:   value`` lines with the values aligned, like `cilium status`."""
+    pairs = [(f"{k}:", cell(v)) for k, v in pairs]
+    width = max((len(k) for k, _ in pairs), default=0)
+    return "\n".join(f"{k.ljust(width)}   {v}".rstrip() for k, v in pairs)
+
+
+# ---- one renderer per kind of reply ------------------------------------------------------------
+
+
+def status_text(status: Mapping[str, Any]) -> str:
+    programs = status.get("programs") or []
+    pairs: list[tuple[str, Any]] = [
+        ("Node", status.get("node")),
+        ("Ready", status.get("ready")),
+        ("Version", status.get("version")),
+        ("Programs", ", ".join(f"{p.get('name')} ({_attached(p.get('attached'))})" for p in programs) or None),
+        ("Endpoints", status.get("endpoints")),
+        ("Policies", f"{status.get('policies', '-')} (revision {status.get('policy_revision', '-')})"),
+        ("Policy enforcement", status.get("policy_enforcement")),
+        ("Lost flow events", status.get("lost_events")),
+        ("Store", status.get("store")),
+        ("BPF filesystem", status.get("bpffs_dir")),
+        ("API socket", status.get("api_socket")),
+    ]
+    return key_values(pairs)
+
+
+def _attached(attached: Any) -> str:
+    if isinstance(attached, bool):
+        return "attached" if attached else "not attached"
+    if isinstance(attached, int):  # a count of interfaces the program is attached to
+        return f"attached to {attached} interface{'' if attached == 1 else 's'}"
+    return cell(attached)
+
+
+def not_ready_reason(status: Mapping[str, Any]) -> str:
+    detached = [p.get("name") for p in status.get("programs") or [] if p.get("attached") is False]
+    why = f": program {', '.join(map(str, detached))} not attached" if detached else ""
+    return f"the agent on node {status.get('node', '?')} is not ready{why}"
+
+
+def applied_lines(results: Iterable[Mapping[str, Any]]) -> list[str]:
+    """``ciliumnetworkpolicy.cilium.io/allow-web created``, one per result, as kubectl prints them."""
+    return [f"{resource_ref(r['kind'], r['name'])} {r['action']}" for r in results]
+
+
+def resources_table(items: Sequence[Mapping[str, Any]], with_kind: bool = False) -> str:
+    columns = (["kind"] if with_kind else []) + ["namespace", "name", "apiVersion"]
+    return table([c.upper() for c in columns], ([i.get(c) for c in columns] for i in items))
+
+
+def endpoints_table(items: Sequence[Mapping[str, Any]]) -> str:
+    return table(
+        ["ID", "NAME", "NAMESPACE", "IP", "IDENTITY", "STATE", "LABELS"],
+        (
+            [e.get("ep_id"), e.get("name"), e.get("namespace"), e.get("ip"), e.get("identity"),
+             e.get("state"), labels_text(e.get("labels") or {})]
+            for e in items
+        ),
+    )
+
+
+def identities_table(items: Sequence[Mapping[str, Any]]) -> str:
+    return table(["ID", "LABELS"], ([i.get("id"), labels_text(i.get("labels") or {})] for i in items))
+
+
+def trace_text(result: Mapping[str, Any]) -> str:
+    steps = result.get("steps") or []
+    rows = (
+        [s.get("direction"), s.get("endpoint"), s.get("identity"), s.get("peer_identity"), s.get("verdict"),
+         s.get("match"), _rule(s)]
+        for s in steps
+    )
+    text = table(["DIRECTION", "ENDPOINT", "IDENTITY", "PEER", "VERDICT", "MATCH", "DECIDED BY"], rows)
+    return f"{text}\n\nFinal verdict: {result.get('verdict', '?')}"
+
+
+def _rule(step: Mapping[str, Any]) -> str:
+    rule = step.get("rule") or "-"
+    return f"rule {step['rule_id']}: {rule}" if step.get("rule_id") else rule
+
+
+# ---- flows -------------------------------------------------------------------------------------
+
+LOST_WARNING = "warning: {count} flow events were lost (ring buffer full); the list is incomplete"
+
+_TCP_FLAGS = ("SYN", "ACK", "RST", "FIN", "PSH", "URG", "ECE", "CWR", "NS")
+_ICMP_TYPES = {0: "EchoReply", 3: "DestinationUnreachable", 5: "Redirect", 8: "EchoRequest", 11: "TimeExceeded"}
+_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)?$")
+
+
+def lost_warning(count: int) -> str:
+    return LOST_WARNING.format(count=count)
+
+
+def flow_time(value: Any, tz: tzinfo | None = None) -> str:
+    """RFC 3339 (nanoseconds allowed) -> ``Nov 25 20:01:02.123`` in ``tz`` (default: local time)."""
+    m = _TIME.match(str(value or ""))
+    if not m:
+        return str(value or "-")
+    base, frac, zone = m.groups()
+    micros = (frac or "0")[:6].ljust(6, "0")
+    zone = "+00:00" if zone in (None, "Z") else zone
+    t = datetime.fromisoformat(f"{base}.{micros}{zone}").astimezone(tz)
+    return f"{t:%b %d %H:%M:%S}.{t.microsecond // 1000:03d}"
+
+
+def format_flow(flow: Mapping[str, Any], tz: tzinfo | None = None) -> str:
+    """One flow (Hubble's schema) as one `hubble observe`-like line."""
+    src, dst = _peer(flow, "source"), _peer(flow, "destination")
+    arrow = "->"
+    if flow.get("is_reply"):  # as Hubble does: keep the connection's initiator on the left
+        src, dst, arrow = dst, src, "<-"
+    verdict = flow.get("verdict") or "UNKNOWN"
+    parts = [_observation_point(flow, verdict), verdict]
+    if verdict in ("DROPPED", "AUDIT") and flow.get("drop_reason_desc"):
+        parts.append(f"({flow['drop_reason_desc']})")
+    if flow.get("l7"):
+        parts.append(_l7_summary(flow["l7"]))
+    elif verdict not in ("DROPPED", "AUDIT"):
+        parts.append(_l4_summary(flow.get("l4") or {}))
+    if flow.get("event_type") == "flow-end" and ("packets" in flow or "bytes" in flow):
+        parts.append(f"packets={flow.get('packets', 0)} bytes={flow.get('bytes', 0)}")
+    policy = flow.get("policy") or {}
+    if verdict in ("DROPPED", "AUDIT") and policy.get("name"):
+        parts += ["by", policy["name"]] + ([policy["path"]] if policy.get("path") else [])
+    return f"{flow_time(flow.get('time'), tz)}  {src} {arrow} {dst}  {' '.join(p for p in parts if p)}"
+
+
+def _peer(flow: Mapping[str, Any], side: str) -> str:
+    ep = flow.get(side) or {}
+    ip = (flow.get("IP") or {}).get(side) or "?"
+    name = f"{ep.get('namespace') or 'default'}/{ep['pod_name']}" if ep.get("pod_name") else ip
+    l4 = flow.get("l4") or {}
+    ports = l4.get("TCP") or l4.get("UDP") or {}
+    port = ports.get(f"{side}_port")
+    text = f"{name}:{port}" if port is not None else name
+    ident = ep.get("identity")
+    if ident is None:
+        return text
+    reserved = RESERVED.get(ident) or next(
+        (lbl for lbl in ep.get("labels") or [] if str(lbl).startswith("reserved:")), None
+    )
+    return f"{text} ({reserved.split(':', 1)[1]})" if reserved else f"{text} (ID:{ident})"
+
+
+def _observation_point(flow: Mapping[str, Any], verdict: str) -> str:
+    l7 = flow.get("l7")
+    if l7 or flow.get("Type") == "L7":
+        kind = (l7 or {}).get("type")
+        return {"REQUEST": "http-request", "RESPONSE": "http-response"}.get(kind, "l7")
+    if flow.get("event_type") == "flow-end":
+        return "flow-end"
+    if verdict == "REDIRECTED":
+        return "to-proxy"
+    return {"INGRESS": "to-endpoint", "EGRESS": "from-endpoint"}.get(flow.get("traffic_direction"), "trace")
+
+
+def _l4_summary(l4: Mapping[str, Any]) -> str:
+    if "TCP" in l4:
+        flags = (l4["TCP"] or {}).get("flags") or {}
+        names = [f for f in _TCP_FLAGS if flags.get(f)]
+        return f"(TCP Flags: {', '.join(names)})" if names else "(TCP)"
+    if "UDP" in l4:
+        return "(UDP)"
+    for key in ("ICMPv4", "ICMPv6"):
+        if key in l4:
+            icmp_type = (l4[key] or {}).get("type")
+            return f"({key} {_ICMP_TYPES.get(icmp_type, f'type {icmp_type}')})"
+    return ""
+
+
+def _l7_summary(l7: Mapping[str, Any]) -> str:
+    http = l7.get("http") or {}
+    proto = http.get("protocol") or "HTTP/1.1"
+    request = f"{http.get('method', '?')} {http.get('url', '?')}"
+    if l7.get("type") == "RESPONSE":
+        latency = f" {int(l7['latency_ns']) // 1_000_000}ms" if l7.get("latency_ns") is not None else ""
+        return f"({proto} {http.get('code', '?')}{latency} ({request}))"
+    return f"({proto} {request})"

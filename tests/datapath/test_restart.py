@@ -1,0 +1,67 @@
+"""The datapath outlives the agent: enforcement and connections hold while it is down."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+NETTOOL = str(Path(__file__).with_name("nettool.py"))
+PY = sys.executable
+
+POLICY = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: srv-allow, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: srv}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {role: ok}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+"""
+
+
+def tcp_ok(node, src, dst) -> bool:
+    return subprocess.run([*node.in_ep(src), PY, NETTOOL, "tcp", dst["ip"], "80", "1"]).returncode == 0
+
+
+def test_enforcement_and_connections_survive_agent_restart(node):
+    srv = node.add_endpoint("srv", "app=srv")
+    ok = node.add_endpoint("ok", "role=ok")
+    bad = node.add_endpoint("bad", "role=bad")
+    server = node.spawn([*node.in_ep(srv), PY, NETTOOL, "serve-tcp", "80"])
+    assert server.stdout.readline().strip() == "ready"
+    node.apply(POLICY)
+    hold = subprocess.Popen([*node.in_ep(ok), PY, NETTOOL, "hold", srv["ip"], "80"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    node.processes.append(hold)
+    assert hold.stdout.readline().strip() == "connected"
+    before = node.cli_json("bpf", "policy", "list")
+
+    node.stop_agent(signal.SIGKILL)  # no chance to clean up: pins must carry the state
+    assert tcp_ok(node, ok, srv)
+    assert not tcp_ok(node, bad, srv)
+    hold.stdin.write("alive 2\n")
+    hold.stdin.flush()
+    assert hold.stdout.readline().strip() == "alive"
+
+    node.start_agent()
+    assert node.cli_json("bpf", "policy", "list") == before, "the restarted agent adopts the pinned maps"
+    hold.stdin.write("again 2\n")
+    hold.stdin.flush()
+    assert hold.stdout.readline().strip() == "again", "the established connection survives the restart"
+    assert tcp_ok(node, ok, srv)
+    assert not tcp_ok(node, bad, srv)
+    eps = {e["name"]: e for e in node.cli_json("endpoint", "list")["items"]}
+    assert eps[srv["name"]]["state"] == "ready"
+
+
+def test_sigterm_leaves_datapath_enforcing(node):
+    eps = {e["name"]: e for e in node.cli_json("endpoint", "list")["items"]}
+    srv, bad = eps[f"{node.tag}-srv"], eps[f"{node.tag}-bad"]
+    node.stop_agent(signal.SIGTERM)
+    assert node.cli("status", check=False).returncode == 1
+    assert not tcp_ok(node, bad, srv)
+    node.start_agent()
+    assert not tcp_ok(node, bad, srv)
