@@ -1,0 +1,768 @@
+"""Compile CiliumNetworkPolicy and NetworkPolicy resources into the kernel's policy map.
+
+Pure functions over the policy documents, the cluster's identities and this node's endpoints: no
+I/O. The steps, in order:
+
+1. *parse* every policy into subjects (which endpoints a spec selects, which directions it puts
+   under default deny) and rules (peers still symbolic), and collect every CIDR prefix mentioned;
+2. *allocate* node-local CIDR identities, keeping the numbers of prefixes that were already known;
+3. *resolve* peers (selectors, CIDRs, entities) to identity numbers;
+4. *expand* the rules of the policies selecting each local endpoint into candidate map entries;
+5. *flatten* each (endpoint, direction, identity) into the entries an LPM trie needs so that the
+   longest match gives what evaluating every rule gives: a non-audit deny beats an allow, an allow
+   beats an audit deny (see `_flatten`). The datapath then only combines the peer's own
+   identity with ANY_IDENTITY (bpf/lib/policy.h, mirrored by agent/policy/lookup.py).
+
+Semantic problems the resource schema cannot catch (named ports, IPv6 CIDRs, an except outside
+its CIDR, unknown entities, …) raise PolicyCompileError with a one-line message naming the policy
+and the field path.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+from typing import Any
+
+from agent import identity as ids
+from agent.labels import NAMESPACE_LABEL, NAMESPACE_NAME_LABEL, LabelError, Selector
+from agent.policy.portrange import MAX_PORT, PORT_BITS, port_mask, prefix_covers, range_to_prefixes
+from agent.policy.types import (
+    ANY_IDENTITY,
+    ANY_PROTO,
+    EGRESS,
+    INGRESS,
+    PROTO_NUMBERS,
+    Action,
+    CompiledPolicy,
+    EndpointInfo,
+    Enforcement,
+    IdentityInfo,
+    PolicyEntry,
+    PolicyKey,
+    RuleInfo,
+)
+
+__all__ = [
+    "ALWAYS_RULE_ID",
+    "CNP",
+    "MODES",
+    "NP",
+    "PolicyCompileError",
+    "PolicyInput",
+    "compile_policies",
+    "rule_ids",
+]
+
+CNP = "CiliumNetworkPolicy"
+NP = "NetworkPolicy"
+MODES = ("default", "always", "never")
+# Default deny of an endpoint no policy selects, under policy_enforcement=always.
+ALWAYS_RULE_ID = 0
+_ALWAYS_RULE = RuleInfo(
+    rule_id=ALWAYS_RULE_ID, policy="-", kind="policy_enforcement=always", path="default-deny",
+    action="default-deny",
+)
+_RULE_ID_MASK = 0x7FFFFFFF
+
+# Every protocol, every port.
+_ALL_PORTS = (ANY_PROTO, 0, 0)
+_TCP, _UDP, _SCTP, _ICMP = (PROTO_NUMBERS[p] for p in ("TCP", "UDP", "SCTP", "ICMP"))
+
+# Cilium's ICMP type names (api/v1 ICMPField.type), IPv4.
+ICMP_TYPES = {
+    "EchoReply": 0,
+    "DestinationUnreachable": 3,
+    "SourceQuench": 4,
+    "Redirect": 5,
+    "Echo": 8,
+    "EchoRequest": 8,
+    "RouterAdvertisement": 9,
+    "RouterSelection": 10,
+    "TimeExceeded": 11,
+    "ParameterProblem": 12,
+    "Timestamp": 13,
+    "TimestampReply": 14,
+    "Photuris": 40,
+    "ExtendedEchoRequest": 42,
+    "ExtendedEchoReply": 43,
+}
+
+# Entities that are one reserved identity. "world" and "cluster" are computed; the others Cilium
+# knows but that do not exist on a meshagent node select nothing.
+_RESERVED_ENTITIES = {
+    "host": ids.HOST,
+    "remote-node": ids.REMOTE_NODE,
+    "init": ids.INIT,
+    "health": ids.HEALTH,
+    "unmanaged": ids.UNMANAGED,
+}
+_EMPTY_ENTITIES = ("kube-apiserver", "world-ipv6", "ingress", "none")
+ENTITIES = ("all", "world", "world-ipv4", "cluster", *_RESERVED_ENTITIES, *_EMPTY_ENTITIES)
+_CLUSTER_RESERVED = (ids.HOST, ids.REMOTE_NODE, ids.HEALTH, ids.INIT)
+
+
+class PolicyCompileError(ValueError):
+    """A policy is well-formed but means something meshagent cannot enforce (one-line message)."""
+
+
+@dataclass(frozen=True)
+class PolicyInput:
+    """One validated policy resource, as the agent hands it over."""
+
+    kind: str  # "CiliumNetworkPolicy" | "NetworkPolicy"
+    namespace: str
+    name: str
+    body: dict  # the whole YAML document (apiVersion/kind/metadata/spec or specs), schema-validated
+    audit: bool  # annotation meshagent.io/audit: "true"
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+# ---- parsed form -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _LabelPeer:
+    """Endpoints by labels. ``namespaces`` (NetworkPolicy namespaceSelector) matches the labels of
+    the endpoint's namespace, which has the one label kubernetes.io/metadata.name=<name>."""
+
+    selector: Selector
+    namespaces: Selector | None = None
+
+
+@dataclass(frozen=True)
+class _CidrPeer:
+    cidr: IPv4Network
+    excepts: tuple[IPv4Network, ...] = ()
+
+
+@dataclass(frozen=True)
+class _EntityPeer:
+    entity: str
+
+
+_Peer = _LabelPeer | _CidrPeer | _EntityPeer
+_ANYONE = _EntityPeer("all")
+
+
+@dataclass(frozen=True)
+class _Rule:
+    policy: PolicyInput
+    path: str  # "spec.ingress[0]"
+    direction: int
+    action: Action
+    peers: tuple[_Peer, ...]  # empty: the rule matches nothing
+    ports: tuple[tuple[int, int, int], ...]  # (proto, port, prefix); _ALL_PORTS = any traffic
+
+
+@dataclass(frozen=True)
+class _Subject:
+    """One spec of a policy: the endpoints it selects and the directions it enforces there."""
+
+    policy: PolicyInput
+    selector: Selector
+    enforces: frozenset[int]
+    rules: tuple[_Rule, ...]
+
+
+# ---- parsing -----------------------------------------------------------------------------------
+
+_CNP_SPEC_KEYS = {"endpointSelector", "ingress", "ingressDeny", "egress", "egressDeny", "description", "labels"}
+_CNP_SECTIONS = (
+    ("ingress", INGRESS, Action.ALLOW),
+    ("ingressDeny", INGRESS, Action.DENY),
+    ("egress", EGRESS, Action.ALLOW),
+    ("egressDeny", EGRESS, Action.DENY),
+)
+
+
+def _present(value: Any) -> bool:
+    """A list-valued field counts only when non-empty (Go's len(): `fromEndpoints: []` is absent)."""
+    return bool(value)
+
+
+class _Parser:
+    """Turns one PolicyInput into subjects and rules; errors name the policy and the field."""
+
+    def __init__(self, policy: PolicyInput):
+        self.policy = policy
+
+    def error(self, path: str, message: str) -> PolicyCompileError:
+        p = self.policy
+        return PolicyCompileError(f"{p.kind} {p.ref}: {path}: {message}")
+
+    def parse(self) -> list[_Subject]:
+        if self.policy.kind == CNP:
+            return self._cnp()
+        if self.policy.kind == NP:
+            return [self._np()]
+        raise self.error("kind", f"not a policy kind (supported: {CNP}, {NP})")
+
+    # -- shared pieces
+
+    def _mapping(self, path: str, value: Any) -> Mapping:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise self.error(path, "must be a mapping")
+        return value
+
+    def _list(self, path: str, value: Any) -> list:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.error(path, "must be a list")
+        return value
+
+    def _selector(self, path: str, spec: Any) -> Selector:
+        try:
+            return Selector.from_dict(_strip_label_sources(self, path, spec))
+        except LabelError as e:
+            raise self.error(path, str(e)) from None
+
+    def _scoped(self, selector: Selector) -> Selector:
+        return selector.with_label(NAMESPACE_LABEL, self.policy.namespace)
+
+    def _network(self, path: str, text: Any) -> IPv4Network:
+        try:
+            net = ipaddress.ip_network(str(text).strip(), strict=False)
+        except ValueError:
+            raise self.error(path, f"invalid CIDR {text!r}") from None
+        if not isinstance(net, IPv4Network):
+            raise self.error(path, f"{text}: IPv6 is not supported (the datapath is IPv4-only)")
+        return net
+
+    def _cidr_peer(self, path: str, cidr: Any, excepts: Any) -> _CidrPeer:
+        net = self._network(f"{path}.cidr", cidr)
+        out = []
+        for i, text in enumerate(self._list(f"{path}.except", excepts)):
+            ex = self._network(f"{path}.except[{i}]", text)
+            if not ex.subnet_of(net):
+                raise self.error(f"{path}.except[{i}]", f"{ex} is not inside cidr {net}")
+            out.append(ex)
+        return _CidrPeer(net, tuple(out))
+
+    def _port_number(self, path: str, value: Any) -> int:
+        if value is None:
+            return 0
+        if isinstance(value, bool):
+            raise self.error(path, f"invalid port {value!r}")
+        if isinstance(value, str):
+            if not value.strip().isdigit():
+                raise self.error(path, f"named port {value!r} is not supported: use a number")
+            value = int(value)
+        if not isinstance(value, int) or not 0 <= value <= MAX_PORT:
+            raise self.error(path, f"port {value!r} is out of range 0-{MAX_PORT}")
+        return value
+
+    def _port_blocks(self, path: str, protos: Sequence[int], port: Any, end_port: Any) -> list[tuple]:
+        first = self._port_number(f"{path}.port", port)
+        if end_port is None:
+            blocks = [(first, PORT_BITS)] if first else [(0, 0)]
+        else:
+            last = self._port_number(f"{path}.endPort", end_port)
+            if first == 0:
+                raise self.error(f"{path}.endPort", "endPort needs a port to start the range")
+            if last < first:
+                raise self.error(f"{path}.endPort", f"endPort {last} is below port {first}")
+            blocks = range_to_prefixes(first, last)
+        return [(proto, p, prefix) for proto in protos for p, prefix in blocks]
+
+    # -- CiliumNetworkPolicy
+
+    def _cnp(self) -> list[_Subject]:
+        body = self.policy.body
+        specs: list[tuple[str, Any]] = []
+        if body.get("spec") is not None:
+            specs.append(("spec", body["spec"]))
+        specs += [(f"specs[{i}]", s) for i, s in enumerate(self._list("specs", body.get("specs")))]
+        if not specs:
+            raise self.error("spec", "a CiliumNetworkPolicy needs spec or specs")
+        return [self._cnp_spec(path, self._mapping(path, spec)) for path, spec in specs]
+
+    def _cnp_spec(self, path: str, spec: Mapping) -> _Subject:
+        for key in spec:
+            if key not in _CNP_SPEC_KEYS:
+                raise self.error(f"{path}.{key}", f"not supported (supported: {', '.join(sorted(_CNP_SPEC_KEYS))})")
+        if "endpointSelector" not in spec:
+            raise self.error(f"{path}.endpointSelector", "required (nodeSelector is not supported)")
+        selector = self._scoped(self._selector(f"{path}.endpointSelector", spec["endpointSelector"] or {}))
+        enforces: set[int] = set()
+        rules: list[_Rule] = []
+        for section, direction, action in _CNP_SECTIONS:
+            if section not in spec:
+                continue
+            enforces.add(direction)  # present, even as an empty list: default deny in that direction
+            for i, rule in enumerate(self._list(f"{path}.{section}", spec[section])):
+                rpath = f"{path}.{section}[{i}]"
+                rules.append(self._cnp_rule(rpath, self._mapping(rpath, rule), direction, action))
+        return _Subject(self.policy, selector, frozenset(enforces), tuple(rules))
+
+    def _cnp_rule(self, path: str, rule: Mapping, direction: int, action: Action) -> _Rule:
+        peer = "from" if direction == INGRESS else "to"
+        allowed = {f"{peer}Endpoints", f"{peer}CIDR", f"{peer}CIDRSet", f"{peer}Entities", "toPorts", "icmps"}
+        for key in rule:
+            if key not in allowed:
+                raise self.error(f"{path}.{key}", f"not supported (supported: {', '.join(sorted(allowed))})")
+
+        peers: list[_Peer] = []
+        field = f"{peer}Endpoints"
+        for i, sel in enumerate(self._list(f"{path}.{field}", rule.get(field))):
+            selector = self._selector(f"{path}.{field}[{i}]", sel or {})
+            # An empty or namespace-free selector in a namespaced policy means "in this namespace".
+            if not selector.constrains(NAMESPACE_LABEL):
+                selector = self._scoped(selector)
+            peers.append(_LabelPeer(selector))
+        field = f"{peer}CIDR"
+        for i, text in enumerate(self._list(f"{path}.{field}", rule.get(field))):
+            peers.append(_CidrPeer(self._network(f"{path}.{field}[{i}]", text)))
+        field = f"{peer}CIDRSet"
+        for i, item in enumerate(self._list(f"{path}.{field}", rule.get(field))):
+            ipath = f"{path}.{field}[{i}]"
+            item = self._mapping(ipath, item)
+            for key in item:
+                if key not in ("cidr", "except"):
+                    raise self.error(f"{ipath}.{key}", "not supported (supported: cidr, except)")
+            if "cidr" not in item:
+                raise self.error(f"{ipath}.cidr", "required")
+            peers.append(self._cidr_peer(ipath, item["cidr"], item.get("except")))
+        field = f"{peer}Entities"
+        for i, name in enumerate(self._list(f"{path}.{field}", rule.get(field))):
+            if name not in ENTITIES:
+                raise self.error(f"{path}.{field}[{i}]", f"unknown entity {name!r} (known: {', '.join(ENTITIES)})")
+            peers.append(_EntityPeer(name))
+
+        ports: list[tuple] = []
+        for i, port_rule in enumerate(self._list(f"{path}.toPorts", rule.get("toPorts"))):
+            ports += self._cnp_port_rule(f"{path}.toPorts[{i}]", self._mapping(f"{path}.toPorts[{i}]", port_rule))
+        for i, icmp in enumerate(self._list(f"{path}.icmps", rule.get("icmps"))):
+            ports += self._cnp_icmp(f"{path}.icmps[{i}]", self._mapping(f"{path}.icmps[{i}]", icmp))
+
+        has_peers = any(_present(rule.get(f"{peer}{f}")) for f in ("Endpoints", "CIDR", "CIDRSet", "Entities"))
+        has_ports = _present(rule.get("toPorts")) or _present(rule.get("icmps"))
+        if not has_peers and not has_ports:
+            return _Rule(self.policy, path, direction, action, (), ())
+        return _Rule(
+            self.policy, path, direction, action,
+            tuple(peers) if has_peers else (_ANYONE,),  # ports only: from/to anyone
+            tuple(dict.fromkeys(ports)) if has_ports else (_ALL_PORTS,),  # peers only: all traffic
+        )
+
+    def _cnp_port_rule(self, path: str, port_rule: Mapping) -> list[tuple]:
+        for key, value in port_rule.items():
+            if key != "ports" and value:
+                raise self.error(f"{path}.{key}", "not supported (L4 policy only: ports)")
+        items = self._list(f"{path}.ports", port_rule.get("ports"))
+        if not items:
+            return [_ALL_PORTS]
+        out: list[tuple] = []
+        for i, item in enumerate(items):
+            ipath = f"{path}.ports[{i}]"
+            item = self._mapping(ipath, item)
+            for key in item:
+                if key not in ("port", "endPort", "protocol"):
+                    raise self.error(f"{ipath}.{key}", "not supported (supported: port, endPort, protocol)")
+            name = str(item.get("protocol") or "ANY").upper()
+            if name == "ANY":
+                protos: tuple[int, ...] = (_TCP, _UDP, _SCTP)
+            elif name in ("TCP", "UDP", "SCTP", "ICMP"):
+                protos = (PROTO_NUMBERS[name],)
+            else:
+                raise self.error(f"{ipath}.protocol", f"{item.get('protocol')!r}: supported: TCP, UDP, SCTP, ICMP, ANY")
+            out += self._port_blocks(ipath, protos, item.get("port"), item.get("endPort"))
+        return out
+
+    def _cnp_icmp(self, path: str, icmp: Mapping) -> list[tuple]:
+        out: list[tuple] = []
+        for i, fld in enumerate(self._list(f"{path}.fields", icmp.get("fields"))):
+            fpath = f"{path}.fields[{i}]"
+            fld = self._mapping(fpath, fld)
+            family = fld.get("family") or "IPv4"
+            if family != "IPv4":
+                raise self.error(f"{fpath}.family", f"{family!r}: only IPv4 is supported")
+            value = fld.get("type")
+            if isinstance(value, str) and value.strip().isdigit():
+                value = int(value)
+            if isinstance(value, str):
+                if value not in ICMP_TYPES:
+                    raise self.error(f"{fpath}.type", f"unknown ICMP type {value!r} (known: {', '.join(ICMP_TYPES)})")
+                value = ICMP_TYPES[value]
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
+                raise self.error(f"{fpath}.type", f"ICMP type {value!r} is not a name or a number 0-255")
+            out.append((_ICMP, value, PORT_BITS))
+        return out
+
+    # -- NetworkPolicy
+
+    def _np(self) -> _Subject:
+        spec = self._mapping("spec", self.policy.body.get("spec"))
+        selector = self._scoped(self._selector("spec.podSelector", spec.get("podSelector") or {}))
+        types = spec.get("policyTypes")
+        if types is None:
+            types = ["Ingress"] + (["Egress"] if "egress" in spec else [])
+        enforces: set[int] = set()
+        for i, t in enumerate(self._list("spec.policyTypes", types)):
+            if t not in ("Ingress", "Egress"):
+                raise self.error(f"spec.policyTypes[{i}]", f"{t!r}: supported: Ingress, Egress")
+            enforces.add(INGRESS if t == "Ingress" else EGRESS)
+        rules: list[_Rule] = []
+        for section, direction in (("ingress", INGRESS), ("egress", EGRESS)):
+            if direction not in enforces:
+                continue  # Kubernetes ignores rules of a direction policyTypes does not name
+            for i, rule in enumerate(self._list(f"spec.{section}", spec.get(section))):
+                rpath = f"spec.{section}[{i}]"
+                rules.append(self._np_rule(rpath, self._mapping(rpath, rule), direction))
+        return _Subject(self.policy, selector, frozenset(enforces), tuple(rules))
+
+    def _np_rule(self, path: str, rule: Mapping, direction: int) -> _Rule:
+        field = "from" if direction == INGRESS else "to"
+        peers: list[_Peer] = []
+        for i, peer in enumerate(self._list(f"{path}.{field}", rule.get(field))):
+            ppath = f"{path}.{field}[{i}]"
+            peers.append(self._np_peer(ppath, self._mapping(ppath, peer)))
+        ports: list[tuple] = []
+        for i, item in enumerate(self._list(f"{path}.ports", rule.get("ports"))):
+            ipath = f"{path}.ports[{i}]"
+            item = self._mapping(ipath, item)
+            name = item.get("protocol") or "TCP"
+            if name not in ("TCP", "UDP", "SCTP"):
+                raise self.error(f"{ipath}.protocol", f"{name!r}: supported: TCP, UDP, SCTP")
+            ports += self._port_blocks(ipath, (PROTO_NUMBERS[name],), item.get("port"), item.get("endPort"))
+        # Kubernetes: an empty or missing from/to matches every peer, empty or missing ports every port.
+        return _Rule(
+            self.policy, path, direction, Action.ALLOW,
+            tuple(peers) or (_ANYONE,), tuple(dict.fromkeys(ports)) or (_ALL_PORTS,),
+        )
+
+    def _np_peer(self, path: str, peer: Mapping) -> _Peer:
+        if "ipBlock" in peer:
+            if len(peer) > 1:
+                raise self.error(path, "ipBlock cannot be combined with podSelector or namespaceSelector")
+            block = self._mapping(f"{path}.ipBlock", peer["ipBlock"])
+            if "cidr" not in block:
+                raise self.error(f"{path}.ipBlock.cidr", "required")
+            return self._cidr_peer(f"{path}.ipBlock", block["cidr"], block.get("except"))
+        if "podSelector" not in peer and "namespaceSelector" not in peer:
+            raise self.error(path, "a peer needs podSelector, namespaceSelector or ipBlock")
+        pods = self._selector(f"{path}.podSelector", peer.get("podSelector") or {})
+        if "namespaceSelector" not in peer:
+            return _LabelPeer(self._scoped(pods))
+        namespaces = self._selector(f"{path}.namespaceSelector", peer["namespaceSelector"] or {})
+        return _LabelPeer(pods, namespaces)
+
+
+_LABEL_SOURCES = ("k8s:", "any:")
+
+
+def _strip_label_sources(parser: _Parser, path: str, spec: Any) -> Any:
+    """Accept Cilium's source-prefixed keys (``k8s:app``, ``any:app``) as the plain label key."""
+    if not isinstance(spec, Mapping):
+        return spec
+
+    def plain(key: Any, where: str) -> Any:
+        if isinstance(key, str) and ":" in key.split("/")[0]:
+            for source in _LABEL_SOURCES:
+                if key.startswith(source):
+                    return key[len(source):]
+            raise parser.error(where, f"label source of {key!r} is not supported (use fromEntities/toEntities "
+                                      "for reserved identities)")
+        return key
+
+    out = dict(spec)
+    if isinstance(spec.get("matchLabels"), Mapping):
+        out["matchLabels"] = {plain(k, f"{path}.matchLabels"): v for k, v in spec["matchLabels"].items()}
+    if isinstance(spec.get("matchExpressions"), list):
+        out["matchExpressions"] = [
+            {**e, "key": plain(e.get("key"), f"{path}.matchExpressions[{i}]")} if isinstance(e, Mapping) else e
+            for i, e in enumerate(spec["matchExpressions"])
+        ]
+    return out
+
+
+# ---- identities ---------------------------------------------------------------------------------
+
+
+def _allocate_cidr_identities(prefixes: set[IPv4Network], previous: Mapping[str, int]) -> dict[IPv4Network, int]:
+    """Keep the numbers of prefixes still used; give new ones the lowest free number >= CIDR_BASE."""
+    known: dict[IPv4Network, int] = {}
+    for text, number in previous.items():
+        try:
+            net = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            continue
+        if isinstance(net, IPv4Network) and net not in known:
+            known[net] = int(number)
+    out: dict[IPv4Network, int] = {}
+    used: set[int] = set()
+    for net in sorted(prefixes):
+        number = known.get(net)
+        if number is not None and number >= ids.CIDR_BASE and number not in used:
+            out[net] = number
+            used.add(number)
+    candidate = ids.CIDR_BASE
+    for net in sorted(prefixes):
+        if net in out:
+            continue
+        while candidate in used:
+            candidate += 1
+        out[net] = candidate
+        used.add(candidate)
+    return out
+
+
+class _Resolver:
+    """Peers to identity numbers, over the identities of the cluster and the CIDR identities."""
+
+    def __init__(self, identities: Mapping[int, Mapping[str, str]], cidrs: Mapping[IPv4Network, int]):
+        self.identities = identities
+        self.cidrs = cidrs
+        self._cache: dict[_Peer, frozenset[int]] = {}
+
+    def resolve(self, peer: _Peer) -> frozenset[int]:
+        if peer not in self._cache:
+            self._cache[peer] = frozenset(self._resolve(peer))
+        return self._cache[peer]
+
+    def _resolve(self, peer: _Peer) -> set[int]:
+        if isinstance(peer, _LabelPeer):
+            out = set()
+            for number, labels in self.identities.items():
+                if not peer.selector.matches(labels):
+                    continue
+                if peer.namespaces is not None:
+                    ns = labels.get(NAMESPACE_LABEL)
+                    if ns is None or not peer.namespaces.matches({NAMESPACE_NAME_LABEL: ns}):
+                        continue
+                out.add(number)
+            return out
+        if isinstance(peer, _CidrPeer):
+            # The ipcache is an LPM over the prefixes policies mention: an address of this CIDR has
+            # the identity of the most specific mentioned prefix holding it, so the peer is every
+            # mentioned prefix inside the CIDR, except those inside an except block.
+            out = {
+                number for net, number in self.cidrs.items()
+                if net.subnet_of(peer.cidr) and not any(net.subnet_of(ex) for ex in peer.excepts)
+            }
+            if peer.cidr.prefixlen == 0:
+                out.add(ids.WORLD)  # addresses in no mentioned prefix
+            return out
+        entity = peer.entity
+        if entity == "all":
+            return {ANY_IDENTITY}
+        if entity in ("world", "world-ipv4"):
+            return {ids.WORLD, *self.cidrs.values()}
+        if entity == "cluster":
+            return {*self.identities, *_CLUSTER_RESERVED}
+        if entity in _RESERVED_ENTITIES:
+            return {_RESERVED_ENTITIES[entity]}
+        return set()
+
+
+# ---- rule ids ----------------------------------------------------------------------------------
+
+
+def rule_ids(names: Sequence[str]) -> dict[str, int]:
+    """Stable rule ids: crc32 of the name in 31 bits, never 0, collisions probing upwards in
+    sorted order of the names."""
+    out: dict[str, int] = {}
+    used: set[int] = set()
+    for name in sorted(set(names)):
+        candidate = zlib.crc32(name.encode()) & _RULE_ID_MASK
+        while candidate == 0 or candidate in used:
+            candidate = (candidate + 1) & _RULE_ID_MASK
+        out[name] = candidate
+        used.add(candidate)
+    return out
+
+
+def _rule_name(policy: PolicyInput, path: str) -> str:
+    return f"{policy.kind}/{policy.namespace}/{policy.name}/{path}"
+
+
+# ---- flattening into LPM entries ---------------------------------------------------------------
+
+# Precedence of what a key can hold: a deny beats an allow, an allow beats an audit-mode deny
+# (which only reports). The datapath applies the same order between the two lookups it makes.
+_RANK_DENY, _RANK_ALLOW, _RANK_AUDIT_DENY = 3, 2, 1
+
+_Port = tuple[int, int, int]  # (proto, port, prefix)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    rank: int
+    order: int  # position of the rule in sorted policy order: lower wins a tie
+    entry: PolicyEntry
+
+    def beats(self, other: _Candidate) -> bool:
+        return (self.rank, -self.order) > (other.rank, -other.order)
+
+
+def _ancestors(port: _Port) -> list[_Port]:
+    """Every key that covers ``port``, most specific first, itself excluded."""
+    proto, value, prefix = port
+    if proto == ANY_PROTO:
+        return []
+    out = [(proto, value & port_mask(p), p) for p in range(prefix - 1, -1, -1)]
+    out.append(_ALL_PORTS)
+    return out
+
+
+def _flatten(bucket: Mapping[_Port, _Candidate]) -> dict[_Port, PolicyEntry]:
+    """The entries one (endpoint, direction, identity) needs so that a longest-prefix lookup
+    returns, for any packet, the highest-precedence rule covering it.
+
+    Keys of aligned blocks are nested or disjoint, so the rules covering a packet are exactly the
+    keys on the path from its longest match up to the root: each key therefore holds the best of
+    itself and its ancestors (itself on a tie of rank, then the lower rule order). A key that then
+    holds the same as its nearest ancestor is dropped, as the ancestor answers for it.
+    """
+    resolved: dict[_Port, _Candidate] = {}
+    for port, own in bucket.items():
+        best = own
+        for up in _ancestors(port):
+            other = bucket.get(up)
+            if other is not None and other.rank > best.rank:
+                best = other
+            elif other is not None and other.rank == best.rank and best is not own and other.order < best.order:
+                best = other
+        resolved[port] = best
+    out: dict[_Port, PolicyEntry] = {}
+    for port, best in resolved.items():
+        nearest = next((resolved[up] for up in _ancestors(port) if up in resolved), None)
+        if nearest is None or nearest.entry != best.entry:
+            out[port] = best.entry
+    return out
+
+
+# ---- the compiler ------------------------------------------------------------------------------
+
+
+def compile_policies(
+    policies: Sequence[PolicyInput],
+    identities: Sequence[IdentityInfo],
+    endpoints: Sequence[EndpointInfo],
+    *,
+    mode: str = "default",
+    cidr_identities: Mapping[str, int] | None = None,
+) -> CompiledPolicy:
+    """The policy map, enforcement flags and rule table for this node's endpoints.
+
+    ``identities``: every identity of the cluster (peers resolve against them). ``endpoints``: the
+    local endpoints. ``mode``: policy_enforcement (default | always | never). ``cidr_identities``:
+    the previous result's numbers, kept stable for prefixes still in use.
+    Raises PolicyCompileError for a policy that cannot be enforced as written.
+    """
+    if mode not in MODES:
+        raise ValueError(f"policy enforcement mode {mode!r}: supported: {', '.join(MODES)}")
+
+    ordered = sorted(policies, key=lambda p: (p.namespace, p.name, p.kind))
+    seen: set[tuple[str, str, str]] = set()
+    subjects: list[_Subject] = []
+    for policy in ordered:
+        key = (policy.kind, policy.namespace, policy.name)
+        if key in seen:
+            raise PolicyCompileError(f"{policy.kind} {policy.ref}: given twice")
+        seen.add(key)
+        subjects += _Parser(policy).parse()
+
+    prefixes: set[IPv4Network] = set()
+    for subject in subjects:
+        for rule in subject.rules:
+            for peer in rule.peers:
+                if isinstance(peer, _CidrPeer):
+                    prefixes.add(peer.cidr)
+                    prefixes.update(peer.excepts)
+    cidrs = _allocate_cidr_identities(prefixes, cidr_identities or {})
+
+    # Rule table: every rule and one default-deny per policy, whatever this node selects, so that
+    # every node numbers them alike.
+    names = [_rule_name(p, "default-deny") for p in ordered]
+    names += [_rule_name(r.policy, r.path) for s in subjects for r in s.rules]
+    numbers = rule_ids(names)
+    rules: dict[int, RuleInfo] = {}
+    for p in ordered:
+        number = numbers[_rule_name(p, "default-deny")]
+        rules[number] = RuleInfo(number, p.ref, p.kind, "default-deny", "default-deny", p.audit)
+    order: dict[_Rule, int] = {}
+    for s in subjects:
+        for r in s.rules:
+            number = numbers[_rule_name(r.policy, r.path)]
+            rules[number] = RuleInfo(
+                number, r.policy.ref, r.policy.kind, r.path, "allow" if r.action == Action.ALLOW else "deny",
+                r.policy.audit,
+            )
+            order[r] = len(order)
+    if mode == "always":
+        rules[ALWAYS_RULE_ID] = _ALWAYS_RULE
+
+    universe: dict[int, Mapping[str, str]] = {
+        i.id: i.labels for i in identities if not ids.is_reserved(i.id) and i.id < ids.CIDR_BASE
+    }
+    for ep in endpoints:
+        universe.setdefault(ep.identity, ep.labels)
+    resolver = _Resolver(universe, cidrs)
+
+    out = CompiledPolicy(cidr_identities={str(net): n for net, n in sorted(cidrs.items())}, rules=rules)
+    buckets: dict[tuple[int, int, int], dict[_Port, _Candidate]] = {}
+    for ep in sorted(endpoints, key=lambda e: e.ep_id):
+        selecting = [s for s in subjects if s.selector.matches(ep.labels)]
+        for direction in (INGRESS, EGRESS):
+            enforcing = [s for s in selecting if direction in s.enforces]
+            out.enforcement[(ep.ep_id, direction)] = _enforcement(enforcing, mode, numbers)
+            if not out.enforcement[(ep.ep_id, direction)].enforced:
+                continue
+            for subject in enforcing:
+                for rule in subject.rules:
+                    if rule.direction != direction:
+                        continue
+                    _expand(rule, ep.ep_id, resolver, numbers, order[rule], buckets)
+
+    for (ep_id, direction, peer), bucket in sorted(buckets.items()):
+        for (proto, port, prefix), entry in sorted(_flatten(bucket).items()):
+            out.entries[PolicyKey(ep_id, direction, peer, proto, port, prefix)] = entry
+    return out
+
+
+def _enforcement(enforcing: Sequence[_Subject], mode: str, numbers: Mapping[str, int]) -> Enforcement:
+    if mode == "never" or (mode == "default" and not enforcing):
+        return Enforcement(enforced=False)
+    if not enforcing:
+        return Enforcement(enforced=True, audit=False, rule_id=ALWAYS_RULE_ID)
+    first = enforcing[0].policy  # subjects are in sorted policy order
+    return Enforcement(
+        enforced=True,
+        audit=all(s.policy.audit for s in enforcing),
+        rule_id=numbers[_rule_name(first, "default-deny")],
+    )
+
+
+def _expand(
+    rule: _Rule,
+    ep_id: int,
+    resolver: _Resolver,
+    numbers: Mapping[str, int],
+    order: int,
+    buckets: dict[tuple[int, int, int], dict[_Port, _Candidate]],
+) -> None:
+    audit = rule.policy.audit
+    if rule.action == Action.ALLOW:
+        rank = _RANK_ALLOW
+    else:
+        rank = _RANK_AUDIT_DENY if audit else _RANK_DENY
+    candidate = _Candidate(rank, order, PolicyEntry(rule.action, audit, numbers[_rule_name(rule.policy, rule.path)]))
+    peers: set[int] = set()
+    for peer in rule.peers:
+        peers |= resolver.resolve(peer)
+    for peer in peers:
+        bucket = buckets.setdefault((ep_id, rule.direction, peer), {})
+        for port in rule.ports:
+            current = bucket.get(port)
+            if current is None or candidate.beats(current):
+                bucket[port] = candidate
