@@ -152,6 +152,12 @@ class Agent:
                 for r in all_eps
             },
             identity_labels=labels, rules=dict(compiled.rules), boot_offset_ns=self.flow_ctx.boot_offset_ns,
+            endpoints_by_id={
+                rec.ep_id: EndpointRef(name=rec.name, namespace=rec.namespace,
+                                       labels=security_labels(rec.labels, rec.namespace, rec.serviceaccount),
+                                       identity=rec.identity)
+                for rec, _ in local
+            },
         )
 
     def check_policies(self, policies: list[PolicyInput]) -> None:

@@ -7,10 +7,16 @@ where the text goes.
 Tables look like kubectl's and cilium's: an upper-case header, columns padded with three spaces,
 no trailing blanks. ``-o json`` and ``-o yaml`` print the agent's data as it came.
 
-A flow line reads like `hubble observe`'s compact output:
+A flow line reads like `hubble observe`'s compact output (time in local time):
 
-    Nov 25 20:01:02.123  default/client:34567 (ID:12345) -> default/server:80 (ID:23456)  to-endpoint FORWARDED (TCP Flags: SYN)
-    Nov 25 20:01:03.456  default/client:34568 (ID:12345) -> default/db:5432 (ID:34567)  to-endpoint DROPPED (POLICY_DENIED) by default/deny-all default-deny
+    Nov 25 20:01:02.123  default/client:34567 (ID:12345) -> default/server:80 (ID:23456)  \
+        to-endpoint FORWARDED (TCP Flags: SYN)
+    Nov 25 20:01:03.456  default/client:34568 (ID:12345) -> default/db:5432 (ID:34567)  \
+        to-endpoint DROPPED (POLICY_DENIED) by default/deny-all default-deny
+    Nov 25 20:01:04.001  default/client:34570 (ID:12345) <- default/web:80 (ID:23456)  \
+        http-response FORWARDED (HTTP/1.1 200 3ms (GET http://web/))
+
+(each is one line; a reply is printed with its arrow reversed, so the client stays on the left).
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 def canonical_kind(name: str) -> str | None:
-    """``svc``, ``services``, ``Service`` or ``ciliumnetworkpolicy.cilium.io`` -> the kind; None if unknown."""
+    """``svc``, ``services``, ``Service``, ``cnp.cilium.io`` -> the canonical kind; None if unknown."""
     typed = name.lower()
     for kind, (group, aliases) in KINDS.items():
         names = {kind.lower(), *aliases}
@@ -132,7 +138,7 @@ def status_text(status: Mapping[str, Any]) -> str:
         ("Node", status.get("node")),
         ("Ready", status.get("ready")),
         ("Version", status.get("version")),
-        ("Programs", ", ".join(f"{p.get('name')} ({_attached(p.get('attached'))})" for p in programs) or None),
+        ("Programs", ", ".join(f"{p.get('name')} ({_attached(p.get('attached'))})" for p in programs)),
         ("Endpoints", status.get("endpoints")),
         ("Policies", f"{status.get('policies', '-')} (revision {status.get('policy_revision', '-')})"),
         ("Policy enforcement", status.get("policy_enforcement")),
@@ -204,7 +210,9 @@ def _rule(step: Mapping[str, Any]) -> str:
 LOST_WARNING = "warning: {count} flow events were lost (ring buffer full); the list is incomplete"
 
 _TCP_FLAGS = ("SYN", "ACK", "RST", "FIN", "PSH", "URG", "ECE", "CWR", "NS")
-_ICMP_TYPES = {0: "EchoReply", 3: "DestinationUnreachable", 5: "Redirect", 8: "EchoRequest", 11: "TimeExceeded"}
+_ICMP_TYPES = {
+    0: "EchoReply", 3: "DestinationUnreachable", 5: "Redirect", 8: "EchoRequest", 11: "TimeExceeded",
+}
 _TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)?$")
 
 

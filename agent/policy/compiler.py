@@ -151,7 +151,7 @@ _Peer = _LabelPeer | _CidrPeer | _EntityPeer
 _ANYONE = _EntityPeer("all")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: the policy body is a dict
 class _Rule:
     policy: PolicyInput
     path: str  # "spec.ingress[0]"
@@ -161,7 +161,7 @@ class _Rule:
     ports: tuple[tuple[int, int, int], ...]  # (proto, port, prefix); _ALL_PORTS = any traffic
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Subject:
     """One spec of a policy: the endpoints it selects and the directions it enforces there."""
 
@@ -620,17 +620,15 @@ def _flatten(bucket: Mapping[_Port, _Candidate]) -> dict[_Port, PolicyEntry]:
 
     Keys of aligned blocks are nested or disjoint, so the rules covering a packet are exactly the
     keys on the path from its longest match up to the root: each key therefore holds the best of
-    itself and its ancestors (itself on a tie of rank, then the lower rule order). A key that then
+    itself and its ancestors (on equal rank, the most specific of them). A key that then
     holds the same as its nearest ancestor is dropped, as the ancestor answers for it.
     """
     resolved: dict[_Port, _Candidate] = {}
     for port, own in bucket.items():
         best = own
-        for up in _ancestors(port):
+        for up in _ancestors(port):  # most specific first: on equal rank the nearer rule stays
             other = bucket.get(up)
             if other is not None and other.rank > best.rank:
-                best = other
-            elif other is not None and other.rank == best.rank and best is not own and other.order < best.order:
                 best = other
         resolved[port] = best
     out: dict[_Port, PolicyEntry] = {}

@@ -1,0 +1,290 @@
+"""Checks for single values: names, addresses, ports, durations, regexes, header names.
+
+Each check takes a value already of the right Python type and raises ValueError with a message for
+the user (the schema walker adds the field path). The parsers that downstream code also needs
+(`parse_duration`, `port_number`, `icmp_type_number`) live here so there is one reading of each.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+
+from agent.labels import check_key, check_value
+
+from ._schema import show
+
+# --- names -----------------------------------------------------------------------------------------
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?")
+
+
+def dns_label(name: str) -> None:
+    if not _DNS_LABEL.fullmatch(name):
+        raise ValueError(
+            f"{show(name)} is not a valid name: up to 63 lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit"
+        )
+
+
+def dns1035_label(name: str) -> None:
+    """Service names: a DNS label that starts with a letter (Kubernetes' rule, as they become DNS names)."""
+    if not _DNS1035_LABEL.fullmatch(name):
+        raise ValueError(
+            f"{show(name)} is not a valid Service name: up to 63 lowercase letters, digits and '-', "
+            "starting with a letter and ending with a letter or digit"
+        )
+
+
+def dns_subdomain(name: str) -> None:
+    if len(name) > 253 or not all(_DNS_LABEL.fullmatch(part) for part in name.split(".")):
+        raise ValueError(
+            f"{show(name)} is not a valid name: up to 253 lowercase letters, digits, '-' and '.', "
+            "each dot-separated part starting and ending with a letter or digit"
+        )
+
+
+def host(name: str) -> None:
+    """An Istio host: a DNS name, short name or IP, optionally with a leading ``*.``; or ``*``."""
+    bare = name[2:] if name.startswith("*.") else name
+    if name == "*":
+        return
+    if len(bare) > 253 or not all(_HOST_LABEL.fullmatch(part) for part in bare.split(".")):
+        raise ValueError(f"{show(name)} is not a valid host: use a DNS name such as reviews.default.svc.cluster.local "
+                         "or a wildcard such as *.example.com")
+
+
+def service_host(name: str) -> None:
+    """A destination host: like `host` but naming one service, so no wildcard."""
+    if "*" in name:
+        raise ValueError(f"{show(name)}: a destination host cannot be a wildcard")
+    host(name)
+
+
+def export_to(value: str) -> None:
+    if value not in (".", "*"):
+        try:
+            dns_label(value)
+        except ValueError:
+            raise ValueError(f"{show(value)}: exportTo takes '.', '*' or a namespace name") from None
+
+
+def label_key(key: str) -> None:
+    if "\n" in key:  # agent.labels matches with `$`, which also accepts a trailing newline
+        raise ValueError(f"invalid label key {show(key)}: contains a line break")
+    check_key(key)
+
+
+def label_value(value: str) -> None:
+    if "\n" in value:
+        raise ValueError(f"invalid label value {show(value)}: contains a line break")
+    check_value(value)
+
+
+# --- addresses -------------------------------------------------------------------------------------
+
+
+def cidr(text: str) -> ipaddress.IPv4Network:
+    """An IPv4 CIDR with the prefix written out and no host bits set (Kubernetes and Cilium's rule)."""
+    addr, slash, prefix = text.partition("/")
+    if not slash or not re.fullmatch(r"[0-9]{1,2}", prefix):
+        raise ValueError(f"{show(text)} is not a CIDR: write ADDRESS/PREFIX, e.g. 10.0.0.0/8 or {addr}/32")
+    try:
+        net = ipaddress.ip_network(text, strict=True)
+    except ValueError as e:
+        if "host bits set" not in str(e):
+            raise ValueError(f"{show(text)} is not a valid IPv4 CIDR") from None
+        fixed = ipaddress.ip_network(text, strict=False)
+        raise ValueError(f"{text} has host bits set; did you mean {fixed}?") from None
+    if net.version != 4:
+        raise ValueError(f"{show(text)}: IPv6 is not supported; the mesh is IPv4-only")
+    return net
+
+
+def ipv4(text: str) -> ipaddress.IPv4Address:
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f"{show(text)} is not a valid IPv4 address") from None
+    if addr.version != 4:
+        raise ValueError(f"{show(text)}: IPv6 is not supported; the mesh is IPv4-only")
+    return addr
+
+
+def ip_or_cidr(text: str) -> None:
+    if "/" in text:
+        cidr(text)
+    else:
+        ipv4(text)
+
+
+def cluster_ip(text: str) -> None:
+    if text != "None":  # "None" is Kubernetes' spelling of a headless service
+        ipv4(text)
+
+
+def endpoint_address(text: str) -> None:
+    if text.startswith("unix://"):
+        raise ValueError(f"{show(text)}: unix domain socket endpoints are not supported")
+    try:
+        ipv4(text)
+    except ValueError:
+        try:
+            dns_subdomain(text.lower())
+        except ValueError:
+            raise ValueError(f"{show(text)} is neither an IPv4 address nor a host name") from None
+
+
+# --- ports -----------------------------------------------------------------------------------------
+
+_SERVICE_NAME = re.compile(r"[a-z0-9-]*[a-z][a-z0-9-]*", re.IGNORECASE)
+
+
+def port_number(value: int | str) -> int:
+    """A port written as 80 or "80" (Cilium's CRD uses strings) -> 80. Named ports are refused."""
+    if isinstance(value, str):
+        if _SERVICE_NAME.fullmatch(value):
+            raise ValueError(f"named ports are not supported ({show(value)}); write the port number")
+        if not re.fullmatch(r"[0-9]{1,5}", value):
+            raise ValueError(f"{show(value)} is not a port number")
+        value = int(value)
+    if not 1 <= value <= 65535:
+        raise ValueError(f"port {value} is out of range 1-65535")
+    return value
+
+
+def port(value: int | str) -> None:
+    port_number(value)
+
+
+# --- Istio values ----------------------------------------------------------------------------------
+
+# Go's time.ParseDuration units, which is what Istio accepts ("250ms", "1.5s", "1m30s", "1h").
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_MAX_DURATION = 315_576_000_000.0  # protobuf Duration's largest value, in seconds
+
+
+def parse_duration(text: str) -> float:
+    """``"1m30s"`` -> 90.0 seconds. Raises ValueError."""
+    total, pos = 0.0, 0
+    while pos < len(text):
+        m = _DURATION_PART.match(text, pos)
+        if not m:
+            raise ValueError(f"{show(text)} is not a duration: write e.g. 250ms, 1.5s, 1m or 1h")
+        total += float(m[1]) * _DURATION_UNITS[m[2]]
+        pos = m.end()
+    if not text:
+        raise ValueError("empty duration: write e.g. 250ms, 1.5s, 1m or 1h")
+    if not math.isfinite(total) or total > _MAX_DURATION:
+        raise ValueError(f"{show(text)} is too long a duration")
+    return total
+
+
+def duration(text: str) -> None:
+    if parse_duration(text) < 0.001:  # Istio's minimum; also refuses "0s"
+        raise ValueError(f"{show(text)}: duration must be at least 1ms")
+
+
+def regex(text: str) -> None:
+    # Istio uses RE2; Python's re is close enough to catch what a user gets wrong.
+    try:
+        re.compile(text)
+    except (re.error, OverflowError, RecursionError, ValueError) as e:
+        raise ValueError(f"invalid regular expression {show(text)}: {e}") from None
+
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token: what a header name may contain
+
+
+def header_name(name: str) -> None:
+    if not _TOKEN.fullmatch(name):
+        raise ValueError(f"{show(name)} is not a valid HTTP header name")
+
+
+def header_op_name(name: str) -> None:
+    header_name(name)
+    if name.lower() == "host":
+        raise ValueError("the Host header cannot be set, added or removed; use rewrite.authority")
+
+
+def http_method(name: str) -> None:
+    if not _TOKEN.fullmatch(name):
+        raise ValueError(f"{show(name)} is not a valid HTTP method")
+
+
+def non_empty(text: str) -> None:
+    if not text:
+        raise ValueError("empty string is not allowed")
+
+
+RETRY_ON = (
+    "5xx", "gateway-error", "reset", "connect-failure", "retriable-4xx", "refused-stream",
+    "retriable-status-codes",
+)
+
+
+def retry_on(text: str) -> None:
+    for item in text.split(","):
+        item = item.strip()
+        if item in RETRY_ON or (re.fullmatch(r"[1-5][0-9][0-9]", item)):
+            continue
+        raise ValueError(f"retry condition {show(item)} is not supported; supported: "
+                         f"{', '.join(RETRY_ON)} or HTTP status codes 100-599")
+
+
+_WHEN_KEYS = (
+    "source.ip", "remote.ip", "source.namespace", "source.principal", "destination.ip",
+    "destination.port", "connection.sni",
+)
+
+
+def when_key(key: str) -> None:
+    if key in _WHEN_KEYS or re.fullmatch(r"request\.headers\[[!#$%&'*+\-.^_`|~0-9A-Za-z]+\]", key):
+        return
+    if key.startswith("request.auth."):
+        raise ValueError(f"{show(key)} needs JWT authentication (RequestAuthentication), which is not supported")
+    raise ValueError(f"condition key {show(key)} is not supported; supported: "
+                     f"request.headers[NAME], {', '.join(_WHEN_KEYS)}")
+
+
+# --- Cilium ICMP -----------------------------------------------------------------------------------
+
+# Cilium's names for ICMPv4 types (pkg/policy/api/icmp.go).
+ICMP_TYPES = {
+    "EchoReply": 0, "DestinationUnreachable": 3, "Redirect": 5, "Echo": 8, "EchoRequest": 8,
+    "RouterAdvertisement": 9, "RouterSelection": 10, "TimeExceeded": 11, "ParameterProblem": 12,
+    "Timestamp": 13, "TimestampReply": 14, "Photuris": 40, "ExtendedEchoRequest": 42,
+    "ExtendedEchoReply": 43,
+}
+
+
+def icmp_type_number(value: int | str) -> int:
+    """An ICMPv4 type as Cilium accepts it (8, "8" or "EchoRequest") -> its number."""
+    if isinstance(value, str):
+        if value in ICMP_TYPES:
+            return ICMP_TYPES[value]
+        if not re.fullmatch(r"[0-9]{1,3}", value):
+            raise ValueError(f"unknown ICMP type {show(value)}; supported: 0-255 or {', '.join(ICMP_TYPES)}")
+        value = int(value)
+    if not 0 <= value <= 255:
+        raise ValueError(f"ICMP type {value} is out of range 0-255")
+    return value
+
+
+def icmp_type(value: int | str) -> None:
+    icmp_type_number(value)
+
+
+# --- numbers ---------------------------------------------------------------------------------------
+
+
+def in_range(lo: float, hi: float):
+    def check(value: float) -> None:
+        if not lo <= value <= hi:  # written this way round so NaN fails too
+            raise ValueError(f"{show(value)} is out of range {lo:g}-{hi:g}")
+
+    return check

@@ -1,0 +1,708 @@
+"""meshagent: command line of the sidecarless eBPF service-mesh node agent.
+
+Thin on purpose: a command checks what it can check without the agent (labels, addresses,
+durations, YAML files), sends one request to the node agent's API socket (agent/client.py),
+and prints the reply through cli/output.py. The agent does the work. Only `agent`, `teardown`
+and `bpf dump` run locally.
+
+USAGE: meshagent [--node NAME] [--config FILE] [--socket PATH] COMMAND [ARGS]...
+
+Which agent: --socket PATH, else the api_socket of --config FILE, else the node's default socket
+(/run/meshagent/NODE.sock, or api_socket from /etc/meshagent/agent.yaml for that node).
+
+Exit codes: 0 success, 1 operational error (one line on stderr), 2 usage error.
+
+examples:
+    meshagent status                                 # is this node's agent ready?
+    meshagent --node node2 endpoint list             # another node on this machine
+    meshagent apply -f examples/                     # every YAML file in a directory
+    meshagent flows --follow --verdict DROPPED       # watch drops as they happen
+    meshagent policy trace --from-label app=client --to-label app=server --dport 80/tcp
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from agent import __version__
+from agent import config as node_config
+from agent.client import AgentClient, AgentError, AgentUnavailable
+from agent.labels import LabelError, format_labels, parse_labels
+from cli import output as out
+
+
+def examples(*lines: str) -> str:
+    """An examples epilog, kept as written (click's \\b marker stops re-wrapping)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+
+def _operational_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "could not do it" (exit 1, one line), not "bug" (traceback).
+
+    Errors of modules loaded lazily are only looked up if the module was loaded, since only
+    then can they have been raised.
+    """
+    errors: list[type[BaseException]] = [
+        AgentUnavailable, AgentError, node_config.ConfigError, LabelError, OSError,
+    ]
+    for module, name in (("agent.resources", "ResourceError"), ("agent.node", "NodeError")):
+        err = getattr(sys.modules.get(module), name, None)
+        if err is not None:
+            errors.append(err)
+    return tuple(errors)
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+class MeshGroup(click.Group):
+    """The top-level group: turns operational errors into `Error: <message>` and exit 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:  # `meshagent flows | head`: the reader left, nothing to say
+            _silence_stdout()
+            sys.exit(0)
+        except click.ClickException:
+            raise
+        except Exception as e:
+            if isinstance(e, _operational_errors()):
+                raise click.ClickException(_one_line(e)) from None
+            raise
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+# ---- which agent -------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """The node the user means: --node, --config and --socket of the top-level group."""
+
+    node: str | None = None
+    config: str | None = None
+    socket: str | None = None
+
+    def node_config(self, config_path: str | None = None) -> node_config.NodeConfig:
+        """The node's config: the given file, else /etc/meshagent/agent.yaml or defaults for --node."""
+        path = config_path or self.config
+        if path:
+            return node_config.load(path)
+        cfg = node_config.load(None)
+        if self.node and self.node != cfg.node_name:
+            return node_config.from_dict({"node_name": self.node}, f"<defaults for node {self.node}>")
+        return cfg
+
+    def socket_path(self) -> str:
+        return self.socket or self.node_config().api_socket
+
+    def client(self, timeout: float | None = 60.0) -> AgentClient:
+        return AgentClient(self.socket_path(), timeout=timeout)
+
+
+pass_target = click.make_pass_decorator(Target)
+
+
+# ---- parameter types: everything checkable without the agent fails here with exit 2 -------------
+
+
+class LabelsType(click.ParamType):
+    name = "K=V[,K=V...]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> dict[str, str]:
+        if isinstance(value, dict):
+            return value
+        try:
+            labels = parse_labels(value)
+        except LabelError as e:
+            self.fail(str(e), param, ctx)
+        if not labels:
+            self.fail("expected at least one KEY=VALUE label", param, ctx)
+        return labels
+
+
+class IPv4Type(click.ParamType):
+    name = "IP"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            return str(ipaddress.IPv4Address(str(value).strip()))
+        except ValueError:
+            self.fail(f"{value!r} is not an IPv4 address", param, ctx)
+
+
+class DurationType(click.ParamType):
+    """``30s``, ``5m``, ``1h30m``, ``500ms`` or plain seconds -> seconds as a float."""
+
+    name = "DURATION"
+    _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        text = str(value).strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            parts = self._PART.findall(text)
+            if not parts or "".join(n + u for n, u in parts) != text:
+                self.fail(f"{value!r} is not a duration: use e.g. 30s, 5m, 1h, 1h30m, 500ms", param, ctx)
+            seconds = sum(float(n) * self._UNITS[u] for n, u in parts)
+        if seconds <= 0:
+            self.fail(f"{value!r}: the duration must be positive", param, ctx)
+        return seconds
+
+
+class PortProtoType(click.ParamType):
+    """``80/tcp``, ``53/udp``, ``80`` (TCP), ``icmp`` or ``8/icmp`` (the ICMP type) -> (port, "TCP")."""
+
+    name = "PORT[/tcp|udp|icmp]"
+    _FORM = re.compile(r"^(?:(\d+)(?:/(tcp|udp|icmp))?|(icmp))$", re.IGNORECASE)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple:
+        if isinstance(value, tuple):
+            return value
+        m = self._FORM.match(str(value).strip())
+        if not m:
+            self.fail(f"{value!r}: expected PORT/PROTOCOL, e.g. 80/tcp, 53/udp or icmp", param, ctx)
+        port, proto = int(m.group(1) or 0), (m.group(2) or m.group(3) or "tcp").upper()
+        if proto == "ICMP" and port > 255:
+            self.fail(f"{value!r}: an ICMP type is 0-255", param, ctx)
+        if proto != "ICMP" and not 1 <= port <= 65535:
+            self.fail(f"{value!r}: the port must be 1-65535", param, ctx)
+        return port, proto
+
+
+LABELS = LabelsType()
+CONFIG_HELP = "Node config (default /etc/meshagent/agent.yaml)."
+VERDICTS = ("FORWARDED", "DROPPED", "REDIRECTED", "AUDIT")
+IPV4 = IPv4Type()
+
+
+def output_option(*formats: str):
+    formats = formats or out.OUTPUT_FORMATS
+    return click.option(
+        "-o", "--output", type=click.Choice(formats), default=formats[0], show_default=True,
+        help="Output format.",
+    )
+
+
+def emit(data: Any, fmt: str, as_text) -> None:
+    text = out.render(data, fmt, as_text)
+    if text:
+        click.echo(text)
+
+
+def _drain(stream: Iterator[dict], on_item) -> Any:
+    """Feed each streamed item to ``on_item``; return the final result."""
+    while True:
+        try:
+            item = next(stream)
+        except StopIteration as stop:
+            return stop.value
+        on_item(item)
+
+
+# ---- the commands ------------------------------------------------------------------------------
+
+
+@click.group(
+    cls=MeshGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+    epilog=examples(
+        "meshagent status",
+        "meshagent --node node2 endpoint list",
+        "meshagent apply -f examples/",
+        "meshagent flows --follow --verdict DROPPED",
+        "meshagent policy trace --from-label app=client --to-label app=server --dport 80/tcp",
+    ),
+)
+@click.option("--node", envvar="MESHAGENT_NODE", metavar="NAME",
+              help="Node whose agent to talk to (default: this host's; env MESHAGENT_NODE).")
+@click.option("--config", "config_path", envvar="MESHAGENT_CONFIG", metavar="FILE",
+              help="Node config whose api_socket to use (env MESHAGENT_CONFIG).")
+@click.option("--socket", "socket_path", metavar="PATH", help="Agent API socket, overriding the above.")
+@click.version_option(__version__, prog_name="meshagent", message="%(prog)s %(version)s")
+@click.pass_context
+def cli(ctx: click.Context, node: str | None, config_path: str | None, socket_path: str | None) -> None:
+    """meshagent: a sidecarless eBPF service mesh, one agent per node.
+
+    Talks to the node agent over its API socket; exit 0 on success, 1 when something could not
+    be done (one line on stderr), 2 on a usage error.
+    """
+    ctx.obj = Target(node=node, config=config_path, socket=socket_path)
+
+
+@cli.command(epilog=examples(
+    "meshagent agent                                  # /etc/meshagent/agent.yaml or defaults",
+    "meshagent agent --config /etc/meshagent/node2.yaml",
+))
+@click.option("--config", "config_path", metavar="FILE", help=CONFIG_HELP)
+@pass_target
+def agent(target: Target, config_path: str | None) -> None:
+    """Run the node agent in the foreground.
+
+    On SIGTERM/SIGINT it exits and leaves the datapath attached and enforcing; the next agent
+    adopts it.
+    """
+    from agent.daemon import run_agent
+
+    if target.node and not (config_path or target.config):
+        os.environ["MESHAGENT_NODE"] = target.node  # the daemon's default node name
+    sys.exit(run_agent(config_path or target.config))
+
+
+@cli.command(epilog=examples(
+    "meshagent status",
+    "meshagent status -o json",
+    "until meshagent status >/dev/null 2>&1; do sleep 1; done   # wait for readiness",
+))
+@output_option()
+@pass_target
+def status(target: Target, output: str) -> None:
+    """Show the agent's state; exit 0 only if it is ready."""
+    result = target.client().call("status")
+    emit(result, output, out.status_text)
+    if not result.get("ready"):
+        raise click.ClickException(out.not_ready_reason(result))
+
+
+def _documents(paths: tuple[str, ...]) -> list[dict]:
+    """Read and validate the YAML files locally, so bad input fails before the agent is asked."""
+    from agent.resources import load_paths
+
+    resources = load_paths(list(paths))
+    if not resources:
+        raise click.ClickException(f"no resources found in {', '.join(paths)}")
+    return [
+        {"where": getattr(r, "where", f"{r.kind} {r.namespace}/{r.name}"), "body": r.body}
+        for r in resources
+    ]
+
+
+@cli.command(epilog=examples(
+    "meshagent apply -f examples/web.yaml",
+    "meshagent apply -f policies/ -f services.yaml",
+))
+@click.option("-f", "--filename", "paths", multiple=True, required=True, metavar="FILE|DIR",
+              help="YAML file, or directory of .yaml/.yml files (repeatable).")
+@pass_target
+def apply(target: Target, paths: tuple[str, ...]) -> None:
+    """Create or update resources from YAML (all or nothing)."""
+    documents = _documents(paths)
+    result = target.client().call("apply", documents=documents)
+    for line in out.applied_lines(result.get("results") or []):
+        click.echo(line)
+
+
+def _kind_arg(value: str, allow_all: bool) -> str:
+    if allow_all and value.lower() == "all":
+        return "all"
+    kind = out.canonical_kind(value)
+    if kind is None:
+        names = [aliases[0] for _, aliases in out.KINDS.values()] + (["all"] if allow_all else [])
+        raise click.BadParameter(f"unknown kind {value!r}; use one of: {', '.join(names)}", param_hint="KIND")
+    return kind
+
+
+@cli.command(epilog=examples(
+    "meshagent delete -f examples/web.yaml",
+    "meshagent delete cnp allow-web",
+    "meshagent delete virtualservice reviews -n shop",
+))
+@click.argument("kind", required=False)
+@click.argument("name", required=False)
+@click.option("-f", "--filename", "paths", multiple=True, metavar="FILE|DIR",
+              help="Delete the resources these YAML files describe (repeatable).")
+@click.option("-n", "--namespace", metavar="NS", default="default", show_default=True, help="Namespace of NAME.")
+@click.option("--ignore-not-found", is_flag=True, help="Exit 0 even if a resource does not exist.")
+@pass_target
+def delete(target: Target, kind: str | None, name: str | None, paths: tuple[str, ...], namespace: str,
+           ignore_not_found: bool) -> None:
+    """Delete resources, by file (-f) or as KIND NAME."""
+    if paths and kind:
+        raise click.UsageError("give either -f FILE or KIND NAME, not both")
+    if paths:
+        args: dict[str, Any] = {"documents": _documents(paths)}
+    elif kind and name:
+        args = {"kind": _kind_arg(kind, allow_all=False), "namespace": namespace, "name": name}
+    else:
+        raise click.UsageError("give -f FILE|DIR, or KIND NAME")
+    result = target.client().call("delete", **args)
+    missing = 0
+    for r in result.get("results") or []:
+        if r.get("action") == "not found":
+            missing += 1
+            if not ignore_not_found:
+                click.echo(f"Error: {out.resource_ref(r['kind'], r['name'])} not found in namespace "
+                           f"{r.get('namespace')}", err=True)
+        else:
+            click.echo(f"{out.resource_ref(r['kind'], r['name'])} {r.get('action')}")
+    if missing and not ignore_not_found:
+        sys.exit(1)
+
+
+@cli.command(epilog=examples(
+    "meshagent get cnp                    # every CiliumNetworkPolicy, all namespaces",
+    "meshagent get svc web -n shop -o yaml",
+    "meshagent get all -o yaml > backup.yaml && meshagent apply -f backup.yaml",
+))
+@click.argument("kind")
+@click.argument("name", required=False)
+@click.option("-n", "--namespace", metavar="NS", help="Only this namespace (default: every namespace).")
+@output_option()
+@pass_target
+def get(target: Target, kind: str, name: str | None, namespace: str | None, output: str) -> None:
+    """List applied resources of KIND (or `all`), or show the one named NAME.
+
+    KIND takes kubectl's names: service/svc, ciliumnetworkpolicy/cnp, networkpolicy/netpol,
+    virtualservice/vs, destinationrule/dr, peerauthentication/pa, authorizationpolicy/ap,
+    serviceentry/se, all. `-o yaml` prints documents that `meshagent apply -f` takes back.
+    """
+    kind = _kind_arg(kind, allow_all=True)
+    items = target.client().call("get", kind=kind).get("items") or []
+    items = [
+        i for i in items
+        if (name is None or i.get("name") == name) and (namespace is None or i.get("namespace") == namespace)
+    ]
+    if name is not None and not items:
+        where = f" in namespace {namespace}" if namespace else ""
+        raise click.ClickException(f'{kind.lower()} "{name}" not found{where}')
+    bodies = [i.get("body") for i in items]
+    if output == "yaml":
+        click.echo(out.as_yaml(bodies[0]) if name and len(bodies) == 1 else
+                   "---\n".join(out.as_yaml(b) for b in bodies), nl=False)
+    elif output == "json":
+        click.echo(out.as_json(bodies[0] if name and len(bodies) == 1 else
+                               {"apiVersion": "v1", "kind": "List", "items": bodies}))
+    else:
+        click.echo(out.resources_table(items, with_kind=kind == "all"))
+
+
+# ---- endpoints, identities, exec ---------------------------------------------------------------
+
+
+@cli.group(epilog=examples(
+    "meshagent endpoint add web-1 --labels app=web,tier=frontend",
+    "meshagent endpoint list -o json",
+    "meshagent endpoint delete web-1",
+))
+def endpoint() -> None:
+    """Create, list and delete the node's endpoints (workloads)."""
+
+
+@endpoint.command("add", epilog=examples(
+    "meshagent endpoint add client --labels app=client",
+    "meshagent endpoint add web-1 --labels app=web,version=v1 --namespace shop --serviceaccount web",
+    "meshagent endpoint add db --labels app=db --netns /run/netns/db --ip 10.200.0.50",
+))
+@click.argument("name")
+@click.option("--labels", "labels", type=LABELS, required=True, help="The endpoint's labels.")
+@click.option("--namespace", default="default", show_default=True)
+@click.option("--serviceaccount", default="default", show_default=True)
+@click.option("--netns", metavar="PATH", help="Attach this existing network namespace instead of making one.")
+@click.option("--ip", type=IPV4, help="Address from the node's pod CIDR (default: the next free one).")
+@output_option()
+@pass_target
+def endpoint_add(target: Target, name: str, labels: dict, namespace: str, serviceaccount: str,
+                 netns: str | None, ip: str | None, output: str) -> None:
+    """Create endpoint NAME (a network namespace plugged into the node); print its IP and identity."""
+    result = target.client().call(
+        "endpoint_add", name=name, labels=labels, namespace=namespace, serviceaccount=serviceaccount,
+        netns=netns, ip=ip,
+    )
+    emit(result, output, lambda ep: out.endpoints_table([ep]))
+
+
+@endpoint.command("list", epilog=examples("meshagent endpoint list", "meshagent endpoint list -o yaml"))
+@output_option()
+@pass_target
+def endpoint_list(target: Target, output: str) -> None:
+    """List the node's endpoints."""
+    items = target.client().call("endpoint_list").get("items") or []
+    emit(items, output, out.endpoints_table)
+
+
+@endpoint.command("delete", epilog=examples("meshagent endpoint delete web-1"))
+@click.argument("name")
+@pass_target
+def endpoint_delete(target: Target, name: str) -> None:
+    """Delete endpoint NAME (and its network namespace, if the agent made it)."""
+    result = target.client().call("endpoint_delete", name=name)
+    click.echo(f"endpoint {result.get('deleted', name)} deleted")
+
+
+@cli.command(
+    "exec",
+    context_settings={"allow_interspersed_args": False},  # options after NAME belong to COMMAND
+    epilog=examples(
+        "meshagent exec client -- curl -s http://web/",
+        "meshagent exec web-1 -- python3 -m http.server 80",
+        "meshagent exec client -- ping -c1 10.200.0.12",
+    ),
+)
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@pass_target
+def exec_(target: Target, name: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND inside endpoint NAME (its network namespace and cgroup); exit with its code."""
+    ep = target.client().call("endpoint_get", name=name)
+    cgroup = ep.get("cgroup")
+    if cgroup and os.path.isdir(cgroup):
+        with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvp("nsenter", ["nsenter", f"--net={ep['netns']}", "--", *command])
+    except FileNotFoundError:
+        raise click.ClickException("nsenter not found: install util-linux") from None
+
+
+@cli.group(epilog=examples("meshagent identity list"))
+def identity() -> None:
+    """Security identities (numbers derived from label sets)."""
+
+
+@identity.command("list", epilog=examples("meshagent identity list", "meshagent identity list -o json"))
+@output_option()
+@pass_target
+def identity_list(target: Target, output: str) -> None:
+    """List reserved and allocated identities with their labels."""
+    items = target.client().call("identity_list").get("items") or []
+    emit(items, output, out.identities_table)
+
+
+@cli.group(epilog=examples("meshagent service list"))
+def service() -> None:
+    """Services (virtual IPs load-balanced in the kernel)."""
+
+
+@service.command("list", epilog=examples("meshagent service list", "meshagent service list -o json"))
+@output_option()
+@pass_target
+def service_list(target: Target, output: str) -> None:
+    """List services with their virtual IPs and backends."""
+    items = target.client().call("service_list").get("items") or []
+    emit(items, output, out.auto_table)
+
+
+@cli.command(epilog=examples("meshagent certs", "meshagent certs -o json"))
+@output_option()
+@pass_target
+def certs(target: Target, output: str) -> None:
+    """Show the workload certificates (SVIDs) the node holds."""
+    result = target.client().call("certs")
+    items = result.get("items") if isinstance(result, dict) and "items" in result else None
+    if items is not None:
+        emit(items, output, out.auto_table)
+    else:
+        emit(result, output, lambda r: out.key_values(r.items()) if isinstance(r, dict) else out.cell(r))
+
+
+# ---- flows -------------------------------------------------------------------------------------
+
+
+@cli.command(epilog=examples(
+    "meshagent flows --last 20",
+    "meshagent flows --follow --verdict DROPPED",
+    "meshagent flows --since 5m --to-label app=web --port 80 --protocol tcp",
+    "meshagent flows --type l7 -o json | jq .l7.http.code",
+))
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new flows until interrupted.")
+@click.option("--last", type=click.IntRange(min=1), metavar="N", help="The last N matching flows.")
+@click.option("--since", type=DurationType(), help="Flows of the last DURATION (30s, 5m, 1h).")
+@click.option("--from-label", "from_label", type=LABELS, multiple=True,
+              help="Source carries the label(s) (repeatable; all must match).")
+@click.option("--to-label", "to_label", type=LABELS, multiple=True,
+              help="Destination carries the label(s) (repeatable; all must match).")
+@click.option("--from-ip", type=IPV4, help="Source address.")
+@click.option("--to-ip", type=IPV4, help="Destination address.")
+@click.option("--port", type=click.IntRange(1, 65535), metavar="PORT", help="Source or destination port.")
+@click.option("--protocol", type=click.Choice(["tcp", "udp", "icmp"], case_sensitive=False),
+              metavar="tcp|udp|icmp", help="L4 protocol.")
+@click.option("--verdict", type=click.Choice(VERDICTS, case_sensitive=False), metavar="|".join(VERDICTS),
+              help="Only flows with this verdict.")
+@click.option("--type", "type_", type=click.Choice(["l4", "l7"], case_sensitive=False), metavar="l4|l7",
+              help="Only L3/L4 (datapath) or L7 (HTTP) flows.")
+@output_option("table", "json", "compact")
+@pass_target
+def flows(target: Target, follow: bool, last: int | None, since: float | None, from_label: tuple[dict, ...],
+          to_label: tuple[dict, ...], from_ip: str | None, to_ip: str | None, port: int | None,
+          protocol: str | None, verdict: str | None, type_: str | None, output: str) -> None:
+    """Show flows observed by the datapath and the L7 processor, like `hubble observe`.
+
+    `-o json` prints one Hubble-schema flow per line; `table` and `compact` print one line per flow.
+    """
+    filters = {
+        "from_label": [format_labels({k: v}) for labels in from_label for k, v in labels.items()],
+        "to_label": [format_labels({k: v}) for labels in to_label for k, v in labels.items()],
+        "from_ip": from_ip,
+        "to_ip": to_ip,
+        "port": port,
+        "protocol": protocol.upper() if protocol else None,
+        "verdict": verdict.upper() if verdict else None,
+        "type": type_.lower() if type_ else None,
+    }
+
+    def show(item: dict) -> None:
+        if "flow" in item:
+            click.echo(json.dumps(item["flow"]) if output == "json" else out.format_flow(item["flow"]))
+        elif "lost" in item:
+            click.echo(out.lost_warning((item["lost"] or {}).get("count", 0)), err=True)
+
+    stream = target.client(timeout=None if follow else 60.0).stream(
+        "flows", last=last, since_s=since, follow=follow, filters=filters,
+    )
+    try:
+        result = _drain(stream, show)
+    except KeyboardInterrupt:  # the way to stop --follow
+        return
+    lost = (result or {}).get("lost_events") or 0
+    if lost > 0:
+        click.echo(out.lost_warning(lost), err=True)
+
+
+# ---- policy --------------------------------------------------------------------------------------
+
+
+@cli.group(epilog=examples("meshagent policy trace --from-label app=client --to-label app=web --dport 80"))
+def policy() -> None:
+    """Inspect how network policy decides traffic."""
+
+
+@policy.command("trace", epilog=examples(
+    "meshagent policy trace --from-label app=client --to-label app=web --dport 80/tcp",
+    "meshagent policy trace --from-label app=a --from-namespace shop --to-label app=db --dport 5432",
+    "meshagent policy trace --from-label app=client --to-label reserved=world --dport 53/udp",
+))
+@click.option("--from-label", "from_labels", type=LABELS, multiple=True, required=True,
+              help="Labels of the source (repeatable).")
+@click.option("--to-label", "to_labels", type=LABELS, multiple=True, required=True,
+              help="Labels of the destination (repeatable).")
+@click.option("--from-namespace", metavar="NS", help="Namespace of the source (default: any).")
+@click.option("--to-namespace", metavar="NS", help="Namespace of the destination (default: any).")
+@click.option("--dport", type=PortProtoType(), required=True, help="Destination port and protocol.")
+@output_option()
+@pass_target
+def policy_trace(target: Target, from_labels: tuple[dict, ...], to_labels: tuple[dict, ...],
+                 from_namespace: str | None, to_namespace: str | None, dport: tuple[int, str],
+                 output: str) -> None:
+    """Which verdict the datapath gives a new connection, and which rule decided it.
+
+    Exits 0 whatever the verdict.
+    """
+    port, protocol = dport
+    result = target.client().call(
+        "policy_trace",
+        from_labels={k: v for labels in from_labels for k, v in labels.items()},
+        to_labels={k: v for labels in to_labels for k, v in labels.items()},
+        from_namespace=from_namespace, to_namespace=to_namespace, dport=port, protocol=protocol,
+    )
+    emit(result, output, out.trace_text)
+
+
+# ---- bpf -----------------------------------------------------------------------------------------
+
+
+@cli.group(epilog=examples("meshagent bpf ct list", "meshagent bpf policy list -o json",
+                           "meshagent bpf dump"))
+def bpf() -> None:
+    """Look at the datapath's BPF maps and programs."""
+
+
+def _map_command(group: click.Group, name: str, op: str, what: str) -> None:
+    @group.command("list", help=f"List the {what}.", epilog=examples(f"meshagent bpf {name} list",
+                                                                     f"meshagent bpf {name} list -o json"))
+    @output_option()
+    @pass_target
+    def list_(target: Target, output: str) -> None:
+        items = target.client().call(op).get("items") or []
+        emit(items, output, out.auto_table)
+
+
+@bpf.group("ct", epilog=examples("meshagent bpf ct list"))
+def bpf_ct() -> None:
+    """The connection-tracking map."""
+
+
+@bpf.group("ipcache", epilog=examples("meshagent bpf ipcache list"))
+def bpf_ipcache() -> None:
+    """The IP-to-identity map."""
+
+
+@bpf.group("policy", epilog=examples("meshagent bpf policy list"))
+def bpf_policy() -> None:
+    """The policy map (what the kernel enforces)."""
+
+
+_map_command(bpf_ct, "ct", "bpf_ct_list", "connection-tracking entries")
+_map_command(bpf_ipcache, "ipcache", "bpf_ipcache_list", "prefixes and their identities")
+_map_command(bpf_policy, "policy", "bpf_policy_list", "policy map entries per endpoint")
+
+
+@bpf.command("dump", epilog=examples("meshagent bpf dump", "meshagent bpf dump redirect | less"))
+@click.argument("program", default="policy")
+def bpf_dump(program: str) -> None:
+    """Print the complete C source BCC compiles for PROGRAM (policy, redirect)."""
+    from agent.datapath.source import program_source
+
+    click.echo(program_source(program), nl=False)
+
+
+# ---- node lifecycle ------------------------------------------------------------------------------
+
+
+@cli.command(epilog=examples(
+    "meshagent teardown",
+    "meshagent teardown --config /etc/meshagent/node2.yaml --endpoints",
+))
+@click.option("--config", "config_path", metavar="FILE", help=CONFIG_HELP)
+@click.option("--endpoints", is_flag=True, help="Remove the node's endpoints too.")
+@pass_target
+def teardown(target: Target, config_path: str | None, endpoints: bool) -> None:
+    """Remove everything the node installed (stop the agent first)."""
+    cfg = target.node_config(config_path)
+    from agent.node import teardown as node_teardown
+
+    for line in node_teardown(cfg, endpoints=endpoints):
+        click.echo(line)
+
+
+@cli.command(epilog=examples("meshagent version"))
+def version() -> None:
+    """Print the meshagent version."""
+    click.echo(f"meshagent {__version__}")
+
+
+def main() -> None:
+    cli(prog_name="meshagent")
+
+
+if __name__ == "__main__":
+    main()
