@@ -36,7 +36,7 @@ import click
 from agent import __version__
 from agent import config as node_config
 from agent.client import AgentClient, AgentError, AgentUnavailable
-from agent.labels import LabelError, format_labels, parse_labels
+from agent.labels import LabelError, parse_labels
 from cli import output as out
 
 
@@ -57,7 +57,8 @@ def _operational_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [
         AgentUnavailable, AgentError, node_config.ConfigError, LabelError, OSError,
     ]
-    for module, name in (("agent.resources", "ResourceError"), ("agent.node", "NodeError")):
+    for module, name in (("agent.resources", "ResourceError"), ("agent.node", "NodeError"),
+                         ("agent.store", "StoreError"), ("agent.endpoint", "EndpointError")):
         err = getattr(sys.modules.get(module), name, None)
         if err is not None:
             errors.append(err)
@@ -79,7 +80,7 @@ class MeshGroup(click.Group):
             return super().invoke(ctx)
         except BrokenPipeError:  # `meshagent flows | head`: the reader left, nothing to say
             _silence_stdout()
-            sys.exit(0)
+            sys.exit(1)
         except click.ClickException:
             raise
         except Exception as e:
@@ -145,14 +146,41 @@ class LabelsType(click.ParamType):
         return labels
 
 
+class FlowLabelsType(click.ParamType):
+    """``app=web``, ``k8s:app=web,tier=fe``, ``reserved:world`` -> ["app=web", ...], checked by the
+    agent's own flow-filter parser, so the CLI refuses exactly what the agent would."""
+
+    name = "K=V[,K=V...]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[str]:
+        if isinstance(value, list):
+            return value
+        from agent.flows import parse_label_filter
+
+        items = [item.strip() for item in str(value).split(",")]
+        try:
+            for item in items:
+                parse_label_filter(item, f"--{param.name.replace('_', '-')}" if param else "label")
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+        return items
+
+
 class IPv4Type(click.ParamType):
     name = "IP"
 
+    def __init__(self, cidr: bool = False):
+        self.cidr = cidr
+        if cidr:
+            self.name = "IP|CIDR"
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value).strip()
         try:
-            return str(ipaddress.IPv4Address(str(value).strip()))
+            return str(ipaddress.IPv4Network(text, strict=False) if self.cidr and "/" in text
+                       else ipaddress.IPv4Address(text))
         except ValueError:
-            self.fail(f"{value!r} is not an IPv4 address", param, ctx)
+            self.fail(f"{value!r} is not an IPv4 address{' or CIDR' if self.cidr else ''}", param, ctx)
 
 
 class DurationType(click.ParamType):
@@ -339,7 +367,8 @@ def _kind_arg(value: str, allow_all: bool) -> str:
 @click.argument("name", required=False)
 @click.option("-f", "--filename", "paths", multiple=True, metavar="FILE|DIR",
               help="Delete the resources these YAML files describe (repeatable).")
-@click.option("-n", "--namespace", metavar="NS", default="default", show_default=True, help="Namespace of NAME.")
+@click.option("-n", "--namespace", metavar="NS", default="default", show_default=True,
+              help="Namespace of NAME.")
 @click.option("--ignore-not-found", is_flag=True, help="Exit 0 even if a resource does not exist.")
 @pass_target
 def delete(target: Target, kind: str | None, name: str | None, paths: tuple[str, ...], namespace: str,
@@ -423,8 +452,9 @@ def endpoint() -> None:
 ))
 @click.argument("name")
 @click.option("--labels", "labels", type=LABELS, required=True, help="The endpoint's labels.")
-@click.option("--namespace", default="default", show_default=True)
-@click.option("--serviceaccount", default="default", show_default=True)
+@click.option("--namespace", metavar="NS", default="default", show_default=True, help="Its namespace.")
+@click.option("--serviceaccount", metavar="SA", default="default", show_default=True,
+              help="Its service account (its SPIFFE identity).")
 @click.option("--netns", metavar="PATH", help="Attach this existing network namespace instead of making one.")
 @click.option("--ip", type=IPV4, help="Address from the node's pod CIDR (default: the next free one).")
 @output_option()
@@ -471,7 +501,13 @@ def endpoint_delete(target: Target, name: str) -> None:
 @pass_target
 def exec_(target: Target, name: str, command: tuple[str, ...]) -> None:
     """Run COMMAND inside endpoint NAME (its network namespace and cgroup); exit with its code."""
+    if command[:1] == ("--",):  # options stop at NAME, so click hands the separator through
+        command = command[1:]
+    if not command:
+        raise click.UsageError("missing COMMAND: meshagent exec NAME -- COMMAND [ARGS]...")
     ep = target.client().call("endpoint_get", name=name)
+    if not ep.get("netns"):
+        raise click.ClickException(f"the agent reports no network namespace for endpoint {name}")
     cgroup = ep.get("cgroup")
     if cgroup and os.path.isdir(cgroup):
         with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
@@ -537,12 +573,12 @@ def certs(target: Target, output: str) -> None:
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new flows until interrupted.")
 @click.option("--last", type=click.IntRange(min=1), metavar="N", help="The last N matching flows.")
 @click.option("--since", type=DurationType(), help="Flows of the last DURATION (30s, 5m, 1h).")
-@click.option("--from-label", "from_label", type=LABELS, multiple=True,
-              help="Source carries the label(s) (repeatable; all must match).")
-@click.option("--to-label", "to_label", type=LABELS, multiple=True,
+@click.option("--from-label", "from_label", type=FlowLabelsType(), multiple=True,
+              help="Source carries the label(s) (repeatable; all must match; k8s:app=web, reserved:world).")
+@click.option("--to-label", "to_label", type=FlowLabelsType(), multiple=True,
               help="Destination carries the label(s) (repeatable; all must match).")
-@click.option("--from-ip", type=IPV4, help="Source address.")
-@click.option("--to-ip", type=IPV4, help="Destination address.")
+@click.option("--from-ip", type=IPv4Type(cidr=True), help="Source address or CIDR.")
+@click.option("--to-ip", type=IPv4Type(cidr=True), help="Destination address or CIDR.")
 @click.option("--port", type=click.IntRange(1, 65535), metavar="PORT", help="Source or destination port.")
 @click.option("--protocol", type=click.Choice(["tcp", "udp", "icmp"], case_sensitive=False),
               metavar="tcp|udp|icmp", help="L4 protocol.")
@@ -552,20 +588,20 @@ def certs(target: Target, output: str) -> None:
               help="Only L3/L4 (datapath) or L7 (HTTP) flows.")
 @output_option("table", "json", "compact")
 @pass_target
-def flows(target: Target, follow: bool, last: int | None, since: float | None, from_label: tuple[dict, ...],
-          to_label: tuple[dict, ...], from_ip: str | None, to_ip: str | None, port: int | None,
+def flows(target: Target, follow: bool, last: int | None, since: float | None, from_label: tuple[list, ...],
+          to_label: tuple[list, ...], from_ip: str | None, to_ip: str | None, port: int | None,
           protocol: str | None, verdict: str | None, type_: str | None, output: str) -> None:
     """Show flows observed by the datapath and the L7 processor, like `hubble observe`.
 
     `-o json` prints one Hubble-schema flow per line; `table` and `compact` print one line per flow.
     """
     filters = {
-        "from_label": [format_labels({k: v}) for labels in from_label for k, v in labels.items()],
-        "to_label": [format_labels({k: v}) for labels in to_label for k, v in labels.items()],
+        "from_label": [label for labels in from_label for label in labels],
+        "to_label": [label for labels in to_label for label in labels],
         "from_ip": from_ip,
         "to_ip": to_ip,
         "port": port,
-        "protocol": protocol.upper() if protocol else None,
+        "protocol": protocol.lower() if protocol else None,
         "verdict": verdict.upper() if verdict else None,
         "type": type_.lower() if type_ else None,
     }

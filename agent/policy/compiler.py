@@ -29,7 +29,7 @@ from typing import Any
 
 from agent import identity as ids
 from agent.labels import NAMESPACE_LABEL, NAMESPACE_NAME_LABEL, LabelError, Selector
-from agent.policy.portrange import MAX_PORT, PORT_BITS, port_mask, prefix_covers, range_to_prefixes
+from agent.policy.portrange import MAX_PORT, PORT_BITS, port_mask, range_to_prefixes
 from agent.policy.types import (
     ANY_IDENTITY,
     ANY_PROTO,
@@ -173,7 +173,9 @@ class _Subject:
 
 # ---- parsing -----------------------------------------------------------------------------------
 
-_CNP_SPEC_KEYS = {"endpointSelector", "ingress", "ingressDeny", "egress", "egressDeny", "description", "labels"}
+_CNP_SPEC_KEYS = {
+    "endpointSelector", "ingress", "ingressDeny", "egress", "egressDeny", "description", "labels",
+}
 _CNP_SECTIONS = (
     ("ingress", INGRESS, Action.ALLOW),
     ("ingressDeny", INGRESS, Action.DENY),
@@ -289,7 +291,8 @@ class _Parser:
     def _cnp_spec(self, path: str, spec: Mapping) -> _Subject:
         for key in spec:
             if key not in _CNP_SPEC_KEYS:
-                raise self.error(f"{path}.{key}", f"not supported (supported: {', '.join(sorted(_CNP_SPEC_KEYS))})")
+                supported = ", ".join(sorted(_CNP_SPEC_KEYS))
+                raise self.error(f"{path}.{key}", f"not supported (supported: {supported})")
         if "endpointSelector" not in spec:
             raise self.error(f"{path}.endpointSelector", "required (nodeSelector is not supported)")
         selector = self._scoped(self._selector(f"{path}.endpointSelector", spec["endpointSelector"] or {}))
@@ -335,16 +338,19 @@ class _Parser:
         field = f"{peer}Entities"
         for i, name in enumerate(self._list(f"{path}.{field}", rule.get(field))):
             if name not in ENTITIES:
-                raise self.error(f"{path}.{field}[{i}]", f"unknown entity {name!r} (known: {', '.join(ENTITIES)})")
+                known = ", ".join(ENTITIES)
+                raise self.error(f"{path}.{field}[{i}]", f"unknown entity {name!r} (known: {known})")
             peers.append(_EntityPeer(name))
 
         ports: list[tuple] = []
         for i, port_rule in enumerate(self._list(f"{path}.toPorts", rule.get("toPorts"))):
-            ports += self._cnp_port_rule(f"{path}.toPorts[{i}]", self._mapping(f"{path}.toPorts[{i}]", port_rule))
+            ppath = f"{path}.toPorts[{i}]"
+            ports += self._cnp_port_rule(ppath, self._mapping(ppath, port_rule))
         for i, icmp in enumerate(self._list(f"{path}.icmps", rule.get("icmps"))):
             ports += self._cnp_icmp(f"{path}.icmps[{i}]", self._mapping(f"{path}.icmps[{i}]", icmp))
 
-        has_peers = any(_present(rule.get(f"{peer}{f}")) for f in ("Endpoints", "CIDR", "CIDRSet", "Entities"))
+        peer_fields = ("Endpoints", "CIDR", "CIDRSet", "Entities")
+        has_peers = any(_present(rule.get(f"{peer}{f}")) for f in peer_fields)
         has_ports = _present(rule.get("toPorts")) or _present(rule.get("icmps"))
         if not has_peers and not has_ports:
             return _Rule(self.policy, path, direction, action, (), ())
@@ -374,7 +380,8 @@ class _Parser:
             elif name in ("TCP", "UDP", "SCTP", "ICMP"):
                 protos = (PROTO_NUMBERS[name],)
             else:
-                raise self.error(f"{ipath}.protocol", f"{item.get('protocol')!r}: supported: TCP, UDP, SCTP, ICMP, ANY")
+                given = item.get("protocol")
+                raise self.error(f"{ipath}.protocol", f"{given!r}: supported: TCP, UDP, SCTP, ICMP, ANY")
             out += self._port_blocks(ipath, protos, item.get("port"), item.get("endPort"))
         return out
 
@@ -391,7 +398,8 @@ class _Parser:
                 value = int(value)
             if isinstance(value, str):
                 if value not in ICMP_TYPES:
-                    raise self.error(f"{fpath}.type", f"unknown ICMP type {value!r} (known: {', '.join(ICMP_TYPES)})")
+                    known = ", ".join(ICMP_TYPES)
+                    raise self.error(f"{fpath}.type", f"unknown ICMP type {value!r} (known: {known})")
                 value = ICMP_TYPES[value]
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
                 raise self.error(f"{fpath}.type", f"ICMP type {value!r} is not a name or a number 0-255")
@@ -470,25 +478,29 @@ def _strip_label_sources(parser: _Parser, path: str, spec: Any) -> Any:
             for source in _LABEL_SOURCES:
                 if key.startswith(source):
                     return key[len(source):]
-            raise parser.error(where, f"label source of {key!r} is not supported (use fromEntities/toEntities "
-                                      "for reserved identities)")
+            hint = "use fromEntities/toEntities for reserved identities"
+            raise parser.error(where, f"label source of {key!r} is not supported ({hint})")
         return key
 
     out = dict(spec)
     if isinstance(spec.get("matchLabels"), Mapping):
         out["matchLabels"] = {plain(k, f"{path}.matchLabels"): v for k, v in spec["matchLabels"].items()}
     if isinstance(spec.get("matchExpressions"), list):
-        out["matchExpressions"] = [
-            {**e, "key": plain(e.get("key"), f"{path}.matchExpressions[{i}]")} if isinstance(e, Mapping) else e
-            for i, e in enumerate(spec["matchExpressions"])
-        ]
+        exprs = []
+        for i, e in enumerate(spec["matchExpressions"]):
+            if isinstance(e, Mapping):
+                e = {**e, "key": plain(e.get("key"), f"{path}.matchExpressions[{i}]")}
+            exprs.append(e)
+        out["matchExpressions"] = exprs
     return out
 
 
 # ---- identities ---------------------------------------------------------------------------------
 
 
-def _allocate_cidr_identities(prefixes: set[IPv4Network], previous: Mapping[str, int]) -> dict[IPv4Network, int]:
+def _allocate_cidr_identities(
+    prefixes: set[IPv4Network], previous: Mapping[str, int]
+) -> dict[IPv4Network, int]:
     """Keep the numbers of prefixes still used; give new ones the lowest free number >= CIDR_BASE."""
     known: dict[IPv4Network, int] = {}
     for text, number in previous.items():
@@ -754,7 +766,8 @@ def _expand(
         rank = _RANK_ALLOW
     else:
         rank = _RANK_AUDIT_DENY if audit else _RANK_DENY
-    candidate = _Candidate(rank, order, PolicyEntry(rule.action, audit, numbers[_rule_name(rule.policy, rule.path)]))
+    entry = PolicyEntry(rule.action, audit, numbers[_rule_name(rule.policy, rule.path)])
+    candidate = _Candidate(rank, order, entry)
     peers: set[int] = set()
     for peer in rule.peers:
         peers |= resolver.resolve(peer)

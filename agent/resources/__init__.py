@@ -1,0 +1,28 @@
+"""Parsing and validation of `meshagent apply -f FILE|DIR` documents (SPEC §4, §8).
+
+Kubernetes-style YAML, several documents per file, of the kinds in `KINDS`. Each document is checked
+field by field against a schema table (`_kinds.py`) by one generic walker (`_schema.py`); a field we
+do not support is an error naming the document, the field path and what is supported. No I/O other
+than reading the files given.
+
+    resources = load_paths(["examples/"])        # all documents valid, or ResourceError
+    for r in resources:
+        r.key, r.audit, r.body["spec"]
+"""
+
+from ._load import KINDS, load_paths, parse_documents, validate
+from ._model import Resource, ResourceError
+from ._values import ICMP_TYPES, icmp_type_number, parse_duration, port_number
+
+__all__ = [
+    "ICMP_TYPES",
+    "KINDS",
+    "Resource",
+    "ResourceError",
+    "icmp_type_number",
+    "load_paths",
+    "parse_documents",
+    "parse_duration",
+    "port_number",
+    "validate",
+]

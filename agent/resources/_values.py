@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from collections.abc import Callable
 
 from agent.labels import check_key, check_value
 
@@ -49,12 +50,12 @@ def dns_subdomain(name: str) -> None:
 
 def host(name: str) -> None:
     """An Istio host: a DNS name, short name or IP, optionally with a leading ``*.``; or ``*``."""
-    bare = name[2:] if name.startswith("*.") else name
     if name == "*":
         return
+    bare = name[2:] if name.startswith("*.") else name
     if len(bare) > 253 or not all(_HOST_LABEL.fullmatch(part) for part in bare.split(".")):
-        raise ValueError(f"{show(name)} is not a valid host: use a DNS name such as reviews.default.svc.cluster.local "
-                         "or a wildcard such as *.example.com")
+        raise ValueError(f"{show(name)} is not a valid host: use a DNS name such as "
+                         "reviews.default.svc.cluster.local or a wildcard such as *.example.com")
 
 
 def service_host(name: str) -> None:
@@ -246,7 +247,8 @@ def when_key(key: str) -> None:
     if key in _WHEN_KEYS or re.fullmatch(r"request\.headers\[[!#$%&'*+\-.^_`|~0-9A-Za-z]+\]", key):
         return
     if key.startswith("request.auth."):
-        raise ValueError(f"{show(key)} needs JWT authentication (RequestAuthentication), which is not supported")
+        raise ValueError(f"{show(key)} needs JWT authentication (RequestAuthentication), "
+                         "which is not supported")
     raise ValueError(f"condition key {show(key)} is not supported; supported: "
                      f"request.headers[NAME], {', '.join(_WHEN_KEYS)}")
 
@@ -282,9 +284,9 @@ def icmp_type(value: int | str) -> None:
 # --- numbers ---------------------------------------------------------------------------------------
 
 
-def in_range(lo: float, hi: float):
+def in_range(lo: float, hi: float) -> Callable[[float], None]:
     def check(value: float) -> None:
         if not lo <= value <= hi:  # written this way round so NaN fails too
-            raise ValueError(f"{show(value)} is out of range {lo:g}-{hi:g}")
+            raise ValueError(f"{show(value)} is out of range {lo}-{hi}")
 
     return check

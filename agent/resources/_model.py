@@ -1,0 +1,45 @@
+"""The validated resource and the one error type of this package."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ._kinds import AUDIT_ANNOTATION
+
+
+class ResourceError(ValueError):
+    """A document the user gave is wrong. ``str(e)`` is one line naming file, document, field path and
+    what is supported; the CLI prints it as is."""
+
+    def __init__(self, message: str) -> None:
+        # One line whatever went into it (a key with a line break, a YAML problem text).
+        super().__init__(" ".join(part.strip() for part in message.splitlines() if part.strip()))
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One validated document. ``body`` is the document exactly as loaded (nothing normalised), so
+    downstream code reads upstream field names and must apply upstream defaults itself."""
+
+    api_version: str  # as written, e.g. "cilium.io/v2"
+    kind: str
+    namespace: str  # metadata.namespace, or "default"
+    name: str
+    body: dict = field(hash=False, repr=False)
+    where: str = field(default="", compare=False)  # "policies.yaml: document 2", for messages
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.kind, self.namespace, self.name)
+
+    @property
+    def annotations(self) -> dict[str, str]:
+        return dict(self.body.get("metadata", {}).get("annotations") or {})
+
+    @property
+    def audit(self) -> bool:
+        """Annotated ``meshagent.io/audit: "true"``: the policy's denies only report (AUDIT verdict)."""
+        return self.annotations.get(AUDIT_ANNOTATION) == "true"
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}"

@@ -1,0 +1,742 @@
+"""Policy compiler (agent/policy/compiler.py), checked end to end through lookup() — the same
+decision the datapath makes over the compiled map."""
+
+from __future__ import annotations
+
+import ipaddress
+import zlib
+from typing import NamedTuple
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent import identity as ids
+from agent.labels import security_labels
+from agent.policy.compiler import (
+    ALWAYS_RULE_ID,
+    PolicyCompileError,
+    PolicyInput,
+    compile_policies,
+    rule_ids,
+)
+from agent.policy.lookup import lookup
+from agent.policy.portrange import prefix_covers
+from agent.policy.types import (
+    ANY_IDENTITY,
+    ANY_PROTO,
+    EGRESS,
+    INGRESS,
+    Action,
+    CompiledPolicy,
+    EndpointInfo,
+    IdentityInfo,
+)
+
+TCP, UDP, ICMP, SCTP = 6, 17, 1, 132
+
+# ---- a small cluster ---------------------------------------------------------------------------
+#   prod: web (local, ep 1), db (local, ep 2), client       dev: client, tool (sa "ops")
+
+WEB, DB, CLIENT, DEV_CLIENT, DEV_TOOL = 300, 301, 302, 400, 401
+LABELS = {
+    WEB: security_labels({"app": "web"}, "prod", "default"),
+    DB: security_labels({"app": "db"}, "prod", "default"),
+    CLIENT: security_labels({"app": "client"}, "prod", "default"),
+    DEV_CLIENT: security_labels({"app": "client"}, "dev", "default"),
+    DEV_TOOL: security_labels({"app": "tool"}, "dev", "ops"),
+}
+IDENTITIES = [IdentityInfo(i, dict(lbls)) for i, lbls in LABELS.items()]
+EP_WEB, EP_DB = 1, 2
+ENDPOINTS = [
+    EndpointInfo(EP_WEB, "web", "prod", "10.200.0.10", WEB, dict(LABELS[WEB])),
+    EndpointInfo(EP_DB, "db", "prod", "10.200.0.11", DB, dict(LABELS[DB])),
+]
+
+
+def policy(text: str) -> PolicyInput:
+    doc = yaml.safe_load(text)
+    meta = doc["metadata"]
+    audit = (meta.get("annotations") or {}).get("meshagent.io/audit") == "true"
+    return PolicyInput(doc["kind"], meta.get("namespace", "default"), meta["name"], doc, audit)
+
+
+def compile_(*texts: str, **kw) -> CompiledPolicy:
+    return compile_policies([policy(t) for t in texts], IDENTITIES, ENDPOINTS, **kw)
+
+
+def rule_id(c: CompiledPolicy, ref: str, path: str) -> int:
+    (found,) = [r.rule_id for r in c.rules.values() if r.policy == ref and r.path == path]
+    return found
+
+
+class Seen(NamedTuple):
+    verdict: str
+    rule_id: int
+    match: str
+
+
+def verdict(c: CompiledPolicy, ep: int, direction: int, peer: int, proto: int = TCP, port: int = 80) -> Seen:
+    v = lookup(c.entries, c.enforcement, ep, direction, peer, proto, port)
+    return Seen(v.verdict, v.rule_id, v.match)
+
+
+def ipcache(c: CompiledPolicy, ip: str) -> int:
+    """The identity the datapath's ipcache gives an address outside the cluster."""
+    best, found = -1, ids.WORLD
+    for prefix, number in c.cidr_identities.items():
+        net = ipaddress.ip_network(prefix)
+        if ipaddress.ip_address(ip) in net and net.prefixlen > best:
+            best, found = net.prefixlen, number
+    return found
+
+
+def cnp(name: str, spec: str, namespace: str = "prod", audit: bool = False) -> str:
+    annotations = '\n  annotations: {meshagent.io/audit: "true"}' if audit else ""
+    body = "\n".join("  " + line for line in spec.strip("\n").splitlines())
+    return f"""
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: {name}
+  namespace: {namespace}{annotations}
+spec:
+{body}
+"""
+
+
+WEB_FROM_CLIENT = cnp("web-from-client", """
+endpointSelector:
+  matchLabels: {app: web}
+ingress:
+- fromEndpoints:
+  - matchLabels: {app: client}
+  toPorts:
+  - ports:
+    - {port: "80", protocol: TCP}
+""")
+
+
+# ---- selection and enforcement -----------------------------------------------------------------
+
+
+def test_allow_by_labels():
+    c = compile_(WEB_FROM_CLIENT)
+    allow = rule_id(c, "prod/web-from-client", "spec.ingress[0]")
+    default = rule_id(c, "prod/web-from-client", "default-deny")
+    assert verdict(c, EP_WEB, INGRESS, CLIENT) == ("ALLOWED", allow, "L3-L4")
+    assert verdict(c, EP_WEB, INGRESS, CLIENT, port=81) == ("DENIED", default, "none")
+    assert verdict(c, EP_WEB, INGRESS, CLIENT, UDP, 80).verdict == "DENIED"
+    assert verdict(c, EP_WEB, INGRESS, DB).verdict == "DENIED"
+    assert verdict(c, EP_WEB, INGRESS, ids.WORLD).verdict == "DENIED"
+    # Only ingress is under the policy; web's egress stays open.
+    assert verdict(c, EP_WEB, EGRESS, DB, port=5432) == ("ALLOWED", 0, "none")
+    assert c.rules[default].action == "default-deny" and c.rules[allow].path == "spec.ingress[0]"
+
+
+def test_unselected_endpoint_is_not_enforced():
+    c = compile_(WEB_FROM_CLIENT)
+    assert not c.enforcement[(EP_DB, INGRESS)].enforced
+    assert not c.enforcement[(EP_DB, EGRESS)].enforced
+    assert verdict(c, EP_DB, INGRESS, DEV_TOOL, port=5432) == ("ALLOWED", 0, "none")
+    assert all(k.ep_id == EP_WEB for k in c.entries)
+    assert set(c.enforcement) == {(e, d) for e in (EP_WEB, EP_DB) for d in (INGRESS, EGRESS)}
+
+
+def test_namespace_scoping():
+    c = compile_(WEB_FROM_CLIENT)
+    assert verdict(c, EP_WEB, INGRESS, DEV_CLIENT).verdict == "DENIED"  # peers default to the policy's ns
+
+    other_ns = cnp("web-from-dev", """
+endpointSelector: {matchLabels: {app: web}}
+ingress:
+- fromEndpoints:
+  - matchLabels: {app: client, "k8s:io.kubernetes.pod.namespace": dev}
+""")
+    c = compile_(other_ns)
+    assert verdict(c, EP_WEB, INGRESS, DEV_CLIENT).verdict == "ALLOWED"
+    assert verdict(c, EP_WEB, INGRESS, CLIENT).verdict == "DENIED"
+
+    whole_ns = cnp("web-from-prod", """
+endpointSelector: {matchLabels: {app: web}}
+ingress:
+- fromEndpoints: [{}]
+""")
+    c = compile_(whole_ns)
+    assert verdict(c, EP_WEB, INGRESS, CLIENT).verdict == "ALLOWED"
+    l3_only = rule_id(c, "prod/web-from-prod", "spec.ingress[0]")
+    assert verdict(c, EP_WEB, INGRESS, DB, UDP, 53) == ("ALLOWED", l3_only, "L3-Only")
+    assert verdict(c, EP_WEB, INGRESS, DEV_CLIENT).verdict == "DENIED"
+
+    # A policy in dev never selects endpoints of prod, even with an empty selector.
+    c = compile_(cnp("dev-all", "endpointSelector: {}\ningress: []", namespace="dev"))
+    assert not c.enforcement[(EP_WEB, INGRESS)].enforced
+
+
+def test_empty_ingress_list_denies_all():
+    c = compile_(cnp("lockdown", "endpointSelector: {}\ningress: []"))
+    default = rule_id(c, "prod/lockdown", "default-deny")
+    for ep in (EP_WEB, EP_DB):
+        assert c.enforcement[(ep, INGRESS)].enforced and not c.enforcement[(ep, EGRESS)].enforced
+        assert verdict(c, ep, INGRESS, CLIENT) == ("DENIED", default, "none")
+    assert c.entries == {}
+
+
+def test_rule_with_ports_and_no_peer_allows_anyone():
+    c = compile_(cnp("web-80", """
+endpointSelector: {matchLabels: {app: web}}
+ingress:
+- toPorts: [{ports: [{port: "80"}]}]      # protocol ANY: TCP, UDP and SCTP
+- {}                                      # neither peers nor ports: matches nothing
+"""))
+    for peer in (CLIENT, DEV_TOOL, ids.WORLD, ids.HOST):
+        assert verdict(c, EP_WEB, INGRESS, peer).verdict == "ALLOWED"
+        assert verdict(c, EP_WEB, INGRESS, peer, UDP, 80).match == "L4-Only"
+        assert verdict(c, EP_WEB, INGRESS, peer, SCTP, 80).verdict == "ALLOWED"
+        assert verdict(c, EP_WEB, INGRESS, peer, port=443).verdict == "DENIED"
+        assert verdict(c, EP_WEB, INGRESS, peer, ICMP, 8).verdict == "DENIED"
+    assert {k.identity for k in c.entries} == {ANY_IDENTITY}
+
+
+# ---- deny beats allow --------------------------------------------------------------------------
+
+ALLOW_WEB_80 = cnp("allow-80", """
+endpointSelector: {matchLabels: {app: web}}
+ingress:
+- fromEndpoints: [{matchLabels: {app: client}}]
+  toPorts: [{ports: [{port: "80", protocol: TCP}, {port: "8080", protocol: TCP}]}]
+""")
+
+
+def _deny(spec_rule: str) -> str:
+    return cnp("deny", "endpointSelector: {matchLabels: {app: web}}\ningressDeny:\n" + spec_rule)
+
+
+@pytest.mark.parametrize(
+    ("deny_rule", "denied", "allowed"),
+    [
+        # a port range deny over a single-port allow
+        ("- fromEndpoints: [{matchLabels: {app: client}}]\n"
+         "  toPorts: [{ports: [{port: '1', endPort: 1023, protocol: TCP}]}]", [(TCP, 80)], [(TCP, 8080)]),
+        # a protocol-wide deny over port allows
+        ("- fromEndpoints: [{matchLabels: {app: client}}]\n"
+         "  toPorts: [{ports: [{protocol: TCP}]}]", [(TCP, 80), (TCP, 8080)], []),
+        # an any-protocol (L3) deny
+        ("- fromEndpoints: [{matchLabels: {app: client}}]", [(TCP, 80), (TCP, 8080)], []),
+        # a deny for any identity
+        ("- toPorts: [{ports: [{port: '80', protocol: TCP}]}]", [(TCP, 80)], [(TCP, 8080)]),
+        ("- fromEntities: [all]\n  toPorts: [{ports: [{port: '8000', endPort: 8100, protocol: TCP}]}]",
+         [(TCP, 8080)], [(TCP, 80)]),
+        # a deny on another protocol leaves TCP alone
+        ("- fromEndpoints: [{matchLabels: {app: client}}]\n  toPorts: [{ports: [{protocol: UDP}]}]",
+         [], [(TCP, 80), (TCP, 8080)]),
+    ],
+)
+def test_deny_beats_allow(deny_rule, denied, allowed):
+    c = compile_(ALLOW_WEB_80, _deny(deny_rule))
+    deny_id = rule_id(c, "prod/deny", "spec.ingressDeny[0]")
+    allow_id = rule_id(c, "prod/allow-80", "spec.ingress[0]")
+    for proto, port in denied:
+        v = verdict(c, EP_WEB, INGRESS, CLIENT, proto, port)
+        assert (v.verdict, v.rule_id) == ("DENIED", deny_id)
+    for proto, port in allowed:
+        v = verdict(c, EP_WEB, INGRESS, CLIENT, proto, port)
+        assert (v.verdict, v.rule_id) == ("ALLOWED", allow_id)
+    _assert_no_allow_under_deny(c)
+
+
+def test_allow_inside_deny_is_replaced_not_kept():
+    c = compile_(ALLOW_WEB_80, _deny("- fromEndpoints: [{matchLabels: {app: client}}]\n"
+                                     "  toPorts: [{ports: [{port: '1', endPort: 1023, protocol: TCP}]}]"))
+    client = {k: e for k, e in c.entries.items() if k.identity == CLIENT}
+    assert all(e.action == Action.DENY for k, e in client.items() if k.port < 1024)
+    assert any(k.port == 8080 and e.action == Action.ALLOW for k, e in client.items())
+
+
+def test_l3_allow_with_port_deny():
+    c = compile_(cnp("both", """
+endpointSelector: {matchLabels: {app: web}}
+ingress:
+- fromEndpoints: [{matchLabels: {app: client}}]
+ingressDeny:
+- fromEndpoints: [{matchLabels: {app: client}}]
+  toPorts: [{ports: [{port: "22", protocol: TCP}]}]
+"""))
+    assert verdict(c, EP_WEB, INGRESS, CLIENT, TCP, 22).verdict == "DENIED"
+    assert verdict(c, EP_WEB, INGRESS, CLIENT, TCP, 23).verdict == "ALLOWED"
+    assert verdict(c, EP_WEB, INGRESS, CLIENT, UDP, 22).verdict == "ALLOWED"
+    assert verdict(c, EP_WEB, INGRESS, CLIENT, ICMP, 8).verdict == "ALLOWED"
+
+
+# ---- ports -------------------------------------------------------------------------------------
+
+
+def test_port_ranges_protocols_and_icmp():
+    c = compile_(cnp("ports", """
+endpointSelector: {matchLabels: {app: web}}
+ingress:
+- fromEndpoints: [{matchLabels: {app: client}}]
+  toPorts:
+  - ports:
+    - {port: "8000", endPort: 8100, protocol: TCP}
+    - {port: "0", protocol: UDP}
+    - {port: 9000, protocol: ANY}
+  icmps:
+  - fields: [{type: EchoRequest}, {type: 3, family: IPv4}]
+"""))
+    ok = [(TCP, 8000), (TCP, 8050), (TCP, 8100), (UDP, 1), (UDP, 65535), (TCP, 9000), (UDP, 9000),
+          (SCTP, 9000), (ICMP, 8), (ICMP, 3)]
+    bad = [(TCP, 7999), (TCP, 8101), (TCP, 80), (SCTP, 9001), (ICMP, 0), (ICMP, 11)]
+    for proto, port in ok:
+        assert verdict(c, EP_WEB, INGRESS, CLIENT, proto, port).verdict == "ALLOWED", (proto, port)
+    for proto, port in bad:
+        assert verdict(c, EP_WEB, INGRESS, CLIENT, proto, port).verdict == "DENIED", (proto, port)
+    tcp_keys = sorted((k.port, k.port_prefix) for k in c.entries if k.proto == TCP and k.port < 9000)
+    assert tcp_keys == [(8000, 10), (8064, 11), (8096, 14), (8100, 16)]
+
+
+# ---- CIDR and entities -------------------------------------------------------------------------
+
+EGRESS_CIDR = cnp("to-net", """
+endpointSelector: {matchLabels: {app: web}}
+egress:
+- toCIDRSet:
+  - cidr: 10.0.0.0/8
+    except: [10.1.0.0/16]
+  toPorts: [{ports: [{port: "443", protocol: TCP}]}]
+- toCIDR: [192.0.2.7/32]
+""")
+
+
+def test_cidr_with_except():
+    c = compile_(EGRESS_CIDR)
+    assert set(c.cidr_identities) == {"10.0.0.0/8", "10.1.0.0/16", "192.0.2.7/32"}
+    assert sorted(c.cidr_identities.values()) == [ids.CIDR_BASE, ids.CIDR_BASE + 1, ids.CIDR_BASE + 2]
+
+    def to(ip, port=443):
+        return verdict(c, EP_WEB, EGRESS, ipcache(c, ip), TCP, port).verdict
+
+    assert to("10.2.3.4") == "ALLOWED"
+    assert to("10.2.3.4", 80) == "DENIED"
+    assert to("10.1.2.3") == "DENIED"  # in the except block
+    assert to("8.8.8.8") == "DENIED"
+    assert to("192.0.2.7", 22) == "ALLOWED"
+
+
+def test_cidr_peer_includes_more_specific_prefixes_of_other_policies():
+    other = cnp("db-net", """
+endpointSelector: {matchLabels: {app: db}}
+egress:
+- toCIDR: [10.2.0.0/16, 10.1.5.0/24]
+""")
+    c = compile_(EGRESS_CIDR, other)
+    # 10.2.x now has its own identity in the ipcache; web's /8 rule must still cover it.
+    assert ipcache(c, "10.2.3.4") == c.cidr_identities["10.2.0.0/16"]
+    assert verdict(c, EP_WEB, EGRESS, ipcache(c, "10.2.3.4"), TCP, 443).verdict == "ALLOWED"
+    # ...but not a prefix inside the except block.
+    assert verdict(c, EP_WEB, EGRESS, ipcache(c, "10.1.5.1"), TCP, 443).verdict == "DENIED"
+    assert verdict(c, EP_DB, EGRESS, ipcache(c, "10.1.5.1"), TCP, 443).verdict == "ALLOWED"
+
+
+def test_world_cidr_and_entities():
+    c = compile_(EGRESS_CIDR, cnp("web-out", """
+endpointSelector: {matchLabels: {app: web}}
+egress:
+- toEntities: [world]
+  toPorts: [{ports: [{port: "53", protocol: UDP}]}]
+- toEntities: [cluster]
+  toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+- toEntities: [host, kube-apiserver]
+  toPorts: [{ports: [{port: "10250", protocol: TCP}]}]
+- toCIDR: [0.0.0.0/0]
+  toPorts: [{ports: [{port: "25", protocol: TCP}]}]
+"""))
+
+    def out(peer, proto, port):
+        return verdict(c, EP_WEB, EGRESS, peer, proto, port).verdict
+
+    for ip in ("8.8.8.8", "10.1.0.1", "10.9.9.9"):  # world includes CIDR identities
+        assert out(ipcache(c, ip), UDP, 53) == "ALLOWED"
+        assert out(ipcache(c, ip), TCP, 8080) == "DENIED"
+        assert out(ipcache(c, ip), TCP, 25) == "ALLOWED"  # 0.0.0.0/0 covers every mentioned prefix
+    for peer in (DB, DEV_TOOL, ids.HOST, ids.REMOTE_NODE, ids.HEALTH):
+        assert out(peer, TCP, 8080) == "ALLOWED"
+        assert out(peer, UDP, 53) == "DENIED"
+    assert out(ids.HOST, TCP, 10250) == "ALLOWED"
+    assert out(ids.REMOTE_NODE, TCP, 10250) == "DENIED"
+    assert out(ids.WORLD, TCP, 25) == "ALLOWED"
+    assert out(DB, TCP, 25) == "DENIED"  # CIDR rules do not match endpoints
+
+
+def test_entity_all_and_remote_node():
+    c = compile_(cnp("web-in", """
+endpointSelector: {matchLabels: {app: web}}
+ingress:
+- fromEntities: [remote-node]
+- fromEntities: [all]
+  toPorts: [{ports: [{port: "443", protocol: TCP}]}]
+"""))
+    assert verdict(c, EP_WEB, INGRESS, ids.REMOTE_NODE, UDP, 9).match == "L3-Only"
+    assert verdict(c, EP_WEB, INGRESS, ids.HOST, UDP, 9).verdict == "DENIED"
+    for peer in (ids.WORLD, DEV_TOOL, 12345):
+        assert verdict(c, EP_WEB, INGRESS, peer, TCP, 443) == (
+            "ALLOWED", rule_id(c, "prod/web-in", "spec.ingress[1]"), "L4-Only")
+
+
+# ---- NetworkPolicy -----------------------------------------------------------------------------
+
+
+def np_(name: str, spec: str, namespace: str = "prod") -> str:
+    body = "\n".join("  " + line for line in spec.strip("\n").splitlines())
+    return f"""
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: {name}, namespace: {namespace}}}
+spec:
+{body}
+"""
+
+
+def test_np_egress_only():
+    c = compile_(np_("web-egress", """
+podSelector: {matchLabels: {app: web}}
+policyTypes: [Egress]
+ingress:                         # ignored: policyTypes names Egress only
+- from: [{podSelector: {matchLabels: {app: client}}}]
+egress:
+- to: [{podSelector: {matchLabels: {app: db}}}]
+  ports: [{port: 5432}]
+"""))
+    assert not c.enforcement[(EP_WEB, INGRESS)].enforced
+    assert c.enforcement[(EP_WEB, EGRESS)].enforced
+    assert verdict(c, EP_WEB, INGRESS, DEV_TOOL) == ("ALLOWED", 0, "none")
+    assert verdict(c, EP_WEB, EGRESS, DB, TCP, 5432) == (
+        "ALLOWED", rule_id(c, "prod/web-egress", "spec.egress[0]"), "L3-L4")
+    assert verdict(c, EP_WEB, EGRESS, DB, UDP, 5432).verdict == "DENIED"  # protocol defaults to TCP
+    assert verdict(c, EP_WEB, EGRESS, CLIENT, TCP, 5432).verdict == "DENIED"
+
+
+def test_np_default_policy_types_and_peers():
+    c = compile_(np_("db-in", """
+podSelector: {matchLabels: {app: db}}
+ingress:
+- from:
+  - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: dev}}
+    podSelector: {matchLabels: {app: tool}}
+  - podSelector: {matchLabels: {app: web}}
+  ports:
+  - {protocol: TCP, port: 5432, endPort: 5440}
+- from:
+  - namespaceSelector: {}
+  ports: [{protocol: UDP}]
+- from:
+  - ipBlock: {cidr: 192.168.0.0/16, except: [192.168.1.0/24]}
+"""))
+    assert c.enforcement[(EP_DB, INGRESS)].enforced and not c.enforcement[(EP_DB, EGRESS)].enforced
+    assert verdict(c, EP_DB, INGRESS, DEV_TOOL, TCP, 5440).verdict == "ALLOWED"
+    assert verdict(c, EP_DB, INGRESS, WEB, TCP, 5432).verdict == "ALLOWED"
+    assert verdict(c, EP_DB, INGRESS, WEB, TCP, 5441).verdict == "DENIED"
+    assert verdict(c, EP_DB, INGRESS, DEV_CLIENT, TCP, 5432).verdict == "DENIED"  # both selectors must hold
+    assert verdict(c, EP_DB, INGRESS, CLIENT, TCP, 5432).verdict == "DENIED"
+    for peer in (DEV_CLIENT, CLIENT, WEB):  # every namespace, UDP only
+        assert verdict(c, EP_DB, INGRESS, peer, UDP, 53).verdict == "ALLOWED"
+    assert verdict(c, EP_DB, INGRESS, ids.WORLD, UDP, 53).verdict == "DENIED"
+    assert verdict(c, EP_DB, INGRESS, ipcache(c, "192.168.7.7"), TCP, 1).verdict == "ALLOWED"
+    assert verdict(c, EP_DB, INGRESS, ipcache(c, "192.168.1.7"), TCP, 1).verdict == "DENIED"
+
+
+def test_np_empty_rules():
+    deny_all = np_("deny-all", "podSelector: {}\npolicyTypes: [Ingress, Egress]")
+    c = compile_(deny_all)
+    assert verdict(c, EP_WEB, INGRESS, CLIENT).verdict == "DENIED"
+    assert verdict(c, EP_WEB, EGRESS, CLIENT).verdict == "DENIED"
+    allow_all = np_("allow-all-in", "podSelector: {}\ningress: [{}]")
+    c = compile_(deny_all, allow_all)
+    assert verdict(c, EP_WEB, INGRESS, ids.WORLD, UDP, 1) == (
+        "ALLOWED", rule_id(c, "prod/allow-all-in", "spec.ingress[0]"), "all")
+    # allow-all-in sorts first but has no Egress policy type: deny-all names egress default deny.
+    deny_all_id = rule_id(c, "prod/deny-all", "default-deny")
+    assert verdict(c, EP_WEB, EGRESS, CLIENT) == ("DENIED", deny_all_id, "none")
+    assert c.enforcement[(EP_WEB, INGRESS)].rule_id == rule_id(c, "prod/allow-all-in", "default-deny")
+
+
+# ---- audit and modes ---------------------------------------------------------------------------
+
+
+def test_audit_policy():
+    audited = cnp("audited", """
+endpointSelector: {matchLabels: {app: web}}
+ingress:
+- fromEndpoints: [{matchLabels: {app: client}}]
+  toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+ingressDeny:
+- fromEndpoints: [{matchLabels: {app: client}}]
+  toPorts: [{ports: [{port: "22", protocol: TCP}]}]
+""", audit=True)
+    c = compile_(audited)
+    enf = c.enforcement[(EP_WEB, INGRESS)]
+    assert enf.enforced and enf.audit
+    assert verdict(c, EP_WEB, INGRESS, CLIENT, TCP, 80).verdict == "ALLOWED"
+    assert verdict(c, EP_WEB, INGRESS, CLIENT, TCP, 22) == (
+        "AUDIT", rule_id(c, "prod/audited", "spec.ingressDeny[0]"), "L3-L4")
+    default = rule_id(c, "prod/audited", "default-deny")
+    assert verdict(c, EP_WEB, INGRESS, DB, TCP, 80) == ("AUDIT", default, "none")
+    assert all(e.audit for e in c.entries.values())
+    assert c.rules[rule_id(c, "prod/audited", "spec.ingress[0]")].audit
+
+    # With a non-audit policy selecting too, default deny is real; the audit deny still only reports
+    # and yields to an allow.
+    c = compile_(audited, cnp("real", """
+endpointSelector: {matchLabels: {app: web}}
+ingress:
+- toPorts: [{ports: [{port: "22", protocol: TCP}]}]
+"""))
+    assert not c.enforcement[(EP_WEB, INGRESS)].audit
+    assert verdict(c, EP_WEB, INGRESS, DB, TCP, 80).verdict == "DENIED"
+    assert verdict(c, EP_WEB, INGRESS, CLIENT, TCP, 22).verdict == "ALLOWED"
+
+
+def test_mode_always():
+    c = compile_(WEB_FROM_CLIENT, mode="always")
+    assert c.enforcement[(EP_DB, INGRESS)].enforced and c.enforcement[(EP_DB, EGRESS)].enforced
+    assert verdict(c, EP_DB, INGRESS, CLIENT) == ("DENIED", ALWAYS_RULE_ID, "none")
+    assert verdict(c, EP_WEB, EGRESS, DB) == ("DENIED", ALWAYS_RULE_ID, "none")
+    assert c.rules[ALWAYS_RULE_ID].kind == "policy_enforcement=always"
+    assert verdict(c, EP_WEB, INGRESS, CLIENT).verdict == "ALLOWED"
+    default = rule_id(c, "prod/web-from-client", "default-deny")
+    assert verdict(c, EP_WEB, INGRESS, DB) == ("DENIED", default, "none")
+
+
+def test_mode_never():
+    c = compile_(WEB_FROM_CLIENT, _deny("- fromEntities: [all]"), mode="never")
+    assert c.entries == {}
+    assert not any(e.enforced for e in c.enforcement.values())
+    assert verdict(c, EP_WEB, INGRESS, CLIENT, TCP, 1) == ("ALLOWED", 0, "none")
+    with pytest.raises(ValueError):
+        compile_(WEB_FROM_CLIENT, mode="sometimes")
+
+
+def test_first_selecting_policy_names_default_deny():
+    c = compile_(
+        cnp("zz", "endpointSelector: {}\ningress: []"),
+        cnp("aa", "endpointSelector: {}\negress: []"),
+        np_("mm", "podSelector: {}"),
+    )
+    assert c.enforcement[(EP_WEB, INGRESS)].rule_id == rule_id(c, "prod/mm", "default-deny")
+    assert c.enforcement[(EP_WEB, EGRESS)].rule_id == rule_id(c, "prod/aa", "default-deny")
+
+
+# ---- stability ---------------------------------------------------------------------------------
+
+
+def test_rule_ids_are_stable_and_deterministic():
+    texts = [WEB_FROM_CLIENT, EGRESS_CIDR, np_("db-in", "podSelector: {}\ningress: [{}]")]
+    a = compile_(*texts)
+    b = compile_(*reversed(texts))
+    assert a.rules == b.rules and a.entries == b.entries and a.enforcement == b.enforcement
+    expected = zlib.crc32(b"CiliumNetworkPolicy/prod/web-from-client/spec.ingress[0]") & 0x7FFFFFFF
+    assert rule_id(a, "prod/web-from-client", "spec.ingress[0]") == expected
+    assert rule_id(a, "prod/db-in", "spec.ingress[0]") == (
+        zlib.crc32(b"NetworkPolicy/prod/db-in/spec.ingress[0]") & 0x7FFFFFFF)
+    # Adding a policy does not renumber the others.
+    c = compile_(*texts, ALLOW_WEB_80)
+    assert {k: v for k, v in c.rules.items() if k in a.rules} == a.rules
+
+
+def test_rule_id_collisions_probe_in_sorted_order():
+    # These two names have the same crc32 in 31 bits.
+    first = "CiliumNetworkPolicy/default/p29685295/spec.ingress[0]"
+    second = "CiliumNetworkPolicy/default/p32060020/spec.ingress[0]"
+    crc = zlib.crc32(first.encode()) & 0x7FFFFFFF
+    assert crc == zlib.crc32(second.encode()) & 0x7FFFFFFF
+    assert rule_ids([second, first]) == {first: crc, second: crc + 1}
+    assert 0 not in rule_ids([f"x{i}" for i in range(1000)]).values()
+
+
+def test_cidr_identities_stay_stable_across_recompiles():
+    first = compile_(EGRESS_CIDR)
+    previous = dict(first.cidr_identities)
+    changed = EGRESS_CIDR.replace("except: [10.1.0.0/16]", "except: [10.3.0.0/16]")
+    second = compile_(changed, cidr_identities=previous)
+    assert second.cidr_identities["10.0.0.0/8"] == previous["10.0.0.0/8"]
+    assert second.cidr_identities["192.0.2.7/32"] == previous["192.0.2.7/32"]
+    assert "10.1.0.0/16" not in second.cidr_identities  # no longer used
+    assert second.cidr_identities["10.3.0.0/16"] == previous["10.1.0.0/16"]  # lowest free number
+    third = compile_(changed, cidr_identities={**second.cidr_identities, "172.16.0.0/12": ids.CIDR_BASE + 9})
+    assert third.cidr_identities == second.cidr_identities
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("ingress: [{toPorts: [{ports: [{port: http}]}]}]",
+         "spec.ingress[0].toPorts[0].ports[0].port: named port"),
+        ("egress: [{toCIDR: ['2001:db8::/32']}]", "spec.egress[0].toCIDR[0]: 2001:db8::/32: IPv6"),
+        ("egress: [{toCIDRSet: [{cidr: 10.0.0.0/16, except: [10.1.0.0/24]}]}]", "is not inside cidr"),
+        ("egress: [{toEntities: [everything]}]", "unknown entity 'everything'"),
+        ("ingress: [{toPorts: [{ports: [{port: '80'}], rules: {http: [{method: GET}]}}]}]",
+         "toPorts[0].rules"),
+        ("ingress: [{toPorts: [{ports: [{port: '90', endPort: 80}]}]}]", "endPort 80 is below port 90"),
+        ("ingress: [{fromEndpoints: [{matchLabels: {'reserved:host': ''}}]}]", "use fromEntities"),
+        ("ingress: [{fromRequires: [{}]}]", "spec.ingress[0].fromRequires: not supported"),
+    ],
+)
+def test_semantic_errors(spec, message):
+    with pytest.raises(PolicyCompileError) as err:
+        compile_policies([policy(cnp("bad", "endpointSelector: {}\n" + spec))], [], [])
+    text = str(err.value)
+    assert text.startswith("CiliumNetworkPolicy prod/bad: ") and message in text and "\n" not in text
+
+
+def test_np_errors():
+    with pytest.raises(PolicyCompileError, match="ipBlock cannot be combined"):
+        compile_(np_("bad", "podSelector: {}\n"
+                            "ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}]}]"))
+    with pytest.raises(PolicyCompileError, match="named port"):
+        compile_(np_("bad", "podSelector: {}\ningress: [{ports: [{port: http}]}]"))
+
+
+def test_compiles_without_identities_or_endpoints():
+    c = compile_policies([policy(EGRESS_CIDR), policy(WEB_FROM_CLIENT)], [], [])
+    assert c.entries == {} and c.enforcement == {} and len(c.cidr_identities) == 3 and c.rules
+
+
+# ---- structural invariant + randomized agreement with a naive evaluator ------------------------
+
+
+def _assert_no_allow_under_deny(c: CompiledPolicy) -> None:
+    """No allow entry is the longest match where a non-audit deny of the same identity covers it."""
+    for k, e in c.entries.items():
+        if e.action != Action.ALLOW:
+            continue
+        for k2, e2 in c.entries.items():
+            if (k2.ep_id, k2.direction, k2.identity) != (k.ep_id, k.direction, k.identity):
+                continue
+            if e2.action != Action.DENY or e2.audit:
+                continue
+            covers = k2.proto == ANY_PROTO or (
+                k2.proto == k.proto and prefix_covers(k2.port, k2.port_prefix, k.port, k.port_prefix))
+            assert not covers, (k, e, k2, e2)
+
+
+APPS = {"db": DB, "client": CLIENT}
+PROBE_PEERS = (DB, CLIENT, ids.HOST, ids.WORLD)
+PROBE_PORTS = (*range(0, 67), 65535)
+CLUSTER = {*LABELS, ids.HOST, ids.REMOTE_NODE, ids.HEALTH, ids.INIT}
+
+# Local endpoint under test: web. Peers are chosen by app label in namespace prod, or by entity.
+peer_st = st.one_of(
+    st.sampled_from(["db", "client"]).map(lambda app: ("app", app)),
+    st.sampled_from(["all", "host", "cluster", "world"]).map(lambda e: ("entity", e)),
+)
+port_st = st.one_of(
+    st.tuples(st.sampled_from(["TCP", "UDP", "ANY"]), st.integers(0, 64), st.none()),
+    st.tuples(st.sampled_from(["TCP", "UDP", "ANY"]), st.integers(1, 64), st.integers(0, 40)).map(
+        lambda t: (t[0], t[1], t[1] + t[2])),
+    st.tuples(st.just("ICMP"), st.integers(0, 64), st.none()),
+)
+rule_st = st.fixed_dictionaries({
+    "section": st.sampled_from(["ingress", "ingressDeny", "egress", "egressDeny"]),
+    "peers": st.lists(peer_st, max_size=2),
+    "ports": st.lists(port_st, max_size=3),
+})
+policy_st = st.fixed_dictionaries({
+    "audit": st.booleans(),
+    "rules": st.lists(rule_st, min_size=0, max_size=4),
+    "empty_sections": st.sets(st.sampled_from(["ingress", "egress"]), max_size=1),
+})
+
+
+def _render(name: str, pol: dict) -> PolicyInput:
+    spec: dict = {"endpointSelector": {"matchLabels": {"app": "web"}}}
+    for section in pol["empty_sections"]:
+        spec[section] = []
+    for rule in pol["rules"]:
+        direction = "from" if rule["section"].startswith("ingress") else "to"
+        body: dict = {}
+        for kind, value in rule["peers"]:
+            if kind == "app":
+                body.setdefault(f"{direction}Endpoints", []).append({"matchLabels": {"app": value}})
+            else:
+                body.setdefault(f"{direction}Entities", []).append(value)
+        if rule["ports"]:
+            items = []
+            for proto, port, end in rule["ports"]:
+                item = {"port": str(port), "protocol": proto}
+                if end is not None:
+                    item["endPort"] = end
+                items.append(item)
+            body["toPorts"] = [{"ports": items}]
+        spec.setdefault(rule["section"], []).append(body)
+    doc = {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+           "metadata": {"name": name, "namespace": "prod"}, "spec": spec}
+    return PolicyInput("CiliumNetworkPolicy", "prod", name, doc, pol["audit"])
+
+
+def _peer_matches(peer: tuple[str, str], identity: int) -> bool:
+    kind, value = peer
+    if kind == "app":
+        return identity == APPS[value]
+    return {"all": True, "host": identity == ids.HOST, "cluster": identity in CLUSTER,
+            "world": identity == ids.WORLD}[value]
+
+
+def _port_matches(item: tuple, proto: int, port: int) -> bool:
+    name, first, last = item
+    protos = {"TCP": {TCP}, "UDP": {UDP}, "ANY": {TCP, UDP, SCTP}, "ICMP": {ICMP}}[name]
+    if proto not in protos:
+        return False
+    if last is None:
+        return first == 0 or port == first
+    return first <= port <= last
+
+
+def _reference(generated: list[dict], direction: int, identity: int, proto: int, port: int):
+    """Evaluate every rule of every policy naively: (verdict, set of acceptable rule paths)."""
+    wanted = "ingress" if direction == INGRESS else "egress"
+    enforcing = [(i, p) for i, p in enumerate(generated)
+                 if wanted in p["empty_sections"] or any(r["section"].startswith(wanted) for r in p["rules"])]
+    if not enforcing:
+        return "ALLOWED", {None}
+    hits: dict[str, set] = {"deny": set(), "allow": set(), "audit": set()}
+    for i, pol in enumerate(generated):
+        counters: dict[str, int] = {}
+        for rule in pol["rules"]:
+            n = counters[rule["section"]] = counters.get(rule["section"], -1) + 1
+            if not rule["section"].startswith(wanted) or not (rule["peers"] or rule["ports"]):
+                continue
+            if rule["peers"] and not any(_peer_matches(p, identity) for p in rule["peers"]):
+                continue
+            if rule["ports"] and not any(_port_matches(x, proto, port) for x in rule["ports"]):
+                continue
+            path = (f"p{i}", f"spec.{rule['section']}[{n}]")
+            if rule["section"].endswith("Deny"):
+                hits["audit" if pol["audit"] else "deny"].add(path)
+            else:
+                hits["allow"].add(path)
+    for outcome, kind in (("DENIED", "deny"), ("ALLOWED", "allow"), ("AUDIT", "audit")):
+        if hits[kind]:
+            return outcome, hits[kind]
+    first = enforcing[0][0]
+    return ("AUDIT" if all(p["audit"] for _, p in enforcing) else "DENIED"), {(f"p{first}", "default-deny")}
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(policy_st, min_size=1, max_size=3))
+def test_lookup_agrees_with_naive_evaluation(generated):
+    c = compile_policies([_render(f"p{i}", p) for i, p in enumerate(generated)], IDENTITIES, ENDPOINTS[:1])
+    paths = {r.rule_id: (r.policy.split("/")[1], r.path) for r in c.rules.values()}
+    _assert_no_allow_under_deny(c)
+    for direction in (INGRESS, EGRESS):
+        for identity in PROBE_PEERS:
+            for proto in (TCP, UDP, ICMP):
+                for port in PROBE_PORTS:
+                    got = lookup(c.entries, c.enforcement, EP_WEB, direction, identity, proto, port)
+                    expected, rules = _reference(generated, direction, identity, proto, port)
+                    where = (direction, identity, proto, port, got)
+                    assert got.verdict == expected, where
+                    assert paths.get(got.rule_id) in rules, where
