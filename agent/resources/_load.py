@@ -60,7 +60,7 @@ def _yaml_error(source: str, text: str, e: yaml.YAMLError) -> ResourceError:
     if isinstance(e, yaml.reader.ReaderError):
         line = text.count("\n", 0, e.position) + 1
         column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
-        problem = f"unacceptable character #x{ord(e.character):04x}" if isinstance(e.character, str) \
+        problem = f"unacceptable character #x{e.character:04x}" if isinstance(e.character, int) \
             else "invalid byte"
         return ResourceError(f"{source}: malformed YAML at line {line}, column {column}: {problem}")
     if isinstance(e, yaml.MarkedYAMLError):
@@ -75,8 +75,9 @@ def _yaml_error(source: str, text: str, e: yaml.YAMLError) -> ResourceError:
 
 
 def _load_yaml(text: str, source: str) -> list[object]:
-    loader = _Loader(text)
+    loader = None
     try:
+        loader = _Loader(text)  # already reads: a control character fails here
         docs = []
         while loader.check_data():
             docs.append(loader.get_data())
@@ -86,7 +87,8 @@ def _load_yaml(text: str, source: str) -> list[object]:
     except RecursionError:
         raise ResourceError(f"{source}: malformed YAML: nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _context(doc: dict) -> str:

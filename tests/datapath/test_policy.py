@@ -46,7 +46,7 @@ def clean_policies(node):
     yield
     for kind in ("CiliumNetworkPolicy", "NetworkPolicy"):
         for item in node.cli_json("get", kind)["items"]:
-            node.cli("delete", kind, item["name"], "-n", item["namespace"])
+            node.cli("delete", kind, item["metadata"]["name"], "-n", item["metadata"].get("namespace", "default"))
 
 
 CNP_WEB = """
