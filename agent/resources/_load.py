@@ -27,16 +27,16 @@ class _Loader(yaml.SafeLoader):
 
     - A key given twice in one mapping is an error, as with kubectl; PyYAML keeps the last one, which
       would silently drop the first `ingress:` of a policy.
-    - A scalar Python cannot build (``2024-13-45``, ``!!int x``) raises ValueError inside PyYAML;
-      turn it into a YAML error with a position.
+    - A scalar Python cannot build (``2024-13-45``, ``!!int x``, a bare ``!!int``) raises ValueError
+      or IndexError inside PyYAML; turn it into a YAML error with a position.
     """
 
     def construct_object(self, node, deep=False):
         try:
             return super().construct_object(node, deep)
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             raise
-        except (ValueError, TypeError, OverflowError) as e:
+        except Exception as e:  # PyYAML's constructors raise bare IndexError, ValueError... on odd scalars
             raise ConstructorError(None, None, f"invalid value: {e}", node.start_mark) from None
 
     def construct_mapping(self, node, deep=False):
@@ -113,13 +113,13 @@ def validate(doc: object, where: str) -> Resource:
     kind, api_version = doc.get("kind"), doc.get("apiVersion")
     if "kind" not in doc:
         raise ResourceError(f"{where}: kind: required field missing; supported: {', '.join(KINDS)}")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise ResourceError(f"{where}: kind: {show(kind)} is not supported; supported: {', '.join(KINDS)}")
     info = KIND_INFO[kind]
     if "apiVersion" not in doc:
         raise ResourceError(f"{where}: apiVersion: required field missing; "
                             f"supported for {kind}: {', '.join(info.api_versions)}")
-    if api_version not in info.api_versions:
+    if not isinstance(api_version, str) or api_version not in info.api_versions:
         raise ResourceError(f"{where}: apiVersion: {show(api_version)} is not supported for {kind}; "
                             f"supported: {', '.join(info.api_versions)}")
     try:

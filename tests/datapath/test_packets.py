@@ -17,7 +17,7 @@ SENDER = r"""
 import sys
 from scapy.all import Ether, IP, TCP, UDP, Raw, sendp, get_if_hwaddr, fragment
 src, dst, gw_mac, kind = sys.argv[1:5]
-eth = Ether(src=get_if_hwaddr("eth0"), dst=gw_mac)
+eth = Ether(src=get_if_hwaddr("eth0"), dst=gw_mac, type=0x0800)
 if kind == "spoof":
     pkts = [eth / IP(src="10.99.99.99", dst=dst) / TCP(dport=80, flags="S")]
 elif kind == "bad-ihl":

@@ -53,12 +53,12 @@ def test_enforcement_and_connections_survive_agent_restart(node):
     assert hold.stdout.readline().strip() == "again", "the established connection survives the restart"
     assert tcp_ok(node, ok, srv)
     assert not tcp_ok(node, bad, srv)
-    eps = {e["name"]: e for e in node.cli_json("endpoint", "list")["items"]}
+    eps = {e["name"]: e for e in node.cli_json("endpoint", "list")}
     assert eps[srv["name"]]["state"] == "ready"
 
 
 def test_sigterm_leaves_datapath_enforcing(node):
-    eps = {e["name"]: e for e in node.cli_json("endpoint", "list")["items"]}
+    eps = {e["name"]: e for e in node.cli_json("endpoint", "list")}
     srv, bad = eps[f"{node.tag}-srv"], eps[f"{node.tag}-bad"]
     node.stop_agent(signal.SIGTERM)
     assert node.cli("status", check=False).returncode == 1

@@ -541,7 +541,7 @@ SVC_BASE = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports
     ("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n",
      "document 1 (Pod default/p): kind: 'Pod' is not supported; supported: Service, CiliumNetworkPolicy, "
      "NetworkPolicy, VirtualService, DestinationRule, ServiceEntry, PeerAuthentication, AuthorizationPolicy"),
-    ("apiVersion: v1\nmetadata: {name: p}\n", "document 1: kind: required field missing; supported: Service,"),
+    ("apiVersion: v1\nmetadata: {name: p}\n", "document 1 (default/p): kind: required field missing; supported: Service,"),
     (edit(GOOD_CNP, "cilium.io/v2", "cilium.io/v1"),
      "(CiliumNetworkPolicy default/allow-web): apiVersion: 'cilium.io/v1' is not supported for "
      "CiliumNetworkPolicy; supported: cilium.io/v2"),
@@ -631,7 +631,7 @@ SVC_BASE = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports
      "spec.podSelector: required field missing"),
     # Service
     (edit(SERVICE, "protocol: TCP", "protocol: HTTP"), "spec.ports[0].protocol: 'HTTP' is unknown value"),
-    (edit(SERVICE, "  - name: metrics\n", "  - "), "spec.ports[1].name: required when a Service has more than one port"),
+    (edit(SERVICE, "  - name: metrics\n    port", "  - port"), "spec.ports[1].name: required when a Service has more than one port"),
     (edit(HEADLESS_SERVICE, "type: ClusterIP", "type: NodePort"),
      "spec.type: 'NodePort' is not supported; supported: ClusterIP"),
     (edit(HEADLESS_SERVICE, "clusterIP: None", "clusterIP: 10.96.0.300"), "'10.96.0.300' is not a valid IPv4 address"),
