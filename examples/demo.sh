@@ -36,7 +36,7 @@ meshagent endpoint add demo-web --labels app=web
 meshagent endpoint add demo-frontend --labels role=frontend
 meshagent endpoint add demo-intruder --labels role=intruder
 meshagent endpoint list
-WEB=$(meshagent endpoint list -o json | python3 -c 'import json,sys; print([e["ip"] for e in json.load(sys.stdin)["items"] if e["name"]=="demo-web"][0])')
+WEB=$(meshagent endpoint list -o json | python3 -c 'import json,sys; print([e["ip"] for e in json.load(sys.stdin) if e["name"]=="demo-web"][0])')
 meshagent exec demo-web -- python3 -m http.server 80 --bind 0.0.0.0 >/dev/null 2>&1 &
 echo $! > $RUN/http.pid
 sleep 1
