@@ -624,14 +624,20 @@ def _assert_no_allow_under_deny(c: CompiledPolicy) -> None:
 
 
 APPS = {"db": DB, "client": CLIENT}
-PROBE_PEERS = (DB, CLIENT, ids.HOST, ids.WORLD)
+# Peers to probe: endpoint/reserved identities, and addresses outside the cluster (their identity
+# comes from the ipcache, i.e. the CIDR identities the compiler allocated).
+PROBE_PEERS = (("id", DB), ("id", CLIENT), ("id", ids.HOST),
+               ("ip", "10.1.2.3"), ("ip", "10.1.9.9"), ("ip", "10.9.9.9"), ("ip", "8.8.8.8"))
+CIDRS = (("10.0.0.0/8", ()), ("10.0.0.0/8", ("10.1.0.0/16",)), ("10.1.0.0/16", ("10.1.2.0/24",)),
+         ("10.1.2.0/24", ()), ("0.0.0.0/0", ("10.0.0.0/8",)), ("0.0.0.0/0", ()))
 PROBE_PORTS = (*range(0, 67), 65535)
 CLUSTER = {*LABELS, ids.HOST, ids.REMOTE_NODE, ids.HEALTH, ids.INIT}
 
-# Local endpoint under test: web. Peers are chosen by app label in namespace prod, or by entity.
+# Local endpoint under test: web. Peers are chosen by app label in namespace prod, entity or CIDR.
 peer_st = st.one_of(
     st.sampled_from(["db", "client"]).map(lambda app: ("app", app)),
     st.sampled_from(["all", "host", "cluster", "world"]).map(lambda e: ("entity", e)),
+    st.sampled_from(CIDRS).map(lambda c: ("cidr", c)),
 )
 port_st = st.one_of(
     st.tuples(st.sampled_from(["TCP", "UDP", "ANY"]), st.integers(0, 64), st.none()),
@@ -661,6 +667,11 @@ def _render(name: str, pol: dict) -> PolicyInput:
         for kind, value in rule["peers"]:
             if kind == "app":
                 body.setdefault(f"{direction}Endpoints", []).append({"matchLabels": {"app": value}})
+            elif kind == "cidr" and value[1]:
+                cidr_set = {"cidr": value[0], "except": list(value[1])}
+                body.setdefault(f"{direction}CIDRSet", []).append(cidr_set)
+            elif kind == "cidr":
+                body.setdefault(f"{direction}CIDR", []).append(value[0])
             else:
                 body.setdefault(f"{direction}Entities", []).append(value)
         if rule["ports"]:
@@ -677,12 +688,20 @@ def _render(name: str, pol: dict) -> PolicyInput:
     return PolicyInput("CiliumNetworkPolicy", "prod", name, doc, pol["audit"])
 
 
-def _peer_matches(peer: tuple[str, str], identity: int) -> bool:
+def _peer_matches(peer: tuple, probe: tuple) -> bool:
     kind, value = peer
+    if probe[0] == "ip":  # outside the cluster
+        addr = ipaddress.ip_address(probe[1])
+        if kind == "cidr":
+            return addr in ipaddress.ip_network(value[0]) and not any(
+                addr in ipaddress.ip_network(ex) for ex in value[1])
+        return kind == "entity" and value in ("all", "world")
+    identity = probe[1]
     if kind == "app":
         return identity == APPS[value]
-    return {"all": True, "host": identity == ids.HOST, "cluster": identity in CLUSTER,
-            "world": identity == ids.WORLD}[value]
+    if kind == "cidr":
+        return False  # endpoints and reserved identities are not in CIDR rules
+    return {"all": True, "host": identity == ids.HOST, "cluster": identity in CLUSTER, "world": False}[value]
 
 
 def _port_matches(item: tuple, proto: int, port: int) -> bool:
@@ -695,7 +714,7 @@ def _port_matches(item: tuple, proto: int, port: int) -> bool:
     return first <= port <= last
 
 
-def _reference(generated: list[dict], direction: int, identity: int, proto: int, port: int):
+def _reference(generated: list[dict], direction: int, probe: tuple, proto: int, port: int):
     """Evaluate every rule of every policy naively: (verdict, set of acceptable rule paths)."""
     wanted = "ingress" if direction == INGRESS else "egress"
     enforcing = [(i, p) for i, p in enumerate(generated)
@@ -709,7 +728,7 @@ def _reference(generated: list[dict], direction: int, identity: int, proto: int,
             n = counters[rule["section"]] = counters.get(rule["section"], -1) + 1
             if not rule["section"].startswith(wanted) or not (rule["peers"] or rule["ports"]):
                 continue
-            if rule["peers"] and not any(_peer_matches(p, identity) for p in rule["peers"]):
+            if rule["peers"] and not any(_peer_matches(p, probe) for p in rule["peers"]):
                 continue
             if rule["ports"] and not any(_port_matches(x, proto, port) for x in rule["ports"]):
                 continue
@@ -725,18 +744,19 @@ def _reference(generated: list[dict], direction: int, identity: int, proto: int,
     return ("AUDIT" if all(p["audit"] for _, p in enforcing) else "DENIED"), {(f"p{first}", "default-deny")}
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(policy_st, min_size=1, max_size=3))
 def test_lookup_agrees_with_naive_evaluation(generated):
     c = compile_policies([_render(f"p{i}", p) for i, p in enumerate(generated)], IDENTITIES, ENDPOINTS[:1])
     paths = {r.rule_id: (r.policy.split("/")[1], r.path) for r in c.rules.values()}
     _assert_no_allow_under_deny(c)
     for direction in (INGRESS, EGRESS):
-        for identity in PROBE_PEERS:
+        for probe in PROBE_PEERS:
+            identity = ipcache(c, probe[1]) if probe[0] == "ip" else probe[1]
             for proto in (TCP, UDP, ICMP):
                 for port in PROBE_PORTS:
                     got = lookup(c.entries, c.enforcement, EP_WEB, direction, identity, proto, port)
-                    expected, rules = _reference(generated, direction, identity, proto, port)
-                    where = (direction, identity, proto, port, got)
+                    expected, rules = _reference(generated, direction, probe, proto, port)
+                    where = (direction, probe, identity, proto, port, got)
                     assert got.verdict == expected, where
                     assert paths.get(got.rule_id) in rules, where
