@@ -292,7 +292,8 @@ class Ops:
             items.append({
                 "endpoint": k.ep_id, "direction": DIRECTION_NAMES.get(k.dir, k.dir),
                 "proto": PROTO_NAMES.get(k.proto, k.proto),
-                "source": f"{maps.be32_to_ip(k.saddr)}:{k.sport}", "destination": f"{maps.be32_to_ip(k.daddr)}:{k.dport}",
+                "source": f"{maps.be32_to_ip(k.saddr)}:{k.sport}",
+                "destination": f"{maps.be32_to_ip(k.daddr)}:{k.dport}",
                 "packets": v.packets_fwd + v.packets_rev, "bytes": v.bytes_fwd + v.bytes_rev,
                 "rule_id": v.rule_id, "remote_identity": v.remote_identity, "revision": v.revision,
                 "flags": v.flags, "idle_s": round((now - v.last_seen_ns) / 1e9, 1),

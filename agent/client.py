@@ -58,7 +58,7 @@ class AgentClient:
                     raise AgentError(msg.get("error", "the agent failed without a message"))
                 return msg.get("result")
             raise AgentUnavailable(f"the agent at {self.path} closed the connection mid-request")
-        except socket.timeout:
+        except TimeoutError:
             raise AgentUnavailable(f"the agent at {self.path} did not answer within {self.timeout}s") from None
         finally:
             sock.close()

@@ -102,7 +102,7 @@ class Datapath:
                 self.functions[name] = self.bpf.load_func(name, BPF.SCHED_CLS)
         except Exception as e:  # BCC raises bare Exception for compile and verifier failures
             raise DatapathError(f"cannot load bpf/policy.c: {e}") from None
-        for struct, (ours, table, side) in maps.LAYOUTS.items():
+        for ours, table, side in maps.LAYOUTS.values():
             maps.check_layout(ours, getattr(self.bpf[table], side))
         for name, fn in self.functions.items():
             self._pin_program(fn.fd, os.path.join(self.bpffs_dir, f"prog_{name}"))
