@@ -15,6 +15,7 @@ from agent.policy.types import ANY_IDENTITY, ANY_PROTO, Action, Enforcement, Pol
 __all__ = ["ALLOWED", "AUDIT", "DENIED", "Verdict", "longest_match", "lookup", "match_name"]
 
 ALLOWED, DENIED, AUDIT = "ALLOWED", "DENIED", "AUDIT"
+_MASKS = [(prefix, port_mask(prefix)) for prefix in range(PORT_BITS, -1, -1)]  # longest first
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,8 @@ def longest_match(
     ``port_prefix`` zero, and port 0 / prefix 0 with ANY_PROTO.
     """
     if proto != ANY_PROTO:
-        for prefix in range(PORT_BITS, -1, -1):
-            key = PolicyKey(ep_id, direction, identity, proto, port & port_mask(prefix), prefix)
+        for prefix, mask in _MASKS:
+            key = PolicyKey(ep_id, direction, identity, proto, port & mask, prefix)
             entry = entries.get(key)
             if entry is not None:
                 return key, entry

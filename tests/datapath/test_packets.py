@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -98,3 +100,37 @@ def test_unknown_protocol_gets_a_policy_verdict(node, pair):
             if f.get("l4", {}) == {} or "protocol" in f.get("l4", {})]
     assert seen, "a protocol without ports is still a flow with a verdict"
     assert still_works(node, client, server)
+
+
+FLOOD = r"""
+import sys
+from scapy.all import Ether, IP, TCP, sendp, get_if_hwaddr
+src, dst, gw_mac, count = sys.argv[1:5]
+pkt = Ether(src=get_if_hwaddr("eth0"), dst=gw_mac, type=0x0800) / IP(src="10.99.0.1", dst=dst) / TCP(dport=81)
+sendp(pkt, iface="eth0", count=int(count), verbose=False)
+"""
+
+
+def test_event_flood_is_bounded_and_reported(node, pair):
+    """With the agent stopped, a flood of drops fills the ring buffer: the rest is counted, not queued."""
+    client, server = pair
+    os.kill(node.agent.pid, signal.SIGSTOP)
+    try:
+        subprocess.run([*node.in_ep(client), PY, "-c", FLOOD, client["ip"], server["ip"], client["host_mac"], "8000"],
+                       check=True, capture_output=True, timeout=120)
+    finally:
+        os.kill(node.agent.pid, signal.SIGCONT)
+    time.sleep(1)
+    proc = node.cli("flows", "--last", "1")
+    assert "lost" in proc.stderr, "meshagent flows says it missed events"
+    assert node.cli_json("status")["lost_events"] > 0
+    assert still_works(node, client, server)
+
+
+def test_metrics_count_drops_by_reason(node, pair):
+    text = node.ns(["curl", "-s", f"http://{node.config['metrics_addr']}/metrics"]).stdout
+    assert 'meshagent_drop_count_total{direction="EGRESS",reason="INVALID_SOURCE_IP"}' in text
+    assert "meshagent_endpoints 2.0" in text
+    assert "meshagent_flows_processed_total" in text
+    assert "meshagent_policy_verdicts_total" in text
+    assert "meshagent_bpf_map_ops_total" in text
