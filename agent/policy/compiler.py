@@ -256,6 +256,8 @@ class _Parser:
         if isinstance(value, bool):
             raise self.error(path, f"invalid port {value!r}")
         if isinstance(value, str):
+            if "-" in value:
+                raise self.error(path, f"{value!r}: write a port range as port and endPort")
             if not value.strip().isdigit():
                 raise self.error(path, f"named port {value!r} is not supported: use a number")
             value = int(value)

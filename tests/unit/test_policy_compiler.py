@@ -24,7 +24,7 @@ from agent.policy.compiler import (
     rule_ids,
 )
 from agent.policy.lookup import lookup
-from agent.policy.portrange import prefix_covers
+from agent.policy.portrange import MAX_PORT, block_range, prefix_covers, range_to_prefixes
 from agent.policy.types import (
     ANY_IDENTITY,
     ANY_PROTO,
@@ -169,6 +169,17 @@ ingress:
     assert verdict(c, EP_WEB, INGRESS, CLIENT).verdict == "ALLOWED"
     l3_only = rule_id(c, "prod/web-from-prod", "spec.ingress[0]")
     assert verdict(c, EP_WEB, INGRESS, DB, UDP, 53) == ("ALLOWED", l3_only, "L3-Only")
+    assert verdict(c, EP_WEB, INGRESS, DEV_CLIENT).verdict == "DENIED"
+
+    by_sa = cnp("web-from-ops", """
+endpointSelector: {matchLabels: {app: web}}
+ingress:
+- fromEndpoints:
+  - matchLabels: {io.cilium.k8s.policy.serviceaccount: ops}
+    matchExpressions: [{key: io.kubernetes.pod.namespace, operator: In, values: [dev, staging]}]
+""")
+    c = compile_(by_sa)
+    assert verdict(c, EP_WEB, INGRESS, DEV_TOOL).verdict == "ALLOWED"
     assert verdict(c, EP_WEB, INGRESS, DEV_CLIENT).verdict == "DENIED"
 
     # A policy in dev never selects endpoints of prod, even with an empty selector.
@@ -583,6 +594,8 @@ def test_cidr_identities_stay_stable_across_recompiles():
         ("ingress: [{toPorts: [{ports: [{port: '80'}], rules: {http: [{method: GET}]}}]}]",
          "toPorts[0].rules"),
         ("ingress: [{toPorts: [{ports: [{port: '90', endPort: 80}]}]}]", "endPort 80 is below port 90"),
+        ("ingress: [{toPorts: [{ports: [{port: '80-90'}]}]}]", "write a port range as port and endPort"),
+        ("ingress: [{icmps: [{fields: [{type: Bogus}]}]}]", "unknown ICMP type 'Bogus'"),
         ("ingress: [{fromEndpoints: [{matchLabels: {'reserved:host': ''}}]}]", "use fromEntities"),
         ("ingress: [{fromRequires: [{}]}]", "spec.ingress[0].fromRequires: not supported"),
     ],
@@ -632,7 +645,6 @@ PROBE_PEERS = (("id", DB), ("id", CLIENT), ("id", ids.HOST),
                ("ip", "10.1.2.3"), ("ip", "10.1.9.9"), ("ip", "10.9.9.9"), ("ip", "8.8.8.8"))
 CIDRS = (("10.0.0.0/8", ()), ("10.0.0.0/8", ("10.1.0.0/16",)), ("10.1.0.0/16", ("10.1.2.0/24",)),
          ("10.1.2.0/24", ()), ("0.0.0.0/0", ("10.0.0.0/8",)), ("0.0.0.0/0", ()))
-PROBE_PORTS = (*range(0, 67), 65535)
 CLUSTER = {*LABELS, ids.HOST, ids.REMOTE_NODE, ids.HEALTH, ids.INIT}
 
 # Local endpoint under test: web. Peers are chosen by app label in namespace prod, entity or CIDR.
@@ -760,12 +772,22 @@ def test_lookup_agrees_with_naive_evaluation(generated):
     c = compile_policies([_render(f"p{i}", p) for i, p in enumerate(generated)], IDENTITIES, ENDPOINTS[:1])
     paths = {r.rule_id: (r.policy.split("/")[1], r.path) for r in c.rules.values()}
     _assert_no_allow_under_deny(c)
+    # Both the compiled map and the rules are unions of the aligned blocks of the generated ports,
+    # so probing on both sides of every block edge covers every port.
+    edges = {0, MAX_PORT}
+    for pol in generated:
+        for rule in pol["rules"]:
+            for _, first, last in rule["ports"]:
+                for start, prefix in range_to_prefixes(first, first if last is None else last):
+                    low, high = block_range(start, prefix)
+                    edges |= {max(low - 1, 0), low, high, min(high + 1, MAX_PORT)}
+    ports = sorted(edges)
     for direction in (INGRESS, EGRESS):
         for probe in PROBE_PEERS:
             identity = ipcache(c, probe[1]) if probe[0] == "ip" else probe[1]
             for proto in (TCP, UDP, ICMP):
-                reference = _reference(generated, direction, probe, proto, PROBE_PORTS)
-                for port, (expected, rules) in zip(PROBE_PORTS, reference, strict=True):
+                reference = _reference(generated, direction, probe, proto, ports)
+                for port, (expected, rules) in zip(ports, reference, strict=True):
                     got = lookup(c.entries, c.enforcement, EP_WEB, direction, identity, proto, port)
                     where = (direction, probe, identity, proto, port, got)
                     assert got.verdict == expected, where
