@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import ipaddress
 import os
@@ -103,6 +104,8 @@ def teardown(cfg: NodeConfig, endpoints: bool = False) -> list[str]:
                 os.unlink(os.path.join(cfg.bpffs_dir, name))
             os.rmdir(cfg.bpffs_dir)
             done.append(f"removed pins in {cfg.bpffs_dir}")
+            with contextlib.suppress(OSError):  # the shared parent goes with its last node
+                os.rmdir(os.path.dirname(cfg.bpffs_dir))
         if endpoints and os.path.isdir(cfg.cgroup):
             ep.remove_cgroup(cfg.cgroup)
             done.append(f"removed cgroup {cfg.cgroup}")
