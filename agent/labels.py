@@ -30,14 +30,14 @@ class LabelError(ValueError):
 
 
 def check_key(key: str) -> None:
-    if not isinstance(key, str) or not _KEY_RE.match(key):
+    if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
         raise LabelError(
             f"invalid label key {key!r}: use [prefix/]name, name of up to 63 chars of [A-Za-z0-9-_.]"
         )
 
 
 def check_value(value: str) -> None:
-    if not isinstance(value, str) or not _VALUE_RE.match(value):
+    if not isinstance(value, str) or not _VALUE_RE.fullmatch(value):
         raise LabelError(
             f"invalid label value {value!r}: up to 63 chars of [A-Za-z0-9-_.], starting and ending alphanumeric"
         )
@@ -115,7 +115,10 @@ class Selector:
         if not isinstance(spec, Mapping):
             raise LabelError("a selector must be a mapping with matchLabels and/or matchExpressions")
         reqs: list[Requirement] = []
-        for key, value in (spec.get("matchLabels") or {}).items():
+        match_labels = spec.get("matchLabels") or {}
+        if not isinstance(match_labels, Mapping):
+            raise LabelError("matchLabels must be a mapping of label keys to values")
+        for key, value in match_labels.items():
             value = "" if value is None else str(value)
             check_key(str(key))
             check_value(value)

@@ -613,20 +613,23 @@ class Meter:
         return sample
 
     def program_cost(self, node: Node) -> dict[str, float]:
-        """ns per program run over an RR and a CRR run, with bpf_stats on only for these runs."""
+        """Over an RR and a CRR run with bpf_stats on (only for these runs): ns per program run,
+        and program runs and ns per transaction, which is what a transaction's latency pays."""
         ids = node.prog_ids()
         if not ids:
             raise BenchError(f"{node.config}: no TC programs attached to {node.a.ifname}/{node.b.ifname}")
         out: dict[str, float] = {}
         with sysctl("kernel.bpf_stats_enabled", "1"):
-            for mode, key in (("client", "bpf_ns_rr"), ("crr", "bpf_ns_crr")):
+            for mode, test in (("client", "rr"), ("crr", "crr")):
                 before = prog_stats(ids)
-                self.rr(node, mode, self.s.cost_seconds)
+                transactions = self.rr(node, mode, self.s.cost_seconds)["transactions"]
                 after = prog_stats(ids)
                 ns = sum(after[i][0] - before[i][0] for i in ids)
                 runs = sum(after[i][1] - before[i][1] for i in ids)
-                if runs:
-                    out[key] = ns / runs
+                if runs and transactions:
+                    out[f"bpf_ns_{test}"] = ns / runs
+                    out[f"bpf_runs_per_{test}"] = runs / transactions
+                    out[f"bpf_ns_per_{test}"] = ns / transactions
         return out
 
 
@@ -645,7 +648,7 @@ def prog_stats(ids: dict[int, str]) -> dict[int, tuple[int, int]]:
 # ---- summarising ---------------------------------------------------------------------------------
 
 METRICS = ("rr_rate", "rr_p50_us", "rr_p99_us", "crr_rate", "crr_p50_us", "crr_p99_us", "iperf_gbps",
-           "bpf_ns_rr", "bpf_ns_crr")
+           "bpf_ns_rr", "bpf_ns_crr", "bpf_runs_per_rr", "bpf_runs_per_crr", "bpf_ns_per_rr", "bpf_ns_per_crr")
 
 
 def spread(values: list[float]) -> dict[str, float] | None:
@@ -735,19 +738,20 @@ def markdown(result: dict) -> str:
         "Each cell: median (min–max) over rounds.",
         "",
         "| configuration | RR trans/s | RR p50 µs | RR p99 µs | CRR conn/s | CRR p50 µs | iperf3 Gbit/s "
-        "| BPF ns/run (RR) | BPF ns/run (CRR) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| BPF ns/run (RR) | BPF ns/run (CRR) | BPF ns per RR trans. | BPF ns per CRR trans. |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for config in result["settings"]["configs"]:
         if config in result["skipped"]:
-            lines.append(f"| {config} | skipped: {result['skipped'][config]} |||||||| ")
+            lines.append(f"| {config} | skipped: {result['skipped'][config]} |||||||||| ")
             continue
         m = result["summary"].get(config, {})
         lines.append(
             f"| {config} | {_fmt(m.get('rr_rate'))} | {_fmt(m.get('rr_p50_us'), 1)} "
             f"| {_fmt(m.get('rr_p99_us'), 1)} "
             f"| {_fmt(m.get('crr_rate'))} | {_fmt(m.get('crr_p50_us'), 1)} | {_fmt(m.get('iperf_gbps'), 2)} "
-            f"| {_fmt(m.get('bpf_ns_rr'))} | {_fmt(m.get('bpf_ns_crr'))} |"
+            f"| {_fmt(m.get('bpf_ns_rr'))} | {_fmt(m.get('bpf_ns_crr'))} "
+            f"| {_fmt(m.get('bpf_ns_per_rr'))} | {_fmt(m.get('bpf_ns_per_crr'))} |"
         )
     lines += ["", "Paired per round (x/y: ratio; x - y: difference in ns per program run):", "",
               "| comparison | median (min–max) |", "|---|---|"]

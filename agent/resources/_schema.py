@@ -152,8 +152,8 @@ def walk(node: Node, value: Any, path: str) -> None:
             walk(node.value, item, where)
     elif isinstance(node, Enum):
         if not isinstance(value, str) or value not in node.values:
-            verb = "not supported" if value in node.unsupported else "unknown value"
-            raise Invalid(path, f"{show(value)} is {verb}; supported: {', '.join(node.values)}")
+            what = f"{show(value)} is not supported" if value in node.unsupported else f"unknown value {show(value)}"
+            raise Invalid(path, f"{what}; supported: {', '.join(node.values)}")
     elif isinstance(node, Scalar):
         if not _is(value, node.types):
             hint = ""

@@ -76,6 +76,12 @@ def export_to(value: str) -> None:
 def label_key(key: str) -> None:
     if "\n" in key:  # agent.labels matches with `$`, which also accepts a trailing newline
         raise ValueError(f"invalid label key {show(key)}: contains a line break")
+    source, colon, _ = key.partition(":")
+    if colon and "/" not in source:
+        # Cilium users write source prefixes (k8s:app, reserved:host); we only have Kubernetes labels.
+        hint = "; for reserved: labels use fromEntities/toEntities" if source == "reserved" else ""
+        raise ValueError(f"invalid label key {show(key)}: label source prefixes such as {source}: "
+                         f"are not supported, write the key without it{hint}")
     check_key(key)
 
 

@@ -1,0 +1,36 @@
+import pytest
+
+from agent.config import ConfigError, from_dict, load
+
+
+def test_defaults():
+    cfg = from_dict({"node_name": "n1"})
+    assert cfg.pod_cidr == "10.200.0.0/24" and cfg.api_socket == "/run/meshagent/n1.sock"
+    assert cfg.bpffs_dir == "/sys/fs/bpf/meshagent/n1" and cfg.l7_ports.mtls == 15008
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ({"pod_cidrr": "10.0.0.0/24"}, "pod_cidrr"),
+    ({"pod_cidr": "10.0.0.1/24"}, "pod_cidr"),
+    ({"pod_cidr": "not-a-cidr"}, "pod_cidr"),
+    ({"policy_enforcement": "sometimes"}, "policy_enforcement"),
+    ({"store": "redis://x"}, "store"),
+    ({"metrics_addr": "9962"}, "metrics_addr"),
+    ({"state_dir": "relative/dir"}, "state_dir"),
+    ({"l7_ports": {"outbound": 70000}}, "l7_ports"),
+    ({"node_ip": "1.2.3"}, "node_ip"),
+    ({"pod_cidr": 5}, "pod_cidr"),
+])
+def test_bad_config(raw, needle):
+    with pytest.raises(ConfigError) as e:
+        from_dict({"node_name": "n1", **raw}, "agent.yaml")
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_load_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("node_name: [x\n")
+    with pytest.raises(ConfigError, match="malformed YAML"):
+        load(str(bad))
