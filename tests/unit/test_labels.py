@@ -8,7 +8,7 @@ def test_parse_labels():
     assert parse_labels("") == {}
 
 
-@pytest.mark.parametrize("bad", ["app", "=x", "app=web\n", "app=bad value", "a=1,a=2", "bad key=1"])
+@pytest.mark.parametrize("bad", ["app", "=x", "app=we\nb", "app=bad value", "a=1,a=2", "bad key=1"])
 def test_parse_labels_rejects(bad):
     with pytest.raises(LabelError):
         parse_labels(bad)
