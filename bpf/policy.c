@@ -54,16 +54,29 @@ static __always_inline int drop(struct __sk_buff *skb, struct endpoint_info *ep,
 	return TC_ACT_SHOT;
 }
 
-/* Parse IPv4 and the L4 ports. Returns 0 or a DROP_* reason. bpf_skb_load_bytes() copes with
- * non-linear skbs and makes every bound check explicit, so the verifier needs no packet-pointer
- * revalidation here. */
+/* Copy a header at @off into @dst: straight from the linear packet data when it is all there
+ * (the common case; no helper call), else through bpf_skb_load_bytes() for non-linear skbs.
+ * Evaluates to 0 or a negative error. A macro so the copy size is a compile-time constant. */
+#define load_header(skb, off, dst) ({						\
+	void *__data = (void *)(long)(skb)->data;				\
+	void *__end = (void *)(long)(skb)->data_end;				\
+	int __ret = 0;								\
+	if (__data + (off) + sizeof(*(dst)) <= __end)				\
+		__builtin_memcpy((dst), __data + (off), sizeof(*(dst)));	\
+	else									\
+		__ret = bpf_skb_load_bytes((skb), (off), (dst), sizeof(*(dst)));\
+	__ret;									\
+})
+
+/* Parse IPv4 and the L4 ports. Returns 0 or a DROP_* reason. Headers are copied to the stack
+ * (load_header), so no packet pointer outlives a helper call and nothing needs revalidation. */
 static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 {
 	struct iphdr ip;
 	__u32 l4_off;
 	__u16 frag;
 
-	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
+	if (load_header(skb, ETH_HLEN, &ip) < 0)
 		return DROP_INVALID;
 	if (ip.version != 4 || ip.ihl < 5)
 		return DROP_INVALID;
@@ -94,7 +107,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 	case IPPROTO_TCP: {
 		__u8 hdr[14]; /* ports (4), seq (4), ack (4), data offset (1), flags (1) */
 
-		if (bpf_skb_load_bytes(skb, l4_off, hdr, sizeof(hdr)) < 0)
+		if (load_header(skb, l4_off, &hdr) < 0)
 			return DROP_CT_INVALID_HDR;
 		if ((hdr[12] >> 4) < 5)
 			return DROP_CT_INVALID_HDR;
@@ -108,7 +121,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 	case IPPROTO_SCTP: {
 		__u8 ports[4];
 
-		if (bpf_skb_load_bytes(skb, l4_off, ports, sizeof(ports)) < 0)
+		if (load_header(skb, l4_off, &ports) < 0)
 			return DROP_CT_INVALID_HDR;
 		p->sport = (ports[0] << 8) | ports[1];
 		p->dport = (ports[2] << 8) | ports[3];
@@ -118,7 +131,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 	case IPPROTO_ICMP: {
 		__u8 icmp[8]; /* type, code, checksum, id, sequence */
 
-		if (bpf_skb_load_bytes(skb, l4_off, icmp, sizeof(icmp)) < 0)
+		if (load_header(skb, l4_off, &icmp) < 0)
 			return DROP_CT_INVALID_HDR;
 		p->policy_port = icmp[0];
 		if (icmp[0] == ICMP_ECHO || icmp[0] == ICMP_ECHOREPLY) {
@@ -144,15 +157,17 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 	return 0;
 }
 
+/* Flow counters are statistics: plain adds, not atomics. Two CPUs updating one flow at the same
+ * moment can lose an increment; a locked add on every packet costs more than that is worth. */
 static __always_inline void ct_account(struct ct_entry *ct, struct pkt *p, int reply)
 {
 	ct->last_seen_ns = bpf_ktime_get_ns();
 	if (reply) {
-		__sync_fetch_and_add(&ct->packets_rev, 1);
-		__sync_fetch_and_add(&ct->bytes_rev, p->len);
+		ct->packets_rev += 1;
+		ct->bytes_rev += p->len;
 	} else {
-		__sync_fetch_and_add(&ct->packets_fwd, 1);
-		__sync_fetch_and_add(&ct->bytes_fwd, p->len);
+		ct->packets_fwd += 1;
+		ct->bytes_fwd += p->len;
 	}
 }
 

@@ -25,7 +25,7 @@ def expand(path: Path, seen: set[Path] | None = None) -> str:
         target = (path.parent / match.group(1)).resolve()
         if target in seen:
             return f"/* {match.group(1)}: already included */"
-        return f"/* ---- {target.relative_to(BPF_DIR)} ---- */\n" + expand(target, seen)
+        return f"/* ---- {target.parent.name}/{target.name} ---- */\n" + expand(target, seen)
 
     return _LOCAL_INCLUDE.sub(splice, path.read_text())
 
