@@ -38,7 +38,10 @@ def dp():
         shutil.rmtree(datapath.bpffs_dir, ignore_errors=True)
 
 
-def set_endpoint(dp, ingress: Enforcement, egress: Enforcement = Enforcement(False)) -> None:
+OPEN = Enforcement(False)
+
+
+def set_endpoint(dp, ingress: Enforcement, egress: Enforcement = OPEN) -> None:
     eps = dp.table("endpoints")
     eps[eps.Key(IFINDEX)] = maps.endpoint_info_to_c(EP_IP, EP_IDENTITY, EP_ID, ingress, egress)
 
