@@ -16,7 +16,7 @@ import time
 
 from agent import identity as ids
 from agent.daemon import POLICY_KINDS, Agent, UserError
-from agent.datapath import maps
+from agent.datapath import clock, maps
 from agent.endpoint import EndpointError
 from agent.flows import FlowFilter
 from agent.labels import LabelError, security_labels
@@ -286,7 +286,7 @@ class Ops:
         raise UserError(f"{flag}: no endpoint or identity has the labels {labels} (see `meshagent identity list`)")
 
     def op_bpf_ct_list(self, args: dict) -> dict:
-        now = time.monotonic_ns()
+        now = clock.jiffies()
         items = []
         for k, v in self.agent.datapath.table("ct_map").items():
             items.append({
@@ -296,7 +296,7 @@ class Ops:
                 "destination": f"{maps.be32_to_ip(k.daddr)}:{k.dport}",
                 "packets": v.packets_fwd + v.packets_rev, "bytes": v.bytes_fwd + v.bytes_rev,
                 "rule_id": v.rule_id, "remote_identity": v.remote_identity, "revision": v.revision,
-                "flags": v.flags, "idle_s": round((now - v.last_seen_ns) / 1e9, 1),
+                "flags": v.flags, "idle_s": round(clock.seconds_since(v.last_seen, now), 1),
             })
         return {"items": items}
 

@@ -21,7 +21,7 @@ from agent import __version__
 from agent import endpoint as ep
 from agent import identity as ids
 from agent.config import ConfigError, NodeConfig, load
-from agent.datapath import maps
+from agent.datapath import clock, maps
 from agent.datapath.loader import PROGRAMS, Datapath, DatapathError
 from agent.flows import EndpointRef, FlowBuffer, FlowContext, FlowCounters, decode_event
 from agent.identity import IdentityAllocator
@@ -34,6 +34,7 @@ from agent.store import StoreError, open_store
 log = logging.getLogger("meshagent")
 
 CT_GC_INTERVAL_S = 10.0
+EVENT_DRAIN_INTERVAL_S = 0.05
 CT_TIMEOUT_CLOSED_S = 10.0
 CT_TIMEOUT_NON_TCP_S = 60.0
 CT_TIMEOUT_TCP_S = 6 * 3600.0
@@ -175,8 +176,9 @@ class Agent:
         self.counters.observe(flow)
 
     def _poll_events(self) -> None:
-        while not self.stopping.is_set():
-            self.datapath.poll_events(100)
+        # The datapath writes events without waking us (BPF_RB_NO_WAKEUP): drain on a timer.
+        while not self.stopping.wait(EVENT_DRAIN_INTERVAL_S):
+            self.datapath.drain_events()
 
     # ---- periodic work ---------------------------------------------------------------------------
 
@@ -195,11 +197,11 @@ class Agent:
 
     def ct_gc(self) -> None:
         """Remove closed and idle conntrack entries (the LRU alone would keep them until full)."""
-        now = time.monotonic_ns()
+        now = clock.jiffies()
         table = self.datapath.table("ct_map")
         stale = []
         for key, entry in table.items():
-            idle = (now - entry.last_seen_ns) / 1e9
+            idle = clock.seconds_since(entry.last_seen, now)
             closed = entry.flags & 0x7  # FIN either way or RST
             tcp = key.proto == 6
             if (closed and idle > CT_TIMEOUT_CLOSED_S) or (not tcp and idle > CT_TIMEOUT_NON_TCP_S) or (

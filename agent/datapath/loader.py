@@ -150,7 +150,12 @@ class Datapath:
         self.bpf["events"].open_ring_buffer(on_event)
 
     def poll_events(self, timeout_ms: int) -> None:
+        """Wait up to timeout_ms for a wakeup, then read what is ready."""
         self.bpf.ring_buffer_poll(timeout_ms)
+
+    def drain_events(self) -> None:
+        """Read every event in the ring now, whether or not the datapath asked for a wakeup."""
+        self.bpf.ring_buffer_consume()
 
     def lost_events(self) -> int:
         return sum(int(v) for v in self.bpf["lost_events"][0])

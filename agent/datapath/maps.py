@@ -81,7 +81,7 @@ class CtKeyC(ct.Structure):
 class CtEntryC(ct.Structure):
     _fields_ = [
         ("created_ns", ct.c_uint64),
-        ("last_seen_ns", ct.c_uint64),
+        ("last_seen", ct.c_uint64),
         ("packets_fwd", ct.c_uint64),
         ("bytes_fwd", ct.c_uint64),
         ("packets_rev", ct.c_uint64),

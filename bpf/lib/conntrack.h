@@ -32,7 +32,7 @@ struct ct_key {
 
 struct ct_entry {
 	__u64 created_ns;         /*  0: bpf_ktime_get_ns (CLOCK_MONOTONIC) */
-	__u64 last_seen_ns;       /*  8 */
+	__u64 last_seen;          /*  8: bpf_jiffies64 */
 	__u64 packets_fwd;        /* 16 */
 	__u64 bytes_fwd;          /* 24 */
 	__u64 packets_rev;        /* 32 */

@@ -48,7 +48,7 @@ def set_endpoint(dp, ingress: Enforcement, egress: Enforcement = OPEN) -> None:
 
 def run(dp, prog: str, pkt) -> int:
     result = run_skb(dp.functions[prog].fd, bytes(pkt), ifindex=IFINDEX).retval
-    dp.poll_events(0)
+    dp.drain_events()
     return result
 
 
