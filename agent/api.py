@@ -235,7 +235,7 @@ class Ops:
             raise UserError(f"port {dport} is out of range 0-65535")
         src = self._trace_side(args.get("from_labels") or {}, args.get("from_namespace"), "--from-label")
         dst = self._trace_side(args.get("to_labels") or {}, args.get("to_namespace"), "--to-label")
-        kernel = a.sync.read_kernel()  # the maps as the kernel holds them right now
+        kernel = a.sync.read_kernel(endpoints=False)  # the maps as the kernel holds them right now
         steps = []
         proto = PROTO_NUMBERS[proto_name]
         port = 8 if proto_name == "ICMP" and not dport else dport
@@ -244,7 +244,7 @@ class Ops:
             if rec is None:
                 continue
             ifindex = a.ifindex.get(rec.name)
-            blob = kernel.endpoints.get(ifindex)
+            blob = a.datapath.read_endpoint(ifindex) if ifindex is not None else None
             if blob is None:
                 continue
             info = maps.EndpointInfoC.from_buffer_copy(blob)
@@ -301,11 +301,11 @@ class Ops:
         return {"items": items}
 
     def op_bpf_ipcache_list(self, args: dict) -> dict:
-        kernel = self.agent.sync.read_kernel()
+        kernel = self.agent.sync.read_kernel(endpoints=False)
         return {"items": [{"prefix": p, "identity": i} for p, i in sorted(kernel.ipcache.items())]}
 
     def op_bpf_policy_list(self, args: dict) -> dict:
-        kernel = self.agent.sync.read_kernel()
+        kernel = self.agent.sync.read_kernel(endpoints=False)
         names = {r.ep_id: r.name for r in self.agent._local_records()}
         items = []
         for key, entry in sorted(kernel.policy.items()):

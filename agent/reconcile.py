@@ -104,14 +104,15 @@ class MapSync:
         self.ops_total = 0  # meshagent_bpf_map_ops_total
         self.current = self.read_kernel()
 
-    def read_kernel(self) -> MapContents:
+    def read_kernel(self, endpoints: bool = True) -> MapContents:
+        """What the maps hold now. The endpoint table is a 64k-slot array: skip it when not needed."""
         cur = MapContents()
         for k, v in self.dp.table("ipcache").items():
             cur.ipcache[maps.ipcache_key_from_c(k)] = v.identity
         for k, v in self.dp.table("policy_map").items():
             cur.policy[maps.policy_key_from_c(k)] = maps.policy_entry_from_c(v)
-        for k, v in self.dp.table("endpoints").items():
-            cur.endpoints[int(k.value)] = bytes(v)
+        if endpoints:
+            cur.endpoints = self.dp.read_endpoints()
         return cur
 
     def sync(self, want: MapContents) -> SyncStats:
@@ -121,7 +122,6 @@ class MapSync:
             stats = SyncStats()
             ipcache = self.dp.table("ipcache")
             policy = self.dp.table("policy_map")
-            endpoints = self.dp.table("endpoints")
             cur = self.current
 
             for key, entry in want.policy.items():
@@ -139,7 +139,7 @@ class MapSync:
             for ifindex, blob in want.endpoints.items():
                 old = cur.endpoints.get(ifindex)
                 if old != blob:
-                    endpoints[endpoints.Key(ifindex)] = maps.EndpointInfoC.from_buffer_copy(blob)
+                    self.dp.write_endpoint(ifindex, maps.EndpointInfoC.from_buffer_copy(blob))
                     stats.updated += old is not None
                     stats.added += old is None
             for key in set(cur.policy) - set(want.policy):
@@ -149,7 +149,7 @@ class MapSync:
                 _delete(ipcache, maps.ipcache_key_to_c(prefix))
                 stats.deleted += 1
             for ifindex in set(cur.endpoints) - set(want.endpoints):
-                _delete(endpoints, endpoints.Key(ifindex))
+                self.dp.delete_endpoint(ifindex)
                 stats.deleted += 1
 
             self.current = MapContents(dict(want.ipcache), dict(want.policy), dict(want.endpoints))

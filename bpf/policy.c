@@ -224,7 +224,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	__u32 ifindex = skb->ifindex, remote, revision;
 	int reply = 0, err;
 
-	ep = endpoints.lookup(&ifindex);
+	ep = lookup_endpoint(ifindex);
 	if (skb->protocol == bpf_htons(ETH_P_ARP))
 		return TC_ACT_OK;
 	if (!ep) {

@@ -28,7 +28,7 @@ MAP_SIZES = {
     "IPCACHE_MAP_SIZE": 65536,
     "ENDPOINT_MAP_SIZE": 4096,
 }
-PINNED_MAPS = ("endpoints", "config", "ipcache", "policy", "ct", "frag", "metrics", "lost_events")
+ENDPOINT_ARRAY_SIZE = 65536  # bpf/lib/common.h: endpoints at lower ifindexes live in an array
 
 
 class DatapathError(RuntimeError):
@@ -118,6 +118,46 @@ class Datapath:
 
     def table(self, name: str):
         return self.bpf[name]
+
+    # ---- the endpoint table: an array by ifindex, a hash beyond it (bpf/lib/common.h) -----------
+
+    def read_endpoints(self) -> dict[int, bytes]:
+        out = {}
+        array = self.bpf["endpoints"]
+        for idx in range(ENDPOINT_ARRAY_SIZE):
+            info = array[idx]
+            if info.ep_id:
+                out[idx] = bytes(info)
+        for k, v in self.bpf["endpoints_hi"].items():
+            out[int(k.value)] = bytes(v)
+        return out
+
+    def read_endpoint(self, ifindex: int) -> bytes | None:
+        if ifindex < ENDPOINT_ARRAY_SIZE:
+            info = self.bpf["endpoints"][ifindex]
+            return bytes(info) if info.ep_id else None
+        table = self.bpf["endpoints_hi"]
+        try:
+            return bytes(table[table.Key(ifindex)])
+        except KeyError:
+            return None
+
+    def write_endpoint(self, ifindex: int, info: maps.EndpointInfoC) -> None:
+        if ifindex < ENDPOINT_ARRAY_SIZE:
+            self.bpf["endpoints"][ifindex] = info
+        else:
+            table = self.bpf["endpoints_hi"]
+            table[table.Key(ifindex)] = info
+
+    def delete_endpoint(self, ifindex: int) -> None:
+        if ifindex < ENDPOINT_ARRAY_SIZE:
+            self.bpf["endpoints"][ifindex] = maps.EndpointInfoC()  # ep_id 0: empty slot
+            return
+        table = self.bpf["endpoints_hi"]
+        try:
+            del table[table.Key(ifindex)]
+        except KeyError:
+            pass
 
     # ---- attaching -----------------------------------------------------------------------------
 

@@ -42,8 +42,7 @@ OPEN = Enforcement(False)
 
 
 def set_endpoint(dp, ingress: Enforcement, egress: Enforcement = OPEN) -> None:
-    eps = dp.table("endpoints")
-    eps[eps.Key(IFINDEX)] = maps.endpoint_info_to_c(EP_IP, EP_IDENTITY, EP_ID, ingress, egress)
+    dp.write_endpoint(IFINDEX, maps.endpoint_info_to_c(EP_IP, EP_IDENTITY, EP_ID, ingress, egress))
 
 
 def run(dp, prog: str, pkt) -> int:
@@ -127,3 +126,13 @@ def test_bad_packets_from_the_endpoint(dp, pkt, reason):
 
 def test_event_struct_size_matches():
     assert ct.sizeof(maps.FlowEventC) == 64
+
+
+def test_endpoint_table_array_and_overflow(dp):
+    info = maps.endpoint_info_to_c(EP_IP, EP_IDENTITY, EP_ID, OPEN, OPEN)
+    for ifindex in (5, 70000):  # inside the array, and beyond it (the hash)
+        dp.write_endpoint(ifindex, info)
+        assert dp.read_endpoint(ifindex) == bytes(info)
+        assert ifindex in dp.read_endpoints()
+        dp.delete_endpoint(ifindex)
+        assert dp.read_endpoint(ifindex) is None
