@@ -122,6 +122,7 @@ class Ops:
             current = {tuple(k.split("/")[1:]): v for k, v in a.store.list("resources").items()}
             for res in resources:
                 current[res.key] = res.body
+            a.check_services([res.body for res in resources if res.kind == "Service"])
             a.check_policies([
                 PolicyInput(kind=k, namespace=ns, name=n, body=b,
                             audit=((b.get("metadata") or {}).get("annotations") or {}).get("meshagent.io/audit")
@@ -171,6 +172,9 @@ class Ops:
             items.append({"kind": k, "apiVersion": body.get("apiVersion"), "namespace": ns, "name": name,
                           "body": body})
         return {"items": items}
+
+    def op_service_list(self, args: dict) -> dict:
+        return {"items": [v.to_dict() for v in self.agent.services]}
 
     # ---- endpoints and identities ----------------------------------------------------------------
 

@@ -23,12 +23,14 @@ from agent import identity as ids
 from agent.config import ConfigError, NodeConfig, load
 from agent.datapath import clock, maps
 from agent.datapath.loader import PROGRAMS, Datapath, DatapathError
+from agent.datapath.redirect import CGROUP_ROOT, RedirectDatapath, netns_cookie
 from agent.flows import EndpointRef, FlowBuffer, FlowContext, FlowCounters, decode_event
 from agent.identity import IdentityAllocator
 from agent.labels import LabelError, check_key, check_value, security_labels
 from agent.node import NodeError, NodeLock, enable_forwarding, local_ipv4_addresses
 from agent.policy.compiler import PolicyCompileError, PolicyInput
 from agent.reconcile import POLICY_KINDS, DesiredState, MapSync, compute
+from agent.services import ServiceError, ServiceView, allocate_vip, backends_for, hosts_file, service_ports
 from agent.store import StoreError, open_store
 
 log = logging.getLogger("meshagent")
@@ -51,7 +53,10 @@ class Agent:
         self.identities = IdentityAllocator(self.store)
         self.lock = threading.RLock()
         self.datapath = Datapath(cfg.bpffs_dir)
+        self.redirect = RedirectDatapath(cfg.bpffs_dir)
         self.sync: MapSync | None = None
+        self.services: list[ServiceView] = []
+        self.netns_cookies: dict[str, int] = {}  # endpoint name -> its network namespace's cookie
         self.flows = FlowBuffer()
         self.counters = FlowCounters()
         self.flow_ctx = FlowContext(
@@ -72,6 +77,8 @@ class Agent:
         ep.create_cgroup(self.cfg.cgroup)
         self.datapath.load()
         self.sync = MapSync(self.datapath)  # adopts whatever the pinned maps hold
+        self.redirect.load()  # adopts the pinned service maps
+        self.redirect.attach(CGROUP_ROOT)
         with self.lock:
             self._adopt_endpoints()
             self.reconcile()
@@ -89,6 +96,7 @@ class Agent:
                 idx = ep.plumb(rec)
             self.datapath.attach(idx)
             self.ifindex[rec.name] = idx
+            self._register_netns(rec)
 
     # ---- store views -----------------------------------------------------------------------------
 
@@ -139,6 +147,7 @@ class Agent:
         )
         contents, compiled = compute(desired)
         self.sync.sync(contents)
+        self._reconcile_services(all_eps, [rec for rec, _ in local])
         self.rules = compiled.rules
         _write_json(self._cidr_path, compiled.cidr_identities)
         labels = {i: dict(lbls) for i, lbls in desired.identities.items()}
@@ -160,6 +169,71 @@ class Agent:
                 for rec, _ in local
             },
         )
+
+    def _register_netns(self, rec: ep.EndpointRecord) -> None:
+        """Tell the socket programs this namespace is an endpoint's, so its connects are balanced."""
+        cookie = netns_cookie(rec.netns)
+        self.netns_cookies[rec.name] = cookie
+        self.redirect.set_endpoint_netns(cookie, rec.ep_id, rec.identity)
+
+    def _reconcile_services(self, all_eps: list[ep.EndpointRecord], local: list[ep.EndpointRecord]) -> None:
+        """Services -> VIPs (recorded in the store) -> the kernel's service maps and hosts files."""
+        vips = {v["vip"]: k.split("/", 2)[2] for k, v in self.store.list("services/vips").items()}
+        owners = {owner: vip for vip, owner in vips.items()}
+        views = []
+        bodies = sorted(self._resources("Service"), key=lambda b: (b["metadata"].get("namespace", "default"),
+                                                                   b["metadata"]["name"]))
+        for body in bodies:
+            ns, name = body["metadata"].get("namespace", "default"), body["metadata"]["name"]
+            vip = body.get("spec", {}).get("clusterIP") or allocate_vip(ns, name, self.cfg.service_cidr, vips)
+            if vip == "None":
+                continue  # headless: names only, nothing to balance
+            if owners.get(f"{ns}/{name}") != vip:
+                self.store.put(f"services/vips/{ns}/{name}", {"vip": vip})
+                vips[vip] = f"{ns}/{name}"
+            views.append(ServiceView(name, ns, vip, service_ports(body), backends_for(body, all_eps)))
+        live = {f"{v.namespace}/{v.name}" for v in views}
+        for key in self.store.list("services/vips"):
+            if key.split("/", 2)[2] not in live:
+                self.store.delete(key)
+        self.redirect.sync_services({
+            (v.vip, p.port, p.protocol): [(b.ip, p.target_port) for b in v.backends]
+            for v in views for p in v.ports if p.protocol in ("tcp", "udp")
+        })
+        self.services = views
+        for rec in local:
+            self._write_hosts(rec, views)
+
+    def _write_hosts(self, rec: ep.EndpointRecord, views: list[ServiceView]) -> None:
+        """/etc/netns/NAME/hosts, which `ip netns exec` (and `meshagent exec`) mount over /etc/hosts."""
+        if not (rec.netns_owned and rec.netns.startswith("/run/netns/")):
+            return  # an attached namespace's /etc/netns is its owner's, not ours
+        path = os.path.join("/etc/netns", os.path.basename(rec.netns), "hosts")
+        text = hosts_file(views, rec.namespace, self.cfg.trust_domain)
+        try:
+            with open(path) as f:
+                if f.read() == text:
+                    return
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+
+    def check_services(self, bodies: list[dict]) -> None:
+        """Refuse Services whose clusterIP is outside service_cidr or held by another Service."""
+        net = ipaddress.IPv4Network(self.cfg.service_cidr)
+        holders = {v.vip: f"{v.namespace}/{v.name}" for v in self.services}
+        for body in bodies:
+            ref = f"{body['metadata'].get('namespace', 'default')}/{body['metadata']['name']}"
+            vip = body.get("spec", {}).get("clusterIP")
+            if not vip or vip == "None":
+                continue
+            if ipaddress.IPv4Address(vip) not in net:
+                raise UserError(f"Service {ref}: clusterIP {vip} is outside the node's service_cidr {net}")
+            if holders.get(vip, ref) != ref:
+                raise UserError(f"Service {ref}: clusterIP {vip} is already used by Service {holders[vip]}")
+            holders[vip] = ref
 
     def check_policies(self, policies: list[PolicyInput]) -> None:
         """Compile a candidate policy set without touching the maps (apply's semantic check)."""
@@ -254,12 +328,14 @@ class Agent:
                 ep.create_cgroup(rec.cgroup)
                 idx = ep.plumb(rec)
                 self.ifindex[name] = idx
+                self._register_netns(rec)
                 self.store.put(f"endpoints/{self.cfg.node_name}/{name}", rec.to_dict())
                 # Maps first, programs second: the programs find the endpoint when they start.
                 self.reconcile()
                 self.datapath.attach(idx)
             except Exception:
                 self.ifindex.pop(name, None)
+                self._unregister_netns(name)
                 self.store.delete(f"endpoints/{self.cfg.node_name}/{name}")
                 ep.unplumb(rec)
                 if created_ns:
@@ -294,7 +370,13 @@ class Agent:
             self._forget_endpoint(rec)
             return {"deleted": name}
 
+    def _unregister_netns(self, name: str) -> None:
+        cookie = self.netns_cookies.pop(name, None)
+        if cookie is not None:
+            self.redirect.remove_endpoint_netns(cookie)
+
     def _forget_endpoint(self, rec: ep.EndpointRecord) -> None:
+        self._unregister_netns(rec.name)
         ep.unplumb(rec)
         if rec.netns_owned:
             ep.delete_netns(rec.netns)
@@ -392,7 +474,7 @@ def run_agent(config_path: str | None) -> int:
         agent.periodic()
         log.info("stopping; the datapath stays attached and enforcing")
         return 0
-    except (DatapathError, StoreError, NodeError, ep.EndpointError, PolicyCompileError, OSError) as e:
+    except (DatapathError, StoreError, NodeError, ep.EndpointError, PolicyCompileError, ServiceError, OSError) as e:
         print(f"Error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import subprocess
 import time
 import zlib
@@ -84,8 +85,12 @@ def create_netns(name: str) -> str:
 
 
 def delete_netns(path: str) -> None:
-    if path.startswith("/run/netns/") and os.path.exists(path):
+    """Delete a namespace we created, and its /etc/netns/NAME (the service hosts file)."""
+    if not path.startswith("/run/netns/"):
+        return
+    if os.path.exists(path):
         _run(["ip", "netns", "del", os.path.basename(path)])
+    shutil.rmtree(os.path.join("/etc/netns", os.path.basename(path)), ignore_errors=True)
 
 
 def plumb(rec: EndpointRecord) -> int:

@@ -6,10 +6,10 @@ import contextlib
 import fcntl
 import ipaddress
 import os
-import shutil
 
 from agent import endpoint as ep
 from agent.config import NodeConfig
+from agent.datapath.redirect import RedirectDatapath
 from agent.store import open_store
 
 
@@ -95,10 +95,9 @@ def teardown(cfg: NodeConfig, endpoints: bool = False) -> list[str]:
                     ep.delete_netns(rec.netns)
                 ep.remove_cgroup(rec.cgroup)
                 store.delete(f"endpoints/{cfg.node_name}/{rec.name}")
-                hosts = f"/etc/netns/{os.path.basename(rec.netns)}"
-                if rec.netns_owned and os.path.isdir(hosts):
-                    shutil.rmtree(hosts, ignore_errors=True)
                 done.append(f"removed endpoint {rec.name} ({rec.ip})")
+        RedirectDatapath(cfg.bpffs_dir).detach()  # the socket programs at the cgroup root
+        done.append("detached the service load-balancing programs")
         if os.path.isdir(cfg.bpffs_dir):
             for name in sorted(os.listdir(cfg.bpffs_dir)):
                 os.unlink(os.path.join(cfg.bpffs_dir, name))

@@ -514,10 +514,15 @@ def exec_(target: Target, name: str, command: tuple[str, ...]) -> None:
             f.write(str(os.getpid()))
     sys.stdout.flush()
     sys.stderr.flush()
+    netns = ep["netns"]
     try:
-        os.execvp("nsenter", ["nsenter", f"--net={ep['netns']}", "--", *command])
-    except FileNotFoundError:
-        raise click.ClickException("nsenter not found: install util-linux") from None
+        if netns.startswith("/run/netns/"):
+            # A named namespace: `ip netns exec` also bind-mounts /etc/netns/NAME/hosts, where the
+            # agent writes the service names, over /etc/hosts.
+            os.execvp("ip", ["ip", "netns", "exec", os.path.basename(netns), *command])
+        os.execvp("nsenter", ["nsenter", f"--net={netns}", "--", *command])
+    except FileNotFoundError as e:
+        raise click.ClickException(f"{e.filename} not found: install iproute2 and util-linux") from None
 
 
 @cli.group(epilog=examples("meshagent identity list"))

@@ -425,7 +425,7 @@ def test_endpoint_delete(agent):
     assert "web-1" in result.stdout
 
 
-def test_exec_joins_cgroup_and_execs_nsenter(agent, monkeypatch, tmp_path):
+def test_exec_joins_cgroup_and_execs_in_named_netns(agent, monkeypatch, tmp_path):
     cgroup = tmp_path / "ep-web-1"
     cgroup.mkdir()
     agent.reply("endpoint_get", ENDPOINT | {"cgroup": str(cgroup)})
@@ -439,12 +439,13 @@ def test_exec_joins_cgroup_and_execs_nsenter(agent, monkeypatch, tmp_path):
     result = run(agent, "exec", "web-1", "--", "curl", "-s", "http://web/")
     assert result.exit_code == 7
     assert agent.args("endpoint_get") == {"name": "web-1"}
-    assert calls == [("nsenter", ["nsenter", "--net=/run/netns/web-1", "--", "curl", "-s", "http://web/"])]
+    # A named namespace goes through `ip netns exec`, which also mounts /etc/netns/web-1/hosts.
+    assert calls == [("ip", ["ip", "netns", "exec", "web-1", "curl", "-s", "http://web/"])]
     assert (cgroup / "cgroup.procs").read_text() == str(os.getpid())
 
 
 def test_exec_without_double_dash_and_missing_cgroup(agent, monkeypatch):
-    agent.reply("endpoint_get", ENDPOINT)  # its cgroup does not exist: skipped
+    agent.reply("endpoint_get", ENDPOINT | {"netns": "/proc/4242/ns/net"})  # cgroup missing: skipped
     calls = []
 
     def fake_execvp(file, argv):
@@ -454,7 +455,7 @@ def test_exec_without_double_dash_and_missing_cgroup(agent, monkeypatch):
     monkeypatch.setattr(os, "execvp", fake_execvp)
     result = run(agent, "exec", "web-1", "ping", "-c1", "10.0.0.1")
     assert result.exit_code == 0, result.output
-    assert calls == [["nsenter", "--net=/run/netns/web-1", "--", "ping", "-c1", "10.0.0.1"]]
+    assert calls == [["nsenter", "--net=/proc/4242/ns/net", "--", "ping", "-c1", "10.0.0.1"]]
 
 
 def test_exec_needs_a_command(agent):

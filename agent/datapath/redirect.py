@@ -1,0 +1,552 @@
+"""Connect-time service load balancing: load, pin and attach bpf/redirect.c; write its maps.
+
+The socket hooks are attached at the cgroup-v2 root so that they see every process of an endpoint
+however it was started (SPEC §5); they act only on sockets created in a network namespace listed in
+`endpoint_netns` (bpf/lib/netns.h), so other nodes' endpoints and the rest of the machine are left
+alone. Maps and their update protocol: bpf/lib/lb.h.
+
+Which attached programs are ours: those using this node's pinned `endpoint_netns` map. A restarted
+agent finds its predecessor's programs that way (even if a crash left them without a pin) and
+replaces them in place with BPF_F_REPLACE, so there is no moment without translation and no
+stacking of old and new copies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass
+from functools import cache
+
+from agent.datapath.loader import DatapathError, check_kernel_headers, ensure_bpffs
+from agent.datapath.maps import be32_to_ip, check_layout, ip_to_be32
+from agent.datapath.source import program_source
+
+CGROUP_ROOT = "/sys/fs/cgroup/unified"
+
+# Program -> attach type (enum bpf_attach_type, uapi/linux/bpf.h; the values bcc.BPFAttachType has).
+PROGRAMS = {
+    "sock4_connect": 10,      # BPF_CGROUP_INET4_CONNECT
+    "sock4_sendmsg": 14,      # BPF_CGROUP_UDP4_SENDMSG
+    "sock4_recvmsg": 19,      # BPF_CGROUP_UDP4_RECVMSG
+    "sock4_getpeername": 29,  # BPF_CGROUP_INET4_GETPEERNAME
+}
+BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
+BPF_F_ALLOW_MULTI = 0x2
+BPF_F_REPLACE = 0x4
+
+MAP_SIZES = {
+    "ENDPOINT_NETNS_MAP_SIZE": 4096,
+    "LB_SERVICE_MAP_SIZE": 16384,
+    "LB_BACKEND_MAP_SIZE": 262144,
+    "LB_REVNAT_MAP_SIZE": 262144,
+}
+PINNED_MAPS = ("endpoint_netns", "lb_services", "lb_backends", "lb_revnat")
+
+LB_F_L7 = 0x1  # bpf/lib/lb.h: redirect to the L7 processor (the hook balances it as L4 for now)
+MAX_BACKENDS = 0xFFFF  # backend_count is a u16
+
+SO_NETNS_COOKIE = 71
+CLONE_NEWNET = 0x40000000
+
+PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+
+
+# ---- layouts (bpf/lib/lb.h, bpf/lib/netns.h) ---------------------------------------------------
+
+
+class EndpointNetnsC(ct.Structure):
+    _fields_ = [("ep_id", ct.c_uint16), ("pad", ct.c_uint16), ("identity", ct.c_uint32)]
+
+
+class Lb4KeyC(ct.Structure):
+    _fields_ = [("vip", ct.c_uint32), ("port", ct.c_uint16), ("proto", ct.c_uint8), ("pad", ct.c_uint8)]
+
+
+class Lb4ServiceC(ct.Structure):
+    _fields_ = [
+        ("service_id", ct.c_uint32),
+        ("backend_count", ct.c_uint16),
+        ("flags", ct.c_uint8),
+        ("pad", ct.c_uint8),
+    ]
+
+
+class Lb4BackendKeyC(ct.Structure):
+    _fields_ = [("service_id", ct.c_uint32), ("slot", ct.c_uint16), ("pad", ct.c_uint16)]
+
+
+class Lb4BackendC(ct.Structure):
+    _fields_ = [("ip", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]
+
+
+class Lb4RevnatKeyC(ct.Structure):
+    _fields_ = [("cookie", ct.c_uint64), ("ip", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]
+
+
+class Lb4RevnatC(ct.Structure):
+    _fields_ = [("vip", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]
+
+
+# C struct name -> (our copy, the map and side BCC exposes it on), for check_layout().
+LAYOUTS = {
+    "endpoint_netns_info": (EndpointNetnsC, "endpoint_netns", "Leaf"),
+    "lb4_key": (Lb4KeyC, "lb_services", "Key"),
+    "lb4_service": (Lb4ServiceC, "lb_services", "Leaf"),
+    "lb4_backend_key": (Lb4BackendKeyC, "lb_backends", "Key"),
+    "lb4_backend": (Lb4BackendC, "lb_backends", "Leaf"),
+    "lb4_revnat_key": (Lb4RevnatKeyC, "lb_revnat", "Key"),
+    "lb4_revnat": (Lb4RevnatC, "lb_revnat", "Leaf"),
+}
+
+ServiceKey = tuple[str, int, int]  # (VIP, port, IP protocol number)
+Backend = tuple[str, int]  # (address, port)
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    """One service as the kernel maps hold it."""
+
+    service_id: int
+    flags: int
+    backends: tuple[Backend | None, ...]  # in slot order; None: a slot below the count is missing
+
+
+# ---- encodings ---------------------------------------------------------------------------------
+
+
+def normalize_key(key: tuple) -> ServiceKey:
+    """(vip, port, proto) with proto a number or "tcp"/"udp"; raises ValueError on bad input."""
+    vip, port, proto = key
+    if isinstance(proto, str):
+        if proto.lower() not in PROTOCOLS:
+            raise ValueError(f"service {vip}:{port}: protocol {proto!r} is not TCP or UDP")
+        proto = PROTOCOLS[proto.lower()]
+    if proto not in PROTOCOLS.values():
+        raise ValueError(f"service {vip}:{port}: protocol {proto} is not TCP (6) or UDP (17)")
+    return str(ipaddress.IPv4Address(vip)), _port(port, f"service {vip}"), proto
+
+
+def _port(port: int, what: str) -> int:
+    if not isinstance(port, int) or not 0 < port <= 0xFFFF:
+        raise ValueError(f"{what}: port {port!r} is not in 1..65535")
+    return port
+
+
+def normalize_backend(backend: tuple) -> Backend:
+    ip, port = backend
+    return str(ipaddress.IPv4Address(ip)), _port(port, f"backend {ip}")
+
+
+def service_key_to_c(key: ServiceKey) -> Lb4KeyC:
+    vip, port, proto = normalize_key(key)
+    return Lb4KeyC(vip=ip_to_be32(vip), port=socket.htons(port), proto=proto)
+
+
+def service_key_from_c(c) -> ServiceKey:
+    return be32_to_ip(c.vip), socket.ntohs(c.port), c.proto
+
+
+def backend_to_c(backend: Backend) -> Lb4BackendC:
+    ip, port = normalize_backend(backend)
+    return Lb4BackendC(ip=ip_to_be32(ip), port=socket.htons(port))
+
+
+def backend_from_c(c) -> Backend:
+    return be32_to_ip(c.ip), socket.ntohs(c.port)
+
+
+# ---- network namespace cookies -----------------------------------------------------------------
+
+
+def netns_cookie(netns_path: str) -> int:
+    """The kernel's cookie of the network namespace at ``netns_path`` (bpf_get_netns_cookie).
+
+    Read with getsockopt(SO_NETNS_COOKIE) on a socket made inside that namespace, in a forked child
+    that setns()es there and sends the value back through a pipe: the agent's own threads never
+    change namespace.
+    """
+    if not os.path.exists(netns_path):
+        raise DatapathError(f"network namespace {netns_path} does not exist")
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: only async-signal-safe-ish work, then _exit
+        code = 1
+        try:
+            os.close(rfd)
+            libc = ct.CDLL(None, use_errno=True)
+            nsfd = os.open(netns_path, os.O_RDONLY)
+            if libc.setns(nsfd, CLONE_NEWNET) != 0:
+                raise OSError(ct.get_errno(), os.strerror(ct.get_errno()))
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                value = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+            os.write(wfd, b"K" + value)
+            code = 0
+        except BaseException as e:  # noqa: BLE001 - report anything to the parent
+            with contextlib.suppress(Exception):
+                os.write(wfd, b"E" + str(e).encode()[:500])
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    try:
+        data = b""
+        while chunk := os.read(rfd, 1024):
+            data += chunk
+    finally:
+        os.close(rfd)
+        os.waitpid(pid, 0)
+    if data[:1] == b"K" and len(data) == 9:
+        return int.from_bytes(data[1:], "little")
+    raise DatapathError(f"cannot read the cookie of network namespace {netns_path}: "
+                        f"{data[1:].decode(errors='replace') or 'the helper process failed'}")
+
+
+def current_netns_cookie() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+
+
+# ---- libbpf calls BCC has no wrapper for -------------------------------------------------------
+
+
+class _AttachOpts(ct.Structure):  # struct bpf_prog_attach_opts, libbpf 1.1
+    _fields_ = [("sz", ct.c_size_t), ("flags", ct.c_uint32), ("replace_prog_fd", ct.c_int)]
+
+
+class _ProgInfo(ct.Structure):  # the leading fields of struct bpf_prog_info
+    _fields_ = [
+        ("type", ct.c_uint32), ("id", ct.c_uint32), ("tag", ct.c_uint8 * 8),
+        ("jited_prog_len", ct.c_uint32), ("xlated_prog_len", ct.c_uint32),
+        ("jited_prog_insns", ct.c_uint64), ("xlated_prog_insns", ct.c_uint64),
+        ("load_time", ct.c_uint64), ("created_by_uid", ct.c_uint32), ("nr_map_ids", ct.c_uint32),
+        ("map_ids", ct.c_uint64), ("name", ct.c_char * 16),
+    ]
+
+
+class _MapInfo(ct.Structure):  # the leading fields of struct bpf_map_info
+    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("key_size", ct.c_uint32),
+                ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32), ("map_flags", ct.c_uint32)]
+
+
+@cache
+def _libbpf() -> ct.CDLL:
+    lib = ct.CDLL("libbpf.so.1", use_errno=True)  # the libbpf libbcc itself links
+    lib.bpf_prog_attach_opts.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.POINTER(_AttachOpts)]
+    lib.bpf_prog_detach2.argtypes = [ct.c_int, ct.c_int, ct.c_int]
+    lib.bpf_prog_query.argtypes = [ct.c_int, ct.c_int, ct.c_uint32, ct.POINTER(ct.c_uint32),
+                                   ct.POINTER(ct.c_uint32), ct.POINTER(ct.c_uint32)]
+    lib.bpf_prog_get_fd_by_id.argtypes = [ct.c_uint32]
+    lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+    lib.bpf_obj_get.argtypes = [ct.c_char_p]
+    lib.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
+    return lib
+
+
+def _check(ret: int, what: str) -> int:
+    """libbpf 1.x returns -errno on failure."""
+    if ret < 0:
+        raise DatapathError(f"{what}: {os.strerror(-ret)}")
+    return ret
+
+
+def _prog_info(fd: int) -> tuple[int, list[int]]:
+    """(program id, ids of the maps it uses)."""
+    info, size = _ProgInfo(), ct.c_uint32(ct.sizeof(_ProgInfo))
+    _check(_libbpf().bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)), "bpf_obj_get_info_by_fd")
+    ids = (ct.c_uint32 * max(info.nr_map_ids, 1))()
+    again = _ProgInfo(nr_map_ids=info.nr_map_ids, map_ids=ct.addressof(ids))
+    size = ct.c_uint32(ct.sizeof(_ProgInfo))
+    _check(_libbpf().bpf_obj_get_info_by_fd(fd, ct.byref(again), ct.byref(size)), "bpf_obj_get_info_by_fd")
+    return info.id, list(ids[: min(info.nr_map_ids, again.nr_map_ids)])
+
+
+def _map_id(fd: int) -> int:
+    info, size = _MapInfo(), ct.c_uint32(ct.sizeof(_MapInfo))
+    _check(_libbpf().bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)), "bpf_obj_get_info_by_fd")
+    return info.id
+
+
+def _attached_ids(cgroup_fd: int, attach_type: int) -> list[int]:
+    """Programs attached directly at the cgroup (not inherited) for one hook."""
+    lib = _libbpf()
+    for size in (64, 1024, 65536):
+        ids, cnt, flags = (ct.c_uint32 * size)(), ct.c_uint32(size), ct.c_uint32(0)
+        ret = lib.bpf_prog_query(cgroup_fd, attach_type, 0, ct.byref(flags), ids, ct.byref(cnt))
+        if ret == 0:
+            return list(ids[: cnt.value])
+        if ret != -28:  # ENOSPC: more programs than room
+            _check(ret, "bpf_prog_query")
+    raise DatapathError("bpf_prog_query: too many programs attached")
+
+
+@contextlib.contextmanager
+def _prog_fd_by_id(prog_id: int):
+    fd = _libbpf().bpf_prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        yield None  # gone meanwhile
+        return
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _owned_ids(cgroup_fd: int, attach_type: int, map_id: int) -> list[int]:
+    """Attached programs that use the map with ``map_id``: this node's programs."""
+    owned = []
+    for prog_id in _attached_ids(cgroup_fd, attach_type):
+        with _prog_fd_by_id(prog_id) as fd:
+            if fd is not None and map_id in _prog_info(fd)[1]:
+                owned.append(prog_id)
+    return owned
+
+
+def _open_cgroup(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise DatapathError(f"cannot open cgroup {path}: {e.strerror} (is cgroup v2 mounted there?)") from None
+
+
+# ---- the datapath ------------------------------------------------------------------------------
+
+
+class RedirectDatapath:
+    """The node's socket-level service programs and their maps."""
+
+    def __init__(self, bpffs_dir: str, map_sizes: dict[str, int] | None = None):
+        self.bpffs_dir = bpffs_dir
+        self.map_sizes = {**MAP_SIZES, **(map_sizes or {})}
+        self.bpf = None
+        self.functions: dict[str, object] = {}
+        self._services: dict[ServiceKey, ServiceState] = {}
+
+    # ---- loading -------------------------------------------------------------------------------
+
+    def cflags(self) -> list[str]:
+        return [f'-DPIN_DIR="{self.bpffs_dir}"', *(f"-D{k}={v}" for k, v in self.map_sizes.items())]
+
+    def load(self) -> None:
+        """Compile and load the programs (maps are created or re-opened from their pins), check the
+        struct layouts, and adopt the services the maps already hold. Attaches nothing."""
+        check_kernel_headers()
+        ensure_bpffs(self.bpffs_dir)
+        try:
+            from bcc import BPF
+        except ImportError:
+            raise DatapathError(
+                "cannot import bcc: install Debian's python3-bpfcc and run the agent from a virtualenv "
+                "created with --system-site-packages (`make install` does both)"
+            ) from None
+        try:
+            self.bpf = BPF(text=program_source("redirect"), cflags=self.cflags())
+            for name, attach_type in PROGRAMS.items():
+                self.functions[name] = self.bpf.load_func(name, BPF.CGROUP_SOCK_ADDR, attach_type=attach_type)
+        except Exception as e:  # BCC raises bare Exception for compile and verifier failures
+            raise DatapathError(f"cannot load bpf/redirect.c: {e}") from None
+        for ours, table, side in LAYOUTS.values():
+            check_layout(ours, getattr(self.bpf[table], side))
+        self._services = self._read_services(cleanup=True)
+
+    def table(self, name: str):
+        return self.bpf[name]
+
+    def _map_id(self) -> int:
+        """Id of this node's endpoint_netns map (every program uses it): what marks a program as ours."""
+        if self.bpf is not None:
+            return _map_id(self.bpf["endpoint_netns"].map_fd)
+        path = os.path.join(self.bpffs_dir, "endpoint_netns")
+        fd = _libbpf().bpf_obj_get(path.encode())
+        if fd < 0:
+            return 0
+        try:
+            return _map_id(fd)
+        finally:
+            os.close(fd)
+
+    # ---- attaching -----------------------------------------------------------------------------
+
+    def attach(self, cgroup_root: str = CGROUP_ROOT) -> None:
+        """Attach every program at ``cgroup_root``, replacing this node's previous copies.
+
+        Idempotent. A previous copy (found by the map it uses, see the module doc) is swapped for the
+        new program with BPF_F_REPLACE: one atomic change of the cgroup's program array, so no
+        connect() in between runs untranslated. Extra copies (left by a crash between attaching and
+        pinning) are detached after. Then the programs are pinned as prog_<name>.
+        """
+        if not self.functions:
+            raise DatapathError("attach() before load()")
+        lib = _libbpf()
+        map_id = self._map_id()
+        cg = _open_cgroup(cgroup_root)
+        try:
+            for name, attach_type in PROGRAMS.items():
+                fd = self.functions[name].fd
+                new_id = _prog_info(fd)[0]
+                owned = _owned_ids(cg, attach_type, map_id)
+                if new_id in owned:
+                    owned.remove(new_id)
+                elif owned:
+                    with _prog_fd_by_id(owned[0]) as old_fd:
+                        opts = _AttachOpts(sz=ct.sizeof(_AttachOpts), flags=BPF_F_ALLOW_MULTI | BPF_F_REPLACE,
+                                           replace_prog_fd=old_fd if old_fd is not None else -1)
+                        ret = lib.bpf_prog_attach_opts(fd, cg, attach_type, ct.byref(opts))
+                    if ret < 0:  # the old one vanished meanwhile: attach alongside, nothing to replace
+                        self._attach_multi(fd, cg, attach_type, name, cgroup_root)
+                    owned.pop(0)
+                else:
+                    self._attach_multi(fd, cg, attach_type, name, cgroup_root)
+                for stale in owned:
+                    with _prog_fd_by_id(stale) as old_fd:
+                        if old_fd is not None:
+                            lib.bpf_prog_detach2(old_fd, cg, attach_type)
+        finally:
+            os.close(cg)
+        for name, fn in self.functions.items():
+            self._pin_program(fn.fd, os.path.join(self.bpffs_dir, f"prog_{name}"))
+
+    @staticmethod
+    def _attach_multi(fd: int, cg: int, attach_type: int, name: str, cgroup_root: str) -> None:
+        opts = _AttachOpts(sz=ct.sizeof(_AttachOpts), flags=BPF_F_ALLOW_MULTI, replace_prog_fd=0)
+        _check(_libbpf().bpf_prog_attach_opts(fd, cg, attach_type, ct.byref(opts)),
+               f"cannot attach {name} at {cgroup_root}")
+
+    def _pin_program(self, fd: int, path: str) -> None:
+        if os.path.exists(path):
+            os.unlink(path)  # the new program replaces the pin; the old one is detached already
+        _check(_libbpf().bpf_obj_pin(fd, path.encode()), f"cannot pin program at {path}")
+
+    def detach(self, cgroup_root: str = CGROUP_ROOT) -> None:
+        """Detach this node's programs from ``cgroup_root`` and remove their pins. Works without
+        load() (for teardown): the programs are found through the pinned endpoint_netns map."""
+        map_id = self._map_id()
+        if map_id and os.path.isdir(cgroup_root):
+            cg = _open_cgroup(cgroup_root)
+            try:
+                for attach_type in PROGRAMS.values():
+                    for prog_id in _owned_ids(cg, attach_type, map_id):
+                        with _prog_fd_by_id(prog_id) as fd:
+                            if fd is not None:
+                                _libbpf().bpf_prog_detach2(fd, cg, attach_type)
+            finally:
+                os.close(cg)
+        for name in PROGRAMS:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.bpffs_dir, f"prog_{name}"))
+
+    def attached(self, cgroup_root: str = CGROUP_ROOT) -> dict[str, list[int]]:
+        """Program ids of this node attached at ``cgroup_root``, per program."""
+        map_id = self._map_id()
+        cg = _open_cgroup(cgroup_root)
+        try:
+            return {name: _owned_ids(cg, t, map_id) if map_id else [] for name, t in PROGRAMS.items()}
+        finally:
+            os.close(cg)
+
+    # ---- endpoints -----------------------------------------------------------------------------
+
+    def set_endpoint_netns(self, cookie: int, ep_id: int, identity: int) -> None:
+        table = self.bpf["endpoint_netns"]
+        table[table.Key(cookie)] = EndpointNetnsC(ep_id=ep_id, identity=identity)
+
+    def remove_endpoint_netns(self, cookie: int) -> None:
+        table = self.bpf["endpoint_netns"]
+        with contextlib.suppress(KeyError):
+            del table[table.Key(cookie)]
+
+    def endpoint_netns(self) -> dict[int, tuple[int, int]]:
+        """cookie -> (ep_id, identity)."""
+        return {k.value: (v.ep_id, v.identity) for k, v in self.bpf["endpoint_netns"].items()}
+
+    # ---- services ------------------------------------------------------------------------------
+
+    def sync_services(self, services: dict[tuple, list[tuple]], flags: dict[tuple, int] | None = None) -> None:
+        """Make the kernel's services exactly ``services``: (vip, port, proto) -> [(ip, port), ...].
+
+        The one path that writes lb_services / lb_backends. Incremental: unchanged services are not
+        touched; a changed one has its slots rewritten in place, new slots written before its
+        backend_count grows and stale slots deleted after it shrinks (bpf/lib/lb.h). An empty
+        backend list keeps the VIP and refuses connections. A backend listed k times gets k shares.
+        ``flags`` optionally gives LB_F_* per service. Bad input raises ValueError and changes
+        nothing.
+        """
+        desired: dict[ServiceKey, tuple[tuple[Backend, ...], int]] = {}
+        flags = {normalize_key(k): v for k, v in (flags or {}).items()}
+        for key, backends in services.items():
+            nkey = normalize_key(key)
+            if nkey in desired:
+                raise ValueError(f"service {nkey} given twice")
+            bes = tuple(normalize_backend(b) for b in backends)
+            if len(bes) > MAX_BACKENDS:
+                raise ValueError(f"service {nkey}: {len(bes)} backends, at most {MAX_BACKENDS}")
+            desired[nkey] = (bes, flags.get(nkey, 0))
+
+        svc_table, be_table = self.bpf["lb_services"], self.bpf["lb_backends"]
+        used_ids = {s.service_id for s in self._services.values()}
+
+        for key in [k for k in self._services if k not in desired]:
+            old = self._services.pop(key)
+            with contextlib.suppress(KeyError):
+                del svc_table[service_key_to_c(key)]
+            for slot in range(len(old.backends)):
+                with contextlib.suppress(KeyError):
+                    del be_table[Lb4BackendKeyC(service_id=old.service_id, slot=slot)]
+            used_ids.discard(old.service_id)
+
+        for key, (backends, svc_flags) in desired.items():
+            old = self._services.get(key)
+            if old is not None and old.backends == backends and old.flags == svc_flags:
+                continue
+            if old is not None:
+                service_id, old_backends = old.service_id, old.backends
+            else:
+                service_id = next(i for i in range(1, len(used_ids) + 2) if i not in used_ids)
+                used_ids.add(service_id)
+                old_backends = ()
+            for slot, backend in enumerate(backends):
+                if slot >= len(old_backends) or old_backends[slot] != backend:
+                    be_table[Lb4BackendKeyC(service_id=service_id, slot=slot)] = backend_to_c(backend)
+            svc_table[service_key_to_c(key)] = Lb4ServiceC(
+                service_id=service_id, backend_count=len(backends), flags=svc_flags)
+            for slot in range(len(backends), len(old_backends)):  # includes missing slots
+                with contextlib.suppress(KeyError):
+                    del be_table[Lb4BackendKeyC(service_id=service_id, slot=slot)]
+            self._services[key] = ServiceState(service_id, svc_flags, backends)
+
+    def list_services(self) -> dict[ServiceKey, list[Backend]]:
+        """What the kernel maps hold, in the shape sync_services() takes."""
+        return {k: [b for b in s.backends if b is not None] for k, s in self._read_services().items()}
+
+    def services(self) -> dict[ServiceKey, ServiceState]:
+        """What the kernel maps hold, with service ids and flags."""
+        return self._read_services()
+
+    def _read_services(self, cleanup: bool = False) -> dict[ServiceKey, ServiceState]:
+        """Read lb_services / lb_backends back. With ``cleanup``, delete backend slots no service
+        reaches (left by an agent that stopped in the middle of a sync)."""
+        slots: dict[int, dict[int, Backend]] = {}
+        be_table = self.bpf["lb_backends"]
+        for k, v in be_table.items():
+            slots.setdefault(k.service_id, {})[k.slot] = backend_from_c(v)
+        out: dict[ServiceKey, ServiceState] = {}
+        reachable: set[tuple[int, int]] = set()
+        for k, v in self.bpf["lb_services"].items():
+            have = slots.get(v.service_id, {})
+            backends = tuple(have.get(i) for i in range(v.backend_count))
+            out[service_key_from_c(k)] = ServiceState(v.service_id, v.flags, backends)
+            reachable.update((v.service_id, i) for i in range(v.backend_count))
+        if cleanup:
+            for sid, by_slot in slots.items():
+                for slot in by_slot:
+                    if (sid, slot) not in reachable:
+                        with contextlib.suppress(KeyError):
+                            del be_table[Lb4BackendKeyC(service_id=sid, slot=slot)]
+        return out
+
+    def revnat_entries(self) -> dict[tuple[int, Backend], tuple[str, int]]:
+        """(socket cookie, backend) -> (VIP, port), for debugging and tests."""
+        return {(k.cookie, backend_from_c(k)): (be32_to_ip(v.vip), socket.ntohs(v.port))
+                for k, v in self.bpf["lb_revnat"].items()}

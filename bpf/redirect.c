@@ -1,0 +1,96 @@
+/* Socket-level service handling: cgroup socket-address hooks, attached at the cgroup-v2 root.
+ *
+ *   sock4_connect      BPF_CGROUP_INET4_CONNECT      connect() to a VIP -> a backend (TCP, UDP)
+ *   sock4_sendmsg      BPF_CGROUP_UDP4_SENDMSG       sendto() a VIP on an unconnected UDP socket
+ *   sock4_recvmsg      BPF_CGROUP_UDP4_RECVMSG       a backend's datagram is reported as the VIP's
+ *   sock4_getpeername  BPF_CGROUP_INET4_GETPEERNAME  getpeername() reports the VIP
+ *
+ * Why the root: cgroup hooks run for the sockets of processes in the cgroup they are attached to
+ * and its descendants, and a process inside an endpoint may sit in any cgroup (`ip netns exec`
+ * does not move it, a container runtime picks its own). At the root they run for every socket of
+ * the machine; endpoint_of_sock() (lib/netns.h) then limits them to sockets created in one of this
+ * node's endpoint namespaces. Several nodes' agents on one machine each attach their own copy
+ * (BPF_F_ALLOW_MULTI); each acts only on its own endpoints' sockets. Maps: lib/lb.h.
+ *
+ * Return values: 1 lets the syscall proceed, 0 fails it (with -EPERM unless bpf_set_retval chose
+ * another error).
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/errno.h>
+#include "lib/netns.h"
+#include "lib/lb.h"
+
+#define SYS_PROCEED 1
+#define SYS_REJECT  0
+
+/* Translate the destination of a connect() or sendmsg() if it is a service VIP.
+ *
+ * A service without backends fails the call at once with ECONNREFUSED (bpf_set_retval), as
+ * connecting to a host port nobody listens on would: the operator sees "Connection refused" at
+ * the client instead of a timeout, and nothing leaves the endpoint towards an address that exists
+ * nowhere. */
+static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx)
+{
+	struct lb4_service *svc;
+	struct lb4_backend *be;
+	__u32 vip = ctx->user_ip4;
+	__u16 vport = (__u16)ctx->user_port; /* network order in the low 16 bits */
+	__u8 proto = ctx->protocol;
+
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return SYS_PROCEED;
+	if (!endpoint_of_sock(ctx))
+		return SYS_PROCEED;
+	svc = lb4_lookup_service(vip, vport, proto);
+	if (!svc)
+		return SYS_PROCEED;
+	if (svc->backend_count == 0)
+		goto refuse;
+	be = lb4_select_backend(svc);
+	if (!be)
+		goto refuse;
+
+	lb4_revnat_update(lb_get_socket_cookie(ctx), be, vip, vport);
+	ctx->user_ip4 = be->ip;
+	ctx->user_port = be->port;
+	return SYS_PROCEED;
+refuse:
+	bpf_set_retval(-ECONNREFUSED);
+	return SYS_REJECT;
+}
+
+/* Report a translated peer as the VIP it was asked for. Always lets the call proceed. */
+static __always_inline int sock4_xlate_rev(struct bpf_sock_addr *ctx)
+{
+	struct lb4_revnat *rev;
+
+	if (!endpoint_of_sock(ctx))
+		return SYS_PROCEED;
+	rev = lb4_revnat_lookup(lb_get_socket_cookie(ctx), ctx->user_ip4, (__u16)ctx->user_port);
+	if (rev) {
+		ctx->user_ip4 = rev->vip;
+		ctx->user_port = rev->port;
+	}
+	return SYS_PROCEED;
+}
+
+int sock4_connect(struct bpf_sock_addr *ctx)
+{
+	return sock4_xlate_fwd(ctx);
+}
+
+int sock4_sendmsg(struct bpf_sock_addr *ctx)
+{
+	return sock4_xlate_fwd(ctx);
+}
+
+int sock4_recvmsg(struct bpf_sock_addr *ctx)
+{
+	return sock4_xlate_rev(ctx);
+}
+
+int sock4_getpeername(struct bpf_sock_addr *ctx)
+{
+	return sock4_xlate_rev(ctx);
+}

@@ -1,0 +1,152 @@
+"""Services on the real kernel: VIPs balanced at connect time, names, policy through the VIP."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+PY = sys.executable
+
+SERVER = r"""
+import socket, sys, threading
+name, port = sys.argv[1], int(sys.argv[2])
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", port)); srv.listen(128); print("ready", flush=True)
+while True:
+    c, _ = srv.accept()
+    with c:
+        c.sendall(name.encode())
+"""
+
+# Connects N times to HOST:PORT; prints each answer and the peer address the socket reports.
+CLIENT = r"""
+import socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for _ in range(n):
+    try:
+        with socket.create_connection((host, port), timeout=1) as s:
+            peer = s.getpeername()[0]
+            print(s.recv(64).decode(), peer, flush=True)
+    except OSError as e:
+        print("FAIL", type(e).__name__, flush=True)
+"""
+
+SERVICE = """
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
+"""
+
+
+@pytest.fixture(scope="module")
+def svc(node):
+    eps = {n: node.add_endpoint(n, "app=web") for n in ("web1", "web2")}
+    eps["client"] = node.add_endpoint("client", "role=client")
+    eps["blocked"] = node.add_endpoint("blocked", "role=blocked")
+    for n in ("web1", "web2"):
+        srv = node.spawn([*node.in_ep(eps[n]), PY, "-c", SERVER, n, "8080"])
+        assert srv.stdout.readline().strip() == "ready"
+    node.apply(SERVICE)
+    return eps
+
+
+def connect(node, ep, host, n=1, via="ip-netns-exec") -> list[tuple[str, str]]:
+    cmd = [PY, "-c", CLIENT, host, "80", str(n)]
+    if via == "meshagent-exec":
+        proc = node.cli("exec", ep["name"], "--", *cmd, timeout=120)
+    else:
+        proc = subprocess.run([*node.in_ep(ep), *cmd], capture_output=True, text=True, timeout=120)
+    return [tuple(line.split()[:2]) for line in proc.stdout.splitlines()]
+
+
+def vip_of(node) -> str:
+    items = node.cli_json("service", "list")
+    items = items["items"] if isinstance(items, dict) else items
+    return next(s["vip"] for s in items if s["name"] == "web")
+
+
+def test_service_list_shows_vip_and_backends(node, svc):
+    items = node.cli_json("service", "list")
+    items = items["items"] if isinstance(items, dict) else items
+    web = next(s for s in items if s["name"] == "web")
+    assert web["vip"].startswith("10.96.")
+    assert sorted(b.split()[0] for b in web["backends"]) == sorted([svc["web1"]["ip"], svc["web2"]["ip"]])
+    assert web["mode"] == "L4"
+
+
+def test_vip_is_balanced_and_peer_stays_the_vip(node, svc):
+    vip = vip_of(node)
+    answers = connect(node, svc["client"], vip, n=60)
+    assert len(answers) == 60 and all(a[0] != "FAIL" for a in answers), answers
+    seen = Counter(a[0] for a in answers)
+    assert set(seen) == {"web1", "web2"}, seen
+    assert all(peer == vip for _, peer in answers), "getpeername() reports the VIP, not the backend"
+
+
+def test_service_name_resolves_inside_endpoints(node, svc):
+    vip = vip_of(node)
+    hosts = subprocess.run([*node.in_ep(svc["client"]), "getent", "hosts", "web"], capture_output=True,
+                           text=True).stdout
+    assert hosts.split()[0] == vip
+    answers = connect(node, svc["client"], "web.default.svc.cluster.local", n=4, via="meshagent-exec")
+    assert answers and all(a[0] in ("web1", "web2") for a in answers), answers
+
+
+def test_processes_outside_the_endpoint_cgroup_are_balanced_too(node, svc):
+    """`ip netns exec` puts the client in no endpoint cgroup: the hook is at the cgroup root."""
+    answers = connect(node, svc["client"], vip_of(node), n=6)
+    assert all(a[0] in ("web1", "web2") for a in answers), answers
+
+
+def test_denied_client_reaches_nothing_via_the_vip(node, svc):
+    node.apply("""
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web-only-client, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {role: client}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+""")
+    try:
+        assert all(a[0] in ("web1", "web2") for a in connect(node, svc["client"], vip_of(node), n=4))
+        blocked = connect(node, svc["blocked"], vip_of(node), n=4)
+        assert blocked and all(a[0] == "FAIL" for a in blocked), blocked
+    finally:
+        node.cli("delete", "CiliumNetworkPolicy", "web-only-client")
+
+
+def test_backends_follow_endpoints(node, svc):
+    extra = node.add_endpoint("web3", "app=web")
+    srv = node.spawn([*node.in_ep(extra), PY, "-c", SERVER, "web3", "8080"])
+    assert srv.stdout.readline().strip() == "ready"
+    seen = Counter(a[0] for a in connect(node, svc["client"], vip_of(node), n=60))
+    assert "web3" in seen, seen
+    node.cli("endpoint", "delete", extra["name"])
+    seen = Counter(a[0] for a in connect(node, svc["client"], vip_of(node), n=30))
+    assert set(seen) <= {"web1", "web2"}, seen
+
+
+def test_conflicting_cluster_ip_is_refused(node, svc):
+    vip = vip_of(node)
+    proc = node.apply(SERVICE.replace("name: web,", "name: web-copy,").replace(
+        "selector: {app: web}", f"selector: {{app: web}}\n  clusterIP: {vip}"), check=False)
+    assert proc.returncode == 1 and "already used by Service default/web" in proc.stderr
+    out = subprocess.run([*node.in_ep(svc["client"]), "cat", "/etc/hosts"], capture_output=True, text=True).stdout
+    assert "web-copy" not in out
+
+
+def test_deleting_the_service_stops_translation(node, svc):
+    vip = vip_of(node)
+    node.cli("delete", "Service", "web")
+    answers = connect(node, svc["client"], vip, n=2)
+    assert all(a[0] == "FAIL" for a in answers), answers
+    assert Path(f"/etc/netns/{svc['client']['name']}/hosts").read_text().count("web.default") == 0
