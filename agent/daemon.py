@@ -27,7 +27,7 @@ from agent.datapath.redirect import CGROUP_ROOT, RedirectDatapath, netns_cookie
 from agent.flows import EndpointRef, FlowBuffer, FlowContext, FlowCounters, decode_event
 from agent.identity import IdentityAllocator
 from agent.labels import LabelError, check_key, check_value, security_labels
-from agent.node import NodeError, NodeLock, enable_forwarding, local_ipv4_addresses
+from agent.node import NodeError, NodeLock, enable_forwarding, fence_service_cidr, local_ipv4_addresses
 from agent.policy.compiler import PolicyCompileError, PolicyInput
 from agent.reconcile import POLICY_KINDS, DesiredState, MapSync, compute
 from agent.services import ServiceError, ServiceView, allocate_vip, backends_for, hosts_file, service_ports
@@ -74,6 +74,7 @@ class Agent:
 
     def start(self) -> None:
         enable_forwarding()
+        fence_service_cidr(self.cfg.service_cidr)
         ep.create_cgroup(self.cfg.cgroup)
         self.datapath.load()
         self.sync = MapSync(self.datapath)  # adopts whatever the pinned maps hold

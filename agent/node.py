@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import ipaddress
 import os
@@ -56,6 +57,20 @@ def enable_forwarding() -> None:
         f.write("1")
 
 
+def fence_service_cidr(service_cidr: str, present: bool = True) -> None:
+    """An `unreachable` route for the service CIDR: a VIP that no hook translated (a namespace that
+    is no endpoint, a service being deleted) fails at once instead of leaving by the default route."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with IPRoute() as ipr:
+        try:
+            ipr.route("replace" if present else "del", dst=service_cidr, type="unreachable")
+        except NetlinkError as e:
+            if present or e.code not in (errno.ESRCH, errno.ENOENT):
+                raise
+
+
 def local_ipv4_addresses(pod_cidr: str) -> list[str]:
     """Addresses of this namespace's interfaces, minus loopback and pod addresses: the host identity."""
     from pyroute2 import IPRoute
@@ -98,6 +113,8 @@ def teardown(cfg: NodeConfig, endpoints: bool = False) -> list[str]:
                 done.append(f"removed endpoint {rec.name} ({rec.ip})")
         RedirectDatapath(cfg.bpffs_dir).detach()  # the socket programs at the cgroup root
         done.append("detached the service load-balancing programs")
+        fence_service_cidr(cfg.service_cidr, present=False)
+        done.append(f"removed the unreachable route for {cfg.service_cidr}")
         if os.path.isdir(cfg.bpffs_dir):
             for name in sorted(os.listdir(cfg.bpffs_dir)):
                 os.unlink(os.path.join(cfg.bpffs_dir, name))

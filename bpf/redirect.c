@@ -4,6 +4,9 @@
  *   sock4_sendmsg      BPF_CGROUP_UDP4_SENDMSG       sendto() a VIP on an unconnected UDP socket
  *   sock4_recvmsg      BPF_CGROUP_UDP4_RECVMSG       a backend's datagram is reported as the VIP's
  *   sock4_getpeername  BPF_CGROUP_INET4_GETPEERNAME  getpeername() reports the VIP
+ *   sock6_*            the same four for AF_INET6 sockets that use IPv4-mapped addresses
+ *                      (::ffff:a.b.c.d; Java and other dual-stack clients do by default): the
+ *                      kernel runs only the INET6 hooks for them. Native IPv6 passes untouched.
  *
  * Why the root: cgroup hooks run for the sockets of processes in the cgroup they are attached to
  * and its descendants, and a process inside an endpoint may sit in any cgroup (`ip netns exec`
@@ -13,7 +16,7 @@
  * (BPF_F_ALLOW_MULTI); each acts only on its own endpoints' sockets. Maps: lib/lb.h.
  *
  * Return values: 1 lets the syscall proceed, 0 fails it (with -EPERM unless bpf_set_retval chose
- * another error).
+ * another error). recvmsg and getpeername hooks must always return 1.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/in.h>
@@ -24,20 +27,26 @@
 #define SYS_PROCEED 1
 #define SYS_REJECT  0
 
-/* Translate the destination of a connect() or sendmsg() if it is a service VIP.
+/**
+ * __sock_xlate_fwd - the backend for a connect() or sendmsg() destination
+ * @ctx:   the hook's context (for the namespace and socket cookies, and the protocol)
+ * @vip:   destination address, network order
+ * @vport: destination port, network order
+ * @out:   out: the backend to use instead, or NULL to leave the destination as it is
  *
- * A service without backends fails the call at once with ECONNREFUSED (bpf_set_retval), as
- * connecting to a host port nobody listens on would: the operator sees "Connection refused" at
- * the client instead of a timeout, and nothing leaves the endpoint towards an address that exists
- * nowhere. */
-static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx)
+ * Returns SYS_PROCEED, or SYS_REJECT for a service without backends: the call then fails at once
+ * with ECONNREFUSED (bpf_set_retval), as connecting to a port nobody listens on would. The
+ * operator sees "Connection refused" at the client instead of a timeout, and nothing leaves the
+ * endpoint towards an address that exists nowhere.
+ */
+static __always_inline int __sock_xlate_fwd(struct bpf_sock_addr *ctx, __u32 vip, __u16 vport,
+					    struct lb4_backend **out)
 {
 	struct lb4_service *svc;
 	struct lb4_backend *be;
-	__u32 vip = ctx->user_ip4;
-	__u16 vport = (__u16)ctx->user_port; /* network order in the low 16 bits */
 	__u8 proto = ctx->protocol;
 
+	*out = 0;
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return SYS_PROCEED;
 	if (!endpoint_of_sock(ctx))
@@ -50,26 +59,77 @@ static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx)
 	be = lb4_select_backend(svc);
 	if (!be)
 		goto refuse;
-
 	lb4_revnat_update(lb_get_socket_cookie(ctx), be, vip, vport);
-	ctx->user_ip4 = be->ip;
-	ctx->user_port = be->port;
+	*out = be;
 	return SYS_PROCEED;
 refuse:
 	bpf_set_retval(-ECONNREFUSED);
 	return SYS_REJECT;
 }
 
-/* Report a translated peer as the VIP it was asked for. Always lets the call proceed. */
+/* The VIP a translated peer stands for, or NULL. */
+static __always_inline struct lb4_revnat *__sock_xlate_rev(struct bpf_sock_addr *ctx, __u32 ip, __u16 port)
+{
+	if (!endpoint_of_sock(ctx))
+		return 0;
+	return lb4_revnat_lookup(lb_get_socket_cookie(ctx), ip, port);
+}
+
+static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx)
+{
+	struct lb4_backend *be;
+	int ret;
+
+	/* user_port: network order in the low 16 bits */
+	ret = __sock_xlate_fwd(ctx, ctx->user_ip4, (__u16)ctx->user_port, &be);
+	if (be) {
+		ctx->user_ip4 = be->ip;
+		ctx->user_port = be->port;
+	}
+	return ret;
+}
+
 static __always_inline int sock4_xlate_rev(struct bpf_sock_addr *ctx)
+{
+	struct lb4_revnat *rev = __sock_xlate_rev(ctx, ctx->user_ip4, (__u16)ctx->user_port);
+
+	if (rev) {
+		ctx->user_ip4 = rev->vip;
+		ctx->user_port = rev->port;
+	}
+	return SYS_PROCEED;
+}
+
+/* ::ffff:0:0/96, the IPv4-mapped prefix, as the three leading words of user_ip6. */
+static __always_inline int is_v4_mapped(struct bpf_sock_addr *ctx)
+{
+	return ctx->user_ip6[0] == 0 && ctx->user_ip6[1] == 0 && ctx->user_ip6[2] == bpf_htonl(0xffff);
+}
+
+static __always_inline int sock6_xlate_fwd(struct bpf_sock_addr *ctx)
+{
+	struct lb4_backend *be;
+	int ret;
+
+	if (!is_v4_mapped(ctx))
+		return SYS_PROCEED;
+	ret = __sock_xlate_fwd(ctx, ctx->user_ip6[3], (__u16)ctx->user_port, &be);
+	if (be) {
+		ctx->user_ip6[3] = be->ip;
+		ctx->user_port = be->port;
+	}
+	return ret;
+}
+
+static __always_inline int sock6_xlate_rev(struct bpf_sock_addr *ctx)
 {
 	struct lb4_revnat *rev;
 
-	if (!endpoint_of_sock(ctx))
+	if (!is_v4_mapped(ctx))
 		return SYS_PROCEED;
-	rev = lb4_revnat_lookup(lb_get_socket_cookie(ctx), ctx->user_ip4, (__u16)ctx->user_port);
+	rev = __sock_xlate_rev(ctx, ctx->user_ip6[3], (__u16)ctx->user_port);
 	if (rev) {
-		ctx->user_ip4 = rev->vip;
+		ctx->user_ip6[3] = rev->vip;
 		ctx->user_port = rev->port;
 	}
 	return SYS_PROCEED;
@@ -93,4 +153,24 @@ int sock4_recvmsg(struct bpf_sock_addr *ctx)
 int sock4_getpeername(struct bpf_sock_addr *ctx)
 {
 	return sock4_xlate_rev(ctx);
+}
+
+int sock6_connect(struct bpf_sock_addr *ctx)
+{
+	return sock6_xlate_fwd(ctx);
+}
+
+int sock6_sendmsg(struct bpf_sock_addr *ctx)
+{
+	return sock6_xlate_fwd(ctx);
+}
+
+int sock6_recvmsg(struct bpf_sock_addr *ctx)
+{
+	return sock6_xlate_rev(ctx);
+}
+
+int sock6_getpeername(struct bpf_sock_addr *ctx)
+{
+	return sock6_xlate_rev(ctx);
 }

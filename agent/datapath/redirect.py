@@ -9,6 +9,20 @@ Which attached programs are ours: those using this node's pinned `endpoint_netns
 agent finds its predecessor's programs that way (even if a crash left them without a pin) and
 replaces them in place with BPF_F_REPLACE, so there is no moment without translation and no
 stacking of old and new copies.
+
+IPv4 only, from sockets of either family: AF_INET6 sockets using IPv4-mapped addresses
+(::ffff:VIP) go through the sock6_* programs. Sockets of the node's own namespace are translated
+only if the agent registers that namespace too.
+
+Use (the agent's side):
+
+    dp = RedirectDatapath("/sys/fs/bpf/meshagent/n1")
+    dp.load()                       # compile, re-open pinned maps, adopt the services they hold
+    dp.attach()                     # at /sys/fs/cgroup/unified, replacing a predecessor's copies
+    dp.set_endpoint_netns(netns_cookie("/run/netns/web-1"), ep_id=3, identity=1003)
+    dp.sync_services({("10.96.0.10", 80, "tcp"): [("10.200.0.5", 8080), ("10.200.0.6", 8080)]})
+    ...
+    dp.detach()                     # teardown only; an agent that stops leaves them attached
 """
 
 from __future__ import annotations
@@ -33,8 +47,11 @@ PROGRAMS = {
     "sock4_sendmsg": 14,      # BPF_CGROUP_UDP4_SENDMSG
     "sock4_recvmsg": 19,      # BPF_CGROUP_UDP4_RECVMSG
     "sock4_getpeername": 29,  # BPF_CGROUP_INET4_GETPEERNAME
+    "sock6_connect": 11,      # BPF_CGROUP_INET6_CONNECT      (IPv4-mapped addresses only)
+    "sock6_sendmsg": 15,      # BPF_CGROUP_UDP6_SENDMSG
+    "sock6_recvmsg": 20,      # BPF_CGROUP_UDP6_RECVMSG
+    "sock6_getpeername": 30,  # BPF_CGROUP_INET6_GETPEERNAME
 }
-BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
 BPF_F_ALLOW_MULTI = 0x2
 BPF_F_REPLACE = 0x4
 
@@ -171,13 +188,13 @@ def netns_cookie(netns_path: str) -> int:
     """
     if not os.path.exists(netns_path):
         raise DatapathError(f"network namespace {netns_path} does not exist")
+    libc = _libc()  # resolved before fork: the child of a threaded process must not run the loader
     rfd, wfd = os.pipe()
     pid = os.fork()
-    if pid == 0:  # child: only async-signal-safe-ish work, then _exit
+    if pid == 0:  # child: setns, one socket, one write, then _exit
         code = 1
         try:
             os.close(rfd)
-            libc = ct.CDLL(None, use_errno=True)
             nsfd = os.open(netns_path, os.O_RDONLY)
             if libc.setns(nsfd, CLONE_NEWNET) != 0:
                 raise OSError(ct.get_errno(), os.strerror(ct.get_errno()))
@@ -202,6 +219,13 @@ def netns_cookie(netns_path: str) -> int:
         return int.from_bytes(data[1:], "little")
     raise DatapathError(f"cannot read the cookie of network namespace {netns_path}: "
                         f"{data[1:].decode(errors='replace') or 'the helper process failed'}")
+
+
+@cache
+def _libc() -> ct.CDLL:
+    libc = ct.CDLL(None, use_errno=True)
+    libc.setns.argtypes = [ct.c_int, ct.c_int]
+    return libc
 
 
 def current_netns_cookie() -> int:
@@ -394,9 +418,12 @@ class RedirectDatapath:
                         opts = _AttachOpts(sz=ct.sizeof(_AttachOpts), flags=BPF_F_ALLOW_MULTI | BPF_F_REPLACE,
                                            replace_prog_fd=old_fd if old_fd is not None else -1)
                         ret = lib.bpf_prog_attach_opts(fd, cg, attach_type, ct.byref(opts))
-                    if ret < 0:  # the old one vanished meanwhile: attach alongside, nothing to replace
+                    if ret < 0:
+                        # Not replaced (the old one vanished meanwhile, say): attach alongside and
+                        # detach every old copy below, after the new one is in. No gap either way.
                         self._attach_multi(fd, cg, attach_type, name, cgroup_root)
-                    owned.pop(0)
+                    else:
+                        owned.pop(0)
                 else:
                     self._attach_multi(fd, cg, attach_type, name, cgroup_root)
                 for stale in owned:
@@ -422,15 +449,27 @@ class RedirectDatapath:
     def detach(self, cgroup_root: str = CGROUP_ROOT) -> None:
         """Detach this node's programs from ``cgroup_root`` and remove their pins. Works without
         load() (for teardown): the programs are found through the pinned endpoint_netns map."""
+        lib = _libbpf()
         map_id = self._map_id()
-        if map_id and os.path.isdir(cgroup_root):
+        pinned: dict[str, int] = {}  # also what the pins name, should the map pin be gone
+        for name in PROGRAMS:
+            fd = lib.bpf_obj_get(os.path.join(self.bpffs_dir, f"prog_{name}").encode())
+            if fd >= 0:
+                try:
+                    pinned[name] = _prog_info(fd)[0]
+                finally:
+                    os.close(fd)
+        if os.path.isdir(cgroup_root):
             cg = _open_cgroup(cgroup_root)
             try:
-                for attach_type in PROGRAMS.values():
-                    for prog_id in _owned_ids(cg, attach_type, map_id):
+                for name, attach_type in PROGRAMS.items():
+                    ids = set(_owned_ids(cg, attach_type, map_id)) if map_id else set()
+                    if name in pinned and pinned[name] in _attached_ids(cg, attach_type):
+                        ids.add(pinned[name])
+                    for prog_id in ids:
                         with _prog_fd_by_id(prog_id) as fd:
                             if fd is not None:
-                                _libbpf().bpf_prog_detach2(fd, cg, attach_type)
+                                lib.bpf_prog_detach2(fd, cg, attach_type)
             finally:
                 os.close(cg)
         for name in PROGRAMS:
@@ -447,6 +486,8 @@ class RedirectDatapath:
             os.close(cg)
 
     # ---- endpoints -----------------------------------------------------------------------------
+
+    netns_cookie = staticmethod(netns_cookie)
 
     def set_endpoint_netns(self, cookie: int, ep_id: int, identity: int) -> None:
         table = self.bpf["endpoint_netns"]
@@ -483,6 +524,17 @@ class RedirectDatapath:
             if len(bes) > MAX_BACKENDS:
                 raise ValueError(f"service {nkey}: {len(bes)} backends, at most {MAX_BACKENDS}")
             desired[nkey] = (bes, flags.get(nkey, 0))
+
+        # Peak use of the (preallocated) maps during the sync: a service holds its old and its new
+        # slots at once only while it is being rewritten, so the sum of the larger of each is a bound.
+        peak = sum(max(len(bes), len(self._services[k].backends) if k in self._services else 0)
+                   for k, (bes, _) in desired.items())
+        if peak > self.map_sizes["LB_BACKEND_MAP_SIZE"]:
+            raise ValueError(f"{peak} backend slots needed, the lb_backends map holds "
+                             f"{self.map_sizes['LB_BACKEND_MAP_SIZE']} (LB_BACKEND_MAP_SIZE)")
+        if len(desired) > self.map_sizes["LB_SERVICE_MAP_SIZE"]:
+            raise ValueError(f"{len(desired)} services, the lb_services map holds "
+                             f"{self.map_sizes['LB_SERVICE_MAP_SIZE']} (LB_SERVICE_MAP_SIZE)")
 
         svc_table, be_table = self.bpf["lb_services"], self.bpf["lb_backends"]
         used_ids = {s.service_id for s in self._services.values()}

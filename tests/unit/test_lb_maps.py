@@ -1,0 +1,279 @@
+"""Byte layouts and key encodings of the service load-balancing maps (bpf/lib/lb.h, netns.h),
+without a kernel."""
+
+import ctypes as ct
+import re
+import socket
+from pathlib import Path
+
+import pytest
+
+from agent.datapath import redirect
+from agent.datapath.maps import DatapathLayoutError, check_layout
+
+BPF = Path(__file__).resolve().parents[2] / "bpf"
+
+
+def _struct_body(struct: str) -> tuple[str, int]:
+    for header in (BPF / "lib").glob("*.h"):
+        m = re.search(rf"struct {struct} \{{(.*?)\}};\s*/\* (\d+) bytes \*/", header.read_text(), re.S)
+        if m:
+            return m.group(1), int(m.group(2))
+    raise AssertionError(f"struct {struct} has no layout comment")
+
+
+@pytest.mark.parametrize("struct", sorted(redirect.LAYOUTS))
+def test_sizes_match_layout_comments(struct):
+    assert ct.sizeof(redirect.LAYOUTS[struct][0]) == _struct_body(struct)[1]
+
+
+@pytest.mark.parametrize("struct", sorted(redirect.LAYOUTS))
+def test_offsets_match_layout_comments(struct):
+    """Every field's `/* N: ... */` comment gives its offset in our ctypes copy, in the same order."""
+    body, _ = _struct_body(struct)
+    documented = re.findall(r"\b(\w+)(?:\[\d+\])?;\s*/\*\s*(\d+)", body)
+    ours = [(name, getattr(redirect.LAYOUTS[struct][0], name).offset)
+            for name, *_ in redirect.LAYOUTS[struct][0]._fields_]
+    assert [(n, int(o)) for n, o in documented] == ours
+
+
+def test_check_layout_detects_drift():
+    class Other(ct.Structure):
+        _fields_ = [("vip", ct.c_uint32), ("port", ct.c_uint8), ("proto", ct.c_uint8), ("x", ct.c_uint16)]
+
+    with pytest.raises(DatapathLayoutError):
+        check_layout(redirect.Lb4KeyC, Other)
+
+
+def test_service_key_encoding():
+    c = redirect.service_key_to_c(("10.96.0.10", 80, "tcp"))
+    assert bytes(c) == socket.inet_aton("10.96.0.10") + (80).to_bytes(2, "big") + bytes([6, 0])
+    assert redirect.service_key_from_c(c) == ("10.96.0.10", 80, socket.IPPROTO_TCP)
+    assert bytes(redirect.service_key_to_c(("10.96.0.10", 53, 17)))[6] == 17
+
+
+def test_backend_encoding():
+    c = redirect.backend_to_c(("10.244.0.7", 8080))
+    assert bytes(c) == socket.inet_aton("10.244.0.7") + (8080).to_bytes(2, "big") + b"\0\0"
+    assert redirect.backend_from_c(c) == ("10.244.0.7", 8080)
+
+
+def test_backend_key_slot_is_host_order():
+    key = redirect.Lb4BackendKeyC(service_id=3, slot=1)
+    assert bytes(key) == (3).to_bytes(4, "little") + (1).to_bytes(2, "little") + b"\0\0"
+
+
+def test_revnat_key_encoding():
+    key = redirect.Lb4RevnatKeyC(cookie=0x1122334455667788, ip=redirect.ip_to_be32("10.0.0.1"),
+                                 port=socket.htons(8080))
+    raw = bytes(key)
+    assert raw[:8] == (0x1122334455667788).to_bytes(8, "little")
+    assert raw[8:12] == socket.inet_aton("10.0.0.1") and raw[12:14] == (8080).to_bytes(2, "big")
+
+
+@pytest.mark.parametrize("key", [
+    ("10.96.0.300", 80, "tcp"), ("10.96.0.1", 0, "tcp"), ("10.96.0.1", 70000, "tcp"),
+    ("10.96.0.1", 80, "icmp"), ("10.96.0.1", 80, 1), ("::1", 80, "tcp"),
+])
+def test_bad_service_keys_rejected(key):
+    with pytest.raises(ValueError):
+        redirect.normalize_key(key)
+
+
+@pytest.mark.parametrize("backend", [("10.0.0.1", 0), ("nope", 80), ("10.0.0.1", "80")])
+def test_bad_backends_rejected(backend):
+    with pytest.raises(ValueError):
+        redirect.normalize_backend(backend)
+
+
+def test_protocol_names_and_numbers_are_one_key():
+    assert redirect.normalize_key(("10.96.0.1", 53, "UDP")) == redirect.normalize_key(("10.96.0.1", 53, 17))
+
+
+def test_attach_types_match_bcc():
+    bcc = pytest.importorskip("bcc")
+    expected = {
+        "sock4_connect": bcc.BPFAttachType.CGROUP_INET4_CONNECT,
+        "sock4_sendmsg": bcc.BPFAttachType.CGROUP_UDP4_SENDMSG,
+        "sock4_recvmsg": bcc.BPFAttachType.CGROUP_UDP4_RECVMSG,
+        "sock4_getpeername": bcc.BPFAttachType.CGROUP_INET4_GETPEERNAME,
+        "sock6_connect": bcc.BPFAttachType.CGROUP_INET6_CONNECT,
+        "sock6_sendmsg": bcc.BPFAttachType.CGROUP_UDP6_SENDMSG,
+        "sock6_recvmsg": bcc.BPFAttachType.CGROUP_UDP6_RECVMSG,
+        "sock6_getpeername": bcc.BPFAttachType.CGROUP_INET6_GETPEERNAME,
+    }
+    assert redirect.PROGRAMS == expected
+
+
+def test_every_program_is_defined_in_redirect_c():
+    text = (BPF / "redirect.c").read_text()
+    for name in redirect.PROGRAMS:
+        assert re.search(rf"^int {name}\(struct bpf_sock_addr \*ctx\)", text, re.M), name
+
+
+def test_lb_flags_match_header():
+    text = (BPF / "lib" / "lb.h").read_text()
+    assert int(re.search(r"#define LB_F_L7 (0x[0-9a-f]+)", text).group(1), 16) == redirect.LB_F_L7
+
+
+# ---- sync_services against in-memory maps --------------------------------------------------------
+
+
+class FakeTable:
+    """A BPF hash map as BCC's Table looks to sync_services; calls ``after`` after every write."""
+
+    def __init__(self, key_t, leaf_t, after):
+        self.key_t, self.leaf_t, self.after, self.data, self.writes = key_t, leaf_t, after, {}, 0
+
+    def __setitem__(self, key, leaf):
+        self.data[bytes(key)] = bytes(leaf)
+        self.writes += 1
+        self.after()
+
+    def __delitem__(self, key):
+        if bytes(key) not in self.data:
+            raise KeyError(key)
+        del self.data[bytes(key)]
+        self.writes += 1
+        self.after()
+
+    def items(self):
+        return [(self.key_t.from_buffer_copy(k), self.leaf_t.from_buffer_copy(v)) for k, v in self.data.items()]
+
+
+class FakeMaps:
+    """lb_services + lb_backends, checking after every single write what a connect() running at
+    that moment relies on: every slot below a service's backend_count exists."""
+
+    def __init__(self):
+        self.services = FakeTable(redirect.Lb4KeyC, redirect.Lb4ServiceC, self.check)
+        self.backends = FakeTable(redirect.Lb4BackendKeyC, redirect.Lb4BackendC, self.check)
+        self.tables = {"lb_services": self.services, "lb_backends": self.backends}
+        self.seen: list[dict] = []  # per write: service key -> backends a connect could pick
+
+    def __getitem__(self, name):
+        return self.tables[name]
+
+    def check(self):
+        slots = {(k.service_id, k.slot): redirect.backend_from_c(v) for k, v in self.backends.items()}
+        view = {}
+        for k, v in self.services.items():
+            missing = [i for i in range(v.backend_count) if (v.service_id, i) not in slots]
+            assert not missing, f"service {redirect.service_key_from_c(k)}: slots {missing} missing"
+            view[redirect.service_key_from_c(k)] = {slots[(v.service_id, i)] for i in range(v.backend_count)}
+        self.seen.append(view)
+
+
+def make_dp(fake: FakeMaps | None = None) -> tuple[redirect.RedirectDatapath, FakeMaps]:
+    fake = fake or FakeMaps()
+    dp = redirect.RedirectDatapath("/nonexistent", {"LB_BACKEND_MAP_SIZE": 64, "LB_SERVICE_MAP_SIZE": 8})
+    dp.bpf = fake
+    dp._services = dp._read_services(cleanup=True)  # what load() does after compiling
+    return dp, fake
+
+
+A, B, C, D = ("10.0.0.1", 80), ("10.0.0.2", 80), ("10.0.0.3", 80), ("10.0.0.4", 80)
+WEB, DNS = ("10.96.0.10", 80, "tcp"), ("10.96.0.53", 53, "udp")
+WEB_K, DNS_K = ("10.96.0.10", 80, 6), ("10.96.0.53", 53, 17)
+
+
+@pytest.mark.parametrize("steps", [
+    [{WEB: [A, B]}, {WEB: [A, B, C, D]}, {WEB: [B]}, {WEB: [C, D, A]}, {WEB: []}, {WEB: [A]}],
+    [{WEB: [A], DNS: [B, C]}, {DNS: [C]}, {WEB: [D], DNS: [A, B, C]}, {}],
+])
+def test_sync_keeps_every_counted_slot_present(steps):
+    dp, fake = make_dp()
+    for services in steps:
+        dp.sync_services(services)
+        want = {redirect.normalize_key(k): v for k, v in services.items()}
+        assert dp.list_services() == want
+        # Nothing but the live slots is left behind.
+        assert len(fake.backends.data) == sum(len(v) for v in services.values())
+
+
+def test_removed_backend_is_unreachable_once_sync_returns():
+    dp, fake = make_dp()
+    dp.sync_services({WEB: [A, B, C]})
+    dp.sync_services({WEB: [A, C]})
+    assert fake.seen[-1][WEB_K] == {A, C}
+    # While the sync ran, a connect could only ever see old or new backends.
+    assert all(view.get(WEB_K, set()) <= {A, B, C} for view in fake.seen)
+
+
+def test_unchanged_services_are_not_rewritten():
+    dp, fake = make_dp()
+    dp.sync_services({WEB: [A, B], DNS: [C]})
+    before = fake.services.writes + fake.backends.writes
+    dp.sync_services({WEB: [A, B], DNS: [C]})
+    assert fake.services.writes + fake.backends.writes == before
+    svc_writes, be_writes = fake.services.writes, fake.backends.writes
+    dp.sync_services({WEB: [A, B], DNS: [C, D]})
+    assert (fake.services.writes - svc_writes, fake.backends.writes - be_writes) == (1, 1), \
+        "one new slot, one count update; WEB untouched"
+
+
+def test_service_ids_are_unique_and_reused():
+    dp, _ = make_dp()
+    dp.sync_services({WEB: [A], DNS: [B]})
+    ids = {k: s.service_id for k, s in dp.services().items()}
+    assert sorted(ids.values()) == [1, 2]
+    dp.sync_services({DNS: [B]})
+    dp.sync_services({DNS: [B], ("10.96.0.11", 80, "tcp"): [C]})
+    assert dp.services()[("10.96.0.11", 80, 6)].service_id == ids[WEB_K]
+    assert dp.services()[DNS_K].service_id == ids[DNS_K]
+
+
+def test_flags_are_written():
+    dp, _ = make_dp()
+    dp.sync_services({WEB: [A]}, flags={WEB: redirect.LB_F_L7})
+    assert dp.services()[WEB_K].flags == redirect.LB_F_L7
+    dp.sync_services({WEB: [A]})
+    assert dp.services()[WEB_K].flags == 0
+
+
+def test_weights_by_repetition():
+    dp, _ = make_dp()
+    dp.sync_services({WEB: [A, A, A, B]})
+    assert dp.list_services()[WEB_K] == [A, A, A, B]
+
+
+@pytest.mark.parametrize("services", [
+    {WEB: [A], ("10.96.0.10", 80, 6): [B]},             # the same service twice
+    {WEB: [A, ("10.0.0.300", 80)]},                       # a bad backend
+    {WEB: [A], ("10.96.0.1", 80, "sctp"): [A]},           # a bad protocol
+    {WEB: [A] * 65},                                      # more slots than the map holds
+    {(f"10.96.1.{i}", 80, "tcp"): [A] for i in range(9)},  # more services than the map holds
+])
+def test_bad_input_changes_nothing(services):
+    dp, fake = make_dp()
+    dp.sync_services({DNS: [C]})
+    before = (dict(fake.services.data), dict(fake.backends.data))
+    with pytest.raises(ValueError):
+        dp.sync_services(services)
+    assert (fake.services.data, fake.backends.data) == before
+    assert dp.list_services() == {DNS_K: [C]}
+
+
+def test_adoption_reads_the_maps_and_drops_unreachable_slots():
+    dp, fake = make_dp()
+    dp.sync_services({WEB: [A, B, C]})
+    # An agent stopped mid-sync: the count was lowered, the stale slot not yet deleted.
+    for k, v in fake.services.items():
+        fake.services.data[bytes(k)] = bytes(redirect.Lb4ServiceC(service_id=v.service_id, backend_count=2))
+    fake.backends.data[bytes(redirect.Lb4BackendKeyC(service_id=99, slot=0))] = bytes(redirect.backend_to_c(D))
+    again, _ = make_dp(fake)
+    assert again.list_services() == {WEB_K: [A, B]}
+    assert len(fake.backends.data) == 2
+    again.sync_services({WEB: [A, B, C]})
+    assert again.list_services() == {WEB_K: [A, B, C]}
+
+
+def test_a_missing_slot_is_repaired():
+    dp, fake = make_dp()
+    dp.sync_services({WEB: [A, B, C]})
+    sid = dp.services()[WEB_K].service_id
+    del fake.backends.data[bytes(redirect.Lb4BackendKeyC(service_id=sid, slot=1))]
+    again, _ = make_dp(fake)
+    assert again.services()[WEB_K].backends == (A, None, C)
+    again.sync_services({WEB: [A, B, C]})
+    assert again.list_services() == {WEB_K: [A, B, C]}
