@@ -1,0 +1,576 @@
+"""The L7 processor on real sockets, loopback only (no root needed beyond what the suite asks).
+
+Three tiny backends (http.server threads) stand for reviews v1/v2/v3; the processor runs as a
+subprocess started per test and killed by PID in finally. The original destination is the Host
+header ("reviews"), as it is until the kernel-side redirect plugs in a resolver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Backend(ThreadingHTTPServer):
+    daemon_threads = True
+    fail_once_seen: set[str] = set()  # shared by all backends: the retry lands on a fresh one
+    _lock = threading.Lock()
+
+    def __init__(self, name: str) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.name = name
+        self.failing = False
+        self.hosts: list[str] = []
+        self.port = self.server_address[1]
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # head and body are two writes: without this, 40 ms delayed-ACK stalls
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def _serve(self) -> None:
+        srv: Backend = self.server
+        n = int(self.headers.get("content-length") or 0)
+        body_in = self.rfile.read(n) if n else b""
+        srv.hosts.append(self.headers.get("host", ""))
+        status = 200
+        if self.path.startswith("/big"):
+            self._big()
+            return
+        if self.path.startswith("/slow"):
+            time.sleep(1.0)
+        elif self.path.startswith("/fail-once/"):
+            with Backend._lock:
+                first = self.path not in Backend.fail_once_seen
+                Backend.fail_once_seen.add(self.path)
+            status = 503 if first else 200
+        if srv.failing:
+            status = 500
+        body = json.dumps({"backend": srv.name, "path": self.path, "body": body_in.decode(),
+                           "headers": {k.lower(): v for k, v in self.headers.items()}}).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("x-backend", srv.name)
+        self.send_header("x-internal", "secret")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _big(self) -> None:
+        """1 MiB in 64 KiB chunked pieces: the processor must stream and re-frame it."""
+        self.send_response(200)
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        for i in range(16):
+            piece = bytes([65 + i]) * 65536
+            self.wfile.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+        self.wfile.write(b"0\r\n\r\n")
+
+    do_GET = do_POST = do_HEAD = _serve
+
+
+@pytest.fixture(scope="module")
+def backends():
+    servers = {name: Backend(name) for name in ("v1", "v2", "v3")}
+    threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers.values()]
+    for t in threads:
+        t.start()
+    try:
+        yield servers
+    finally:
+        for s in servers.values():
+            s.shutdown()
+            s.server_close()
+
+
+@pytest.fixture(autouse=True)
+def _reset(backends):
+    for b in backends.values():
+        b.failing = False
+        b.hosts.clear()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def l7_config(backends, virtual_services=(), destination_rules=()) -> dict:
+    return {
+        "services": [
+            {"name": "reviews", "namespace": "default", "vip": "10.96.0.10",
+             "ports": [{"port": 80, "target_port": 9080}],
+             "backends": [{"ip": "127.0.0.1", "port": b.port, "workload": f"reviews-{n}",
+                           "labels": {"app": "reviews", "version": n}} for n, b in backends.items()]},
+            {"name": "shadow", "namespace": "default", "vip": "10.96.0.11",
+             "ports": [{"port": 80, "target_port": 9080}],
+             "backends": [{"ip": "127.0.0.1", "port": backends["v3"].port, "labels": {"app": "shadow"}}]},
+        ],
+        "virtual_services": list(virtual_services),
+        "destination_rules": list(destination_rules),
+    }
+
+
+def vs(*http) -> dict:
+    return {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "metadata": {"name": "reviews", "namespace": "default"},
+            "spec": {"hosts": ["reviews"], "http": list(http)}}
+
+
+def dr(policy=None) -> dict:
+    spec = {"host": "reviews", "subsets": [{"name": n, "labels": {"version": n}} for n in ("v1", "v2", "v3")]}
+    if policy:
+        spec["trafficPolicy"] = policy
+    return {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+            "metadata": {"name": "reviews", "namespace": "default"}, "spec": spec}
+
+
+def to(subset: str, weight: int | None = None, **extra) -> dict:
+    d = {"destination": {"host": "reviews", "subset": subset}, **extra}
+    if weight is not None:
+        d["weight"] = weight
+    return d
+
+
+class L7:
+    def __init__(self, tmp: Path, config: dict, *extra: str) -> None:
+        self.tmp = tmp
+        self.config_path = tmp / "l7.json"
+        self.flows_path = tmp / "flows.jsonl"
+        self.port = _free_port()
+        self.metrics_port = _free_port()
+        self.write(config)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "userspace_l7", "--config", str(self.config_path),
+             "--listen", f"127.0.0.1:{self.port}", "--flows", str(self.flows_path),
+             "--metrics", f"127.0.0.1:{self.metrics_port}", *extra],
+            cwd=REPO, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stderr.readline()  # "l7: listening on ..." once bound
+        assert "listening" in line, line + self.proc.stderr.read()
+
+    def write(self, config: dict) -> None:
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(config))
+        os.replace(tmp, self.config_path)
+
+    def conn(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+
+    def get(self, path="/", headers=None, conn=None, method="GET", body=None):
+        c = conn or self.conn()
+        try:
+            c.request(method, path, body=body, headers={"Host": "reviews", **(headers or {})})
+            r = c.getresponse()
+            data = r.read()
+            return r, data
+        finally:
+            if conn is None:
+                c.close()
+
+    def stop(self) -> str:
+        """Stop the processor; returns what it printed on stderr after startup."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        err = self.proc.stderr.read()
+        self.proc.stderr.close()
+        return err
+
+
+@pytest.fixture
+def start(tmp_path):
+    started: list[L7] = []
+
+    def _start(config: dict, *extra: str) -> L7:
+        p = L7(tmp_path, config, *extra)
+        started.append(p)
+        return p
+
+    errors = []
+    try:
+        yield _start
+    finally:
+        for p in started:
+            errors.append(p.stop())
+    # No test may leave a traceback or an internal error behind (config reload errors are expected).
+    for err in errors:
+        assert "Traceback" not in err and "internal error" not in err, err
+
+
+def five_sigma(count: int, n: int, p: float) -> bool:
+    return abs(count - n * p) <= 5 * math.sqrt(n * p * (1 - p))
+
+
+def test_weighted_split_over_keep_alive(backends, start):
+    l7 = start(l7_config(backends, [vs({"route": [to("v1", 80), to("v2", 20)]})], [dr()]))
+    c, n, seen = l7.conn(), 2000, {"v1": 0, "v2": 0}
+    try:
+        for _ in range(n):
+            r, _ = l7.get(conn=c)
+            assert r.status == 200
+            seen[r.getheader("x-backend")] += 1
+    finally:
+        c.close()
+    assert five_sigma(seen["v2"], n, 0.2), seen
+
+
+def test_header_and_path_matches(backends, start):
+    l7 = start(l7_config(backends, [vs(
+        {"match": [{"headers": {"end-user": {"exact": "jason"}}}], "route": [to("v2")]},
+        {"match": [{"uri": {"prefix": "/v3/"}}], "route": [to("v3")]},
+        {"match": [{"uri": {"regex": "/item/[0-9]+"}, "method": {"exact": "POST"}}], "route": [to("v3")]},
+        {"route": [to("v1")]},
+    )], [dr()]))
+    assert l7.get("/", {"end-user": "jason"})[0].getheader("x-backend") == "v2"
+    assert l7.get("/", {"end-user": "bob"})[0].getheader("x-backend") == "v1"
+    assert l7.get("/v3/x")[0].getheader("x-backend") == "v3"
+    assert l7.get("/item/7", method="POST", body=b"hi")[0].getheader("x-backend") == "v3"
+    assert l7.get("/item/7")[0].getheader("x-backend") == "v1"
+
+
+def test_timeout_gives_504(backends, start):
+    # maxConnections 1: a timed-out attempt must give its connection slot back
+    rule = dr({"connectionPool": {"tcp": {"maxConnections": 1}}})
+    l7 = start(l7_config(backends, [vs({"timeout": "300ms", "route": [to("v1")]})], [rule]))
+    for _ in range(3):
+        t0 = time.monotonic()
+        r, body = l7.get("/slow")
+        assert r.status == 504 and b"timeout" in body
+        assert time.monotonic() - t0 < 0.9
+    assert l7.get("/")[0].status == 200
+
+
+def test_per_try_timeout_retries_elsewhere(backends, start):
+    l7 = start(l7_config(backends, [vs({"retries": {"attempts": 1, "perTryTimeout": "200ms",
+                                                    "retryOn": "gateway-error"},
+                                        "route": [{"destination": {"host": "reviews"}}]})], [dr()]))
+    t0 = time.monotonic()
+    assert l7.get("/slow")[0].status == 504  # every backend is slow: two tries, then 504
+    assert 0.35 < time.monotonic() - t0 < 0.9
+
+
+def test_retries_recover_from_a_failed_first_attempt(backends, start):
+    l7 = start(l7_config(backends, [vs({"retries": {"attempts": 2, "retryOn": "5xx"}, "route": [to("v1"), ]},
+                                       )], [dr()]))
+    r, body = l7.get("/fail-once/a")
+    assert r.status == 200, body
+    # The same route without retries passes the failure through.
+    l7.write(l7_config(backends, [vs({"retries": {"attempts": 0}, "route": [to("v1")]})], [dr()]))
+    os.kill(l7.proc.pid, signal.SIGHUP)
+    time.sleep(0.3)
+    assert l7.get("/fail-once/b")[0].status == 503
+
+
+def test_fault_abort_percentage(backends, start):
+    l7 = start(l7_config(backends, [vs({"fault": {"abort": {"httpStatus": 418, "percentage": {"value": 30}}},
+                                        "route": [to("v1")]})], [dr()]))
+    c, n = l7.conn(), 1000
+    try:
+        aborted = sum(l7.get(conn=c)[0].status == 418 for _ in range(n))
+    finally:
+        c.close()
+    assert five_sigma(aborted, n, 0.3), aborted
+
+
+def test_outlier_ejection_and_return(backends, start):
+    policy = {"outlierDetection": {"consecutive5xxErrors": 3, "interval": "500ms", "baseEjectionTime": "2s",
+                                   "maxEjectionPercent": 100}}
+    rule = {**dr(), "spec": {"host": "reviews", "trafficPolicy": policy}}
+    # One cluster with all three backends: the service itself, no subsets, no retries.
+    l7 = start(l7_config(backends, [vs({"retries": {"attempts": 0}, "route": [{"destination": {"host": "reviews"}}]})],
+                         [rule]))
+    backends["v1"].failing = True
+    c = l7.conn()
+    try:
+        statuses = [l7.get(conn=c)[0].status for _ in range(30)]
+        assert statuses.count(500) == 3, statuses  # ejected after the third consecutive 5xx
+        assert all(s == 200 for s in statuses[-15:])
+        backends["v1"].failing = False
+        time.sleep(3.0)  # baseEjectionTime 2s + one 500ms sweep
+        names = {l7.get(conn=c)[0].getheader("x-backend") for _ in range(30)}
+        assert names == {"v1", "v2", "v3"}
+    finally:
+        c.close()
+
+
+def test_header_edits(backends, start):
+    l7 = start(l7_config(backends, [vs({
+        "headers": {"request": {"set": {"x-env": "test"}, "add": {"x-added": "1"}, "remove": ["x-drop"]},
+                    "response": {"set": {"x-served-by": "mesh"}, "remove": ["x-internal"]}},
+        "route": [to("v1", headers={"request": {"set": {"x-dest": "v1"}}})]})], [dr()]))
+    r, body = l7.get("/", {"x-drop": "1", "x-env": "client"})
+    seen = json.loads(body)["headers"]
+    assert seen["x-env"] == "test" and seen["x-added"] == "1" and seen["x-dest"] == "v1" and "x-drop" not in seen
+    assert r.getheader("x-served-by") == "mesh" and r.getheader("x-internal") is None
+
+
+def test_mirror_is_fire_and_forget(backends, start):
+    l7 = start(l7_config(backends, [vs({"mirror": {"host": "shadow"}, "route": [to("v1")]})], [dr()]))
+    assert l7.get("/m")[0].getheader("x-backend") == "v1"
+    deadline = time.monotonic() + 2
+    while "reviews-shadow" not in backends["v3"].hosts and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "reviews-shadow" in backends["v3"].hosts
+
+
+MALFORMED = [
+    (b"GET\r\n\r\n", 400),
+    (b"GET / HTTP/9.9\r\n\r\n", 400),
+    (b"GET /a b HTTP/1.1\r\nHost: reviews\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: reviews\r\nX: " + b"a" * 70000 + b"\r\n\r\n", 431),
+    (b"GET / HTTP/1.1\r\nHost: reviews\r\n" + b"X: y\r\n" * 150 + b"\r\n", 431),
+    (b"POST / HTTP/1.1\r\nHost: reviews\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: reviews\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: reviews\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n", 400),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),  # a TLS ClientHello
+]
+
+
+def _raw(port: int, data: bytes, timeout: float = 3.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        with contextlib.suppress(OSError):
+            s.sendall(data)
+        out = b""
+        with contextlib.suppress(OSError):
+            while chunk := s.recv(65536):
+                out += chunk
+        return out
+
+
+def test_malformed_http_is_refused_and_serving_goes_on(backends, start):
+    l7 = start(l7_config(backends, [vs({"route": [to("v1")]})], [dr()]))
+    c = l7.conn()  # a keep-alive client unaffected by the others' garbage
+    try:
+        for raw, status in MALFORMED:
+            reply = _raw(l7.port, raw)
+            assert reply.startswith(b"HTTP/1.1 %d " % status), (raw[:40], reply[:80])
+            assert l7.get(conn=c)[0].status == 200
+    finally:
+        c.close()
+    assert l7.proc.poll() is None
+
+
+def test_slow_header_gets_408(backends, start):
+    l7 = start(l7_config(backends, [vs({"route": [to("v1")]})], [dr()]), "--header-timeout", "0.5")
+    t0 = time.monotonic()
+    reply = _raw(l7.port, b"GET / HTTP/1.1\r\nHost: rev")
+    assert reply.startswith(b"HTTP/1.1 408 ") and time.monotonic() - t0 < 2.5
+
+
+def test_reload_keeps_an_open_connection_working(backends, start):
+    l7 = start(l7_config(backends, [vs({"route": [to("v1")]})], [dr()]))
+    c = l7.conn()
+    try:
+        assert l7.get(conn=c)[0].getheader("x-backend") == "v1"
+        sock = c.sock
+        l7.write(l7_config(backends, [vs({"route": [to("v2")]})], [dr()]))
+        deadline = time.monotonic() + 4  # picked up by the 1 s mtime poll, no signal
+        backend = "v1"
+        while backend == "v1" and time.monotonic() < deadline:
+            time.sleep(0.1)
+            backend = l7.get(conn=c)[0].getheader("x-backend")
+        assert backend == "v2"
+        assert c.sock is sock  # the same TCP connection throughout
+    finally:
+        c.close()
+
+
+def test_bad_config_reload_keeps_serving(backends, start):
+    l7 = start(l7_config(backends, [vs({"route": [to("v1")]})], [dr()]))
+    l7.config_path.write_text("{not json")
+    os.kill(l7.proc.pid, signal.SIGHUP)
+    time.sleep(0.3)
+    assert l7.get()[0].getheader("x-backend") == "v1"
+
+
+def test_flows_and_metrics(backends, start):
+    l7 = start(l7_config(backends, [vs({"name": "to-v2", "route": [to("v2")]})], [dr()]))
+    c = l7.conn()
+    try:
+        for i in range(5):
+            assert l7.get(f"/flow/{i}", conn=c)[0].status == 200
+    finally:
+        c.close()
+    deadline = time.monotonic() + 3
+    records = []
+    while len(records) < 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        if l7.flows_path.exists():
+            records = [json.loads(line) for line in l7.flows_path.read_text().splitlines()]
+    assert len(records) == 5
+    rec = records[0]
+    assert rec["Type"] == "L7" and rec["verdict"] == "FORWARDED"
+    assert rec["l7"]["http"] == {"method": "GET", "url": "/flow/0", "code": 200, "protocol": "HTTP/1.1"}
+    assert rec["l7"]["latency_ns"] > 0 and rec["route"] == "to-v2" and rec["subset"] == "v2"
+    assert rec["IP"]["source"] == "127.0.0.1" and rec["destination"]["workload"] == "reviews-v2"
+    text = urllib.request.urlopen(f"http://127.0.0.1:{l7.metrics_port}/metrics", timeout=5).read().decode()
+    assert 'istio_requests_total{connection_security_policy="none",destination_service=' \
+           '"reviews.default.svc.cluster.local",destination_workload="reviews-v2",response_code="200",' \
+           'source_workload="unknown"} 5.0' in text
+    assert "istio_request_duration_milliseconds_bucket" in text
+    assert "istio_tcp_connections_opened_total" in text
+
+
+def test_bodies_head_and_http10(backends, start):
+    l7 = start(l7_config(backends, [vs({"route": [to("v1")]})], [dr()]))
+    c = l7.conn()
+    try:
+        # a chunked request body arrives with a Content-Length upstream
+        c.putrequest("POST", "/echo", skip_host=True)
+        c.putheader("Host", "reviews")
+        c.putheader("Transfer-Encoding", "chunked")
+        c.endheaders()
+        c.send(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        r = c.getresponse()
+        assert json.loads(r.read())["body"] == "hello world"
+        # a 1 MiB chunked response, streamed, on the same connection
+        r, body = l7.get("/big", conn=c)
+        assert r.status == 200 and len(body) == 16 * 65536 and body[-1:] == b"P"
+        r, body = l7.get("/", conn=c, method="HEAD")
+        assert r.status == 200 and body == b"" and int(r.getheader("content-length")) > 0
+        assert l7.get("/", conn=c)[0].status == 200
+    finally:
+        c.close()
+    reply = _raw(l7.port, b"GET / HTTP/1.0\r\nHost: reviews\r\n\r\n")  # server closes after it
+    assert reply.startswith(b"HTTP/1.1 200 ") and b'"backend": "v1"' in reply
+    reply = _raw(l7.port, b"GET /big HTTP/1.0\r\nHost: reviews\r\n\r\n")
+    assert len(reply.partition(b"\r\n\r\n")[2]) == 16 * 65536
+
+
+def test_connection_pool_limits_overflow_to_503(backends, start):
+    policy = {"connectionPool": {"tcp": {"maxConnections": 1}, "http": {"http1MaxPendingRequests": 1}}}
+    rule = {**dr(), "spec": {"host": "reviews", "trafficPolicy": policy}}
+    l7 = start(l7_config(backends, [vs({"route": [{"destination": {"host": "reviews", "port": {"number": 80}}}],
+                                        "retries": {"attempts": 0}})], [rule]))
+    # three backends x (1 connection + 1 pending) = 6 requests can be in the processor at once
+    results: list[int] = []
+
+    def one():
+        results.append(l7.get("/slow")[0].status)
+
+    threads = [threading.Thread(target=one) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(set(results)) == [200, 503] and results.count(200) >= 3, results
+
+
+def test_workers_share_the_port(backends, tmp_path):
+    cfg = tmp_path / "l7.json"
+    cfg.write_text(json.dumps(l7_config(backends, [vs({"route": [to("v2")]})], [dr()])))
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "userspace_l7", "--config", str(cfg), "--listen",
+                             f"127.0.0.1:{port}", "--workers", "2"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        text = ""
+        while text.count("listening") < 2:
+            line = proc.stderr.readline()
+            assert line, text
+            text += line
+        assert len(set(re.findall(r"pid (\d+)", text))) == 2, text
+        for _ in range(20):
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                c.request("GET", "/", headers={"Host": "reviews"})
+                assert c.getresponse().getheader("x-backend") == "v2"
+            finally:
+                c.close()
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        proc.stderr.close()
+
+
+def test_client_gone_mid_request_leaves_the_processor_serving(backends, start):
+    l7 = start(l7_config(backends, [vs({"route": [to("v1")]})], [dr()]))
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", l7.port)) as s:
+            s.sendall(b"GET /slow HTTP/1.1\r\nHost: reviews\r\n\r\n")
+            time.sleep(0.1)  # closed while the backend is still sleeping
+    with socket.create_connection(("127.0.0.1", l7.port)) as s:
+        s.sendall(b"POST / HTTP/1.1\r\nHost: reviews\r\nContent-Length: 100\r\n\r\nshort")
+    time.sleep(1.2)  # let the slow responses arrive to closed clients
+    assert l7.get()[0].status == 200
+
+
+def test_random_garbage_never_stops_the_processor(backends, start):
+    import random
+
+    l7 = start(l7_config(backends, [vs({"route": [to("v1")]})], [dr()]), "--header-timeout", "0.5")
+    rng = random.Random(1234)
+    prefixes = [b"", b"GET / HTTP/1.1\r\n", b"POST / HTTP/1.1\r\nHost: reviews\r\nTransfer-Encoding: chunked\r\n\r\n"]
+    for i in range(150):
+        junk = rng.choice(prefixes) + rng.randbytes(rng.randrange(1, 300))
+        if i % 3 == 0:
+            junk += b"\r\n\r\n"
+        reply = _raw(l7.port, junk, timeout=2.0)
+        assert reply == b"" or reply.startswith(b"HTTP/1.1 "), reply[:60]
+    assert l7.get()[0].status == 200
+
+
+def test_original_dst_resolver_beats_the_host_header(backends, tmp_path):
+    """The pluggable resolver (the kernel redirect later) names the VIP; the Host header is ignored."""
+    import asyncio
+
+    from userspace_l7.config import L7Config
+    from userspace_l7.flows import FlowSink
+    from userspace_l7.server import ClientConnection, OriginalDst, Proxy
+
+    class Resolver:
+        def resolve(self, sock):
+            assert sock is not None
+            return OriginalDst("10.96.0.10", 80, source_workload="productpage")
+
+    async def run() -> bytes:
+        config = L7Config.from_dict(l7_config(backends, [vs({"name": "vip", "route": [to("v3")]})], [dr()]))
+        sink = FlowSink(str(tmp_path / "flows"))
+        proxy = Proxy(config, flows=sink, resolver=Resolver())
+        server = await asyncio.get_running_loop().create_server(lambda: ClientConnection(proxy), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /r HTTP/1.1\r\nHost: not-a-service\r\nConnection: close\r\n\r\n")
+            reply = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            return reply
+        finally:
+            server.close()
+            proxy.close()  # flushes the flows
+
+    reply = asyncio.run(run())
+    assert reply.startswith(b"HTTP/1.1 200 ") and b'"backend": "v3"' in reply
+    (rec,) = [json.loads(line) for line in (tmp_path / "flows").read_text().splitlines()]
+    assert rec["IP"]["destination"] == "10.96.0.10" and rec["l4"]["TCP"]["destination_port"] == 80
+    assert rec["source"] == {"workload": "productpage"} and rec["route"] == "vip"

@@ -1,0 +1,79 @@
+import pytest
+
+from userspace_l7.config import ConfigError, L7Config
+
+from .helpers import SERVICES, SUBSETS, config, dr, vs
+
+
+def test_short_names_resolve_in_the_resource_namespace():
+    for host in ("reviews", "reviews.default", "reviews.default.svc.cluster.local"):
+        c = config([vs("r", [host], [{"route": [{"destination": {"host": "reviews"}}]}])])
+        assert ("default", "reviews") in c.vs_for, host
+    c = config([vs("r", ["reviews"], [{"route": [{"destination": {"host": "reviews"}}]}], namespace="other")])
+    assert ("default", "reviews") not in c.vs_for
+
+
+def test_exact_host_beats_wildcard_whatever_the_order():
+    wild = vs("wild", ["*.svc.cluster.local"], [{"route": [{"destination": {"host": "ratings"}}]}])
+    exact = vs("exact", ["reviews"], [{"route": [{"destination": {"host": "reviews"}}]}])
+    c = config([wild, exact])
+    assert c.vs_for[("default", "reviews")].name == "exact"
+    assert c.vs_for[("default", "ratings")].name == "wild"
+
+
+def test_subset_clusters_select_backends_by_labels():
+    c = config(drs=[dr("d", "reviews", SUBSETS, {"loadBalancer": {"simple": "RANDOM"}})])
+    svc = c.services[("default", "reviews")]
+    v2 = c.cluster(svc, 9080, "v2")
+    assert [b.ip for b in v2.backends] == ["10.200.0.2"]
+    assert v2.policy.lb == "RANDOM"
+    assert len(c.cluster(svc, 9080, "").backends) == 3
+    assert c.cluster(svc, 9080, "v9") is None
+
+
+def test_subset_policy_overrides_rule_policy_field_by_field():
+    subsets = [{"name": "v1", "labels": {"version": "v1"},
+                "trafficPolicy": {"loadBalancer": {"simple": "LEAST_REQUEST"}}}]
+    c = config(drs=[dr("d", "reviews", subsets, {"outlierDetection": {"consecutive5xxErrors": 2}})])
+    v1 = c.cluster(c.services[("default", "reviews")], 9080, "v1")
+    assert v1.policy.lb == "LEAST_REQUEST"
+    assert v1.policy.outlier.consecutive_5xx == 2
+
+
+def test_target_port_and_backend_port_override():
+    services = [dict(SERVICES[1], backends=[{"ip": "127.0.0.1", "port": 18080, "labels": {}},
+                                            {"ip": "127.0.0.2", "labels": {}}])]
+    c = config(services=services)
+    cl = c.cluster(c.services[("default", "ratings")], 80, "")
+    assert [b.address for b in cl.backends] == [("127.0.0.1", 18080), ("127.0.0.2", 8080)]
+
+
+def test_durations_and_regexes_are_compiled_once():
+    c = config([vs("r", ["reviews"], [{"match": [{"uri": {"regex": "/a/[0-9]+"}}], "timeout": "1.5s",
+                                        "retries": {"attempts": 3, "perTryTimeout": "250ms", "retryOn": "5xx,409"},
+                                        "route": [{"destination": {"host": "reviews"}}]}])])
+    r = c.vs_for[("default", "reviews")].routes[0]
+    assert r.timeout == 1.5
+    assert r.retries.per_try_timeout == 0.25 and r.retries.on_5xx and r.retries.status_codes == {409}
+    assert r.matches[0].uri.regex.pattern == "/a/[0-9]+"
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"services": "x"}, "services[0]"),
+    ({"services": [{"namespace": "x"}]}, "services[0]"),
+    ({"nope": 1}, "unknown keys"),
+    ({"virtual_services": [vs("r", ["reviews"], [{"route": [{"destination": {"host": "reviews"}}],
+                                                  "redirect": {}}])]}, "redirect"),
+    ({"virtual_services": [dr("d", "reviews")]}, "expected a VirtualService"),
+])
+def test_bad_config_names_the_culprit(bad, words):
+    with pytest.raises(ConfigError) as e:
+        L7Config.from_dict(bad)
+    assert words in str(e.value)
+
+
+def test_non_latin1_header_value_is_a_config_error():
+    bad = vs("r", ["reviews"], [{"headers": {"request": {"set": {"x-a": "\u2603"}}},
+                                 "route": [{"destination": {"host": "reviews"}}]}])
+    with pytest.raises(ConfigError, match="Latin-1"):
+        config([bad])

@@ -1,0 +1,68 @@
+import json
+
+from userspace_l7.flows import FlowSink, flow_line, flow_record
+from userspace_l7.metrics import L7Metrics
+
+T = (1_700_000_000_123_456_789, 1500, "GET", '/a?"q"=\u00e9', 200, "10.0.0.1", 40000, "10.96.0.10", 80, "r0", "v2",
+     "reviews.default.svc.cluster.local", "default", "10.200.0.2:9080", "reviews-v2", "productpage", "FORWARDED")
+
+
+def test_flow_line_is_the_record_as_json():
+    line = flow_line(T, json.dumps("node-a"))
+    assert line.endswith("\n")
+    assert json.loads(line) == flow_record(T, "node-a")
+    rec = flow_record(T, "node-a")
+    assert rec["time"] == "2023-11-14T22:13:20.123456Z"
+    assert rec["l7"] == {"type": "RESPONSE", "latency_ns": 1500,
+                         "http": {"method": "GET", "url": '/a?"q"=\u00e9', "code": 200, "protocol": "HTTP/1.1"}}
+    assert rec["source"] == {"workload": "productpage"}
+    assert rec["destination"]["address"] == "10.200.0.2:9080"
+
+
+def test_local_answer_has_no_upstream():
+    t = T[:13] + ("", "unknown", "unknown", "FORWARDED")
+    rec = json.loads(flow_line(t, '""'))
+    assert "source" not in rec and "address" not in rec["destination"]
+
+
+def test_sink_batches_and_bounds(tmp_path):
+    path = tmp_path / "flows"
+    sink = FlowSink(str(path), max_pending=3)
+    for _ in range(5):
+        sink.add(T)
+    assert sink.dropped == 2
+    sink.flush()
+    assert len(path.read_text().splitlines()) == 3 and sink.written == 3
+    sink.close()
+
+
+def test_metrics_export_istio_names():
+    m = L7Metrics()
+    labels = ("unknown", "reviews-v2", "reviews.default.svc.cluster.local", "200", "none")
+    m.request(labels, 0.7)
+    m.request(labels, 12.0)
+    m.connection_opened(labels[:3] + ("none",))
+    fams = {f.name: f for f in m.collect()}
+    assert fams["istio_requests"].samples[0].value == 2
+    buckets = {s.labels["le"]: s.value for s in fams["istio_request_duration_milliseconds"].samples
+               if s.name.endswith("_bucket")}
+    assert buckets["0.5"] == 0 and buckets["1"] == 1 and buckets["25"] == 2 and buckets["+Inf"] == 2
+    assert fams["istio_tcp_connections_opened"].samples[0].value == 1
+
+
+def test_sink_writes_to_a_unix_socket(tmp_path):
+    import socket
+
+    path = str(tmp_path / "flows.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        sink = FlowSink(path)
+        sink.add(T)
+        sink.flush()
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(2)
+            data = conn.recv(65536)
+        sink.close()
+    assert json.loads(data) == flow_record(T)

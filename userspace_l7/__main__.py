@@ -1,0 +1,103 @@
+"""Run the L7 processor.
+
+usage: python -m userspace_l7 --config FILE --listen HOST:PORT [--workers N] [--flows PATH]
+                              [--metrics HOST:PORT] [--header-timeout SECONDS] [--node-name NAME]
+
+examples:
+    python -m userspace_l7 --config /run/meshagent/l7.json --listen 127.0.0.1:15001
+    python -m userspace_l7 --config l7.json --listen 0.0.0.0:15001 --workers 4 \\
+        --flows /run/meshagent/l7-flows.sock --metrics 127.0.0.1:15020
+
+With --workers N > 1 the parent starts N worker processes that share the listening port through
+SO_REUSEPORT and restarts none of them (the agent supervises the parent); worker i serves metrics
+on the metrics port + i. SIGTERM stops every worker; SIGHUP re-reads the config at once (it is
+also polled every second).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import subprocess
+import sys
+
+from .config import ConfigError
+from .server import Options, serve
+
+
+def _addr(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: write HOST:PORT, e.g. 127.0.0.1:15001")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m userspace_l7", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="the JSON config the agent writes (userspace_l7.config)")
+    p.add_argument("--listen", required=True, type=_addr, help="HOST:PORT to accept connections on")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on SO_REUSEPORT (default 1)")
+    p.add_argument("--flows", help="file or unix socket to write L7 flows to (JSON lines)")
+    p.add_argument("--metrics", type=_addr, help="HOST:PORT for Prometheus /metrics")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a request head may take")
+    p.add_argument("--idle-timeout", type=float, default=60.0, help="seconds an idle client connection is kept")
+    p.add_argument("--node-name", default="", help="node_name in flows")
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def _supervise(args: argparse.Namespace, argv: list[str]) -> int:
+    children = []
+    base = list(argv)
+    i = base.index("--workers") if "--workers" in base else -1
+    if i >= 0:
+        del base[i:i + 2]
+    for n in range(args.workers):
+        cmd = [sys.executable, "-m", "userspace_l7", *base, "--reuse-port"]
+        if args.metrics:
+            j = cmd.index("--metrics")
+            cmd[j + 1] = f"{args.metrics[0]}:{args.metrics[1] + n}"
+        children.append(subprocess.Popen(cmd))
+
+    def stop(signum, frame):
+        for c in children:
+            if c.poll() is None:
+                c.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, stop)
+    codes = [c.wait() for c in children]
+    return max(codes, default=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    if args.workers < 1:
+        print("error: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.workers > 1:
+        return _supervise(args, argv)
+    try:
+        import uvloop
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio still works
+        runner = asyncio.run
+    options = Options(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout, node_name=args.node_name)
+    try:
+        runner(serve(args.config, *args.listen, flows_path=args.flows, metrics_addr=args.metrics,
+                     reuse_port=args.reuse_port, options=options))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: cannot listen on {args.listen[0]}:{args.listen[1]}: {e.strerror}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,615 @@
+"""The frozen configuration snapshot the L7 processor routes with.
+
+The agent writes one JSON file; the processor builds an `L7Config` from it with `L7Config.from_dict`
+(or `load_file`) and swaps the whole snapshot on change. Everything that costs something per request
+(regexes, durations, weights, host names, subset backend sets) is computed here, once.
+
+File format (JSON object; keys not listed are errors)::
+
+    {
+      "cluster_domain": "cluster.local",          # optional
+      "services": [{
+        "name": "reviews", "namespace": "default",
+        "vip": "10.96.0.10",                      # optional (a ServiceEntry may have none)
+        "hosts": ["reviews.example.com"],         # optional extra names (ServiceEntry hosts)
+        "ports": [{"port": 9080, "target_port": 9080, "protocol": "TCP", "name": "http"}],
+        "backends": [{"ip": "10.200.0.5",
+                      "port": 9080,               # optional: overrides target_port (tests, named ports)
+                      "workload": "reviews-v1",   # optional: destination_workload label
+                      "labels": {"app": "reviews", "version": "v1"}}]
+      }],
+      "virtual_services": [<VirtualService document as applied, apiVersion..spec>],
+      "destination_rules": [<DestinationRule document as applied>]
+    }
+
+The agent should replace the file atomically (write a temporary file, then rename it): the processor
+polls its mtime every second (and re-reads it on SIGHUP), builds the new snapshot, and keeps the old
+one if the new file is invalid. Open connections are never dropped by a reload.
+
+VirtualService and DestinationRule documents are validated again with `agent.resources.validate`
+(the same tables as `meshagent apply`), so the processor never acts on a field it does not implement.
+
+Host names follow Istio's short-name rules relative to the resource's namespace: ``reviews``,
+``reviews.default`` and ``reviews.default.svc.cluster.local`` all name service reviews in namespace
+default; a ``*.suffix`` host matches every service name ending in ``.suffix``; ``*`` matches all.
+
+Istio defaults applied here (documented upstream): no route timeout; retries 2 attempts on
+connect-failure,refused-stream when a route gives none; outlier detection only when the
+DestinationRule has ``outlierDetection`` (consecutive5xxErrors 5, interval 10s, baseEjectionTime 30s,
+maxEjectionPercent 10); fault and mirror percentages default to 0 and 100 respectively.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from agent.resources import ResourceError, parse_duration, validate
+
+__all__ = [
+    "Backend", "ClusterKey", "ConfigError", "Destination", "Fault", "HeaderOps", "HttpRoute", "L7Config",
+    "LbPolicy", "Match", "OutlierPolicy", "PoolLimits", "RetryPolicy", "Service", "ServicePort",
+    "StringMatch", "TrafficPolicy", "VirtualService", "load_file",
+]
+
+
+class ConfigError(ValueError):
+    """The config file (written by the local agent) is wrong: a local configuration fault. The message
+    names the file part at fault; the processor keeps its previous snapshot."""
+
+    status_hint = 500
+
+
+# --- services --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    ip: str
+    port: int  # the port connections go to (target port, or the backend's own override)
+    workload: str
+    labels: Mapping[str, str] = field(compare=False, hash=False)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.ip, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    port: int
+    target_port: int
+    protocol: str = "TCP"
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    name: str
+    namespace: str
+    fqdn: str
+    vip: str | None
+    ports: tuple[ServicePort, ...]
+    endpoints: tuple[tuple[str, int | None, str, Mapping[str, str]], ...] = field(repr=False)
+    hosts: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+    def port_for(self, port: int | None) -> ServicePort | None:
+        """The service port a request on ``port`` uses; with no port, the only (or first) one."""
+        for p in self.ports:
+            if p.port == port:
+                return p
+        return self.ports[0] if self.ports and (port is None or len(self.ports) == 1) else None
+
+    def backends(self, port: ServicePort, labels: Mapping[str, str] | None = None) -> tuple[Backend, ...]:
+        out = []
+        for ip, own_port, workload, blabels in self.endpoints:
+            if labels and any(blabels.get(k) != v for k, v in labels.items()):
+                continue
+            out.append(Backend(ip, own_port or port.target_port, workload, blabels))
+        return tuple(out)
+
+
+# --- VirtualService --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatch:
+    """exact / prefix / regex, or ``present`` (an empty header match)."""
+
+    kind: str
+    value: str = ""
+    regex: re.Pattern[str] | None = field(default=None, compare=False)
+
+    @classmethod
+    def build(cls, d: Mapping[str, str], ignore_case: bool = False) -> StringMatch:
+        for kind in ("exact", "prefix", "regex"):
+            if kind in d:
+                value = d[kind]
+                if kind == "regex":
+                    return cls(kind, value, re.compile(value))
+                return cls(kind, value.lower() if ignore_case else value)
+        return cls("present")
+
+    def matches(self, text: str | None) -> bool:
+        if text is None:
+            return False
+        kind = self.kind
+        if kind == "exact":
+            return text == self.value
+        if kind == "prefix":
+            return text.startswith(self.value)
+        if kind == "regex":
+            return self.regex.fullmatch(text) is not None  # Envoy's safe_regex matches the whole value
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    uri: StringMatch | None = None
+    method: StringMatch | None = None
+    authority: StringMatch | None = None
+    scheme: StringMatch | None = None
+    headers: tuple[tuple[str, StringMatch], ...] = ()
+    query: tuple[tuple[str, StringMatch], ...] = ()
+    port: int | None = None
+    ignore_uri_case: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderOps:
+    """Header edits, names lowercased. Applied in order: remove, set, add."""
+
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.set or self.add or self.remove)
+
+    @classmethod
+    def build(cls, d: Mapping[str, Any] | None) -> HeaderOps:
+        d = d or {}
+        for value in (*(d.get("set") or {}).values(), *(d.get("add") or {}).values()):
+            try:
+                str(value).encode("latin-1")
+            except UnicodeEncodeError:
+                raise ConfigError(f"L7 config: header value {str(value)[:40]!r} is not Latin-1; HTTP/1.1 "
+                                  "header values must be") from None
+        return cls(
+            tuple((k.lower(), str(v)) for k, v in (d.get("set") or {}).items()),
+            tuple((k.lower(), str(v)) for k, v in (d.get("add") or {}).items()),
+            tuple(k.lower() for k in d.get("remove") or ()),
+        )
+
+    def then(self, later: HeaderOps) -> HeaderOps:
+        """Both edits, ``later`` applied after this one (so its ``set`` wins)."""
+        if not self:
+            return later
+        if not later:
+            return self
+        return HeaderOps(self.set + later.set, self.add + later.add, self.remove + later.remove)
+
+    def apply(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Edit a list of (lowercase name, value) pairs; returns a new list."""
+        if not self:
+            return headers
+        drop = set(self.remove)
+        drop.update(k for k, _ in self.set)
+        out = [(k, v) for k, v in headers if k not in drop]
+        out.extend(self.set)
+        out.extend(self.add)
+        return out
+
+
+ClusterKey = tuple[str, str, int, str]  # (namespace, service, service port, subset or "")
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    service: Service | None  # None: the host names no known service (503 at request time)
+    host: str
+    subset: str
+    port: int | None
+    weight: int
+    request_headers: HeaderOps  # destination-level then route-level, combined at build time
+    response_headers: HeaderOps
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    attempts: int  # retries after the first try (Istio's meaning)
+    per_try_timeout: float | None
+    on_5xx: bool = False
+    on_gateway_error: bool = False
+    on_reset: bool = False
+    on_connect_failure: bool = False
+    on_retriable_4xx: bool = False
+    status_codes: frozenset[int] = frozenset()
+
+    @classmethod
+    def build(cls, d: Mapping[str, Any] | None) -> RetryPolicy:
+        if d is None:
+            return DEFAULT_RETRIES
+        items = {s.strip() for s in d.get("retryOn", "connect-failure,refused-stream").split(",")}
+        per_try = d.get("perTryTimeout")
+        return cls(
+            attempts=d.get("attempts", 2),
+            per_try_timeout=parse_duration(per_try) if per_try else None,
+            on_5xx="5xx" in items,
+            on_gateway_error="gateway-error" in items,
+            on_reset="reset" in items,
+            on_connect_failure="connect-failure" in items or "refused-stream" in items,
+            on_retriable_4xx="retriable-4xx" in items,
+            status_codes=frozenset(int(s) for s in items if s.isdigit()),
+        )
+
+
+DEFAULT_RETRIES = RetryPolicy(attempts=2, per_try_timeout=None, on_connect_failure=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    delay: float = 0.0
+    delay_percent: float = 0.0
+    abort_status: int = 0
+    abort_percent: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRoute:
+    name: str
+    matches: tuple[Match, ...]  # empty: matches every request
+    destinations: tuple[Destination, ...]
+    cum_weights: tuple[int, ...]  # running sums of weights, for a bisect pick
+    timeout: float | None
+    retries: RetryPolicy
+    fault: Fault | None
+    mirror: Destination | None
+    mirror_percent: float
+    rewrite_uri: str | None
+    rewrite_authority: str | None
+
+    @property
+    def needs_headers(self) -> bool:
+        return any(m.headers for m in self.matches)
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualService:
+    namespace: str
+    name: str
+    hosts: tuple[str, ...]
+    routes: tuple[HttpRoute, ...]
+    needs_headers: bool = False  # some match tests headers: build the header dict for it
+
+
+# --- DestinationRule -------------------------------------------------------------------------------
+
+LbPolicy = str  # "ROUND_ROBIN" | "LEAST_REQUEST" | "RANDOM" | "PASSTHROUGH"
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierPolicy:
+    consecutive_5xx: int = 5
+    consecutive_gateway: int = 0  # 0: disabled, as in Envoy
+    interval: float = 10.0
+    base_ejection_time: float = 30.0
+    max_ejection_percent: int = 10
+    min_health_percent: int = 0
+
+    @classmethod
+    def build(cls, d: Mapping[str, Any]) -> OutlierPolicy:
+        return cls(
+            consecutive_5xx=d.get("consecutive5xxErrors", 5),
+            consecutive_gateway=d.get("consecutiveGatewayErrors", 0),
+            interval=parse_duration(d["interval"]) if "interval" in d else 10.0,
+            base_ejection_time=parse_duration(d["baseEjectionTime"]) if "baseEjectionTime" in d else 30.0,
+            max_ejection_percent=d.get("maxEjectionPercent", 10),
+            min_health_percent=d.get("minHealthPercent", 0),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PoolLimits:
+    max_connections: int = 2**32 - 1
+    connect_timeout: float = 10.0
+    max_pending: int = 2**32 - 1
+    max_requests_per_connection: int = 0  # 0: unlimited
+    idle_timeout: float = 3600.0
+
+    @classmethod
+    def build(cls, d: Mapping[str, Any]) -> PoolLimits:
+        tcp, http = d.get("tcp") or {}, d.get("http") or {}
+        return cls(
+            max_connections=tcp.get("maxConnections", 2**32 - 1) or 2**32 - 1,
+            connect_timeout=parse_duration(tcp["connectTimeout"]) if "connectTimeout" in tcp else 10.0,
+            max_pending=http.get("http1MaxPendingRequests", 2**32 - 1) or 2**32 - 1,
+            max_requests_per_connection=http.get("maxRequestsPerConnection", 0),
+            idle_timeout=parse_duration(http["idleTimeout"]) if "idleTimeout" in http else 3600.0,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficPolicy:
+    lb: LbPolicy = "ROUND_ROBIN"  # Istio's documented default is LEAST_REQUEST-like; RR is predictable
+    pool: PoolLimits = PoolLimits()
+    outlier: OutlierPolicy | None = None
+    tls_mode: str = "DISABLE"
+
+    def merged(self, d: Mapping[str, Any] | None) -> TrafficPolicy:
+        """This policy with the fields ``d`` gives replaced (a subset's policy over the rule's)."""
+        if not d:
+            return self
+        return TrafficPolicy(
+            lb=d["loadBalancer"]["simple"] if "loadBalancer" in d else self.lb,
+            pool=PoolLimits.build(d["connectionPool"]) if "connectionPool" in d else self.pool,
+            outlier=OutlierPolicy.build(d["outlierDetection"]) if "outlierDetection" in d else self.outlier,
+            tls_mode=d["tls"]["mode"] if "tls" in d else self.tls_mode,
+        )
+
+
+DEFAULT_POLICY = TrafficPolicy()
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    """What a (service, port, subset) resolves to: backends and the traffic policy that applies."""
+
+    key: ClusterKey
+    service: Service
+    backends: tuple[Backend, ...]
+    policy: TrafficPolicy
+
+
+# --- the snapshot ----------------------------------------------------------------------------------
+
+
+def _fail(where: str, message: str) -> ConfigError:
+    return ConfigError(f"L7 config {where}: {message}")
+
+
+@dataclass(frozen=True)
+class L7Config:
+    cluster_domain: str
+    services: Mapping[tuple[str, str], Service]
+    by_vip: Mapping[str, Service]
+    by_host: Mapping[str, Service]  # fqdn, name.namespace and extra hosts -> service
+    vs_for: Mapping[tuple[str, str], VirtualService]  # service key -> the VirtualService that applies
+    subsets: Mapping[tuple[str, str], Mapping[str, Mapping[str, str]]]  # service key -> subset -> labels
+    policies: Mapping[tuple[str, str], tuple[TrafficPolicy, Mapping[str, TrafficPolicy]]]
+    clusters: Mapping[ClusterKey, Cluster] = field(compare=False, repr=False)
+
+    # -- lookups used per request (cheap dict gets) --
+
+    def service_at(self, host: str) -> Service | None:
+        """The service a destination IP or host name (no port) names, or None."""
+        return self.by_vip.get(host) or self.by_host.get(host) or self.by_host.get(host.rstrip("."))
+
+    def cluster(self, service: Service, port: int | None, subset: str) -> Cluster | None:
+        """Backends and policy of (service, port, subset); None when the subset or port is unknown."""
+        sp = service.port_for(port)
+        if sp is None:
+            return None
+        key = (service.namespace, service.name, sp.port, subset)
+        return self.clusters.get(key)
+
+    # -- building --
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> L7Config:
+        if not isinstance(d, Mapping):
+            raise _fail("", "must be a JSON object")
+        unknown = set(d) - {"cluster_domain", "services", "virtual_services", "destination_rules"}
+        if unknown:
+            raise _fail("", f"unknown keys {sorted(unknown)}; supported: cluster_domain, services, "
+                        "virtual_services, destination_rules")
+        domain = d.get("cluster_domain", "cluster.local")
+        services: dict[tuple[str, str], Service] = {}
+        for i, sd in enumerate(d.get("services") or ()):
+            svc = _build_service(sd, domain, f"services[{i}]")
+            if svc.key in services:
+                raise _fail(f"services[{i}]", f"service {svc.namespace}/{svc.name} is listed twice")
+            services[svc.key] = svc
+        by_vip = {s.vip: s for s in services.values() if s.vip}
+        by_host: dict[str, Service] = {}
+        for s in services.values():
+            for h in (s.fqdn, f"{s.name}.{s.namespace}", f"{s.name}.{s.namespace}.svc", *s.hosts):
+                by_host.setdefault(h, s)
+        # A bare name in a Host header ("reviews") resolves in the client's namespace, which the Host
+        # header does not tell; take it when only one namespace has a service of that name.
+        names: dict[str, list[Service]] = {}
+        for s in services.values():
+            names.setdefault(s.name, []).append(s)
+        for name, same in names.items():
+            if len(same) == 1:
+                by_host.setdefault(name, same[0])
+        resolver = _HostResolver(services, by_host, domain)
+
+        subsets: dict[tuple[str, str], dict[str, Mapping[str, str]]] = {}
+        policies: dict[tuple[str, str], tuple[TrafficPolicy, Mapping[str, TrafficPolicy]]] = {}
+        for i, doc in enumerate(d.get("destination_rules") or ()):
+            r = _validated(doc, "DestinationRule", f"destination_rules[{i}]")
+            spec = r.body["spec"]
+            svc = resolver.one(spec["host"], r.namespace)
+            if svc is None or svc.key in policies:  # Istio: the first rule for a host wins
+                continue
+            top = DEFAULT_POLICY.merged(spec.get("trafficPolicy"))
+            subsets[svc.key] = {s["name"]: MappingProxyType(dict(s["labels"])) for s in spec.get("subsets") or ()}
+            policies[svc.key] = (top, MappingProxyType({
+                s["name"]: top.merged(s.get("trafficPolicy")) for s in spec.get("subsets") or ()}))
+
+        vs_for: dict[tuple[str, str], VirtualService] = {}
+        exact_claims: set[tuple[str, str]] = set()
+        for i, doc in enumerate(d.get("virtual_services") or ()):
+            r = _validated(doc, "VirtualService", f"virtual_services[{i}]")
+            vs = _build_vs(r, resolver)
+            for host in vs.hosts:
+                exact = not host.startswith("*")
+                for svc in resolver.matching(host, r.namespace):
+                    # An exact host beats a wildcard whatever the order; otherwise the first wins (Istio).
+                    if svc.key not in vs_for or (exact and svc.key not in exact_claims):
+                        vs_for[svc.key] = vs
+                    if exact:
+                        exact_claims.add(svc.key)
+        clusters: dict[ClusterKey, Cluster] = {}
+        for svc in services.values():
+            top, subset_policies = policies.get(svc.key, (DEFAULT_POLICY, {}))
+            named = subsets.get(svc.key, {})
+            for sp in svc.ports:
+                clusters[(svc.namespace, svc.name, sp.port, "")] = Cluster(
+                    (svc.namespace, svc.name, sp.port, ""), svc, svc.backends(sp), top)
+                for subset, labels in named.items():
+                    key = (svc.namespace, svc.name, sp.port, subset)
+                    clusters[key] = Cluster(key, svc, svc.backends(sp, labels), subset_policies[subset])
+        return cls(domain, MappingProxyType(services), MappingProxyType(by_vip), MappingProxyType(by_host),
+                   MappingProxyType(vs_for), MappingProxyType(subsets), MappingProxyType(policies),
+                   MappingProxyType(clusters))
+
+
+def load_file(path: str) -> L7Config:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"L7 config {path}: cannot read: {e.strerror}") from None
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(f"L7 config {path}: not valid JSON: {e}") from None
+    return L7Config.from_dict(data)
+
+
+class _HostResolver:
+    """Istio short names relative to a namespace -> services."""
+
+    def __init__(self, services: Mapping[tuple[str, str], Service], by_host: Mapping[str, Service],
+                 domain: str) -> None:
+        self.services, self.by_host, self.domain = services, by_host, domain
+
+    def fqdn(self, host: str, namespace: str) -> str:
+        if "." not in host:
+            return f"{host}.{namespace}.svc.{self.domain}"
+        if host.count(".") == 1 and host not in self.by_host:
+            return f"{host}.svc.{self.domain}"
+        return host
+
+    def one(self, host: str, namespace: str) -> Service | None:
+        if "." not in host:  # a short name is relative to the resource's namespace, never global
+            return self.by_host.get(self.fqdn(host, namespace))
+        return self.by_host.get(host) or self.by_host.get(self.fqdn(host, namespace))
+
+    def matching(self, host: str, namespace: str) -> list[Service]:
+        if host == "*":
+            return list(self.services.values())
+        if host.startswith("*."):
+            suffix = host[1:]
+            return [s for s in self.services.values()
+                    if s.fqdn.endswith(suffix) or any(h.endswith(suffix) for h in s.hosts)]
+        svc = self.one(host, namespace)
+        return [svc] if svc else []
+
+
+def _validated(doc: Any, kind: str, where: str):
+    try:
+        r = validate(doc, where)
+    except ResourceError as e:
+        raise ConfigError(f"L7 config {e}") from None
+    if r.kind != kind:
+        raise _fail(where, f"expected a {kind}, got {r.kind}")
+    return r
+
+
+def _build_service(sd: Any, domain: str, where: str) -> Service:
+    if not isinstance(sd, Mapping):
+        raise _fail(where, "must be an object")
+    try:
+        name, namespace = str(sd["name"]), str(sd.get("namespace", "default"))
+        vip = sd.get("vip")
+        if vip is not None:
+            vip = str(ipaddress.ip_address(vip))
+        ports = tuple(ServicePort(int(p["port"]), int(p.get("target_port", p["port"])),
+                                  str(p.get("protocol", "TCP")), str(p.get("name", "")))
+                      for p in sd.get("ports") or ())
+        endpoints = tuple(
+            (str(ipaddress.ip_address(b["ip"])), int(b["port"]) if b.get("port") else None,
+             str(b.get("workload") or (b.get("labels") or {}).get("app") or b["ip"]),
+             MappingProxyType({str(k): str(v) for k, v in (b.get("labels") or {}).items()}))
+            for b in sd.get("backends") or ())
+        hosts = tuple(str(h) for h in sd.get("hosts") or ())
+    except (KeyError, TypeError, ValueError) as e:
+        raise _fail(where, f"bad service entry ({type(e).__name__}: {e}); see userspace_l7.config for "
+                    "the format") from None
+    return Service(name, namespace, f"{name}.{namespace}.svc.{domain}", vip, ports, endpoints, hosts)
+
+
+def _destination(d: Mapping[str, Any], weight: int, route_headers: Mapping[str, Any] | None,
+                 dest_headers: Mapping[str, Any] | None, namespace: str, resolver: _HostResolver) -> Destination:
+    rh, dh = HeaderOps.build((route_headers or {}).get("request")), HeaderOps.build((dest_headers or {}).get("request"))
+    rsh = HeaderOps.build((route_headers or {}).get("response"))
+    dsh = HeaderOps.build((dest_headers or {}).get("response"))
+    # Envoy's default: the less specific (route-level) edits are applied last and win.
+    return Destination(resolver.one(d["host"], namespace), d["host"], d.get("subset", ""),
+                       (d.get("port") or {}).get("number"), weight, dh.then(rh), dsh.then(rsh))
+
+
+def _percent(d: Mapping[str, Any] | None, default: float) -> float:
+    return float(d["value"]) if d else default
+
+
+def _build_vs(r, resolver: _HostResolver) -> VirtualService:
+    spec, ns = r.body["spec"], r.namespace
+    routes = []
+    for i, h in enumerate(spec["http"]):
+        matches = []
+        for m in h.get("match") or ():
+            ic = bool(m.get("ignoreUriCase"))
+            matches.append(Match(
+                uri=StringMatch.build(m["uri"], ic) if "uri" in m else None,
+                method=StringMatch.build(m["method"]) if "method" in m else None,
+                authority=StringMatch.build(m["authority"]) if "authority" in m else None,
+                scheme=StringMatch.build(m["scheme"]) if "scheme" in m else None,
+                headers=tuple((k.lower(), StringMatch.build(v)) for k, v in (m.get("headers") or {}).items()),
+                query=tuple((k, StringMatch.build(v)) for k, v in (m.get("queryParams") or {}).items()),
+                port=m.get("port"),
+                ignore_uri_case=ic,
+            ))
+        single = len(h["route"]) == 1
+        dests = tuple(_destination(rd["destination"], 100 if single else rd.get("weight", 0), h.get("headers"),
+                                   rd.get("headers"), ns, resolver) for rd in h["route"])
+        cum, total = [], 0
+        for dd in dests:
+            total += dd.weight
+            cum.append(total)
+        fault = None
+        if "fault" in h:
+            f = h["fault"]
+            delay, abort = f.get("delay") or {}, f.get("abort") or {}
+            fault = Fault(
+                delay=parse_duration(delay["fixedDelay"]) if delay else 0.0,
+                delay_percent=_percent(delay.get("percentage"), 0.0),
+                abort_status=abort.get("httpStatus", 0),
+                abort_percent=_percent(abort.get("percentage"), 0.0),
+            )
+        mirror = _destination(h["mirror"], 100, None, None, ns, resolver) if "mirror" in h else None
+        rewrite = h.get("rewrite") or {}
+        routes.append(HttpRoute(
+            name=h.get("name") or f"{ns}.{r.name}.{i}",
+            matches=tuple(matches),
+            destinations=dests,
+            cum_weights=tuple(cum),
+            timeout=parse_duration(h["timeout"]) if "timeout" in h else None,
+            retries=RetryPolicy.build(h.get("retries")),
+            fault=fault,
+            mirror=mirror,
+            mirror_percent=_percent(h.get("mirrorPercentage"), 100.0),
+            rewrite_uri=rewrite.get("uri"),
+            rewrite_authority=rewrite.get("authority"),
+        ))
+    return VirtualService(ns, r.name, tuple(spec["hosts"]), tuple(routes), any(x.needs_headers for x in routes))

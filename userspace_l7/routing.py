@@ -1,0 +1,191 @@
+"""Routing decisions: a pure function over a request head and a frozen config snapshot (sans-IO).
+
+    decision = route(config, request_head, ("10.96.0.10", 9080), rng)
+
+``route`` picks the destination service (by original destination: a VIP or a host name), the
+VirtualService that applies to it, the first matching http route, a weighted destination (with the
+injected ``rng``), the subset's cluster, the timeout, retry policy, fault (delay/abort, drawn with the
+rng), header edits and mirror. It does no I/O and keeps no state, so unit tests drive it directly.
+Load balancing inside the chosen cluster and outlier detection are stateful and live in `balancer`
+and `outlier`; `should_retry` says whether an attempt's outcome is retried.
+
+Istio semantics worth knowing: exact and regex uri matches test the path without the query string,
+prefix tests the whole target (as Envoy); ``ignoreUriCase`` applies to exact and prefix; matches in one
+``match`` entry are ANDed, entries are ORed, a route without ``match`` matches everything; no matching
+route -> 404; no VirtualService -> the service's own backends with Istio's default retries.
+"""
+
+from __future__ import annotations
+
+import random
+from bisect import bisect_right
+from urllib.parse import parse_qsl
+
+from .config import (
+    DEFAULT_RETRIES,
+    Cluster,
+    Destination,
+    HeaderOps,
+    HttpRoute,
+    L7Config,
+    Match,
+    RetryPolicy,
+    Service,
+)
+from .http1 import Request
+
+__all__ = ["NO_HEADERS", "RouteDecision", "parse_authority", "route", "should_retry"]
+
+NO_HEADERS = HeaderOps()
+
+
+class RouteDecision:
+    """What to do with one request. ``status`` non-zero: answer locally with it (after ``delay``)."""
+
+    __slots__ = ("status", "reason", "service", "route_name", "subset", "cluster", "path", "authority",
+                 "timeout", "retries", "delay", "request_headers", "response_headers", "mirror")
+
+    def __init__(self, status: int = 0, reason: str = "", service: Service | None = None, route_name: str = "",
+                 subset: str = "", cluster: Cluster | None = None, path: str = "/", authority: str | None = None,
+                 timeout: float | None = None, retries: RetryPolicy = DEFAULT_RETRIES, delay: float = 0.0,
+                 request_headers: HeaderOps = NO_HEADERS, response_headers: HeaderOps = NO_HEADERS,
+                 mirror: Cluster | None = None) -> None:
+        self.status = status
+        self.reason = reason
+        self.service = service
+        self.route_name = route_name
+        self.subset = subset
+        self.cluster = cluster
+        self.path = path
+        self.authority = authority  # rewritten Host, or None to keep the client's
+        self.timeout = timeout
+        self.retries = retries
+        self.delay = delay
+        self.request_headers = request_headers
+        self.response_headers = response_headers
+        self.mirror = mirror
+
+    def __repr__(self) -> str:
+        if self.status:
+            return f"RouteDecision(local {self.status} {self.reason!r}, route={self.route_name!r})"
+        return f"RouteDecision(route={self.route_name!r}, cluster={self.cluster and self.cluster.key})"
+
+
+def parse_authority(authority: str, default_port: int = 80) -> tuple[str, int]:
+    """``"reviews:9080"`` -> ("reviews", 9080); ``"[::1]:80"`` -> ("::1", 80); no port -> default."""
+    host, port = authority, default_port
+    if authority.startswith("["):
+        end = authority.find("]")
+        host = authority[1:end]
+        rest = authority[end + 1:]
+        if rest.startswith(":") and rest[1:].isdigit():
+            port = int(rest[1:])
+    elif authority.count(":") == 1:
+        host, _, p = authority.partition(":")
+        if p.isdigit():
+            port = int(p)
+    return host.lower(), port
+
+
+def route(config: L7Config, head: Request, original_dst: tuple[str, int], rng: random.Random) -> RouteDecision:
+    """Decide how to serve ``head`` sent to ``original_dst`` (an IP or host name, and a port)."""
+    host, port = original_dst
+    service = config.service_at(host)
+    if service is None:
+        return RouteDecision(404, f"no service at {host}", path=head.target)
+    vs = config.vs_for.get(service.key)
+    if vs is None:
+        cluster = config.cluster(service, port, "")
+        if cluster is None:
+            return RouteDecision(404, f"service {service.fqdn} has no port {port}", service, path=head.target)
+        return RouteDecision(0, "", service, "default", "", cluster, head.target)
+
+    target = head.target
+    headers = dict(head.headers) if vs.needs_headers else None
+    for r in vs.routes:
+        if not r.matches or any(_matches(m, head, target, port, headers) for m in r.matches):
+            break
+    else:
+        return RouteDecision(404, "route not found", service, path=target)
+
+    dest = r.destinations[0] if len(r.destinations) == 1 else \
+        r.destinations[bisect_right(r.cum_weights, rng.randrange(r.cum_weights[-1]))]
+    decision = RouteDecision(0, "", dest.service or service, r.name, dest.subset, None, target,
+                             r.rewrite_authority, r.timeout, r.retries, 0.0,
+                             dest.request_headers, dest.response_headers)
+    if r.rewrite_uri is not None:
+        decision.path = _rewrite(r, target, head, port, headers)
+    decision.cluster = cluster = _cluster(config, dest, port)
+    if cluster is None:
+        decision.status, decision.reason = 503, f"no cluster for {dest.host} subset {dest.subset or '-'}"
+    fault = r.fault
+    if fault is not None:
+        if fault.delay_percent and rng.random() * 100 < fault.delay_percent:
+            decision.delay = fault.delay
+        if fault.abort_percent and rng.random() * 100 < fault.abort_percent:
+            decision.status, decision.reason = fault.abort_status, "fault filter abort"
+    if r.mirror is not None and (r.mirror_percent >= 100 or rng.random() * 100 < r.mirror_percent):
+        decision.mirror = _cluster(config, r.mirror, port)
+    return decision
+
+
+def _cluster(config: L7Config, dest: Destination, port: int) -> Cluster | None:
+    if dest.service is None:
+        return None
+    # The destination's own port, else the request's port if the service has it, else its only port.
+    want = dest.port if dest.port is not None else port
+    c = config.cluster(dest.service, want, dest.subset)
+    if c is None and dest.port is None and dest.service.ports:
+        c = config.cluster(dest.service, dest.service.ports[0].port, dest.subset)
+    return c
+
+
+def _matches(m: Match, head: Request, target: str, port: int, headers: dict[str, str] | None) -> bool:
+    if m.port is not None and m.port != port:
+        return False
+    if m.method is not None and not m.method.matches(head.method):
+        return False
+    if m.uri is not None:
+        uri = target if m.uri.kind == "prefix" else target.partition("?")[0]
+        if m.ignore_uri_case and m.uri.kind != "regex":
+            uri = uri.lower()
+        if not m.uri.matches(uri):
+            return False
+    if m.authority is not None and not m.authority.matches(head.host or ""):
+        return False
+    if m.scheme is not None and not m.scheme.matches("http"):
+        return False
+    for name, sm in m.headers:
+        if not sm.matches(headers.get(name)):
+            return False
+    if m.query:
+        params = dict(parse_qsl(target.partition("?")[2], keep_blank_values=True))
+        for name, sm in m.query:
+            if not sm.matches(params.get(name)):
+                return False
+    return True
+
+
+def _rewrite(r: HttpRoute, target: str, head: Request, port: int, headers: dict[str, str] | None) -> str:
+    """Istio: replace the matched prefix with rewrite.uri, or the whole path for other matches."""
+    for m in r.matches:
+        if m.uri is not None and m.uri.kind == "prefix" and _matches(m, head, target, port, headers):
+            return r.rewrite_uri + target[len(m.uri.value):]
+    path, sep, query = target.partition("?")
+    return r.rewrite_uri + sep + query
+
+
+def should_retry(policy: RetryPolicy, status: int = 0, failure: str = "") -> bool:
+    """Whether an attempt that ended with ``status`` (a response) or ``failure`` ("connect", "reset",
+    "timeout" for a per-try timeout) is retried under ``policy`` (attempts left is the caller's count)."""
+    if failure:
+        if failure == "connect":
+            return policy.on_connect_failure or policy.on_5xx or policy.on_gateway_error
+        if failure == "reset":
+            return policy.on_reset or policy.on_5xx
+        return policy.on_5xx or policy.on_gateway_error  # per-try timeout counts as a 504
+    if status in policy.status_codes:
+        return True
+    if status >= 500:
+        return policy.on_5xx or (policy.on_gateway_error and status in (502, 503, 504))
+    return status == 409 and policy.on_retriable_4xx
