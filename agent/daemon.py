@@ -8,6 +8,7 @@ socket with a thread per connection; prometheus-client serves /metrics. Every st
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -23,11 +24,20 @@ from agent import identity as ids
 from agent.config import ConfigError, NodeConfig, load
 from agent.datapath import clock, maps
 from agent.datapath.loader import PROGRAMS, Datapath, DatapathError
-from agent.datapath.redirect import CGROUP_ROOT, RedirectDatapath, netns_cookie
-from agent.flows import EndpointRef, FlowBuffer, FlowContext, FlowCounters, decode_event
+from agent.datapath.redirect import CGROUP_ROOT, LB_F_L7, RedirectDatapath, netns_cookie
+from agent.flows import EndpointRef, FlowBuffer, FlowContext, FlowCounters, decode_event, enrich_l7_flow
 from agent.identity import IdentityAllocator
+from agent.l7 import L7Supervisor, l7_config, l7_services, write_if_changed
 from agent.labels import LabelError, check_key, check_value, security_labels
-from agent.node import NodeError, NodeLock, enable_forwarding, fence_service_cidr, local_ipv4_addresses
+from agent.node import (
+    NodeError,
+    NodeLock,
+    enable_forwarding,
+    fence_service_cidr,
+    local_ipv4_addresses,
+    router_ip,
+    set_router_ip,
+)
 from agent.policy.compiler import PolicyCompileError, PolicyInput
 from agent.reconcile import POLICY_KINDS, DesiredState, MapSync, compute
 from agent.services import ServiceError, ServiceView, allocate_vip, backends_for, hosts_file, service_ports
@@ -56,6 +66,9 @@ class Agent:
         self.redirect = RedirectDatapath(cfg.bpffs_dir)
         self.sync: MapSync | None = None
         self.services: list[ServiceView] = []
+        self.router_ip = router_ip(cfg.pod_cidr)
+        self.l7: L7Supervisor | None = None
+        self._l7_config_path = os.path.join(cfg.state_dir, f"l7-{cfg.node_name}.json")
         self.netns_cookies: dict[str, int] = {}  # endpoint name -> its network namespace's cookie
         self.flows = FlowBuffer()
         self.counters = FlowCounters()
@@ -75,6 +88,7 @@ class Agent:
     def start(self) -> None:
         enable_forwarding()
         fence_service_cidr(self.cfg.service_cidr)
+        set_router_ip(self.cfg.pod_cidr)
         ep.create_cgroup(self.cfg.cgroup)
         self.datapath.load()
         self.sync = MapSync(self.datapath)  # adopts whatever the pinned maps hold
@@ -142,7 +156,7 @@ class Agent:
                 )
         desired = DesiredState(
             local_endpoints=local, all_endpoints=all_eps, identities=self.identities.all(),
-            policies=policies, local_node_ips=local_ipv4_addresses(self.cfg.pod_cidr),
+            policies=policies, local_node_ips=[*local_ipv4_addresses(self.cfg.pod_cidr), self.router_ip],
             remote_node_ips=self._remote_node_ips(), mode=self.cfg.policy_enforcement,
             cidr_identities=self._load_cidr_identities(),
         )
@@ -197,11 +211,19 @@ class Agent:
         for key in self.store.list("services/vips"):
             if key.split("/", 2)[2] not in live:
                 self.store.delete(key)
-        self.redirect.sync_services({
-            (v.vip, p.port, p.protocol): [(b.ip, p.target_port) for b in v.backends]
-            for v in views for p in v.ports if p.protocol in ("tcp", "udp")
-        })
+        vs_bodies, dr_bodies = self._resources("VirtualService"), self._resources("DestinationRule")
+        with_l7 = l7_services(vs_bodies, dr_bodies, self.cfg.trust_domain)
+        views = [dataclasses.replace(v, l7=(v.namespace, v.name) in with_l7) for v in views]
+        self.redirect.sync_services(
+            {(v.vip, p.port, p.protocol): [(b.ip, p.target_port) for b in v.backends]
+             for v in views for p in v.ports if p.protocol in ("tcp", "udp")},
+            flags={(v.vip, p.port, p.protocol): LB_F_L7 for v in views if v.l7 for p in v.ports
+                   if p.protocol == "tcp"},
+        )
         self.services = views
+        labels_by_ip = {e.ip: dict(e.labels) for e in all_eps}
+        write_if_changed(self._l7_config_path,
+                         l7_config(views, vs_bodies, dr_bodies, labels_by_ip, self.cfg.trust_domain))
         for rec in local:
             self._write_hosts(rec, views)
 
@@ -242,6 +264,22 @@ class Agent:
 
         compile_policies(policies, [], [], mode=self.cfg.policy_enforcement,
                          cidr_identities=self._load_cidr_identities())
+
+    # ---- the L7 processor --------------------------------------------------------------------------
+
+    def start_l7(self) -> None:
+        host, port = self.cfg.metrics_host_port
+        self.l7 = L7Supervisor(
+            config_path=self._l7_config_path, listen=f"{self.router_ip}:{self.cfg.l7_ports.outbound}",
+            flows_path=os.path.join(self.cfg.state_dir, f"l7-flows-{self.cfg.node_name}.sock"),
+            metrics_addr=f"{host}:{port + 1}", node_name=self.cfg.node_name, on_flow=self._on_l7_flow,
+        )
+        self.l7.start()
+
+    def _on_l7_flow(self, record: dict) -> None:
+        flow = enrich_l7_flow(record, self.flow_ctx)
+        self.flows.add(flow)
+        self.counters.observe(flow)
 
     # ---- events ----------------------------------------------------------------------------------
 
@@ -421,6 +459,9 @@ class Agent:
             "store": self.cfg.store,
             "api_socket": self.cfg.api_socket,
             "policy_enforcement": self.cfg.policy_enforcement,
+            "l7_processor": {"pid": self.l7.pid() if self.l7 else None,
+                             "restarts": self.l7.restarts if self.l7 else 0,
+                             "listen": f"{self.router_ip}:{self.cfg.l7_ports.outbound}"},
         }
 
 
@@ -469,6 +510,7 @@ def run_agent(config_path: str | None) -> int:
         api = ApiServer(agent)
         api.start()
         start_metrics(agent)
+        agent.start_l7()
         threading.Thread(target=agent._poll_events, name="events", daemon=True).start()
         agent.ready = True
         log.info("agent ready: node %s, %d endpoints, API %s", cfg.node_name, len(agent.ifindex), cfg.api_socket)
@@ -480,6 +522,8 @@ def run_agent(config_path: str | None) -> int:
         return 1
     finally:
         stop.set()
+        if agent.l7:
+            agent.l7.stop()
         if api:
             api.stop()
         lock.release()

@@ -166,6 +166,22 @@ def _endpoint_side(
     return side
 
 
+def enrich_l7_flow(record: dict[str, Any], ctx: FlowContext) -> dict[str, Any]:
+    """An L7 record from the processor (userspace_l7/flows.py) with both sides named as L4 flows
+    name them: identity, labels, namespace and pod from the endpoint that owns each address."""
+    flow = dict(record)
+    flow.setdefault("node_name", ctx.node_name)
+    flow["event_type"] = "l7"
+    src_ip = (record.get("IP") or {}).get("source")
+    dst = record.get("destination") or {}
+    dst_ip = str(dst.get("address", "")).rpartition(":")[0] or None
+    for key, ip, extra in (("source", src_ip, record.get("source") or {}), ("destination", dst_ip, dst)):
+        ref = ctx.endpoints_by_ip.get(ip) if ip else None
+        side = _endpoint_side(ctx, ip, ref.identity if ref else 0, False, 0) if ref else {}
+        flow[key] = {**extra, **side}
+    return flow
+
+
 def _l4(ev: FlowEventC) -> tuple[dict[str, Any], str, int | None]:
     """(l4 object, Summary, top-level "protocol" for protocols without an l4 schema)."""
     proto, sport, dport = ev.proto, ev.sport, ev.dport  # ports are in host order in the event

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import urllib.request
+
 from prometheus_client import start_http_server
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.datapath.reasons import reason_name
 from agent.policy.types import DIRECTION_NAMES
@@ -54,6 +57,21 @@ class AgentCollector:
         lost = CounterMetricFamily("meshagent_lost_events", "Flow events lost because the ring buffer was full")
         lost.add_metric([], a.datapath.lost_events())
         yield lost
+        yield from self._l7_metrics()
+
+    def _l7_metrics(self):
+        """The L7 processor's istio_* metrics, re-exported so one scrape of the node sees all."""
+        l7 = self.agent.l7
+        if l7 is None or l7.pid() is None:
+            return
+        try:
+            with urllib.request.urlopen(f"http://{l7.metrics_addr}/metrics", timeout=1) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return  # restarting: this scrape goes without them
+        for family in text_string_to_metric_families(text):
+            if family.name.startswith("istio_"):
+                yield family
 
 
 def start_metrics(agent) -> None:

@@ -71,6 +71,25 @@ def fence_service_cidr(service_cidr: str, present: bool = True) -> None:
                 raise
 
 
+def router_ip(pod_cidr: str) -> str:
+    """The node's own address in its pod CIDR (the first host address, never given to an endpoint):
+    endpoints reach the L7 processor there, through their default route."""
+    return str(next(ipaddress.IPv4Network(pod_cidr).hosts()))
+
+
+def set_router_ip(pod_cidr: str, present: bool = True) -> None:
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with IPRoute() as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        try:
+            ipr.addr("replace" if present else "del", index=lo, address=router_ip(pod_cidr), prefixlen=32)
+        except NetlinkError as e:
+            if present or e.code not in (errno.EADDRNOTAVAIL, errno.ENOENT):
+                raise
+
+
 def local_ipv4_addresses(pod_cidr: str) -> list[str]:
     """Addresses of this namespace's interfaces, minus loopback and pod addresses: the host identity."""
     from pyroute2 import IPRoute
@@ -114,6 +133,7 @@ def teardown(cfg: NodeConfig, endpoints: bool = False) -> list[str]:
         RedirectDatapath(cfg.bpffs_dir).detach()  # the socket programs at the cgroup root
         done.append("detached the service load-balancing programs")
         fence_service_cidr(cfg.service_cidr, present=False)
+        set_router_ip(cfg.pod_cidr, present=False)
         done.append(f"removed the unreachable route for {cfg.service_cidr}")
         if os.path.isdir(cfg.bpffs_dir):
             for name in sorted(os.listdir(cfg.bpffs_dir)):
@@ -125,7 +145,8 @@ def teardown(cfg: NodeConfig, endpoints: bool = False) -> list[str]:
         if endpoints and os.path.isdir(cfg.cgroup):
             ep.remove_cgroup(cfg.cgroup)
             done.append(f"removed cgroup {cfg.cgroup}")
-        for path in (cfg.api_socket, os.path.join(cfg.state_dir, f"cidr-identities-{cfg.node_name}.json")):
+        for path in (cfg.api_socket, os.path.join(cfg.state_dir, f"cidr-identities-{cfg.node_name}.json"),
+                     os.path.join(cfg.state_dir, f"l7-{cfg.node_name}.json")):
             if os.path.exists(path):
                 os.unlink(path)
                 done.append(f"removed {path}")

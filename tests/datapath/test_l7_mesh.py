@@ -1,0 +1,162 @@
+"""The agent's L7 processor in a node: supervised, configured from VirtualService/DestinationRule,
+reporting L7 flows and istio_* metrics through the agent."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+PY = sys.executable
+
+# A backend that answers every request with its own name.
+BACKEND = r"""
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+name = sys.argv[1]
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = name.encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+srv = ThreadingHTTPServer(("0.0.0.0", 8080), H)
+print("ready", flush=True)
+srv.serve_forever()
+"""
+
+# Sends N keep-alive requests through the processor with a Host header; prints the body counts.
+CLIENT = r"""
+import http.client, json, sys
+proxy, host, n, path = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+ip, port = proxy.split(":")
+conn = http.client.HTTPConnection(ip, int(port), timeout=5)
+out = {}
+for _ in range(n):
+    conn.request("GET", path, headers={"Host": host})
+    r = conn.getresponse()
+    body = r.read().decode()
+    key = f"{r.status}:{body}"
+    out[key] = out.get(key, 0) + 1
+print(json.dumps(out))
+"""
+
+RESOURCES = """
+apiVersion: v1
+kind: Service
+metadata: {name: shop, namespace: default}
+spec:
+  selector: {app: shop}
+  ports: [{name: http, port: 80, targetPort: 8080, protocol: TCP}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: shop, namespace: default}
+spec:
+  host: shop
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: shop, namespace: default}
+spec:
+  hosts: [shop]
+  http:
+  - route:
+    - {destination: {host: shop, subset: v1}, weight: 80}
+    - {destination: {host: shop, subset: v2}, weight: 20}
+"""
+
+
+@pytest.fixture(scope="module")
+def mesh(node):
+    eps = {
+        "v1": node.add_endpoint("shop-v1", "app=shop,version=v1"),
+        "v2": node.add_endpoint("shop-v2", "app=shop,version=v2"),
+        "client": node.add_endpoint("buyer", "role=buyer"),
+    }
+    for v in ("v1", "v2"):
+        srv = node.spawn([*node.in_ep(eps[v]), PY, "-c", BACKEND, v])
+        assert srv.stdout.readline().strip() == "ready"
+    node.apply(RESOURCES)
+    status = node.cli_json("status")
+    proxy = status["l7_processor"]["listen"]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # the processor polls its config file once a second
+        if requests(node, eps["client"], proxy, 1).get("200:v1", 0) + requests(
+                node, eps["client"], proxy, 1).get("200:v2", 0):
+            break
+        time.sleep(0.5)
+    return eps, proxy
+
+
+def requests(node, ep, proxy, n, path="/", host="shop") -> dict:
+    proc = subprocess.run([*node.in_ep(ep), PY, "-c", CLIENT, proxy, host, str(n), path],
+                          capture_output=True, text=True, timeout=120)
+    return json.loads(proc.stdout) if proc.returncode == 0 else {"error": proc.stderr[-300:]}
+
+
+def test_services_with_l7_config_are_marked_l7(node, mesh):
+    items = node.cli_json("service", "list")
+    items = items["items"] if isinstance(items, dict) else items
+    assert next(s for s in items if s["name"] == "shop")["mode"] == "L7"
+
+
+def test_weighted_split_through_the_processor(node, mesh):
+    eps, proxy = mesh
+    n = 400
+    got = requests(node, eps["client"], proxy, n)
+    v2 = got.get("200:v2", 0)
+    assert got.get("200:v1", 0) + v2 == n, got
+    sigma = math.sqrt(n * 0.2 * 0.8)
+    assert abs(v2 - n * 0.2) <= 5 * sigma, got
+
+
+def test_l7_flows_reach_meshagent_flows(node, mesh):
+    eps, proxy = mesh
+    requests(node, eps["client"], proxy, 3, path="/cart/7")
+    time.sleep(1.0)  # the processor flushes flows every 0.25 s
+    flows = [f for f in node.flows("--type", "l7") if f["l7"]["http"]["url"] == "/cart/7"]
+    assert len(flows) >= 3, flows
+    f = flows[-1]
+    assert f["Type"] == "L7" and f["l7"]["http"]["method"] == "GET" and f["l7"]["http"]["code"] == 200
+    assert f["l7"]["latency_ns"] > 0
+    assert f["source"]["pod_name"] == eps["client"]["name"]
+    assert f["destination"]["pod_name"] in (eps["v1"]["name"], eps["v2"]["name"])
+
+
+def test_istio_metrics_in_the_node_scrape(node, mesh):
+    eps, proxy = mesh
+    requests(node, eps["client"], proxy, 2)
+    text = node.ns(["curl", "-s", f"http://{node.config['metrics_addr']}/metrics"]).stdout
+    assert "istio_requests_total{" in text
+    assert 'response_code="200"' in text
+    assert "istio_request_duration_milliseconds_bucket" in text
+
+
+def test_processor_is_restarted_when_killed(node, mesh):
+    eps, proxy = mesh
+    before = node.cli_json("status")["l7_processor"]
+    os.kill(before["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        now = node.cli_json("status")["l7_processor"]
+        if now["pid"] and now["pid"] != before["pid"]:
+            break
+        time.sleep(0.2)
+    assert now["restarts"] == before["restarts"] + 1
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not requests(node, eps["client"], proxy, 1).get("200:v1", 0) + \
+            requests(node, eps["client"], proxy, 1).get("200:v2", 0):
+        time.sleep(0.3)
+    got = requests(node, eps["client"], proxy, 20)
+    assert sum(v for k, v in got.items() if k.startswith("200:")) == 20, got
