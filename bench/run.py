@@ -1,4 +1,6 @@
-"""`make bench`: L4 policy overhead, meshagent vs no agent vs iptables (SPEC §9, first comparison).
+"""`make bench`: L4 policy overhead, meshagent vs no agent vs iptables (SPEC §9, first comparison),
+then the L7 processor vs haproxy (bench/l7.py). BENCH_ONLY=l4 or BENCH_ONLY=l7 runs one part; the
+other part's section of bench/results/latest.json is then kept from the previous run.
 
 Every configuration is its own "node": a network namespace with two endpoints (a: client, b:
 server) wired the way agent/endpoint.py wires them (a veth per endpoint, /32 routes, 169.254.1.1
@@ -725,6 +727,16 @@ def _fmt(stat: dict | None, digits: int = 0, scale: float = 1.0) -> str:
 
 
 def markdown(result: dict) -> str:
+    """Both sections: L4 (the top-level keys) when present, then L7 (result["l7"])."""
+    parts = [markdown_l4(result)] if "summary" in result else []
+    if "l7" in result:
+        from bench import l7
+
+        parts.append(l7.markdown(result["l7"]))
+    return "\n".join(parts)
+
+
+def markdown_l4(result: dict) -> str:
     s = result["settings"]
     lines = [
         "# meshagent bench: L4 policy overhead",
@@ -838,9 +850,32 @@ def setup(settings: Settings, janitor: Janitor, tmp: Path, housekeeping: set[int
 
 
 def main() -> int:
+    only = os.environ.get("BENCH_ONLY", "")
+    if only not in ("", "l4", "l7"):
+        raise SystemExit("BENCH_ONLY: l4 or l7 (default: both)")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind through the cleanups
+    result: dict[str, Any] = {}
+    if only:  # keep the section of the part not run from the previous results
+        with contextlib.suppress(OSError, ValueError):
+            previous = json.loads((RESULTS_DIR / "latest.json").read_text())
+            keep_l7 = only == "l4" and "l7" in previous
+            result = {"l7": previous["l7"]} if keep_l7 else {k: v for k, v in previous.items() if k != "l7"}
+    if only != "l7":
+        result.update(run_l4())
+    if only != "l4":
+        sys.modules.setdefault("bench.run", sys.modules[__name__])  # l7 imports this module's helpers
+        from bench import l7
+
+        result["l7"] = l7.run(int(_env_float("BENCH_ROUNDS", 5)), RESULTS_DIR)
+    print()
+    print(write_results(result))
+    log(f"wrote {RESULTS_DIR.relative_to(REPO)}/latest.json and latest.md")
+    return 0
+
+
+def run_l4() -> dict[str, Any]:
     preflight()
     settings = Settings.from_env()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind through the cleanup below
     cpus = set(os.sched_getaffinity(0))
     housekeeping = cpus - {settings.traffic_cpu} if settings.traffic_cpu is not None else cpus
     os.sched_setaffinity(0, housekeeping)  # this script and the agents stay off the traffic CPU
@@ -887,6 +922,7 @@ def main() -> int:
     finally:
         log("cleaning up")
         janitor.run_all()
+        os.sched_setaffinity(0, cpus)
     summary, ratios, targets = summarise(samples)
     result = {
         "started": started,
@@ -900,10 +936,7 @@ def main() -> int:
         "targets": targets,
         "samples": samples,
     }
-    print()
-    print(write_results(result))
-    log(f"wrote {RESULTS_DIR.relative_to(REPO)}/latest.json and latest.md")
-    return 0
+    return result
 
 
 if __name__ == "__main__":
