@@ -162,8 +162,10 @@ class MapSync:
         return int(self.dp.table("config_map")[0].policy_revision)
 
     def bump_revision(self) -> None:
-        cfg = self.dp.table("config_map")
-        cfg[0] = maps.DatapathConfigC(policy_revision=(self.revision() + 1) & 0xFFFFFFFF)
+        table = self.dp.table("config_map")
+        cfg = table[0]  # keep the element's other fields (the L7 processor's address)
+        cfg.policy_revision = (cfg.policy_revision + 1) & 0xFFFFFFFF
+        table[0] = cfg
         self.ops_total += 1
 
 

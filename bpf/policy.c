@@ -6,6 +6,12 @@
  * Both run the same steps: find the endpoint by ifindex, parse IPv4 and L4, anti-spoofing (egress),
  * conntrack, and for the first packet of a flow the policy decision. Every verdict that is
  * reported goes through send_flow_event() (bpf/lib/events.h).
+ *
+ * The node's L7 processor: an endpoint's new TCP flow to it (datapath_config.proxy_ip/port) is a
+ * redirect, admitted without the egress policy (VERDICT_REDIRECTED); a flow the processor opens to
+ * an endpoint on a client's behalf carries the client's identity in its mark, and the ingress
+ * policy decides on that identity (lib/common.h, MARK_MAGIC_IDENTITY). Both are checked only for
+ * a flow's first packet: established flows cost what they did.
  */
 #include "lib/common.h"
 #include "lib/drop_reasons.h"
@@ -199,7 +205,8 @@ static __always_inline void ct_track_close(struct __sk_buff *skb, struct endpoin
 		struct flow_event ev = {
 			.saddr = key->saddr, .daddr = key->daddr, .sport = key->sport, .dport = key->dport,
 			.proto = key->proto, .type = EVENT_FLOW_END,
-			.verdict = (ct->flags & CT_F_AUDIT) ? VERDICT_AUDIT : VERDICT_FORWARDED,
+			.verdict = (ct->flags & CT_F_REDIRECT) ? VERDICT_REDIRECTED :
+				   (ct->flags & CT_F_AUDIT) ? VERDICT_AUDIT : VERDICT_FORWARDED,
 			.dir = key->dir, .tcp_flags = p->tcp_flags, .ep_id = ep->ep_id,
 			.ifindex = skb->ifindex, .rule_id = ct->rule_id,
 			.packets = ct->packets_fwd + ct->packets_rev,
@@ -214,14 +221,48 @@ static __always_inline void ct_track_close(struct __sk_buff *skb, struct endpoin
 	ct->flags = flags;
 }
 
+/* A new flow from an endpoint to the node's L7 processor: the socket hooks of bpf/redirect.c sent
+ * it there (an L7 service), or the endpoint dialled it itself, which the processor refuses since
+ * it finds no original destination for the connection. */
+static __always_inline int is_proxy_redirect(struct datapath_config *cfg, struct pkt *p)
+{
+	return cfg && cfg->proxy_ip && p->daddr == cfg->proxy_ip && p->proto == IPPROTO_TCP &&
+	       p->dport == bpf_ntohs(cfg->proxy_port);
+}
+
+/**
+ * ingress_remote_identity - who sent a packet delivered to an endpoint
+ * @skb:   the packet; its mark is read for packets from the host
+ * @saddr: its source address, network order
+ * @flags: out: CT_F_PROXY_ID if the identity came from the L7 processor's mark
+ *
+ * The ipcache's identity of @saddr, except for a packet from a HOST address that carries an
+ * identity mark (MARK_MAGIC_IDENTITY, lib/common.h): the L7 processor forwarding a client's
+ * connection, and the client's identity is what the endpoint's ingress policy decides on.
+ */
+static __always_inline __u32 ingress_remote_identity(struct __sk_buff *skb, __u32 saddr, __u8 *flags)
+{
+	__u32 remote = ipcache_lookup_identity(saddr);
+	__u32 mark = skb->mark;
+
+	if (remote == IDENTITY_HOST && (mark & MARK_MAGIC_MASK) == MARK_MAGIC_IDENTITY &&
+	    (mark & MARK_IDENTITY_MASK)) {
+		*flags |= CT_F_PROXY_ID;
+		return mark & MARK_IDENTITY_MASK;
+	}
+	return remote;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 {
 	struct endpoint_info *ep;
+	struct datapath_config *cfg;
 	struct policy_result res = {};
 	struct ct_entry *ct;
 	struct ct_key key = {}, rkey = {};
 	struct pkt p = {};
 	__u32 ifindex = skb->ifindex, remote, revision;
+	__u8 ct_flags = 0;
 	int reply = 0, err;
 
 	ep = lookup_endpoint(ifindex);
@@ -263,22 +304,31 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		reply = ct != 0;
 	}
 
-	revision = current_policy_revision();
+	cfg = datapath_config();
+	revision = cfg ? cfg->policy_revision : 0;
 	if (ct) {
 		struct ct_key *orig = reply ? &rkey : &key;
 
 		if (ct->revision != revision) {
 			/* Policy changed since this flow was admitted: decide it again, as it was
-			 * first seen, so a revoked allow cuts established flows too. */
-			remote = ipcache_lookup_identity(orig->dir == DIR_EGRESS ? orig->daddr : orig->saddr);
-			policy_can_access(ep, orig->dir, remote, orig->proto, ct_policy_port(orig), &res);
-			if (res.verdict == VERDICT_DROPPED) {
-				ct_map.delete(orig);
-				return drop(skb, ep, dir, &p, DROP_POLICY_REVOKED, res.rule_id, remote, reply);
+			 * first seen, so a revoked allow cuts established flows too. A redirect to
+			 * the L7 processor has no policy to re-check; an identity taken from the
+			 * processor's mark is kept (later packets, replies above all, carry none). */
+			if (!(ct->flags & CT_F_REDIRECT)) {
+				if (ct->flags & CT_F_PROXY_ID)
+					remote = ct->remote_identity;
+				else
+					remote = ipcache_lookup_identity(orig->dir == DIR_EGRESS ? orig->daddr
+												 : orig->saddr);
+				policy_can_access(ep, orig->dir, remote, orig->proto, ct_policy_port(orig), &res);
+				if (res.verdict == VERDICT_DROPPED) {
+					ct_map.delete(orig);
+					return drop(skb, ep, dir, &p, DROP_POLICY_REVOKED, res.rule_id, remote, reply);
+				}
+				ct->rule_id = res.rule_id;
+				ct->remote_identity = remote;
 			}
 			ct->revision = revision;
-			ct->rule_id = res.rule_id;
-			ct->remote_identity = remote;
 		}
 		ct_account(ct, &p, reply);
 		ct_track_close(skb, ep, orig, ct, &p, reply);
@@ -287,8 +337,19 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	}
 
 	/* First packet of a flow. */
-	remote = ipcache_lookup_identity(dir == DIR_EGRESS ? p.daddr : p.saddr);
-	policy_can_access(ep, dir, remote, p.proto, p.policy_port, &res);
+	if (dir == DIR_EGRESS) {
+		remote = ipcache_lookup_identity(p.daddr);
+		if (is_proxy_redirect(cfg, &p)) {
+			/* The L7 processor decides on the connection's real destination. */
+			res.verdict = VERDICT_REDIRECTED;
+			ct_flags = CT_F_REDIRECT;
+		} else {
+			policy_can_access(ep, dir, remote, p.proto, p.policy_port, &res);
+		}
+	} else {
+		remote = ingress_remote_identity(skb, p.saddr, &ct_flags);
+		policy_can_access(ep, dir, remote, p.proto, p.policy_port, &res);
+	}
 	if (res.verdict == VERDICT_DROPPED)
 		return drop(skb, ep, dir, &p, res.drop_reason, res.rule_id, remote, 0);
 
@@ -297,7 +358,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 			.rule_id = res.rule_id,
 			.revision = revision,
 			.remote_identity = remote,
-			.flags = res.verdict == VERDICT_AUDIT ? CT_F_AUDIT : 0,
+			.flags = (res.verdict == VERDICT_AUDIT ? CT_F_AUDIT : 0) | ct_flags,
 		};
 		struct flow_event ev = {
 			.saddr = p.saddr, .daddr = p.daddr, .sport = p.sport, .dport = p.dport,

@@ -7,6 +7,13 @@
  *   sock6_*            the same four for AF_INET6 sockets that use IPv4-mapped addresses
  *                      (::ffff:a.b.c.d; Java and other dual-stack clients do by default): the
  *                      kernel runs only the INET6 hooks for them. Native IPv6 passes untouched.
+ *   l7_sockops         BPF_CGROUP_SOCK_OPS           a connection redirected to the L7 processor
+ *                      has its local port now: publish its original destination by client
+ *                      address (l7_pending -> l7_origdst, lib/lb.h)
+ *
+ * L7 services (LB_F_L7, TCP only): connect() goes to the node's L7 processor (lb_config) instead
+ * of a backend; getpeername() still reports the VIP. Without a processor in lb_config they are
+ * balanced as L4 services.
  *
  * Why the root: cgroup hooks run for the sockets of processes in the cgroup they are attached to
  * and its descendants, and a process inside an endpoint may sit in any cgroup (`ip netns exec`
@@ -37,30 +44,49 @@
  * Returns SYS_PROCEED, or SYS_REJECT for a service without backends: the call then fails at once
  * with ECONNREFUSED (bpf_set_retval), as connecting to a port nobody listens on would. The
  * operator sees "Connection refused" at the client instead of a timeout, and nothing leaves the
- * endpoint towards an address that exists nowhere.
+ * endpoint towards an address that exists nowhere. An L7 service goes to the L7 processor even
+ * without backends: the processor answers (503) and records the request.
  */
 static __always_inline int __sock_xlate_fwd(struct bpf_sock_addr *ctx, __u32 vip, __u16 vport,
-					    struct lb4_backend **out)
+					    struct lb4_backend *out)
 {
+	struct endpoint_netns_info *ep;
 	struct lb4_service *svc;
 	struct lb4_backend *be;
 	__u8 proto = ctx->protocol;
 
-	*out = 0;
+	out->ip = 0;
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return SYS_PROCEED;
-	if (!endpoint_of_sock(ctx))
+	ep = endpoint_of_sock(ctx);
+	if (!ep)
 		return SYS_PROCEED;
 	svc = lb4_lookup_service(vip, vport, proto);
 	if (!svc)
 		return SYS_PROCEED;
+	if ((svc->flags & LB_F_L7) && proto == IPPROTO_TCP) {
+		struct lb_config *cfg = lb_get_config();
+
+		if (cfg && cfg->proxy_ip) {
+			struct l7_origdst od = {
+				.vip = vip, .port = vport, .ep_id = ep->ep_id, .identity = ep->identity,
+			};
+			__u64 cookie = lb_get_socket_cookie(ctx);
+
+			out->ip = cfg->proxy_ip;
+			out->port = cfg->proxy_port;
+			l7_pending.update(&cookie, &od);
+			lb4_revnat_update(cookie, out, vip, vport);
+			return SYS_PROCEED;
+		}
+	}
 	if (svc->backend_count == 0)
 		goto refuse;
 	be = lb4_select_backend(svc);
 	if (!be)
 		goto refuse;
 	lb4_revnat_update(lb_get_socket_cookie(ctx), be, vip, vport);
-	*out = be;
+	*out = *be;
 	return SYS_PROCEED;
 refuse:
 	bpf_set_retval(-ECONNREFUSED);
@@ -77,14 +103,14 @@ static __always_inline struct lb4_revnat *__sock_xlate_rev(struct bpf_sock_addr 
 
 static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx)
 {
-	struct lb4_backend *be;
+	struct lb4_backend be = {};
 	int ret;
 
 	/* user_port: network order in the low 16 bits */
 	ret = __sock_xlate_fwd(ctx, ctx->user_ip4, (__u16)ctx->user_port, &be);
-	if (be) {
-		ctx->user_ip4 = be->ip;
-		ctx->user_port = be->port;
+	if (be.ip) { /* 0.0.0.0 is never a backend */
+		ctx->user_ip4 = be.ip;
+		ctx->user_port = be.port;
 	}
 	return ret;
 }
@@ -108,15 +134,15 @@ static __always_inline int is_v4_mapped(struct bpf_sock_addr *ctx)
 
 static __always_inline int sock6_xlate_fwd(struct bpf_sock_addr *ctx)
 {
-	struct lb4_backend *be;
+	struct lb4_backend be = {};
 	int ret;
 
 	if (!is_v4_mapped(ctx))
 		return SYS_PROCEED;
 	ret = __sock_xlate_fwd(ctx, ctx->user_ip6[3], (__u16)ctx->user_port, &be);
-	if (be) {
-		ctx->user_ip6[3] = be->ip;
-		ctx->user_port = be->port;
+	if (be.ip) {
+		ctx->user_ip6[3] = be.ip;
+		ctx->user_port = be.port;
 	}
 	return ret;
 }
@@ -173,4 +199,34 @@ int sock6_recvmsg(struct bpf_sock_addr *ctx)
 int sock6_getpeername(struct bpf_sock_addr *ctx)
 {
 	return sock6_xlate_rev(ctx);
+}
+
+/* The L7 processor accepts the connection and knows only its peer, the client's address and port;
+ * the port is bound during connect(), after the connect hook ran. TCP_CONNECT_CB runs once it is
+ * bound and before the SYN leaves, so the entry is in l7_origdst before the processor can accept
+ * the connection; ACTIVE_ESTABLISHED_CB is a second chance should the first update have failed.
+ * Every other socket costs one comparison of the op (and a netns lookup at connect). */
+int l7_sockops(struct bpf_sock_ops *skops)
+{
+	struct l7_client_key key = {};
+	struct l7_origdst *od;
+	__u32 op = skops->op;
+	__u64 cookie;
+	int err;
+
+	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+		return 1;
+	if (!endpoint_of_sock(skops))
+		return 1;
+	cookie = lb_get_socket_cookie(skops);
+	od = l7_pending.lookup(&cookie);
+	if (!od)
+		return 1;
+	key.ip = skops->local_ip4;                      /* network order */
+	key.port = bpf_htons((__u16)skops->local_port); /* host order in the context */
+	/* BCC code generation: test the helper's result through a variable (KERNEL-NOTES). */
+	err = l7_origdst.update(&key, od);
+	if (err == 0)
+		l7_pending.delete(&cookie);
+	return 1;
 }

@@ -10,8 +10,10 @@ Invariants (every change to this module keeps them):
    one never exceed ``max_pending`` (more get `PoolOverflow`, a 503 as in Envoy).
 4. An idle connection older than ``idle_timeout``, or one that served ``max_requests_per_connection``
    requests, is closed instead of reused. A connection the peer closed while idle is never handed out.
-5. Pools are keyed by address only, so a config reload keeps warm connections to backends that stay;
-   `Pools.retain` closes the idle connections of backends that left.
+5. Pools are keyed by (address, mark), so a config reload keeps warm connections to backends that
+   stay; `Pools.retain` closes the idle connections of backends that left.
+6. A connection opened with SO_MARK m (the client identity it carries, userspace_l7/origdst.py) is
+   only ever in the pool of mark m: it never serves another identity's request. Mark 0: unmarked.
 
 Only `UpstreamConnection` touches the transport; response parsing is `http1.ResponseReader`.
 """
@@ -19,6 +21,7 @@ Only `UpstreamConnection` touches the transport; response parsing is `http1.Resp
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import deque
 from collections.abc import Callable, Iterable
 
@@ -28,6 +31,7 @@ from .http1 import NEED_DATA, ProtocolError, ResponseReader
 __all__ = ["BackendPool", "PoolOverflow", "Pools", "UpstreamConnection", "UpstreamError"]
 
 Address = tuple[str, int]
+SO_MARK = getattr(socket, "SO_MARK", 36)
 
 
 class UpstreamError(Exception):
@@ -127,8 +131,9 @@ class UpstreamConnection(asyncio.Protocol):
 
 class BackendPool:
     def __init__(self, loop: asyncio.AbstractEventLoop, address: Address, limits: PoolLimits,
-                 on_open: Callable[[Address], None] | None = None) -> None:
+                 on_open: Callable[[Address], None] | None = None, mark: int = 0) -> None:
         self.loop, self.address, self.limits, self.on_open = loop, address, limits, on_open
+        self.mark = mark  # SO_MARK of every connection of this pool (invariant 6)
         self.idle: list[UpstreamConnection] = []  # LIFO: the warmest connection first
         self.open = 0  # open + connecting (invariant 3)
         self._waiters: deque[asyncio.Future] = deque()
@@ -166,7 +171,12 @@ class BackendPool:
         self.open += 1
         try:
             async with asyncio.timeout(self.limits.connect_timeout):
-                _, conn = await self.loop.create_connection(lambda: UpstreamConnection(self.loop), *self.address)
+                if self.mark:
+                    _, conn = await self.loop.create_connection(lambda: UpstreamConnection(self.loop),
+                                                                sock=await self._marked_socket())
+                else:
+                    _, conn = await self.loop.create_connection(lambda: UpstreamConnection(self.loop),
+                                                                *self.address)
         except (OSError, TimeoutError) as e:
             self.open -= 1
             self._hand_over(None)
@@ -178,6 +188,20 @@ class BackendPool:
         if self.on_open is not None:
             self.on_open(self.address)
         return conn
+
+    async def _marked_socket(self) -> socket.socket:
+        """A socket connected to the backend with SO_MARK set before connect(), so every packet
+        (the SYN included) carries the mark."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as create_connection(host, port) does
+            await self.loop.sock_connect(sock, self.address)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def release(self, conn: UpstreamConnection) -> None:
         limit = self.limits.max_requests_per_connection
@@ -213,22 +237,24 @@ class BackendPool:
 class Pools:
     def __init__(self, loop: asyncio.AbstractEventLoop, on_open: Callable[[Address], None] | None = None) -> None:
         self.loop, self.on_open = loop, on_open
-        self._pools: dict[Address, BackendPool] = {}
+        self._pools: dict[tuple[Address, int], BackendPool] = {}
 
-    def get(self, address: Address, limits: PoolLimits) -> BackendPool:
-        p = self._pools.get(address)
+    def get(self, address: Address, limits: PoolLimits, mark: int = 0) -> BackendPool:
+        """The pool of connections to ``address`` that carry SO_MARK ``mark`` (0: none)."""
+        key = (address, mark)
+        p = self._pools.get(key)
         if p is None:
-            p = self._pools[address] = BackendPool(self.loop, address, limits, self.on_open)
+            p = self._pools[key] = BackendPool(self.loop, address, limits, self.on_open, mark)
         elif p.limits is not limits:
             p.limits = limits  # a reload changed the DestinationRule's connectionPool
         return p
 
     def retain(self, addresses: Iterable[Address]) -> None:
         keep = set(addresses)
-        for addr in [a for a in self._pools if a not in keep]:
-            self._pools[addr].close_idle()
-            if not self._pools[addr].open:
-                del self._pools[addr]
+        for key in [k for k in self._pools if k[0] not in keep]:
+            self._pools[key].close_idle()
+            if not self._pools[key].open:
+                del self._pools[key]
 
     def close(self) -> None:
         for p in self._pools.values():

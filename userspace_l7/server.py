@@ -11,7 +11,9 @@ queued requests, flows and metrics appended to in-memory batches. Errors printed
 reserved for the control path (config reloads, startup).
 
 The original destination of a connection comes from an `OriginalDstResolver` when one is plugged
-in (the kernel-side redirect, later) and otherwise from each request's Host header.
+in (the kernel-side redirect: userspace_l7.origdst) and otherwise from each request's Host header.
+When the resolver names the client's identity, upstream connections for that client carry it as
+their SO_MARK (origdst.upstream_mark) and are pooled apart from every other identity's.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from . import config as cfg
+from . import origdst
 from .balancer import ClusterStates
 from .config import Backend, L7Config
 from .flows import FlowSink
@@ -54,11 +57,13 @@ class OriginalDst:
     port: int
     source_workload: str = "unknown"
     source_principal: str = ""  # spiffe://... once mTLS lands
+    source_identity: int | None = None  # the client's security identity, from the datapath
 
 
 class OriginalDstResolver(Protocol):
     """Where a redirected connection was going (and who sent it). Called once per accepted
-    connection with its socket; None: fall back to the Host header of each request."""
+    connection with its socket; None: fall back to the Host header of each request, unless the
+    resolver has a true ``required`` attribute: then the connection is closed."""
 
     def resolve(self, sock: socket.socket) -> OriginalDst | None: ...
 
@@ -96,8 +101,8 @@ def _local_response(status: int, text: str, keep_alive: bool, extra: list[tuple[
 class ClientConnection(asyncio.Protocol):
     """One downstream connection: reads requests, serves them in order, keeps the connection alive."""
 
-    __slots__ = ("proxy", "transport", "reader", "queue", "busy", "closing", "peer", "local", "dst", "_cur",
-                 "_body", "_timer", "_timer_kind", "_deadline", "_paused")
+    __slots__ = ("proxy", "transport", "reader", "queue", "busy", "closing", "peer", "local", "dst", "mark",
+                 "_cur", "_body", "_timer", "_timer_kind", "_deadline", "_paused")
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
@@ -119,9 +124,19 @@ class ClientConnection(asyncio.Protocol):
         self.peer = transport.get_extra_info("peername") or ("", 0)
         self.local = transport.get_extra_info("sockname") or ("", 0)
         self.dst = None
+        self.mark = 0  # SO_MARK of upstream connections: the client's identity, when known
         resolver = self.proxy.resolver
         if resolver is not None:
-            self.dst = resolver.resolve(transport.get_extra_info("socket"))
+            dst = self.dst = resolver.resolve(transport.get_extra_info("socket"))
+            try:
+                if dst is not None and dst.source_identity:
+                    self.mark = origdst.upstream_mark(dst.source_identity)
+                elif dst is None and getattr(resolver, "required", False):
+                    raise ValueError("not redirected by the datapath")
+            except ValueError:  # never forward a connection without the identity it must carry
+                self.closing = True
+                transport.abort()
+                return
         self._arm("idle")
 
     def data_received(self, data: bytes) -> None:
@@ -332,7 +347,7 @@ class Proxy:
             conn.write(_local_response(status, d.reason, keep))
         else:
             if d.mirror is not None and self._mirrors < self.options.max_mirrors:
-                self._mirror(d, head, body)
+                self._mirror(d, head, body, conn.mark)
             status, backend, keep = await self._forward(conn, head, body, d, keep)
         self._record(conn, head, d, status, backend, dst_ip, dst_port, time.perf_counter_ns() - t0)
         return keep
@@ -378,7 +393,7 @@ class Proxy:
             if retries.per_try_timeout:
                 per_try = loop.time() + retries.per_try_timeout
                 attempt_deadline = per_try if deadline is None else min(per_try, deadline)
-            pool = self.pools.get(backend.address, limits)
+            pool = self.pools.get(backend.address, limits, conn.mark)
             state.started(backend)
             try:
                 async with asyncio.timeout_at(attempt_deadline) if attempt_deadline else _NO_TIMEOUT:
@@ -482,7 +497,7 @@ class Proxy:
         pool.release(up)
         return keep
 
-    def _mirror(self, d: RouteDecision, head: Request, body: bytes) -> None:
+    def _mirror(self, d: RouteDecision, head: Request, body: bytes, mark: int = 0) -> None:
         cluster = d.mirror
         state = self.clusters.get(cluster)
         backend = state.pick()
@@ -492,7 +507,7 @@ class Proxy:
         name, _, port = host.partition(":")
         data = self._request_bytes(head, body, d, f"{name}-shadow" + (f":{port}" if port else ""))
         self._mirrors += 1
-        self.loop.create_task(self._send_mirror(self.pools.get(backend.address, cluster.policy.pool), data,
+        self.loop.create_task(self._send_mirror(self.pools.get(backend.address, cluster.policy.pool, mark), data,
                                                 head.method))
 
     async def _send_mirror(self, pool, data: bytes, method: str) -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
+import ipaddress
 import os
 import platform
+import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -96,6 +98,7 @@ class Datapath:
                 "cannot import bcc: install Debian's python3-bpfcc and run the agent from a virtualenv "
                 "created with --system-site-packages (`make install` does both)"
             ) from None
+        revision = self._retire_old_config_pin()
         try:
             self.bpf = BPF(text=program_source("policy"), cflags=self.cflags())
             for name in PROGRAMS:
@@ -104,8 +107,41 @@ class Datapath:
             raise DatapathError(f"cannot load bpf/policy.c: {e}") from None
         for ours, table, side in maps.LAYOUTS.values():
             maps.check_layout(ours, getattr(self.bpf[table], side))
+        if revision is not None:
+            self.bpf["config_map"][0] = maps.DatapathConfigC(policy_revision=revision)
         for name, fn in self.functions.items():
             self._pin_program(fn.fd, os.path.join(self.bpffs_dir, f"prog_{name}"))
+
+    def _retire_old_config_pin(self) -> int | None:
+        """A pinned config map of another layout (an agent upgraded over its predecessor's pins;
+        datapath_config grew from 8 to 12 bytes) cannot be reused: the new programs would fail the
+        verifier. Unpin it (the running programs keep it until they are replaced) so BCC creates a
+        new one, and return its policy_revision to carry over; None if there is nothing to retire."""
+        path = os.path.join(self.bpffs_dir, "config")
+        if not os.path.exists(path):
+            return None
+        lib = ct.CDLL("libbpf.so.1", use_errno=True)
+        lib.bpf_obj_get.argtypes = [ct.c_char_p]
+        lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
+        lib.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+        fd = lib.bpf_obj_get(path.encode())
+        if fd < 0:
+            return None
+        try:
+            info = (ct.c_uint32 * 6)()  # type, id, key_size, value_size, max_entries, map_flags
+            size = ct.c_uint32(ct.sizeof(info))
+            if lib.bpf_obj_get_info_by_fd(fd, info, ct.byref(size)) != 0:
+                return None
+            if info[3] == ct.sizeof(maps.DatapathConfigC) or info[3] < 4:
+                return None
+            key, value = ct.c_uint32(0), ct.create_string_buffer(info[3])
+            revision = 0
+            if lib.bpf_map_lookup_elem(fd, ct.byref(key), value) == 0:
+                revision = int.from_bytes(value.raw[:4], "little")
+            os.unlink(path)
+            return revision
+        finally:
+            os.close(fd)
 
     def _pin_program(self, fd: int, path: str) -> None:
         from bcc import libbcc
@@ -118,6 +154,28 @@ class Datapath:
 
     def table(self, name: str):
         return self.bpf[name]
+
+    # ---- the global config (bpf/lib/common.h datapath_config) ----------------------------------
+
+    def set_proxy(self, ip: str | None, port: int = 0) -> None:
+        """Name the node's L7 processor (``ip``:``port``, where the socket hooks send L7 services):
+        a new TCP flow from an endpoint to it is admitted as a redirect whatever the endpoint's
+        egress policy. ``None`` (or "0.0.0.0") removes it. Leaves policy_revision as it is."""
+        if ip is None or ipaddress.IPv4Address(ip) == ipaddress.IPv4Address(0):
+            ip_be, port_be = 0, 0
+        else:
+            if not isinstance(port, int) or not 0 < port <= 0xFFFF:
+                raise ValueError(f"proxy port {port!r} is not in 1..65535")
+            ip_be, port_be = maps.ip_to_be32(str(ipaddress.IPv4Address(ip))), socket.htons(port)
+        table = self.bpf["config_map"]
+        cfg = table[0]
+        cfg.proxy_ip, cfg.proxy_port = ip_be, port_be
+        table[0] = cfg
+
+    def proxy(self) -> tuple[str, int] | None:
+        """The L7 processor's address as the datapath holds it, or None."""
+        cfg = self.bpf["config_map"][0]
+        return (maps.be32_to_ip(cfg.proxy_ip), socket.ntohs(cfg.proxy_port)) if cfg.proxy_ip else None
 
     # ---- the endpoint table: an array by ifindex, a hash beyond it (bpf/lib/common.h) -----------
 

@@ -32,7 +32,12 @@ class EndpointInfoC(ct.Structure):
 
 
 class DatapathConfigC(ct.Structure):
-    _fields_ = [("policy_revision", ct.c_uint32), ("pad", ct.c_uint32)]
+    _fields_ = [
+        ("policy_revision", ct.c_uint32),
+        ("proxy_ip", ct.c_uint32),  # network order; 0 = no L7 processor
+        ("proxy_port", ct.c_uint16),  # network order
+        ("pad", ct.c_uint16),
+    ]
 
 
 class IpcacheKeyC(ct.Structure):

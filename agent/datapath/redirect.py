@@ -21,7 +21,13 @@ Use (the agent's side):
     dp.attach()                     # at /sys/fs/cgroup/unified, replacing a predecessor's copies
     dp.set_endpoint_netns(netns_cookie("/run/netns/web-1"), ep_id=3, identity=1003)
     dp.sync_services({("10.96.0.10", 80, "tcp"): [("10.200.0.5", 8080), ("10.200.0.6", 8080)]})
+    dp.set_proxy("10.200.0.1", 15001)  # LB_F_L7 services go to the L7 processor from now on
     ...
+
+L7 services (LB_F_L7, TCP): once set_proxy() named the processor, connect() goes there; the
+processor finds the original VIP:port and the client's identity in the pinned `l7_origdst` map
+(userspace_l7/origdst.py), filed by the l7_sockops program. Datapath.set_proxy (bpf/policy.c)
+must name the same address so the endpoint's egress policy lets the redirect through.
     dp.detach()                     # teardown only; an agent that stops leaves them attached
 """
 
@@ -51,7 +57,9 @@ PROGRAMS = {
     "sock6_sendmsg": 15,      # BPF_CGROUP_UDP6_SENDMSG
     "sock6_recvmsg": 20,      # BPF_CGROUP_UDP6_RECVMSG
     "sock6_getpeername": 30,  # BPF_CGROUP_INET6_GETPEERNAME
+    "l7_sockops": 3,          # BPF_CGROUP_SOCK_OPS           (publishes L7 redirects' origins)
 }
+BPF_CGROUP_SOCK_OPS = 3
 BPF_F_ALLOW_MULTI = 0x2
 BPF_F_REPLACE = 0x4
 
@@ -60,10 +68,13 @@ MAP_SIZES = {
     "LB_SERVICE_MAP_SIZE": 16384,
     "LB_BACKEND_MAP_SIZE": 262144,
     "LB_REVNAT_MAP_SIZE": 262144,
+    "L7_PENDING_MAP_SIZE": 65536,
+    "L7_ORIGDST_MAP_SIZE": 65536,
 }
-PINNED_MAPS = ("endpoint_netns", "lb_services", "lb_backends", "lb_revnat")
+PINNED_MAPS = ("endpoint_netns", "lb_services", "lb_backends", "lb_revnat", "lb_config", "l7_pending",
+               "l7_origdst")
 
-LB_F_L7 = 0x1  # bpf/lib/lb.h: redirect to the L7 processor (the hook balances it as L4 for now)
+LB_F_L7 = 0x1  # bpf/lib/lb.h: TCP: redirect to the L7 processor (balanced as L4 until set_proxy())
 MAX_BACKENDS = 0xFFFF  # backend_count is a u16
 
 SO_NETNS_COOKIE = 71
@@ -108,6 +119,24 @@ class Lb4RevnatC(ct.Structure):
     _fields_ = [("vip", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]
 
 
+class LbConfigC(ct.Structure):
+    _fields_ = [("proxy_ip", ct.c_uint32), ("proxy_port", ct.c_uint16), ("pad", ct.c_uint16)]
+
+
+class L7OrigDstC(ct.Structure):
+    _fields_ = [
+        ("vip", ct.c_uint32),  # network order
+        ("port", ct.c_uint16),  # network order
+        ("ep_id", ct.c_uint16),
+        ("identity", ct.c_uint32),
+        ("pad", ct.c_uint32),
+    ]
+
+
+class L7ClientKeyC(ct.Structure):
+    _fields_ = [("ip", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]  # network order
+
+
 # C struct name -> (our copy, the map and side BCC exposes it on), for check_layout().
 LAYOUTS = {
     "endpoint_netns_info": (EndpointNetnsC, "endpoint_netns", "Leaf"),
@@ -117,6 +146,9 @@ LAYOUTS = {
     "lb4_backend": (Lb4BackendC, "lb_backends", "Leaf"),
     "lb4_revnat_key": (Lb4RevnatKeyC, "lb_revnat", "Key"),
     "lb4_revnat": (Lb4RevnatC, "lb_revnat", "Leaf"),
+    "lb_config": (LbConfigC, "lb_config", "Leaf"),
+    "l7_origdst": (L7OrigDstC, "l7_origdst", "Leaf"),
+    "l7_client_key": (L7ClientKeyC, "l7_origdst", "Key"),
 }
 
 ServiceKey = tuple[str, int, int]  # (VIP, port, IP protocol number)
@@ -368,7 +400,10 @@ class RedirectDatapath:
         try:
             self.bpf = BPF(text=program_source("redirect"), cflags=self.cflags())
             for name, attach_type in PROGRAMS.items():
-                self.functions[name] = self.bpf.load_func(name, BPF.CGROUP_SOCK_ADDR, attach_type=attach_type)
+                if attach_type == BPF_CGROUP_SOCK_OPS:
+                    self.functions[name] = self.bpf.load_func(name, BPF.SOCK_OPS)
+                else:
+                    self.functions[name] = self.bpf.load_func(name, BPF.CGROUP_SOCK_ADDR, attach_type=attach_type)
         except Exception as e:  # BCC raises bare Exception for compile and verifier failures
             raise DatapathError(f"cannot load bpf/redirect.c: {e}") from None
         for ours, table, side in LAYOUTS.values():
@@ -501,6 +536,28 @@ class RedirectDatapath:
     def endpoint_netns(self) -> dict[int, tuple[int, int]]:
         """cookie -> (ep_id, identity)."""
         return {k.value: (v.ep_id, v.identity) for k, v in self.bpf["endpoint_netns"].items()}
+
+    # ---- the L7 processor ----------------------------------------------------------------------
+
+    def set_proxy(self, ip: str | None, port: int = 0) -> None:
+        """Send connections to LB_F_L7 (TCP) services to ``ip``:``port``, the node's L7 processor.
+        ``None`` (or "0.0.0.0"): no processor, L7 services are balanced as L4 ones."""
+        if ip is None or ipaddress.IPv4Address(ip) == ipaddress.IPv4Address(0):
+            value = LbConfigC()
+        else:
+            value = LbConfigC(proxy_ip=ip_to_be32(str(ipaddress.IPv4Address(ip))),
+                              proxy_port=socket.htons(_port(port, f"L7 processor {ip}")))
+        self.bpf["lb_config"][0] = value
+
+    def proxy(self) -> tuple[str, int] | None:
+        cfg = self.bpf["lb_config"][0]
+        return (be32_to_ip(cfg.proxy_ip), socket.ntohs(cfg.proxy_port)) if cfg.proxy_ip else None
+
+    def l7_origdst_entries(self) -> dict[tuple[str, int], tuple[str, int, int, int]]:
+        """(client ip, client port) -> (VIP, port, identity, ep_id) not yet taken by the processor."""
+        return {(be32_to_ip(k.ip), socket.ntohs(k.port)): (be32_to_ip(v.vip), socket.ntohs(v.port), v.identity,
+                                                           v.ep_id)
+                for k, v in self.bpf["l7_origdst"].items()}
 
     # ---- services ------------------------------------------------------------------------------
 

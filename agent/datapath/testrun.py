@@ -45,8 +45,9 @@ class RunResult:
     duration_ns: int  # the kernel's average per repetition
 
 
-def run_skb(prog_fd: int, packet: bytes, ifindex: int = 1, repeat: int = 1) -> RunResult:
-    """Run a TC program on ``packet`` (an Ethernet frame) as if it arrived on ``ifindex``."""
+def run_skb(prog_fd: int, packet: bytes, ifindex: int = 1, repeat: int = 1, mark: int = 0) -> RunResult:
+    """Run a TC program on ``packet`` (an Ethernet frame) as if it arrived on ``ifindex`` with
+    skb->mark ``mark``."""
     from bcc import libbcc
 
     fn = libbcc.lib.bpf_prog_test_run_opts
@@ -54,7 +55,7 @@ def run_skb(prog_fd: int, packet: bytes, ifindex: int = 1, repeat: int = 1) -> R
     fn.restype = ct.c_int
     data = ct.create_string_buffer(packet, len(packet))
     out = ct.create_string_buffer(len(packet) + 256)
-    ctx = _SkbCtx(ifindex=ifindex)
+    ctx = _SkbCtx(ifindex=ifindex, mark=mark)
     opts = _TestRunOpts(
         sz=ct.sizeof(_TestRunOpts), data_in=ct.cast(data, ct.c_void_p), data_out=ct.cast(out, ct.c_void_p),
         data_size_in=len(packet), data_size_out=len(out), ctx_in=ct.addressof(ctx),

@@ -29,6 +29,16 @@
 #define VERDICT_REDIRECTED 4
 #define VERDICT_AUDIT      6
 
+/* Identity marks. The node's L7 processor connects to a backend on behalf of a client endpoint and
+ * sets SO_MARK = MARK_MAGIC_IDENTITY | the client's identity on that upstream socket
+ * (userspace_l7/origdst.py upstream_mark). The proxy's packets carry a host address; to_container
+ * takes the identity from the mark instead, so the backend's ingress policy decides on the real
+ * client (Cilium's MARK_MAGIC_IDENTITY). Only a packet from a HOST address is believed: setting
+ * SO_MARK needs CAP_NET_ADMIN in the node's namespace, and the mark does not cross namespaces. */
+#define MARK_MAGIC_MASK     0xFF000000
+#define MARK_MAGIC_IDENTITY 0x0E000000
+#define MARK_IDENTITY_MASK  0x00FFFFFF /* identities are < 2^24 */
+
 /* Endpoint flags: is default deny on in a direction, and is it only audited. */
 #define EP_F_ENFORCE_INGRESS 0x1
 #define EP_F_ENFORCE_EGRESS  0x2
@@ -69,20 +79,26 @@ static __always_inline struct endpoint_info *lookup_endpoint(__u32 ifindex)
 
 /* Global datapath config, one element. The agent bumps policy_revision after every change to
  * the policy map or the ipcache; conntrack entries from an older revision re-check policy on
- * their next packet, which is how a revoked allow cuts an established flow. */
+ * their next packet, which is how a revoked allow cuts an established flow.
+ *
+ * proxy_ip:proxy_port is the node's L7 processor (Datapath.set_proxy; the same address the socket
+ * hooks of bpf/redirect.c send L7 services to): a new TCP flow from an endpoint to it is a
+ * redirect (VERDICT_REDIRECTED), admitted whatever the endpoint's egress policy says. 0 = none.
+ * Writers change one field and keep the others (read, modify, write the element back). */
 struct datapath_config {
 	__u32 policy_revision;    /* 0 */
-	__u32 pad;                /* 4 */
-};                            /* 8 bytes */
+	__u32 proxy_ip;           /* 4: network order; 0 = no L7 processor */
+	__u16 proxy_port;         /* 8: network order */
+	__u16 pad;                /* 10 */
+};                            /* 12 bytes */
 
 BPF_TABLE_PINNED("array", __u32, struct datapath_config, config_map, 1, PIN_DIR "/config");
 
-static __always_inline __u32 current_policy_revision(void)
+static __always_inline struct datapath_config *datapath_config(void)
 {
 	__u32 zero = 0;
-	struct datapath_config *cfg = config_map.lookup(&zero);
 
-	return cfg ? cfg->policy_revision : 0;
+	return config_map.lookup(&zero);
 }
 
 #endif /* __MESH_COMMON_H */

@@ -19,6 +19,8 @@
 #define CT_F_RST       0x4
 #define CT_F_END_SENT  0x8 /* the flow-end event was emitted */
 #define CT_F_AUDIT     0x10 /* admitted by an audit-mode policy */
+#define CT_F_REDIRECT  0x20 /* a redirect to the node's L7 processor: no egress policy check */
+#define CT_F_PROXY_ID  0x40 /* remote_identity came from the L7 processor's mark: kept on re-checks */
 
 struct ct_key {
 	__u32 saddr;              /*  0: network order, as in the flow's first packet */

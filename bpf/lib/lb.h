@@ -18,9 +18,22 @@
  *
  * Weights: the pick is uniform over slots, so a backend listed in k slots gets k shares.
  *
+ * L7 services (LB_F_L7, TCP): connect() goes to the node's L7 processor (lb_config) instead of a
+ * backend, and the processor learns where the connection was going and who made it:
+ *
+ *   l7_pending   socket cookie -> l7_origdst      written by the connect hook
+ *   l7_origdst   (client ip, client port) -> l7_origdst
+ *                moved there by the sockops program once connect() has bound the client's port
+ *                (BPF_SOCK_OPS_TCP_CONNECT_CB, before the SYN leaves); looked up and deleted by
+ *                the processor with the peer address of the connection it accepted
+ *                (userspace_l7/origdst.py). Both LRU: entries of connections that never reach the
+ *                processor age out.
+ *
+ * getpeername() still says VIP:port (lb_revnat, with the processor as the "backend").
+ *
  * Load-time options (-D cflags from redirect.py): PIN_DIR, LB_SERVICE_MAP_SIZE,
- * LB_BACKEND_MAP_SIZE, LB_REVNAT_MAP_SIZE. Every struct is mirrored in redirect.py and checked
- * against BCC's types at load time.
+ * LB_BACKEND_MAP_SIZE, LB_REVNAT_MAP_SIZE, L7_PENDING_MAP_SIZE, L7_ORIGDST_MAP_SIZE. Every struct
+ * is mirrored in redirect.py and checked against BCC's types at load time.
  */
 #ifndef __MESH_LB_H
 #define __MESH_LB_H
@@ -32,7 +45,7 @@
 #endif
 
 /* Service flags. */
-#define LB_F_L7 0x1 /* redirect to the node's L7 processor (not implemented yet: balanced as L4) */
+#define LB_F_L7 0x1 /* TCP: redirect to the node's L7 processor (balanced as L4 while lb_config has none) */
 
 /* Ordered as the socket hook reads them from struct bpf_sock_addr: user_ip4, user_port, protocol. */
 struct lb4_key {
@@ -84,6 +97,43 @@ struct lb4_revnat {
 
 BPF_TABLE_PINNED("lru_hash", struct lb4_revnat_key, struct lb4_revnat, lb_revnat, LB_REVNAT_MAP_SIZE,
 		 PIN_DIR "/lb_revnat");
+
+/* The node's L7 processor, one element (RedirectDatapath.set_proxy). proxy_ip 0: none. */
+struct lb_config {
+	__u32 proxy_ip;           /* 0: network order */
+	__u16 proxy_port;         /* 4: network order, as user_port wants it */
+	__u16 pad;                /* 6 */
+};                            /* 8 bytes */
+
+BPF_TABLE_PINNED("array", __u32, struct lb_config, lb_config, 1, PIN_DIR "/lb_config");
+
+/* What the L7 processor learns about a redirected connection. */
+struct l7_origdst {
+	__u32 vip;                /*  0: original destination, network order */
+	__u16 port;               /*  4: network order */
+	__u16 ep_id;              /*  6: the client's endpoint (endpoint_netns) */
+	__u32 identity;           /*  8: the client's security identity */
+	__u32 pad;                /* 12 */
+};                            /* 16 bytes */
+
+/* The client's end of the connection, as the processor's accept() reports its peer. */
+struct l7_client_key {
+	__u32 ip;                 /* 0: network order */
+	__u16 port;               /* 4: network order */
+	__u16 pad;                /* 6 */
+};                            /* 8 bytes */
+
+BPF_TABLE_PINNED("lru_hash", __u64, struct l7_origdst, l7_pending, L7_PENDING_MAP_SIZE,
+		 PIN_DIR "/l7_pending");
+BPF_TABLE_PINNED("lru_hash", struct l7_client_key, struct l7_origdst, l7_origdst, L7_ORIGDST_MAP_SIZE,
+		 PIN_DIR "/l7_origdst");
+
+static __always_inline struct lb_config *lb_get_config(void)
+{
+	__u32 zero = 0;
+
+	return lb_config.lookup(&zero);
+}
 
 /* BCC 0.26 declares bpf_get_socket_cookie() as returning u32, which would cut the cookie in half;
  * the helper returns the full u64. */

@@ -101,14 +101,28 @@ def test_attach_types_match_bcc():
         "sock6_sendmsg": bcc.BPFAttachType.CGROUP_UDP6_SENDMSG,
         "sock6_recvmsg": bcc.BPFAttachType.CGROUP_UDP6_RECVMSG,
         "sock6_getpeername": bcc.BPFAttachType.CGROUP_INET6_GETPEERNAME,
+        "l7_sockops": bcc.BPFAttachType.CGROUP_SOCK_OPS,
     }
     assert redirect.PROGRAMS == expected
 
 
 def test_every_program_is_defined_in_redirect_c():
     text = (BPF / "redirect.c").read_text()
-    for name in redirect.PROGRAMS:
-        assert re.search(rf"^int {name}\(struct bpf_sock_addr \*ctx\)", text, re.M), name
+    for name, attach_type in redirect.PROGRAMS.items():
+        ctx = "bpf_sock_ops \\*skops" if attach_type == redirect.BPF_CGROUP_SOCK_OPS else "bpf_sock_addr \\*ctx"
+        assert re.search(rf"^int {name}\(struct {ctx}\)", text, re.M), name
+
+
+def test_l7_encodings():
+    key = redirect.L7ClientKeyC(ip=redirect.ip_to_be32("10.244.7.21"), port=socket.htons(40000))
+    assert bytes(key) == socket.inet_aton("10.244.7.21") + (40000).to_bytes(2, "big") + b"\0\0"
+    value = redirect.L7OrigDstC(vip=redirect.ip_to_be32("10.96.0.10"), port=socket.htons(80), ep_id=3,
+                                identity=0x123456)
+    raw = bytes(value)
+    assert raw[:4] == socket.inet_aton("10.96.0.10") and raw[4:6] == (80).to_bytes(2, "big")
+    assert raw[6:8] == (3).to_bytes(2, "little") and raw[8:12] == (0x123456).to_bytes(4, "little")
+    cfg = redirect.LbConfigC(proxy_ip=redirect.ip_to_be32("10.200.0.1"), proxy_port=socket.htons(15001))
+    assert bytes(cfg) == socket.inet_aton("10.200.0.1") + (15001).to_bytes(2, "big") + b"\0\0"
 
 
 def test_lb_flags_match_header():

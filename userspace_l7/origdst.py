@@ -1,0 +1,171 @@
+"""Original destination and client identity of redirected connections, from the datapath.
+
+A client in an endpoint connects to an L7 service's VIP; the connect hook of bpf/redirect.c sends
+the connection to this processor instead and the sockops program files what it was going to, and
+who asked, under the client's address in the pinned `l7_origdst` map (bpf/lib/lb.h):
+
+    key   struct l7_client_key {u32 ip (network order), u16 port (network order), u16 pad}
+    value struct l7_origdst    {u32 vip (network order), u16 port (network order), u16 ep_id,
+                                u32 identity, u32 pad}
+
+The processor accepts the connection, whose peer address is exactly that key, takes the entry out
+(lookup and delete in one syscall, so an entry is used once) and routes by VIP:port.
+
+Towards the backend the processor marks its upstream socket with the client's identity (SO_MARK,
+`upstream_mark`): the backend's ingress policy (bpf/policy.c, to_container) then decides on the
+client rather than on the host the proxied connection comes from. A connection marked for one
+identity is never reused for another (the upstream pools are keyed by mark, userspace_l7/pool.py).
+
+Use:
+
+    resolver = KernelOriginalDstResolver("/sys/fs/bpf/meshagent/n1")
+    await serve(config_path, "10.200.0.1", 15001, resolver=resolver)
+
+Needs root (CAP_BPF) and the node's bpffs in the process's mount namespace: run the processor in
+the node's network namespace only (nsenter --net), not under `ip netns exec` (KERNEL-NOTES).
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import os
+import socket
+from collections.abc import Callable, Mapping
+from functools import cache
+
+from . import server  # OriginalDst; a module import, as server.py imports upstream_mark from here
+
+__all__ = ["KernelOriginalDstResolver", "MARK_MAGIC_IDENTITY", "MARK_MAGIC_MASK", "MARK_IDENTITY_MASK",
+           "identity_of_mark", "upstream_mark"]
+
+# bpf/lib/common.h: SO_MARK = MARK_MAGIC_IDENTITY | identity; identities are < 2^24.
+MARK_MAGIC_MASK = 0xFF000000
+MARK_MAGIC_IDENTITY = 0x0E000000
+MARK_IDENTITY_MASK = 0x00FFFFFF
+
+SO_MARK = getattr(socket, "SO_MARK", 36)
+MAP_NAME = "l7_origdst"
+ENOTSUPP = 524  # the kernel's, not in Python's errno
+
+
+def upstream_mark(identity: int) -> int:
+    """The SO_MARK the processor sets on an upstream socket that carries ``identity``'s traffic."""
+    if not isinstance(identity, int) or not 0 < identity <= MARK_IDENTITY_MASK:
+        raise ValueError(f"identity {identity!r} does not fit an identity mark (1 .. {MARK_IDENTITY_MASK})")
+    return MARK_MAGIC_IDENTITY | identity
+
+
+def identity_of_mark(mark: int) -> int | None:
+    """The identity an identity mark carries, or None for any other mark (what to_container does)."""
+    if mark & MARK_MAGIC_MASK != MARK_MAGIC_IDENTITY or not mark & MARK_IDENTITY_MASK:
+        return None
+    return mark & MARK_IDENTITY_MASK
+
+
+class L7ClientKeyC(ct.Structure):  # struct l7_client_key, bpf/lib/lb.h
+    _fields_ = [("ip", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]
+
+
+class L7OrigDstC(ct.Structure):  # struct l7_origdst, bpf/lib/lb.h
+    _fields_ = [("vip", ct.c_uint32), ("port", ct.c_uint16), ("ep_id", ct.c_uint16),
+                ("identity", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+def client_key(ip: str, port: int) -> L7ClientKeyC:
+    """The map key for a connection whose peer is ``ip``:``port``."""
+    return L7ClientKeyC(ip=int.from_bytes(socket.inet_aton(ip), "little"), port=socket.htons(port))
+
+
+def decode(value: L7OrigDstC, names: Callable[[int], str] | None = None) -> server.OriginalDst:
+    vip = socket.inet_ntoa(value.vip.to_bytes(4, "little"))
+    identity = value.identity or None
+    workload = (names(identity) if names is not None and identity is not None else None) or "unknown"
+    return server.OriginalDst(ip=vip, port=socket.ntohs(value.port), source_workload=workload, source_identity=identity)
+
+
+@cache
+def _libbpf() -> ct.CDLL:
+    lib = ct.CDLL("libbpf.so.1", use_errno=True)  # the libbpf libbcc links; no bcc import needed
+    lib.bpf_obj_get.argtypes = [ct.c_char_p]
+    lib.bpf_map_lookup_and_delete_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+    lib.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+    lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
+    return lib
+
+
+def _peer_v4(sock: socket.socket) -> tuple[str, int] | None:
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return None
+    ip, port = peer[0], peer[1]
+    if sock.family == socket.AF_INET6:  # a dual-stack listener: ::ffff:a.b.c.d
+        if not ip.startswith("::ffff:") or "." not in ip:
+            return None
+        ip = ip[len("::ffff:"):]
+    return ip, port
+
+
+class KernelOriginalDstResolver:
+    """OriginalDstResolver (userspace_l7.server) over the datapath's pinned `l7_origdst` map.
+
+    ``required``: a connection the datapath did not redirect (nothing filed for its peer, e.g. an
+    endpoint dialling the processor's address itself) is refused (the server closes it) instead of
+    being routed by its Host header: the datapath admits every connection to the processor without
+    egress policy, so the processor must only serve the ones a service VIP sent it.
+    ``identity_names``: optional identity -> workload name, for flows and metrics.
+    """
+
+    def __init__(self, bpffs_dir: str, *, required: bool = True,
+                 identity_names: Mapping[int, str] | Callable[[int], str] | None = None) -> None:
+        self.path = os.path.join(bpffs_dir, MAP_NAME)
+        self.required = required
+        if isinstance(identity_names, Mapping):
+            table = identity_names
+            self._names: Callable[[int], str] | None = lambda i: table.get(i, "unknown")
+        else:
+            self._names = identity_names
+        self._fd = -1
+        self._atomic = True  # BPF_MAP_LOOKUP_AND_DELETE_ELEM on (LRU) hash maps: kernel >= 5.14
+
+    def open(self) -> None:
+        """Open the pinned map (done on first use; raises OSError if it is not there)."""
+        if self._fd >= 0:
+            return
+        fd = _libbpf().bpf_obj_get(self.path.encode())
+        if fd < 0:
+            raise OSError(-fd, f"cannot open the pinned map {self.path}: {os.strerror(-fd)}")
+        self._fd = fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def take(self, ip: str, port: int) -> L7OrigDstC | None:
+        """Look up and delete the entry of the client ``ip``:``port``; None if there is none."""
+        self.open()
+        key, value = client_key(ip, port), L7OrigDstC()
+        lib = _libbpf()
+        if self._atomic:
+            ret = lib.bpf_map_lookup_and_delete_elem(self._fd, ct.byref(key), ct.byref(value))
+            if ret == 0:
+                return value
+            if -ret not in (errno.EINVAL, errno.EOPNOTSUPP, ENOTSUPP):
+                return None  # ENOENT: not redirected (or the entry aged out)
+            self._atomic = False
+        if lib.bpf_map_lookup_elem(self._fd, ct.byref(key), ct.byref(value)) != 0:
+            return None
+        lib.bpf_map_delete_elem(self._fd, ct.byref(key))
+        return value
+
+    def resolve(self, sock: socket.socket) -> server.OriginalDst | None:
+        peer = _peer_v4(sock)
+        if peer is None:
+            return None
+        try:
+            value = self.take(*peer)
+        except OSError:
+            return None
+        return decode(value, self._names) if value is not None else None
