@@ -94,6 +94,9 @@ class Agent:
         self.sync = MapSync(self.datapath)  # adopts whatever the pinned maps hold
         self.redirect.load()  # adopts the pinned service maps
         self.redirect.attach(CGROUP_ROOT)
+        # Services with L7 configuration are redirected to the processor at ROUTER_IP:outbound.
+        self.datapath.set_proxy(self.router_ip, self.cfg.l7_ports.outbound)
+        self.redirect.set_proxy(self.router_ip, self.cfg.l7_ports.outbound)
         with self.lock:
             self._adopt_endpoints()
             self.reconcile()
@@ -273,6 +276,7 @@ class Agent:
             config_path=self._l7_config_path, listen=f"{self.router_ip}:{self.cfg.l7_ports.outbound}",
             flows_path=os.path.join(self.cfg.state_dir, f"l7-flows-{self.cfg.node_name}.sock"),
             metrics_addr=f"{host}:{port + 1}", node_name=self.cfg.node_name, on_flow=self._on_l7_flow,
+            bpffs_dir=self.cfg.bpffs_dir,
         )
         self.l7.start()
 

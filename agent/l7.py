@@ -88,13 +88,14 @@ class L7Supervisor:
     """Runs the processor, restarts it when it dies, and reads the flows it reports."""
 
     def __init__(self, config_path: str, listen: str, flows_path: str, metrics_addr: str, node_name: str,
-                 on_flow: Callable[[dict], None]):
+                 on_flow: Callable[[dict], None], bpffs_dir: str | None = None):
         self.config_path = config_path
         self.listen = listen
         self.flows_path = flows_path
         self.metrics_addr = metrics_addr
         self.node_name = node_name
         self.on_flow = on_flow
+        self.bpffs_dir = bpffs_dir
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
         self._stop = threading.Event()
@@ -112,6 +113,8 @@ class L7Supervisor:
     def _spawn(self) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "userspace_l7", "--config", self.config_path, "--listen", self.listen,
                "--flows", self.flows_path, "--metrics", self.metrics_addr, "--node-name", self.node_name]
+        if self.bpffs_dir:
+            cmd += ["--bpffs", self.bpffs_dir]
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
 
     def _supervise(self) -> None:

@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a request head may take")
     p.add_argument("--idle-timeout", type=float, default=60.0, help="seconds an idle client connection is kept")
     p.add_argument("--node-name", default="", help="node_name in flows")
+    p.add_argument("--bpffs", help="the node's bpffs directory: learn each connection's original "
+                   "destination and client identity from the datapath (connections it did not "
+                   "redirect are closed)")
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -88,8 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         runner = asyncio.run
     options = Options(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout, node_name=args.node_name)
     try:
+        resolver = None
+        if args.bpffs:
+            from .origdst import KernelOriginalDstResolver
+
+            resolver = KernelOriginalDstResolver(args.bpffs)
         runner(serve(args.config, *args.listen, flows_path=args.flows, metrics_addr=args.metrics,
-                     reuse_port=args.reuse_port, options=options))
+                     reuse_port=args.reuse_port, resolver=resolver, options=options))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -32,15 +32,14 @@ print("ready", flush=True)
 srv.serve_forever()
 """
 
-# Sends N keep-alive requests through the processor with a Host header; prints the body counts.
+# Sends N keep-alive requests to http://HOST/PATH (the service name); prints the body counts.
 CLIENT = r"""
 import http.client, json, sys
-proxy, host, n, path = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-ip, port = proxy.split(":")
-conn = http.client.HTTPConnection(ip, int(port), timeout=5)
+host, n, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+conn = http.client.HTTPConnection(host, 80, timeout=5)
 out = {}
 for _ in range(n):
-    conn.request("GET", path, headers={"Host": host})
+    conn.request("GET", path)
     r = conn.getresponse()
     body = r.read().decode()
     key = f"{r.status}:{body}"
@@ -100,7 +99,8 @@ def mesh(node):
 
 
 def requests(node, ep, proxy, n, path="/", host="shop") -> dict:
-    proc = subprocess.run([*node.in_ep(ep), PY, "-c", CLIENT, proxy, host, str(n), path],
+    """Requests to the service by name: the connect hook redirects them to the processor."""
+    proc = subprocess.run([*node.in_ep(ep), PY, "-c", CLIENT, host, str(n), path],
                           capture_output=True, text=True, timeout=120)
     return json.loads(proc.stdout) if proc.returncode == 0 else {"error": proc.stderr[-300:]}
 
@@ -160,3 +160,29 @@ def test_processor_is_restarted_when_killed(node, mesh):
         time.sleep(0.3)
     got = requests(node, eps["client"], proxy, 20)
     assert sum(v for k, v in got.items() if k.startswith("200:")) == 20, got
+
+
+def test_client_denied_by_l4_policy_reaches_nothing_through_the_processor(node, mesh):
+    """The processor marks its upstream connections with the client's identity, so the backends'
+    L4 ingress policy decides on the real client, not on the node."""
+    eps, proxy = mesh
+    other = node.add_endpoint("thief", "role=thief")
+    node.apply("""
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: shop-buyers-only, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: shop}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {role: buyer}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+""")
+    try:
+        ok = requests(node, eps["client"], proxy, 10)
+        assert sum(v for k, v in ok.items() if k.startswith("200:")) == 10, ok
+        denied = requests(node, other, proxy, 3)
+        assert not any(k.startswith("200:") for k in denied), denied
+        drops = node.flows("--verdict", "DROPPED", "--to-label", "app=shop")
+        assert any(f["source"]["identity"] == other["identity"] for f in drops), "drops name the real client"
+    finally:
+        node.cli("delete", "CiliumNetworkPolicy", "shop-buyers-only")
