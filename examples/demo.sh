@@ -12,7 +12,9 @@ down() {
     if meshagent status >/dev/null 2>&1; then
         meshagent delete -f examples/l4-policy.yaml >/dev/null 2>&1
         meshagent delete -f examples/services.yaml >/dev/null 2>&1
+        meshagent delete -f examples/l7-split.yaml >/dev/null 2>&1
     fi
+    for f in $RUN/shop-*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null; rm -f "$f"; done
     if [ -f $RUN/agent.pid ]; then
         pid=$(cat $RUN/agent.pid); kill "$pid" 2>/dev/null
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
@@ -58,6 +60,42 @@ step "a Service: examples/services.yaml (VIP balanced at connect time, name in /
 meshagent apply -f examples/services.yaml
 meshagent service list
 meshagent exec demo-frontend -- curl -s -o /dev/null -w 'http://web/ -> HTTP %{http_code} from %{remote_ip}\n' --max-time 3 http://web/
+
+step "L7: two versions of shop, split 80/20 by a VirtualService (examples/l7-split.yaml)"
+for v in v1 v2; do
+    meshagent endpoint add demo-shop-$v --labels app=shop,version=$v >/dev/null
+    meshagent exec demo-shop-$v -- python3 -c "
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+    def do_GET(self):
+        body = b'$v'
+        self.send_response(200); self.send_header('Content-Length', '2'); self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+ThreadingHTTPServer(('0.0.0.0', 8080), H).serve_forever()" >/dev/null 2>&1 &
+    echo $! > $RUN/shop-$v.pid
+done
+for v in v1 v2; do  # wait for both versions to listen
+    for _ in $(seq 50); do
+        meshagent exec demo-shop-$v -- curl -s -o /dev/null --max-time 1 http://127.0.0.1:8080/ && break; sleep 0.2
+    done
+done
+meshagent apply -f examples/l7-split.yaml
+meshagent service list
+sleep 1.5  # the processor picks up its new config within a second
+meshagent exec demo-frontend -- python3 -c "
+import collections, http.client
+counts = collections.Counter()
+conn = http.client.HTTPConnection('shop', 80, timeout=5)
+for _ in range(200):
+    conn.request('GET', '/items')
+    r = conn.getresponse(); body = r.read().decode(); counts[body if r.status == 200 else 'HTTP %d' % r.status] += 1
+print('200 requests to http://shop/items: ' + ', '.join('%s %d (%.0f%%)' % (k, n, n / 2) for k, n in sorted(counts.items())))"
+
+step "L7 flows (meshagent flows --type l7 --last 4)"
+sleep 0.5
+meshagent flows --type l7 --last 4
 
 step "policy trace intruder -> web"
 meshagent policy trace --from-label role=intruder --to-label app=web --dport 80/tcp
