@@ -84,6 +84,17 @@ def write_if_changed(path: str, value: dict) -> bool:
     return True
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the agent dies, even by SIGKILL, so no processor
+    outlives its agent holding the listening port (the next agent starts its own)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the agent died before prctl took effect
+        os._exit(1)
+
+
 class L7Supervisor:
     """Runs the processor, restarts it when it dies, and reads the flows it reports."""
 
@@ -115,7 +126,8 @@ class L7Supervisor:
                "--flows", self.flows_path, "--metrics", self.metrics_addr, "--node-name", self.node_name]
         if self.bpffs_dir:
             cmd += ["--bpffs", self.bpffs_dir]
-        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_die_with_parent)
 
     def _supervise(self) -> None:
         backoff = 0

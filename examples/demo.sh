@@ -69,6 +69,7 @@ import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class H(BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
+    disable_nagle_algorithm = True  # headers and body go out in two writes
     def do_GET(self):
         body = b'$v'
         self.send_response(200); self.send_header('Content-Length', '2'); self.end_headers(); self.wfile.write(body)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 NETTOOL = str(Path(__file__).with_name("nettool.py"))
@@ -20,6 +22,21 @@ spec:
   - fromEndpoints: [{matchLabels: {role: ok}}]
     toPorts: [{ports: [{port: "80", protocol: TCP}]}]
 """
+
+
+def _gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:  # reap it if it is ours (it is not: its parent was the agent)
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    return False
 
 
 def tcp_ok(node, src, dst) -> bool:
@@ -38,8 +55,10 @@ def test_enforcement_and_connections_survive_agent_restart(node):
     node.processes.append(hold)
     assert hold.stdout.readline().strip() == "connected"
     before = node.cli_json("bpf", "policy", "list")
+    processor = node.cli_json("status")["l7_processor"]["pid"]
 
     node.stop_agent(signal.SIGKILL)  # no chance to clean up: pins must carry the state
+    assert _gone(processor), "the L7 processor does not outlive its agent"
     assert tcp_ok(node, ok, srv)
     assert not tcp_ok(node, bad, srv)
     hold.stdin.write("alive 2\n")
