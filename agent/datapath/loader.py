@@ -51,6 +51,23 @@ def check_kernel_headers() -> None:
         )
 
 
+def import_bcc():
+    """BCC's BPF class, or an error that says how to get it."""
+    try:
+        from bcc import BPF
+    except ImportError:
+        raise DatapathError(
+            "cannot import bcc: install Debian's python3-bpfcc and run the agent from a virtualenv "
+            "created with --system-site-packages (`make install` does both)"
+        ) from None
+    return BPF
+
+
+def bpf_cflags(bpffs_dir: str, map_sizes: dict[str, int]) -> list[str]:
+    """Load-time options as -D flags: where the pins live, and the map sizes."""
+    return [f'-DPIN_DIR="{bpffs_dir}"', *(f"-D{k}={v}" for k, v in map_sizes.items())]
+
+
 def ensure_bpffs(bpffs_dir: str) -> None:
     """Mount bpffs at /sys/fs/bpf if nothing is mounted there, then create the node's directory."""
     if not _is_bpffs("/sys/fs/bpf") and bpffs_dir.startswith("/sys/fs/bpf/"):
@@ -84,20 +101,12 @@ class Datapath:
     # ---- loading -------------------------------------------------------------------------------
 
     def cflags(self) -> list[str]:
-        flags = [f'-DPIN_DIR="{self.bpffs_dir}"']
-        flags += [f"-D{k}={v}" for k, v in self.map_sizes.items()]
-        return flags
+        return bpf_cflags(self.bpffs_dir, self.map_sizes)
 
     def load(self) -> None:
         check_kernel_headers()
         ensure_bpffs(self.bpffs_dir)
-        try:
-            from bcc import BPF
-        except ImportError:
-            raise DatapathError(
-                "cannot import bcc: install Debian's python3-bpfcc and run the agent from a virtualenv "
-                "created with --system-site-packages (`make install` does both)"
-            ) from None
+        BPF = import_bcc()
         revision = self._retire_old_config_pin()
         try:
             self.bpf = BPF(text=program_source("policy"), cflags=self.cflags())

@@ -41,7 +41,7 @@ import socket
 from dataclasses import dataclass
 from functools import cache
 
-from agent.datapath.loader import DatapathError, check_kernel_headers, ensure_bpffs
+from agent.datapath.loader import DatapathError, bpf_cflags, check_kernel_headers, ensure_bpffs, import_bcc
 from agent.datapath.maps import be32_to_ip, check_layout, ip_to_be32
 from agent.datapath.source import program_source
 
@@ -383,20 +383,14 @@ class RedirectDatapath:
     # ---- loading -------------------------------------------------------------------------------
 
     def cflags(self) -> list[str]:
-        return [f'-DPIN_DIR="{self.bpffs_dir}"', *(f"-D{k}={v}" for k, v in self.map_sizes.items())]
+        return bpf_cflags(self.bpffs_dir, self.map_sizes)
 
     def load(self) -> None:
         """Compile and load the programs (maps are created or re-opened from their pins), check the
         struct layouts, and adopt the services the maps already hold. Attaches nothing."""
         check_kernel_headers()
         ensure_bpffs(self.bpffs_dir)
-        try:
-            from bcc import BPF
-        except ImportError:
-            raise DatapathError(
-                "cannot import bcc: install Debian's python3-bpfcc and run the agent from a virtualenv "
-                "created with --system-site-packages (`make install` does both)"
-            ) from None
+        BPF = import_bcc()
         try:
             self.bpf = BPF(text=program_source("redirect"), cflags=self.cflags())
             for name, attach_type in PROGRAMS.items():
