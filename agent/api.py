@@ -210,14 +210,21 @@ class Ops:
             flt = _with_since(flt, time.time_ns() - int(float(args["since_s"]) * 1e9))
         last = args.get("last")
         follow = bool(args.get("follow"))
+        # Subscribe before replaying history so nothing falls between the two; the flows that
+        # arrived in between come first on the subscription and are skipped once.
         sub = self.agent.flows.subscribe() if follow else None
         try:
-            for flow in self.agent.flows.query(flt, int(last) if last else None):
+            replayed = self.agent.flows.query(flt, int(last) if last else None)
+            for flow in replayed:
                 send({"flow": flow})
+            already = {id(f) for f in replayed}
             while sub is not None and not self.agent.stopping.is_set():
                 item = sub.get(0.5)
                 if item is None:
                     continue
+                if id(item) in already:
+                    continue
+                already = set()  # past the overlap: everything from here on is new
                 if "lost" in item:
                     send(item)
                 elif flt.matches(item):

@@ -614,6 +614,8 @@ def flows(target: Target, follow: bool, last: int | None, since: float | None, f
     def show(item: dict) -> None:
         if "flow" in item:
             click.echo(json.dumps(item["flow"]) if output == "json" else out.format_flow(item["flow"]))
+            if follow:
+                sys.stdout.flush()  # a pipe is block-buffered: a follower (| jq) sees each flow now
         elif "lost" in item:
             click.echo(out.lost_warning((item["lost"] or {}).get("count", 0)), err=True)
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import select
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.datapath.conftest import MESHAGENT
 
 NETTOOL = str(Path(__file__).with_name("nettool.py"))
 PY = sys.executable
@@ -238,3 +242,29 @@ spec:
         assert not tcp_ok(node, outside, world["web"], 80)
     finally:
         subprocess.run(["ip", "netns", "del", ext], capture_output=True)
+
+
+def test_flows_follow_streams_new_flows_once(node, world, clean_policies):
+    proc = subprocess.Popen([*MESHAGENT, "--socket", node.config["api_socket"], "flows", "--follow", "-o", "json",
+                             "--from-ip", world["free"]["ip"]],
+                            cwd=str(Path(__file__).resolve().parents[2]), stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    node.processes.append(proc)
+    try:
+        time.sleep(1.0)  # the subscription is open
+        assert tcp_ok(node, world["free"], world["web"], 8080)
+        seen = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(
+                f.get("event_type") == "flow-new" and f["l4"]["TCP"]["destination_port"] == 8080 for f in seen):
+            if not select.select([proc.stdout], [], [], 0.5)[0]:
+                continue
+            line = proc.stdout.readline()
+            if line:
+                seen.append(json.loads(line))
+        new = [f for f in seen if f.get("event_type") == "flow-new" and f["l4"]["TCP"]["destination_port"] == 8080]
+        assert new, "the new flow streams to the follower"
+        keys = [(f["time"], f["traffic_direction"], f["event_type"]) for f in seen]
+        assert len(keys) == len(set(keys)), "no flow is sent twice"
+    finally:
+        proc.kill()
