@@ -72,9 +72,7 @@ log = base.log
 # ---- settings ------------------------------------------------------------------------------------
 
 
-def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    return float(value) if value else default
+_env_float = base._env_float  # one reader of the BENCH_* settings for both parts
 
 
 @dataclass(frozen=True)
