@@ -40,6 +40,7 @@ class NodeConfig:
     metrics_addr: str
     l7_ports: L7Ports = field(default_factory=L7Ports)
     policy_enforcement: str = "default"
+    socket_fastpath: bool = True  # sk_msg redirect between same-node sockets (bpf/lib/sockmap.h)
     source: str = "<defaults>"
 
     @property
@@ -54,7 +55,7 @@ class NodeConfig:
 
 _KEYS = (
     "node_name", "node_ip", "pod_cidr", "service_cidr", "trust_domain", "store", "state_dir",
-    "bpffs_dir", "cgroup", "api_socket", "metrics_addr", "l7_ports", "policy_enforcement",
+    "bpffs_dir", "cgroup", "api_socket", "metrics_addr", "l7_ports", "policy_enforcement", "socket_fastpath",
 )
 
 
@@ -118,6 +119,7 @@ def from_dict(raw: dict, source: str = "<defaults>") -> NodeConfig:
         api_socket=get("api_socket", default_api_socket(name)),
         metrics_addr=get("metrics_addr", "127.0.0.1:9962"),
         policy_enforcement=get("policy_enforcement", "default"),
+        socket_fastpath=get("socket_fastpath", True),
     )
     for key in ("pod_cidr", "service_cidr"):
         try:

@@ -24,7 +24,7 @@ from agent import identity as ids
 from agent.config import ConfigError, NodeConfig, load
 from agent.datapath import clock, maps
 from agent.datapath.loader import PROGRAMS, Datapath, DatapathError
-from agent.datapath.redirect import CGROUP_ROOT, LB_F_L7, RedirectDatapath, netns_cookie
+from agent.datapath.redirect import CGROUP_ROOT, LB_F_L7, RedirectDatapath, current_netns_cookie, netns_cookie
 from agent.flows import EndpointRef, FlowBuffer, FlowContext, FlowCounters, decode_event, enrich_l7_flow
 from agent.identity import IdentityAllocator
 from agent.l7 import L7Supervisor, l7_config, l7_services, write_if_changed
@@ -97,6 +97,9 @@ class Agent:
         # Services with L7 configuration are redirected to the processor at ROUTER_IP:outbound.
         self.datapath.set_proxy(self.router_ip, self.cfg.l7_ports.outbound)
         self.redirect.set_proxy(self.router_ip, self.cfg.l7_ports.outbound)
+        # The agent runs in the node's namespace, where the L7 processor listens too.
+        self.redirect.set_fastpath(self.cfg.socket_fastpath, node_netns=current_netns_cookie(),
+                                   pod_cidr=self.cfg.pod_cidr)
         with self.lock:
             self._adopt_endpoints()
             self.reconcile()
@@ -466,6 +469,7 @@ class Agent:
             "l7_processor": {"pid": self.l7.pid() if self.l7 else None,
                              "restarts": self.l7.restarts if self.l7 else 0,
                              "listen": f"{self.router_ip}:{self.cfg.l7_ports.outbound}"},
+            "socket_fastpath": self.redirect.fastpath_summary() if self.sync else None,
         }
 
 

@@ -57,7 +57,19 @@ class AgentCollector:
         lost = CounterMetricFamily("meshagent_lost_events", "Flow events lost because the ring buffer was full")
         lost.add_metric([], a.datapath.lost_events())
         yield lost
+        yield from self._fastpath_metrics()
         yield from self._l7_metrics()
+
+    def _fastpath_metrics(self):
+        msgs = CounterMetricFamily("meshagent_fastpath_messages", "sendmsg() chunks seen by the socket fast path",
+                                   labels=["outcome"])
+        nbytes = CounterMetricFamily("meshagent_fastpath_bytes", "Bytes seen by the socket fast path",
+                                     labels=["outcome"])
+        for outcome, c in self.agent.redirect.fastpath_summary()["counters"].items():
+            msgs.add_metric([outcome], c["messages"])
+            nbytes.add_metric([outcome], c["bytes"])
+        yield msgs
+        yield nbytes
 
     def _l7_metrics(self):
         """The L7 processor's istio_* metrics, re-exported so one scrape of the node sees all."""

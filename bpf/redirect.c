@@ -7,9 +7,12 @@
  *   sock6_*            the same four for AF_INET6 sockets that use IPv4-mapped addresses
  *                      (::ffff:a.b.c.d; Java and other dual-stack clients do by default): the
  *                      kernel runs only the INET6 hooks for them. Native IPv6 passes untouched.
- *   l7_sockops         BPF_CGROUP_SOCK_OPS           a connection redirected to the L7 processor
+ *   sock_ops           BPF_CGROUP_SOCK_OPS           a connection redirected to the L7 processor
  *                      has its local port now: publish its original destination by client
- *                      address (l7_pending -> l7_origdst, lib/lb.h)
+ *                      address (l7_pending -> l7_origdst, lib/lb.h); an eligible connection is
+ *                      established: add the socket to the fast path (lib/sockmap.h)
+ *   fastpath_msg       BPF_SK_MSG_VERDICT on the fastpath_socks map: sendmsg() on a socket of the
+ *                      fast path, hand the bytes to the peer socket or fall back to TCP
  *
  * L7 services (LB_F_L7, TCP only): connect() goes to the node's L7 processor (lb_config) instead
  * of a backend; getpeername() still reports the VIP. Without a processor in lb_config they are
@@ -30,6 +33,7 @@
 #include <uapi/linux/errno.h>
 #include "lib/netns.h"
 #include "lib/lb.h"
+#include "lib/sockmap.h"
 
 #define SYS_PROCEED 1
 #define SYS_REJECT  0
@@ -204,29 +208,130 @@ int sock6_getpeername(struct bpf_sock_addr *ctx)
 /* The L7 processor accepts the connection and knows only its peer, the client's address and port;
  * the port is bound during connect(), after the connect hook ran. TCP_CONNECT_CB runs once it is
  * bound and before the SYN leaves, so the entry is in l7_origdst before the processor can accept
- * the connection; ACTIVE_ESTABLISHED_CB is a second chance should the first update have failed.
- * Every other socket costs one comparison of the op (and a netns lookup at connect). */
-int l7_sockops(struct bpf_sock_ops *skops)
+ * the connection; ACTIVE_ESTABLISHED_CB is a second chance should the first update have failed. */
+static __always_inline void l7_publish_origdst(struct bpf_sock_ops *skops)
 {
 	struct l7_client_key key = {};
 	struct l7_origdst *od;
-	__u32 op = skops->op;
 	__u64 cookie;
 	int err;
 
-	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
-		return 1;
 	if (!endpoint_of_sock(skops))
-		return 1;
+		return;
 	cookie = lb_get_socket_cookie(skops);
 	od = l7_pending.lookup(&cookie);
 	if (!od)
-		return 1;
+		return;
 	key.ip = skops->local_ip4;                      /* network order */
 	key.port = bpf_htons((__u16)skops->local_port); /* host order in the context */
 	/* BCC code generation: test the helper's result through a variable (KERNEL-NOTES). */
 	err = l7_origdst.update(&key, od);
 	if (err == 0)
 		l7_pending.delete(&cookie);
+}
+
+/* Both ends of a connection call this from their ESTABLISHED callback; see lib/sockmap.h for who
+ * is eligible. The flow state goes in first: a socket in fastpath_socks without it falls back. */
+static __always_inline void fastpath_add(struct bpf_sock_ops *skops)
+{
+	struct fastpath_config *cfg = fastpath_get_config();
+	struct datapath_config *dp = datapath_config();
+	struct fastpath_flow flow = {};
+	struct sock_key key = {};
+	__u64 netns;
+
+	if (!cfg || !(cfg->flags & FP_CFG_ENABLED) || skops->family != AF_INET_)
+		return;
+	key.local_ip = skops->local_ip4;
+	key.remote_ip = skops->remote_ip4;
+	key.local_port = (__u16)skops->local_port;             /* host order */
+	key.remote_port = (__u16)bpf_ntohl(skops->remote_port); /* network order, in the upper half */
+	netns = bpf_get_netns_cookie(skops);
+	if (fastpath_is_loopback(key.local_ip) && fastpath_is_loopback(key.remote_ip))
+		key.netns = netns;
+	else if (!fastpath_in_pods(cfg, key.local_ip) || !fastpath_in_pods(cfg, key.remote_ip))
+		return;
+	if (netns != cfg->node_netns && !endpoint_netns.lookup(&netns))
+		return;
+	flow.revision = dp ? dp->policy_revision : 0;
+	if (fastpath_flows.update(&key, &flow) != 0)
+		return;
+	fastpath_socks.sock_hash_update(skops, &key, BPF_ANY);
+}
+
+/* Every other socket costs one comparison of the op. */
+int sock_ops(struct bpf_sock_ops *skops)
+{
+	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		l7_publish_origdst(skops);
+		break;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		l7_publish_origdst(skops);
+		fastpath_add(skops);
+		break;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		fastpath_add(skops);
+		break;
+	}
 	return 1;
+}
+
+/**
+ * fastpath_msg - sendmsg() on a socket of fastpath_socks: redirect to the peer, or fall back
+ * @msg: the message (for a large write, one chunk of it: the kernel runs this per chunk)
+ *
+ * Always SK_PASS: with a target set by msg_redirect_hash the bytes go to the peer's receive queue,
+ * without one they take the TCP path. (SK_DROP would fail the sendmsg() with EACCES.)
+ */
+int fastpath_msg(struct sk_msg_md *msg)
+{
+	struct datapath_config *dp = datapath_config();
+	struct fastpath_flow *flow, *peer_flow;
+	struct sock_key key = {}, peer = {};
+	__u32 size = msg->size;
+
+	key.local_ip = msg->local_ip4;
+	key.remote_ip = msg->remote_ip4;
+	key.local_port = (__u16)msg->local_port;
+	key.remote_port = (__u16)bpf_ntohl(msg->remote_port);
+	if (fastpath_is_loopback(key.local_ip) && fastpath_is_loopback(key.remote_ip))
+		key.netns = bpf_get_netns_cookie(msg);
+	flow = fastpath_flows.lookup(&key);
+	if (!flow) {
+		fastpath_count(FP_PASS_NO_STATE, size);
+		return SK_PASS;
+	}
+	if (flow->flags & FP_FLOW_FALLBACK) {
+		fastpath_count(FP_PASS_FALLEN, size);
+		return SK_PASS;
+	}
+	if (dp && dp->policy_revision != flow->revision) {
+		flow->flags |= FP_FLOW_FALLBACK;
+		fastpath_count(FP_PASS_POLICY, size);
+		return SK_PASS;
+	}
+	if (flow->unread + size > FASTPATH_UNREAD_BUDGET) {
+		flow->flags |= FP_FLOW_FALLBACK;
+		fastpath_count(FP_PASS_UNREAD, size);
+		return SK_PASS;
+	}
+	peer.local_ip = key.remote_ip;
+	peer.remote_ip = key.local_ip;
+	peer.local_port = key.remote_port;
+	peer.remote_port = key.local_port;
+	peer.netns = key.netns;
+	if (fastpath_socks.msg_redirect_hash(msg, &peer, BPF_F_INGRESS) != SK_PASS) {
+		flow->flags |= FP_FLOW_FALLBACK;
+		fastpath_count(FP_PASS_NO_PEER, size);
+		return SK_PASS;
+	}
+	/* Plain read-modify-write: both ends of one connection rarely write on two CPUs at once,
+	 * and a lost update only moves the budget a little. */
+	flow->unread += size;
+	peer_flow = fastpath_flows.lookup(&peer);
+	if (peer_flow)
+		peer_flow->unread = 0; /* we are answering: the peer's writes were read */
+	fastpath_count(FP_REDIRECTED, size);
+	return SK_PASS;
 }

@@ -26,9 +26,14 @@ Use (the agent's side):
 
 L7 services (LB_F_L7, TCP): once set_proxy() named the processor, connect() goes there; the
 processor finds the original VIP:port and the client's identity in the pinned `l7_origdst` map
-(userspace_l7/origdst.py), filed by the l7_sockops program. Datapath.set_proxy (bpf/policy.c)
+(userspace_l7/origdst.py), filed by the sock_ops program. Datapath.set_proxy (bpf/policy.c)
 must name the same address so the endpoint's egress policy lets the redirect through.
+    dp.set_fastpath(True, node_netns=current_netns_cookie(), pod_cidr="10.200.0.0/24")
     dp.detach()                     # teardown only; an agent that stops leaves them attached
+
+Socket fast path (bpf/lib/sockmap.h): sock_ops adds both ends of an established local connection
+to the pinned `fastpath_socks` sockhash, and fastpath_msg (attached to that map, not to a cgroup)
+hands their bytes to each other. set_fastpath() turns it on for new connections.
 """
 
 from __future__ import annotations
@@ -57,8 +62,11 @@ PROGRAMS = {
     "sock6_sendmsg": 15,      # BPF_CGROUP_UDP6_SENDMSG
     "sock6_recvmsg": 20,      # BPF_CGROUP_UDP6_RECVMSG
     "sock6_getpeername": 30,  # BPF_CGROUP_INET6_GETPEERNAME
-    "l7_sockops": 3,          # BPF_CGROUP_SOCK_OPS           (publishes L7 redirects' origins)
+    "sock_ops": 3,            # BPF_CGROUP_SOCK_OPS           (L7 redirects' origins, the fast path)
 }
+# Attached to the fastpath_socks map rather than to a cgroup.
+FASTPATH_PROGRAM = "fastpath_msg"
+BPF_SK_MSG_VERDICT = 7
 BPF_CGROUP_SOCK_OPS = 3
 BPF_F_ALLOW_MULTI = 0x2
 BPF_F_REPLACE = 0x4
@@ -70,9 +78,10 @@ MAP_SIZES = {
     "LB_REVNAT_MAP_SIZE": 262144,
     "L7_PENDING_MAP_SIZE": 65536,
     "L7_ORIGDST_MAP_SIZE": 65536,
+    "FASTPATH_MAP_SIZE": 65536,
 }
 PINNED_MAPS = ("endpoint_netns", "lb_services", "lb_backends", "lb_revnat", "lb_config", "l7_pending",
-               "l7_origdst")
+               "l7_origdst", "fastpath_socks", "fastpath_flows", "fastpath_config", "fastpath_metrics")
 
 LB_F_L7 = 0x1  # bpf/lib/lb.h: TCP: redirect to the L7 processor (balanced as L4 until set_proxy())
 MAX_BACKENDS = 0xFFFF  # backend_count is a u16
@@ -137,6 +146,42 @@ class L7ClientKeyC(ct.Structure):
     _fields_ = [("ip", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]  # network order
 
 
+class SockKeyC(ct.Structure):
+    _fields_ = [
+        ("local_ip", ct.c_uint32),  # network order
+        ("remote_ip", ct.c_uint32),
+        ("local_port", ct.c_uint16),  # host order
+        ("remote_port", ct.c_uint16),
+        ("pad", ct.c_uint32),
+        ("netns", ct.c_uint64),  # loopback pairs only
+    ]
+
+
+class FastpathFlowC(ct.Structure):
+    _fields_ = [("revision", ct.c_uint32), ("flags", ct.c_uint32), ("unread", ct.c_uint64)]
+
+
+class FastpathConfigC(ct.Structure):
+    _fields_ = [
+        ("node_netns", ct.c_uint64),
+        ("pod_net", ct.c_uint32),  # network order
+        ("pod_mask", ct.c_uint32),
+        ("flags", ct.c_uint32),
+        ("pad", ct.c_uint32),
+    ]
+
+
+class FastpathCounterC(ct.Structure):
+    _fields_ = [("messages", ct.c_uint64), ("bytes", ct.c_uint64)]
+
+
+FP_CFG_ENABLED = 0x1  # bpf/lib/sockmap.h
+FP_FLOW_FALLBACK = 0x1
+# fastpath_msg outcomes, in the order of their FP_* index (bpf/lib/sockmap.h).
+FASTPATH_OUTCOMES = ("redirected", "pass_no_peer", "pass_policy_changed", "pass_unread_budget",
+                     "pass_fallen_back", "pass_no_state")
+
+
 # C struct name -> (our copy, the map and side BCC exposes it on), for check_layout().
 LAYOUTS = {
     "endpoint_netns_info": (EndpointNetnsC, "endpoint_netns", "Leaf"),
@@ -149,6 +194,10 @@ LAYOUTS = {
     "lb_config": (LbConfigC, "lb_config", "Leaf"),
     "l7_origdst": (L7OrigDstC, "l7_origdst", "Leaf"),
     "l7_client_key": (L7ClientKeyC, "l7_origdst", "Key"),
+    "sock_key": (SockKeyC, "fastpath_flows", "Key"),
+    "fastpath_flow": (FastpathFlowC, "fastpath_flows", "Leaf"),
+    "fastpath_config": (FastpathConfigC, "fastpath_config", "Leaf"),
+    "fastpath_counter": (FastpathCounterC, "fastpath_metrics", "Leaf"),
 }
 
 ServiceKey = tuple[str, int, int]  # (VIP, port, IP protocol number)
@@ -292,6 +341,7 @@ def _libbpf() -> ct.CDLL:
     lib = ct.CDLL("libbpf.so.1", use_errno=True)  # the libbpf libbcc itself links
     lib.bpf_prog_attach_opts.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.POINTER(_AttachOpts)]
     lib.bpf_prog_detach2.argtypes = [ct.c_int, ct.c_int, ct.c_int]
+    lib.bpf_prog_attach.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_uint]
     lib.bpf_prog_query.argtypes = [ct.c_int, ct.c_int, ct.c_uint32, ct.POINTER(ct.c_uint32),
                                    ct.POINTER(ct.c_uint32), ct.POINTER(ct.c_uint32)]
     lib.bpf_prog_get_fd_by_id.argtypes = [ct.c_uint32]
@@ -378,6 +428,7 @@ class RedirectDatapath:
         self.map_sizes = {**MAP_SIZES, **(map_sizes or {})}
         self.bpf = None
         self.functions: dict[str, object] = {}
+        self.fastpath_msg = None
         self._services: dict[ServiceKey, ServiceState] = {}
 
     # ---- loading -------------------------------------------------------------------------------
@@ -398,10 +449,13 @@ class RedirectDatapath:
                     self.functions[name] = self.bpf.load_func(name, BPF.SOCK_OPS)
                 else:
                     self.functions[name] = self.bpf.load_func(name, BPF.CGROUP_SOCK_ADDR, attach_type=attach_type)
+            self.fastpath_msg = self.bpf.load_func(FASTPATH_PROGRAM, BPF.SK_MSG)
         except Exception as e:  # BCC raises bare Exception for compile and verifier failures
             raise DatapathError(f"cannot load bpf/redirect.c: {e}") from None
         for ours, table, side in LAYOUTS.values():
-            check_layout(ours, getattr(self.bpf[table], side))
+            theirs = getattr(self.bpf[table], side)
+            # A per-CPU map's leaf is an array of one value per CPU.
+            check_layout(ours, theirs._type_ if issubclass(theirs, ct.Array) else theirs)
         self._services = self._read_services(cleanup=True)
 
     def table(self, name: str):
@@ -434,6 +488,10 @@ class RedirectDatapath:
             raise DatapathError("attach() before load()")
         lib = _libbpf()
         map_id = self._map_id()
+        # Before sock_ops can add a socket: a socket takes the map's sk_msg program when it is
+        # added. Attaching replaces a predecessor's program; sockets already in the map keep theirs.
+        _check(lib.bpf_prog_attach(self.fastpath_msg.fd, self.fastpath_socks_fd(), BPF_SK_MSG_VERDICT, 0),
+               "cannot attach fastpath_msg to the fastpath_socks map")
         cg = _open_cgroup(cgroup_root)
         try:
             for name, attach_type in PROGRAMS.items():
@@ -514,6 +572,15 @@ class RedirectDatapath:
         finally:
             os.close(cg)
 
+    def fastpath_socks_fd(self) -> int:
+        """The sockhash's fd: BCC 0.26 has no Table class for sockhash maps, so ask libbcc directly."""
+        from bcc.libbcc import lib as libbcc
+
+        fd = libbcc.bpf_table_fd(self.bpf.module, b"fastpath_socks")
+        if fd < 0:
+            raise DatapathError("bpf/redirect.c has no fastpath_socks map")
+        return fd
+
     # ---- endpoints -----------------------------------------------------------------------------
 
     netns_cookie = staticmethod(netns_cookie)
@@ -552,6 +619,39 @@ class RedirectDatapath:
         return {(be32_to_ip(k.ip), socket.ntohs(k.port)): (be32_to_ip(v.vip), socket.ntohs(v.port), v.identity,
                                                            v.ep_id)
                 for k, v in self.bpf["l7_origdst"].items()}
+
+    # ---- the socket fast path (bpf/lib/sockmap.h) ------------------------------------------------
+
+    def set_fastpath(self, enabled: bool, node_netns: int = 0, pod_cidr: str = "0.0.0.0/32") -> None:
+        """Turn the fast path on or off for connections established from now on. ``node_netns``: the
+        cookie of the node's own namespace (the L7 processor's); ``pod_cidr``: addresses eligible
+        besides loopback. Connections already on it stay on it until they close."""
+        net = ipaddress.IPv4Network(pod_cidr)
+        self.bpf["fastpath_config"][0] = FastpathConfigC(
+            node_netns=node_netns, pod_net=ip_to_be32(str(net.network_address)),
+            pod_mask=ip_to_be32(str(net.netmask)), flags=FP_CFG_ENABLED if enabled else 0)
+
+    def fastpath_summary(self) -> dict:
+        """Is the fast path on, and its per-outcome counters (messages, bytes; summed over CPUs)."""
+        counters = {}
+        table = self.bpf["fastpath_metrics"]
+        for i, outcome in enumerate(FASTPATH_OUTCOMES):
+            per_cpu = table[table.Key(i)]
+            counters[outcome] = {"messages": sum(c.messages for c in per_cpu), "bytes": sum(c.bytes for c in per_cpu)}
+        return {"enabled": bool(self.bpf["fastpath_config"][0].flags & FP_CFG_ENABLED), "counters": counters}
+
+    def fastpath(self) -> dict:
+        """fastpath_summary() plus the sockets' state (fastpath_flows; closed sockets linger until the
+        LRU evicts them)."""
+        return {
+            **self.fastpath_summary(),
+            "sockets": [
+                {"local": f"{be32_to_ip(k.local_ip)}:{k.local_port}",
+                 "remote": f"{be32_to_ip(k.remote_ip)}:{k.remote_port}", "netns": k.netns, "revision": v.revision, "fallback": bool(v.flags & FP_FLOW_FALLBACK),
+                 "unread": v.unread}
+                for k, v in self.bpf["fastpath_flows"].items()
+            ],
+        }
 
     # ---- services ------------------------------------------------------------------------------
 

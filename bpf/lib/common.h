@@ -77,28 +77,7 @@ static __always_inline struct endpoint_info *lookup_endpoint(__u32 ifindex)
 	return ep && ep->ep_id ? ep : 0;
 }
 
-/* Global datapath config, one element. The agent bumps policy_revision after every change to
- * the policy map or the ipcache; conntrack entries from an older revision re-check policy on
- * their next packet, which is how a revoked allow cuts an established flow.
- *
- * proxy_ip:proxy_port is the node's L7 processor (Datapath.set_proxy; the same address the socket
- * hooks of bpf/redirect.c send L7 services to): a new TCP flow from an endpoint to it is a
- * redirect (VERDICT_REDIRECTED), admitted whatever the endpoint's egress policy says. 0 = none.
- * Writers change one field and keep the others (read, modify, write the element back). */
-struct datapath_config {
-	__u32 policy_revision;    /* 0 */
-	__u32 proxy_ip;           /* 4: network order; 0 = no L7 processor */
-	__u16 proxy_port;         /* 8: network order */
-	__u16 pad;                /* 10 */
-};                            /* 12 bytes */
-
-BPF_TABLE_PINNED("array", __u32, struct datapath_config, config_map, 1, PIN_DIR "/config");
-
-static __always_inline struct datapath_config *datapath_config(void)
-{
-	__u32 zero = 0;
-
-	return config_map.lookup(&zero);
-}
+/* The global config (policy_revision, the L7 processor): lib/config.h. */
+#include "config.h"
 
 #endif /* __MESH_COMMON_H */

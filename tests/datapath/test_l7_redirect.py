@@ -368,7 +368,7 @@ def test_restarted_agent_replaces_the_sockops_program_too(topo):
     again.load()
     again.attach()
     after = again.attached()
-    assert all(len(ids) == 1 for ids in after.values()) and after["l7_sockops"] != before["l7_sockops"], after
+    assert all(len(ids) == 1 for ids in after.values()) and after["sock_ops"] != before["sock_ops"], after
     assert again.proxy() == (ROUTER_IP, PROXY_PORT), "the processor's address survives in the pinned map"
     topo.redirect = again
     topo.prog_ids |= {i for ids in after.values() for i in ids}

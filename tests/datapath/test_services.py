@@ -150,3 +150,18 @@ def test_deleting_the_service_stops_translation(node, svc):
     answers = connect(node, svc["client"], vip, n=2)
     assert all(a[0] == "FAIL" for a in answers), answers
     assert Path(f"/etc/netns/{svc['client']['name']}/hosts").read_text().count("web.default") == 0
+
+
+def test_same_node_connections_take_the_socket_fast_path(node, svc):
+    """The agent turns the sk_msg fast path on (socket_fastpath, bpf/lib/sockmap.h): each backend's
+    answer goes straight into the client's socket, and status and metrics count it."""
+    node.apply(SERVICE)  # an earlier test deleted it
+    before = node.cli_json("status")["socket_fastpath"]
+    assert before["enabled"] is True
+    answers = connect(node, svc["client"], vip_of(node), n=10)
+    assert len(answers) == 10 and all(a[0] in ("web1", "web2") for a in answers), answers
+    after = node.cli_json("status")["socket_fastpath"]
+    redirected = after["counters"]["redirected"]["messages"] - before["counters"]["redirected"]["messages"]
+    assert redirected >= 10, after
+    metrics = node.ns(["curl", "-s", f"http://{node.config['metrics_addr']}/metrics"]).stdout
+    assert 'meshagent_fastpath_bytes_total{outcome="redirected"}' in metrics

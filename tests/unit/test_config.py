@@ -7,6 +7,7 @@ def test_defaults():
     cfg = from_dict({"node_name": "n1"})
     assert cfg.pod_cidr == "10.200.0.0/24" and cfg.api_socket == "/run/meshagent/n1.sock"
     assert cfg.bpffs_dir == "/sys/fs/bpf/meshagent/n1" and cfg.l7_ports.mtls == 15008
+    assert cfg.socket_fastpath is True and from_dict({"socket_fastpath": False}).socket_fastpath is False
 
 
 @pytest.mark.parametrize("raw,needle", [
@@ -20,6 +21,7 @@ def test_defaults():
     ({"l7_ports": {"outbound": 70000}}, "l7_ports"),
     ({"node_ip": "1.2.3"}, "node_ip"),
     ({"pod_cidr": 5}, "pod_cidr"),
+    ({"socket_fastpath": "on"}, "socket_fastpath"),
 ])
 def test_bad_config(raw, needle):
     with pytest.raises(ConfigError) as e:

@@ -101,7 +101,7 @@ def test_attach_types_match_bcc():
         "sock6_sendmsg": bcc.BPFAttachType.CGROUP_UDP6_SENDMSG,
         "sock6_recvmsg": bcc.BPFAttachType.CGROUP_UDP6_RECVMSG,
         "sock6_getpeername": bcc.BPFAttachType.CGROUP_INET6_GETPEERNAME,
-        "l7_sockops": bcc.BPFAttachType.CGROUP_SOCK_OPS,
+        "sock_ops": bcc.BPFAttachType.CGROUP_SOCK_OPS,
     }
     assert redirect.PROGRAMS == expected
 

@@ -1,0 +1,39 @@
+/* The global datapath config, one element, shared by bpf/policy.c and bpf/redirect.c (whose
+ * socket fast path, lib/sockmap.h, reads policy_revision too). Its own header so that
+ * bpf/redirect.c gets this map without the endpoint tables of common.h. Mirrored by
+ * agent/datapath/maps.py DatapathConfigC.
+ */
+#ifndef __MESH_CONFIG_H
+#define __MESH_CONFIG_H
+
+#include <uapi/linux/bpf.h>
+
+#ifndef PIN_DIR
+#error "PIN_DIR must be given as a -D cflag (the node's bpffs directory)"
+#endif
+
+/* Global datapath config, one element. The agent bumps policy_revision after every change to
+ * the policy map or the ipcache; conntrack entries from an older revision re-check policy on
+ * their next packet, which is how a revoked allow cuts an established flow.
+ *
+ * proxy_ip:proxy_port is the node's L7 processor (Datapath.set_proxy; the same address the socket
+ * hooks of bpf/redirect.c send L7 services to): a new TCP flow from an endpoint to it is a
+ * redirect (VERDICT_REDIRECTED), admitted whatever the endpoint's egress policy says. 0 = none.
+ * Writers change one field and keep the others (read, modify, write the element back). */
+struct datapath_config {
+	__u32 policy_revision;    /* 0 */
+	__u32 proxy_ip;           /* 4: network order; 0 = no L7 processor */
+	__u16 proxy_port;         /* 8: network order */
+	__u16 pad;                /* 10 */
+};                            /* 12 bytes */
+
+BPF_TABLE_PINNED("array", __u32, struct datapath_config, config_map, 1, PIN_DIR "/config");
+
+static __always_inline struct datapath_config *datapath_config(void)
+{
+	__u32 zero = 0;
+
+	return config_map.lookup(&zero);
+}
+
+#endif /* __MESH_CONFIG_H */

@@ -1,0 +1,159 @@
+"""Traffic for the socket fast-path tests, run inside namespaces (`ip netns exec NS python3 fastpath_tool.py ...`).
+Prints one JSON line; exit 0 unless the arguments are wrong.
+
+  serve IP PORT             accept connections, one thread each; the client's first line says what
+                            to do: "sink N"   read until EOF, answer the sha256 of what came and N
+                                              bytes of pattern(N), then close
+                            "stall"           read nothing (the client tests flow control)
+                            "close-after N"   read N bytes, then close with the rest unread
+                            "flood N"         write N bytes of pattern(N), ignoring errors
+                            "echo"            echo every byte back until EOF
+  sink IP PORT SEND RECV    send SEND bytes of pattern in one sendall(), shut down writing (a
+                            half-close), then read the answer until EOF; report both checksums
+  stall IP PORT             write without blocking until the socket refuses; report how much went
+  close-after IP PORT N     the server closes after N bytes: keep writing; report the error
+  flood IP PORT N READ      the server writes N bytes: read READ of them, then close
+  rounds IP PORT N MS       N request/response rounds of 1000 bytes through "echo", MS ms apart
+"""
+
+import hashlib
+import json
+import socket
+import sys
+import threading
+import time
+
+CHUNK = 1 << 16
+
+
+def pattern(n: int) -> bytes:
+    """n deterministic, non-repeating-looking bytes (a byte-for-byte comparison catches reordering)."""
+    out, i = bytearray(), 0
+    while len(out) < n:
+        out += hashlib.sha256(i.to_bytes(8, "little")).digest()
+        i += 1
+    return bytes(out[:n])
+
+
+def read_line(conn: socket.socket) -> str:
+    line = b""
+    while not line.endswith(b"\n"):
+        b = conn.recv(1)
+        if not b:
+            break
+        line += b
+    return line.decode().strip()
+
+
+def handle(conn: socket.socket) -> None:
+    with conn:
+        cmd, *args = read_line(conn).split()
+        if cmd == "sink":
+            h, n = hashlib.sha256(), 0
+            while data := conn.recv(CHUNK):
+                h.update(data)
+                n += len(data)
+            conn.sendall(f"{h.hexdigest()} {n}\n".encode() + pattern(int(args[0])))
+        elif cmd == "stall":
+            time.sleep(30)
+        elif cmd == "close-after":
+            want = int(args[0])
+            while want > 0 and (data := conn.recv(min(want, CHUNK))):
+                want -= len(data)
+        elif cmd == "echo":
+            while data := conn.recv(CHUNK):
+                conn.sendall(data)
+        elif cmd == "flood":
+            try:
+                conn.sendall(pattern(int(args[0])))
+            except OSError:
+                pass
+
+
+def serve(ip: str, port: int) -> None:
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((ip, port))
+    srv.listen(64)
+    print(json.dumps({"ready": True}), flush=True)
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+
+def connect(ip: str, port: int, line: str) -> socket.socket:
+    s = socket.create_connection((ip, port), timeout=10)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.sendall(line.encode() + b"\n")
+    return s
+
+
+def sink(ip: str, port: int, send: int, recv: int) -> dict:
+    data = pattern(send)
+    with connect(ip, port, f"sink {recv}") as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        got = bytearray()
+        while chunk := s.recv(CHUNK):
+            got += chunk
+    head, _, body = bytes(got).partition(b"\n")
+    digest, _, count = head.decode().partition(" ")
+    return {"sent_ok": digest == hashlib.sha256(data).hexdigest() and int(count or -1) == send,
+            "server_saw": int(count or -1), "received_ok": body == pattern(recv), "received": len(body)}
+
+
+def stall(ip: str, port: int) -> dict:
+    with connect(ip, port, "stall") as s:
+        s.setblocking(False)
+        total, chunk, deadline = 0, b"s" * CHUNK, time.monotonic() + 10
+        while time.monotonic() < deadline and total < (1 << 30):
+            try:
+                total += s.send(chunk)
+            except BlockingIOError:
+                return {"blocked_after": total}
+    return {"blocked_after": None, "sent": total}
+
+
+def close_after(ip: str, port: int, n: int) -> dict:
+    with connect(ip, port, f"close-after {n}") as s:
+        total, chunk, deadline = 0, b"c" * 4096, time.monotonic() + 10
+        try:
+            while time.monotonic() < deadline:
+                total += s.send(chunk)
+                time.sleep(0.0005)  # give the server's close time to reach us
+        except OSError as e:
+            return {"error": type(e).__name__, "sent": total}
+    return {"error": None, "sent": total}
+
+
+def flood(ip: str, port: int, n: int, read: int) -> dict:
+    s = connect(ip, port, f"flood {n}")
+    got = bytearray()
+    while len(got) < read and (chunk := s.recv(min(CHUNK, read - len(got)))):
+        got += chunk
+    s.close()
+    return {"read_ok": bytes(got) == pattern(n)[:read], "read": len(got)}
+
+
+def rounds(ip: str, port: int, n: int, ms: int) -> dict:
+    ok = 0
+    with connect(ip, port, "echo") as s:
+        for i in range(n):
+            msg = pattern(1000 + i)[i:]
+            s.sendall(msg)
+            got = bytearray()
+            while len(got) < len(msg) and (chunk := s.recv(CHUNK)):
+                got += chunk
+            ok += bytes(got) == msg
+            time.sleep(ms / 1000)
+    return {"rounds": n, "ok": ok}
+
+
+if __name__ == "__main__":
+    mode, ip, port, *rest = sys.argv[1:]
+    args = [int(a) for a in rest]
+    if mode == "serve":
+        serve(ip, int(port))
+    else:
+        fn = {"sink": sink, "stall": stall, "close-after": close_after, "flood": flood, "rounds": rounds}[mode]
+        print(json.dumps(fn(ip, int(port), *args)), flush=True)

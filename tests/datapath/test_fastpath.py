@@ -1,0 +1,259 @@
+"""The socket fast path (bpf/lib/sockmap.h) on the real kernel: sk_msg redirect between the two
+sockets of a same-node connection, and every way it falls back to TCP.
+
+Topology (tests/datapath/topology.py), all in namespaces this module creates and deletes:
+
+    node   fpn-<tag>: the router IP 10.244.9.1 on lo, where a server stands in for the L7 processor
+    a, b   endpoints 10.244.9.11 and .12, registered in endpoint_netns
+    u      10.244.9.13, not registered: its sockets are never added
+
+Servers (tests/datapath/fastpath_tool.py) listen in b, in the node namespace and on a's loopback.
+Correctness is byte for byte: every transfer is checked by sha256 on the far side and by content
+on the near side. The per-outcome counters (fastpath_metrics) show which path the bytes took.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from agent.datapath.redirect import RedirectDatapath, netns_cookie
+from tests.datapath.topology import Topology
+
+TAG = uuid.uuid4().hex[:6]
+PIN_DIR = f"/sys/fs/bpf/meshagent-test/fp-{TAG}"
+TOOL = str(Path(__file__).with_name("fastpath_tool.py"))
+POD_CIDR = "10.244.9.0/24"
+ROUTER = "10.244.9.1"
+IPS = {"a": "10.244.9.11", "b": "10.244.9.12", "u": "10.244.9.13"}
+SERVERS = {"b": (IPS["b"], 7000), "node": (ROUTER, 15001), "a": ("127.0.0.1", 7001)}
+MiB = 1 << 20
+BUDGET = 4 * MiB  # FASTPATH_UNREAD_BUDGET
+
+
+def _terminated(signum, frame):
+    raise SystemExit(f"terminated by signal {signum}")
+
+
+class FastpathTopology(Topology):
+    def __init__(self) -> None:
+        super().__init__(f"fp{TAG}", f"fpn-{TAG}", ROUTER)
+        self.dp: RedirectDatapath | None = None
+
+    def setup(self) -> None:
+        self.setup_node()
+        for name, ip in IPS.items():
+            self.add_endpoint(name, f"fp{name}-{TAG}", ip)
+        for where, (ip, port) in SERVERS.items():
+            proc = self.spawn(where, [sys.executable, TOOL, "serve", ip, str(port)])
+            assert json.loads(proc.stdout.readline()) == {"ready": True}
+        self.dp = RedirectDatapath(PIN_DIR, {"LB_BACKEND_MAP_SIZE": 64, "LB_REVNAT_MAP_SIZE": 64,
+                                             "LB_SERVICE_MAP_SIZE": 64, "ENDPOINT_NETNS_MAP_SIZE": 64})
+        self.dp.load()
+        self.dp.attach()
+        for ep_id, name in enumerate(("a", "b"), start=1):
+            self.dp.set_endpoint_netns(netns_cookie(f"/run/netns/{self.netns_of(name)}"), ep_id=ep_id,
+                                       identity=1000 + ep_id)
+        self.dp.set_fastpath(True, node_netns=netns_cookie(f"/run/netns/{self.node}"), pod_cidr=POD_CIDR)
+
+    def cleanup(self) -> None:
+        super().cleanup()
+        with contextlib.suppress(Exception):
+            RedirectDatapath(PIN_DIR).detach()
+        shutil.rmtree(PIN_DIR, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            Path("/sys/fs/bpf/meshagent-test").rmdir()
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    def tool(self, where: str, *args: object, timeout: float = 60) -> dict:
+        proc = subprocess.run(["ip", "netns", "exec", self.netns_of(where), sys.executable, TOOL, *map(str, args)],
+                              capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        return self.dp.fastpath()["counters"]
+
+    def bpf_config(self):
+        return self.dp.bpf["config_map"]
+
+
+@pytest.fixture(scope="module")
+def topo():
+    t = FastpathTopology()
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        t.setup()
+        yield t
+    finally:
+        t.cleanup()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def delta(before: dict, after: dict, outcome: str, field: str = "bytes") -> int:
+    return after[outcome][field] - before[outcome][field]
+
+
+# ---- the fast path carries the bytes, all of them, in order ------------------------------------
+
+
+@pytest.mark.parametrize("client,server", [("a", "b"), ("a", "node"), ("a", "a")],
+                         ids=["endpoint-to-endpoint", "endpoint-to-node-namespace", "loopback-in-endpoint"])
+def test_one_mib_each_way_byte_for_byte(topo, client, server):
+    before = topo.counters()
+    ip, port = SERVERS[server]
+    got = topo.tool(client, "sink", ip, port, MiB, MiB)
+    assert got == {"sent_ok": True, "server_saw": MiB, "received_ok": True, "received": MiB}
+    after = topo.counters()
+    assert delta(before, after, "redirected") >= 2 * MiB, after
+    assert delta(before, after, "pass_no_peer", "messages") == 0, after
+
+
+def test_both_ends_are_in_the_map(topo):
+    """While a connection is open, both of its sockets have fast-path state with no fallback."""
+    ip, port = SERVERS["b"]
+    proc = topo.spawn("a", [sys.executable, TOOL, "rounds", ip, str(port), "20", "50"])
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            socks = [s for s in topo.dp.fastpath()["sockets"] if s["remote"] == f"{ip}:{port}"
+                     or s["local"] == f"{ip}:{port}"]
+            pairs = {(s["local"], s["remote"]) for s in socks}
+            if any((r, loc) in pairs for loc, r in pairs):
+                break
+            time.sleep(0.05)
+        assert any((r, loc) in pairs for loc, r in pairs), socks
+        assert json.loads(proc.stdout.readline()) == {"rounds": 20, "ok": 20}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("send,recv", [(0, 1), (1, 0), (100, 3 * MiB), (3 * MiB, 100)],
+                         ids=["nothing-then-answer", "one-byte-no-answer", "answer-after-half-close",
+                              "large-write-then-half-close"])
+def test_half_close_keeps_the_other_direction(topo, send, recv):
+    """The client shuts down writing after its data; the server sees EOF only after every byte and
+    can still answer, and the client reads the answer to its EOF."""
+    ip, port = SERVERS["b"]
+    got = topo.tool("a", "sink", ip, port, send, recv)
+    assert got == {"sent_ok": True, "server_saw": send, "received_ok": True, "received": recv}
+
+
+def test_write_beyond_the_unread_budget_falls_back_in_order(topo):
+    """One write larger than the budget: its first part is redirected, the rest goes by TCP, and
+    the receiver still gets every byte in order (it reads the redirected queue first)."""
+    before = topo.counters()
+    ip, port = SERVERS["b"]
+    got = topo.tool("a", "sink", ip, port, BUDGET + 3 * MiB, 10)
+    assert got["sent_ok"] and got["received_ok"], got
+    after = topo.counters()
+    assert delta(before, after, "redirected") > 0, after
+    assert delta(before, after, "pass_unread_budget", "messages") >= 1, after
+    assert delta(before, after, "pass_fallen_back") > 0, after
+
+
+# ---- flow control and closing peers ------------------------------------------------------------
+
+
+def test_a_reader_that_stops_reading_stops_the_writer(topo):
+    """sk_msg redirect has no flow control of its own (the kernel queued 512 MiB into a socket that
+    nobody read before the budget existed); with the budget the writer blocks as with TCP."""
+    ip, port = SERVERS["b"]
+    got = topo.tool("a", "stall", ip, port)
+    assert got["blocked_after"] is not None, got
+    assert got["blocked_after"] < BUDGET + 32 * MiB, got
+
+
+def test_peer_closing_mid_stream_fails_the_writer(topo):
+    ip, port = SERVERS["b"]
+    got = topo.tool("a", "close-after", ip, port, 100_000)
+    assert got["error"] in ("BrokenPipeError", "ConnectionResetError"), got
+    assert got["sent"] >= 100_000
+
+
+def test_reader_closing_mid_stream_leaves_the_server_serving(topo):
+    ip, port = SERVERS["b"]
+    got = topo.tool("a", "flood", ip, port, 8 * MiB, MiB)
+    assert got == {"read_ok": True, "read": MiB}
+    again = topo.tool("a", "sink", ip, port, 1000, 1000)
+    assert again["sent_ok"] and again["received_ok"], again
+
+
+# ---- who takes the fast path -------------------------------------------------------------------
+
+
+def test_unregistered_namespace_is_left_alone(topo):
+    ip, port = SERVERS["b"]
+    got = topo.tool("u", "sink", ip, port, 100_000, 100_000)
+    assert got["sent_ok"] and got["received_ok"], got
+    sockets = topo.dp.fastpath()["sockets"]
+    assert not [s for s in sockets if s["local"].startswith(IPS["u"] + ":")], sockets
+
+
+def test_disabled_fast_path_adds_nothing(topo):
+    cfg = topo.dp.bpf["fastpath_config"][0]
+    topo.dp.set_fastpath(False, node_netns=cfg.node_netns, pod_cidr=POD_CIDR)
+    try:
+        before = topo.counters()
+        ip, port = SERVERS["b"]
+        got = topo.tool("a", "sink", ip, port, MiB, MiB)
+        assert got["sent_ok"] and got["received_ok"], got
+        after = topo.counters()
+        assert all(delta(before, after, o, "messages") == 0 for o in after), after
+    finally:
+        topo.dp.set_fastpath(True, node_netns=cfg.node_netns, pod_cidr=POD_CIDR)
+
+
+def test_policy_change_sends_open_connections_back_through_tc(topo):
+    """A policy revision bump mid-connection: the connection continues on the TCP path (where
+    conntrack re-checks policy, lib/conntrack.h) without losing or reordering a byte."""
+    ip, port = SERVERS["b"]
+    before = topo.counters()
+    proc = topo.spawn("a", [sys.executable, TOOL, "rounds", ip, str(port), "40", "20"])
+    try:
+        time.sleep(0.3)
+        config = topo.bpf_config()
+        value = config[0]
+        value.policy_revision += 1
+        config[0] = value
+        assert json.loads(proc.stdout.readline()) == {"rounds": 40, "ok": 40}
+    finally:
+        proc.kill()
+        proc.wait()
+    after = topo.counters()
+    assert delta(before, after, "redirected", "messages") > 0, after
+    assert delta(before, after, "pass_policy_changed", "messages") >= 1, after
+    assert delta(before, after, "pass_fallen_back", "messages") > 0, after
+
+
+def test_reloaded_datapath_keeps_open_connections_working(topo):
+    """An agent restart loads and attaches new programs over the pinned sockhash; sockets already
+    in it keep the program they were added with, new ones get the new one."""
+    ip, port = SERVERS["b"]
+    proc = topo.spawn("a", [sys.executable, TOOL, "rounds", ip, str(port), "30", "20"])
+    try:
+        time.sleep(0.2)
+        fresh = RedirectDatapath(PIN_DIR, {"LB_BACKEND_MAP_SIZE": 64, "LB_REVNAT_MAP_SIZE": 64,
+                                           "LB_SERVICE_MAP_SIZE": 64, "ENDPOINT_NETNS_MAP_SIZE": 64})
+        fresh.load()
+        fresh.attach()
+        topo.dp = fresh
+        assert json.loads(proc.stdout.readline()) == {"rounds": 30, "ok": 30}
+    finally:
+        proc.kill()
+        proc.wait()
+    before = topo.counters()
+    got = topo.tool("a", "sink", ip, port, MiB, MiB)
+    assert got["sent_ok"] and got["received_ok"], got
+    assert delta(before, topo.counters(), "redirected") >= 2 * MiB
