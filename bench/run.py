@@ -1,6 +1,7 @@
 """`make bench`: L4 policy overhead, meshagent vs no agent vs iptables (SPEC §9, first comparison),
-then the L7 processor vs haproxy (bench/l7.py). BENCH_ONLY=l4 or BENCH_ONLY=l7 runs one part; the
-other part's section of bench/results/latest.json is then kept from the previous run.
+then the socket fast path vs plain loopback (bench/fastpath.py), then the L7 processor vs haproxy
+(bench/l7.py). BENCH_ONLY=l4, fastpath or l7 runs one part; the other parts' sections of
+bench/results/latest.json are then kept from the previous run.
 
 Every configuration is its own "node": a network namespace with two endpoints (a: client, b:
 server) wired the way agent/endpoint.py wires them (a veth per endpoint, /32 routes, 169.254.1.1
@@ -87,6 +88,9 @@ class BenchError(RuntimeError):
 
 
 # ---- settings ------------------------------------------------------------------------------------
+
+
+PARTS = ("l4", "fastpath", "l7")  # BENCH_ONLY
 
 
 def _env_float(name: str, default: float) -> float:
@@ -729,6 +733,10 @@ def _fmt(stat: dict | None, digits: int = 0, scale: float = 1.0) -> str:
 def markdown(result: dict) -> str:
     """Both sections: L4 (the top-level keys) when present, then L7 (result["l7"])."""
     parts = [markdown_l4(result)] if "summary" in result else []
+    if "fastpath" in result:
+        from bench import fastpath
+
+        parts.append(fastpath.markdown(result["fastpath"]))
     if "l7" in result:
         from bench import l7
 
@@ -851,22 +859,28 @@ def setup(settings: Settings, janitor: Janitor, tmp: Path, housekeeping: set[int
 
 def main() -> int:
     only = os.environ.get("BENCH_ONLY", "")
-    if only not in ("", "l4", "l7"):
-        raise SystemExit("BENCH_ONLY: l4 or l7 (default: both)")
+    if only not in ("", *PARTS):
+        raise SystemExit(f"BENCH_ONLY: one of {', '.join(PARTS)} (default: all)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind through the cleanups
     result: dict[str, Any] = {}
-    if only:  # keep the section of the part not run from the previous results
+    if only:  # keep the sections of the parts not run from the previous results
         with contextlib.suppress(OSError, ValueError):
             previous = json.loads((RESULTS_DIR / "latest.json").read_text())
-            keep_l7 = only == "l4" and "l7" in previous
-            result = {"l7": previous["l7"]} if keep_l7 else {k: v for k, v in previous.items() if k != "l7"}
-    if only != "l7":
+            own = {"l7": ("l7",), "fastpath": ("fastpath",)}.get(only)
+            result = {k: v for k, v in previous.items()
+                      if (k not in own if own else k in ("l7", "fastpath"))}
+    sys.modules.setdefault("bench.run", sys.modules[__name__])  # the other parts import these helpers
+    rounds = int(_env_float("BENCH_ROUNDS", 5))
+    if only in ("", "l4"):
         result.update(run_l4())
-    if only != "l4":
-        sys.modules.setdefault("bench.run", sys.modules[__name__])  # l7 imports this module's helpers
+    if only in ("", "fastpath"):
+        from bench import fastpath
+
+        result["fastpath"] = fastpath.run(rounds)
+    if only in ("", "l7"):
         from bench import l7
 
-        result["l7"] = l7.run(int(_env_float("BENCH_ROUNDS", 5)), RESULTS_DIR)
+        result["l7"] = l7.run(rounds, RESULTS_DIR)
     print()
     print(write_results(result))
     log(f"wrote {RESULTS_DIR.relative_to(REPO)}/latest.json and latest.md")

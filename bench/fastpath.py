@@ -1,0 +1,178 @@
+"""`make bench`, fast-path part: the sk_msg socket fast path (bpf/lib/sockmap.h) vs plain loopback.
+
+One network namespace stands for an endpoint; its cookie is registered with a RedirectDatapath
+loaded into a bench-only bpffs directory, exactly as the agent registers an endpoint's. The same
+client and server (bench/rr.c, iperf3) run on 127.0.0.1 inside it, pinned to one CPU, with the
+fast path off and on, in a shuffled order each round. The switch is the fastpath_config flag: it
+decides for connections established after it, and every measurement opens its own.
+
+    rr 64 B      bench/rr.c TCP_RR, 64-byte request and response: p50/p99 latency and rate
+    rr 64 KiB    the same with 64 KiB messages: bulk that answers, so it stays on the fast path
+    iperf3       one-way stream: it falls back to TCP once FASTPATH_UNREAD_BUDGET bytes went
+                 unanswered (the kernel's redirect has no flow control; lib/sockmap.h), so this
+                 measures the cost of being on the map and falling back
+
+Targets (the issue): p50 with the fast path <= 0.7x plain loopback; never slower on bulk.
+
+Environment: BENCH_ROUNDS (5), BENCH_FP_SECONDS (3), BENCH_CPU (as bench/run.py).
+`python -m bench.fastpath` runs this part alone and prints its Markdown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agent.datapath.redirect import RedirectDatapath, netns_cookie  # noqa: E402
+from bench import run as base  # noqa: E402
+
+MODES = ("off", "on")
+PORT_RR, PORT_IPERF = 7100, 7101
+
+
+def _stat(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+class FastpathBench:
+    def __init__(self, janitor: base.Janitor, cpu: int | None, seconds: float) -> None:
+        self.janitor, self.cpu, self.seconds = janitor, cpu, seconds
+        tag = uuid.uuid4().hex[:6]
+        self.netns = f"mabfp-{tag}"
+        self.pin_dir = f"/sys/fs/bpf/meshagent-bench/fp-{tag}"
+        self.dp: RedirectDatapath | None = None
+
+    def pinned(self, cmd: list[str]) -> list[str]:
+        return ["taskset", "-c", str(self.cpu), *cmd] if self.cpu is not None else cmd
+
+    def start(self) -> None:
+        base.add_netns(self.janitor, self.netns)
+        base.run(["ip", "-n", self.netns, "link", "set", "lo", "up"])
+        self.dp = RedirectDatapath(self.pin_dir, {"LB_BACKEND_MAP_SIZE": 64, "LB_REVNAT_MAP_SIZE": 64,
+                                                  "LB_SERVICE_MAP_SIZE": 64, "ENDPOINT_NETNS_MAP_SIZE": 64})
+        self.janitor.push(f"remove {self.pin_dir}", lambda: shutil.rmtree(self.pin_dir, ignore_errors=True))
+        self.dp.load()
+        self.janitor.push("detach the fast-path bench's socket programs",
+                          lambda: RedirectDatapath(self.pin_dir).detach())
+        self.dp.attach()
+        self.dp.set_endpoint_netns(netns_cookie(f"/run/netns/{self.netns}"), ep_id=1, identity=1001)
+        rr = base.build_rr()
+        base.spawn(self.janitor, "rr server (fast path)",
+                   base.in_netns(self.netns, self.pinned([str(rr), "server", str(PORT_RR)])))
+        base.spawn(self.janitor, "iperf3 server (fast path)",
+                   base.in_netns(self.netns, self.pinned(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(PORT_IPERF)])))
+        time.sleep(0.5)
+
+    def set_mode(self, mode: str) -> None:
+        self.dp.set_fastpath(mode == "on")
+
+    def rr(self, size: int) -> dict[str, float]:
+        cmd = [str(base.RR_BIN), "client", "127.0.0.1", str(PORT_RR), str(self.seconds), str(size)]
+        out = base.run(base.in_netns(self.netns, self.pinned(cmd)), timeout=self.seconds + 30)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def iperf(self) -> float:
+        cmd = ["iperf3", "-c", "127.0.0.1", "-p", str(PORT_IPERF), "-t", str(self.seconds), "-J"]
+        out = base.run(base.in_netns(self.netns, self.pinned(cmd)), timeout=self.seconds + 30)
+        return json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
+
+    def measure(self, mode: str) -> dict[str, float]:
+        self.set_mode(mode)
+        before = self.dp.fastpath_summary()["counters"]
+        small, large = self.rr(64), self.rr(65536)
+        gbps = self.iperf()
+        after = self.dp.fastpath_summary()["counters"]
+        redirected = after["redirected"]["bytes"] - before["redirected"]["bytes"]
+        return {"rr64_p50_us": small["p50_us"], "rr64_p99_us": small["p99_us"], "rr64_rate": small["rate"],
+                "rr64k_p50_us": large["p50_us"], "rr64k_rate": large["rate"], "iperf_gbps": gbps,
+                "redirected_mib": redirected / (1 << 20)}
+
+
+def run(rounds: int) -> dict[str, Any]:
+    settings = base.Settings.from_env()
+    seconds = base._env_float("BENCH_FP_SECONDS", 3)
+    janitor = base.Janitor()
+    bench = FastpathBench(janitor, settings.traffic_cpu, seconds)
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    samples: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
+    ratios: list[dict[str, float]] = []
+    rng = random.Random(settings.seed)
+    try:
+        bench.start()
+        base.log(f"fastpath: loopback in {bench.netns}, {rounds} rounds of off/on")
+        for r in range(rounds):
+            order = list(MODES)
+            rng.shuffle(order)
+            got = {m: bench.measure(m) for m in order}
+            for m in MODES:
+                samples[m].append(got[m])
+            ratios.append({
+                "rr64_p50": got["on"]["rr64_p50_us"] / got["off"]["rr64_p50_us"],
+                "rr64_rate": got["on"]["rr64_rate"] / got["off"]["rr64_rate"],
+                "rr64k_rate": got["on"]["rr64k_rate"] / got["off"]["rr64k_rate"],
+                "iperf": got["on"]["iperf_gbps"] / got["off"]["iperf_gbps"],
+            })
+            off, on = got["off"], got["on"]
+            base.log(f"fastpath round {r + 1}: p50 {off['rr64_p50_us']:.1f} -> {on['rr64_p50_us']:.1f} us,"
+                     f" 64KiB rr {off['rr64k_rate']:,.0f} -> {on['rr64k_rate']:,.0f}/s,"
+                     f" iperf3 {off['iperf_gbps']:.1f} -> {on['iperf_gbps']:.1f} Gbit/s")
+    finally:
+        janitor.run_all()
+    summary = {m: {k: _stat([s[k] for s in samples[m]]) for k in samples[m][0]} for m in MODES if samples[m]}
+    ratio = {k: _stat([r[k] for r in ratios]) for k in ratios[0]} if ratios else {}
+    return {"started": started, "rounds": rounds, "seconds": seconds, "cpu": settings.traffic_cpu,
+            "samples": samples, "summary": summary, "ratios": ratio,
+            "targets": {"rr64_p50": {"goal": "<= 0.70", "met": bool(ratio) and ratio["rr64_p50"]["median"] <= 0.70},
+                        "bulk": {"goal": ">= 1.0 (64 KiB rr and iperf3)",
+                                 "met": bool(ratio) and min(ratio["rr64k_rate"]["median"],
+                                                            ratio["iperf"]["median"]) >= 0.97}}}
+
+
+def _fmt(stat: dict[str, float], digits: int = 2) -> str:
+    return f"{stat['median']:,.{digits}f} ({stat['min']:,.{digits}f}–{stat['max']:,.{digits}f})"
+
+
+def markdown(result: dict) -> str:
+    s, r = result["summary"], result["ratios"]
+    lines = [
+        "# meshagent bench: socket fast path vs plain loopback",
+        "",
+        f"{result['started']} · {result['rounds']} rounds, off/on shuffled · {result['seconds']} s per run · "
+        f"client and server on CPU {result['cpu']} · median (min–max)",
+        "",
+        "| measure | plain loopback | fast path | fast/plain |",
+        "|---|---|---|---|",
+        f"| rr 64 B p50 µs | {_fmt(s['off']['rr64_p50_us'])} | {_fmt(s['on']['rr64_p50_us'])} | "
+        f"{_fmt(r['rr64_p50'])} |",
+        f"| rr 64 B p99 µs | {_fmt(s['off']['rr64_p99_us'])} | {_fmt(s['on']['rr64_p99_us'])} | |",
+        f"| rr 64 B transactions/s | {_fmt(s['off']['rr64_rate'], 0)} | {_fmt(s['on']['rr64_rate'], 0)} | "
+        f"{_fmt(r['rr64_rate'])} |",
+        f"| rr 64 KiB transactions/s | {_fmt(s['off']['rr64k_rate'], 0)} | {_fmt(s['on']['rr64k_rate'], 0)} | "
+        f"{_fmt(r['rr64k_rate'])} |",
+        f"| iperf3 Gbit/s (falls back after 4 MiB) | {_fmt(s['off']['iperf_gbps'])} | {_fmt(s['on']['iperf_gbps'])} | "
+        f"{_fmt(r['iperf'])} |",
+        f"| MiB redirected per run | {_fmt(s['off']['redirected_mib'], 0)} | {_fmt(s['on']['redirected_mib'], 0)} | |",
+        "",
+        f"Targets: p50 ratio {result['targets']['rr64_p50']['goal']}: "
+        f"{'met' if result['targets']['rr64_p50']['met'] else '**not met**'}; bulk "
+        f"{result['targets']['bulk']['goal']} (0.97 allowed for noise): "
+        f"{'met' if result['targets']['bulk']['met'] else '**not met**'}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if os.geteuid() != 0:
+        raise SystemExit("the fast-path bench needs root (network namespaces, BPF)")
+    print(markdown(run(int(base._env_float("BENCH_ROUNDS", 5)))))
