@@ -20,6 +20,7 @@ Environment: BENCH_ROUNDS (5), BENCH_FP_SECONDS (3), BENCH_CPU (as bench/run.py)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -41,6 +42,11 @@ MODES = ("off", "on")
 PORT_RR, PORT_IPERF = 7100, 7101
 
 
+def _rmdir_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):  # another part's pins may still be in it
+        path.rmdir()
+
+
 def _stat(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -50,7 +56,7 @@ class FastpathBench:
         self.janitor, self.cpu, self.seconds = janitor, cpu, seconds
         tag = uuid.uuid4().hex[:6]
         self.netns = f"mabfp-{tag}"
-        self.pin_dir = f"/sys/fs/bpf/meshagent-bench/fp-{tag}"
+        self.pin_dir = str(base.BPFFS_DIR / f"fp-{tag}")
         self.dp: RedirectDatapath | None = None
 
     def pinned(self, cmd: list[str]) -> list[str]:
@@ -61,6 +67,7 @@ class FastpathBench:
         base.run(["ip", "-n", self.netns, "link", "set", "lo", "up"])
         self.dp = RedirectDatapath(self.pin_dir, {"LB_BACKEND_MAP_SIZE": 64, "LB_REVNAT_MAP_SIZE": 64,
                                                   "LB_SERVICE_MAP_SIZE": 64, "ENDPOINT_NETNS_MAP_SIZE": 64})
+        self.janitor.push(f"remove {base.BPFFS_DIR} if empty", lambda: _rmdir_quietly(base.BPFFS_DIR))
         self.janitor.push(f"remove {self.pin_dir}", lambda: shutil.rmtree(self.pin_dir, ignore_errors=True))
         self.dp.load()
         self.janitor.push("detach the fast-path bench's socket programs",

@@ -78,7 +78,8 @@ MAP_SIZES = {
     "LB_REVNAT_MAP_SIZE": 262144,
     "L7_PENDING_MAP_SIZE": 65536,
     "L7_ORIGDST_MAP_SIZE": 65536,
-    "FASTPATH_MAP_SIZE": 65536,
+    "FASTPATH_MAP_SIZE": 65536,  # sockets on the fast path
+    "FASTPATH_FLOW_MAP_SIZE": 131072,  # their state (LRU)
 }
 PINNED_MAPS = ("endpoint_netns", "lb_services", "lb_backends", "lb_revnat", "lb_config", "l7_pending",
                "l7_origdst", "fastpath_socks", "fastpath_flows", "fastpath_config", "fastpath_metrics")
@@ -342,6 +343,7 @@ def _libbpf() -> ct.CDLL:
     lib.bpf_prog_attach_opts.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.POINTER(_AttachOpts)]
     lib.bpf_prog_detach2.argtypes = [ct.c_int, ct.c_int, ct.c_int]
     lib.bpf_prog_attach.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_uint]
+    lib.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
     lib.bpf_prog_query.argtypes = [ct.c_int, ct.c_int, ct.c_uint32, ct.POINTER(ct.c_uint32),
                                    ct.POINTER(ct.c_uint32), ct.POINTER(ct.c_uint32)]
     lib.bpf_prog_get_fd_by_id.argtypes = [ct.c_uint32]
@@ -640,6 +642,15 @@ class RedirectDatapath:
             counters[outcome] = {"messages": sum(c.messages for c in per_cpu), "bytes": sum(c.bytes for c in per_cpu)}
         return {"enabled": bool(self.bpf["fastpath_config"][0].flags & FP_CFG_ENABLED), "counters": counters}
 
+    def fastpath_sockets(self) -> list[tuple[str, int, str, int]]:
+        """(local ip, port, remote ip, port) of every socket in the sockhash right now."""
+        fd, lib = self.fastpath_socks_fd(), _libbpf()
+        out, key, prev = [], SockKeyC(), None
+        while lib.bpf_map_get_next_key(fd, ct.byref(prev) if prev is not None else None, ct.byref(key)) == 0:
+            out.append((be32_to_ip(key.local_ip), key.local_port, be32_to_ip(key.remote_ip), key.remote_port))
+            prev = SockKeyC.from_buffer_copy(key)
+        return out
+
     def fastpath(self) -> dict:
         """fastpath_summary() plus the sockets' state (fastpath_flows; closed sockets linger until the
         LRU evicts them)."""
@@ -647,8 +658,8 @@ class RedirectDatapath:
             **self.fastpath_summary(),
             "sockets": [
                 {"local": f"{be32_to_ip(k.local_ip)}:{k.local_port}",
-                 "remote": f"{be32_to_ip(k.remote_ip)}:{k.remote_port}", "netns": k.netns, "revision": v.revision, "fallback": bool(v.flags & FP_FLOW_FALLBACK),
-                 "unread": v.unread}
+                 "remote": f"{be32_to_ip(k.remote_ip)}:{k.remote_port}", "netns": k.netns,
+                 "revision": v.revision, "fallback": bool(v.flags & FP_FLOW_FALLBACK), "unread": v.unread}
                 for k, v in self.bpf["fastpath_flows"].items()
             ],
         }

@@ -86,7 +86,9 @@ struct fastpath_flow {
 	__u64 unread;             /*  8: bytes redirected since the peer last wrote back */
 };                            /* 16 bytes */
 
-BPF_TABLE_PINNED("lru_hash", struct sock_key, struct fastpath_flow, fastpath_flows, FASTPATH_MAP_SIZE,
+/* Larger than the sockhash: closed sockets' entries linger until evicted, and the LRU's per-CPU
+ * free lists evict early when they run short. */
+BPF_TABLE_PINNED("lru_hash", struct sock_key, struct fastpath_flow, fastpath_flows, FASTPATH_FLOW_MAP_SIZE,
 		 PIN_DIR "/fastpath_flows");
 
 #define FP_CFG_ENABLED 0x1

@@ -38,6 +38,9 @@ IPS = {"a": "10.244.9.11", "b": "10.244.9.12", "u": "10.244.9.13"}
 SERVERS = {"b": (IPS["b"], 7000), "node": (ROUTER, 15001), "a": ("127.0.0.1", 7001)}
 MiB = 1 << 20
 BUDGET = 4 * MiB  # FASTPATH_UNREAD_BUDGET
+# Small maps: test_full_map_falls_back_to_tcp fills them. Closed sockets leave the sockhash at once.
+MAP_SIZES = {"LB_BACKEND_MAP_SIZE": 64, "LB_REVNAT_MAP_SIZE": 64, "LB_SERVICE_MAP_SIZE": 64,
+             "ENDPOINT_NETNS_MAP_SIZE": 64, "FASTPATH_MAP_SIZE": 8, "FASTPATH_FLOW_MAP_SIZE": 1024}
 
 
 def _terminated(signum, frame):
@@ -56,8 +59,7 @@ class FastpathTopology(Topology):
         for where, (ip, port) in SERVERS.items():
             proc = self.spawn(where, [sys.executable, TOOL, "serve", ip, str(port)])
             assert json.loads(proc.stdout.readline()) == {"ready": True}
-        self.dp = RedirectDatapath(PIN_DIR, {"LB_BACKEND_MAP_SIZE": 64, "LB_REVNAT_MAP_SIZE": 64,
-                                             "LB_SERVICE_MAP_SIZE": 64, "ENDPOINT_NETNS_MAP_SIZE": 64})
+        self.dp = RedirectDatapath(PIN_DIR, MAP_SIZES)
         self.dp.load()
         self.dp.attach()
         for ep_id, name in enumerate(("a", "b"), start=1):
@@ -120,19 +122,25 @@ def test_one_mib_each_way_byte_for_byte(topo, client, server):
 
 
 def test_both_ends_are_in_the_map(topo):
-    """While a connection is open, both of its sockets have fast-path state with no fallback."""
+    """While a connection is open, both of its sockets are in the sockhash, keyed by their own view
+    of the connection, and have fast-path state without a fallback."""
     ip, port = SERVERS["b"]
     proc = topo.spawn("a", [sys.executable, TOOL, "rounds", ip, str(port), "20", "50"])
     try:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            socks = [s for s in topo.dp.fastpath()["sockets"] if s["remote"] == f"{ip}:{port}"
-                     or s["local"] == f"{ip}:{port}"]
-            pairs = {(s["local"], s["remote"]) for s in socks}
-            if any((r, loc) in pairs for loc, r in pairs):
+            in_map = topo.dp.fastpath_sockets()
+            server_side = [k for k in in_map if k[:2] == (ip, port)]
+            if server_side:
                 break
-            time.sleep(0.05)
-        assert any((r, loc) in pairs for loc, r in pairs), socks
+            time.sleep(0.02)
+        assert len(server_side) == 1, in_map
+        _, _, client_ip, client_port = server_side[0]
+        assert (client_ip, client_port, ip, port) in in_map, in_map
+        state = {(s["local"], s["remote"]): s for s in topo.dp.fastpath()["sockets"]}
+        for local, remote in ((f"{ip}:{port}", f"{client_ip}:{client_port}"),
+                              (f"{client_ip}:{client_port}", f"{ip}:{port}")):
+            assert state[(local, remote)]["fallback"] is False, state[(local, remote)]
         assert json.loads(proc.stdout.readline()) == {"rounds": 20, "ok": 20}
     finally:
         proc.kill()
@@ -201,6 +209,26 @@ def test_unregistered_namespace_is_left_alone(topo):
     assert not [s for s in sockets if s["local"].startswith(IPS["u"] + ":")], sockets
 
 
+def test_full_map_falls_back_to_tcp(topo):
+    """Four open connections fill the 8-socket sockhash; the sockets of a fifth cannot be added (or
+    only one of them can), and it works byte for byte on TCP while the four go on redirecting."""
+    ip, port = SERVERS["b"]
+    held = [topo.spawn("a", [sys.executable, TOOL, "rounds", ip, str(port), "40", "50"]) for _ in range(4)]
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(topo.dp.fastpath_sockets()) < 8:
+            time.sleep(0.05)
+        assert len(topo.dp.fastpath_sockets()) == 8
+        got = topo.tool("a", "sink", ip, port, 2 * MiB, 2 * MiB)
+        assert got == {"sent_ok": True, "server_saw": 2 * MiB, "received_ok": True, "received": 2 * MiB}
+        for proc in held:
+            assert json.loads(proc.stdout.readline()) == {"rounds": 40, "ok": 40}
+    finally:
+        for proc in held:
+            proc.kill()
+            proc.wait()
+
+
 def test_disabled_fast_path_adds_nothing(topo):
     cfg = topo.dp.bpf["fastpath_config"][0]
     topo.dp.set_fastpath(False, node_netns=cfg.node_netns, pod_cidr=POD_CIDR)
@@ -244,8 +272,7 @@ def test_reloaded_datapath_keeps_open_connections_working(topo):
     proc = topo.spawn("a", [sys.executable, TOOL, "rounds", ip, str(port), "30", "20"])
     try:
         time.sleep(0.2)
-        fresh = RedirectDatapath(PIN_DIR, {"LB_BACKEND_MAP_SIZE": 64, "LB_REVNAT_MAP_SIZE": 64,
-                                           "LB_SERVICE_MAP_SIZE": 64, "ENDPOINT_NETNS_MAP_SIZE": 64})
+        fresh = RedirectDatapath(PIN_DIR, MAP_SIZES)
         fresh.load()
         fresh.attach()
         topo.dp = fresh
