@@ -1,9 +1,9 @@
 """The one reconcile path: desired state -> computed map contents -> incremental map updates.
 
 `compute()` is pure: from the store's view of the cluster it computes what the ipcache, the policy
-map and the endpoint table must hold. `MapSync` owns the kernel side: it reads what the maps hold
-(so a restarted agent adopts pinned state instead of rewriting it), diffs, writes only the
-differences, and bumps the policy revision so tracked flows re-check policy.
+map and the endpoint tables (by ifindex, and by ep_id) must hold. `MapSync` owns the kernel side:
+it reads what the maps hold (so a restarted agent adopts pinned state instead of rewriting it),
+diffs, writes only the differences, and bumps the policy revision so tracked flows re-check policy.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ class MapContents:
     ipcache: dict[str, int] = field(default_factory=dict)  # prefix -> identity
     policy: dict[PolicyKey, PolicyEntry] = field(default_factory=dict)
     endpoints: dict[int, bytes] = field(default_factory=dict)  # ifindex -> endpoint_info bytes
+    # ep_id -> the same bytes: the L7 processor's marks name a client endpoint by ep_id
+    endpoints_by_id: dict[int, bytes] = field(default_factory=dict)
 
 
 def compute(desired: DesiredState) -> tuple[MapContents, CompiledPolicy]:
@@ -81,6 +83,7 @@ def compute(desired: DesiredState) -> tuple[MapContents, CompiledPolicy]:
             compiled.enforcement.get((rec.ep_id, EGRESS), no),
         )
         out.endpoints[ifindex] = bytes(info)
+        out.endpoints_by_id[rec.ep_id] = bytes(info)
     return out, compiled
 
 
@@ -105,7 +108,8 @@ class MapSync:
         self.current = self.read_kernel()
 
     def read_kernel(self, endpoints: bool = True) -> MapContents:
-        """What the maps hold now. The endpoint table is a 64k-slot array: skip it when not needed."""
+        """What the maps hold now. The endpoint table is a 64k-slot array: skip it (and its by-id
+        twin) when not needed."""
         cur = MapContents()
         for k, v in self.dp.table("ipcache").items():
             cur.ipcache[maps.ipcache_key_from_c(k)] = v.identity
@@ -113,6 +117,7 @@ class MapSync:
             cur.policy[maps.policy_key_from_c(k)] = maps.policy_entry_from_c(v)
         if endpoints:
             cur.endpoints = self.dp.read_endpoints()
+            cur.endpoints_by_id = self.dp.read_endpoints_by_id()
         return cur
 
     def sync(self, want: MapContents) -> SyncStats:
@@ -142,6 +147,12 @@ class MapSync:
                     self.dp.write_endpoint(ifindex, maps.EndpointInfoC.from_buffer_copy(blob))
                     stats.updated += old is not None
                     stats.added += old is None
+            for ep_id, blob in want.endpoints_by_id.items():
+                old = cur.endpoints_by_id.get(ep_id)
+                if old != blob:
+                    self.dp.write_endpoint_by_id(ep_id, maps.EndpointInfoC.from_buffer_copy(blob))
+                    stats.updated += old is not None
+                    stats.added += old is None
             for key in set(cur.policy) - set(want.policy):
                 _delete(policy, maps.policy_key_to_c(key))
                 stats.deleted += 1
@@ -151,8 +162,12 @@ class MapSync:
             for ifindex in set(cur.endpoints) - set(want.endpoints):
                 self.dp.delete_endpoint(ifindex)
                 stats.deleted += 1
+            for ep_id in set(cur.endpoints_by_id) - set(want.endpoints_by_id):
+                self.dp.delete_endpoint_by_id(ep_id)
+                stats.deleted += 1
 
-            self.current = MapContents(dict(want.ipcache), dict(want.policy), dict(want.endpoints))
+            self.current = MapContents(dict(want.ipcache), dict(want.policy), dict(want.endpoints),
+                                       dict(want.endpoints_by_id))
             self.ops_total += stats.added + stats.updated + stats.deleted
             if stats.changed:
                 self.bump_revision()

@@ -9,9 +9,10 @@
  *
  * The node's L7 processor: an endpoint's new TCP flow to it (datapath_config.proxy_ip/port) is a
  * redirect, admitted without the egress policy (VERDICT_REDIRECTED); a flow the processor opens to
- * an endpoint on a client's behalf carries the client's identity in its mark, and the ingress
- * policy decides on that identity (lib/common.h, MARK_MAGIC_IDENTITY). Both are checked only for
- * a flow's first packet: established flows cost what they did.
+ * an endpoint on a client's behalf carries the client endpoint's id in its mark, and both the
+ * client's egress policy and the backend's ingress policy decide it, as if the client had
+ * connected to the backend itself (lib/common.h, MARK_MAGIC_PROXY_EGRESS). Both are checked only
+ * for a flow's first packet and on policy re-checks: established flows cost what they did.
  */
 #include "lib/common.h"
 #include "lib/drop_reasons.h"
@@ -231,31 +232,49 @@ static __always_inline int is_proxy_redirect(struct datapath_config *cfg, struct
 }
 
 /**
- * ingress_remote_identity - who sent a packet delivered to an endpoint
- * @skb:   the packet; its mark is read for packets from the host
- * @saddr: its source address, network order
- * @flags: out: CT_F_PROXY_ID if the identity came from the L7 processor's mark
+ * ingress_remote - who sent a packet delivered to an endpoint
+ * @skb:    the packet; its mark is read for packets from the host
+ * @saddr:  its source address, network order
+ * @remote: out: the sender's identity
+ * @client: out: the local client endpoint the L7 processor forwards for, or NULL
+ * @flags:  out: CT_F_PROXY_ID if the identity came from the L7 processor's mark
  *
- * The ipcache's identity of @saddr, except for a packet from a HOST address that carries an
- * identity mark (MARK_MAGIC_IDENTITY, lib/common.h): the L7 processor forwarding a client's
- * connection, and the client's identity is what the endpoint's ingress policy decides on.
+ * The ipcache's identity of @saddr, except for a packet from a HOST address that carries a proxy
+ * mark (lib/common.h): the L7 processor forwarding a client's connection, and the client is what
+ * policy decides on. MARK_MAGIC_PROXY_EGRESS names a client endpoint of this node (@client, whose
+ * identity is @remote); MARK_MAGIC_IDENTITY only an identity.
+ *
+ * Returns 0, or DROP_NO_ENDPOINT for a proxy mark that names no endpoint of this node (it left
+ * since the client connected): such a flow fails closed rather than pass as the host.
  */
-static __always_inline __u32 ingress_remote_identity(struct __sk_buff *skb, __u32 saddr, __u8 *flags)
+static __always_inline int ingress_remote(struct __sk_buff *skb, __u32 saddr, __u32 *remote,
+					  struct endpoint_info **client, __u8 *flags)
 {
-	__u32 remote = ipcache_lookup_identity(saddr);
 	__u32 mark = skb->mark;
 
-	if (remote == IDENTITY_HOST && (mark & MARK_MAGIC_MASK) == MARK_MAGIC_IDENTITY &&
-	    (mark & MARK_IDENTITY_MASK)) {
+	*remote = ipcache_lookup_identity(saddr);
+	*client = 0;
+	if (*remote != IDENTITY_HOST)
+		return 0;
+	if ((mark & MARK_MAGIC_MASK) == MARK_MAGIC_IDENTITY && (mark & MARK_IDENTITY_MASK)) {
 		*flags |= CT_F_PROXY_ID;
-		return mark & MARK_IDENTITY_MASK;
+		*remote = mark & MARK_IDENTITY_MASK;
+		return 0;
 	}
-	return remote;
+	/* Bits 16..23 are zero in a proxy-egress mark: anything else is some other mark. */
+	if ((mark & ~MARK_EP_ID_MASK) == MARK_MAGIC_PROXY_EGRESS && (mark & MARK_EP_ID_MASK)) {
+		*client = lookup_endpoint_by_id(mark & MARK_EP_ID_MASK);
+		if (!*client)
+			return DROP_NO_ENDPOINT;
+		*flags |= CT_F_PROXY_ID;
+		*remote = (*client)->identity;
+	}
+	return 0;
 }
 
 static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 {
-	struct endpoint_info *ep;
+	struct endpoint_info *ep, *client = 0;
 	struct datapath_config *cfg;
 	struct policy_result res = {};
 	struct ct_entry *ct;
@@ -312,17 +331,38 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 		if (ct->revision != revision) {
 			/* Policy changed since this flow was admitted: decide it again, as it was
 			 * first seen, so a revoked allow cuts established flows too. A redirect to
-			 * the L7 processor has no policy to re-check; an identity taken from the
-			 * processor's mark is kept (later packets, replies above all, carry none). */
+			 * the L7 processor has no policy to re-check. The client of a flow the
+			 * processor opened is the one its first packet's mark named (later packets,
+			 * replies above all, carry none): its endpoint's current identity and egress
+			 * policy, or the identity an identity-only mark gave. */
 			if (!(ct->flags & CT_F_REDIRECT)) {
-				if (ct->flags & CT_F_PROXY_ID)
+				__u8 by_client = 0;
+
+				if ((ct->flags & CT_F_PROXY_ID) && ct->proxy_ep_id) {
 					remote = ct->remote_identity;
-				else
-					remote = ipcache_lookup_identity(orig->dir == DIR_EGRESS ? orig->daddr
-												 : orig->saddr);
-				policy_can_access(ep, orig->dir, remote, orig->proto, ct_policy_port(orig), &res);
+					client = lookup_endpoint_by_id(ct->proxy_ep_id);
+					if (!client) { /* the client endpoint left */
+						ct_map.delete(orig);
+						return drop(skb, ep, dir, &p, DROP_POLICY_REVOKED, 0, remote, reply);
+					}
+					remote = client->identity;
+					by_client = policy_can_access_proxied(client, ep, orig->proto,
+									      ct_policy_port(orig), &res) == DIR_EGRESS;
+				} else {
+					if (ct->flags & CT_F_PROXY_ID)
+						remote = ct->remote_identity;
+					else
+						remote = ipcache_lookup_identity(orig->dir == DIR_EGRESS ? orig->daddr
+													 : orig->saddr);
+					policy_can_access(ep, orig->dir, remote, orig->proto, ct_policy_port(orig), &res);
+				}
 				if (res.verdict == VERDICT_DROPPED) {
 					ct_map.delete(orig);
+					/* The client's egress revoked it: report it as the client's, unless
+					 * this is the backend's reply, whose addresses are the backend's. */
+					if (by_client && !reply)
+						return drop(skb, client, DIR_EGRESS, &p, DROP_POLICY_REVOKED, res.rule_id,
+							    ep->identity, 0);
 					return drop(skb, ep, dir, &p, DROP_POLICY_REVOKED, res.rule_id, remote, reply);
 				}
 				ct->rule_id = res.rule_id;
@@ -340,15 +380,27 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 	if (dir == DIR_EGRESS) {
 		remote = ipcache_lookup_identity(p.daddr);
 		if (is_proxy_redirect(cfg, &p)) {
-			/* The L7 processor decides on the connection's real destination. */
+			/* The L7 processor picks the connection's real destination; this
+			 * endpoint's egress policy decides on it there, on the processor's
+			 * upstream flow (ingress_remote, MARK_MAGIC_PROXY_EGRESS). */
 			res.verdict = VERDICT_REDIRECTED;
 			ct_flags = CT_F_REDIRECT;
 		} else {
 			policy_can_access(ep, dir, remote, p.proto, p.policy_port, &res);
 		}
 	} else {
-		remote = ingress_remote_identity(skb, p.saddr, &ct_flags);
-		policy_can_access(ep, dir, remote, p.proto, p.policy_port, &res);
+		err = ingress_remote(skb, p.saddr, &remote, &client, &ct_flags);
+		if (err)
+			return drop(skb, ep, dir, &p, err, 0, remote, 0);
+		if (!client) {
+			policy_can_access(ep, dir, remote, p.proto, p.policy_port, &res);
+		} else if (policy_can_access_proxied(client, ep, p.proto, p.policy_port, &res) == DIR_EGRESS &&
+			   res.verdict == VERDICT_DROPPED) {
+			/* Reported as the client's egress drop, as a direct connection's would be:
+			 * its endpoint, its deciding rule, the backend's identity as the peer. */
+			return drop(skb, client, DIR_EGRESS, &p, DROP_POLICY_CLIENT_EGRESS, res.rule_id,
+				    ep->identity, 0);
+		}
 	}
 	if (res.verdict == VERDICT_DROPPED)
 		return drop(skb, ep, dir, &p, res.drop_reason, res.rule_id, remote, 0);
@@ -359,6 +411,7 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 			.revision = revision,
 			.remote_identity = remote,
 			.flags = (res.verdict == VERDICT_AUDIT ? CT_F_AUDIT : 0) | ct_flags,
+			.proxy_ep_id = client ? client->ep_id : 0,
 		};
 		struct flow_event ev = {
 			.saddr = p.saddr, .daddr = p.daddr, .sport = p.sport, .dport = p.dport,

@@ -11,10 +11,14 @@ who asked, under the client's address in the pinned `l7_origdst` map (bpf/lib/lb
 The processor accepts the connection, whose peer address is exactly that key, takes the entry out
 (lookup and delete in one syscall, so an entry is used once) and routes by VIP:port.
 
-Towards the backend the processor marks its upstream socket with the client's identity (SO_MARK,
-`upstream_mark`): the backend's ingress policy (bpf/policy.c, to_container) then decides on the
-client rather than on the host the proxied connection comes from. A connection marked for one
-identity is never reused for another (the upstream pools are keyed by mark, userspace_l7/pool.py).
+Towards the backend the processor marks its upstream socket with the client's endpoint (SO_MARK,
+`upstream_mark`: MARK_MAGIC_PROXY_EGRESS | ep_id). The backend's TC program (bpf/policy.c,
+to_container) then decides on the client rather than on the host the proxied connection comes
+from, with both policies a direct connection would meet: the client's egress policy towards the
+backend and the backend's ingress policy from the client's identity. A peer known only by its
+identity (no endpoint on this node) gets MARK_MAGIC_IDENTITY | identity, and only the backend's
+ingress policy applies. A connection marked for one client is never reused for another (the
+upstream pools are keyed by mark, userspace_l7/pool.py).
 
 Use:
 
@@ -37,20 +41,33 @@ from functools import cache
 from . import server  # OriginalDst; a module import, as server.py imports upstream_mark from here
 
 __all__ = ["KernelOriginalDstResolver", "MARK_MAGIC_IDENTITY", "MARK_MAGIC_MASK", "MARK_IDENTITY_MASK",
-           "identity_of_mark", "upstream_mark"]
+           "MARK_MAGIC_PROXY_EGRESS", "MARK_EP_ID_MASK", "endpoint_of_mark", "identity_of_mark",
+           "upstream_mark"]
 
-# bpf/lib/common.h: SO_MARK = MARK_MAGIC_IDENTITY | identity; identities are < 2^24.
+# bpf/lib/common.h, proxy marks: MARK_MAGIC_PROXY_EGRESS | ep_id (a client endpoint of this node),
+# or MARK_MAGIC_IDENTITY | identity (a peer known by its identity only; identities are < 2^24).
 MARK_MAGIC_MASK = 0xFF000000
 MARK_MAGIC_IDENTITY = 0x0E000000
 MARK_IDENTITY_MASK = 0x00FFFFFF
+MARK_MAGIC_PROXY_EGRESS = 0x0B000000
+MARK_EP_ID_MASK = 0x0000FFFF
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
 MAP_NAME = "l7_origdst"
 ENOTSUPP = 524  # the kernel's, not in Python's errno
 
 
-def upstream_mark(identity: int) -> int:
-    """The SO_MARK the processor sets on an upstream socket that carries ``identity``'s traffic."""
+def upstream_mark(identity: int | None, ep_id: int | None = None) -> int:
+    """The SO_MARK the processor sets on an upstream socket that carries one client's traffic.
+
+    With the client's endpoint ``ep_id`` (a client on this node, as the datapath's redirect always
+    names it): a proxy-egress mark, so the client's egress policy applies as well as the backend's
+    ingress policy. Without: an identity mark for ``identity``, and only the backend's ingress
+    policy applies. Raises ValueError for values that do not fit: never send such a connection."""
+    if ep_id is not None:
+        if not isinstance(ep_id, int) or not 0 < ep_id <= MARK_EP_ID_MASK:
+            raise ValueError(f"endpoint id {ep_id!r} does not fit a proxy mark (1 .. {MARK_EP_ID_MASK})")
+        return MARK_MAGIC_PROXY_EGRESS | ep_id
     if not isinstance(identity, int) or not 0 < identity <= MARK_IDENTITY_MASK:
         raise ValueError(f"identity {identity!r} does not fit an identity mark (1 .. {MARK_IDENTITY_MASK})")
     return MARK_MAGIC_IDENTITY | identity
@@ -61,6 +78,14 @@ def identity_of_mark(mark: int) -> int | None:
     if mark & MARK_MAGIC_MASK != MARK_MAGIC_IDENTITY or not mark & MARK_IDENTITY_MASK:
         return None
     return mark & MARK_IDENTITY_MASK
+
+
+def endpoint_of_mark(mark: int) -> int | None:
+    """The client ep_id a proxy-egress mark carries, or None for any other mark (what to_container
+    does: bits 16..23 must be zero)."""
+    if mark & ~MARK_EP_ID_MASK != MARK_MAGIC_PROXY_EGRESS or not mark & MARK_EP_ID_MASK:
+        return None
+    return mark & MARK_EP_ID_MASK
 
 
 class L7ClientKeyC(ct.Structure):  # struct l7_client_key, bpf/lib/lb.h
@@ -81,7 +106,8 @@ def decode(value: L7OrigDstC, names: Callable[[int], str] | None = None) -> serv
     vip = socket.inet_ntoa(value.vip.to_bytes(4, "little"))
     identity = value.identity or None
     workload = (names(identity) if names is not None and identity is not None else None) or "unknown"
-    return server.OriginalDst(ip=vip, port=socket.ntohs(value.port), source_workload=workload, source_identity=identity)
+    return server.OriginalDst(ip=vip, port=socket.ntohs(value.port), source_workload=workload,
+                              source_identity=identity, source_ep_id=value.ep_id or None)
 
 
 @cache

@@ -226,6 +226,24 @@ class Datapath:
         except KeyError:
             pass
 
+    # ---- the same entries by ep_id (bpf/lib/common.h endpoints_by_id) ---------------------------
+    # The L7 processor's upstream packets name their client endpoint by ep_id (its mark); the
+    # datapath finds that client's identity and egress policy here.
+
+    def read_endpoints_by_id(self) -> dict[int, bytes]:
+        return {int(k.value): bytes(v) for k, v in self.bpf["endpoints_by_id"].items()}
+
+    def write_endpoint_by_id(self, ep_id: int, info: maps.EndpointInfoC) -> None:
+        table = self.bpf["endpoints_by_id"]
+        table[table.Key(ep_id)] = info
+
+    def delete_endpoint_by_id(self, ep_id: int) -> None:
+        table = self.bpf["endpoints_by_id"]
+        try:
+            del table[table.Key(ep_id)]
+        except KeyError:
+            pass
+
     # ---- attaching -----------------------------------------------------------------------------
 
     def attach(self, ifindex: int) -> None:

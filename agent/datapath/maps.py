@@ -95,7 +95,8 @@ class CtEntryC(ct.Structure):
         ("revision", ct.c_uint32),
         ("remote_identity", ct.c_uint32),
         ("flags", ct.c_uint8),
-        ("pad", ct.c_uint8 * 3),
+        ("pad", ct.c_uint8),
+        ("proxy_ep_id", ct.c_uint16),  # CT_F_PROXY_ID: the client endpoint of the L7 processor's flow
     ]
 
 

@@ -15,6 +15,7 @@ DROP_REASONS: dict[int, str] = {
     155: "FRAGMENT_NOT_FOUND",
     181: "POLICY_DENY",
     182: "POLICY_REVOKED",
+    183: "POLICY_DENIED_CLIENT_EGRESS",  # the L7 processor's upstream leg: the client's egress policy
 }
 
 # bpf/lib/common.h VERDICT_*

@@ -29,15 +29,25 @@
 #define VERDICT_REDIRECTED 4
 #define VERDICT_AUDIT      6
 
-/* Identity marks. The node's L7 processor connects to a backend on behalf of a client endpoint and
- * sets SO_MARK = MARK_MAGIC_IDENTITY | the client's identity on that upstream socket
- * (userspace_l7/origdst.py upstream_mark). The proxy's packets carry a host address; to_container
- * takes the identity from the mark instead, so the backend's ingress policy decides on the real
- * client (Cilium's MARK_MAGIC_IDENTITY). Only a packet from a HOST address is believed: setting
- * SO_MARK needs CAP_NET_ADMIN in the node's namespace, and the mark does not cross namespaces. */
-#define MARK_MAGIC_MASK     0xFF000000
-#define MARK_MAGIC_IDENTITY 0x0E000000
-#define MARK_IDENTITY_MASK  0x00FFFFFF /* identities are < 2^24 */
+/* Proxy marks: the node's L7 processor connects to a backend on behalf of a client and sets a
+ * mark on that upstream socket (SO_MARK; userspace_l7/origdst.py upstream_mark). The proxy's packets
+ * carry a host address; to_container believes the mark instead, so policy decides on the real
+ * client (Cilium's MARK_MAGIC_PROXY_EGRESS and MARK_MAGIC_IDENTITY). Only a packet from a HOST
+ * address is believed: setting SO_MARK needs CAP_NET_ADMIN in the node's namespace, and the mark
+ * does not cross namespaces. The top byte says what the low 24 bits hold:
+ *
+ *   MARK_MAGIC_PROXY_EGRESS | ep_id     a client endpoint of this node (bits 16..23 zero). Both
+ *                                       its egress policy towards the backend and the backend's
+ *                                       ingress policy from its identity decide (endpoints_by_id).
+ *   MARK_MAGIC_IDENTITY | identity      a peer known only by its identity (no endpoint here, so
+ *                                       none of our egress policy applies): the backend's ingress
+ *                                       policy decides on that identity alone.
+ */
+#define MARK_MAGIC_MASK         0xFF000000
+#define MARK_MAGIC_IDENTITY     0x0E000000
+#define MARK_IDENTITY_MASK      0x00FFFFFF /* identities are < 2^24 */
+#define MARK_MAGIC_PROXY_EGRESS 0x0B000000
+#define MARK_EP_ID_MASK         0x0000FFFF
 
 /* Endpoint flags: is default deny on in a direction, and is it only audited. */
 #define EP_F_ENFORCE_INGRESS 0x1
@@ -75,6 +85,19 @@ static __always_inline struct endpoint_info *lookup_endpoint(__u32 ifindex)
 		return endpoints_hi.lookup(&ifindex);
 	ep = endpoints.lookup(&ifindex);
 	return ep && ep->ep_id ? ep : 0;
+}
+
+/* The same entries keyed by ep_id, for a packet that names its endpoint by id rather than by the
+ * device it is on: the L7 processor's upstream packets carry the client's ep_id in their mark
+ * (MARK_MAGIC_PROXY_EGRESS), and to_container needs that client's identity and egress policy.
+ * A hash: only the first packet of a proxied flow and its policy re-checks look here. Written by
+ * the agent together with the endpoint table (agent/reconcile.py). */
+BPF_TABLE_PINNED("hash", __u16, struct endpoint_info, endpoints_by_id, 65536, PIN_DIR "/endpoints_by_id",
+		 BPF_F_NO_PREALLOC);
+
+static __always_inline struct endpoint_info *lookup_endpoint_by_id(__u16 ep_id)
+{
+	return ep_id ? endpoints_by_id.lookup(&ep_id) : 0;
 }
 
 /* The global config (policy_revision, the L7 processor): lib/config.h. */

@@ -19,8 +19,10 @@
 #define CT_F_RST       0x4
 #define CT_F_END_SENT  0x8 /* the flow-end event was emitted */
 #define CT_F_AUDIT     0x10 /* admitted by an audit-mode policy */
-#define CT_F_REDIRECT  0x20 /* a redirect to the node's L7 processor: no egress policy check */
-#define CT_F_PROXY_ID  0x40 /* remote_identity came from the L7 processor's mark: kept on re-checks */
+#define CT_F_REDIRECT  0x20 /* a redirect to the node's L7 processor: egress policy is checked on
+			     * the processor's upstream flow instead (MARK_MAGIC_PROXY_EGRESS) */
+#define CT_F_PROXY_ID  0x40 /* remote_identity came from the L7 processor's mark: kept on re-checks,
+			     * or taken again from proxy_ep_id's endpoint when that is set */
 
 struct ct_key {
 	__u32 saddr;              /*  0: network order, as in the flow's first packet */
@@ -43,7 +45,10 @@ struct ct_entry {
 	__u32 revision;           /* 52: policy revision the admission was decided at */
 	__u32 remote_identity;    /* 56 */
 	__u8  flags;              /* 60: CT_F_* */
-	__u8  pad[3];             /* 61 */
+	__u8  pad;                /* 61 */
+	__u16 proxy_ep_id;        /* 62: CT_F_PROXY_ID: the client endpoint the L7 processor opened the
+				   * flow for (MARK_MAGIC_PROXY_EGRESS), whose egress policy re-checks
+				   * too; 0 = an identity-only mark. Was padding: older entries hold 0 */
 };                            /* 64 bytes */
 
 BPF_TABLE_PINNED("lru_hash", struct ct_key, struct ct_entry, ct_map, CT_MAP_SIZE, PIN_DIR "/ct");

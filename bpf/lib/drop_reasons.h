@@ -18,5 +18,7 @@
 #define DROP_FRAG_NOT_FOUND     155 /* FRAGMENT_NOT_FOUND */
 #define DROP_POLICY_DENY        181 /* POLICY_DENY */
 #define DROP_POLICY_REVOKED     182 /* POLICY_REVOKED */
+/* The L7 processor's connection for a client: denied by that client's egress policy. */
+#define DROP_POLICY_CLIENT_EGRESS 183 /* POLICY_DENIED_CLIENT_EGRESS */
 
 #endif /* __MESH_DROP_REASONS_H */

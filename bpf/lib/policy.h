@@ -146,4 +146,35 @@ static __always_inline void policy_can_access(struct endpoint_info *ep, __u8 dir
 	res->match = MATCH_NONE;
 }
 
+/**
+ * policy_can_access_proxied - decide a flow the L7 processor opens to @ep for a local client
+ * @client: the client endpoint the processor's mark names (MARK_MAGIC_PROXY_EGRESS)
+ * @ep:     the endpoint the flow is delivered to: the backend the processor picked
+ * @proto:  IP protocol
+ * @dport:  the backend's port (the port a direct connection would have had)
+ * @res:    out: the decision of the side that decided, as policy_can_access() gives it
+ *
+ * Both sides must admit the flow, as if the client had connected to the backend itself: @client's
+ * egress policy towards @ep's identity, and @ep's ingress policy from @client's identity. The
+ * client's side is looked at first, so a flow both sides deny is reported as the client's.
+ *
+ * Returns DIR_EGRESS if @client's egress policy decided @res (it dropped the flow, or admitted it
+ * only as an audit), DIR_INGRESS if @ep's ingress policy did.
+ */
+static __always_inline __u8 policy_can_access_proxied(struct endpoint_info *client,
+						      struct endpoint_info *ep, __u8 proto,
+						      __u16 dport, struct policy_result *res)
+{
+	struct policy_result in = {};
+
+	policy_can_access(client, DIR_EGRESS, ep->identity, proto, dport, res);
+	if (res->verdict == VERDICT_DROPPED)
+		return DIR_EGRESS;
+	policy_can_access(ep, DIR_INGRESS, client->identity, proto, dport, &in);
+	if (in.verdict == VERDICT_FORWARDED && res->verdict == VERDICT_AUDIT)
+		return DIR_EGRESS; /* the backend allows it; only the client's audit mode let it out */
+	*res = in;
+	return DIR_INGRESS;
+}
+
 #endif /* __MESH_POLICY_H */

@@ -3,12 +3,14 @@ reporting L7 flows and istio_* metrics through the agent."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -45,6 +47,29 @@ for _ in range(n):
     key = f"{r.status}:{body}"
     out[key] = out.get(key, 0) + 1
 print(json.dumps(out))
+"""
+
+# Load until killed: one keep-alive connection to http://HOST/ (reopened after any failure), one
+# line per request: "<time.time()> <1 if 200 else 0>".
+LOAD = r"""
+import http.client, sys, time
+host, conn = sys.argv[1], None
+while True:
+    ok = False
+    try:
+        if conn is None:
+            conn = http.client.HTTPConnection(host, 80, timeout=2)
+        conn.request("GET", "/")
+        r = conn.getresponse()
+        r.read()
+        ok = r.status == 200
+    except (OSError, http.client.HTTPException):
+        pass
+    if not ok and conn is not None:
+        conn.close()
+        conn = None
+    print(f"{time.time():.3f} {int(ok)}", flush=True)
+    time.sleep(0.01 if ok else 0.05)
 """
 
 RESOURCES = """
@@ -186,3 +211,115 @@ spec:
         assert any(f["source"]["identity"] == other["identity"] for f in drops), "drops name the real client"
     finally:
         node.cli("delete", "CiliumNetworkPolicy", "shop-buyers-only")
+
+
+def wait_for(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.1)
+
+
+def test_processor_killed_under_load_is_restarted_and_load_recovers(node, mesh):
+    """SIGKILL the processor while a client keeps sending requests through it: the agent starts a
+    new one, requests fail only for a bounded time after the kill, and then succeed again while the
+    same load keeps running."""
+    eps, _ = mesh
+    outage_bound = 10.0  # restart backoff (0.5 s, 1 s after a recent restart) + processor start-up
+    results: list[tuple[float, bool]] = []
+
+    def collect(stream) -> None:
+        for line in stream:
+            t, ok = line.split()
+            results.append((float(t), ok == "1"))
+
+    load = subprocess.Popen([*node.in_ep(eps["client"]), PY, "-c", LOAD, "shop"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        threading.Thread(target=collect, args=(load.stdout,), daemon=True).start()
+        wait_for(lambda: sum(ok for _, ok in results) >= 20, 30, "requests flow through the processor")
+        before = node.cli_json("status")["l7_processor"]
+        killed_at = time.time()
+        os.kill(before["pid"], signal.SIGKILL)
+
+        def restarted() -> bool:
+            now = node.cli_json("status")["l7_processor"]
+            return bool(now["pid"]) and now["pid"] != before["pid"]
+        wait_for(restarted, 15, "the agent restarted the processor")
+        assert node.cli_json("status")["l7_processor"]["restarts"] == before["restarts"] + 1
+
+        # Recovered: at least 30 requests in a row succeed after the kill.
+        def recovered() -> bool:
+            tail = [ok for t, ok in list(results) if t > killed_at][-30:]
+            return len(tail) == 30 and all(tail)
+        wait_for(recovered, outage_bound + 10, "requests succeed again")
+        time.sleep(1.0)
+        assert load.poll() is None, "the load ran through the restart"
+
+        seen = list(results)
+        assert all(ok for t, ok in seen if t < killed_at), "no failures before the kill"
+        failures = [t for t, ok in seen if not ok]
+        last_failure = max(failures, default=killed_at)
+        assert last_failure - killed_at < outage_bound, f"failures {last_failure - killed_at:.1f}s after the kill"
+        after = [ok for t, ok in seen if t > last_failure]
+        assert len(after) >= 30 and all(after)
+        print(f"processor restart under load: {len(failures)} failed requests, the last "
+              f"{last_failure - killed_at:.2f}s after the kill; {len(after)} succeeded since")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(load.pid, signal.SIGKILL)
+        load.wait(10)
+
+
+def test_client_egress_policy_applies_through_the_processor(node, mesh):
+    """The processor marks its upstream connections with the client's endpoint, so the client's
+    own egress policy decides which backends it reaches through the processor, as it would for a
+    direct connection; a client whose egress allows the backends is served."""
+    eps, proxy = mesh
+    allowed = node.add_endpoint("picky", "role=picky")
+    denied = node.add_endpoint("nosy", "role=nosy")
+    policies = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: picky-to-shop, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {role: picky}}
+  egress:
+  - toEndpoints: [{matchLabels: {app: shop}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: nosy-elsewhere, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {role: nosy}}
+  egress:
+  - toEndpoints: [{matchLabels: {app: elsewhere}}]
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+"""
+    try:
+        node.apply(policies)
+        ok = requests(node, allowed, proxy, 10)
+        assert sum(v for k, v in ok.items() if k.startswith("200:")) == 10, ok
+        got = requests(node, denied, proxy, 1)
+        assert not any(k.startswith("200:") for k in got), got
+
+        drops = [f for f in node.flows("--verdict", "DROPPED", "--from-label", "role=nosy")
+                 if f.get("drop_reason_desc") == "POLICY_DENIED_CLIENT_EGRESS"]
+        assert drops, "the client's egress drop is reported"
+        f = drops[-1]
+        assert f["source"]["identity"] == denied["identity"] and f["source"]["pod_name"] == denied["name"]
+        assert f["destination"]["pod_name"] in (eps["v1"]["name"], eps["v2"]["name"])
+        assert f["traffic_direction"] == "EGRESS"
+        assert f["l4"]["TCP"]["destination_port"] == 8080
+        assert f["egress_denied_by"][0]["name"] == "nosy-elsewhere"
+
+        # The same client, once its egress allows the backends, is served (new connections).
+        node.cli("delete", "CiliumNetworkPolicy", "nosy-elsewhere")
+        ok = requests(node, denied, proxy, 5)
+        assert sum(v for k, v in ok.items() if k.startswith("200:")) == 5, ok
+    finally:
+        node.cli("delete", "CiliumNetworkPolicy", "picky-to-shop", check=False)
+        node.cli("delete", "CiliumNetworkPolicy", "nosy-elsewhere", check=False)
+        for ep in (allowed, denied):
+            node.cli("endpoint", "delete", ep["name"], check=False)

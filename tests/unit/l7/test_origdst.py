@@ -1,4 +1,4 @@
-"""The processor's side of the kernel redirect without a kernel: map layouts, identity marks, the
+"""The processor's side of the kernel redirect without a kernel: map layouts, proxy marks, the
 resolver's decoding and refusal, and upstream pools kept apart per mark."""
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def test_layouts_are_the_agents(ours, agents):
 
 def test_mark_constants_match_common_h():
     text = (BPF / "lib" / "common.h").read_text()
-    for name in ("MARK_MAGIC_MASK", "MARK_MAGIC_IDENTITY", "MARK_IDENTITY_MASK"):
+    for name in ("MARK_MAGIC_MASK", "MARK_MAGIC_IDENTITY", "MARK_IDENTITY_MASK", "MARK_MAGIC_PROXY_EGRESS",
+                 "MARK_EP_ID_MASK"):
         value = int(re.search(rf"#define {name}\s+(0x[0-9A-Fa-f]+)", text).group(1), 16)
         assert getattr(origdst, name) == value, name
 
@@ -44,10 +45,28 @@ def test_upstream_mark_round_trip():
     assert origdst.identity_of_mark(0) is None
 
 
-@pytest.mark.parametrize("identity", [0, -1, 1 << 24, "5"])
+@pytest.mark.parametrize("identity", [0, -1, 1 << 24, "5", None])
 def test_identities_that_do_not_fit_a_mark(identity):
     with pytest.raises(ValueError):
         origdst.upstream_mark(identity)
+
+
+def test_a_local_client_is_marked_by_its_endpoint():
+    """With the client's ep_id the mark names the endpoint (its egress policy applies upstream),
+    whatever the identity; the two kinds of mark never read as each other."""
+    mark = origdst.upstream_mark(1003, 7)
+    assert mark == 0x0B000007
+    assert origdst.endpoint_of_mark(mark) == 7 and origdst.identity_of_mark(mark) is None
+    assert origdst.endpoint_of_mark(origdst.upstream_mark(1003)) is None
+    assert origdst.endpoint_of_mark(0x0B010007) is None, "bits 16..23 must be zero"
+    assert origdst.endpoint_of_mark(0x0B000000) is None, "ep_id 0 is no endpoint"
+    assert origdst.upstream_mark(1003, 7) != origdst.upstream_mark(1003, 8), "clients never share a pool"
+
+
+@pytest.mark.parametrize("ep_id", [0, -1, 1 << 16, "7"])
+def test_endpoint_ids_that_do_not_fit_a_mark(ep_id):
+    with pytest.raises(ValueError):
+        origdst.upstream_mark(1003, ep_id)
 
 
 def test_key_and_decode():
@@ -57,6 +76,7 @@ def test_key_and_decode():
                                port=socket.htons(80), ep_id=3, identity=1003)
     dst = origdst.decode(value, {1003: "client"}.get)
     assert (dst.ip, dst.port, dst.source_identity, dst.source_workload) == ("10.96.0.10", 80, 1003, "client")
+    assert dst.source_ep_id == 3
     assert origdst.decode(value).source_workload == "unknown"
 
 
