@@ -122,7 +122,7 @@ class Ops:
             current = {tuple(k.split("/")[1:]): v for k, v in a.store.list("resources").items()}
             for res in resources:
                 current[res.key] = res.body
-            a.check_services([res.body for res in resources if res.kind == "Service"])
+            a.check_services([res.body for res in resources if res.kind in ("Service", "ServiceEntry")])
             a.check_policies([
                 PolicyInput(kind=k, namespace=ns, name=n, body=b,
                             audit=((b.get("metadata") or {}).get("annotations") or {}).get("meshagent.io/audit")

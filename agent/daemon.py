@@ -40,7 +40,20 @@ from agent.node import (
 )
 from agent.policy.compiler import PolicyCompileError, PolicyInput
 from agent.reconcile import POLICY_KINDS, DesiredState, MapSync, compute
-from agent.services import ServiceError, ServiceView, allocate_vip, backends_for, hosts_file, service_ports
+from agent.services import (
+    DnsResolver,
+    ServiceError,
+    ServiceView,
+    allocate_vip,
+    backends_for,
+    check_entries,
+    entry_address,
+    entry_view,
+    entry_vip,
+    entry_vip_owner,
+    hosts_file,
+    service_ports,
+)
 from agent.store import StoreError, open_store
 
 log = logging.getLogger("meshagent")
@@ -66,6 +79,7 @@ class Agent:
         self.redirect = RedirectDatapath(cfg.bpffs_dir)
         self.sync: MapSync | None = None
         self.services: list[ServiceView] = []
+        self.dns = DnsResolver()  # ServiceEntry names with resolution DNS
         self.router_ip = router_ip(cfg.pod_cidr)
         self.l7: L7Supervisor | None = None
         self._l7_config_path = os.path.join(cfg.state_dir, f"l7-{cfg.node_name}.json")
@@ -201,6 +215,10 @@ class Agent:
         """Services -> VIPs (recorded in the store) -> the kernel's service maps and hosts files."""
         vips = {v["vip"]: k.split("/", 2)[2] for k, v in self.store.list("services/vips").items()}
         owners = {owner: vip for vip, owner in vips.items()}
+        entries = self._accepted_entries(vips)
+        for body in entries:  # explicit ServiceEntry addresses are taken before any VIP is allocated
+            if entry_address(body):
+                vips.setdefault(entry_address(body), entry_vip_owner(body, body["spec"]["hosts"][0]))
         views = []
         bodies = sorted(self._resources("Service"), key=lambda b: (b["metadata"].get("namespace", "default"),
                                                                    b["metadata"]["name"]))
@@ -214,17 +232,26 @@ class Agent:
                 vips[vip] = f"{ns}/{name}"
             views.append(ServiceView(name, ns, vip, service_ports(body), backends_for(body, all_eps)))
         live = {f"{v.namespace}/{v.name}" for v in views}
-        for key in self.store.list("services/vips"):
-            if key.split("/", 2)[2] not in live:
-                self.store.delete(key)
         vs_bodies, dr_bodies = self._resources("VirtualService"), self._resources("DestinationRule")
         with_l7 = l7_services(vs_bodies, dr_bodies, self.cfg.trust_domain)
         views = [dataclasses.replace(v, l7=(v.namespace, v.name) in with_l7) for v in views]
+        self.dns.new_round()
+        for body in entries:  # each host of a MESH_EXTERNAL ServiceEntry is a service of its own
+            for host in body["spec"]["hosts"]:
+                owner = entry_vip_owner(body, host)
+                vip = entry_vip(body, host, self.cfg.service_cidr, vips)
+                if owners.get(owner) != vip:
+                    self.store.put(f"services/vips/{owner}", {"vip": vip})
+                    vips[vip] = owner
+                live.add(owner)
+                views.append(entry_view(body, host, vip, self.dns))
+        for key in self.store.list("services/vips"):
+            if key.split("/", 2)[2] not in live:
+                self.store.delete(key)
         self.redirect.sync_services(
-            {(v.vip, p.port, p.protocol): [(b.ip, p.target_port) for b in v.backends]
+            {(v.vip, p.port, p.protocol): [(b.ip, b.port_for(p)) for b in v.backends]
              for v in views for p in v.ports if p.protocol in ("tcp", "udp")},
-            flags={(v.vip, p.port, p.protocol): LB_F_L7 for v in views if v.l7 for p in v.ports
-                   if p.protocol == "tcp"},
+            flags={(v.vip, p.port, p.protocol): LB_F_L7 for v in views for p in v.redirected_ports()},
         )
         self.services = views
         labels_by_ip = {e.ip: dict(e.labels) for e in all_eps}
@@ -249,20 +276,60 @@ class Agent:
             f.write(text)
         os.replace(path + ".tmp", path)
 
+    def _accepted_entries(self, vips: dict[str, str]) -> list[dict]:
+        """The stored ServiceEntries that can be realised, in a stable order. Apply refuses bad ones;
+        one that became bad anyway (a store written by another version) is skipped with a warning.
+        ``vips`` are the recorded VIPs (VIP -> owner): a Service's ("ns/name") stays the Service's."""
+        accepted: list[dict] = []
+        others = [v for v in self.services if not v.entry]
+        others += [ServiceView(owner.split("/")[1], owner.split("/")[0], vip, (), ())
+                   for vip, owner in vips.items() if owner.count("/") == 1]
+        for body in sorted(self._resources("ServiceEntry"),
+                           key=lambda b: (b["metadata"].get("namespace", "default"), b["metadata"]["name"])):
+            try:
+                check_entries([*accepted, body], others, self.cfg.pod_cidr, self.cfg.service_cidr,
+                              self.cfg.trust_domain)
+            except ServiceError as e:
+                log.warning("not realising a stored ServiceEntry: %s", e)
+                continue
+            accepted.append(body)
+        return accepted
+
     def check_services(self, bodies: list[dict]) -> None:
-        """Refuse Services whose clusterIP is outside service_cidr or held by another Service."""
+        """Refuse Services whose clusterIP is outside service_cidr or held by another service, and
+        ServiceEntries meshagent cannot realise or that conflict with a service (agent.services)."""
         net = ipaddress.IPv4Network(self.cfg.service_cidr)
-        holders = {v.vip: f"{v.namespace}/{v.name}" for v in self.services}
+        holders = {v.vip: v.owner for v in self.services}
+        services = {(v.namespace, v.name): v for v in self.services if not v.entry}
+        entries = []
         for body in bodies:
-            ref = f"{body['metadata'].get('namespace', 'default')}/{body['metadata']['name']}"
+            if body.get("kind") == "ServiceEntry":
+                entries.append(body)
+                continue
+            ns, name = body["metadata"].get("namespace", "default"), body["metadata"]["name"]
+            ref = f"Service {ns}/{name}"
             vip = body.get("spec", {}).get("clusterIP")
+            old = services.get((ns, name))
+            services[(ns, name)] = ServiceView(name, ns, vip if vip and vip != "None" else (old.vip if old else ""),
+                                               (), ())
             if not vip or vip == "None":
                 continue
             if ipaddress.IPv4Address(vip) not in net:
-                raise UserError(f"Service {ref}: clusterIP {vip} is outside the node's service_cidr {net}")
+                raise UserError(f"{ref}: clusterIP {vip} is outside the node's service_cidr {net}")
             if holders.get(vip, ref) != ref:
-                raise UserError(f"Service {ref}: clusterIP {vip} is already used by Service {holders[vip]}")
+                raise UserError(f"{ref}: clusterIP {vip} is already used by {holders[vip]}")
             holders[vip] = ref
+        if not entries and not any(v.entry for v in self.services):
+            return
+        # The candidate set: every stored entry, with this apply's replacing or adding to them.
+        candidate = {(b["metadata"].get("namespace", "default"), b["metadata"]["name"]): b
+                     for b in self._resources("ServiceEntry")}
+        candidate.update({(b["metadata"].get("namespace", "default"), b["metadata"]["name"]): b for b in entries})
+        try:
+            check_entries(list(candidate.values()), [*services.values(), *(v for v in self.services if v.entry)],
+                          self.cfg.pod_cidr, self.cfg.service_cidr, self.cfg.trust_domain)
+        except ServiceError as e:
+            raise UserError(str(e)) from None
 
     def check_policies(self, policies: list[PolicyInput]) -> None:
         """Compile a candidate policy set without touching the maps (apply's semantic check)."""
@@ -306,7 +373,8 @@ class Agent:
         next_gc = time.monotonic() + CT_GC_INTERVAL_S
         while not self.stopping.wait(0.5):
             try:
-                if self.store.generation() != self._store_generation:
+                # DNS answers of ServiceEntry names age out: re-resolve without waiting for a change.
+                if self.store.generation() != self._store_generation or self.dns.due():
                     with self.lock:
                         self.reconcile()
                 if time.monotonic() >= next_gc:

@@ -52,21 +52,30 @@ def l7_services(vs_bodies: Iterable[dict], dr_bodies: Iterable[dict], trust_doma
     return out
 
 
+def _service_config(v: ServiceView, labels_by_ip: dict[str, dict]) -> dict:
+    """One service of the snapshot. A ServiceEntry host is known by that host alone, and its endpoints
+    carry their own labels (for DestinationRule subsets) and per-port-name ports."""
+    out = {
+        "name": v.name, "namespace": v.namespace, "vip": v.vip,
+        "ports": [{"port": p.port, "target_port": p.target_port, "protocol": p.protocol.upper(), "name": p.name}
+                  for p in v.http_ports()],
+        "backends": [{"ip": b.ip, "workload": b.endpoint,
+                      "labels": dict(b.labels) if v.entry else labels_by_ip.get(b.ip, {}),
+                      **({"ports": dict(b.ports)} if b.ports else {})}
+                     for b in v.backends],
+    }
+    if v.entry:
+        out["hosts"] = [v.name]
+        out["fqdn"] = v.name
+    return out
+
+
 def l7_config(views: Iterable[ServiceView], vs_bodies: list[dict], dr_bodies: list[dict],
               labels_by_ip: dict[str, dict], trust_domain: str) -> dict:
     """The JSON snapshot userspace_l7.config.L7Config.from_dict reads."""
     return {
         "cluster_domain": trust_domain,
-        "services": [
-            {
-                "name": v.name, "namespace": v.namespace, "vip": v.vip,
-                "ports": [{"port": p.port, "target_port": p.target_port, "protocol": p.protocol.upper()}
-                          for p in v.ports if p.protocol == "tcp"],
-                "backends": [{"ip": b.ip, "workload": b.endpoint, "labels": labels_by_ip.get(b.ip, {})}
-                             for b in v.backends],
-            }
-            for v in views
-        ],
+        "services": [_service_config(v, labels_by_ip) for v in views],
         "virtual_services": vs_bodies,
         "destination_rules": dr_bodies,
     }

@@ -1,26 +1,47 @@
-"""Services: virtual IPs, backends from selectors, and the names endpoints resolve (pure functions).
+"""Services: virtual IPs, backends, and the names endpoints resolve (pure functions).
 
 A `v1/Service` gets its `clusterIP`, or a VIP allocated from `service_cidr`: the first address
 tried is derived from a hash of namespace/name, so it is the same on every node sharing the store,
 and the allocation is recorded in the store so two services never share one. Backends are the
 endpoints (of any node) in the service's namespace whose labels match its selector.
+
+A `ServiceEntry` with ``location: MESH_EXTERNAL`` makes each of its hosts a service too: the host
+gets the entry's address, or a VIP allocated the same way (owner "namespace/entry/host"), its name
+resolves inside endpoints, and its backends are the entry's endpoints outside the mesh. Its HTTP
+ports always go through the L7 processor, so VirtualService rules on the host apply; its TCP and
+HTTPS ports are balanced at connect time in the kernel, straight to the endpoints (the processor
+speaks plain HTTP/1.1 only). What meshagent cannot realise is refused by `check_entries` with the
+field at fault, as Istio's semantics would otherwise be silently changed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
-from collections.abc import Iterable, Mapping
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from agent.endpoint import EndpointRecord
 from agent.labels import Selector
 
+log = logging.getLogger("meshagent.services")
+
 PROTOCOLS = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
+
+# ServiceEntry port protocols that stay at L4: the processor cannot read them (TLS, opaque TCP).
+L4_APP_PROTOCOLS = frozenset({"TCP", "HTTPS"})
+# ... and those it cannot carry at all yet: it speaks HTTP/1.1, not HTTP/2.
+_UNSUPPORTED_APP_PROTOCOLS = {"HTTP2": "HTTP/2", "GRPC": "gRPC (HTTP/2)"}
+
+Resolver = Callable[[str], tuple[str, ...]]  # a DNS name -> its IPv4 addresses (none if unknown)
 
 
 class ServiceError(ValueError):
-    """A Service cannot be realised as written (for example its clusterIP is taken)."""
+    """A Service or ServiceEntry cannot be realised as written (for example its address is taken)."""
 
 
 @dataclass(frozen=True)
@@ -29,38 +50,80 @@ class ServicePort:
     port: int
     target_port: int
     protocol: str  # "tcp" | "udp" | "sctp"
+    app_protocol: str = ""  # a ServiceEntry port's protocol ("HTTP", "TCP", "HTTPS"); "" for a Service
 
 
 @dataclass(frozen=True)
 class Backend:
-    endpoint: str
+    endpoint: str  # the mesh endpoint's name, or a ServiceEntry endpoint's address as written
     ip: str
-    node: str
+    node: str  # "" outside the mesh
+    ports: tuple[tuple[str, int], ...] = ()  # a ServiceEntry endpoint's own ports, by port name
+    labels: tuple[tuple[str, str], ...] = ()  # a ServiceEntry endpoint's labels (DestinationRule subsets)
+
+    def port_for(self, port: ServicePort) -> int:
+        """Where connections for ``port`` go on this backend."""
+        return dict(self.ports).get(port.name, port.target_port)
 
 
 @dataclass(frozen=True)
 class ServiceView:
-    name: str
+    name: str  # a Service's name, or a ServiceEntry's host
     namespace: str
     vip: str
     ports: tuple[ServicePort, ...]
     backends: tuple[Backend, ...]
-    l7: bool = False  # redirected to the L7 processor (VirtualService/DestinationRule/...)
+    l7: bool = False  # redirected to the L7 processor (VirtualService/DestinationRule/ServiceEntry)
+    entry: str = ""  # the ServiceEntry this host comes from; "" for a v1/Service
+
+    @property
+    def owner(self) -> str:
+        """The resource that holds this VIP, as error messages name it."""
+        if self.entry:
+            return f"ServiceEntry {self.namespace}/{self.entry} (host {self.name})"
+        return f"Service {self.namespace}/{self.name}"
 
     def hostnames(self, client_namespace: str, trust_domain: str = "cluster.local") -> tuple[str, ...]:
         """Names a client in ``client_namespace`` may use, as Kubernetes DNS search paths allow."""
+        if self.entry:
+            return (self.name,)  # a ServiceEntry host is a full name, the same from every namespace
         full = (f"{self.name}.{self.namespace}", f"{self.name}.{self.namespace}.svc",
                 f"{self.name}.{self.namespace}.svc.{trust_domain}")
         return ((self.name,) + full) if client_namespace == self.namespace else full
+
+    def http_ports(self) -> tuple[ServicePort, ...]:
+        """The TCP ports the L7 processor can serve (all of a Service's; a ServiceEntry's HTTP ones)."""
+        return tuple(p for p in self.ports if p.protocol == "tcp" and p.app_protocol not in L4_APP_PROTOCOLS)
+
+    def redirected_ports(self) -> tuple[ServicePort, ...]:
+        """The ports whose connections the kernel sends to the L7 processor."""
+        return self.http_ports() if self.l7 else ()
+
+    def mode(self) -> str:
+        l7 = self.redirected_ports()
+        if not l7:
+            return "L4"
+        if len(l7) == len(self.ports):
+            return "L7"
+        l4 = [p for p in self.ports if p not in l7]
+        return f"L7 {','.join(str(p.port) for p in l7)}; L4 {','.join(str(p.port) for p in l4)}"
 
     def to_dict(self) -> dict:
         return {
             "name": self.name, "namespace": self.namespace, "vip": self.vip,
             "ports": [f"{p.port}/{p.protocol}" + (f"->{p.target_port}" if p.target_port != p.port else "")
-                      for p in self.ports],
-            "backends": [f"{b.ip} ({b.endpoint})" for b in self.backends],
-            "mode": "L7" if self.l7 else "L4",
+                      + (f" {p.app_protocol}" if p.app_protocol else "") for p in self.ports],
+            "backends": [_show_backend(b) for b in self.backends],
+            "mode": self.mode(),
+            "kind": f"ServiceEntry/{self.entry}" if self.entry else "Service",
         }
+
+
+def _show_backend(b: Backend) -> str:
+    text = f"{b.ip} ({b.endpoint})" if b.endpoint != b.ip else b.ip
+    if b.ports:
+        text += " [" + ",".join(f"{name}:{port}" for name, port in b.ports) + "]"
+    return text
 
 
 def allocate_vip(namespace: str, name: str, service_cidr: str, taken: Mapping[str, str]) -> str:
@@ -111,3 +174,221 @@ def hosts_file(services: Iterable[ServiceView], client_namespace: str, trust_dom
     for svc in sorted(services, key=lambda s: (s.namespace, s.name)):
         lines.append(f"{svc.vip}\t" + " ".join(svc.hostnames(client_namespace, trust_domain)))
     return "\n".join(lines) + "\n"
+
+
+# --- ServiceEntry ----------------------------------------------------------------------------------
+
+
+def _ref(body: dict) -> str:
+    return f"ServiceEntry {body['metadata'].get('namespace', 'default')}/{body['metadata']['name']}"
+
+
+def entry_vip_owner(body: dict, host: str) -> str:
+    """The "namespace/name" a ServiceEntry host's VIP is recorded under (allocate_vip's ``taken``)."""
+    return f"{body['metadata'].get('namespace', 'default')}/{body['metadata']['name']}/{host}"
+
+
+def entry_address(body: dict) -> str | None:
+    """The entry's one address (its hosts' VIP), or None to allocate one per host."""
+    addresses = body.get("spec", {}).get("addresses") or []
+    return str(ipaddress.IPv4Network(addresses[0]).network_address) if addresses else None
+
+
+def entry_vip(body: dict, host: str, service_cidr: str, taken: Mapping[str, str]) -> str:
+    """A ServiceEntry host's VIP: the entry's address, else its recorded or a newly allocated one from
+    ``service_cidr`` (a recorded address the entry no longer gives is not reused outside it)."""
+    address = entry_address(body)
+    if address is not None:
+        return address
+    owner, net = entry_vip_owner(body, host), ipaddress.IPv4Network(service_cidr)
+    taken = {vip: o for vip, o in taken.items() if o != owner or ipaddress.IPv4Address(vip) in net}
+    namespace, name = owner.split("/", 1)
+    return allocate_vip(namespace, name, service_cidr, taken)
+
+
+def check_entry(body: dict) -> None:
+    """Raise ServiceError, naming the field, if meshagent cannot realise this ServiceEntry.
+
+    The schema (agent.resources) has already checked shapes; this checks what this dataplane supports.
+    """
+    spec, ref = body.get("spec", {}), _ref(body)
+    if spec.get("location", "MESH_EXTERNAL") == "MESH_INTERNAL":
+        raise ServiceError(f"{ref}: spec.location MESH_INTERNAL is not supported (it means mesh workloads "
+                           "outside meshagent's endpoints, with mTLS to them); use MESH_EXTERNAL, or a v1/Service "
+                           "for endpoints in the mesh")
+    resolution = spec.get("resolution", "NONE")
+    if resolution == "NONE":
+        raise ServiceError(f"{ref}: spec.resolution NONE (Istio's default: pass-through to the address the "
+                           "client dialled) is not supported; set resolution STATIC with endpoints, or DNS")
+    for i, host in enumerate(spec["hosts"]):
+        if "*" in host:
+            raise ServiceError(f"{ref}: spec.hosts[{i}] {host!r}: a wildcard host cannot get a VIP or a name in "
+                               "endpoints' hosts files; list each host name")
+    if len(set(spec["hosts"])) != len(spec["hosts"]):
+        raise ServiceError(f"{ref}: spec.hosts lists a host twice")
+    addresses = spec.get("addresses") or []
+    if addresses:
+        if len(addresses) > 1 or len(spec["hosts"]) > 1:
+            raise ServiceError(f"{ref}: spec.addresses: meshagent gives each host one VIP; with addresses give "
+                               "exactly one address and one host (or omit addresses to have VIPs allocated)")
+        net = ipaddress.ip_network(addresses[0], strict=False)
+        if net.version != 4 or net.prefixlen != 32:
+            raise ServiceError(f"{ref}: spec.addresses[0] {addresses[0]!r}: a VIP must be one IPv4 address, "
+                               "not a CIDR range")
+    for i, p in enumerate(spec["ports"]):
+        proto = _app_protocol(p)
+        if proto in _UNSUPPORTED_APP_PROTOCOLS:
+            raise ServiceError(f"{ref}: spec.ports[{i}] ({p['name']}) protocol {proto}: the L7 processor does not "
+                               f"speak {_UNSUPPORTED_APP_PROTOCOLS[proto]} yet; use HTTP, or TCP to forward at L4")
+
+
+def _app_protocol(port: Mapping) -> str:
+    """A ServiceEntry port's protocol: as given, else from the name as Istio's `<protocol>[-suffix]`
+    convention has it (Istio would sniff; the kernel must know at connect time), else TCP."""
+    if port.get("protocol"):
+        return port["protocol"]
+    prefix = port["name"].split("-", 1)[0].upper()
+    return prefix if prefix in ("HTTP", "HTTPS", "HTTP2", "GRPC") else "TCP"
+
+
+def check_entries(entries: Sequence[dict], services: Iterable[ServiceView], pod_cidr: str,
+                  service_cidr: str, trust_domain: str = "cluster.local") -> None:
+    """Check a candidate set of ServiceEntries (every one the store would hold) against each other and
+    the v1/Services' VIPs and names. Raises ServiceError naming both sides of a conflict."""
+    pods, vips_net = ipaddress.IPv4Network(pod_cidr), ipaddress.IPv4Network(service_cidr)
+    vip_holders: dict[str, str] = {}
+    names: dict[str, str] = {}
+    # An entry's allocated VIPs stay its own while it keeps no explicit address (they are recorded).
+    allocating = {(b["metadata"].get("namespace", "default"), b["metadata"]["name"]) for b in entries
+                  if not b["spec"].get("addresses")}
+    for v in services:
+        if v.entry:
+            if (v.namespace, v.entry) in allocating:
+                vip_holders[v.vip] = v.owner
+            continue  # otherwise entries are checked as the candidate set, not as they are now
+        if v.vip:
+            vip_holders[v.vip] = v.owner
+        for client_ns in (v.namespace, ""):  # a short name only in its own namespace; both collide
+            for name in v.hostnames(client_ns, trust_domain):
+                names.setdefault(name, v.owner)
+    for body in entries:
+        check_entry(body)
+        ref, spec = _ref(body), body["spec"]
+        for host in spec["hosts"]:
+            other = names.get(host)
+            if other is not None:
+                raise ServiceError(f"{ref}: host {host} is already a name of {other}; a host belongs to one "
+                                   "service")
+            names[host] = f"{ref} (host {host})"
+        address = entry_address(body)
+        if address is not None:
+            if ipaddress.IPv4Address(address) in pods:
+                raise ServiceError(f"{ref}: address {address} is inside the node's pod_cidr {pods}; a VIP must "
+                                   "not be an endpoint address")
+            other = vip_holders.get(address)
+            if other is not None:
+                raise ServiceError(f"{ref}: address {address} is already the VIP of {other}")
+            vip_holders[address] = f"{ref} (host {spec['hosts'][0]})"
+        if spec.get("resolution") == "STATIC":
+            for i, ep in enumerate(spec.get("endpoints") or ()):
+                if ipaddress.IPv4Address(ep["address"]) in vips_net:
+                    raise ServiceError(f"{ref}: spec.endpoints[{i}].address {ep['address']} is inside "
+                                       f"service_cidr {vips_net}: endpoints must be real addresses, not VIPs")
+
+
+def entry_ports(body: dict) -> tuple[ServicePort, ...]:
+    return tuple(ServicePort(name=p["name"], port=int(p["number"]), target_port=int(p.get("targetPort", p["number"])),
+                             protocol="tcp", app_protocol=_app_protocol(p))
+                 for p in body["spec"]["ports"])
+
+
+def entry_backends(body: dict, host: str, resolve: Resolver) -> tuple[Backend, ...]:
+    """The endpoints of ``host``: STATIC addresses as written; DNS names (the endpoints', or with none
+    the host itself) resolved to their IPv4 addresses, one backend each, as Envoy's STRICT_DNS does."""
+    spec = body["spec"]
+    endpoints = spec.get("endpoints") or []
+    if spec.get("resolution") == "DNS" and not endpoints:
+        endpoints = [{"address": host}]
+    out = []
+    for ep in endpoints:
+        address = ep["address"]
+        ips = (address,) if spec.get("resolution") == "STATIC" else resolve(address)
+        for ip in ips:
+            out.append(Backend(endpoint=address, ip=ip, node="",
+                               ports=tuple(sorted((ep.get("ports") or {}).items())),
+                               labels=tuple(sorted((ep.get("labels") or {}).items()))))
+    return tuple(out)
+
+
+def entry_view(body: dict, host: str, vip: str, resolve: Resolver) -> ServiceView:
+    """One host of a checked ServiceEntry as a service: always L7 (the processor routes its HTTP ports)."""
+    meta = body["metadata"]
+    return ServiceView(name=host, namespace=meta.get("namespace", "default"), vip=vip, ports=entry_ports(body),
+                       backends=entry_backends(body, host, resolve), l7=True, entry=meta["name"])
+
+
+class DnsResolver:
+    """IPv4 addresses of names, from the node's resolver, cached for ``ttl`` seconds.
+
+    The agent resolves while holding its lock, so a lookup is given up after ``timeout`` seconds
+    (keeping the last answer, if any); it runs in a daemon thread, so a hung resolver never holds up
+    the agent's exit. `due()` says when a name used in the last round is older than ``ttl``, so the
+    agent re-resolves without waiting for a store change.
+    """
+
+    def __init__(self, ttl: float = 30.0, timeout: float = 2.0,
+                 lookup: Callable[..., list] = socket.getaddrinfo, clock: Callable[[], float] = time.monotonic):
+        self.ttl, self.timeout, self._lookup, self._clock = ttl, timeout, lookup, clock
+        self._cache: dict[str, tuple[float, tuple[str, ...]]] = {}
+        self._round: set[str] = set()
+        self._lock = threading.Lock()
+
+    def new_round(self) -> None:
+        """Start a reconcile: names not asked for since the last round are dropped from the cache."""
+        with self._lock:
+            for name in list(self._cache):
+                if name not in self._round:
+                    del self._cache[name]
+            self._round = set()
+
+    def due(self) -> bool:
+        now = self._clock()
+        with self._lock:
+            return any(now - self._cache[n][0] >= self.ttl for n in self._round if n in self._cache)
+
+    def __call__(self, name: str) -> tuple[str, ...]:
+        now = self._clock()
+        with self._lock:
+            self._round.add(name)
+            cached = self._cache.get(name)
+            if cached and now - cached[0] < self.ttl:
+                return cached[1]
+        try:
+            addrs = tuple(sorted({info[4][0] for info in self._resolve(name)}))
+        except TimeoutError:
+            log.warning("resolving %s took longer than %.1fs; keeping its last addresses", name, self.timeout)
+            addrs = cached[1] if cached else ()
+        except OSError as e:
+            log.warning("cannot resolve %s (%s): the ServiceEntry has no endpoints for it", name, e)
+            addrs = ()
+        with self._lock:
+            self._cache[name] = (now, addrs)
+        return addrs
+
+    def _resolve(self, name: str) -> list:
+        result: dict[str, object] = {}
+
+        def run() -> None:
+            try:
+                result["infos"] = self._lookup(name, None, socket.AF_INET, socket.SOCK_STREAM)
+            except OSError as e:
+                result["error"] = e
+
+        thread = threading.Thread(target=run, name=f"dns-{name}", daemon=True)
+        thread.start()
+        thread.join(self.timeout)
+        if thread.is_alive():
+            raise TimeoutError(name)
+        if "error" in result:
+            raise result["error"]
+        return result["infos"]

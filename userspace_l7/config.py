@@ -12,9 +12,13 @@ File format (JSON object; keys not listed are errors)::
         "name": "reviews", "namespace": "default",
         "vip": "10.96.0.10",                      # optional (a ServiceEntry may have none)
         "hosts": ["reviews.example.com"],         # optional extra names (ServiceEntry hosts)
+        "fqdn": "reviews.example.com",            # optional: the name metrics and flows use (a
+                                                  # ServiceEntry's host); default name.namespace.svc.DOMAIN
         "ports": [{"port": 9080, "target_port": 9080, "protocol": "TCP", "name": "http"}],
         "backends": [{"ip": "10.200.0.5",
                       "port": 9080,               # optional: overrides target_port (tests, named ports)
+                      "ports": {"http": 8080},    # optional: per service port name, overrides both
+                                                  # (a ServiceEntry endpoint's own ports)
                       "workload": "reviews-v1",   # optional: destination_workload label
                       "labels": {"app": "reviews", "version": "v1"}}]
       }],
@@ -95,7 +99,8 @@ class Service:
     fqdn: str
     vip: str | None
     ports: tuple[ServicePort, ...]
-    endpoints: tuple[tuple[str, int | None, str, Mapping[str, str]], ...] = field(repr=False)
+    # (ip, own port, workload, labels, own ports by service port name)
+    endpoints: tuple[tuple[str, int | None, str, Mapping[str, str], Mapping[str, int]], ...] = field(repr=False)
     hosts: tuple[str, ...] = ()
 
     @property
@@ -111,10 +116,10 @@ class Service:
 
     def backends(self, port: ServicePort, labels: Mapping[str, str] | None = None) -> tuple[Backend, ...]:
         out = []
-        for ip, own_port, workload, blabels in self.endpoints:
+        for ip, own_port, workload, blabels, named in self.endpoints:
             if labels and any(blabels.get(k) != v for k, v in labels.items()):
                 continue
-            out.append(Backend(ip, own_port or port.target_port, workload, blabels))
+            out.append(Backend(ip, named.get(port.name) or own_port or port.target_port, workload, blabels))
         return tuple(out)
 
 
@@ -540,13 +545,22 @@ def _build_service(sd: Any, domain: str, where: str) -> Service:
         endpoints = tuple(
             (str(ipaddress.ip_address(b["ip"])), int(b["port"]) if b.get("port") else None,
              str(b.get("workload") or (b.get("labels") or {}).get("app") or b["ip"]),
-             MappingProxyType({str(k): str(v) for k, v in (b.get("labels") or {}).items()}))
+             MappingProxyType({str(k): str(v) for k, v in (b.get("labels") or {}).items()}),
+             MappingProxyType({str(k): _port(v) for k, v in (b.get("ports") or {}).items()}))
             for b in sd.get("backends") or ())
         hosts = tuple(str(h) for h in sd.get("hosts") or ())
+        fqdn = str(sd.get("fqdn") or f"{name}.{namespace}.svc.{domain}")
     except (KeyError, TypeError, ValueError) as e:
         raise _fail(where, f"bad service entry ({type(e).__name__}: {e}); see userspace_l7.config for "
                     "the format") from None
-    return Service(name, namespace, f"{name}.{namespace}.svc.{domain}", vip, ports, endpoints, hosts)
+    return Service(name, namespace, fqdn, vip, ports, endpoints, hosts)
+
+
+def _port(value: Any) -> int:
+    port = int(value)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} is out of range 1-65535")
+    return port
 
 
 def _destination(d: Mapping[str, Any], weight: int, route_headers: Mapping[str, Any] | None,
