@@ -18,7 +18,8 @@
  *
  * proxy_ip:proxy_port is the node's L7 processor (Datapath.set_proxy; the same address the socket
  * hooks of bpf/redirect.c send L7 services to): a new TCP flow from an endpoint to it is a
- * redirect (VERDICT_REDIRECTED), admitted whatever the endpoint's egress policy says. 0 = none.
+ * redirect (VERDICT_REDIRECTED), admitted here; the endpoint's egress policy is applied
+ * to the processor's upstream connection instead, at the backend (MARK_MAGIC_PROXY_EGRESS). 0 = none.
  * Writers change one field and keep the others (read, modify, write the element back). */
 struct datapath_config {
 	__u32 policy_revision;    /* 0 */
