@@ -311,6 +311,19 @@ class Ops:
             })
         return {"items": items}
 
+    def op_bpf_fastpath_list(self, args: dict) -> dict:
+        """The sockets on the socket fast path now (bpf/lib/sockmap.h), with their state."""
+        redirect = self.agent.redirect
+        state = {(s["local"], s["remote"]): s for s in redirect.fastpath()["sockets"]}
+        items = []
+        for lip, lport, rip, rport in sorted(redirect.fastpath_sockets()):
+            local, remote = f"{lip}:{lport}", f"{rip}:{rport}"
+            s = state.get((local, remote), {})
+            items.append({"local": local, "remote": remote,
+                          "path": "tcp (fell back)" if s.get("fallback") else ("redirect" if s else "tcp (no state)"),
+                          "unanswered_bytes": s.get("unread", 0), "policy_revision": s.get("revision", "-")})
+        return {"items": items}
+
     def op_bpf_ipcache_list(self, args: dict) -> dict:
         kernel = self.agent.sync.read_kernel(endpoints=False)
         return {"items": [{"prefix": p, "identity": i} for p, i in sorted(kernel.ipcache.items())]}

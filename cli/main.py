@@ -704,7 +704,13 @@ def bpf_policy() -> None:
     """The policy map (what the kernel enforces)."""
 
 
+@bpf.group("fastpath", epilog=examples("meshagent bpf fastpath list"))
+def bpf_fastpath() -> None:
+    """The socket fast path: same-node sockets whose bytes skip TCP (sockhash)."""
+
+
 _map_command(bpf_ct, "ct", "bpf_ct_list", "connection-tracking entries")
+_map_command(bpf_fastpath, "fastpath", "bpf_fastpath_list", "sockets on the socket fast path")
 _map_command(bpf_ipcache, "ipcache", "bpf_ipcache_list", "prefixes and their identities")
 _map_command(bpf_policy, "policy", "bpf_policy_list", "policy map entries per endpoint")
 

@@ -94,6 +94,9 @@ for _ in range(200):
     r = conn.getresponse(); body = r.read().decode(); counts[body if r.status == 200 else 'HTTP %d' % r.status] += 1
 print('200 requests to http://shop/items: ' + ', '.join('%s %d (%.0f%%)' % (k, n, n / 2) for k, n in sorted(counts.items())))"
 
+step "same-node sockets skip TCP (sockhash + sk_msg): meshagent status"
+meshagent status | grep -E "L7 processor|Socket fast path"
+
 step "L7 flows (meshagent flows --type l7 --last 4)"
 sleep 0.5
 meshagent flows --type l7 --last 4

@@ -165,3 +165,20 @@ def test_same_node_connections_take_the_socket_fast_path(node, svc):
     assert redirected >= 10, after
     metrics = node.ns(["curl", "-s", f"http://{node.config['metrics_addr']}/metrics"]).stdout
     assert 'meshagent_fastpath_bytes_total{outcome="redirected"}' in metrics
+    assert "Socket fast path:" in node.cli("status").stdout
+
+
+def test_bpf_fastpath_list_shows_an_open_connection(node, svc):
+    """A connection held open by a client shows up on the redirect path, towards the backend (not the
+    VIP). The backend's end is gone already: the test server closes after its answer."""
+    node.apply(SERVICE)
+    hold = node.spawn([*node.in_ep(svc["client"]), PY, "-c",
+                       "import socket, sys, time\n"
+                       f"s = socket.create_connection(({vip_of(node)!r}, 80)); s.recv(64)\n"
+                       "print(s.getsockname()[1], flush=True); time.sleep(30)"])
+    port = int(hold.stdout.readline())
+    items = node.cli_json("bpf", "fastpath", "list")
+    items = items["items"] if isinstance(items, dict) else items
+    mine = [i for i in items if i["local"] == f"{svc['client']['ip']}:{port}"]
+    assert len(mine) == 1 and mine[0]["path"] == "redirect", items
+    assert mine[0]["remote"] in (f"{svc['web1']['ip']}:8080", f"{svc['web2']['ip']}:8080"), items

@@ -119,6 +119,19 @@ def test_status_ready_prints_table_and_exits_0(agent):
     assert "revision 7" in result.stdout
 
 
+def test_status_shows_l7_processor_and_fast_path(agent):
+    fastpath = {"enabled": True, "counters": {
+        "redirected": {"messages": 31, "bytes": 3 << 20}, "pass_no_peer": {"messages": 2, "bytes": 10},
+        "pass_fallen_back": {"messages": 9, "bytes": 90}}}
+    agent.reply("status", STATUS | {"socket_fastpath": fastpath,
+                                    "l7_processor": {"pid": 42, "restarts": 1, "listen": "10.200.0.1:15001"}})
+    out = run(agent, "status").stdout
+    assert "pid 42 on 10.200.0.1:15001, 1 restarts" in out
+    assert "enabled, 3.0 MiB redirected in 31 messages, 2 fell back to TCP" in out
+    agent.reply("status", STATUS | {"socket_fastpath": {"enabled": False, "counters": {}}})
+    assert "disabled (socket_fastpath: false)" in run(agent, "status").stdout
+
+
 def test_status_not_ready_exits_1(agent):
     agent.reply("status", STATUS | {"ready": False})
     result = run(agent, "status", "-o", "json")
@@ -615,7 +628,7 @@ def test_policy_trace_usage_errors(agent, argv):
 
 
 @pytest.mark.parametrize("group,op", [("ct", "bpf_ct_list"), ("ipcache", "bpf_ipcache_list"),
-                                      ("policy", "bpf_policy_list")])
+                                      ("policy", "bpf_policy_list"), ("fastpath", "bpf_fastpath_list")])
 def test_bpf_lists_use_first_item_keys_as_columns(agent, group, op):
     items = [{"prefix": "10.200.0.12/32", "identity": 23456}, {"prefix": "0.0.0.0/0", "identity": 2}]
     agent.reply(op, {"items": items})
