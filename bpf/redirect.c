@@ -247,12 +247,17 @@ static __always_inline void fastpath_add(struct bpf_sock_ops *skops)
 	key.local_port = (__u16)skops->local_port;             /* host order */
 	key.remote_port = (__u16)bpf_ntohl(skops->remote_port); /* network order, in the upper half */
 	netns = bpf_get_netns_cookie(skops);
-	if (fastpath_is_loopback(key.local_ip) && fastpath_is_loopback(key.remote_ip))
+	if (fastpath_is_loopback(key.local_ip) && fastpath_is_loopback(key.remote_ip)) {
+		/* Only inside endpoints: the node's namespace is often the host's, whose loopback
+		 * traffic is none of the mesh's business. */
+		if (!endpoint_netns.lookup(&netns))
+			return;
 		key.netns = netns;
-	else if (!fastpath_in_pods(cfg, key.local_ip) || !fastpath_in_pods(cfg, key.remote_ip))
+	} else if (!fastpath_in_pods(cfg, key.local_ip) || !fastpath_in_pods(cfg, key.remote_ip)) {
 		return;
-	if (netns != cfg->node_netns && !endpoint_netns.lookup(&netns))
+	} else if (netns != cfg->node_netns && !endpoint_netns.lookup(&netns)) {
 		return;
+	}
 	flow.revision = dp ? dp->policy_revision : 0;
 	if (fastpath_flows.update(&key, &flow) != 0)
 		return;

@@ -13,8 +13,9 @@
  *
  * Eligible: IPv4 TCP sockets whose namespace is one of this node's endpoints' (lib/netns.h) or the
  * node's own, with both addresses in the node's pod CIDR (endpoints and the router IP the L7
- * processor listens on), or both on loopback (then the namespace cookie is part of the key:
- * 127.0.0.1 exists in every namespace).
+ * processor listens on); and loopback pairs inside an endpoint (then the namespace cookie is part
+ * of the key: 127.0.0.1 exists in every namespace). Not loopback in the node's namespace: that is
+ * usually the host's, and its other processes are not ours to accelerate.
  *
  * Falling back. A message that is not redirected (SK_PASS without a target) takes the normal TCP
  * path, which is always correct. Once a socket has sent anything on the TCP path it never

@@ -36,6 +36,7 @@ POD_CIDR = "10.244.9.0/24"
 ROUTER = "10.244.9.1"
 IPS = {"a": "10.244.9.11", "b": "10.244.9.12", "u": "10.244.9.13"}
 SERVERS = {"b": (IPS["b"], 7000), "node": (ROUTER, 15001), "a": ("127.0.0.1", 7001)}
+NODE_LOOPBACK = ("127.0.0.1", 7002)  # in the node's namespace: never accelerated
 MiB = 1 << 20
 BUDGET = 4 * MiB  # FASTPATH_UNREAD_BUDGET
 # Small maps: test_full_map_falls_back_to_tcp fills them. Closed sockets leave the sockhash at once.
@@ -56,7 +57,7 @@ class FastpathTopology(Topology):
         self.setup_node()
         for name, ip in IPS.items():
             self.add_endpoint(name, f"fp{name}-{TAG}", ip)
-        for where, (ip, port) in SERVERS.items():
+        for where, (ip, port) in [*SERVERS.items(), ("node", NODE_LOOPBACK)]:
             proc = self.spawn(where, [sys.executable, TOOL, "serve", ip, str(port)])
             assert json.loads(proc.stdout.readline()) == {"ready": True}
         self.dp = RedirectDatapath(PIN_DIR, MAP_SIZES)
@@ -227,6 +228,15 @@ def test_full_map_falls_back_to_tcp(topo):
         for proc in held:
             proc.kill()
             proc.wait()
+
+
+def test_loopback_of_the_node_namespace_is_left_alone(topo):
+    """The node's namespace is usually the host's: its own loopback traffic is not the mesh's."""
+    before = topo.counters()
+    got = topo.tool("node", "sink", *NODE_LOOPBACK, MiB, MiB)
+    assert got["sent_ok"] and got["received_ok"], got
+    after = topo.counters()
+    assert all(delta(before, after, o, "messages") == 0 for o in after), after
 
 
 def test_disabled_fast_path_adds_nothing(topo):
