@@ -19,6 +19,12 @@ default (the processor buffers request bodies for retries) -> 413. Requests carr
 Content-Length and Transfer-Encoding (request smuggling), duplicate Content-Length, bad chunked
 framing -> 400; a Transfer-Encoding other than ``chunked`` -> 501 (as h11).
 
+A reader with a ``sink`` pushes instead: the sink's ``head(event)``, ``data(bytes)`` and ``end()`` are
+called from inside `receive_data` as the parser finds them (no event queue; the proxy's fast path).
+`ConnectionClosed` is still queued for `next_event`. The sink can be set or cleared between any two
+events (from inside one of its own calls too): events after that are queued. An exception raised by the
+sink leaves the reader dead and propagates unchanged.
+
 Connection states (one table, `TRANSITIONS`; nothing else changes `state`)::
 
     IDLE --Request/Response--> BODY --EndOfMessage--> DONE --next message--> IDLE
@@ -138,32 +144,36 @@ TRANSITIONS: dict[tuple[str, str], str] = {
 }
 
 
+_SPECIAL = {"content-length": 1, "transfer-encoding": 2, "host": 3, "expect": 4}  # headers the reader reads
+# Raw header name -> lowercase str, for the names clients and servers keep sending (bounded: names are
+# peer-controlled).
+_NAMES: dict[bytes, str] = {}
+_MAX_NAMES = 512
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE")}
+
+
 class _Reader:
     """The httptools callbacks and the limits, shared by requests and responses."""
+
+    __slots__ = ("max_head", "max_headers", "max_target", "max_body", "sink", "_parser", "_events", "state",
+                 "_error", "_in_head", "_head_fed", "_last", "_target", "_reason", "_headers", "_head_size",
+                 "_body_size", "_content_length", "_te", "_host", "_expect")
 
     _parser_class: type = httptools.HttpRequestParser
 
     def __init__(self, *, max_head: int = DEFAULT_MAX_HEAD, max_headers: int = DEFAULT_MAX_HEADERS,
-                 max_target: int = DEFAULT_MAX_TARGET, max_body: int = DEFAULT_MAX_BODY) -> None:
+                 max_target: int = DEFAULT_MAX_TARGET, max_body: int = DEFAULT_MAX_BODY, sink=None) -> None:
         self.max_head, self.max_headers, self.max_target, self.max_body = max_head, max_headers, max_target, max_body
+        self.sink = sink  # None: events are queued for next_event
         self._parser = self._parser_class(self)
         self._events: deque = deque()
         self.state = IDLE
         self._error: ProtocolError | None = None
         self._in_head = False  # between message begin and headers complete
         self._head_fed = 0  # raw bytes fed while a head was incomplete
-        self._reset_message()
-
-    def _reset_message(self) -> None:
-        self._target = b""
-        self._reason = b""
-        self._headers: list[tuple[str, str]] = []
-        self._head_size = 0
-        self._body_size = 0
-        self._content_length: int | None = None
-        self._te: str | None = None
-        self._host: str | None = None
-        self._expect = False
+        self._last: Request | Response | None = None  # the last head pushed to the sink
+        self.on_message_begin()
+        self._in_head = False
 
     def _to(self, what: str) -> None:
         try:
@@ -174,8 +184,16 @@ class _Reader:
     # -- httptools callbacks (raise RemoteProtocolError to stop the parser) --
 
     def on_message_begin(self) -> None:
-        self._reset_message()
         self._in_head = True
+        self._target = b""
+        self._reason = b""
+        self._headers: list[tuple[str, str]] = []
+        self._head_size = 0
+        self._body_size = 0
+        self._content_length: int | None = None
+        self._te: str | None = None
+        self._host: str | None = None
+        self._expect = False
 
     def on_url(self, url: bytes) -> None:
         self._target += url
@@ -187,25 +205,32 @@ class _Reader:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_size += len(name) + len(value) + 4
-        if len(self._headers) >= self.max_headers:
+        headers = self._headers
+        if len(headers) >= self.max_headers:
             raise RemoteProtocolError(f"more than {self.max_headers} header lines", 431)
         if self._head_size > self.max_head:
             raise RemoteProtocolError(f"message head larger than {self.max_head} bytes", 431)
-        lname = name.decode("latin-1").lower()
+        lname = _NAMES.get(name)
+        if lname is None:
+            lname = name.decode("latin-1").lower()
+            if len(_NAMES) < _MAX_NAMES:
+                _NAMES[name] = lname
         text = value.decode("latin-1")
-        if lname == "content-length":
-            # llhttp refuses duplicates and non-digits; parse for our own limits
-            try:
-                self._content_length = int(text)
-            except ValueError:
-                raise RemoteProtocolError(f"bad Content-Length {text[:40]!r}", 400) from None
-        elif lname == "transfer-encoding":
-            self._te = text if self._te is None else f"{self._te}, {text}"
-        elif lname == "host":
-            self._host = text
-        elif lname == "expect" and text.lower() == "100-continue":
-            self._expect = True
-        self._headers.append((lname, text))
+        special = _SPECIAL.get(lname)
+        if special is not None:
+            if special == 1:
+                # llhttp refuses duplicates and non-digits; parse for our own limits
+                try:
+                    self._content_length = int(text)
+                except ValueError:
+                    raise RemoteProtocolError(f"bad Content-Length {text[:40]!r}", 400) from None
+            elif special == 2:
+                self._te = text if self._te is None else f"{self._te}, {text}"
+            elif special == 3:
+                self._host = text
+            elif text.lower() == "100-continue":
+                self._expect = True
+        headers.append((lname, text))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -220,18 +245,38 @@ class _Reader:
         if self._content_length is not None and self._content_length > self.max_body:
             raise RemoteProtocolError(f"body of {self._content_length} bytes is over the {self.max_body}-byte "
                                       "limit", 413)
-        self._to("head")
-        self._events.append(self._head(chunked))
+        if self.state is IDLE or self.state is DONE:  # TRANSITIONS' (IDLE|DONE, "head"), inlined: per message
+            self.state = BODY
+        else:
+            self._to("head")
+        ev = self._head(chunked)
+        sink = self.sink
+        if sink is None:
+            self._events.append(ev)
+        else:
+            self._last = ev
+            sink.head(ev)
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
         if self._body_size > self.max_body:
             raise RemoteProtocolError(f"body over the {self.max_body}-byte limit", 413)
-        self._events.append(Data(body))
+        sink = self.sink
+        if sink is None:
+            self._events.append(Data(body))
+        else:
+            sink.data(body)
 
     def on_message_complete(self) -> None:
-        self._to("end")
-        self._events.append(EndOfMessage)
+        if self.state is BODY:  # TRANSITIONS' (BODY, "end"), inlined: per message
+            self.state = DONE
+        else:
+            self._to("end")
+        sink = self.sink
+        if sink is None:
+            self._events.append(EndOfMessage)
+        else:
+            sink.end()
 
     def _head(self, chunked: bool):
         raise NotImplementedError
@@ -250,10 +295,15 @@ class _Reader:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:
-            if isinstance(e.__context__, _StopFeed):
+            cause = e.__context__
+            if isinstance(cause, _StopFeed):
                 return
-            self._fail(e.__context__ if isinstance(e.__context__, ProtocolError)
-                       else RemoteProtocolError(f"malformed HTTP: {e.__context__}", 400))
+            if isinstance(cause, ProtocolError):
+                self._fail(cause)
+            # the sink failed (a bug in the caller): the parser stopped mid-buffer, so the reader is dead
+            self._error = LocalProtocolError(f"the reader's sink failed: {cause!r}")
+            self.state = ERROR
+            raise cause from None
         except httptools.HttpParserUpgrade:
             self._upgrade()
         except httptools.HttpParserError as e:
@@ -273,6 +323,8 @@ class _Reader:
         for ev in self._events:
             if isinstance(ev, Request | Response):
                 ev.keep_alive = False
+        if self.sink is not None and self._last is not None:  # already pushed, not yet served
+            self._last.keep_alive = False
         self._error = RemoteProtocolError("connection was upgraded; no more HTTP/1.1 on it", 400)
 
     def _eof(self) -> None:
@@ -296,11 +348,13 @@ class _Reader:
 class RequestReader(_Reader):
     """Reads requests from a client."""
 
+    __slots__ = ()
     _parser_class = httptools.HttpRequestParser
 
     def _head(self, chunked: bool) -> Request:
         p = self._parser
-        method = p.get_method().decode("ascii")
+        raw = p.get_method()
+        method = _METHODS.get(raw) or raw.decode("ascii")
         if method == "CONNECT":
             raise RemoteProtocolError("CONNECT is not supported by this proxy", 405)
         try:
@@ -315,9 +369,10 @@ class ResponseReader(_Reader):
     """Reads responses from an upstream server. Call `expect(method)` before each response: a HEAD
     response has no body whatever its headers say, and httptools cannot be told so."""
 
+    __slots__ = ("_head_request", "_until_eof")
     _parser_class = httptools.HttpResponseParser
 
-    def __init__(self, **limits: int) -> None:
+    def __init__(self, **limits) -> None:
         super().__init__(**limits)
         self._head_request = False
         self._until_eof = False
@@ -340,9 +395,12 @@ class ResponseReader(_Reader):
             # End the message here and start a fresh parser for the next response.
             self._head_request = False
             self._to("end")
-            self._events.append(EndOfMessage)
             self._in_head = False
             self._parser = self._parser_class(self)
+            if self.sink is None:
+                self._events.append(EndOfMessage)
+            else:
+                self.sink.end()
             raise _StopFeed
 
     def on_message_complete(self) -> None:
@@ -353,7 +411,10 @@ class ResponseReader(_Reader):
         if self.state == BODY and self._until_eof:
             self._until_eof = False
             self._to("end")
-            self._events.append(EndOfMessage)
+            if self.sink is None:
+                self._events.append(EndOfMessage)
+            else:
+                self.sink.end()
         super()._eof()
 
 

@@ -15,7 +15,10 @@ Invariants (every change to this module keeps them):
 6. A connection opened with SO_MARK m (the client identity it carries, userspace_l7/origdst.py) is
    only ever in the pool of mark m: it never serves another identity's request. Mark 0: unmarked.
 
-Only `UpstreamConnection` touches the transport; response parsing is `http1.ResponseReader`.
+Only `UpstreamConnection` touches the transport; response parsing is `http1.ResponseReader`. Its
+owner reads the response either by awaiting `next_event` or, on the proxy's fast path, by setting a
+sink on ``reader`` (events pushed as they are parsed, no task or future per response) and
+``on_broken``, called when the connection closes or breaks while the sink is set.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 from .config import PoolLimits
-from .http1 import NEED_DATA, ProtocolError, ResponseReader
+from .http1 import NEED_DATA, ConnectionClosed, ProtocolError, ResponseReader
 
 __all__ = ["BackendPool", "PoolOverflow", "Pools", "UpstreamConnection", "UpstreamError"]
 
@@ -49,6 +52,9 @@ class PoolOverflow(Exception):
 
 
 class UpstreamConnection(asyncio.Protocol):
+    __slots__ = ("loop", "transport", "reader", "closed", "received", "requests", "idle_since", "on_broken",
+                 "_waiter", "_error")
+
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.transport: asyncio.Transport | None = None
@@ -57,6 +63,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.received = False
         self.requests = 0
         self.idle_since = 0.0
+        self.on_broken: Callable[[], None] | None = None  # set: called instead of waking `next_event`
         self._waiter: asyncio.Future | None = None
         self._error: ProtocolError | None = None
 
@@ -72,7 +79,10 @@ class UpstreamConnection(asyncio.Protocol):
         except ProtocolError as e:
             self._error = e
             self.transport.close()
-        self._wake()
+        if self.on_broken is None:
+            self._wake()
+        elif self._error is not None:
+            self.on_broken()
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -84,7 +94,10 @@ class UpstreamConnection(asyncio.Protocol):
                 self.reader.receive_data(b"")
             except ProtocolError as e:
                 self._error = e
-        self._wake()
+        if self.on_broken is None:
+            self._wake()
+        else:
+            self.on_broken()
 
     def _wake(self) -> None:
         w = self._waiter
@@ -107,6 +120,8 @@ class UpstreamConnection(asyncio.Protocol):
                 ev = reader.next_event()
             except ProtocolError as e:
                 raise UpstreamError("reset", f"upstream sent bad HTTP: {e}", self.received) from None
+            if ev is ConnectionClosed:  # closed between responses: the one we wait for never comes
+                raise UpstreamError("reset", "upstream closed the connection", self.received)
             if ev is not NEED_DATA:
                 return ev
             if self._error is not None:
@@ -138,16 +153,25 @@ class BackendPool:
         self.open = 0  # open + connecting (invariant 3)
         self._waiters: deque[asyncio.Future] = deque()
 
-    async def acquire(self) -> tuple[UpstreamConnection, bool]:
-        """A connection and whether it was reused (a reused one may turn out stale: the caller may
-        retry once on a fresh one if nothing was received)."""
-        now = self.loop.time()
+    def try_acquire(self) -> UpstreamConnection | None:
+        """An idle connection at once, or None (then `acquire` may connect or wait for one)."""
         idle = self.idle
+        if not idle:
+            return None
+        now = self.loop.time()
         while idle:
             conn = idle.pop()
             if conn.closed or now - conn.idle_since > self.limits.idle_timeout:
                 self._closed(conn)
                 continue
+            return conn
+        return None
+
+    async def acquire(self) -> tuple[UpstreamConnection, bool]:
+        """A connection and whether it was reused (a reused one may turn out stale: the caller may
+        retry once on a fresh one if nothing was received)."""
+        conn = self.try_acquire()
+        if conn is not None:
             return conn, True
         if self.open >= self.limits.max_connections:
             if len(self._waiters) >= self.limits.max_pending:

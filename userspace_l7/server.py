@@ -2,13 +2,24 @@
 
 One `Proxy` per worker process holds the config snapshot, the per-cluster balancers, the upstream
 pools, the flow sink and the metrics. Each accepted client connection is a `ClientConnection`
-protocol: `http1.RequestReader` turns its bytes into requests, `routing.route` decides, and
-`Proxy.handle` carries the decision out (fault delay/abort, retries under the route timeout, header
-edits, mirror), streams the response back and records one flow and one metric sample.
+protocol: `http1.RequestReader` turns its bytes into requests, `routing.route` decides (through
+`routecache`), and `Proxy.serve` carries the decision out, streams the response back and records one
+flow and one metric sample.
 
-Hot-path rules: no logging, no per-request tasks other than the one that serves a connection's
-queued requests, flows and metrics appended to in-memory batches. Errors printed to stderr are
-reserved for the control path (config reloads, startup).
+Two paths carry a request out, with the same outcome:
+
+- the fast path, entirely in protocol callbacks: a local answer (no route, fault abort without a
+  delay), or a forward with no timeout, no fault delay and no mirror while the chosen backend's pool
+  has an idle connection. `serve` writes the request to that connection and an `Exchange` streams the
+  response from the upstream connection's ``data_received`` straight to the client.
+- the coroutine path (`Proxy._slow`), one task per request, for everything else: fault delays,
+  timeouts, mirrors, connecting or waiting for a pooled connection, and retries. An `Exchange` whose
+  request gets no usable response head (the connection breaks, a 1xx, a status the retry policy
+  retries) hands the request over to it as it stands: the attempt already on the wire is the first.
+
+Hot-path rules: no logging, no task or future per fast-path request, flows and metrics appended to
+in-memory batches. Errors printed to stderr are reserved for the control path (config reloads,
+startup) and bugs.
 
 The original destination of a connection comes from an `OriginalDstResolver` when one is plugged
 in (the kernel-side redirect: userspace_l7.origdst) and otherwise from each request's Host header.
@@ -32,7 +43,7 @@ from typing import Protocol
 
 from . import config as cfg
 from . import origdst
-from .balancer import ClusterStates
+from .balancer import ClusterState, ClusterStates
 from .config import Backend, L7Config
 from .flows import FlowSink
 from .http1 import (
@@ -45,8 +56,9 @@ from .http1 import (
     Response,
 )
 from .metrics import L7Metrics
-from .pool import PoolOverflow, Pools, UpstreamConnection, UpstreamError
-from .routing import RouteDecision, parse_authority, route, should_retry
+from .pool import BackendPool, PoolOverflow, Pools, UpstreamConnection, UpstreamError
+from .routecache import RouteCache
+from .routing import RouteDecision, should_retry
 
 __all__ = ["OriginalDst", "OriginalDstResolver", "Options", "Proxy", "serve"]
 
@@ -58,6 +70,7 @@ class OriginalDst:
     source_workload: str = "unknown"
     source_principal: str = ""  # spiffe://... once mTLS lands
     source_identity: int | None = None  # the client's security identity, from the datapath
+    source_ep_id: int | None = None  # the client's endpoint on this node: its egress policy applies upstream
 
 
 class OriginalDstResolver(Protocol):
@@ -102,11 +115,11 @@ class ClientConnection(asyncio.Protocol):
     """One downstream connection: reads requests, serves them in order, keeps the connection alive."""
 
     __slots__ = ("proxy", "transport", "reader", "queue", "busy", "closing", "peer", "local", "dst", "mark",
-                 "_cur", "_body", "_timer", "_timer_kind", "_deadline", "_paused")
+                 "_cur", "_body", "_timer", "_timer_kind", "_deadline", "_paused", "_serving")
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
-        self.reader = RequestReader()
+        self.reader = RequestReader(sink=self)
         self.queue: deque[tuple[Request, bytes]] = deque()
         self.busy = False
         self.closing = False
@@ -116,6 +129,7 @@ class ClientConnection(asyncio.Protocol):
         self._timer_kind = ""
         self._deadline = 0.0
         self._paused = False
+        self._serving = False  # `_serve_queued` is on the stack
 
     # -- asyncio callbacks --
 
@@ -130,7 +144,7 @@ class ClientConnection(asyncio.Protocol):
             dst = self.dst = resolver.resolve(transport.get_extra_info("socket"))
             try:
                 if dst is not None and dst.source_identity:
-                    self.mark = origdst.upstream_mark(dst.source_identity)
+                    self.mark = origdst.upstream_mark(dst.source_identity, dst.source_ep_id)
                 elif dst is None and getattr(resolver, "required", False):
                     raise ValueError("not redirected by the datapath")
             except ValueError:  # never forward a connection without the identity it must carry
@@ -144,17 +158,24 @@ class ClientConnection(asyncio.Protocol):
             return
         if self._cur is None and self._timer_kind == "idle":
             self._arm("header")  # a request has started: it gets header_timeout, not idle_timeout
+        queue = self.queue
+        queued = len(queue)
         try:
             self.reader.receive_data(data)
-            self._pump()
         except RemoteProtocolError as e:
+            while len(queue) > queued:  # a chunk with an error is refused whole: nothing in it is served
+                queue.pop()
             self._refuse(e)
+        if queue and not self.busy:  # served once the whole chunk is read
+            self._serve_queued()
 
     def eof_received(self) -> bool:
         try:
             self.reader.receive_data(b"")
-            self._pump()
+            closed = self.reader.next_event() is ConnectionClosed
         except RemoteProtocolError:
+            closed = True
+        if closed:
             self.closing = True
             if not self.busy:
                 self.transport.close()
@@ -172,36 +193,27 @@ class ClientConnection(asyncio.Protocol):
         if not self.transport.is_closing():
             self.transport.write(data)
 
-    # -- reading --
+    # -- reading: the request reader's sink --
 
-    def _pump(self) -> None:
-        reader = self.reader
-        while True:
-            ev = reader.next_event()
-            if isinstance(ev, Data):
-                self._body.append(ev.data)
-            elif ev is EndOfMessage:
-                body = b"".join(self._body) if self._body else b""
-                self.queue.append((self._cur, body))
-                self._cur, self._body = None, []
-                if not self.busy:
-                    self.busy = True
-                    self.proxy.loop.create_task(self._serve())
-                if len(self.queue) >= self.proxy.options.max_pipelined and not self._paused:
-                    self._paused = True
-                    self.transport.pause_reading()
-            elif isinstance(ev, Request):
-                self._cur = ev
-                self._cancel_timer()
-                if ev.expect_continue:
-                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            elif ev is ConnectionClosed:
-                self.closing = True
-                if not self.busy:
-                    self.transport.close()
-                return
-            else:  # NEED_DATA
-                return
+    def head(self, req: Request) -> None:
+        self._cur = req
+        self._timer_kind = ""  # the head is in: no header timeout any more
+        if req.expect_continue:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def data(self, data: bytes) -> None:
+        self._body.append(data)
+
+    def end(self) -> None:
+        parts = self._body
+        if parts:
+            self._body = []
+        queue = self.queue
+        queue.append((self._cur, b"".join(parts) if parts else b""))
+        self._cur = None
+        if len(queue) >= self.proxy.options.max_pipelined and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
 
     def _refuse(self, e: RemoteProtocolError) -> None:
         """A malformed or oversized request: answer its status (unless a response is due first) and close."""
@@ -244,31 +256,178 @@ class ClientConnection(asyncio.Protocol):
         self.transport.close()
 
     # -- serving --
+    # One request at a time, in order: `busy` from `Proxy.serve` until the path serving it calls `done`.
 
-    async def _serve(self) -> None:
+    def _serve_queued(self) -> None:
+        """Serve queued requests while each one completes at once (local answers); the first that waits
+        for a backend leaves the connection busy, and its `done` comes back here."""
+        if self._serving:  # `done` from inside `Proxy.serve`: the loop below carries on
+            return
+        self._serving = True
         try:
-            while self.queue and not self.transport.is_closing():
+            while self.queue and not self.busy and not self.transport.is_closing():
                 head, body = self.queue.popleft()
                 if self._paused and len(self.queue) < self.proxy.options.max_pipelined:
                     self._paused = False
                     self.transport.resume_reading()
-                keep = await self.proxy.handle(self, head, body)
-                if not keep:
-                    self.closing = True
-                    self.queue.clear()
-                    self.transport.close()
-                    return
-        except Exception as e:  # a bug: never leave the client hanging, never kill the worker
-            print(f"l7: internal error serving {self.peer}: {type(e).__name__}: {e}", file=sys.stderr)
-            self.closing = True
-            self.transport.close()
+                self.busy = True
+                self.proxy.serve(self, head, body)
+        except Exception as e:
+            self.internal_error(e)
             return
         finally:
-            self.busy = False
-        if self.closing:
+            self._serving = False
+        if not self.busy:
+            if self.closing:
+                self.transport.close()
+            elif self._cur is None:
+                self._arm("idle")
+
+    def done(self, keep: bool) -> None:
+        """The request being served is answered; ``keep``: the connection stays open for more."""
+        self.busy = False
+        if not keep:
+            self.closing = True
+            self.queue.clear()
             self.transport.close()
-        elif self._cur is None:
-            self._arm("idle")
+        elif not self._serving:
+            self._serve_queued()
+
+    def internal_error(self, e: Exception) -> None:
+        """A bug: never leave the client hanging, never kill the worker."""
+        print(f"l7: internal error serving {self.peer}: {type(e).__name__}: {e}", file=sys.stderr)
+        self.busy = False
+        self.closing = True
+        self.queue.clear()
+        self.transport.close()
+
+
+def response_head(resp: Response, d: RouteDecision, head: Request, keep: bool) -> tuple[bytes, bool, bool, bool]:
+    """The head of the response the client gets for ``resp``: (head bytes, whether the body is re-framed
+    as chunked, whether it has no body, whether the client connection stays open). The head goes out
+    with the first body bytes (usually the whole body): one send, not two."""
+    if d.response_headers:
+        edited = d.response_headers.apply([(k, v) for k, v in resp.headers if k not in HOP_BY_HOP])
+        lines = [f"{k}: {v}\r\n" for k, v in edited]
+    else:
+        lines = [f"{k}: {v}\r\n" for k, v in resp.headers if k not in HOP_BY_HOP]
+    status = resp.status
+    no_body = head.method == "HEAD" or status in NO_BODY_STATUS
+    chunked = False
+    if resp.content_length is not None and status not in NO_BODY_STATUS:
+        lines.append(f"content-length: {resp.content_length}\r\n")
+    elif not no_body:
+        if head.http_version == "1.1":
+            chunked = True
+            lines.append("transfer-encoding: chunked\r\n")
+        else:
+            keep = False  # HTTP/1.0 client: the body ends when we close
+    if not keep:
+        lines.append("connection: close\r\n")
+    elif head.http_version == "1.0":
+        lines.append("connection: keep-alive\r\n")
+    text = f"HTTP/1.1 {status} {resp.reason or REASONS.get(status, '')}\r\n{''.join(lines)}\r\n"
+    return text.encode("latin-1"), chunked, no_body, keep
+
+
+class Exchange:
+    """One fast-path request whose bytes are on an upstream connection. It is the sink of that
+    connection's response reader and streams the response to the client as it is parsed. Until a
+    response head is accepted, anything unusual hands the request to `Proxy._slow`: the events not
+    yet seen stay in the reader for it."""
+
+    __slots__ = ("proxy", "conn", "req", "body", "d", "dst_ip", "dst_port", "t0", "state", "backend", "pool", "up",
+                 "status", "pending", "chunked", "no_body", "keep")
+
+    def __init__(self, proxy: Proxy, conn: ClientConnection, req: Request, body: bytes, d: RouteDecision,
+                 dst_ip: str, dst_port: int, t0: int, state: ClusterState, backend: Backend, pool: BackendPool,
+                 up: UpstreamConnection) -> None:
+        self.proxy, self.conn, self.req, self.body, self.d = proxy, conn, req, body, d
+        self.dst_ip, self.dst_port, self.t0 = dst_ip, dst_port, t0
+        self.state, self.backend, self.pool = state, backend, pool
+        self.up: UpstreamConnection | None = up  # None once given back (released, discarded, handed over)
+        self.status = 0  # non-zero once the response head is accepted
+        self.pending = b""  # bytes held back to go out with the next ones
+        self.chunked = self.no_body = self.keep = False
+        up.reader.sink = self
+        up.on_broken = self.broken
+
+    # -- the response reader's sink --
+
+    def head(self, resp: Response) -> None:
+        try:
+            status = resp.status
+            retries = self.d.retries
+            if status < 200 or (retries.attempts and should_retry(retries, status)):
+                self._hand_over(resp)
+                return
+            self.state.finished(self.backend, status)
+            keep = self.req.keep_alive and not self.conn.closing
+            self.pending, self.chunked, self.no_body, self.keep = response_head(resp, self.d, self.req, keep)
+            self.status = status
+        except Exception as e:
+            self._bug(e)
+
+    def data(self, data: bytes) -> None:
+        if self.no_body:
+            return
+        if self.chunked:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        if self.pending:
+            data, self.pending = self.pending + data, b""
+        self.conn.write(data)
+
+    def end(self) -> None:
+        try:
+            up = self._give_up()
+            if self.chunked:
+                self.pending += b"0\r\n\r\n"
+            if self.pending:
+                self.conn.write(self.pending)
+            self.pool.release(up)
+            self._done(self.keep)
+        except Exception as e:
+            self._bug(e)
+
+    def broken(self) -> None:
+        """The connection closed or broke: the events before that have been pushed already."""
+        try:
+            if self.up is None:
+                return
+            if not self.status:
+                self._hand_over(None)  # the coroutine path reads the failure and may retry
+                return
+            self.pool.discard(self._give_up())  # the response is cut: the client must see the connection close
+            if self.pending:
+                self.conn.write(self.pending)
+            self._done(False)
+        except Exception as e:
+            self._bug(e)
+
+    # -- helpers --
+
+    def _give_up(self) -> UpstreamConnection:
+        """Stop reading the connection (before release: a waiter may get it at once)."""
+        up, self.up = self.up, None
+        up.reader.sink = None
+        up.on_broken = None
+        return up
+
+    def _done(self, keep: bool) -> None:
+        self.proxy._record(self.conn, self.req, self.d, self.status, self.backend, self.dst_ip, self.dst_port,
+                           time.perf_counter_ns() - self.t0)
+        self.conn.done(keep)
+
+    def _hand_over(self, resp: Response | None) -> None:
+        up = self._give_up()
+        p = self.proxy
+        p.loop.create_task(p._slow(self.conn, self.req, self.body, self.d, self.dst_ip, self.dst_port, self.t0,
+                                   (self.backend, (up, True, resp))))
+
+    def _bug(self, e: Exception) -> None:
+        if self.up is not None:
+            self.pool.discard(self._give_up())
+        self.conn.internal_error(e)
 
 
 class Proxy:
@@ -286,6 +445,7 @@ class Proxy:
         self.rng = rng or random.Random()
         self.clusters = ClusterStates(self.rng, self.loop.time)
         self.pools = Pools(self.loop, self._upstream_opened)
+        self.routes = RouteCache(self.rng)
         self._mirrors = 0
         self._opened_labels: dict[tuple[str, int], tuple[str, str, str, str]] = {}
         self._tick_handle = self.loop.call_later(options.flush_interval, self._tick)
@@ -328,50 +488,86 @@ class Proxy:
 
     # -- the request path --
 
-    async def handle(self, conn: ClientConnection, head: Request, body: bytes) -> bool:
-        """Serve one request; returns whether the client connection stays open."""
+    def serve(self, conn: ClientConnection, head: Request, body: bytes) -> None:
+        """Serve one request of ``conn`` (which is busy until this path calls ``conn.done``): on the fast
+        path when the request allows it, else in a `_slow` task."""
         t0 = time.perf_counter_ns()
-        keep = head.keep_alive and not conn.closing
         dst = conn.dst
-        if dst is not None:
-            d = route(self.config, head, (dst.ip, dst.port), self.rng)
-            dst_ip, dst_port = dst.ip, dst.port
-        else:
-            dst_ip, dst_port = parse_authority(head.host or "", conn.local[1])
-            d = route(self.config, head, (dst_ip, dst_port), self.rng)
-        if d.delay:
-            await asyncio.sleep(d.delay)
-        backend = None
+        d, dst_ip, dst_port = self.routes.lookup(self.config, head, None if dst is None else (dst.ip, dst.port),
+                                                 conn.local[1])
+        if d.delay or d.mirror is not None:
+            self.loop.create_task(self._slow(conn, head, body, d, dst_ip, dst_port, t0))
+            return
         if d.status:
-            status = d.status
-            conn.write(_local_response(status, d.reason, keep))
-        else:
-            if d.mirror is not None and self._mirrors < self.options.max_mirrors:
-                self._mirror(d, head, body, conn.mark)
-            status, backend, keep = await self._forward(conn, head, body, d, keep)
-        self._record(conn, head, d, status, backend, dst_ip, dst_port, time.perf_counter_ns() - t0)
-        return keep
+            keep = head.keep_alive and not conn.closing
+            conn.write(_local_response(d.status, d.reason, keep))
+            self._record(conn, head, d, d.status, None, dst_ip, dst_port, time.perf_counter_ns() - t0)
+            conn.done(keep)
+            return
+        if d.timeout or d.retries.per_try_timeout:
+            self.loop.create_task(self._slow(conn, head, body, d, dst_ip, dst_port, t0))
+            return
+        state = self.clusters.get(d.cluster)
+        backend = state.pick()
+        up = pool = None
+        if backend is not None:
+            if backend.address not in self._opened_labels:
+                self._opened_labels[backend.address] = ("unknown", backend.workload, d.service.fqdn, "none")
+            pool = self.pools.get(backend.address, d.cluster.policy.pool, conn.mark)
+            up = pool.try_acquire()
+        if up is None:  # no healthy backend (a 503 there), or a connection to open or wait for
+            self.loop.create_task(self._slow(conn, head, body, d, dst_ip, dst_port, t0, (backend, None)))
+            return
+        state.started(backend)
+        Exchange(self, conn, head, body, d, dst_ip, dst_port, t0, state, backend, pool, up)
+        up.send(self._request_bytes(head, body, d), head.method)
+
+    async def _slow(self, conn: ClientConnection, head: Request, body: bytes, d: RouteDecision, dst_ip: str,
+                    dst_port: int, t0: int, first: tuple | None = None) -> None:
+        """Serve one request with coroutines: fault delay, timeouts, retries, mirror, waiting for a
+        connection. ``first``: what the fast path did already, (backend picked for the first attempt,
+        None or (its connection, reused, response head read or None) when the request was sent)."""
+        try:
+            keep = head.keep_alive and not conn.closing
+            if d.delay:
+                await asyncio.sleep(d.delay)
+            backend = None
+            if d.status:
+                status = d.status
+                conn.write(_local_response(status, d.reason, keep))
+            else:
+                if d.mirror is not None and self._mirrors < self.options.max_mirrors:
+                    self._mirror(d, head, body, conn.mark)
+                status, backend, keep = await self._forward(conn, head, body, d, keep, first)
+            self._record(conn, head, d, status, backend, dst_ip, dst_port, time.perf_counter_ns() - t0)
+        except Exception as e:
+            conn.internal_error(e)
+            return
+        conn.done(keep)
 
     def _request_bytes(self, head: Request, body: bytes, d: RouteDecision, authority: str | None = None) -> bytes:
-        headers = [(k, v) for k, v in head.headers if k not in HOP_BY_HOP]
-        if d.request_headers:
-            headers = d.request_headers.apply(headers)
         authority = authority or d.authority
-        if authority:
-            headers = [(k, v) for k, v in headers if k != "host"]
-            headers.append(("host", authority))
-        lines = [f"{head.method} {d.path} HTTP/1.1\r\n"]
-        lines.extend(f"{k}: {v}\r\n" for k, v in headers)
-        if body or head.method in ("POST", "PUT", "PATCH"):
+        if d.request_headers or authority:
+            headers = [(k, v) for k, v in head.headers if k not in HOP_BY_HOP]
+            if d.request_headers:
+                headers = d.request_headers.apply(headers)
+            if authority:
+                headers = [(k, v) for k, v in headers if k != "host"]
+                headers.append(("host", authority))
+            lines = [f"{k}: {v}\r\n" for k, v in headers]
+        else:
+            lines = [f"{k}: {v}\r\n" for k, v in head.headers if k not in HOP_BY_HOP]
+        method = head.method
+        if body or method in ("POST", "PUT", "PATCH"):
             lines.append(f"content-length: {len(body)}\r\n")
-        lines.append("\r\n")
-        data = "".join(lines).encode("latin-1")
+        data = f"{method} {d.path} HTTP/1.1\r\n{''.join(lines)}\r\n".encode("latin-1")
         return data + body if body else data
 
     async def _forward(self, conn: ClientConnection, head: Request, body: bytes, d: RouteDecision,
-                       keep: bool) -> tuple[int, Backend | None, bool]:
+                       keep: bool, first: tuple | None = None) -> tuple[int, Backend | None, bool]:
         """Try the cluster's backends under the retry policy; stream the response that ends it.
-        Returns (status, backend that answered or None, keep the client connection)."""
+        Returns (status, backend that answered or None, keep the client connection). ``first``: as
+        for `_slow`."""
         loop = self.loop
         state = self.clusters.get(d.cluster)
         limits = d.cluster.policy.pool
@@ -382,7 +578,12 @@ class Proxy:
         status, reason = 503, "no healthy upstream"
         failure = ""
         for attempt in range(retries.attempts + 1):
-            backend = state.pick(tried)
+            sent = None
+            if first is not None:
+                backend, sent = first
+                first = None
+            else:
+                backend = state.pick(tried)
             if backend is None:
                 status, reason = 503, "no healthy upstream"
                 break
@@ -394,10 +595,11 @@ class Proxy:
                 per_try = loop.time() + retries.per_try_timeout
                 attempt_deadline = per_try if deadline is None else min(per_try, deadline)
             pool = self.pools.get(backend.address, limits, conn.mark)
-            state.started(backend)
+            if sent is None:
+                state.started(backend)
             try:
                 async with asyncio.timeout_at(attempt_deadline) if attempt_deadline else _NO_TIMEOUT:
-                    up, resp = await self._exchange(pool, data, head.method)
+                    up, resp = await self._exchange(pool, data, head.method, sent)
             except TimeoutError:  # _exchange has discarded the connection
                 state.finished(backend, failed=True)
                 if deadline is not None and loop.time() >= deadline:
@@ -425,14 +627,22 @@ class Proxy:
         conn.write(_local_response(status, reason or "upstream error", keep))
         return status, None, keep
 
-    async def _exchange(self, pool, data: bytes, method: str) -> tuple[UpstreamConnection, Response]:
+    async def _exchange(self, pool, data: bytes, method: str,
+                        sent: tuple | None = None) -> tuple[UpstreamConnection, Response]:
         """Send one request and read the response head; a stale reused connection is retried once on
-        a fresh one (the peer closed it while idle, before reading anything we sent)."""
+        a fresh one (the peer closed it while idle, before reading anything we sent). ``sent``: (the
+        connection, reused, the response head if read) when the fast path has sent the request."""
         for _ in range(2):
-            up, reused = await pool.acquire()
-            up.send(data, method)
+            resp = None
+            if sent is not None:
+                up, reused, resp = sent
+                sent = None
+            else:
+                up, reused = await pool.acquire()
+                up.send(data, method)
             try:
-                resp = await up.next_event()
+                if resp is None:
+                    resp = await up.next_event()
                 while isinstance(resp, Response) and 100 <= resp.status < 200:  # interim 1xx: not forwarded
                     if await up.next_event() is not EndOfMessage:
                         raise UpstreamError("reset", "bad interim response", True)
@@ -451,29 +661,8 @@ class Proxy:
     async def _respond(self, conn: ClientConnection, pool, up: UpstreamConnection, resp: Response,
                        d: RouteDecision, head: Request, keep: bool, deadline: float | None) -> bool:
         """Write the upstream response to the client, streaming the body; returns keep-alive."""
-        headers = [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP]
-        if d.response_headers:
-            headers = d.response_headers.apply(headers)
-        no_body = head.method == "HEAD" or resp.status in NO_BODY_STATUS
-        chunked = False
-        if resp.content_length is not None and resp.status not in NO_BODY_STATUS:
-            headers.append(("content-length", str(resp.content_length)))
-        elif not no_body:
-            if head.http_version == "1.1":
-                chunked = True
-                headers.append(("transfer-encoding", "chunked"))
-            else:
-                keep = False  # HTTP/1.0 client: the body ends when we close
-        if not keep:
-            headers.append(("connection", "close"))
-        elif head.http_version == "1.0":
-            headers.append(("connection", "keep-alive"))
-        lines = [f"HTTP/1.1 {resp.status} {resp.reason or REASONS.get(resp.status, '')}\r\n"]
-        lines.extend(f"{k}: {v}\r\n" for k, v in headers)
-        lines.append("\r\n")
+        pending, chunked, no_body, keep = response_head(resp, d, head, keep)
         write = conn.write
-        # The head goes out with the first body bytes (usually the whole body): one send, not two.
-        pending = "".join(lines).encode("latin-1")
         try:
             async with asyncio.timeout_at(deadline) if deadline else _NO_TIMEOUT:
                 while True:
@@ -530,13 +719,18 @@ class Proxy:
     def _record(self, conn: ClientConnection, head: Request, d: RouteDecision, status: int, backend: Backend | None,
                 dst_ip: str, dst_port: int, latency_ns: int) -> None:
         svc = d.service
-        fqdn = svc.fqdn if svc is not None else "unknown"
+        if svc is not None:
+            fqdn, service, namespace = svc.fqdn, svc.fqdn, svc.namespace
+        else:
+            fqdn, service, namespace = "unknown", "", ""
         src_workload = conn.dst.source_workload if conn.dst is not None else "unknown"
-        dst_workload = backend.workload if backend is not None else "unknown"
-        self.flows.add((time.time_ns(), latency_ns, head.method, head.target, status, conn.peer[0], conn.peer[1],
-                        dst_ip, dst_port, d.route_name, d.subset, svc.fqdn if svc is not None else "",
-                        svc.namespace if svc is not None else "",
-                        f"{backend.ip}:{backend.port}" if backend is not None else "", dst_workload, src_workload,
+        if backend is not None:
+            dst_workload, upstream = backend.workload, f"{backend.ip}:{backend.port}"
+        else:
+            dst_workload, upstream = "unknown", ""
+        peer = conn.peer
+        self.flows.add((time.time_ns(), latency_ns, head.method, head.target, status, peer[0], peer[1], dst_ip,
+                        dst_port, d.route_name, d.subset, service, namespace, upstream, dst_workload, src_workload,
                         "FORWARDED"))
         self.metrics.request((src_workload, dst_workload, fqdn, str(status), "none"), latency_ns / 1e6)
 

@@ -177,3 +177,74 @@ def test_fuzz_mutated_requests_only_raise_remote_errors(pos, junk):
             events(reader, data, b"")
         except RemoteProtocolError:
             pass
+
+
+class Sink:
+    def __init__(self):
+        self.got = []
+
+    def head(self, ev):
+        self.got.append(ev)
+
+    def data(self, data):
+        self.got.append(Data(data))
+
+    def end(self):
+        self.got.append(EndOfMessage)
+
+
+def _shape(evs):
+    return [(type(e).__name__, getattr(e, "data", None)) if isinstance(e, Request | Response | Data) else e
+            for e in evs]
+
+
+def test_a_sink_gets_the_events_the_queue_would_have():
+    raw = [b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nPOST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n",
+           b"abc\r\n0\r\n\r\n"]
+    sink = Sink()
+    reader = RequestReader(sink=sink)
+    for chunk in raw:
+        reader.receive_data(chunk)
+        assert reader.next_event() is NEED_DATA  # nothing queued
+    assert _shape(sink.got) == _shape(events(RequestReader(), *raw))
+    reader.receive_data(b"")
+    assert reader.next_event() is ConnectionClosed  # still queued
+
+
+def test_responses_to_a_sink_head_and_until_eof():
+    sink = Sink()
+    reader = ResponseReader(sink=sink)
+    reader.expect("HEAD")
+    reader.receive_data(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+    assert _shape(sink.got) == [("Response", None), EndOfMessage]
+    reader.expect("GET")
+    reader.receive_data(b"HTTP/1.1 200 OK\r\n\r\nab")
+    reader.receive_data(b"")
+    assert _shape(sink.got[2:]) == [("Response", None), ("Data", b"ab"), EndOfMessage]
+
+
+def test_clearing_the_sink_mid_message_queues_the_rest():
+    reader = ResponseReader()
+
+    class HandOver(Sink):
+        def head(self, ev):
+            super().head(ev)
+            reader.sink = None
+
+    sink = reader.sink = HandOver()
+    reader.expect("GET")
+    reader.receive_data(b"HTTP/1.1 503 Unavailable\r\nContent-Length: 2\r\n\r\nno")
+    assert _shape(sink.got) == [("Response", None)]
+    assert reader.next_event().data == b"no" and reader.next_event() is EndOfMessage
+
+
+def test_a_failing_sink_propagates_and_kills_the_reader():
+    class Boom(Sink):
+        def end(self):
+            raise KeyError("bug")
+
+    reader = RequestReader(sink=Boom())
+    with pytest.raises(KeyError):
+        reader.receive_data(b"GET / HTTP/1.1\r\n\r\n")
+    with pytest.raises(Exception):  # noqa: B017 - dead: any further use raises
+        reader.receive_data(b"GET / HTTP/1.1\r\n\r\n")
