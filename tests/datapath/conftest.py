@@ -196,3 +196,25 @@ def node_factory():
 @pytest.fixture(scope="module")
 def node(node_factory) -> Node:
     return node_factory()
+
+
+@pytest.fixture
+def tc_datapath():
+    """The TC policy programs (agent.datapath.loader.Datapath) loaded for BPF_PROG_TEST_RUN, with no
+    namespaces and nothing attached: the flow events they emit are collected in ``.events``, and the
+    pins live in a bpffs directory of their own, removed at the end (also when the test fails)."""
+    from agent.datapath import maps
+    from agent.datapath.loader import Datapath
+
+    datapath = Datapath(f"/sys/fs/bpf/meshagent-test/prog-{uuid.uuid4().hex[:6]}",
+                        {"CT_MAP_SIZE": 1024, "POLICY_MAP_SIZE": 1024, "IPCACHE_MAP_SIZE": 1024})
+    try:
+        datapath.load()
+        events: list[maps.FlowEventC] = []
+        datapath.open_events(lambda ev: events.append(maps.FlowEventC.from_buffer_copy(bytes(ev))))
+        datapath.events = events
+        yield datapath
+    finally:
+        shutil.rmtree(datapath.bpffs_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.rmdir("/sys/fs/bpf/meshagent-test")

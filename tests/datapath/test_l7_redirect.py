@@ -1,6 +1,6 @@
 """Redirection of L7 services to the node's L7 processor, on the real kernel.
 
-Topology, all in namespaces this module creates and deletes:
+Topology (tests/datapath/topology.py), all in namespaces this module creates and deletes:
 
     node netns  l7n-<tag>: the router IP on lo (where the processor listens), one veth per endpoint
                 (routes /32 + permanent neighbours, as agent/endpoint.py plumbs them), IP forwarding,
@@ -24,9 +24,6 @@ import contextlib
 import ctypes as ct
 import json
 import os
-import select
-import shutil
-import signal
 import subprocess
 import sys
 import uuid
@@ -37,6 +34,7 @@ from agent.datapath import maps
 from agent.datapath.loader import Datapath
 from agent.datapath.redirect import CGROUP_ROOT, LB_F_L7, RedirectDatapath, netns_cookie
 from agent.policy.types import EGRESS, INGRESS, Action, Enforcement, PolicyEntry, PolicyKey
+from tests.datapath.topology import Topology, remove_redirect_pins, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TAG = uuid.uuid4().hex[:6]
@@ -47,7 +45,6 @@ EPS = {  # short name -> (netns, ip, ep_id, identity)
     "d": (f"l7d-{TAG}", "10.244.9.22", 4, 1004),
     "b": (f"l7b-{TAG}", "10.244.9.11", 5, 2001),
 }
-GATEWAY = "169.254.1.1"
 L7_VIP, L4_VIP, PORT, BACKEND_PORT = "10.96.9.10", "10.96.9.20", 80, 8080
 PIN_DIR = f"/sys/fs/bpf/meshagent-test/l7-{TAG}"
 MAP_SIZES = {"CT_MAP_SIZE": 4096, "POLICY_MAP_SIZE": 1024, "IPCACHE_MAP_SIZE": 1024}
@@ -123,34 +120,6 @@ print(json.dumps(out))
 """
 
 
-def _run(*args: str) -> str:
-    proc = subprocess.run(list(args), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)}: {proc.stderr.strip()}")
-    return proc.stdout
-
-
-def _plumb(i: int, netns: str, ip: str) -> str:
-    """One endpoint as agent/endpoint.py lays it out, inside the test's node namespace."""
-    host, host_mac, ep_mac = f"l7{TAG}{i}", f"0a:00:00:09:{i:02x}:01", f"0a:00:00:09:{i:02x}:02"
-    _run("ip", "netns", "add", netns)
-    # No IPv6 inside (as agent/endpoint.py does): router solicitations would only show up as drops.
-    _run("nsenter", f"--net=/run/netns/{netns}", "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
-         "net.ipv6.conf.default.disable_ipv6=1")
-    _run("ip", "-n", NODE, "link", "add", host, "address", host_mac, "type", "veth",
-         "peer", "name", "eth0", "address", ep_mac, "netns", netns)
-    _run("ip", "-n", NODE, "link", "set", host, "up")
-    _run("ip", "-n", NODE, "route", "replace", f"{ip}/32", "dev", host, "scope", "link")
-    _run("ip", "-n", NODE, "neigh", "replace", ip, "lladdr", ep_mac, "dev", host, "nud", "permanent")
-    _run("ip", "-n", netns, "link", "set", "lo", "up")
-    _run("ip", "-n", netns, "addr", "add", f"{ip}/32", "dev", "eth0")
-    _run("ip", "-n", netns, "link", "set", "eth0", "up")
-    _run("ip", "-n", netns, "route", "replace", f"{GATEWAY}/32", "dev", "eth0", "scope", "link")
-    _run("ip", "-n", netns, "route", "replace", "default", "via", GATEWAY, "dev", "eth0")
-    _run("ip", "-n", netns, "neigh", "replace", GATEWAY, "lladdr", host_mac, "dev", "eth0", "nud", "permanent")
-    return host
-
-
 @contextlib.contextmanager
 def in_netns(path: str):
     """Run the block with this thread in another network namespace (netlink sockets made inside
@@ -177,9 +146,9 @@ def _policy(dp: Datapath, ep_id: int, direction: int, identity: int, port: int, 
         key, PolicyEntry(Action.ALLOW, False, rule_id))
 
 
-class Topology:
-    def __init__(self):
-        self.procs: list[subprocess.Popen] = []
+class L7Topology(Topology):
+    def __init__(self) -> None:
+        super().__init__(f"l7{TAG}", NODE, ROUTER_IP, ipv6=False)
         self.dp: Datapath | None = None
         self.redirect: RedirectDatapath | None = None
         self.proxy: subprocess.Popen | None = None
@@ -187,12 +156,8 @@ class Topology:
         self.prog_ids: set[int] = set()
 
     def setup(self) -> None:
-        _run("ip", "netns", "add", NODE)
-        _run("ip", "-n", NODE, "link", "set", "lo", "up")
-        _run("ip", "-n", NODE, "addr", "add", f"{ROUTER_IP}/32", "dev", "lo")
-        _run("nsenter", f"--net=/run/netns/{NODE}", "sysctl", "-qw", "net.ipv4.ip_forward=1",
-             "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
-        hosts = {name: _plumb(i, netns, ip) for i, (name, (netns, ip, _, _)) in enumerate(EPS.items(), start=1)}
+        self.setup_node()
+        hosts = {name: self.add_endpoint(name, netns, ip) for name, (netns, ip, _, _) in EPS.items()}
 
         # The TC policy programs on the host-side veths, endpoint table, ipcache, policy.
         self.dp = Datapath(PIN_DIR, MAP_SIZES)
@@ -204,7 +169,7 @@ class Topology:
         enforcement = {"c": (open_, deny(31)), "d": (open_, open_), "b": (deny(51), open_)}
         with in_netns(f"/run/netns/{NODE}"):
             for name, (_, ip, ep_id, identity) in EPS.items():
-                ifindex = json.loads(_run("ip", "-j", "link", "show", "dev", hosts[name]))[0]["ifindex"]
+                ifindex = json.loads(run("ip", "-j", "link", "show", "dev", hosts[name]))[0]["ifindex"]
                 self.dp.write_endpoint(ifindex, maps.endpoint_info_to_c(ip, identity, ep_id, *enforcement[name]))
                 ipcache[maps.ipcache_key_to_c(f"{ip}/32")] = maps.IpcacheEntryC(identity=identity)
                 self.dp.attach(ifindex)
@@ -225,23 +190,10 @@ class Topology:
                                     flags={(L7_VIP, PORT, "tcp"): LB_F_L7})
         self.redirect.set_proxy(ROUTER_IP, PROXY_PORT)
 
-        self.spawn(["ip", "netns", "exec", EPS["b"][0], sys.executable, "-c", BACKEND, "b", str(BACKEND_PORT)])
+        self.spawn_ready("b", [sys.executable, "-c", BACKEND, "b", str(BACKEND_PORT)])
         # nsenter --net only: the processor must see the host's bpffs (KERNEL-NOTES).
-        self.proxy = self.spawn(["nsenter", f"--net=/run/netns/{NODE}", sys.executable, "-c", PROXY, PIN_DIR,
-                                 ROUTER_IP, str(PROXY_PORT), EPS["b"][1], str(BACKEND_PORT), REPO])
-
-    def spawn(self, cmd: list[str]) -> subprocess.Popen:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        self.procs.append(proc)
-        line = self.readline(proc, 20)
-        assert line == "ready", f"{cmd[-1]}: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}"
-        return proc
-
-    @staticmethod
-    def readline(proc: subprocess.Popen, timeout: float) -> str | None:
-        ready, _, _ = select.select([proc.stdout], [], [], timeout)
-        return proc.stdout.readline().strip() if ready else None
+        self.proxy = self.spawn_ready("node", [sys.executable, "-c", PROXY, PIN_DIR, ROUTER_IP, str(PROXY_PORT),
+                                               EPS["b"][1], str(BACKEND_PORT), REPO], nsenter=True)
 
     def proxy_report(self, timeout: float = 5.0) -> dict:
         line = self.readline(self.proxy, timeout)
@@ -249,7 +201,7 @@ class Topology:
         return json.loads(line)
 
     def client(self, ep: str, host: str, port: int, family: str = "4", timeout: float = 3.0) -> dict:
-        proc = subprocess.run(["ip", "netns", "exec", EPS[ep][0], sys.executable, "-c", CLIENT, family, host,
+        proc = subprocess.run(["ip", "netns", "exec", self.netns_of(ep), sys.executable, "-c", CLIENT, family, host,
                                str(port), str(timeout)], capture_output=True, text=True, timeout=30)
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
@@ -260,35 +212,17 @@ class Topology:
         return out
 
     def cleanup(self) -> None:
-        for proc in self.procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(Exception):
-                proc.wait(5)
-        with contextlib.suppress(Exception):
-            RedirectDatapath(PIN_DIR).detach()
-        shutil.rmtree(PIN_DIR, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            os.rmdir("/sys/fs/bpf/meshagent-test")
-        for netns, *_ in EPS.values():
-            subprocess.run(["ip", "netns", "del", netns], capture_output=True)
-        subprocess.run(["ip", "netns", "del", NODE], capture_output=True)
-
-
-def _terminated(signum, frame):
-    raise SystemExit(f"terminated by signal {signum}")
+        try:
+            super().cleanup()
+        finally:
+            remove_redirect_pins(PIN_DIR)
 
 
 @pytest.fixture(scope="module")
 def topo():
-    t = Topology()
-    previous = signal.signal(signal.SIGTERM, _terminated)
-    try:
-        t.setup()
+    t = L7Topology()
+    with t.session():
         yield t
-    finally:
-        t.cleanup()
-        signal.signal(signal.SIGTERM, previous)
     shown = subprocess.run(["bpftool", "-j", "cgroup", "show", CGROUP_ROOT], capture_output=True, text=True,
                            check=True).stdout
     still = {p["id"] for p in json.loads(shown.strip() or "[]")} & t.prog_ids

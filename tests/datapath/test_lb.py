@@ -1,6 +1,6 @@
 """Connect-time load balancing on the real kernel (bpf/redirect.c through RedirectDatapath).
 
-Topology, all in namespaces this module creates and deletes:
+Topology (tests/datapath/topology.py), all in namespaces this module creates and deletes:
 
     node netns  lbn-<tag>: one veth per endpoint (routes /32 + permanent neighbours, as
                 agent/endpoint.py plumbs them), IP forwarding, no route to the service VIPs
@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import uuid
 import pytest
 
 from agent.datapath.redirect import CGROUP_ROOT, RedirectDatapath, netns_cookie
+from tests.datapath.topology import Topology, remove_redirect_pins
 
 TAG = uuid.uuid4().hex[:6]
 NODE = f"lbn-{TAG}"
@@ -36,7 +36,6 @@ EPS = {  # short name -> (netns, ip)
     "c": (f"lbc-{TAG}", "10.244.7.21"),
     "u": (f"lbu-{TAG}", "10.244.7.22"),
 }
-GATEWAY = "169.254.1.1"
 VIP, PORT, UDP_PORT = "10.96.0.10", 80, 53
 TCP_SVC = (VIP, PORT, "tcp")
 UDP_SVC = (VIP, UDP_PORT, "udp")
@@ -101,46 +100,18 @@ print(json.dumps({"counts": counts, "peers": sorted(peers), "errors": errors}))
 """
 
 
-def _run(*args: str) -> None:
-    proc = subprocess.run(list(args), capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)}: {proc.stderr.strip()}")
-
-
-def _plumb(i: int, netns: str, ip: str) -> None:
-    """One endpoint as agent/endpoint.py lays it out, inside the test's node namespace."""
-    host, host_mac, ep_mac = f"lb{TAG}{i}", f"0a:00:00:00:{i:02x}:01", f"0a:00:00:00:{i:02x}:02"
-    _run("ip", "netns", "add", netns)
-    _run("ip", "-n", NODE, "link", "add", host, "address", host_mac, "type", "veth",
-         "peer", "name", "eth0", "address", ep_mac, "netns", netns)
-    _run("ip", "-n", NODE, "link", "set", host, "up")
-    _run("ip", "-n", NODE, "route", "replace", f"{ip}/32", "dev", host, "scope", "link")
-    _run("ip", "-n", NODE, "neigh", "replace", ip, "lladdr", ep_mac, "dev", host, "nud", "permanent")
-    _run("ip", "-n", netns, "link", "set", "lo", "up")
-    _run("ip", "-n", netns, "addr", "add", f"{ip}/32", "dev", "eth0")
-    _run("ip", "-n", netns, "link", "set", "eth0", "up")
-    _run("ip", "-n", netns, "route", "replace", f"{GATEWAY}/32", "dev", "eth0", "scope", "link")
-    _run("ip", "-n", netns, "route", "replace", "default", "via", GATEWAY, "dev", "eth0")
-    _run("ip", "-n", netns, "neigh", "replace", GATEWAY, "lladdr", host_mac, "dev", "eth0", "nud", "permanent")
-
-
-class Topology:
-    def __init__(self):
-        self.procs: list[subprocess.Popen] = []
+class LbTopology(Topology):
+    def __init__(self) -> None:
+        super().__init__(f"lb{TAG}", NODE)
         self.dp: RedirectDatapath | None = None
         self.cookies: dict[str, int] = {}
 
     def setup(self) -> None:
-        _run("ip", "netns", "add", NODE)
-        _run("ip", "-n", NODE, "link", "set", "lo", "up")
-        _run("nsenter", f"--net=/run/netns/{NODE}", "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        for i, (netns, ip) in enumerate(EPS.values(), start=1):
-            _plumb(i, netns, ip)
+        self.setup_node()
+        for name, (netns, ip) in EPS.items():
+            self.add_endpoint(name, netns, ip)
         for name in ("b1", "b2"):
-            proc = subprocess.Popen(["ip", "netns", "exec", EPS[name][0], sys.executable, "-c", SERVER, name],
-                                    stdout=subprocess.PIPE, text=True, start_new_session=True)
-            self.procs.append(proc)
-            assert proc.stdout.readline().strip() == "ready"
+            self.spawn_ready(name, [sys.executable, "-c", SERVER, name])
         self.dp = RedirectDatapath(PIN_DIR, {"LB_BACKEND_MAP_SIZE": 1024, "LB_REVNAT_MAP_SIZE": 4096,
                                              "LB_SERVICE_MAP_SIZE": 64, "ENDPOINT_NETNS_MAP_SIZE": 64})
         self.dp.load()
@@ -149,41 +120,19 @@ class Topology:
         self.dp.set_endpoint_netns(self.cookies["c"], ep_id=3, identity=1003)
 
     def cleanup(self) -> None:
-        for proc in self.procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(Exception):
-                proc.wait(5)
-        with contextlib.suppress(Exception):
-            RedirectDatapath(PIN_DIR).detach()  # found by the pinned map: also a restarted copy
-        shutil.rmtree(PIN_DIR, ignore_errors=True)
-        with contextlib.suppress(Exception):
-            RedirectDatapath(f"{PIN_DIR}-other").detach()
-        shutil.rmtree(f"{PIN_DIR}-other", ignore_errors=True)
-        with contextlib.suppress(OSError):
-            os.rmdir("/sys/fs/bpf/meshagent-test")
-        for netns, _ in EPS.values():
-            subprocess.run(["ip", "netns", "del", netns], capture_output=True)
-        subprocess.run(["ip", "netns", "del", NODE], capture_output=True)
-        with contextlib.suppress(OSError):
-            os.rmdir(TEST_CGROUP)
-
-
-def _terminated(signum, frame):
-    raise SystemExit(f"terminated by signal {signum}")
+        try:
+            super().cleanup()
+        finally:
+            remove_redirect_pins(f"{PIN_DIR}-other")
+            remove_redirect_pins(PIN_DIR)  # found by the pinned map: also a restarted copy
+            with contextlib.suppress(OSError):
+                os.rmdir(TEST_CGROUP)
 
 
 @pytest.fixture(scope="module")
 def topo():
-    t = Topology()
-    # A SIGTERM (a CI timeout) still runs the cleanup below: nothing of ours may stay attached.
-    previous = signal.signal(signal.SIGTERM, _terminated)
-    try:
-        t.setup()
+    with LbTopology().session() as t:
         yield t
-    finally:
-        t.cleanup()
-        signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture

@@ -6,14 +6,11 @@ the pins live in a temporary bpffs directory removed at the end."""
 from __future__ import annotations
 
 import ctypes as ct
-import shutil
-import uuid
 
 import pytest
 from scapy.all import IP, TCP, UDP, Ether
 
 from agent.datapath import maps
-from agent.datapath.loader import Datapath
 from agent.datapath.testrun import run_skb
 from agent.policy.types import EGRESS, INGRESS, Action, Enforcement, PolicyEntry, PolicyKey
 from userspace_l7 import origdst
@@ -25,19 +22,10 @@ EP_ID, EP_IDENTITY, PEER_IDENTITY = 7, 1000, 2000
 
 
 @pytest.fixture
-def dp():
-    datapath = Datapath(f"/sys/fs/bpf/meshagent-test/prog-{uuid.uuid4().hex[:6]}",
-                        {"CT_MAP_SIZE": 1024, "POLICY_MAP_SIZE": 1024, "IPCACHE_MAP_SIZE": 1024})
-    try:
-        datapath.load()
-        events: list[maps.FlowEventC] = []
-        datapath.open_events(lambda ev: events.append(maps.FlowEventC.from_buffer_copy(bytes(ev))))
-        datapath.events = events
-        ipcache = datapath.table("ipcache")
-        ipcache[maps.ipcache_key_to_c(f"{PEER_IP}/32")] = maps.IpcacheEntryC(identity=PEER_IDENTITY)
-        yield datapath
-    finally:
-        shutil.rmtree(datapath.bpffs_dir, ignore_errors=True)
+def dp(tc_datapath):
+    """The TC programs (conftest.py) with the peer in the ipcache."""
+    tc_datapath.table("ipcache")[maps.ipcache_key_to_c(f"{PEER_IP}/32")] = maps.IpcacheEntryC(identity=PEER_IDENTITY)
+    return tc_datapath
 
 
 OPEN = Enforcement(False)

@@ -33,20 +33,12 @@ CT_F_REDIRECT, CT_F_PROXY_ID = 0x20, 0x40
 
 
 @pytest.fixture
-def dp():
-    datapath = Datapath(f"/sys/fs/bpf/meshagent-test/progr-{uuid.uuid4().hex[:6]}",
-                        {"CT_MAP_SIZE": 1024, "POLICY_MAP_SIZE": 1024, "IPCACHE_MAP_SIZE": 1024})
-    try:
-        datapath.load()
-        events: list[maps.FlowEventC] = []
-        datapath.open_events(lambda ev: events.append(maps.FlowEventC.from_buffer_copy(bytes(ev))))
-        datapath.events = events
-        ipcache = datapath.table("ipcache")
-        for ip, identity in ((PEER_IP, PEER_IDENTITY), (HOST_IP, IDENTITY_HOST), (ROUTER_IP, IDENTITY_HOST)):
-            ipcache[maps.ipcache_key_to_c(f"{ip}/32")] = maps.IpcacheEntryC(identity=identity)
-        yield datapath
-    finally:
-        shutil.rmtree(datapath.bpffs_dir, ignore_errors=True)
+def dp(tc_datapath):
+    """The TC programs (conftest.py) with the peer, the host and the router in the ipcache."""
+    ipcache = tc_datapath.table("ipcache")
+    for ip, identity in ((PEER_IP, PEER_IDENTITY), (HOST_IP, IDENTITY_HOST), (ROUTER_IP, IDENTITY_HOST)):
+        ipcache[maps.ipcache_key_to_c(f"{ip}/32")] = maps.IpcacheEntryC(identity=identity)
+    return tc_datapath
 
 
 def set_endpoint(dp, ingress: Enforcement, egress: Enforcement) -> None:

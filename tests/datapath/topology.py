@@ -1,20 +1,29 @@
 """Namespaces laid out as agent/endpoint.py plumbs them, without an agent: for tests that drive one
-datapath object directly (RedirectDatapath). Everything made here is listed and removed by
+datapath object directly (Datapath, RedirectDatapath). Everything made here is listed and removed by
 `Topology.cleanup()`, which also kills the processes started with `Topology.spawn()` by PID.
 
     node netns   IP forwarding, the router IP on lo, one veth per endpoint with a /32 route and a
                  permanent neighbour entry
     endpoints    eth0 with the endpoint's /32, default route via 169.254.1.1 (the host-side veth)
+
+A subclass lays out its test's topology in `setup()`; `with topo.session():` runs it, and runs
+`cleanup()` afterwards, also when setup or a test fails and when the run gets a SIGTERM.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
+import shutil
 import signal
 import subprocess
+from collections.abc import Iterator
+
+from agent.datapath.redirect import RedirectDatapath
 
 GATEWAY = "169.254.1.1"
+PIN_ROOT = "/sys/fs/bpf/meshagent-test"
 
 
 def run(*args: str) -> str:
@@ -24,24 +33,48 @@ def run(*args: str) -> str:
     return proc.stdout
 
 
+def remove_redirect_pins(pin_dir: str) -> None:
+    """Detach the socket programs found through the maps pinned in ``pin_dir`` (so also those of a
+    restarted copy), then delete the pins, and the pin root once it is empty. Never raises."""
+    with contextlib.suppress(Exception):
+        RedirectDatapath(pin_dir).detach()
+    shutil.rmtree(pin_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.rmdir(PIN_ROOT)
+
+
+def _terminated(signum, frame):
+    raise SystemExit(f"terminated by signal {signum}")
+
+
 class Topology:
-    def __init__(self, tag: str, node: str, router_ip: str | None = None) -> None:
-        self.tag, self.node, self.router_ip = tag, node, router_ip
+    def __init__(self, tag: str, node: str, router_ip: str | None = None, ipv6: bool = True) -> None:
+        """``ipv6=False`` turns IPv6 off in every namespace (as agent/endpoint.py does in endpoints), so
+        router solicitations do not show up in the datapath."""
+        self.tag, self.node, self.router_ip, self.ipv6 = tag, node, router_ip, ipv6
         self.endpoints: dict[str, tuple[str, str]] = {}  # name -> (netns, ip)
+        self.host_ifs: dict[str, str] = {}  # name -> its host-side veth in the node netns
         self.procs: list[subprocess.Popen] = []
+
+    def _no_ipv6(self) -> list[str]:
+        return [] if self.ipv6 else ["net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]
 
     def setup_node(self) -> None:
         run("ip", "netns", "add", self.node)
         run("ip", "-n", self.node, "link", "set", "lo", "up")
-        run("ip", "netns", "exec", self.node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        run("ip", "netns", "exec", self.node, "sysctl", "-qw", "net.ipv4.ip_forward=1", *self._no_ipv6())
         if self.router_ip:
             run("ip", "-n", self.node, "addr", "add", f"{self.router_ip}/32", "dev", "lo")
 
-    def add_endpoint(self, name: str, netns: str, ip: str) -> None:
+    def add_endpoint(self, name: str, netns: str, ip: str) -> str:
+        """Plumb endpoint ``name``; returns its host-side veth's name."""
         i = len(self.endpoints) + 1
         host, host_mac, ep_mac = f"{self.tag}{i}", f"0a:00:00:00:{i:02x}:01", f"0a:00:00:00:{i:02x}:02"
         self.endpoints[name] = (netns, ip)
+        self.host_ifs[name] = host
         run("ip", "netns", "add", netns)
+        if not self.ipv6:
+            run("ip", "netns", "exec", netns, "sysctl", "-qw", *self._no_ipv6())
         run("ip", "-n", self.node, "link", "add", host, "address", host_mac, "type", "veth",
             "peer", "name", "eth0", "address", ep_mac, "netns", netns)
         run("ip", "-n", self.node, "link", "set", host, "up")
@@ -53,16 +86,53 @@ class Topology:
         run("ip", "-n", netns, "route", "replace", f"{GATEWAY}/32", "dev", "eth0", "scope", "link")
         run("ip", "-n", netns, "route", "replace", "default", "via", GATEWAY, "dev", "eth0")
         run("ip", "-n", netns, "neigh", "replace", GATEWAY, "lladdr", host_mac, "dev", "eth0", "nud", "permanent")
+        return host
 
     def netns_of(self, name: str) -> str:
         return self.node if name == "node" else self.endpoints[name][0]
 
-    def spawn(self, where: str, argv: list[str]) -> subprocess.Popen:
-        """Start ``argv`` inside endpoint ``where`` (or "node"), its stdout piped; killed in cleanup."""
-        proc = subprocess.Popen(["ip", "netns", "exec", self.netns_of(where), *argv], stdout=subprocess.PIPE,
-                                text=True, start_new_session=True)
+    def spawn(self, where: str, argv: list[str], *, nsenter: bool = False,
+              stderr: int | None = None) -> subprocess.Popen:
+        """Start ``argv`` inside endpoint ``where`` (or "node"), its stdout piped; killed in cleanup.
+
+        ``nsenter=True`` enters the network namespace only: ``ip netns exec`` mounts a /sys of the
+        namespace's own, which hides the host's bpffs (KERNEL-NOTES)."""
+        enter = (["nsenter", f"--net=/run/netns/{self.netns_of(where)}"] if nsenter
+                 else ["ip", "netns", "exec", self.netns_of(where)])
+        proc = subprocess.Popen([*enter, *argv], stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                start_new_session=True)
         self.procs.append(proc)
         return proc
+
+    def spawn_ready(self, where: str, argv: list[str], *, nsenter: bool = False,
+                    timeout: float = 20.0) -> subprocess.Popen:
+        """`spawn()`, then wait for the process's first line, which must be "ready"."""
+        proc = self.spawn(where, argv, nsenter=nsenter, stderr=subprocess.PIPE)
+        line = self.readline(proc, timeout)
+        assert line == "ready", f"{argv[-1]}: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}"
+        return proc
+
+    @staticmethod
+    def readline(proc: subprocess.Popen, timeout: float) -> str | None:
+        """The next line ``proc`` prints, stripped, or None if it prints none within ``timeout``."""
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        return proc.stdout.readline().strip() if ready else None
+
+    def setup(self) -> None:
+        """Lay out the test's topology: `setup_node()`, `add_endpoint()`, `spawn()`..."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Topology]:
+        """`setup()`, hand the topology over, `cleanup()`: also when setup or the block fails, and on a
+        SIGTERM (a CI timeout), so that nothing of ours stays attached."""
+        previous = signal.signal(signal.SIGTERM, _terminated)
+        try:
+            self.setup()
+            yield self
+        finally:
+            self.cleanup()
+            signal.signal(signal.SIGTERM, previous)
 
     def cleanup(self) -> None:
         for proc in self.procs:
