@@ -7,6 +7,8 @@ fast path off and on, in a shuffled order each round. The switch is the fastpath
 decides for connections established after it, and every measurement opens its own.
 
     rr 64 B      bench/rr.c TCP_RR, 64-byte request and response: p50/p99 latency and rate
+    pod rr 64 B  the same between two endpoints of one node, laid out as the agent lays them out
+                 (veths, /32 routes; bench/run.py plain_node): the path a mesh connection takes
     rr 64 KiB    the same with 64 KiB messages: bulk that answers, so it stays on the fast path
     iperf3       one-way stream: it falls back to TCP once FASTPATH_UNREAD_BUDGET bytes went
                  unanswered (the kernel's redirect has no flow control; lib/sockmap.h), so this
@@ -56,6 +58,7 @@ class FastpathBench:
         self.janitor, self.cpu, self.seconds = janitor, cpu, seconds
         tag = uuid.uuid4().hex[:6]
         self.netns = f"mabfp-{tag}"
+        self.node: base.Node | None = None
         self.pin_dir = str(base.BPFFS_DIR / f"fp-{tag}")
         self.dp: RedirectDatapath | None = None
 
@@ -74,19 +77,24 @@ class FastpathBench:
                           lambda: RedirectDatapath(self.pin_dir).detach())
         self.dp.attach()
         self.dp.set_endpoint_netns(netns_cookie(f"/run/netns/{self.netns}"), ep_id=1, identity=1001)
+        self.node = base.plain_node("none", self.janitor)  # the L4 part's "none" node, built afresh
+        for ep_id, ep in enumerate((self.node.a, self.node.b), start=2):
+            self.dp.set_endpoint_netns(netns_cookie(f"/run/netns/{ep.netns}"), ep_id=ep_id, identity=1000 + ep_id)
         rr = base.build_rr()
         base.spawn(self.janitor, "rr server (fast path)",
                    base.in_netns(self.netns, self.pinned([str(rr), "server", str(PORT_RR)])))
+        base.spawn(self.janitor, "rr server (fast path, endpoint b)",
+                   base.in_netns(self.node.b.netns, self.pinned([str(rr), "server", str(PORT_RR)])))
         base.spawn(self.janitor, "iperf3 server (fast path)",
                    base.in_netns(self.netns, self.pinned(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(PORT_IPERF)])))
         time.sleep(0.5)
 
     def set_mode(self, mode: str) -> None:
-        self.dp.set_fastpath(mode == "on")
+        self.dp.set_fastpath(mode == "on", pod_cidr=base.POD_CIDR)
 
-    def rr(self, size: int) -> dict[str, float]:
-        cmd = [str(base.RR_BIN), "client", "127.0.0.1", str(PORT_RR), str(self.seconds), str(size)]
-        out = base.run(base.in_netns(self.netns, self.pinned(cmd)), timeout=self.seconds + 30)
+    def rr(self, size: int, netns: str | None = None, host: str = "127.0.0.1") -> dict[str, float]:
+        cmd = [str(base.RR_BIN), "client", host, str(PORT_RR), str(self.seconds), str(size)]
+        out = base.run(base.in_netns(netns or self.netns, self.pinned(cmd)), timeout=self.seconds + 30)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     def iperf(self) -> float:
@@ -98,11 +106,13 @@ class FastpathBench:
         self.set_mode(mode)
         before = self.dp.fastpath_summary()["counters"]
         small, large = self.rr(64), self.rr(65536)
+        pod = self.rr(64, self.node.a.netns, self.node.b.ip)
         gbps = self.iperf()
         after = self.dp.fastpath_summary()["counters"]
         redirected = after["redirected"]["bytes"] - before["redirected"]["bytes"]
         return {"rr64_p50_us": small["p50_us"], "rr64_p99_us": small["p99_us"], "rr64_rate": small["rate"],
                 "rr64k_p50_us": large["p50_us"], "rr64k_rate": large["rate"], "iperf_gbps": gbps,
+                "pod_rr64_p50_us": pod["p50_us"], "pod_rr64_rate": pod["rate"],
                 "redirected_mib": redirected / (1 << 20)}
 
 
@@ -129,6 +139,7 @@ def run(rounds: int) -> dict[str, Any]:
                 "rr64_rate": got["on"]["rr64_rate"] / got["off"]["rr64_rate"],
                 "rr64k_rate": got["on"]["rr64k_rate"] / got["off"]["rr64k_rate"],
                 "iperf": got["on"]["iperf_gbps"] / got["off"]["iperf_gbps"],
+                "pod_rr64_p50": got["on"]["pod_rr64_p50_us"] / got["off"]["pod_rr64_p50_us"],
             })
             off, on = got["off"], got["on"]
             base.log(f"fastpath round {r + 1}: p50 {off['rr64_p50_us']:.1f} -> {on['rr64_p50_us']:.1f} us,"
@@ -167,6 +178,10 @@ def markdown(result: dict) -> str:
         f"{_fmt(r['rr64_rate'])} |",
         f"| rr 64 KiB transactions/s | {_fmt(s['off']['rr64k_rate'], 0)} | {_fmt(s['on']['rr64k_rate'], 0)} | "
         f"{_fmt(r['rr64k_rate'])} |",
+        f"| pod-to-pod rr 64 B p50 µs (veths) | {_fmt(s['off']['pod_rr64_p50_us'])} | "
+        f"{_fmt(s['on']['pod_rr64_p50_us'])} | {_fmt(r['pod_rr64_p50'])} |",
+        f"| pod-to-pod rr 64 B transactions/s | {_fmt(s['off']['pod_rr64_rate'], 0)} | "
+        f"{_fmt(s['on']['pod_rr64_rate'], 0)} | |",
         f"| iperf3 Gbit/s (falls back after 4 MiB) | {_fmt(s['off']['iperf_gbps'])} | {_fmt(s['on']['iperf_gbps'])} | "
         f"{_fmt(r['iperf'])} |",
         f"| MiB redirected per run | {_fmt(s['off']['redirected_mib'], 0)} | {_fmt(s['on']['redirected_mib'], 0)} | |",
