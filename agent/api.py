@@ -320,8 +320,8 @@ class Ops:
             local, remote = f"{lip}:{lport}", f"{rip}:{rport}"
             s = state.get((local, remote), {})
             items.append({"local": local, "remote": remote,
-                          "path": "tcp (fell back)" if s.get("fallback") else ("redirect" if s else "tcp (no state)"),
-                          "unanswered_bytes": s.get("unread", 0), "policy_revision": s.get("revision", "-")})
+                          "path": s.get("path", "tcp (no state)"),
+                          "policy_revision": s.get("revision", "-")})
         return {"items": items}
 
     def op_bpf_ipcache_list(self, args: dict) -> dict:

@@ -24,7 +24,14 @@ from agent import identity as ids
 from agent.config import ConfigError, NodeConfig, load
 from agent.datapath import clock, maps
 from agent.datapath.loader import PROGRAMS, Datapath, DatapathError
-from agent.datapath.redirect import CGROUP_ROOT, LB_F_L7, RedirectDatapath, current_netns_cookie, netns_cookie
+from agent.datapath.redirect import (
+    CGROUP_ROOT,
+    LB_F_L7,
+    RedirectDatapath,
+    current_netns_cookie,
+    fastpath_supported,
+    netns_cookie,
+)
 from agent.flows import EndpointRef, FlowBuffer, FlowContext, FlowCounters, decode_event, enrich_l7_flow
 from agent.identity import IdentityAllocator
 from agent.l7 import L7Supervisor, l7_config, l7_services, write_if_changed
@@ -112,8 +119,11 @@ class Agent:
         self.datapath.set_proxy(self.router_ip, self.cfg.l7_ports.outbound)
         self.redirect.set_proxy(self.router_ip, self.cfg.l7_ports.outbound)
         # The agent runs in the node's namespace, where the L7 processor listens too.
-        self.redirect.set_fastpath(self.cfg.socket_fastpath, node_netns=current_netns_cookie(),
-                                   pod_cidr=self.cfg.pod_cidr)
+        fastpath = self.cfg.socket_fastpath and fastpath_supported()
+        if self.cfg.socket_fastpath and not fastpath:
+            log.warning("socket fast path off: this kernel's BTF has no sk_psock.msg_tot_len, "
+                        "which bounds a receiver's queue")
+        self.redirect.set_fastpath(fastpath, node_netns=current_netns_cookie(), pod_cidr=self.cfg.pod_cidr)
         with self.lock:
             self._adopt_endpoints()
             self.reconcile()

@@ -259,6 +259,7 @@ static __always_inline void fastpath_add(struct bpf_sock_ops *skops)
 		return;
 	}
 	flow.revision = dp ? dp->policy_revision : 0;
+	flow.sk = (__u64)skops->sk; /* a kernel address as a number: needs CAP_PERFMON (the agent's root) */
 	if (fastpath_flows.update(&key, &flow) != 0)
 		return;
 	fastpath_socks.sock_hash_update(skops, &key, BPF_ANY);
@@ -283,11 +284,12 @@ int sock_ops(struct bpf_sock_ops *skops)
 }
 
 /**
- * fastpath_msg - sendmsg() on a socket of fastpath_socks: redirect to the peer, or fall back
+ * fastpath_msg - sendmsg() on a socket of fastpath_socks: redirect to the peer, or take TCP
  * @msg: the message (for a large write, one chunk of it: the kernel runs this per chunk)
  *
  * Always SK_PASS: with a target set by msg_redirect_hash the bytes go to the peer's receive queue,
- * without one they take the TCP path. (SK_DROP would fail the sendmsg() with EACCES.)
+ * without one they take the TCP path. (SK_DROP would fail the sendmsg() with EACCES.) When to
+ * switch between the two: lib/sockmap.h.
  */
 int fastpath_msg(struct sk_msg_md *msg)
 {
@@ -295,6 +297,7 @@ int fastpath_msg(struct sk_msg_md *msg)
 	struct fastpath_flow *flow, *peer_flow;
 	struct sock_key key = {}, peer = {};
 	__u32 size = msg->size;
+	__s64 queued;
 
 	key.local_ip = msg->local_ip4;
 	key.remote_ip = msg->remote_ip4;
@@ -307,18 +310,13 @@ int fastpath_msg(struct sk_msg_md *msg)
 		fastpath_count(FP_PASS_NO_STATE, size);
 		return SK_PASS;
 	}
-	if (flow->flags & FP_FLOW_FALLBACK) {
+	if (flow->flags & FP_FLOW_TCP_FOR_GOOD) {
 		fastpath_count(FP_PASS_FALLEN, size);
 		return SK_PASS;
 	}
 	if (dp && dp->policy_revision != flow->revision) {
-		flow->flags |= FP_FLOW_FALLBACK;
+		flow->flags |= FP_FLOW_TCP_FOR_GOOD;
 		fastpath_count(FP_PASS_POLICY, size);
-		return SK_PASS;
-	}
-	if (flow->unread + size > FASTPATH_UNREAD_BUDGET) {
-		flow->flags |= FP_FLOW_FALLBACK;
-		fastpath_count(FP_PASS_UNREAD, size);
 		return SK_PASS;
 	}
 	peer.local_ip = key.remote_ip;
@@ -326,17 +324,28 @@ int fastpath_msg(struct sk_msg_md *msg)
 	peer.local_port = key.remote_port;
 	peer.remote_port = key.local_port;
 	peer.netns = key.netns;
-	if (fastpath_socks.msg_redirect_hash(msg, &peer, BPF_F_INGRESS) != SK_PASS) {
-		flow->flags |= FP_FLOW_FALLBACK;
+	peer_flow = fastpath_flows.lookup(&peer);
+	if (!peer_flow) {
+		flow->flags |= FP_FLOW_TCP_FOR_GOOD;
 		fastpath_count(FP_PASS_NO_PEER, size);
 		return SK_PASS;
 	}
-	/* Plain read-modify-write: both ends of one connection rarely write on two CPUs at once,
-	 * and a lost update only moves the budget a little. */
-	flow->unread += size;
-	peer_flow = fastpath_flows.lookup(&peer);
-	if (peer_flow)
-		peer_flow->unread = 0; /* we are answering: the peer's writes were read */
+	if ((flow->flags & FP_FLOW_ON_TCP) && !fastpath_tcp_drained(flow, peer_flow)) {
+		fastpath_count(FP_PASS_FALLEN, size);
+		return SK_PASS;
+	}
+	queued = fastpath_peer_queued(peer_flow);
+	if (queued < 0 || queued + size > FASTPATH_QUEUE_BUDGET) {
+		flow->flags |= FP_FLOW_ON_TCP;
+		fastpath_count(FP_PASS_QUEUE_FULL, size);
+		return SK_PASS;
+	}
+	if (fastpath_socks.msg_redirect_hash(msg, &peer, BPF_F_INGRESS) != SK_PASS) {
+		flow->flags |= FP_FLOW_TCP_FOR_GOOD;
+		fastpath_count(FP_PASS_NO_PEER, size);
+		return SK_PASS;
+	}
+	flow->flags &= ~FP_FLOW_ON_TCP;
 	fastpath_count(FP_REDIRECTED, size);
 	return SK_PASS;
 }

@@ -46,6 +46,7 @@ import socket
 from dataclasses import dataclass
 from functools import cache
 
+from agent.datapath.btf import member_offset
 from agent.datapath.loader import DatapathError, bpf_cflags, check_kernel_headers, ensure_bpffs, import_bcc
 from agent.datapath.maps import be32_to_ip, check_layout, ip_to_be32
 from agent.datapath.source import program_source
@@ -159,7 +160,7 @@ class SockKeyC(ct.Structure):
 
 
 class FastpathFlowC(ct.Structure):
-    _fields_ = [("revision", ct.c_uint32), ("flags", ct.c_uint32), ("unread", ct.c_uint64)]
+    _fields_ = [("revision", ct.c_uint32), ("flags", ct.c_uint32), ("sk", ct.c_uint64)]
 
 
 class FastpathConfigC(ct.Structure):
@@ -177,9 +178,16 @@ class FastpathCounterC(ct.Structure):
 
 
 FP_CFG_ENABLED = 0x1  # bpf/lib/sockmap.h
-FP_FLOW_FALLBACK = 0x1
+FP_FLOW_TCP_FOR_GOOD = 0x1
+FP_FLOW_ON_TCP = 0x2
 # fastpath_msg outcomes, in the order of their FP_* index (bpf/lib/sockmap.h).
-FASTPATH_OUTCOMES = ("redirected", "pass_no_peer", "pass_policy_changed", "pass_unread_budget",
+def _flow_path(flags: int) -> str:
+    if flags & FP_FLOW_TCP_FOR_GOOD:
+        return "tcp"
+    return "tcp (until the peer catches up)" if flags & FP_FLOW_ON_TCP else "redirect"
+
+
+FASTPATH_OUTCOMES = ("redirected", "pass_no_peer", "pass_policy_changed", "pass_queue_full",
                      "pass_fallen_back", "pass_no_state")
 
 
@@ -419,6 +427,23 @@ def _open_cgroup(path: str) -> int:
         raise DatapathError(f"cannot open cgroup {path}: {e.strerror} (is cgroup v2 mounted there?)") from None
 
 
+def fastpath_kernel_cflags() -> list[str]:
+    """The kernel struct offsets bpf/lib/sockmap.h reads (see there), from the running kernel's BTF.
+    Without them the fast path cannot bound a receiver's queue: it is then refused at set_fastpath."""
+    offsets = {
+        "FP_SK_USER_DATA_OFF": member_offset("sock", "sk_user_data"),
+        "FP_PSOCK_MSG_TOT_LEN_OFF": member_offset("sk_psock", "msg_tot_len"),
+        "FP_TCP_WRITE_SEQ_OFF": member_offset("tcp_sock", "write_seq"),
+        "FP_TCP_COPIED_SEQ_OFF": member_offset("tcp_sock", "copied_seq"),
+    }
+    flags = [f"-D{name}={offset or 0}" for name, offset in offsets.items()]
+    return [*flags, "-DFP_UNSUPPORTED=1"] if None in offsets.values() else flags
+
+
+def fastpath_supported() -> bool:
+    return "-DFP_UNSUPPORTED=1" not in fastpath_kernel_cflags()
+
+
 # ---- the datapath ------------------------------------------------------------------------------
 
 
@@ -436,7 +461,7 @@ class RedirectDatapath:
     # ---- loading -------------------------------------------------------------------------------
 
     def cflags(self) -> list[str]:
-        return bpf_cflags(self.bpffs_dir, self.map_sizes)
+        return [*bpf_cflags(self.bpffs_dir, self.map_sizes), *fastpath_kernel_cflags()]
 
     def load(self) -> None:
         """Compile and load the programs (maps are created or re-opened from their pins), check the
@@ -628,6 +653,10 @@ class RedirectDatapath:
         """Turn the fast path on or off for connections established from now on. ``node_netns``: the
         cookie of the node's own namespace (the L7 processor's); ``pod_cidr``: addresses eligible
         besides loopback. Connections already on it stay on it until they close."""
+        if enabled and not fastpath_supported():
+            raise DatapathError("socket_fastpath needs a kernel whose BTF (/sys/kernel/btf/vmlinux) has "
+                                "sk_psock.msg_tot_len to bound a receiver's queue; "
+                                "set socket_fastpath: false in the node config")
         net = ipaddress.IPv4Network(pod_cidr)
         self.bpf["fastpath_config"][0] = FastpathConfigC(
             node_netns=node_netns, pod_net=ip_to_be32(str(net.network_address)),
@@ -659,7 +688,7 @@ class RedirectDatapath:
             "sockets": [
                 {"local": f"{be32_to_ip(k.local_ip)}:{k.local_port}",
                  "remote": f"{be32_to_ip(k.remote_ip)}:{k.remote_port}", "netns": k.netns,
-                 "revision": v.revision, "fallback": bool(v.flags & FP_FLOW_FALLBACK), "unread": v.unread}
+                 "revision": v.revision, "path": _flow_path(v.flags)}
                 for k, v in self.bpf["fastpath_flows"].items()
             ],
         }

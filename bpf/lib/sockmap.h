@@ -18,22 +18,25 @@
  * usually the host's, and its other processes are not ours to accelerate.
  *
  * Falling back. A message that is not redirected (SK_PASS without a target) takes the normal TCP
- * path, which is always correct. Once a socket has sent anything on the TCP path it never
- * redirects again ("sticky"): redirected bytes land in the peer's queue at once, while bytes on
- * the TCP path may still be in flight (a veth backlog, a locked socket's backlog), so switching
- * from TCP to redirect could reorder the stream. The other way round is safe: the receiver reads
- * the redirected queue before its TCP receive queue (tcp_bpf_recvmsg). A socket falls back for
- * good when
- *   - its peer is not in the map (yet: a client that writes before the server's side of the
- *     handshake completed; or never: the peer is not eligible, or the map was full);
+ * path, which is always correct. Redirect -> TCP is always safe: the receiver reads the redirected
+ * queue before its TCP receive queue (tcp_bpf_recvmsg). TCP -> redirect is safe only once every
+ * byte the socket gave TCP has been read by the peer's application (our write_seq == the peer's
+ * copied_seq, fastpath_tcp_drained): bytes still in flight (a veth backlog, a locked socket's
+ * backlog) or unread would be overtaken by the redirected ones. A socket goes to TCP for good
+ * (FP_FLOW_TCP_FOR_GOOD) when
+ *   - its peer is not in the map (a client that writes before the server's side of the handshake
+ *     completed; the peer is not eligible; the map was full): sockets join only at establishment;
  *   - the policy revision changed since it was added: from then on its packets cross TC again and
- *     conntrack re-checks policy, so a revoked allow cuts it as it cuts any flow (lib/conntrack.h);
- *   - it wrote more than FASTPATH_UNREAD_BUDGET bytes since its peer last wrote back. A redirect
- *     into the peer's queue has no flow control: the kernel (6.1) charges it to the peer without
- *     checking its receive buffer, so a writer whose reader has stopped reading would queue
- *     without bound (measured: 512 MiB into a socket nobody reads). Request/response traffic
- *     resets the count with every answer and stays on the fast path; a one-way stream beyond the
- *     budget goes back to TCP, whose window stops the writer.
+ *     conntrack re-checks policy, so a revoked allow cuts it as it cuts any flow (lib/conntrack.h).
+ * It goes to TCP until the peer has caught up (FP_FLOW_ON_TCP) when
+ *   - its peer has FASTPATH_QUEUE_BUDGET bytes queued that its application has not read. A
+ *     redirect into the peer's queue has no flow control of its own: the kernel charges it to the
+ *     peer without checking its receive buffer, so a writer whose reader stopped reading would
+ *     queue without bound (measured: 512 MiB into a socket nobody reads). The peer's queue length
+ *     is the kernel's own count, sk_psock.msg_tot_len, read through the peer's struct sock
+ *     (fastpath_peer_queued below). A reader that keeps up keeps its writer on the fast path,
+ *     one-way bulk included; one that falls behind sends the writer to TCP, whose window stops
+ *     it, until it has read everything, TCP's bytes included.
  *
  * Policy: the handshake of every connection crosses TC, so a flow that policy denies is never
  * established and never reaches this map. Bytes that take the fast path are not counted in flow
@@ -46,9 +49,22 @@
 #include "netns.h"
 #include "config.h"
 
-#ifndef FASTPATH_UNREAD_BUDGET
-#define FASTPATH_UNREAD_BUDGET (4 << 20)
+/* Per receiving socket. A bound on kernel memory like TCP's buffers (whose default maxima add up
+ * to 10 MiB a connection); large enough that a reader on the writer's CPU, which runs only when
+ * the writer yields, rarely sends it to TCP (measured with iperf3: 8 MiB 1.3x, 16 MiB 1.7x,
+ * 32 MiB 2x plain loopback). */
+#ifndef FASTPATH_QUEUE_BUDGET
+#define FASTPATH_QUEUE_BUDGET (16 << 20)
 #endif
+
+/* Kernel struct offsets from the running kernel's BTF (agent/datapath/btf.py): BCC compiles
+ * against headers that need not match the kernel and cannot relocate field accesses (no CO-RE).
+ * The agent turns the fast path off when BTF lacks them. */
+#if !defined(FP_SK_USER_DATA_OFF) || !defined(FP_PSOCK_MSG_TOT_LEN_OFF) || !defined(FP_TCP_WRITE_SEQ_OFF) || \
+	!defined(FP_TCP_COPIED_SEQ_OFF)
+#error "the FP_*_OFF kernel offsets must be given as -D cflags"
+#endif
+#define FP_SK_USER_DATA_FLAGS 0x7UL /* SK_USER_DATA_NOCOPY | _BPF | _PSOCK, tag bits of the pointer */
 
 #define AF_INET_ 2 /* AF_INET; the socket headers are not available to BPF C */
 
@@ -79,12 +95,13 @@ __attribute__((section("maps/sockhash:" PIN_DIR "/fastpath_socks")))
 struct fastpath_socks_table_t fastpath_socks = { .max_entries = FASTPATH_MAP_SIZE };
 BPF_ANNOTATE_KV_PAIR(fastpath_socks, struct sock_key, int);
 
-#define FP_FLOW_FALLBACK 0x1 /* sticky: this socket sends on the TCP path from now on */
+#define FP_FLOW_TCP_FOR_GOOD 0x1 /* this socket sends on the TCP path from now on */
+#define FP_FLOW_ON_TCP       0x2 /* on the TCP path until the peer has read all of it */
 
 struct fastpath_flow {
 	__u32 revision;           /*  0: policy_revision when the socket was added */
 	__u32 flags;              /*  4: FP_FLOW_* */
-	__u64 unread;             /*  8: bytes redirected since the peer last wrote back */
+	__u64 sk;                 /*  8: the socket's struct sock, for its peer to read its queue */
 };                            /* 16 bytes */
 
 /* Larger than the sockhash: closed sockets' entries linger until evicted, and the LRU's per-CPU
@@ -109,8 +126,8 @@ BPF_TABLE_PINNED("array", __u32, struct fastpath_config, fastpath_config, 1, PIN
 #define FP_REDIRECTED      0 /* handed to the peer socket */
 #define FP_PASS_NO_PEER    1 /* fell back: the peer is not in the map */
 #define FP_PASS_POLICY     2 /* fell back: the policy revision changed */
-#define FP_PASS_UNREAD     3 /* fell back: FASTPATH_UNREAD_BUDGET exceeded */
-#define FP_PASS_FALLEN     4 /* already fell back earlier */
+#define FP_PASS_QUEUE_FULL 3 /* fell back: the peer has FASTPATH_QUEUE_BUDGET bytes unread */
+#define FP_PASS_FALLEN     4 /* on TCP already (for good, or until the peer catches up) */
 #define FP_PASS_NO_STATE   5 /* fell back: no fastpath_flows entry (evicted, or the update failed) */
 #define FP_OUTCOMES        6
 
@@ -137,6 +154,40 @@ static __always_inline int fastpath_in_pods(struct fastpath_config *cfg, __u32 i
 static __always_inline int fastpath_is_loopback(__u32 ip)
 {
 	return (bpf_ntohl(ip) >> 24) == 127;
+}
+
+/**
+ * fastpath_peer_queued - bytes queued at @peer's socket that its application has not read
+ *
+ * sk->sk_user_data -> struct sk_psock (tag bits masked) -> msg_tot_len, the kernel's count of the
+ * bytes in the psock's ingress queue. bpf_probe_read_kernel because these are plain kernel
+ * pointers to the verifier (stored as numbers by sock_ops); a read of a socket that closed meanwhile
+ * fails or reads another socket's count, and then msg_redirect_hash finds no peer anyway. Returns
+ * -1 if a read fails.
+ */
+static __always_inline __s64 fastpath_peer_queued(struct fastpath_flow *peer)
+{
+	__u64 psock = 0;
+	__u32 len = 0;
+
+	if (!peer->sk || bpf_probe_read_kernel(&psock, sizeof(psock), (void *)(peer->sk + FP_SK_USER_DATA_OFF)))
+		return -1;
+	psock &= ~FP_SK_USER_DATA_FLAGS;
+	if (!psock || bpf_probe_read_kernel(&len, sizeof(len), (void *)(psock + FP_PSOCK_MSG_TOT_LEN_OFF)))
+		return -1;
+	return len;
+}
+
+/* Has the peer's application read every byte @flow's socket gave TCP? Then redirecting again
+ * cannot overtake anything. Sequence numbers wrap: compare for equality only. */
+static __always_inline int fastpath_tcp_drained(struct fastpath_flow *flow, struct fastpath_flow *peer)
+{
+	__u32 written = 0, copied = 1;
+
+	if (bpf_probe_read_kernel(&written, sizeof(written), (void *)(flow->sk + FP_TCP_WRITE_SEQ_OFF)) ||
+	    bpf_probe_read_kernel(&copied, sizeof(copied), (void *)(peer->sk + FP_TCP_COPIED_SEQ_OFF)))
+		return 0;
+	return written == copied;
 }
 
 static __always_inline void fastpath_count(__u32 outcome, __u32 bytes)

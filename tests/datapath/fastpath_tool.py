@@ -4,16 +4,23 @@ Prints one JSON line; exit 0 unless the arguments are wrong.
   serve IP PORT             accept connections, one thread each; the client's first line says what
                             to do: "sink N"   read until EOF, answer the sha256 of what came and N
                                               bytes of pattern(N), then close
+                            "sink-late MS N"  like sink, but sleep MS ms before reading
                             "stall"           read nothing (the client tests flow control)
                             "close-after N"   read N bytes, then close with the rest unread
                             "flood N"         write N bytes of pattern(N), ignoring errors
                             "echo"            echo every byte back until EOF
-  sink IP PORT SEND RECV    send SEND bytes of pattern in one sendall(), shut down writing (a
-                            half-close), then read the answer until EOF; report both checksums
+                            "echo-late MS"    the same, starting MS ms late
+  sink IP PORT SEND RECV [LATE_MS]
+                            send SEND bytes of pattern in one sendall(), shut down writing (a
+                            half-close), then read the answer until EOF; report both checksums;
+                            with LATE_MS the server starts reading that late
   stall IP PORT             write without blocking until the socket refuses; report how much went
   close-after IP PORT N     the server closes after N bytes: keep writing; report the error
   flood IP PORT N READ      the server writes N bytes: read READ of them, then close
   rounds IP PORT N MS       N request/response rounds of 1000 bytes through "echo", MS ms apart
+  burst IP PORT N LATE_MS   through "echo-late": write N bytes while the server sleeps, read the
+                            echo back; print {"burst_ok": ...}, wait for a line on stdin, then do
+                            20 rounds on the same connection and print {"rounds": 20, "ok": ...}
 """
 
 import hashlib
@@ -48,7 +55,9 @@ def read_line(conn: socket.socket) -> str:
 def handle(conn: socket.socket) -> None:
     with conn:
         cmd, *args = read_line(conn).split()
-        if cmd == "sink":
+        if cmd in ("sink", "sink-late"):
+            if cmd == "sink-late":
+                time.sleep(int(args.pop(0)) / 1000)
             h, n = hashlib.sha256(), 0
             while data := conn.recv(CHUNK):
                 h.update(data)
@@ -60,7 +69,9 @@ def handle(conn: socket.socket) -> None:
             want = int(args[0])
             while want > 0 and (data := conn.recv(min(want, CHUNK))):
                 want -= len(data)
-        elif cmd == "echo":
+        elif cmd in ("echo", "echo-late"):
+            if cmd == "echo-late":
+                time.sleep(int(args[0]) / 1000)
             while data := conn.recv(CHUNK):
                 conn.sendall(data)
         elif cmd == "flood":
@@ -88,9 +99,9 @@ def connect(ip: str, port: int, line: str) -> socket.socket:
     return s
 
 
-def sink(ip: str, port: int, send: int, recv: int) -> dict:
+def sink(ip: str, port: int, send: int, recv: int, late_ms: int = 0) -> dict:
     data = pattern(send)
-    with connect(ip, port, f"sink {recv}") as s:
+    with connect(ip, port, f"sink-late {late_ms} {recv}" if late_ms else f"sink {recv}") as s:
         s.sendall(data)
         s.shutdown(socket.SHUT_WR)
         got = bytearray()
@@ -149,11 +160,36 @@ def rounds(ip: str, port: int, n: int, ms: int) -> dict:
     return {"rounds": n, "ok": ok}
 
 
+def burst(ip: str, port: int, n: int, late_ms: int) -> None:
+    data = pattern(n)
+    with connect(ip, port, f"echo-late {late_ms}") as s:
+        s.settimeout(60)
+        writer = threading.Thread(target=s.sendall, args=(data,))
+        writer.start()
+        got = bytearray()
+        while len(got) < n and (chunk := s.recv(CHUNK)):
+            got += chunk
+        writer.join()
+        print(json.dumps({"burst_ok": bytes(got) == data, "received": len(got)}), flush=True)
+        sys.stdin.readline()
+        ok = 0
+        for i in range(20):
+            msg = pattern(1000 + i)[i:]
+            s.sendall(msg)
+            back = bytearray()
+            while len(back) < len(msg) and (chunk := s.recv(CHUNK)):
+                back += chunk
+            ok += bytes(back) == msg
+        print(json.dumps({"rounds": 20, "ok": ok}), flush=True)
+
+
 if __name__ == "__main__":
     mode, ip, port, *rest = sys.argv[1:]
     args = [int(a) for a in rest]
     if mode == "serve":
         serve(ip, int(port))
+    elif mode == "burst":
+        burst(ip, int(port), *args)
     else:
         fn = {"sink": sink, "stall": stall, "close-after": close_after, "flood": flood, "rounds": rounds}[mode]
         print(json.dumps(fn(ip, int(port), *args)), flush=True)

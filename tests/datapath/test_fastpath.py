@@ -38,7 +38,7 @@ IPS = {"a": "10.244.9.11", "b": "10.244.9.12", "u": "10.244.9.13"}
 SERVERS = {"b": (IPS["b"], 7000), "node": (ROUTER, 15001), "a": ("127.0.0.1", 7001)}
 NODE_LOOPBACK = ("127.0.0.1", 7002)  # in the node's namespace: never accelerated
 MiB = 1 << 20
-BUDGET = 4 * MiB  # FASTPATH_UNREAD_BUDGET
+BUDGET = 16 * MiB  # FASTPATH_QUEUE_BUDGET
 # Small maps: test_full_map_falls_back_to_tcp fills them. Closed sockets leave the sockhash at once.
 MAP_SIZES = {"LB_BACKEND_MAP_SIZE": 64, "LB_REVNAT_MAP_SIZE": 64, "LB_SERVICE_MAP_SIZE": 64,
              "ENDPOINT_NETNS_MAP_SIZE": 64, "FASTPATH_MAP_SIZE": 8, "FASTPATH_FLOW_MAP_SIZE": 1024}
@@ -141,7 +141,7 @@ def test_both_ends_are_in_the_map(topo):
         state = {(s["local"], s["remote"]): s for s in topo.dp.fastpath()["sockets"]}
         for local, remote in ((f"{ip}:{port}", f"{client_ip}:{client_port}"),
                               (f"{client_ip}:{client_port}", f"{ip}:{port}")):
-            assert state[(local, remote)]["fallback"] is False, state[(local, remote)]
+            assert state[(local, remote)]["path"] == "redirect", state[(local, remote)]
         assert json.loads(proc.stdout.readline()) == {"rounds": 20, "ok": 20}
     finally:
         proc.kill()
@@ -159,17 +159,44 @@ def test_half_close_keeps_the_other_direction(topo, send, recv):
     assert got == {"sent_ok": True, "server_saw": send, "received_ok": True, "received": recv}
 
 
-def test_write_beyond_the_unread_budget_falls_back_in_order(topo):
-    """One write larger than the budget: its first part is redirected, the rest goes by TCP, and
-    the receiver still gets every byte in order (it reads the redirected queue first)."""
+def test_write_beyond_the_queue_budget_falls_back_in_order(topo):
+    """The reader starts late: the first budget's worth of one large write is redirected into its
+    queue, the rest goes by TCP (and waits for TCP's window), and the reader still gets every byte
+    in order: it reads the redirected queue first."""
     before = topo.counters()
     ip, port = SERVERS["b"]
-    got = topo.tool("a", "sink", ip, port, BUDGET + 3 * MiB, 10)
+    got = topo.tool("a", "sink", ip, port, BUDGET + 4 * MiB, 10, 1000)
     assert got["sent_ok"] and got["received_ok"], got
     after = topo.counters()
-    assert delta(before, after, "redirected") > 0, after
-    assert delta(before, after, "pass_unread_budget", "messages") >= 1, after
+    assert delta(before, after, "redirected") >= BUDGET - MiB, after
+    assert delta(before, after, "pass_queue_full", "messages") >= 1, after
     assert delta(before, after, "pass_fallen_back") > 0, after
+
+
+def test_writer_returns_to_the_fast_path_once_the_reader_caught_up(topo):
+    """A burst larger than the budget while the reader sleeps sends the writer to TCP; once the
+    reader has read everything (TCP's bytes too), the writer's next messages are redirected again.
+    Every byte comes back in order across both switches."""
+    ip, port = SERVERS["b"]
+    proc = subprocess.Popen(["ip", "netns", "exec", topo.netns_of("a"), sys.executable, TOOL, "burst", ip, str(port),
+                             str(BUDGET + 8 * MiB), "1000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    topo.procs.append(proc)
+    try:
+        before = topo.counters()
+        assert json.loads(proc.stdout.readline()) == {"burst_ok": True, "received": BUDGET + 8 * MiB}
+        middle = topo.counters()
+        assert delta(before, middle, "pass_queue_full", "messages") >= 1, middle
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline()) == {"rounds": 20, "ok": 20}
+        after = topo.counters()
+        # 20 requests and 20 echoes, all redirected: both sides are back on the fast path.
+        assert delta(middle, after, "redirected", "messages") >= 40, after
+        assert delta(middle, after, "pass_fallen_back", "messages") == 0, after
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 # ---- flow control and closing peers ------------------------------------------------------------
