@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -93,22 +94,74 @@ def write_if_changed(path: str, value: dict) -> bool:
     return True
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the agent dies, even by SIGKILL, so no processor
-    outlives its agent holding the listening port (the next agent starts its own)."""
-    import ctypes
+def processor_pid_path(state_dir: str, node_name: str) -> str:
+    return os.path.join(state_dir, f"l7-{node_name}.pid")
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the agent died before prctl took effect
-        os._exit(1)
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks (/proc/PID/stat field 22): with the PID, it names one
+    process for the machine's uptime, so a recycled PID is never mistaken for our processor."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[19])
+
+
+def running_processor(pid_path: str, listen: str | None = None) -> int | None:
+    """The PID of the processor recorded in ``pid_path`` if it still runs (same start time, our
+    command line, and listening on ``listen`` when given); None otherwise."""
+    try:
+        pid, started = (int(x) for x in open(pid_path).read().split())
+        cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    if _start_time(pid) != started or b"userspace_l7" not in cmdline:
+        return None
+    if listen is not None and listen.encode() not in cmdline:
+        return None
+    return pid
+
+
+def stop_processor(pid_path: str, timeout: float = 5) -> int | None:
+    """Stop the processor recorded in ``pid_path`` (SIGTERM, then SIGKILL) and remove the file.
+    Returns its PID, or None if none was running. For teardown: agents leave it running."""
+    pid = running_processor(pid_path)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+            if not _wait_gone(pid, timeout):
+                os.kill(pid, signal.SIGKILL)
+                _wait_gone(pid, timeout)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(pid_path)
+    return pid
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
 
 
 class L7Supervisor:
-    """Runs the processor, restarts it when it dies, and reads the flows it reports."""
+    """Runs the processor, restarts it when it dies, and reads the flows it reports.
+
+    The processor outlives its agent, like the pinned BPF datapath: an agent that stops or crashes
+    leaves it serving, with its open connections, and the next agent adopts it through the PID
+    file (and its start time, so a recycled PID is not taken for it). The agent's config snapshot
+    and flows socket are the only ties, and the processor picks both up again by itself. Only
+    `meshagent teardown` stops it (stop_processor).
+    """
 
     def __init__(self, config_path: str, listen: str, flows_path: str, metrics_addr: str, node_name: str,
-                 on_flow: Callable[[dict], None], bpffs_dir: str | None = None):
+                 on_flow: Callable[[dict], None], bpffs_dir: str | None = None, pid_path: str | None = None,
+                 log_path: str | None = None):
         self.config_path = config_path
         self.listen = listen
         self.flows_path = flows_path
@@ -116,7 +169,10 @@ class L7Supervisor:
         self.node_name = node_name
         self.on_flow = on_flow
         self.bpffs_dir = bpffs_dir
-        self.proc: subprocess.Popen | None = None
+        self.pid_path = pid_path or os.path.join(os.path.dirname(config_path), f"l7-{node_name}.pid")
+        self.log_path = log_path or os.path.join(os.path.dirname(config_path), f"l7-{node_name}.log")
+        self._pid: int | None = None
+        self.adopted = False
         self.restarts = 0
         self._stop = threading.Event()
         self._server: socket.socket | None = None
@@ -128,31 +184,62 @@ class L7Supervisor:
         self._server.bind(self.flows_path)
         self._server.listen(4)
         threading.Thread(target=self._accept_flows, name="l7-flows", daemon=True).start()
+        stale = running_processor(self.pid_path)
+        if stale is not None and running_processor(self.pid_path, self.listen) is None:
+            log.warning("L7 processor %d listens elsewhere than %s; replacing it", stale, self.listen)
+            stop_processor(self.pid_path)
+        self._pid = running_processor(self.pid_path, self.listen)
+        self.adopted = self._pid is not None
+        if self.adopted:
+            log.info("adopted the running L7 processor, pid %d", self._pid)
         threading.Thread(target=self._supervise, name="l7-supervisor", daemon=True).start()
 
-    def _spawn(self) -> subprocess.Popen:
+    def _spawn(self) -> int:
         cmd = [sys.executable, "-m", "userspace_l7", "--config", self.config_path, "--listen", self.listen,
                "--flows", self.flows_path, "--metrics", self.metrics_addr, "--node-name", self.node_name]
         if self.bpffs_dir:
             cmd += ["--bpffs", self.bpffs_dir]
-        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+        with open(self.log_path, "ab") as out:  # not the agent's stdout: it outlives the agent
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+        # Reap it when it exits so it does not linger as a zombie under a live agent.
+        threading.Thread(target=proc.wait, name="l7-reaper", daemon=True).start()
+        tmp = self.pid_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{proc.pid} {_start_time(proc.pid)}\n")
+        os.replace(tmp, self.pid_path)
+        return proc.pid
 
     def _supervise(self) -> None:
         backoff = 0
         while not self._stop.is_set():
             started = time.monotonic()
-            self.proc = self._spawn()
-            code = self.proc.wait()
-            if self._stop.is_set():
-                return
+            if self._pid is None:
+                self._pid = self._spawn()
+            if not self._wait_exit(self._pid):
+                return  # stopping: the processor keeps running
+            self._pid = None
             self.restarts += 1
             if time.monotonic() - started > 30:
                 backoff = 0
             delay = RESTART_BACKOFF_S[min(backoff, len(RESTART_BACKOFF_S) - 1)]
             backoff += 1
-            log.warning("L7 processor exited with %s; restarting in %.1fs", code, delay)
+            log.warning("L7 processor exited; restarting in %.1fs", delay)
             self._stop.wait(delay)
+
+    def _wait_exit(self, pid: int) -> bool:
+        """Block until ``pid`` exits (True) or stop() is called (False). pidfd: works for a process
+        this agent did not start."""
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return True
+        try:
+            while not self._stop.is_set():
+                if select.select([fd], [], [], 0.5)[0]:
+                    return True
+            return False
+        finally:
+            os.close(fd)
 
     def _accept_flows(self) -> None:
         while not self._stop.is_set():
@@ -171,17 +258,12 @@ class L7Supervisor:
                     log.warning("ignoring a malformed L7 flow record")
 
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc and self.proc.poll() is None else None
+        return self._pid if self._pid is not None and running_processor(self.pid_path) == self._pid else None
 
     def stop(self) -> None:
+        """Stop supervising and taking flows; the processor keeps serving (see the class doc)."""
         self._stop.set()
         if self._server:
             self._server.close()
-        if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.flows_path)

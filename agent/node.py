@@ -11,6 +11,7 @@ import os
 from agent import endpoint as ep
 from agent.config import NodeConfig
 from agent.datapath.redirect import RedirectDatapath
+from agent.l7 import processor_pid_path, stop_processor
 from agent.store import open_store
 
 
@@ -119,6 +120,9 @@ def teardown(cfg: NodeConfig, endpoints: bool = False) -> list[str]:
     lock.acquire()  # refuses while an agent runs
     done: list[str] = []
     try:
+        pid = stop_processor(processor_pid_path(cfg.state_dir, cfg.node_name))
+        if pid is not None:
+            done.append(f"stopped the L7 processor (pid {pid})")
         store = open_store(cfg.store)
         for rec in node_endpoints(cfg):
             ep.detach_programs(rec.ifname)
@@ -146,7 +150,8 @@ def teardown(cfg: NodeConfig, endpoints: bool = False) -> list[str]:
             ep.remove_cgroup(cfg.cgroup)
             done.append(f"removed cgroup {cfg.cgroup}")
         for path in (cfg.api_socket, os.path.join(cfg.state_dir, f"cidr-identities-{cfg.node_name}.json"),
-                     os.path.join(cfg.state_dir, f"l7-{cfg.node_name}.json")):
+                     os.path.join(cfg.state_dir, f"l7-{cfg.node_name}.json"),
+                     os.path.join(cfg.state_dir, f"l7-{cfg.node_name}.log")):
             if os.path.exists(path):
                 os.unlink(path)
                 done.append(f"removed {path}")

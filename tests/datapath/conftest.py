@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from agent.l7 import processor_pid_path, stop_processor
+
 REPO = Path(__file__).resolve().parents[2]
 MESHAGENT = [sys.executable, "-m", "cli.main"]
 
@@ -154,6 +156,8 @@ class Node:
         self.stop_agent()
         # The product's own teardown removes endpoints, pins, cgroups; then belt and braces.
         self.ns([*MESHAGENT, "teardown", "--config", str(self.config_path), "--endpoints"], check=False, cwd=REPO)
+        # The L7 processor outlives agents by design; teardown stops it, and this makes sure (by PID).
+        stop_processor(processor_pid_path(self.config["state_dir"], self.name))
         store = self.tmp / "store" / "endpoints" / self.name
         if store.is_dir():
             for f in store.glob("*.json"):

@@ -168,6 +168,45 @@ def test_istio_metrics_in_the_node_scrape(node, mesh):
     assert "istio_request_duration_milliseconds_bucket" in text
 
 
+# One keep-alive connection to http://HOST/; a request per line on stdin, "<status>:<body>" back.
+HOLD = r"""
+import http.client, sys
+conn = http.client.HTTPConnection(sys.argv[1], 80, timeout=5)
+for line in sys.stdin:
+    conn.request("GET", "/")
+    r = conn.getresponse()
+    print(f"{r.status}:{r.read().decode()}", flush=True)
+"""
+
+
+def test_l7_connection_survives_an_agent_crash_and_restart(node, mesh):
+    """The processor outlives its agent like the pinned maps do: an open keep-alive connection
+    through it keeps being served while the agent is down, and the next agent adopts the process."""
+    eps, _ = mesh
+    hold = subprocess.Popen([*node.in_ep(eps["client"]), PY, "-c", HOLD, "shop"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    node.processes.append(hold)
+
+    def request() -> str:
+        hold.stdin.write("go\n")
+        hold.stdin.flush()
+        return hold.stdout.readline().strip()
+
+    assert request() in ("200:v1", "200:v2")
+    before = node.cli_json("status")["l7_processor"]
+    node.stop_agent(signal.SIGKILL)
+    assert request() in ("200:v1", "200:v2"), "served while the agent is down"
+    node.start_agent()
+    after = node.cli_json("status")["l7_processor"]
+    assert after["pid"] == before["pid"], (before, after)
+    assert request() in ("200:v1", "200:v2"), "the same connection, after the restart"
+    deadline = time.monotonic() + 10  # flows reach the new agent once the processor reconnects
+    while time.monotonic() < deadline and not node.flows("--type", "l7", "--last", "50"):
+        request()
+        time.sleep(0.2)
+    assert node.flows("--type", "l7", "--last", "50"), "the adopted processor's flows reach the new agent"
+
+
 def test_processor_is_restarted_when_killed(node, mesh):
     eps, proxy = mesh
     before = node.cli_json("status")["l7_processor"]

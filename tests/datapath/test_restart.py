@@ -58,7 +58,7 @@ def test_enforcement_and_connections_survive_agent_restart(node):
     processor = node.cli_json("status")["l7_processor"]["pid"]
 
     node.stop_agent(signal.SIGKILL)  # no chance to clean up: pins must carry the state
-    assert _gone(processor), "the L7 processor does not outlive its agent"
+    assert not _gone(processor, 1), "the L7 processor outlives its agent, like the pinned maps"
     assert tcp_ok(node, ok, srv)
     assert not tcp_ok(node, bad, srv)
     hold.stdin.write("alive 2\n")
@@ -67,6 +67,8 @@ def test_enforcement_and_connections_survive_agent_restart(node):
 
     node.start_agent()
     assert node.cli_json("bpf", "policy", "list") == before, "the restarted agent adopts the pinned maps"
+    l7 = node.cli_json("status")["l7_processor"]
+    assert (l7["pid"], l7["restarts"]) == (processor, 0), "the restarted agent adopts the running processor"
     hold.stdin.write("again 2\n")
     hold.stdin.flush()
     assert hold.stdout.readline().strip() == "again", "the established connection survives the restart"
