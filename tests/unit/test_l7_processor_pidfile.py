@@ -1,0 +1,56 @@
+"""Adopting and stopping the L7 processor by its PID file (agent/l7.py), with a stand-in process."""
+
+import subprocess
+import sys
+
+from agent.l7 import _start_time, running_processor, stop_processor
+
+
+def _stand_in(listen: str) -> subprocess.Popen:
+    # argv carries what running_processor checks: "userspace_l7" and the listen address
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", "userspace_l7",
+                             "--listen", listen])
+
+
+def test_adopts_only_the_recorded_process(tmp_path):
+    pidfile = tmp_path / "l7-n1.pid"
+    proc = _stand_in("10.200.0.1:15001")
+    try:
+        pidfile.write_text(f"{proc.pid} {_start_time(proc.pid)}\n")
+        assert running_processor(str(pidfile)) == proc.pid
+        assert running_processor(str(pidfile), "10.200.0.1:15001") == proc.pid
+        assert running_processor(str(pidfile), "10.200.0.1:15999") is None  # listens elsewhere
+        pidfile.write_text(f"{proc.pid} {_start_time(proc.pid) + 1}\n")  # a recycled PID
+        assert running_processor(str(pidfile)) is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_foreign_garbage_and_missing_files_are_not_adopted(tmp_path):
+    pidfile = tmp_path / "l7-n1.pid"
+    assert running_processor(str(pidfile)) is None
+    pidfile.write_text("not a pid\n")
+    assert running_processor(str(pidfile)) is None
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        pidfile.write_text(f"{other.pid} {_start_time(other.pid)}\n")
+        assert running_processor(str(pidfile)) is None  # alive, but not a processor
+        assert stop_processor(str(pidfile)) is None and other.poll() is None  # and never killed
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_stop_processor_ends_it_and_removes_the_file(tmp_path):
+    pidfile = tmp_path / "l7-n1.pid"
+    proc = _stand_in("10.200.0.1:15001")
+    try:
+        pidfile.write_text(f"{proc.pid} {_start_time(proc.pid)}\n")
+        assert stop_processor(str(pidfile), timeout=5) == proc.pid
+        assert proc.wait(5) is not None
+        assert not pidfile.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
