@@ -14,10 +14,7 @@ on the near side. The per-outcome counters (fastpath_metrics) show which path th
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -27,10 +24,10 @@ from pathlib import Path
 import pytest
 
 from agent.datapath.redirect import RedirectDatapath, netns_cookie
-from tests.datapath.topology import Topology
+from tests.datapath.topology import PIN_ROOT, Topology, remove_redirect_pins
 
 TAG = uuid.uuid4().hex[:6]
-PIN_DIR = f"/sys/fs/bpf/meshagent-test/fp-{TAG}"
+PIN_DIR = f"{PIN_ROOT}/fp-{TAG}"
 TOOL = str(Path(__file__).with_name("fastpath_tool.py"))
 POD_CIDR = "10.244.9.0/24"
 ROUTER = "10.244.9.1"
@@ -42,10 +39,6 @@ BUDGET = 16 * MiB  # FASTPATH_QUEUE_BUDGET
 # Small maps: test_full_map_falls_back_to_tcp fills them. Closed sockets leave the sockhash at once.
 MAP_SIZES = {"LB_BACKEND_MAP_SIZE": 64, "LB_REVNAT_MAP_SIZE": 64, "LB_SERVICE_MAP_SIZE": 64,
              "ENDPOINT_NETNS_MAP_SIZE": 64, "FASTPATH_MAP_SIZE": 8, "FASTPATH_FLOW_MAP_SIZE": 1024}
-
-
-def _terminated(signum, frame):
-    raise SystemExit(f"terminated by signal {signum}")
 
 
 class FastpathTopology(Topology):
@@ -70,11 +63,7 @@ class FastpathTopology(Topology):
 
     def cleanup(self) -> None:
         super().cleanup()
-        with contextlib.suppress(Exception):
-            RedirectDatapath(PIN_DIR).detach()
-        shutil.rmtree(PIN_DIR, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            Path("/sys/fs/bpf/meshagent-test").rmdir()
+        remove_redirect_pins(PIN_DIR)
 
     # ---- helpers -------------------------------------------------------------------------------
 
@@ -93,14 +82,8 @@ class FastpathTopology(Topology):
 
 @pytest.fixture(scope="module")
 def topo():
-    t = FastpathTopology()
-    previous = signal.signal(signal.SIGTERM, _terminated)
-    try:
-        t.setup()
+    with FastpathTopology().session() as t:
         yield t
-    finally:
-        t.cleanup()
-        signal.signal(signal.SIGTERM, previous)
 
 
 def delta(before: dict, after: dict, outcome: str, field: str = "bytes") -> int:
