@@ -2,14 +2,20 @@
 
 import subprocess
 import sys
+import time
 
 from agent.l7 import _start_time, running_processor, stop_processor
 
 
 def _stand_in(listen: str) -> subprocess.Popen:
     # argv carries what running_processor checks: "userspace_l7" and the listen address
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", "userspace_l7",
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", "userspace_l7",
                              "--listen", listen])
+    # Right after exec, /proc/PID/cmdline can still read empty for a moment.
+    deadline = time.monotonic() + 5
+    while b"userspace_l7" not in open(f"/proc/{proc.pid}/cmdline", "rb").read() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return proc
 
 
 def test_adopts_only_the_recorded_process(tmp_path):
