@@ -26,7 +26,6 @@ import os
 import socket
 import stat
 import time
-from collections import deque
 from json.encoder import encode_basestring_ascii as _str  # C: a quoted, escaped JSON string
 from typing import Any
 
@@ -35,6 +34,9 @@ __all__ = ["FlowSink", "flow_line", "flow_record"]
 # (time_ns, latency_ns, method, url, code, src_ip, src_port, dst_ip, dst_port, route, subset,
 #  service_fqdn, namespace, upstream "ip:port", destination_workload, source_workload, verdict)
 FlowTuple = tuple
+# Its last twelve fields, from src_ip: what the requests of one connection to one route and backend share.
+# The server builds that tuple once and queues (time_ns, latency_ns, method, url, code, shared) per request.
+FlowShared = tuple
 
 
 _iso_second = [-1, ""]  # the last second formatted: a batch's records mostly share it
@@ -72,13 +74,10 @@ def flow_record(t: FlowTuple, node_name: str = "") -> dict[str, Any]:
 def flow_line(t: FlowTuple, node_json: str) -> str:
     """`flow_record` as one JSON line, formatted directly (several times cheaper than json.dumps of the
     dict; `tests/unit/l7/test_flows.py` checks both give the same object)."""
-    (ts, latency, method, url, code, src_ip, src_port, dst_ip, dst_port, route, subset, service, namespace,
-     upstream, dst_workload, src_workload, verdict) = t
-    key = (node_json, verdict, src_ip, dst_ip, dst_port, route, subset, service, namespace, upstream, dst_workload,
-           src_workload)
-    parts = _parts.get(key)
-    if parts is None:
-        parts = _line_parts(key)
+    return _line(t[0], t[1], t[2], t[3], t[4], t[6], _shared_parts(t[5:], node_json))
+
+
+def _line(ts: int, latency: int, method: str, url: str, code: int, src_port: int, parts: tuple[str, str, str]) -> str:
     return (f'{{"time":"{_iso(ts)}{parts[0]}{int(src_port)}{parts[1]}{int(latency)},"http":{{"method":{_str(method)},'
             f'"url":{_str(url)},"code":{int(code)}{parts[2]}')
 
@@ -86,6 +85,17 @@ def flow_line(t: FlowTuple, node_json: str) -> str:
 # The fixed fragments of the lines of one (source, destination, route) combination: flows repeat them.
 _parts: dict[tuple, tuple[str, str, str]] = {}
 _MAX_PARTS = 4096
+
+
+def _shared_parts(shared: FlowShared, node_json: str) -> tuple[str, str, str]:
+    src_ip, _, dst_ip, dst_port, route, subset, service, namespace, upstream, dst_workload, src_workload, verdict = \
+        shared
+    key = (node_json, verdict, src_ip, dst_ip, dst_port, route, subset, service, namespace, upstream, dst_workload,
+           src_workload)  # no source port: the connections of one client share the fragments
+    parts = _parts.get(key)
+    if parts is None:
+        parts = _line_parts(key)
+    return parts
 
 
 def _line_parts(key: tuple) -> tuple[str, str, str]:
@@ -108,33 +118,54 @@ def _line_parts(key: tuple) -> tuple[str, str, str]:
 
 
 class FlowSink:
+    """Flows queued in memory and written in batches by `flush` (the server's timer). ``pending`` is a plain
+    list the hot path appends (time_ns, latency_ns, method, url, code, FlowShared) tuples to, with no call;
+    between two flushes it holds one interval's requests. A flush keeps the newest ``max_pending`` of them
+    and counts the rest as ``dropped``."""
+
     def __init__(self, path: str | None, *, node_name: str = "", max_pending: int = 20000) -> None:
         self.path, self.node_name = path, node_name
-        self._pending: deque[FlowTuple] = deque(maxlen=max_pending)
-        self.dropped = 0
+        self.max_pending = max_pending
+        self.pending: list[tuple] = []
+        self._dropped = 0
         self.written = 0
         self._file = None
         self._sock: socket.socket | None = None
 
+    @property
+    def dropped(self) -> int:
+        """Flows lost: over ``max_pending`` (counted as soon as they are over) or not written."""
+        return self._dropped + max(0, len(self.pending) - self.max_pending)
+
     def add(self, t: FlowTuple) -> None:
-        p = self._pending
-        if len(p) == p.maxlen:
-            self.dropped += 1
-        p.append(t)
+        self.pending.append((t[0], t[1], t[2], t[3], t[4], t[5:]))
+
+    def request(self, ts: int, latency: int, method: str, url: str, code: int, shared: FlowShared) -> None:
+        """Queue one flow: `add` with the shared fields as one tuple (build it once, pass it every time)."""
+        self.pending.append((ts, latency, method, url, code, shared))
 
     def flush(self) -> None:
         """Write everything pending; on a write error the batch is dropped (flows are best effort)."""
-        if not self._pending or self.path is None:
-            self._pending.clear()
+        items, self.pending = self.pending, []
+        if len(items) > self.max_pending:  # the oldest go
+            self._dropped += len(items) - self.max_pending
+            items = items[-self.max_pending:]
+        if not items or self.path is None:
             return
-        items, self._pending = self._pending, deque(maxlen=self._pending.maxlen)
         node = _str(self.node_name)
-        data = "".join(flow_line(t, node) for t in items).encode()
+        parts_of: dict[int, tuple[tuple[str, str, str], int]] = {}  # id(shared) -> fragments, source port
+        lines = []
+        for ts, latency, method, url, code, shared in items:
+            p = parts_of.get(id(shared))  # ids are stable: ``items`` holds every shared tuple until the end
+            if p is None:
+                p = parts_of[id(shared)] = (_shared_parts(shared, node), shared[1])
+            lines.append(_line(ts, latency, method, url, code, p[1], p[0]))
+        data = "".join(lines).encode()
         try:
             self._write(data)
             self.written += len(items)
         except OSError:
-            self.dropped += len(items)
+            self._dropped += len(items)
             self._close()
 
     def _write(self, data: bytes) -> None:

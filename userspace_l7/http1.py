@@ -19,6 +19,10 @@ default (the processor buffers request bodies for retries) -> 413. Requests carr
 Content-Length and Transfer-Encoding (request smuggling), duplicate Content-Length, bad chunked
 framing -> 400; a Transfer-Encoding other than ``chunked`` -> 501 (as h11).
 
+A parsed head keeps its fields as bytes: ``fwd`` is its field lines as a proxy forwards them (names
+lowercased, hop-by-hop fields left out, `HOP_BY_HOP`), joined once when the head completes, so a proxy
+that edits nothing sends them on as they are; ``headers`` decodes them to str only when asked.
+
 A reader with a ``sink`` pushes instead: the sink's ``head(event)``, ``data(bytes)`` and ``end()`` are
 called from inside `receive_data` as the parser finds them (no event queue; the proxy's fast path).
 `ConnectionClosed` is still queued for `next_event`. The sink can be set or cleared between any two
@@ -39,7 +43,7 @@ import httptools
 
 __all__ = [
     "NEED_DATA", "ConnectionClosed", "Data", "EndOfMessage", "LocalProtocolError", "ProtocolError",
-    "RemoteProtocolError", "Request", "RequestReader", "Response", "ResponseReader",
+    "RemoteProtocolError", "Request", "RequestReader", "Response", "ResponseReader", "HOP_BY_HOP",
     "DEFAULT_MAX_BODY", "DEFAULT_MAX_HEAD", "DEFAULT_MAX_HEADERS", "DEFAULT_MAX_TARGET",
 ]
 
@@ -69,19 +73,56 @@ class LocalProtocolError(ProtocolError):
 
 
 # --- events ----------------------------------------------------------------------------------------
-# Plain __slots__ classes: built once per message on the hot path, so cheaper than dataclasses.
+# Plain __slots__ classes: built once per message on the hot path, so cheaper than dataclasses. A parsed
+# head keeps its header fields as bytes and ``fwd``, its header lines as a proxy forwards them (names
+# lowercased, hop-by-hop fields left out), ready to send; ``headers`` (str) is decoded on first use.
+
+HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+                        "upgrade", "content-length", "expect"))
 
 
-class Request:
-    __slots__ = ("method", "target", "headers", "http_version", "keep_alive", "host", "content_length",
-                 "chunked", "expect_continue")
+def _forwarded(headers: list[tuple[str, str]]) -> bytes:
+    return "".join([f"{k}: {v}\r\n" for k, v in headers if k not in HOP_BY_HOP]).encode("latin-1")
 
-    def __init__(self, method: str, target: str, headers: list[tuple[str, str]], http_version: str,
+
+class _Head:
+    __slots__ = ()
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """[(lowercase name, value)], in order."""
+        h = self._headers
+        if h is None:
+            parts = self._fields  # b"name: ", value, CRLF per field
+            h = self._headers = [(parts[i][:-2].decode("latin-1"), parts[i + 1].decode("latin-1"))
+                                 for i in range(0, len(parts), 3)]
+        return h
+
+    @headers.setter
+    def headers(self, value: list[tuple[str, str]]) -> None:
+        self._headers, self._fields, self.fwd = value, None, None
+
+    def forwarded(self) -> bytes:
+        """The header lines a proxy forwards: every field but the hop-by-hop ones, lowercase names."""
+        fwd = self.fwd
+        if fwd is None:
+            fwd = self.fwd = _forwarded(self.headers)
+        return fwd
+
+
+class Request(_Head):
+    __slots__ = ("method", "target", "_headers", "_fields", "fwd", "http_version", "keep_alive", "host",
+                 "content_length", "chunked", "expect_continue")
+
+    def __init__(self, method: str, target: str, headers: list[tuple[str, str]] | None, http_version: str,
                  keep_alive: bool, host: str | None = None, content_length: int | None = None,
-                 chunked: bool = False, expect_continue: bool = False) -> None:
+                 chunked: bool = False, expect_continue: bool = False, fields: list[bytes] | None = None,
+                 fwd: bytes | None = None) -> None:
         self.method = method
         self.target = target
-        self.headers = headers  # [(lowercase name, value)], in order
+        self._headers = headers  # None: decoded from ``fields`` (as `_Reader` collects them) when asked
+        self._fields = fields
+        self.fwd = fwd
         self.http_version = http_version
         self.keep_alive = keep_alive
         self.host = host
@@ -93,14 +134,18 @@ class Request:
         return f"Request({self.method} {self.target} HTTP/{self.http_version})"
 
 
-class Response:
-    __slots__ = ("status", "reason", "headers", "http_version", "keep_alive", "content_length", "chunked")
+class Response(_Head):
+    __slots__ = ("status", "reason", "_headers", "_fields", "fwd", "http_version", "keep_alive", "content_length",
+                 "chunked")
 
-    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]], http_version: str,
-                 keep_alive: bool, content_length: int | None = None, chunked: bool = False) -> None:
+    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]] | None, http_version: str,
+                 keep_alive: bool, content_length: int | None = None, chunked: bool = False,
+                 fields: list[bytes] | None = None, fwd: bytes | None = None) -> None:
         self.status = status
         self.reason = reason
-        self.headers = headers
+        self._headers = headers
+        self._fields = fields
+        self.fwd = fwd
         self.http_version = http_version
         self.keep_alive = keep_alive
         self.content_length = content_length
@@ -144,20 +189,31 @@ TRANSITIONS: dict[tuple[str, str], str] = {
 }
 
 
-_SPECIAL = {"content-length": 1, "transfer-encoding": 2, "host": 3, "expect": 4}  # headers the reader reads
-# Raw header name -> lowercase str, for the names clients and servers keep sending (bounded: names are
-# peer-controlled).
-_NAMES: dict[bytes, str] = {}
+# Field kinds: 0 forwarded as is; the others are read by the reader and (but host) not forwarded.
+_HOP, _CL, _TE, _HOST, _EXPECT = 1, 2, 3, 4, 5
+_KINDS = {"content-length": _CL, "transfer-encoding": _TE, "host": _HOST, "expect": _EXPECT}
+# Raw field name -> (lowercase str, b"lowercase: " to forward it with, kind), for the names clients and
+# servers keep sending (bounded: names are peer-controlled).
+_NAMES: dict[bytes, tuple[str, bytes, int]] = {}
 _MAX_NAMES = 512
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE")}
+_CRLF = b"\r\n"
+
+
+def _name(raw: bytes) -> tuple[str, bytes, int]:
+    lname = raw.decode("latin-1").lower()
+    entry = (lname, f"{lname}: ".encode("latin-1"), _KINDS.get(lname, _HOP if lname in HOP_BY_HOP else 0))
+    if len(_NAMES) < _MAX_NAMES:
+        _NAMES[raw] = entry
+    return entry
 
 
 class _Reader:
     """The httptools callbacks and the limits, shared by requests and responses."""
 
     __slots__ = ("max_head", "max_headers", "max_target", "max_body", "sink", "_parser", "_events", "state",
-                 "_error", "_in_head", "_head_fed", "_last", "_target", "_reason", "_headers", "_head_size",
-                 "_body_size", "_content_length", "_te", "_host", "_expect")
+                 "_error", "_in_head", "_head_fed", "_last", "_target", "_reason", "_parts", "_drop", "_body_size",
+                 "_content_length", "_te", "_host", "_expect", "_head_request")
 
     _parser_class: type = httptools.HttpRequestParser
 
@@ -172,8 +228,14 @@ class _Reader:
         self._in_head = False  # between message begin and headers complete
         self._head_fed = 0  # raw bytes fed while a head was incomplete
         self._last: Request | Response | None = None  # the last head pushed to the sink
+        self._head_request = False  # a response to HEAD: it ends with its head
         self.on_message_begin()
         self._in_head = False
+
+    @property
+    def in_head(self) -> bool:
+        """A message has started and its head is not complete yet."""
+        return self._in_head
 
     def _to(self, what: str) -> None:
         try:
@@ -182,13 +244,15 @@ class _Reader:
             raise LocalProtocolError(f"no transition from {self.state} on {what}") from None
 
     # -- httptools callbacks (raise RemoteProtocolError to stop the parser) --
+    # Per message; kept lean: a field costs one dict lookup and three list slots. The head's size is
+    # checked once it is complete (until then the raw-byte count in `receive_data` bounds it).
 
     def on_message_begin(self) -> None:
         self._in_head = True
         self._target = b""
         self._reason = b""
-        self._headers: list[tuple[str, str]] = []
-        self._head_size = 0
+        self._parts: list[bytes] = []  # b"lowercase-name: ", value, b"\r\n" per field, as forwarded
+        self._drop: list[int] = []  # where in ``_parts`` the fields not forwarded (hop-by-hop) start
         self._body_size = 0
         self._content_length: int | None = None
         self._te: str | None = None
@@ -204,37 +268,62 @@ class _Reader:
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_size += len(name) + len(value) + 4
-        headers = self._headers
-        if len(headers) >= self.max_headers:
+        parts = self._parts
+        if len(parts) >= 3 * self.max_headers:  # at once: a chunk of tiny fields must not pile up
             raise RemoteProtocolError(f"more than {self.max_headers} header lines", 431)
-        if self._head_size > self.max_head:
-            raise RemoteProtocolError(f"message head larger than {self.max_head} bytes", 431)
-        lname = _NAMES.get(name)
-        if lname is None:
-            lname = name.decode("latin-1").lower()
-            if len(_NAMES) < _MAX_NAMES:
-                _NAMES[name] = lname
+        entry = _NAMES.get(name) or _name(name)
+        kind = entry[2]
+        if kind:
+            if kind == _HOST:  # every request has one: no call for it
+                self._host = value.decode("latin-1")
+            else:
+                self._drop.append(len(parts))
+                if kind == _CL:  # nearly every response: no call for it either
+                    try:
+                        self._content_length = int(value)  # as int(str): llhttp has refused non-digits already
+                    except ValueError:
+                        self._special(kind, value)  # raises the 400
+                elif kind != _HOP:
+                    self._special(kind, value)
+        parts += (entry[1], value, _CRLF)
+
+    def _special(self, kind: int, value: bytes) -> None:
         text = value.decode("latin-1")
-        special = _SPECIAL.get(lname)
-        if special is not None:
-            if special == 1:
-                # llhttp refuses duplicates and non-digits; parse for our own limits
-                try:
-                    self._content_length = int(text)
-                except ValueError:
-                    raise RemoteProtocolError(f"bad Content-Length {text[:40]!r}", 400) from None
-            elif special == 2:
-                self._te = text if self._te is None else f"{self._te}, {text}"
-            elif special == 3:
-                self._host = text
-            elif text.lower() == "100-continue":
-                self._expect = True
-        headers.append((lname, text))
+        if kind == _CL:
+            # llhttp refuses duplicates and non-digits; parse for our own limits
+            try:
+                self._content_length = int(text)
+            except ValueError:
+                raise RemoteProtocolError(f"bad Content-Length {text[:40]!r}", 400) from None
+        elif kind == _TE:
+            self._te = text if self._te is None else f"{self._te}, {text}"
+        elif text.lower() == "100-continue":
+            self._expect = True
+
+    def _forwarded_fields(self) -> bytes:
+        """The head's forwarded field lines, once its size is checked (against what it came as)."""
+        parts = self._parts
+        fwd = b"".join(parts)
+        if len(fwd) > self.max_head:  # a field's line is as long as it came: name, ": ", value, CRLF
+            raise RemoteProtocolError(f"message head larger than {self.max_head} bytes", 431)
+        drop = self._drop
+        if drop:
+            kept = parts[:]
+            for i in reversed(drop):
+                del kept[i:i + 3]
+            fwd = b"".join(kept)
+        return fwd
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_fed = 0
+        parts = self._parts
+        if self._drop:
+            fwd = self._forwarded_fields()
+        else:  # nothing to leave out: the common request
+            fwd = b"".join(parts)
+            if len(fwd) > self.max_head:
+                self._forwarded_fields()  # raises the 431
         chunked = False
         if self._te is not None:
             if self._content_length is not None:  # llhttp catches this too; keep the rule explicit
@@ -249,13 +338,18 @@ class _Reader:
             self.state = BODY
         else:
             self._to("head")
-        ev = self._head(chunked)
+        ev = self._head(chunked, fwd)
         sink = self.sink
         if sink is None:
             self._events.append(ev)
         else:
             self._last = ev
             sink.head(ev)
+        if self._head_request:
+            self._end_head_only()
+
+    def _end_head_only(self) -> None:
+        raise NotImplementedError
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
@@ -278,7 +372,7 @@ class _Reader:
         else:
             sink.end()
 
-    def _head(self, chunked: bool):
+    def _head(self, chunked: bool, fwd: bytes):
         raise NotImplementedError
 
     # -- the public interface --
@@ -351,61 +445,65 @@ class RequestReader(_Reader):
     __slots__ = ()
     _parser_class = httptools.HttpRequestParser
 
-    def _head(self, chunked: bool) -> Request:
+    def _head(self, chunked: bool, fwd: bytes) -> Request:
         p = self._parser
         raw = p.get_method()
-        method = _METHODS.get(raw) or raw.decode("ascii")
-        if method == "CONNECT":
-            raise RemoteProtocolError("CONNECT is not supported by this proxy", 405)
+        method = _METHODS.get(raw)
+        if method is None:
+            method = raw.decode("ascii")
+            if method == "CONNECT":
+                raise RemoteProtocolError("CONNECT is not supported by this proxy", 405)
         try:
             target = self._target.decode("ascii")
         except UnicodeDecodeError:
             raise RemoteProtocolError("request target is not ASCII", 400) from None
-        return Request(method, target, self._headers, p.get_http_version(), p.should_keep_alive(), self._host,
-                       self._content_length, chunked, self._expect)
+        return Request(method, target, None, p.get_http_version(), p.should_keep_alive(), self._host,
+                       self._content_length, chunked, self._expect, self._parts, fwd)
 
 
 class ResponseReader(_Reader):
     """Reads responses from an upstream server. Call `expect(method)` before each response: a HEAD
     response has no body whatever its headers say, and httptools cannot be told so."""
 
-    __slots__ = ("_head_request", "_until_eof")
+    __slots__ = ("_until_eof",)
     _parser_class = httptools.HttpResponseParser
 
     def __init__(self, **limits) -> None:
         super().__init__(**limits)
-        self._head_request = False
         self._until_eof = False
 
     def expect(self, method: str) -> None:
         self._head_request = method == "HEAD"
 
-    def _head(self, chunked: bool) -> Response:
+    def _head(self, chunked: bool, fwd: bytes) -> Response:
         p = self._parser
         status = p.get_status_code()
         keep_alive = p.should_keep_alive()
         no_body = self._head_request or status in (204, 304) or 100 <= status < 200
         self._until_eof = not no_body and not chunked and self._content_length is None
-        return Response(status, self._reason.decode("latin-1"), self._headers, p.get_http_version(),
-                        keep_alive and not self._until_eof, self._content_length, chunked)
+        return Response(status, self._reason.decode("latin-1"), None, p.get_http_version(),
+                        keep_alive and not self._until_eof, self._content_length, chunked, self._parts, fwd)
 
-    def on_headers_complete(self) -> None:
-        super().on_headers_complete()
-        if self._head_request:
-            # End the message here and start a fresh parser for the next response.
-            self._head_request = False
-            self._to("end")
-            self._in_head = False
-            self._parser = self._parser_class(self)
-            if self.sink is None:
-                self._events.append(EndOfMessage)
-            else:
-                self.sink.end()
-            raise _StopFeed
+    def _end_head_only(self) -> None:
+        # End the message here and start a fresh parser for the next response.
+        self._head_request = False
+        self._to("end")
+        self._in_head = False
+        self._parser = self._parser_class(self)
+        if self.sink is None:
+            self._events.append(EndOfMessage)
+        else:
+            self.sink.end()
+        raise _StopFeed
 
     def on_message_complete(self) -> None:
-        if self.state == BODY:
-            super().on_message_complete()
+        if self.state is BODY:
+            self.state = DONE
+            sink = self.sink
+            if sink is None:
+                self._events.append(EndOfMessage)
+            else:
+                sink.end()
 
     def _eof(self) -> None:
         if self.state == BODY and self._until_eof:

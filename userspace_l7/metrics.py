@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, HistogramMetricFamily
 
-__all__ = ["BUCKETS_MS", "L7Metrics"]
+__all__ = ["BUCKETS_MS", "L7Metrics", "observe"]
 
 # Istio's default buckets for istio_request_duration_milliseconds.
 BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 600000,
@@ -28,6 +28,13 @@ REQUEST_LABELS = ["source_workload", "destination_workload", "destination_servic
 TCP_LABELS = ["source_workload", "destination_workload", "destination_service", "connection_security_policy"]
 
 
+def observe(row: list, duration_ms: float) -> None:
+    """Count one request in a row of `L7Metrics.row`."""
+    row[0] += 1
+    row[1] += duration_ms
+    row[2][bisect_left(BUCKETS_MS, duration_ms)] += 1
+
+
 class L7Metrics:
     def __init__(self) -> None:
         # label tuple -> [count, sum_ms, per-bucket counts (not cumulative) ..., +Inf count]
@@ -35,12 +42,14 @@ class L7Metrics:
         self._tcp: dict[tuple[str, ...], int] = {}
 
     def request(self, labels: tuple[str, str, str, str, str], duration_ms: float) -> None:
+        observe(self.row(labels), duration_ms)
+
+    def row(self, labels: tuple[str, str, str, str, str]) -> list:
+        """The counters of one label tuple, for `observe`: a caller that keeps it skips the label lookup."""
         row = self._requests.get(labels)
         if row is None:
             row = self._requests[labels] = [0, 0.0, [0] * (len(BUCKETS_MS) + 1)]
-        row[0] += 1
-        row[1] += duration_ms
-        row[2][bisect_left(BUCKETS_MS, duration_ms)] += 1
+        return row
 
     def connection_opened(self, labels: tuple[str, str, str, str]) -> None:
         self._tcp[labels] = self._tcp.get(labels, 0) + 1

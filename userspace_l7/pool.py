@@ -80,7 +80,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._error = e
             self.transport.close()
         if self.on_broken is None:
-            self._wake()
+            if self._waiter is not None:
+                self._wake()
         elif self._error is not None:
             self.on_broken()
 
@@ -233,7 +234,7 @@ class BackendPool:
             self.discard(conn)
             return
         conn.idle_since = self.loop.time()
-        if not self._hand_over(conn):
+        if not self._waiters or not self._hand_over(conn):
             self.idle.append(conn)
 
     def discard(self, conn: UpstreamConnection) -> None:

@@ -18,8 +18,10 @@ Two paths carry a request out, with the same outcome:
   retries) hands the request over to it as it stands: the attempt already on the wire is the first.
 
 Hot-path rules: no logging, no task or future per fast-path request, flows and metrics appended to
-in-memory batches. Errors printed to stderr are reserved for the control path (config reloads,
-startup) and bugs.
+in-memory batches (their labels built once per connection, route and backend: `_Records`), request and
+response field lines forwarded as parsed unless the route edits headers, one `Exchange` per connection
+reused by its requests. `tests/unit/l7/bench_fastpath.py` measures this path in process. Errors
+printed to stderr are reserved for the control path (config reloads, startup) and bugs.
 
 The original destination of a connection comes from an `OriginalDstResolver` when one is plugged
 in (the kernel-side redirect: userspace_l7.origdst) and otherwise from each request's Host header.
@@ -47,6 +49,7 @@ from .balancer import ClusterState, ClusterStates
 from .config import Backend, L7Config
 from .flows import FlowSink
 from .http1 import (
+    HOP_BY_HOP,
     ConnectionClosed,
     Data,
     EndOfMessage,
@@ -55,7 +58,7 @@ from .http1 import (
     RequestReader,
     Response,
 )
-from .metrics import L7Metrics
+from .metrics import L7Metrics, observe
 from .pool import BackendPool, PoolOverflow, Pools, UpstreamConnection, UpstreamError
 from .routecache import RouteCache
 from .routing import RouteDecision, should_retry
@@ -91,8 +94,7 @@ class Options:
     node_name: str = ""
 
 
-HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-                        "upgrade", "content-length", "expect"))
+_BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))  # always sent with a Content-Length
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
            413: "Content Too Large", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
            501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
@@ -115,7 +117,8 @@ class ClientConnection(asyncio.Protocol):
     """One downstream connection: reads requests, serves them in order, keeps the connection alive."""
 
     __slots__ = ("proxy", "transport", "reader", "queue", "busy", "closing", "peer", "local", "dst", "mark",
-                 "_cur", "_body", "_timer", "_timer_kind", "_deadline", "_paused", "_serving")
+                 "_cur", "_body", "_timer", "_timer_kind", "_deadline", "_paused", "_serving", "rec", "exchange",
+                 "original")
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
@@ -130,6 +133,9 @@ class ClientConnection(asyncio.Protocol):
         self._deadline = 0.0
         self._paused = False
         self._serving = False  # `_serve_queued` is on the stack
+        self.rec: _Records | None = None  # the last request's record labels: the next one likely shares them
+        self.exchange: Exchange | None = None  # the fast path's, made on first use
+        self.original: tuple[str, int] | None = None  # the original destination's (ip, port), when resolved
 
     # -- asyncio callbacks --
 
@@ -142,6 +148,8 @@ class ClientConnection(asyncio.Protocol):
         resolver = self.proxy.resolver
         if resolver is not None:
             dst = self.dst = resolver.resolve(transport.get_extra_info("socket"))
+            if dst is not None:
+                self.original = (dst.ip, dst.port)
             try:
                 if dst is not None and dst.source_identity:
                     self.mark = origdst.upstream_mark(dst.source_identity, dst.source_ep_id)
@@ -156,8 +164,7 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        if self._cur is None and self._timer_kind == "idle":
-            self._arm("header")  # a request has started: it gets header_timeout, not idle_timeout
+        starts = self._cur is None and self._timer_kind == "idle"
         queue = self.queue
         queued = len(queue)
         try:
@@ -166,6 +173,10 @@ class ClientConnection(asyncio.Protocol):
             while len(queue) > queued:  # a chunk with an error is refused whole: nothing in it is served
                 queue.pop()
             self._refuse(e)
+        # A request has started and its head is not all in: it gets header_timeout, not idle_timeout. (A
+        # head that arrived whole needs no timer: re-arming one per request would cost a TimerHandle.)
+        if starts and self._timer_kind == "idle" and self.reader.in_head:
+            self._arm("header")
         if queue and not self.busy:  # served once the whole chunk is read
             self._serve_queued()
 
@@ -290,8 +301,14 @@ class ClientConnection(asyncio.Protocol):
             self.closing = True
             self.queue.clear()
             self.transport.close()
-        elif not self._serving:
+        elif self._serving:
+            pass  # `_serve_queued` carries on
+        elif self.queue:
             self._serve_queued()
+        elif self.closing:  # what `_serve_queued` does with nothing queued, without its loop
+            self.transport.close()
+        elif self._cur is None:
+            self._arm("idle")
 
     def internal_error(self, e: Exception) -> None:
         """A bug: never leave the client hanging, never kill the worker."""
@@ -302,32 +319,48 @@ class ClientConnection(asyncio.Protocol):
         self.transport.close()
 
 
+_STATUS_LINES: dict[tuple[int, str], bytes] = {}  # (status, reason) -> b"HTTP/1.1 ...\r\n"; bounded below
+
+
+def _status_line(status: int, reason: str) -> bytes:
+    line = _STATUS_LINES.get((status, reason))
+    if line is None:
+        line = f"HTTP/1.1 {status} {reason or REASONS.get(status, '')}\r\n".encode("latin-1")
+        if len(_STATUS_LINES) < 256:  # reasons are the upstream's to choose
+            _STATUS_LINES[(status, reason)] = line
+    return line
+
+
 def response_head(resp: Response, d: RouteDecision, head: Request, keep: bool) -> tuple[bytes, bool, bool, bool]:
     """The head of the response the client gets for ``resp``: (head bytes, whether the body is re-framed
     as chunked, whether it has no body, whether the client connection stays open). The head goes out
-    with the first body bytes (usually the whole body): one send, not two."""
+    with the first body bytes (usually the whole body): one send, not two. Without header edits the
+    upstream's field lines go out as parsed (`Response.forwarded`)."""
     if d.response_headers:
         edited = d.response_headers.apply([(k, v) for k, v in resp.headers if k not in HOP_BY_HOP])
-        lines = [f"{k}: {v}\r\n" for k, v in edited]
+        fields = "".join([f"{k}: {v}\r\n" for k, v in edited]).encode("latin-1")
     else:
-        lines = [f"{k}: {v}\r\n" for k, v in resp.headers if k not in HOP_BY_HOP]
+        fields = resp.fwd or resp.forwarded()
     status = resp.status
     no_body = head.method == "HEAD" or status in NO_BODY_STATUS
     chunked = False
     if resp.content_length is not None and status not in NO_BODY_STATUS:
-        lines.append(f"content-length: {resp.content_length}\r\n")
+        framing = b"content-length: %d\r\n" % resp.content_length
     elif not no_body:
         if head.http_version == "1.1":
             chunked = True
-            lines.append("transfer-encoding: chunked\r\n")
+            framing = b"transfer-encoding: chunked\r\n"
         else:
+            framing = b""
             keep = False  # HTTP/1.0 client: the body ends when we close
+    else:
+        framing = b""
     if not keep:
-        lines.append("connection: close\r\n")
+        framing += b"connection: close\r\n"
     elif head.http_version == "1.0":
-        lines.append("connection: keep-alive\r\n")
-    text = f"HTTP/1.1 {status} {resp.reason or REASONS.get(status, '')}\r\n{''.join(lines)}\r\n"
-    return text.encode("latin-1"), chunked, no_body, keep
+        framing += b"connection: keep-alive\r\n"
+    line = _STATUS_LINES.get((status, resp.reason)) or _status_line(status, resp.reason)
+    return b"".join((line, fields, framing, b"\r\n")), chunked, no_body, keep
 
 
 class Exchange:
@@ -337,20 +370,26 @@ class Exchange:
     yet seen stay in the reader for it."""
 
     __slots__ = ("proxy", "conn", "req", "body", "d", "dst_ip", "dst_port", "t0", "state", "backend", "pool", "up",
-                 "status", "pending", "chunked", "no_body", "keep")
+                 "status", "pending", "chunked", "no_body", "keep", "_broken")
 
-    def __init__(self, proxy: Proxy, conn: ClientConnection, req: Request, body: bytes, d: RouteDecision,
-                 dst_ip: str, dst_port: int, t0: int, state: ClusterState, backend: Backend, pool: BackendPool,
-                 up: UpstreamConnection) -> None:
-        self.proxy, self.conn, self.req, self.body, self.d = proxy, conn, req, body, d
+    def __init__(self, proxy: Proxy, conn: ClientConnection) -> None:
+        # One per client connection, reused by its requests (one at a time): `start` begins each.
+        self.proxy, self.conn = proxy, conn
+        self.up: UpstreamConnection | None = None  # None once given back (released, discarded, handed over)
+        self._broken = self.broken  # bound once, not per request
+
+    def start(self, req: Request, body: bytes, d: RouteDecision, dst_ip: str, dst_port: int, t0: int,
+              state: ClusterState, backend: Backend, pool: BackendPool, up: UpstreamConnection) -> None:
+        """Read the response to ``req``, which is on its way to ``up``."""
+        self.req, self.body, self.d = req, body, d
         self.dst_ip, self.dst_port, self.t0 = dst_ip, dst_port, t0
         self.state, self.backend, self.pool = state, backend, pool
-        self.up: UpstreamConnection | None = up  # None once given back (released, discarded, handed over)
+        self.up = up
         self.status = 0  # non-zero once the response head is accepted
         self.pending = b""  # bytes held back to go out with the next ones
         self.chunked = self.no_body = self.keep = False
         up.reader.sink = self
-        up.on_broken = self.broken
+        up.on_broken = self._broken
 
     # -- the response reader's sink --
 
@@ -379,13 +418,16 @@ class Exchange:
 
     def end(self) -> None:
         try:
-            up = self._give_up()
+            up, self.up = self.up, None  # `_give_up`, inlined: once per request
+            up.reader.sink = None
+            up.on_broken = None
+            pending = self.pending
             if self.chunked:
-                self.pending += b"0\r\n\r\n"
-            if self.pending:
-                self.conn.write(self.pending)
+                pending += b"0\r\n\r\n"
+            if pending:
+                self.conn.write(pending)
             self.pool.release(up)
-            self._done(self.keep)
+            self._done(self.keep)  # may start the connection's next request on this object: nothing after it
         except Exception as e:
             self._bug(e)
 
@@ -428,6 +470,32 @@ class Exchange:
         if self.up is not None:
             self.pool.discard(self._give_up())
         self.conn.internal_error(e)
+
+
+class _Records:
+    """What the flows and metric samples of one connection's requests to one route, backend and original
+    destination share, built once: per request only the counters, a timestamp and a queued tuple remain."""
+
+    __slots__ = ("d", "backend", "dst_ip", "dst_port", "flow", "labels", "rows")
+
+    def __init__(self, conn: ClientConnection, d: RouteDecision, backend: Backend | None, dst_ip: str,
+                 dst_port: int) -> None:
+        self.d, self.backend, self.dst_ip, self.dst_port = d, backend, dst_ip, dst_port
+        svc = d.service
+        if svc is not None:
+            fqdn, service, namespace = svc.fqdn, svc.fqdn, svc.namespace
+        else:
+            fqdn, service, namespace = "unknown", "", ""
+        src_workload = conn.dst.source_workload if conn.dst is not None else "unknown"
+        if backend is not None:
+            dst_workload, upstream = backend.workload, f"{backend.ip}:{backend.port}"
+        else:
+            dst_workload, upstream = "unknown", ""
+        peer = conn.peer
+        self.flow = (peer[0], peer[1], dst_ip, dst_port, d.route_name, d.subset, service, namespace, upstream,
+                     dst_workload, src_workload, "FORWARDED")  # flows.FlowShared
+        self.labels = (src_workload, dst_workload, fqdn)  # + response code, security policy
+        self.rows: dict[int, list] = {}  # status -> L7Metrics.row
 
 
 class Proxy:
@@ -492,9 +560,7 @@ class Proxy:
         """Serve one request of ``conn`` (which is busy until this path calls ``conn.done``): on the fast
         path when the request allows it, else in a `_slow` task."""
         t0 = time.perf_counter_ns()
-        dst = conn.dst
-        d, dst_ip, dst_port = self.routes.lookup(self.config, head, None if dst is None else (dst.ip, dst.port),
-                                                 conn.local[1])
+        d, dst_ip, dst_port = self.routes.lookup(self.config, head, conn.original, conn.local[1])
         if d.delay or d.mirror is not None:
             self.loop.create_task(self._slow(conn, head, body, d, dst_ip, dst_port, t0))
             return
@@ -511,15 +577,19 @@ class Proxy:
         backend = state.pick()
         up = pool = None
         if backend is not None:
-            if backend.address not in self._opened_labels:
-                self._opened_labels[backend.address] = ("unknown", backend.workload, d.service.fqdn, "none")
-            pool = self.pools.get(backend.address, d.cluster.policy.pool, conn.mark)
+            address = backend.address
+            if address not in self._opened_labels:
+                self._opened_labels[address] = ("unknown", backend.workload, d.service.fqdn, "none")
+            pool = self.pools.get(address, d.cluster.policy.pool, conn.mark)
             up = pool.try_acquire()
         if up is None:  # no healthy backend (a 503 there), or a connection to open or wait for
             self.loop.create_task(self._slow(conn, head, body, d, dst_ip, dst_port, t0, (backend, None)))
             return
         state.started(backend)
-        Exchange(self, conn, head, body, d, dst_ip, dst_port, t0, state, backend, pool, up)
+        ex = conn.exchange
+        if ex is None:
+            ex = conn.exchange = Exchange(self, conn)
+        ex.start(head, body, d, dst_ip, dst_port, t0, state, backend, pool, up)
         up.send(self._request_bytes(head, body, d), head.method)
 
     async def _slow(self, conn: ClientConnection, head: Request, body: bytes, d: RouteDecision, dst_ip: str,
@@ -554,14 +624,12 @@ class Proxy:
             if authority:
                 headers = [(k, v) for k, v in headers if k != "host"]
                 headers.append(("host", authority))
-            lines = [f"{k}: {v}\r\n" for k, v in headers]
+            fields = "".join([f"{k}: {v}\r\n" for k, v in headers]).encode("latin-1")
         else:
-            lines = [f"{k}: {v}\r\n" for k, v in head.headers if k not in HOP_BY_HOP]
+            fields = head.fwd or head.forwarded()  # the client's field lines as parsed: nothing to re-encode
         method = head.method
-        if body or method in ("POST", "PUT", "PATCH"):
-            lines.append(f"content-length: {len(body)}\r\n")
-        data = f"{method} {d.path} HTTP/1.1\r\n{''.join(lines)}\r\n".encode("latin-1")
-        return data + body if body else data
+        framing = b"content-length: %d\r\n\r\n" % len(body) if body or method in _BODY_METHODS else b"\r\n"
+        return b"".join((f"{method} {d.path} HTTP/1.1\r\n".encode("latin-1"), fields, framing, body))
 
     async def _forward(self, conn: ClientConnection, head: Request, body: bytes, d: RouteDecision,
                        keep: bool, first: tuple | None = None) -> tuple[int, Backend | None, bool]:
@@ -718,21 +786,15 @@ class Proxy:
 
     def _record(self, conn: ClientConnection, head: Request, d: RouteDecision, status: int, backend: Backend | None,
                 dst_ip: str, dst_port: int, latency_ns: int) -> None:
-        svc = d.service
-        if svc is not None:
-            fqdn, service, namespace = svc.fqdn, svc.fqdn, svc.namespace
-        else:
-            fqdn, service, namespace = "unknown", "", ""
-        src_workload = conn.dst.source_workload if conn.dst is not None else "unknown"
-        if backend is not None:
-            dst_workload, upstream = backend.workload, f"{backend.ip}:{backend.port}"
-        else:
-            dst_workload, upstream = "unknown", ""
-        peer = conn.peer
-        self.flows.add((time.time_ns(), latency_ns, head.method, head.target, status, peer[0], peer[1], dst_ip,
-                        dst_port, d.route_name, d.subset, service, namespace, upstream, dst_workload, src_workload,
-                        "FORWARDED"))
-        self.metrics.request((src_workload, dst_workload, fqdn, str(status), "none"), latency_ns / 1e6)
+        rec = conn.rec
+        if rec is None or rec.d is not d or rec.backend is not backend or rec.dst_port != dst_port \
+                or rec.dst_ip != dst_ip:
+            rec = conn.rec = _Records(conn, d, backend, dst_ip, dst_port)
+        self.flows.pending.append((time.time_ns(), latency_ns, head.method, head.target, status, rec.flow))
+        row = rec.rows.get(status)
+        if row is None:
+            row = rec.rows[status] = self.metrics.row(rec.labels + (str(status), "none"))
+        observe(row, latency_ns / 1e6)
 
     def record_refused(self, conn: ClientConnection, status: int) -> None:
         self.flows.add((time.time_ns(), 0, "", "", status, conn.peer[0], conn.peer[1], conn.local[0], conn.local[1],

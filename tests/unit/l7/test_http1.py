@@ -248,3 +248,39 @@ def test_a_failing_sink_propagates_and_kills_the_reader():
         reader.receive_data(b"GET / HTTP/1.1\r\n\r\n")
     with pytest.raises(Exception):  # noqa: B017 - dead: any further use raises
         reader.receive_data(b"GET / HTTP/1.1\r\n\r\n")
+
+
+def _reencoded(headers):
+    """What the proxy sent before heads kept their bytes: every field but hop-by-hop ones, re-encoded."""
+    from userspace_l7.http1 import HOP_BY_HOP
+    return "".join(f"{k}: {v}\r\n" for k, v in headers if k not in HOP_BY_HOP).encode("latin-1")
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(["Host", "X-A", "connection", "Keep-Alive", "TE", "Upgrade", "Accept",
+                                           "expect", "Trailer", "x-\u00e9"]),
+                          st.text(st.characters(min_codepoint=0x21, max_codepoint=0xff), max_size=8)),
+                max_size=6))
+def test_forwarded_lines_are_the_reencoded_headers(fields):
+    head = b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in fields)
+    try:
+        evs = events(RequestReader(), b"GET / HTTP/1.1\r\n" + head + b"\r\n")
+    except RemoteProtocolError:
+        return  # refused (a bad name, Expect, Upgrade...): nothing is forwarded
+    req = evs[0]
+    assert req.headers == [(k.lower(), v) for k, v in fields]
+    assert req.fwd == _reencoded(req.headers) == Request("GET", "/", req.headers, "1.1", True).forwarded()
+    resp = events(ResponseReader(), b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n" + head + b"\r\n")[0]
+    assert resp.fwd == _reencoded(resp.headers)
+
+
+def test_headers_set_on_a_parsed_head_replace_its_lines():
+    req = events(RequestReader(), b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n\r\n")[0]
+    assert req.forwarded() == b"host: a\r\nx-a: 1\r\n"
+    req.headers = [("host", "b")]
+    assert req.forwarded() == b"host: b\r\n"
+
+
+def test_content_length_is_read_from_bytes_as_from_text():
+    resp = events(ResponseReader(), b"HTTP/1.1 200 OK\r\nContent-Length: 007\r\n\r\n1234567")[0]
+    assert resp.content_length == 7 and resp.fwd == b""

@@ -65,7 +65,7 @@ def test_fast_path_forwards_and_returns_the_connection():
         up.data_received(OK)
         assert client.transport.out == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
         assert not client.busy and pool.idle == [up] and up.reader.sink is None
-        assert len(proxy.flows._pending) == 1 and proxy.flows._pending[0][4] == 200
+        assert len(proxy.flows.pending) == 1 and proxy.flows.pending[0][4] == 200
 
     asyncio.run(run())
 
@@ -130,5 +130,26 @@ def test_pipelined_requests_are_answered_in_order():
         assert up.transport.out.startswith(b"GET /3 ")
         up.data_received(OK)
         assert client.transport.out.count(b"HTTP/1.1 200") == 2 and not client.busy
+
+    asyncio.run(run())
+
+
+def test_the_fast_path_benchmark_runs():
+    from .bench_fastpath import run
+
+    _, upstream, client = run(50)  # its timing is printed by `python -m tests.unit.l7.bench_fastpath`, not tested
+    assert upstream == b"GET /productpage HTTP/1.1\r\nhost: bench\r\nuser-agent: wrk\r\naccept: */*\r\n\r\n"
+    assert client == b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 6\r\n\r\nhello\n"
+
+
+def test_a_head_in_one_chunk_arms_no_header_timer():
+    async def run():
+        proxy, client, pool, (up,) = setup()
+        timer = client._timer
+        client.data_received(b"GET /a HTTP/1.1\r\nHost: reviews\r\n\r\n")
+        up.data_received(OK)
+        assert client._timer is timer and client._timer_kind == "idle"  # the idle deadline moved, no new handle
+        client.data_received(b"GET /a HTTP/1.1\r\nHost: rev")
+        assert client._timer_kind == "header" and client._deadline < proxy.loop.time() + 11
 
     asyncio.run(run())
