@@ -9,8 +9,9 @@ gateway with permanent neighbours, same addresses everywhere). Only the enforcem
 
     none           no programs, no firewall
     noop           a no-op TC program on both hooks of both host-side veths (baseline program cost)
-    agent-10/1k/10k  the real agent; a CiliumNetworkPolicy on b with N non-matching CIDR+port
-                   rules (N ipcache prefixes) and, last, the rule that allows a
+    agent-10/1k/10k  the real agent (socket_fastpath off: this part measures TC); a
+                   CiliumNetworkPolicy on b with N non-matching CIDR+port rules (N ipcache
+                   prefixes) and, last, the rule that allows a
     iptables-1k/10k  no agent; FORWARD holds ESTABLISHED accept, the same N rules, the allow, a DROP
     iptables-1k/10k-ctlast  the same, ESTABLISHED accept after the allow: every packet walks them
 
@@ -457,6 +458,9 @@ class AgentNode:
             "cgroup": str(CGROUP_DIR / self.tag),
             "api_socket": str(self.dir / "api.sock"),
             "metrics_addr": f"127.0.0.1:{_free_port()}",
+            # This part measures the TC policy datapath. With the socket fast path, a same-node
+            # connection's data skips TC altogether; bench/fastpath.py measures that.
+            "socket_fastpath": False,
         }
         self.config_path = self.dir / "agent.yaml"
         self.config_path.write_text(yaml.safe_dump(self.node_config))
