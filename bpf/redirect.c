@@ -284,6 +284,49 @@ int sock_ops(struct bpf_sock_ops *skops)
 }
 
 /**
+ * fastpath_leave - ask for a socket that has been on TCP for a while to leave the sockhash
+ *
+ * Two steps on two sends (lib/sockmap.h, "Leaving the map"): first announce it, so that the peer
+ * no longer starts redirects to this socket; later, once nothing is queued for it and no redirect
+ * towards it is under way, hand it to the agent (fastpath_leavers), which deletes it. Its psock
+ * goes with that, and with it tcp_bpf: its sends are plain TCP from then on.
+ */
+static __always_inline void fastpath_leave(struct sock_key *key, struct fastpath_flow *flow,
+					   struct fastpath_flow *peer_flow)
+{
+	__u32 one = 1;
+
+	if (!(flow->flags & FP_FLOW_LEAVING)) {
+		flow->flags |= FP_FLOW_LEAVING;
+		return;
+	}
+	if (flow->flags & FP_FLOW_LEAVE_READY)
+		return;
+	if (fastpath_peer_queued(flow) != 0 || (peer_flow && fastpath_redirecting(peer_flow)))
+		return;
+	if (fastpath_leavers.update(key, &one) == 0)
+		flow->flags |= FP_FLOW_LEAVE_READY;
+}
+
+/**
+ * fastpath_tcp - this send takes TCP; a socket that will not redirect again soon asks to leave
+ *
+ * On TCP for good (a policy change, a peer that leaves), or on TCP for FP_LEAVE_AFTER_TCP_BYTES
+ * without the peer catching up: it asks to leave the sockhash (fastpath_leave), since staying costs
+ * tcp_bpf's copy of every send. Returns SK_PASS.
+ */
+static __always_inline int fastpath_tcp(struct sock_key *key, struct fastpath_flow *flow,
+					struct fastpath_flow *peer_flow, __u32 size, __u32 outcome)
+{
+	if ((flow->flags & FP_FLOW_TCP_FOR_GOOD) || flow->tcp_bytes >= FP_LEAVE_AFTER_TCP_BYTES)
+		fastpath_leave(key, flow, peer_flow);
+	else
+		flow->tcp_bytes += size;
+	fastpath_count(outcome, size);
+	return SK_PASS;
+}
+
+/**
  * fastpath_msg - sendmsg() on a socket of fastpath_socks: redirect to the peer, or take TCP
  * @msg: the message (for a large write, one chunk of it: the kernel runs this per chunk)
  *
@@ -306,17 +349,8 @@ int fastpath_msg(struct sk_msg_md *msg)
 	if (fastpath_is_loopback(key.local_ip) && fastpath_is_loopback(key.remote_ip))
 		key.netns = bpf_get_netns_cookie(msg);
 	flow = fastpath_flows.lookup(&key);
-	if (!flow) {
+	if (!flow) { /* evicted: it stays on TCP, in the map */
 		fastpath_count(FP_PASS_NO_STATE, size);
-		return SK_PASS;
-	}
-	if (flow->flags & FP_FLOW_TCP_FOR_GOOD) {
-		fastpath_count(FP_PASS_FALLEN, size);
-		return SK_PASS;
-	}
-	if (dp && dp->policy_revision != flow->revision) {
-		flow->flags |= FP_FLOW_TCP_FOR_GOOD;
-		fastpath_count(FP_PASS_POLICY, size);
 		return SK_PASS;
 	}
 	peer.local_ip = key.remote_ip;
@@ -325,27 +359,33 @@ int fastpath_msg(struct sk_msg_md *msg)
 	peer.remote_port = key.local_port;
 	peer.netns = key.netns;
 	peer_flow = fastpath_flows.lookup(&peer);
-	if (!peer_flow) {
+	if (flow->flags & FP_FLOW_TCP_FOR_GOOD)
+		return fastpath_tcp(&key, flow, peer_flow, size, FP_PASS_FALLEN);
+	if (dp && dp->policy_revision != flow->revision) {
 		flow->flags |= FP_FLOW_TCP_FOR_GOOD;
-		fastpath_count(FP_PASS_NO_PEER, size);
-		return SK_PASS;
+		return fastpath_tcp(&key, flow, peer_flow, size, FP_PASS_POLICY);
 	}
-	if ((flow->flags & FP_FLOW_ON_TCP) && !fastpath_tcp_drained(flow, peer_flow)) {
-		fastpath_count(FP_PASS_FALLEN, size);
-		return SK_PASS;
+	if (!peer_flow) { /* not (yet) on the fast path: a client may write before the server joins */
+		flow->flags |= FP_FLOW_ON_TCP;
+		return fastpath_tcp(&key, flow, peer_flow, size, FP_PASS_NO_PEER);
 	}
+	if (peer_flow->flags & (FP_FLOW_LEAVING | FP_FLOW_LEFT)) {
+		flow->flags |= FP_FLOW_TCP_FOR_GOOD;
+		return fastpath_tcp(&key, flow, peer_flow, size, FP_PASS_NO_PEER);
+	}
+	if ((flow->flags & FP_FLOW_ON_TCP) && !fastpath_tcp_drained(flow, peer_flow))
+		return fastpath_tcp(&key, flow, peer_flow, size, FP_PASS_FALLEN);
 	queued = fastpath_peer_queued(peer_flow);
 	if (queued < 0 || queued + size > FASTPATH_QUEUE_BUDGET) {
 		flow->flags |= FP_FLOW_ON_TCP;
-		fastpath_count(FP_PASS_QUEUE_FULL, size);
-		return SK_PASS;
+		return fastpath_tcp(&key, flow, peer_flow, size, FP_PASS_QUEUE_FULL);
 	}
 	if (fastpath_socks.msg_redirect_hash(msg, &peer, BPF_F_INGRESS) != SK_PASS) {
-		flow->flags |= FP_FLOW_TCP_FOR_GOOD;
-		fastpath_count(FP_PASS_NO_PEER, size);
-		return SK_PASS;
+		flow->flags |= FP_FLOW_ON_TCP; /* the peer closed, or has not joined the sockhash yet */
+		return fastpath_tcp(&key, flow, peer_flow, size, FP_PASS_NO_PEER);
 	}
 	flow->flags &= ~FP_FLOW_ON_TCP;
+	flow->tcp_bytes = 0;
 	fastpath_count(FP_REDIRECTED, size);
 	return SK_PASS;
 }

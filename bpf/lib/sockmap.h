@@ -22,13 +22,11 @@
  * queue before its TCP receive queue (tcp_bpf_recvmsg). TCP -> redirect is safe only once every
  * byte the socket gave TCP has been read by the peer's application (our write_seq == the peer's
  * copied_seq, fastpath_tcp_drained): bytes still in flight (a veth backlog, a locked socket's
- * backlog) or unread would be overtaken by the redirected ones. A socket goes to TCP for good
- * (FP_FLOW_TCP_FOR_GOOD) when
- *   - its peer is not in the map (a client that writes before the server's side of the handshake
- *     completed; the peer is not eligible; the map was full): sockets join only at establishment;
- *   - the policy revision changed since it was added: from then on its packets cross TC again and
- *     conntrack re-checks policy, so a revoked allow cuts it as it cuts any flow (lib/conntrack.h).
- * It goes to TCP until the peer has caught up (FP_FLOW_ON_TCP) when
+ * backlog) or unread would be overtaken by the redirected ones. A socket goes to TCP until the
+ * peer has caught up (FP_FLOW_ON_TCP) when
+ *   - its peer is not in the map: a client that writes at once after connect() may do so before
+ *     the server's side of the handshake has completed (iperf3 does, over veths); or the peer
+ *     closed; or it is not eligible, or the map was full (sockets join only at establishment);
  *   - its peer has FASTPATH_QUEUE_BUDGET bytes queued that its application has not read. A
  *     redirect into the peer's queue has no flow control of its own: the kernel charges it to the
  *     peer without checking its receive buffer, so a writer whose reader stopped reading would
@@ -37,6 +35,23 @@
  *     (fastpath_peer_queued below). A reader that keeps up keeps its writer on the fast path,
  *     one-way bulk included; one that falls behind sends the writer to TCP, whose window stops
  *     it, until it has read everything, TCP's bytes included.
+ * It goes to TCP for good (FP_FLOW_TCP_FOR_GOOD) when
+ *   - the policy revision changed since it was added: from then on its packets cross TC again and
+ *     conntrack re-checks policy, so a revoked allow cuts it as it cuts any flow (lib/conntrack.h);
+ *   - its peer leaves the map (below).
+ *
+ * Leaving the map. A socket on TCP in the sockhash pays for tcp_bpf's copy of every send (about
+ * half of plain TCP's bulk rate), and a steady one-way stream over veths rarely lets the peer read
+ * everything TCP holds, so it could stay there. A socket on TCP for good, or one that sent
+ * FP_LEAVE_AFTER_TCP_BYTES on TCP without the peer catching up, leaves: it announces it
+ * (FP_FLOW_LEAVING: the peer stops redirecting to it, and goes to TCP for good itself), and on a
+ * later send, once nothing is queued for it and the peer is not half-way through a redirect to it
+ * (the peer's psock eval), it asks to be let go (fastpath_leavers). An sk_msg program may not
+ * delete from a sockhash ("cannot update sockmap in this context"), so the agent does, within
+ * 100 ms (RedirectDatapath.release_leavers); from then on the socket sends as plain TCP. Deleting
+ * it while a redirected byte is queued for it, or in flight towards it, would drop that byte with
+ * its psock, which is what the two conditions rule out; after the announcement no new redirect to
+ * it starts.
  *
  * Policy: the handshake of every connection crosses TC, so a flow that policy denies is never
  * established and never reaches this map. Bytes that take the fast path are not counted in flow
@@ -61,9 +76,10 @@
  * against headers that need not match the kernel and cannot relocate field accesses (no CO-RE).
  * The agent turns the fast path off when BTF lacks them. */
 #if !defined(FP_SK_USER_DATA_OFF) || !defined(FP_PSOCK_MSG_TOT_LEN_OFF) || !defined(FP_TCP_WRITE_SEQ_OFF) || \
-	!defined(FP_TCP_COPIED_SEQ_OFF)
+	!defined(FP_TCP_COPIED_SEQ_OFF) || !defined(FP_PSOCK_EVAL_OFF)
 #error "the FP_*_OFF kernel offsets must be given as -D cflags"
 #endif
+#define FP_SK_REDIRECT 2 /* enum __sk_action __SK_REDIRECT: a psock's eval while it redirects */
 #define FP_SK_USER_DATA_FLAGS 0x7UL /* SK_USER_DATA_NOCOPY | _BPF | _PSOCK, tag bits of the pointer */
 
 #define AF_INET_ 2 /* AF_INET; the socket headers are not available to BPF C */
@@ -97,17 +113,30 @@ BPF_ANNOTATE_KV_PAIR(fastpath_socks, struct sock_key, int);
 
 #define FP_FLOW_TCP_FOR_GOOD 0x1 /* this socket sends on the TCP path from now on */
 #define FP_FLOW_ON_TCP       0x2 /* on the TCP path until the peer has read all of it */
+#define FP_FLOW_LEAVING      0x4 /* about to leave the sockhash: do not redirect to it */
+#define FP_FLOW_LEFT         0x8 /* left the sockhash: plain TCP (set by the agent) */
+#define FP_FLOW_LEAVE_READY  0x10 /* in fastpath_leavers, waiting for the agent */
+
+#ifndef FP_LEAVE_AFTER_TCP_BYTES
+#define FP_LEAVE_AFTER_TCP_BYTES (64 << 20) /* sent on TCP while the peer still had TCP bytes unread */
+#endif
 
 struct fastpath_flow {
 	__u32 revision;           /*  0: policy_revision when the socket was added */
 	__u32 flags;              /*  4: FP_FLOW_* */
 	__u64 sk;                 /*  8: the socket's struct sock, for its peer to read its queue */
-};                            /* 16 bytes */
+	__u32 tcp_bytes;          /* 16: bytes sent on TCP since it last redirected (saturates) */
+	__u32 pad;                /* 20 */
+};                            /* 24 bytes */
 
 /* Larger than the sockhash: closed sockets' entries linger until evicted, and the LRU's per-CPU
  * free lists evict early when they run short. */
 BPF_TABLE_PINNED("lru_hash", struct sock_key, struct fastpath_flow, fastpath_flows, FASTPATH_FLOW_MAP_SIZE,
 		 PIN_DIR "/fastpath_flows");
+
+/* Sockets ready to leave the sockhash, for the agent to delete (value unused). Full: they ask again
+ * on their next send. */
+BPF_TABLE_PINNED("hash", struct sock_key, __u32, fastpath_leavers, 1024, PIN_DIR "/fastpath_leavers");
 
 #define FP_CFG_ENABLED 0x1
 
@@ -165,17 +194,35 @@ static __always_inline int fastpath_is_loopback(__u32 ip)
  * fails or reads another socket's count, and then msg_redirect_hash finds no peer anyway. Returns
  * -1 if a read fails.
  */
-static __always_inline __s64 fastpath_peer_queued(struct fastpath_flow *peer)
+static __always_inline __u64 fastpath_psock(struct fastpath_flow *flow)
 {
 	__u64 psock = 0;
+
+	if (!flow->sk || bpf_probe_read_kernel(&psock, sizeof(psock), (void *)(flow->sk + FP_SK_USER_DATA_OFF)))
+		return 0;
+	return psock & ~FP_SK_USER_DATA_FLAGS;
+}
+
+static __always_inline __s64 fastpath_peer_queued(struct fastpath_flow *peer)
+{
+	__u64 psock = fastpath_psock(peer);
 	__u32 len = 0;
 
-	if (!peer->sk || bpf_probe_read_kernel(&psock, sizeof(psock), (void *)(peer->sk + FP_SK_USER_DATA_OFF)))
-		return -1;
-	psock &= ~FP_SK_USER_DATA_FLAGS;
 	if (!psock || bpf_probe_read_kernel(&len, sizeof(len), (void *)(psock + FP_PSOCK_MSG_TOT_LEN_OFF)))
 		return -1;
 	return len;
+}
+
+/* Is @flow's socket half-way through a redirect (verdict taken, bytes not yet queued at the
+ * target)? Unknown counts as yes. */
+static __always_inline int fastpath_redirecting(struct fastpath_flow *flow)
+{
+	__u64 psock = fastpath_psock(flow);
+	__u32 eval = FP_SK_REDIRECT;
+
+	if (psock)
+		bpf_probe_read_kernel(&eval, sizeof(eval), (void *)(psock + FP_PSOCK_EVAL_OFF));
+	return eval == FP_SK_REDIRECT;
 }
 
 /* Has the peer's application read every byte @flow's socket gave TCP? Then redirecting again

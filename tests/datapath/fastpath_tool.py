@@ -10,6 +10,8 @@ Prints one JSON line; exit 0 unless the arguments are wrong.
                             "flood N"         write N bytes of pattern(N), ignoring errors
                             "echo"            echo every byte back until EOF
                             "echo-late MS"    the same, starting MS ms late
+                            "duplex MS N"     sleep MS ms, then send N bytes of pattern(N) while
+                                              reading N, check them, answer "ok"/"bad" and close
   sink IP PORT SEND RECV [LATE_MS]
                             send SEND bytes of pattern in one sendall(), shut down writing (a
                             half-close), then read the answer until EOF; report both checksums;
@@ -18,6 +20,8 @@ Prints one JSON line; exit 0 unless the arguments are wrong.
   close-after IP PORT N     the server closes after N bytes: keep writing; report the error
   flood IP PORT N READ      the server writes N bytes: read READ of them, then close
   rounds IP PORT N MS       N request/response rounds of 1000 bytes through "echo", MS ms apart
+  duplex IP PORT N LATE_MS  both directions at once through "duplex": send N bytes while reading
+                            the server's N; report whether each side got the other's bytes intact
   burst IP PORT N LATE_MS   through "echo-late": write N bytes while the server sleeps, read the
                             echo back; print {"burst_ok": ...}, wait for a line on stdin, then do
                             20 rounds on the same connection and print {"rounds": 20, "ok": ...}
@@ -25,6 +29,7 @@ Prints one JSON line; exit 0 unless the arguments are wrong.
 
 import hashlib
 import json
+import random
 import socket
 import sys
 import threading
@@ -33,13 +38,14 @@ import time
 CHUNK = 1 << 16
 
 
+# Random bytes repeating with a prime period: no chunk the kernel moves (multiples of 4 KiB) lines
+# up with it, so a byte-for-byte comparison catches any reordering, and it is fast to make.
+_BLOCK = random.Random(7).randbytes(1_000_003)
+
+
 def pattern(n: int) -> bytes:
-    """n deterministic, non-repeating-looking bytes (a byte-for-byte comparison catches reordering)."""
-    out, i = bytearray(), 0
-    while len(out) < n:
-        out += hashlib.sha256(i.to_bytes(8, "little")).digest()
-        i += 1
-    return bytes(out[:n])
+    """The first n bytes of the test stream."""
+    return (_BLOCK * (n // len(_BLOCK) + 1))[:n]
 
 
 def read_line(conn: socket.socket) -> str:
@@ -74,6 +80,14 @@ def handle(conn: socket.socket) -> None:
                 time.sleep(int(args[0]) / 1000)
             while data := conn.recv(CHUNK):
                 conn.sendall(data)
+        elif cmd == "duplex":
+            time.sleep(int(args[0]) / 1000)
+            n = int(args[1])
+            writer = threading.Thread(target=conn.sendall, args=(pattern(n),))
+            writer.start()
+            got = _read_exactly(conn, n)
+            writer.join()
+            conn.sendall(b"ok" if got == pattern(n) else b"bad")
         elif cmd == "flood":
             try:
                 conn.sendall(pattern(int(args[0])))
@@ -160,6 +174,24 @@ def rounds(ip: str, port: int, n: int, ms: int) -> dict:
     return {"rounds": n, "ok": ok}
 
 
+def _read_exactly(s: socket.socket, n: int) -> bytes:
+    got = bytearray()
+    while len(got) < n and (chunk := s.recv(min(CHUNK, n - len(got)))):
+        got += chunk
+    return bytes(got)
+
+
+def duplex(ip: str, port: int, n: int, late_ms: int) -> dict:
+    with connect(ip, port, f"duplex {late_ms} {n}") as s:
+        s.settimeout(60)
+        writer = threading.Thread(target=s.sendall, args=(pattern(n),))
+        writer.start()
+        got = _read_exactly(s, n)
+        writer.join()
+        verdict = _read_exactly(s, 3)
+    return {"client_got_ok": got == pattern(n), "server_got": verdict.decode()}
+
+
 def burst(ip: str, port: int, n: int, late_ms: int) -> None:
     data = pattern(n)
     with connect(ip, port, f"echo-late {late_ms}") as s:
@@ -191,5 +223,6 @@ if __name__ == "__main__":
     elif mode == "burst":
         burst(ip, int(port), *args)
     else:
-        fn = {"sink": sink, "stall": stall, "close-after": close_after, "flood": flood, "rounds": rounds}[mode]
+        fn = {"sink": sink, "stall": stall, "close-after": close_after, "flood": flood, "rounds": rounds,
+              "duplex": duplex}[mode]
         print(json.dumps(fn(ip, int(port), *args)), flush=True)
