@@ -66,7 +66,6 @@ from agent.store import StoreError, open_store
 log = logging.getLogger("meshagent")
 
 CT_GC_INTERVAL_S = 10.0
-FASTPATH_RELEASE_INTERVAL_S = 0.1
 EVENT_DRAIN_INTERVAL_S = 0.05
 CT_TIMEOUT_CLOSED_S = 10.0
 CT_TIMEOUT_NON_TCP_S = 60.0
@@ -125,7 +124,6 @@ class Agent:
             log.warning("socket fast path off: this kernel's BTF has no sk_psock.msg_tot_len, "
                         "which bounds a receiver's queue")
         self.redirect.set_fastpath(fastpath, node_netns=current_netns_cookie(), pod_cidr=self.cfg.pod_cidr)
-        threading.Thread(target=self._release_fastpath_leavers, name="fastpath-leavers", daemon=True).start()
         with self.lock:
             self._adopt_endpoints()
             self.reconcile()
@@ -394,15 +392,6 @@ class Agent:
                     next_gc = time.monotonic() + CT_GC_INTERVAL_S
             except Exception:  # keep enforcing; report and retry on the next tick
                 log.exception("periodic reconcile failed")
-
-    def _release_fastpath_leavers(self) -> None:
-        """Sockets that asked to leave the fast path's sockhash (bpf/lib/sockmap.h) are deleted here:
-        their program may not do it. Often, because until then they send on tcp_bpf's slow path."""
-        while not self.stopping.wait(FASTPATH_RELEASE_INTERVAL_S):
-            try:
-                self.redirect.release_leavers()
-            except Exception:  # keep going; the sockets stay correct on TCP meanwhile
-                log.exception("releasing fast-path sockets failed")
 
     def ct_gc(self) -> None:
         """Remove closed and idle conntrack entries (the LRU alone would keep them until full)."""

@@ -30,7 +30,6 @@ import random
 import shutil
 import statistics
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -79,10 +78,6 @@ class FastpathBench:
                           lambda: RedirectDatapath(self.pin_dir).detach())
         self.dp.attach()
         self.dp.set_endpoint_netns(netns_cookie(f"/run/netns/{self.netns}"), ep_id=1, identity=1001)
-        # What the agent runs next to the programs: deleting sockets that asked to leave the sockhash.
-        stop = threading.Event()
-        self.janitor.push("stop the fast-path releaser", stop.set)
-        threading.Thread(target=self._release_leavers, args=(stop,), daemon=True).start()
         self.node = base.plain_node("none", self.janitor)  # the L4 part's "none" node, built afresh
         for ep_id, ep in enumerate((self.node.a, self.node.b), start=2):
             self.dp.set_endpoint_netns(netns_cookie(f"/run/netns/{ep.netns}"), ep_id=ep_id, identity=1000 + ep_id)
@@ -96,10 +91,6 @@ class FastpathBench:
         base.spawn(self.janitor, "iperf3 server (fast path)",
                    base.in_netns(self.netns, self.pinned(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(PORT_IPERF)])))
         time.sleep(0.5)
-
-    def _release_leavers(self, stop: threading.Event) -> None:
-        while not stop.wait(0.1):
-            self.dp.release_leavers()
 
     def set_mode(self, mode: str) -> None:
         self.dp.set_fastpath(mode == "on", pod_cidr=base.POD_CIDR)

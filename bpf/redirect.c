@@ -240,10 +240,26 @@ static __always_inline void fastpath_add(struct bpf_sock_ops *skops)
 	struct sock_key key = {};
 	__u64 netns;
 
-	if (!cfg || !(cfg->flags & FP_CFG_ENABLED) || skops->family != AF_INET_)
+	if (!cfg || !(cfg->flags & FP_CFG_ENABLED))
 		return;
-	key.local_ip = skops->local_ip4;
-	key.remote_ip = skops->remote_ip4;
+	/* Every address word is loaded up front, each from its own ctx field: choosing between the
+	 * IPv4 and the mapped-IPv6 field later, clang would load through a ctx pointer it moved, which
+	 * the verifier refuses ("dereference of modified ctx ptr"). */
+	__u32 family = skops->family, l4 = skops->local_ip4, r4 = skops->remote_ip4;
+	__u32 l0 = skops->local_ip6[0], l1 = skops->local_ip6[1], l2 = skops->local_ip6[2], l3 = skops->local_ip6[3];
+	__u32 r0 = skops->remote_ip6[0], r1 = skops->remote_ip6[1], r2 = skops->remote_ip6[2], r3 = skops->remote_ip6[3];
+
+	if (family == AF_INET_) {
+		key.local_ip = l4;
+		key.remote_ip = r4;
+	} else if (family == AF_INET6_ && !l0 && !l1 && l2 == bpf_htonl(0xffff) && !r0 && !r1 &&
+		   r2 == bpf_htonl(0xffff)) {
+		/* a dual-stack socket ([::] servers, Java clients) talking IPv4: its peer may be AF_INET */
+		key.local_ip = l3;
+		key.remote_ip = r3;
+	} else {
+		return;
+	}
 	key.local_port = (__u16)skops->local_port;             /* host order */
 	key.remote_port = (__u16)bpf_ntohl(skops->remote_port); /* network order, in the upper half */
 	netns = bpf_get_netns_cookie(skops);
@@ -283,45 +299,9 @@ int sock_ops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
-/**
- * fastpath_leave - ask for a socket that has been on TCP for a while to leave the sockhash
- *
- * Two steps on two sends (lib/sockmap.h, "Leaving the map"): first announce it, so that the peer
- * no longer starts redirects to this socket; later, once nothing is queued for it and no redirect
- * towards it is under way, hand it to the agent (fastpath_leavers), which deletes it. Its psock
- * goes with that, and with it tcp_bpf: its sends are plain TCP from then on.
- */
-static __always_inline void fastpath_leave(struct sock_key *key, struct fastpath_flow *flow,
-					   struct fastpath_flow *peer_flow)
+/* This send takes TCP. */
+static __always_inline int fastpath_tcp(__u32 size, __u32 outcome)
 {
-	__u32 one = 1;
-
-	if (!(flow->flags & FP_FLOW_LEAVING)) {
-		flow->flags |= FP_FLOW_LEAVING;
-		return;
-	}
-	if (flow->flags & FP_FLOW_LEAVE_READY)
-		return;
-	if (fastpath_peer_queued(flow) != 0 || (peer_flow && fastpath_redirecting(peer_flow)))
-		return;
-	if (fastpath_leavers.update(key, &one) == 0)
-		flow->flags |= FP_FLOW_LEAVE_READY;
-}
-
-/**
- * fastpath_tcp - this send takes TCP; a socket that will not redirect again soon asks to leave
- *
- * On TCP for good (a policy change, a peer that leaves), or on TCP for FP_LEAVE_AFTER_TCP_BYTES
- * without the peer catching up: it asks to leave the sockhash (fastpath_leave), since staying costs
- * tcp_bpf's copy of every send. Returns SK_PASS.
- */
-static __always_inline int fastpath_tcp(struct sock_key *key, struct fastpath_flow *flow,
-					struct fastpath_flow *peer_flow, __u32 size, __u32 outcome)
-{
-	if ((flow->flags & FP_FLOW_TCP_FOR_GOOD) || flow->tcp_bytes >= FP_LEAVE_AFTER_TCP_BYTES)
-		fastpath_leave(key, flow, peer_flow);
-	else
-		flow->tcp_bytes += size;
 	fastpath_count(outcome, size);
 	return SK_PASS;
 }
@@ -342,8 +322,15 @@ int fastpath_msg(struct sk_msg_md *msg)
 	__u32 size = msg->size;
 	__s64 queued;
 
-	key.local_ip = msg->local_ip4;
-	key.remote_ip = msg->remote_ip4;
+	__u32 family = msg->family, l4 = msg->local_ip4, r4 = msg->remote_ip4; /* up front: as in fastpath_add */
+	__u32 l3 = msg->local_ip6[3], r3 = msg->remote_ip6[3];
+
+	/* keep clang from sinking the four loads into one through a ctx pointer picked by family */
+	asm volatile("" : "+r"(l4), "+r"(r4), "+r"(l3), "+r"(r3));
+
+	/* only IPv4-mapped AF_INET6 sockets are added besides AF_INET ones (fastpath_add) */
+	key.local_ip = family == AF_INET_ ? l4 : l3;
+	key.remote_ip = family == AF_INET_ ? r4 : r3;
 	key.local_port = (__u16)msg->local_port;
 	key.remote_port = (__u16)bpf_ntohl(msg->remote_port);
 	if (fastpath_is_loopback(key.local_ip) && fastpath_is_loopback(key.remote_ip))
@@ -360,32 +347,27 @@ int fastpath_msg(struct sk_msg_md *msg)
 	peer.netns = key.netns;
 	peer_flow = fastpath_flows.lookup(&peer);
 	if (flow->flags & FP_FLOW_TCP_FOR_GOOD)
-		return fastpath_tcp(&key, flow, peer_flow, size, FP_PASS_FALLEN);
+		return fastpath_tcp(size, FP_PASS_FALLEN);
 	if (dp && dp->policy_revision != flow->revision) {
 		flow->flags |= FP_FLOW_TCP_FOR_GOOD;
-		return fastpath_tcp(&key, flow, peer_flow, size, FP_PASS_POLICY);
+		return fastpath_tcp(size, FP_PASS_POLICY);
 	}
 	if (!peer_flow) { /* not (yet) on the fast path: a client may write before the server joins */
 		flow->flags |= FP_FLOW_ON_TCP;
-		return fastpath_tcp(&key, flow, peer_flow, size, FP_PASS_NO_PEER);
-	}
-	if (peer_flow->flags & (FP_FLOW_LEAVING | FP_FLOW_LEFT)) {
-		flow->flags |= FP_FLOW_TCP_FOR_GOOD;
-		return fastpath_tcp(&key, flow, peer_flow, size, FP_PASS_NO_PEER);
+		return fastpath_tcp(size, FP_PASS_NO_PEER);
 	}
 	if ((flow->flags & FP_FLOW_ON_TCP) && !fastpath_tcp_drained(flow, peer_flow))
-		return fastpath_tcp(&key, flow, peer_flow, size, FP_PASS_FALLEN);
+		return fastpath_tcp(size, FP_PASS_FALLEN);
 	queued = fastpath_peer_queued(peer_flow);
 	if (queued < 0 || queued + size > FASTPATH_QUEUE_BUDGET) {
 		flow->flags |= FP_FLOW_ON_TCP;
-		return fastpath_tcp(&key, flow, peer_flow, size, FP_PASS_QUEUE_FULL);
+		return fastpath_tcp(size, FP_PASS_QUEUE_FULL);
 	}
 	if (fastpath_socks.msg_redirect_hash(msg, &peer, BPF_F_INGRESS) != SK_PASS) {
 		flow->flags |= FP_FLOW_ON_TCP; /* the peer closed, or has not joined the sockhash yet */
-		return fastpath_tcp(&key, flow, peer_flow, size, FP_PASS_NO_PEER);
+		return fastpath_tcp(size, FP_PASS_NO_PEER);
 	}
 	flow->flags &= ~FP_FLOW_ON_TCP;
-	flow->tcp_bytes = 0;
 	fastpath_count(FP_REDIRECTED, size);
 	return SK_PASS;
 }

@@ -83,8 +83,7 @@ MAP_SIZES = {
     "FASTPATH_FLOW_MAP_SIZE": 131072,  # their state (LRU)
 }
 PINNED_MAPS = ("endpoint_netns", "lb_services", "lb_backends", "lb_revnat", "lb_config", "l7_pending",
-               "l7_origdst", "fastpath_socks", "fastpath_flows", "fastpath_config", "fastpath_metrics",
-               "fastpath_leavers")
+               "l7_origdst", "fastpath_socks", "fastpath_flows", "fastpath_config", "fastpath_metrics")
 
 LB_F_L7 = 0x1  # bpf/lib/lb.h: TCP: redirect to the L7 processor (balanced as L4 until set_proxy())
 MAX_BACKENDS = 0xFFFF  # backend_count is a u16
@@ -161,8 +160,7 @@ class SockKeyC(ct.Structure):
 
 
 class FastpathFlowC(ct.Structure):
-    _fields_ = [("revision", ct.c_uint32), ("flags", ct.c_uint32), ("sk", ct.c_uint64), ("tcp_bytes", ct.c_uint32),
-                ("pad", ct.c_uint32)]
+    _fields_ = [("revision", ct.c_uint32), ("flags", ct.c_uint32), ("sk", ct.c_uint64)]
 
 
 class FastpathConfigC(ct.Structure):
@@ -182,11 +180,8 @@ class FastpathCounterC(ct.Structure):
 FP_CFG_ENABLED = 0x1  # bpf/lib/sockmap.h
 FP_FLOW_TCP_FOR_GOOD = 0x1
 FP_FLOW_ON_TCP = 0x2
-FP_FLOW_LEFT = 0x8
 # fastpath_msg outcomes, in the order of their FP_* index (bpf/lib/sockmap.h).
 def _flow_path(flags: int) -> str:
-    if flags & FP_FLOW_LEFT:
-        return "tcp (left the map)"
     if flags & FP_FLOW_TCP_FOR_GOOD:
         return "tcp"
     return "tcp (until the peer catches up)" if flags & FP_FLOW_ON_TCP else "redirect"
@@ -357,7 +352,6 @@ def _libbpf() -> ct.CDLL:
     lib.bpf_prog_detach2.argtypes = [ct.c_int, ct.c_int, ct.c_int]
     lib.bpf_prog_attach.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_uint]
     lib.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
-    lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
     lib.bpf_prog_query.argtypes = [ct.c_int, ct.c_int, ct.c_uint32, ct.POINTER(ct.c_uint32),
                                    ct.POINTER(ct.c_uint32), ct.POINTER(ct.c_uint32)]
     lib.bpf_prog_get_fd_by_id.argtypes = [ct.c_uint32]
@@ -441,7 +435,6 @@ def fastpath_kernel_cflags() -> list[str]:
         "FP_PSOCK_MSG_TOT_LEN_OFF": member_offset("sk_psock", "msg_tot_len"),
         "FP_TCP_WRITE_SEQ_OFF": member_offset("tcp_sock", "write_seq"),
         "FP_TCP_COPIED_SEQ_OFF": member_offset("tcp_sock", "copied_seq"),
-        "FP_PSOCK_EVAL_OFF": member_offset("sk_psock", "eval"),
     }
     flags = [f"-D{name}={offset or 0}" for name, offset in offsets.items()]
     return [*flags, "-DFP_UNSUPPORTED=1"] if None in offsets.values() else flags
@@ -668,25 +661,6 @@ class RedirectDatapath:
         self.bpf["fastpath_config"][0] = FastpathConfigC(
             node_netns=node_netns, pod_net=ip_to_be32(str(net.network_address)),
             pod_mask=ip_to_be32(str(net.netmask)), flags=FP_CFG_ENABLED if enabled else 0)
-
-    def release_leavers(self) -> int:
-        """Delete the sockets that asked to leave the sockhash (bpf/lib/sockmap.h, "Leaving the
-        map"): the one step an sk_msg program may not take itself. The agent calls this every
-        100 ms. Returns how many went."""
-        leavers, flows = self.bpf["fastpath_leavers"], self.bpf["fastpath_flows"]
-        fd, lib = self.fastpath_socks_fd(), _libbpf()
-        released = 0
-        for key in list(leavers.keys()):
-            ck = SockKeyC.from_buffer_copy(key)
-            # ENOENT: it closed meanwhile, which is as good.
-            released += lib.bpf_map_delete_elem(fd, ct.byref(ck)) == 0
-            with contextlib.suppress(KeyError):
-                del leavers[key]
-            with contextlib.suppress(KeyError):
-                value = flows[key]
-                value.flags |= FP_FLOW_LEFT | FP_FLOW_TCP_FOR_GOOD
-                flows[key] = value
-        return released
 
     def fastpath_summary(self) -> dict:
         """Is the fast path on, and its per-outcome counters (messages, bytes; summed over CPUs)."""

@@ -11,7 +11,7 @@
  *   fastpath_config  one element: on/off, which namespaces and addresses are eligible.
  *   fastpath_metrics per-CPU messages and bytes by outcome (FP_*).
  *
- * Eligible: IPv4 TCP sockets whose namespace is one of this node's endpoints' (lib/netns.h) or the
+ * Eligible: IPv4 TCP sockets (AF_INET, or AF_INET6 with IPv4-mapped addresses) whose namespace is one of this node's endpoints' (lib/netns.h) or the
  * node's own, with both addresses in the node's pod CIDR (endpoints and the router IP the L7
  * processor listens on); and loopback pairs inside an endpoint (then the namespace cookie is part
  * of the key: 127.0.0.1 exists in every namespace). Not loopback in the node's namespace: that is
@@ -35,23 +35,15 @@
  *     (fastpath_peer_queued below). A reader that keeps up keeps its writer on the fast path,
  *     one-way bulk included; one that falls behind sends the writer to TCP, whose window stops
  *     it, until it has read everything, TCP's bytes included.
- * It goes to TCP for good (FP_FLOW_TCP_FOR_GOOD) when
- *   - the policy revision changed since it was added: from then on its packets cross TC again and
- *     conntrack re-checks policy, so a revoked allow cuts it as it cuts any flow (lib/conntrack.h);
- *   - its peer leaves the map (below).
+ * It goes to TCP for good (FP_FLOW_TCP_FOR_GOOD) when the policy revision changed since it was
+ * added: from then on its packets cross TC again and conntrack re-checks policy, so a revoked
+ * allow cuts it as it cuts any flow (lib/conntrack.h).
  *
- * Leaving the map. A socket on TCP in the sockhash pays for tcp_bpf's copy of every send (about
- * half of plain TCP's bulk rate), and a steady one-way stream over veths rarely lets the peer read
- * everything TCP holds, so it could stay there. A socket on TCP for good, or one that sent
- * FP_LEAVE_AFTER_TCP_BYTES on TCP without the peer catching up, leaves: it announces it
- * (FP_FLOW_LEAVING: the peer stops redirecting to it, and goes to TCP for good itself), and on a
- * later send, once nothing is queued for it and the peer is not half-way through a redirect to it
- * (the peer's psock eval), it asks to be let go (fastpath_leavers). An sk_msg program may not
- * delete from a sockhash ("cannot update sockmap in this context"), so the agent does, within
- * 100 ms (RedirectDatapath.release_leavers); from then on the socket sends as plain TCP. Deleting
- * it while a redirected byte is queued for it, or in flight towards it, would drop that byte with
- * its psock, which is what the two conditions rule out; after the announcement no new redirect to
- * it starts.
+ * A socket on TCP stays in the sockhash, and pays for tcp_bpf's copy of every send (about half of
+ * plain TCP's bulk rate). Taking it out is not safe from here: an sk_msg program may not delete
+ * from a sockhash, and a deletion from user space drops whatever a peer is redirecting to it at
+ * that moment (the kernel resets the psock's verdict before it queues the bytes, so that moment
+ * cannot be seen from BPF).
  *
  * Policy: the handshake of every connection crosses TC, so a flow that policy denies is never
  * established and never reaches this map. Bytes that take the fast path are not counted in flow
@@ -76,13 +68,13 @@
  * against headers that need not match the kernel and cannot relocate field accesses (no CO-RE).
  * The agent turns the fast path off when BTF lacks them. */
 #if !defined(FP_SK_USER_DATA_OFF) || !defined(FP_PSOCK_MSG_TOT_LEN_OFF) || !defined(FP_TCP_WRITE_SEQ_OFF) || \
-	!defined(FP_TCP_COPIED_SEQ_OFF) || !defined(FP_PSOCK_EVAL_OFF)
+	!defined(FP_TCP_COPIED_SEQ_OFF)
 #error "the FP_*_OFF kernel offsets must be given as -D cflags"
 #endif
-#define FP_SK_REDIRECT 2 /* enum __sk_action __SK_REDIRECT: a psock's eval while it redirects */
 #define FP_SK_USER_DATA_FLAGS 0x7UL /* SK_USER_DATA_NOCOPY | _BPF | _PSOCK, tag bits of the pointer */
 
-#define AF_INET_ 2 /* AF_INET; the socket headers are not available to BPF C */
+#define AF_INET_  2  /* AF_INET; the socket headers are not available to BPF C */
+#define AF_INET6_ 10 /* AF_INET6 */
 
 /* One end of a connection as seen from its own socket. */
 struct sock_key {
@@ -113,30 +105,18 @@ BPF_ANNOTATE_KV_PAIR(fastpath_socks, struct sock_key, int);
 
 #define FP_FLOW_TCP_FOR_GOOD 0x1 /* this socket sends on the TCP path from now on */
 #define FP_FLOW_ON_TCP       0x2 /* on the TCP path until the peer has read all of it */
-#define FP_FLOW_LEAVING      0x4 /* about to leave the sockhash: do not redirect to it */
-#define FP_FLOW_LEFT         0x8 /* left the sockhash: plain TCP (set by the agent) */
-#define FP_FLOW_LEAVE_READY  0x10 /* in fastpath_leavers, waiting for the agent */
-
-#ifndef FP_LEAVE_AFTER_TCP_BYTES
-#define FP_LEAVE_AFTER_TCP_BYTES (64 << 20) /* sent on TCP while the peer still had TCP bytes unread */
-#endif
 
 struct fastpath_flow {
 	__u32 revision;           /*  0: policy_revision when the socket was added */
 	__u32 flags;              /*  4: FP_FLOW_* */
 	__u64 sk;                 /*  8: the socket's struct sock, for its peer to read its queue */
-	__u32 tcp_bytes;          /* 16: bytes sent on TCP since it last redirected (saturates) */
-	__u32 pad;                /* 20 */
-};                            /* 24 bytes */
+};                            /* 16 bytes */
 
 /* Larger than the sockhash: closed sockets' entries linger until evicted, and the LRU's per-CPU
  * free lists evict early when they run short. */
 BPF_TABLE_PINNED("lru_hash", struct sock_key, struct fastpath_flow, fastpath_flows, FASTPATH_FLOW_MAP_SIZE,
 		 PIN_DIR "/fastpath_flows");
 
-/* Sockets ready to leave the sockhash, for the agent to delete (value unused). Full: they ask again
- * on their next send. */
-BPF_TABLE_PINNED("hash", struct sock_key, __u32, fastpath_leavers, 1024, PIN_DIR "/fastpath_leavers");
 
 #define FP_CFG_ENABLED 0x1
 
@@ -211,18 +191,6 @@ static __always_inline __s64 fastpath_peer_queued(struct fastpath_flow *peer)
 	if (!psock || bpf_probe_read_kernel(&len, sizeof(len), (void *)(psock + FP_PSOCK_MSG_TOT_LEN_OFF)))
 		return -1;
 	return len;
-}
-
-/* Is @flow's socket half-way through a redirect (verdict taken, bytes not yet queued at the
- * target)? Unknown counts as yes. */
-static __always_inline int fastpath_redirecting(struct fastpath_flow *flow)
-{
-	__u64 psock = fastpath_psock(flow);
-	__u32 eval = FP_SK_REDIRECT;
-
-	if (psock)
-		bpf_probe_read_kernel(&eval, sizeof(eval), (void *)(psock + FP_PSOCK_EVAL_OFF));
-	return eval == FP_SK_REDIRECT;
 }
 
 /* Has the peer's application read every byte @flow's socket gave TCP? Then redirecting again

@@ -96,7 +96,11 @@ def handle(conn: socket.socket) -> None:
 
 
 def serve(ip: str, port: int) -> None:
-    srv = socket.socket()
+    if ":" in ip:  # "::": a dual-stack server, whose IPv4 peers show as ::ffff:a.b.c.d
+        srv = socket.socket(socket.AF_INET6)
+        srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    else:
+        srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind((ip, port))
     srv.listen(64)

@@ -295,11 +295,10 @@ def test_a_missing_slot_is_repaired():
 
 def test_fastpath_needs_every_kernel_offset(monkeypatch):
     offsets = {("sock", "sk_user_data"): 656, ("sk_psock", "msg_tot_len"): 412,
-               ("tcp_sock", "write_seq"): 1576, ("tcp_sock", "copied_seq"): 1464, ("sk_psock", "eval"): 24}
+               ("tcp_sock", "write_seq"): 1576, ("tcp_sock", "copied_seq"): 1464}
     monkeypatch.setattr(redirect, "member_offset", lambda s, m: offsets.get((s, m)))
     assert redirect.fastpath_kernel_cflags() == ["-DFP_SK_USER_DATA_OFF=656", "-DFP_PSOCK_MSG_TOT_LEN_OFF=412",
-                                                 "-DFP_TCP_WRITE_SEQ_OFF=1576", "-DFP_TCP_COPIED_SEQ_OFF=1464",
-                                                 "-DFP_PSOCK_EVAL_OFF=24"]
+                                                 "-DFP_TCP_WRITE_SEQ_OFF=1576", "-DFP_TCP_COPIED_SEQ_OFF=1464"]
     assert redirect.fastpath_supported()
     del offsets[("sk_psock", "msg_tot_len")]  # an older kernel (6.1 has none): no queue length to bound
     assert "-DFP_UNSUPPORTED=1" in redirect.fastpath_kernel_cflags()
