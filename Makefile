@@ -58,7 +58,7 @@ bench: install
 	$(PY) -m bench.run
 
 lint: venv
-	$(VENV)/bin/ruff check agent cli tests bench
+	$(VENV)/bin/ruff check agent cli tests bench userspace_l7
 
 clean:
 	rm -rf $(VENV) bench/bin

@@ -7,7 +7,7 @@ is bounded: when the writer cannot keep up the oldest records are dropped and co
 A record, in Hubble's field names (SPEC §6)::
 
     {"time": "2026-01-01T00:00:00.000000Z", "Type": "L7", "verdict": "FORWARDED", "node_name": "...",
-     "IP": {"source": "10.200.0.4", "destination": "10.96.0.10"},
+     "IP": {"source": "10.200.0.4", "destination": "10.200.0.2"},
      "l4": {"TCP": {"source_port": 41234, "destination_port": 9080}},
      "source": {"workload": "productpage"},                       # when the resolver knows it
      "destination": {"namespace": "default", "service": "reviews.default.svc.cluster.local",
@@ -16,8 +16,10 @@ A record, in Hubble's field names (SPEC §6)::
             "http": {"method": "GET", "url": "/reviews/1", "code": 200, "protocol": "HTTP/1.1"}},
      "route": "default.reviews.0", "subset": "v2"}
 
-Requests answered locally (fault abort, no route, 504) have verdict FORWARDED and no
-destination.address; a request the processor refused as malformed is verdict DROPPED.
+IP.destination and l4 destination_port are the backend that answered (as Hubble shows a request
+through Cilium's proxy); requests answered locally (fault abort, no route, 504) have verdict
+FORWARDED, the client's original destination there, and no destination.address; a request the
+processor refused as malformed is verdict DROPPED.
 """
 
 from __future__ import annotations

@@ -489,10 +489,14 @@ class _Records:
         src_workload = conn.dst.source_workload if conn.dst is not None else "unknown"
         if backend is not None:
             dst_workload, upstream = backend.workload, f"{backend.ip}:{backend.port}"
+            # As Hubble shows a request through Cilium's proxy: to the backend that answered (its
+            # service is in destination.service), so IP.destination and destination.* name one endpoint.
+            flow_ip, flow_port = backend.ip, backend.port
         else:
             dst_workload, upstream = "unknown", ""
+            flow_ip, flow_port = dst_ip, dst_port  # answered here: where the client sent it
         peer = conn.peer
-        self.flow = (peer[0], peer[1], dst_ip, dst_port, d.route_name, d.subset, service, namespace, upstream,
+        self.flow = (peer[0], peer[1], flow_ip, flow_port, d.route_name, d.subset, service, namespace, upstream,
                      dst_workload, src_workload, "FORWARDED")  # flows.FlowShared
         self.labels = (src_workload, dst_workload, fqdn)  # + response code, security policy
         self.rows: dict[int, list] = {}  # status -> L7Metrics.row
