@@ -20,6 +20,7 @@
 #include "lib/policy.h"
 #include "lib/conntrack.h"
 #include "lib/events.h"
+#include "lib/fastpath_flows.h"
 
 #define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
@@ -368,6 +369,9 @@ static __always_inline int handle(struct __sk_buff *skb, __u8 dir)
 				ct->rule_id = res.rule_id;
 				ct->remote_identity = remote;
 			}
+			/* The allow stands: this endpoint's socket may take the fast path again. */
+			if (orig->proto == IPPROTO_TCP)
+				fastpath_confirm(ep->ip, p.saddr, p.daddr, p.sport, p.dport, revision);
 			ct->revision = revision;
 		}
 		ct_account(ct, &p, reply);

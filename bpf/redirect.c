@@ -271,9 +271,13 @@ static __always_inline void fastpath_add(struct bpf_sock_ops *skops)
 		key.netns = netns;
 	} else if (!fastpath_in_pods(cfg, key.local_ip) || !fastpath_in_pods(cfg, key.remote_ip)) {
 		return;
-	} else if (netns != cfg->node_netns && !endpoint_netns.lookup(&netns)) {
+	} else if (netns == cfg->node_netns) {
+		flow.flags = FP_FLOW_NODE_SIDE;
+	} else if (!endpoint_netns.lookup(&netns)) {
 		return;
 	}
+	/* The handshake just crossed TC: admitted at the current revision (or a newer one, which
+	 * only sends it through TC once more). */
 	flow.revision = dp ? dp->policy_revision : 0;
 	flow.sk = (__u64)skops->sk; /* a kernel address as a number: needs CAP_PERFMON (the agent's root) */
 	if (fastpath_flows.update(&key, &flow) != 0)
@@ -319,7 +323,7 @@ int fastpath_msg(struct sk_msg_md *msg)
 	struct datapath_config *dp = datapath_config();
 	struct fastpath_flow *flow, *peer_flow;
 	struct sock_key key = {}, peer = {};
-	__u32 size = msg->size;
+	__u32 size = msg->size, revision;
 	__s64 queued;
 
 	__u32 family = msg->family, l4 = msg->local_ip4, r4 = msg->remote_ip4; /* up front: as in fastpath_add */
@@ -348,13 +352,16 @@ int fastpath_msg(struct sk_msg_md *msg)
 	peer_flow = fastpath_flows.lookup(&peer);
 	if (flow->flags & FP_FLOW_TCP_FOR_GOOD)
 		return fastpath_tcp(size, FP_PASS_FALLEN);
-	if (dp && dp->policy_revision != flow->revision) {
-		flow->flags |= FP_FLOW_TCP_FOR_GOOD;
-		return fastpath_tcp(size, FP_PASS_POLICY);
-	}
 	if (!peer_flow) { /* not (yet) on the fast path: a client may write before the server joins */
 		flow->flags |= FP_FLOW_ON_TCP;
 		return fastpath_tcp(size, FP_PASS_NO_PEER);
+	}
+	/* After a policy change: through TC until each side's hook has re-checked the connection
+	 * (lib/fastpath_flows.h); the bytes sent meanwhile are what TC re-checks it on. */
+	revision = dp ? dp->policy_revision : 0;
+	if (!fastpath_admitted(&key, flow, revision) || !fastpath_admitted(&peer, peer_flow, revision)) {
+		flow->flags |= FP_FLOW_ON_TCP;
+		return fastpath_tcp(size, FP_PASS_POLICY);
 	}
 	if ((flow->flags & FP_FLOW_ON_TCP) && !fastpath_tcp_drained(flow, peer_flow))
 		return fastpath_tcp(size, FP_PASS_FALLEN);

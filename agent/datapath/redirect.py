@@ -178,12 +178,17 @@ class FastpathCounterC(ct.Structure):
 
 
 FP_CFG_ENABLED = 0x1  # bpf/lib/sockmap.h
-FP_FLOW_TCP_FOR_GOOD = 0x1
+FP_FLOW_TCP_FOR_GOOD = 0x1  # retired: older builds' sockets that stay on TCP
 FP_FLOW_ON_TCP = 0x2
+FP_FLOW_NODE_SIDE = 0x4  # bpf/lib/fastpath_flows.h
 # fastpath_msg outcomes, in the order of their FP_* index (bpf/lib/sockmap.h).
-def _flow_path(flags: int) -> str:
+def _flow_path(flags: int, revision: int, current: int, loopback: bool) -> str:
+    """Which path the socket's next send takes, as far as its own state says (bpf/redirect.c
+    fastpath_msg; its peer's state counts too)."""
     if flags & FP_FLOW_TCP_FOR_GOOD:
         return "tcp"
+    if revision != current and not loopback and not flags & FP_FLOW_NODE_SIDE:
+        return "tcp (until TC re-checks policy)"
     return "tcp (until the peer catches up)" if flags & FP_FLOW_ON_TCP else "redirect"
 
 
@@ -683,12 +688,14 @@ class RedirectDatapath:
     def fastpath(self) -> dict:
         """fastpath_summary() plus the sockets' state (fastpath_flows; closed sockets linger until the
         LRU evicts them)."""
+        config = self.bpf["config_map"][0]
         return {
             **self.fastpath_summary(),
             "sockets": [
                 {"local": f"{be32_to_ip(k.local_ip)}:{k.local_port}",
                  "remote": f"{be32_to_ip(k.remote_ip)}:{k.remote_port}", "netns": k.netns,
-                 "revision": v.revision, "path": _flow_path(v.flags)}
+                 "revision": v.revision,
+                 "path": _flow_path(v.flags, v.revision, config.policy_revision, bool(k.netns))}
                 for k, v in self.bpf["fastpath_flows"].items()
             ],
         }

@@ -6,8 +6,7 @@
  *                    ends of an eligible connection when it is established; the kernel removes a
  *                    socket when it closes. The fastpath_msg program runs on every sendmsg() of a
  *                    socket in this map.
- *   fastpath_flows   sock_key -> fastpath_flow: per-socket state, LRU (entries of closed sockets
- *                    age out).
+ *   fastpath_flows   per-socket state (lib/fastpath_flows.h: TC writes it too).
  *   fastpath_config  one element: on/off, which namespaces and addresses are eligible.
  *   fastpath_metrics per-CPU messages and bytes by outcome (FP_*).
  *
@@ -35,9 +34,10 @@
  *     (fastpath_peer_queued below). A reader that keeps up keeps its writer on the fast path,
  *     one-way bulk included; one that falls behind sends the writer to TCP, whose window stops
  *     it, until it has read everything, TCP's bytes included.
- * It goes to TCP for good (FP_FLOW_TCP_FOR_GOOD) when the policy revision changed since it was
- * added: from then on its packets cross TC again and conntrack re-checks policy, so a revoked
- * allow cuts it as it cuts any flow (lib/conntrack.h).
+ *   - the policy revision changed since either side of the connection was last admitted
+ *     (FP_PASS_POLICY; lib/fastpath_flows.h): its bytes cross TC again, where conntrack re-checks
+ *     policy; a revoked allow cuts it as it cuts any flow, an allow that stands confirms each
+ *     endpoint's side and the connection comes back.
  *
  * A socket on TCP stays in the sockhash, and pays for tcp_bpf's copy of every send (about half of
  * plain TCP's bulk rate). Taking it out is not safe from here: an sk_msg program may not delete
@@ -55,6 +55,7 @@
 #include <uapi/linux/bpf.h>
 #include "netns.h"
 #include "config.h"
+#include "fastpath_flows.h"
 
 /* Per receiving socket. A bound on kernel memory like TCP's buffers (whose default maxima add up
  * to 10 MiB a connection); large enough that a reader on the writer's CPU, which runs only when
@@ -76,16 +77,6 @@
 #define AF_INET_  2  /* AF_INET; the socket headers are not available to BPF C */
 #define AF_INET6_ 10 /* AF_INET6 */
 
-/* One end of a connection as seen from its own socket. */
-struct sock_key {
-	__u32 local_ip;           /*  0: network order */
-	__u32 remote_ip;          /*  4: network order */
-	__u16 local_port;         /*  8: host order */
-	__u16 remote_port;        /* 10: host order */
-	__u32 pad;                /* 12 */
-	__u64 netns;              /* 16: namespace cookie for loopback pairs, else 0 */
-};                            /* 24 bytes */
-
 /* BCC 0.26's BPF_SOCKHASH cannot pin, and BPF_TABLE_PINNED("sockhash", ...) declares no
  * sock_hash_update / msg_redirect_hash methods: this is BPF_SOCKHASH's declaration with the
  * "type:pin path" section name that BPF_TABLE_PINNED uses. */
@@ -103,21 +94,6 @@ __attribute__((section("maps/sockhash:" PIN_DIR "/fastpath_socks")))
 struct fastpath_socks_table_t fastpath_socks = { .max_entries = FASTPATH_MAP_SIZE };
 BPF_ANNOTATE_KV_PAIR(fastpath_socks, struct sock_key, int);
 
-#define FP_FLOW_TCP_FOR_GOOD 0x1 /* this socket sends on the TCP path from now on */
-#define FP_FLOW_ON_TCP       0x2 /* on the TCP path until the peer has read all of it */
-
-struct fastpath_flow {
-	__u32 revision;           /*  0: policy_revision when the socket was added */
-	__u32 flags;              /*  4: FP_FLOW_* */
-	__u64 sk;                 /*  8: the socket's struct sock, for its peer to read its queue */
-};                            /* 16 bytes */
-
-/* Larger than the sockhash: closed sockets' entries linger until evicted, and the LRU's per-CPU
- * free lists evict early when they run short. */
-BPF_TABLE_PINNED("lru_hash", struct sock_key, struct fastpath_flow, fastpath_flows, FASTPATH_FLOW_MAP_SIZE,
-		 PIN_DIR "/fastpath_flows");
-
-
 #define FP_CFG_ENABLED 0x1
 
 /* Written by agent/datapath/redirect.py set_fastpath (mirrored by FastpathConfigC). */
@@ -134,9 +110,9 @@ BPF_TABLE_PINNED("array", __u32, struct fastpath_config, fastpath_config, 1, PIN
 /* Outcomes of fastpath_msg, the index into fastpath_metrics (mirrored in redirect.py). */
 #define FP_REDIRECTED      0 /* handed to the peer socket */
 #define FP_PASS_NO_PEER    1 /* fell back: the peer is not in the map */
-#define FP_PASS_POLICY     2 /* fell back: the policy revision changed */
+#define FP_PASS_POLICY     2 /* fell back: a side is not confirmed at the current policy revision */
 #define FP_PASS_QUEUE_FULL 3 /* fell back: the peer has FASTPATH_QUEUE_BUDGET bytes unread */
-#define FP_PASS_FALLEN     4 /* on TCP already (for good, or until the peer catches up) */
+#define FP_PASS_FALLEN     4 /* on TCP until the peer has read what TCP carried */
 #define FP_PASS_NO_STATE   5 /* fell back: no fastpath_flows entry (evicted, or the update failed) */
 #define FP_OUTCOMES        6
 

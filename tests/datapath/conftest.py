@@ -124,8 +124,8 @@ class Node:
         name = ep["name"] if isinstance(ep, dict) else ep
         return ["ip", "netns", "exec", name]
 
-    def spawn(self, cmd: list[str]) -> subprocess.Popen:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    def spawn(self, cmd: list[str], stdin: int | None = None) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
         self.processes.append(proc)
         return proc

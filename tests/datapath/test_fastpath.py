@@ -283,18 +283,24 @@ def test_disabled_fast_path_adds_nothing(topo):
         topo.dp.set_fastpath(True, node_netns=cfg.node_netns, pod_cidr=POD_CIDR)
 
 
+def _bump_revision(topo) -> int:
+    config = topo.bpf_config()
+    value = config[0]
+    value.policy_revision += 1
+    config[0] = value
+    return value.policy_revision
+
+
 def test_policy_change_sends_open_connections_back_through_tc(topo):
-    """A policy revision bump mid-connection: the connection continues on the TCP path (where
-    conntrack re-checks policy, lib/conntrack.h) without losing or reordering a byte."""
+    """A policy revision bump mid-connection: the connection continues on the TCP path, where
+    conntrack re-checks policy (lib/conntrack.h), without losing or reordering a byte. No TC
+    program runs in this topology, so nothing confirms it and it stays there."""
     ip, port = SERVERS["b"]
     before = topo.counters()
     proc = topo.spawn("a", [sys.executable, TOOL, "rounds", ip, str(port), "40", "20"])
     try:
         time.sleep(0.3)
-        config = topo.bpf_config()
-        value = config[0]
-        value.policy_revision += 1
-        config[0] = value
+        _bump_revision(topo)
         assert json.loads(proc.stdout.readline()) == {"rounds": 40, "ok": 40}
     finally:
         proc.kill()
@@ -302,7 +308,31 @@ def test_policy_change_sends_open_connections_back_through_tc(topo):
     after = topo.counters()
     assert delta(before, after, "redirected", "messages") > 0, after
     assert delta(before, after, "pass_policy_changed", "messages") >= 1, after
-    assert delta(before, after, "pass_fallen_back", "messages") > 0, after
+
+
+def test_confirmed_connection_returns_to_the_fast_path(topo):
+    """What TC's fastpath_confirm does after re-checking a connection whose allow stands (here by
+    hand: this topology has no TC programs): once both endpoint sides carry the new revision, the
+    connection is redirected again, in order. Loopback pairs never needed confirming."""
+    ip, port = SERVERS["b"]
+    proc = topo.spawn("a", [sys.executable, TOOL, "rounds", ip, str(port), "60", "20"])
+    try:
+        time.sleep(0.3)
+        revision = _bump_revision(topo)
+        time.sleep(0.3)
+        stalled = topo.counters()
+        flows = topo.dp.bpf["fastpath_flows"]
+        mine = [(k, v) for k, v in flows.items() if port in (k.local_port, k.remote_port) and not k.netns]
+        assert mine and all(v.revision != revision for _, v in mine)
+        for k, v in mine:
+            v.revision = revision
+            flows[k] = v
+        assert json.loads(proc.stdout.readline()) == {"rounds": 60, "ok": 60}
+    finally:
+        proc.kill()
+        proc.wait()
+    after = topo.counters()
+    assert delta(stalled, after, "redirected", "messages") > 0, after
 
 
 def test_reloaded_datapath_keeps_open_connections_working(topo):

@@ -182,3 +182,85 @@ def test_bpf_fastpath_list_shows_an_open_connection(node, svc):
     mine = [i for i in items if i["local"] == f"{svc['client']['ip']}:{port}"]
     assert len(mine) == 1 and mine[0]["path"] == "redirect", items
     assert mine[0]["remote"] in (f"{svc['web1']['ip']}:8080", f"{svc['web2']['ip']}:8080"), items
+
+
+ECHO = r"""
+import socket, sys, threading
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", int(sys.argv[1]))); srv.listen(16); print("ready", flush=True)
+def serve(c):
+    with c:
+        while data := c.recv(65536):
+            c.sendall(data)
+while True:
+    threading.Thread(target=serve, args=(srv.accept()[0],), daemon=True).start()
+"""
+
+# One connection; a round per line on stdin: 1000 bytes out, the echo back (2 s at most).
+ROUNDS = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2)
+print(s.getsockname()[1], flush=True)
+for i, _ in enumerate(sys.stdin):
+    msg = bytes([i % 251]) * 1000
+    try:
+        s.sendall(msg)
+        got = b""
+        while len(got) < len(msg) and (chunk := s.recv(65536)):
+            got += chunk
+        print("ok" if got == msg else "BAD", flush=True)
+    except OSError as e:
+        print("FAIL", type(e).__name__, flush=True)
+"""
+
+ALLOW_CLIENT = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: echo-from, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {role: ROLE}}]
+"""
+
+
+def test_policy_change_rechecks_fast_path_connections(node, svc):
+    """A policy change sends every fast-path connection through TC once: an allow that stands
+    brings it back onto the fast path (fastpath_confirm), a revoked one cuts it."""
+    echo = node.spawn([*node.in_ep(svc["web1"]), PY, "-c", ECHO, "9090"])
+    assert echo.stdout.readline().strip() == "ready"
+    client = node.spawn([*node.in_ep(svc["client"]), PY, "-c", ROUNDS, svc["web1"]["ip"], "9090"],
+                        stdin=subprocess.PIPE)
+
+    def rounds(n: int) -> list[str]:
+        client.stdin.write("go\n" * n)
+        client.stdin.flush()
+        return [client.stdout.readline().strip() for _ in range(n)]
+
+    def my_socket() -> dict:
+        items = node.cli_json("bpf", "fastpath", "list")
+        items = items["items"] if isinstance(items, dict) else items
+        (mine,) = [i for i in items if i["local"] == f"{svc['client']['ip']}:{port}"]
+        return mine
+
+    def redirected() -> int:
+        return node.cli_json("status")["socket_fastpath"]["counters"]["redirected"]["messages"]
+
+    port = int(client.stdout.readline())
+    try:
+        assert rounds(3) == ["ok"] * 3
+        first = my_socket()
+        assert first["path"] == "redirect", first
+        node.apply(ALLOW_CLIENT.replace("ROLE", "client"))
+        assert rounds(1) == ["ok"]  # through TC: re-checked, allowed, confirmed
+        before = redirected()
+        assert rounds(5) == ["ok"] * 5
+        assert redirected() - before >= 10, "both ends are back on the fast path"
+        back = my_socket()
+        assert back["path"] == "redirect" and back["policy_revision"] > first["policy_revision"], back
+        node.apply(ALLOW_CLIENT.replace("ROLE", "nobody"))
+        assert rounds(1)[0].startswith("FAIL"), "a revoked allow cuts the fast-path connection"
+    finally:
+        node.cli("delete", "CiliumNetworkPolicy", "echo-from", check=False)
+        client.kill()
+        echo.kill()
