@@ -313,7 +313,7 @@ def test_policy_change_sends_open_connections_back_through_tc(topo):
 def test_confirmed_connection_returns_to_the_fast_path(topo):
     """What TC's fastpath_confirm does after re-checking a connection whose allow stands (here by
     hand: this topology has no TC programs): once both endpoint sides carry the new revision, the
-    connection is redirected again, in order. Loopback pairs never needed confirming."""
+    connection is redirected again, in order."""
     ip, port = SERVERS["b"]
     proc = topo.spawn("a", [sys.executable, TOOL, "rounds", ip, str(port), "60", "20"])
     try:
@@ -333,6 +333,24 @@ def test_confirmed_connection_returns_to_the_fast_path(topo):
         proc.wait()
     after = topo.counters()
     assert delta(stalled, after, "redirected", "messages") > 0, after
+
+
+def test_policy_change_leaves_loopback_inside_an_endpoint_alone(topo):
+    """A loopback pair inside an endpoint never crosses TC, so no policy applies to it and a policy
+    change does not send it anywhere."""
+    ip, port = SERVERS["a"]
+    before = topo.counters()
+    proc = topo.spawn("a", [sys.executable, TOOL, "rounds", ip, str(port), "30", "20"])
+    try:
+        time.sleep(0.2)
+        _bump_revision(topo)
+        assert json.loads(proc.stdout.readline()) == {"rounds": 30, "ok": 30}
+    finally:
+        proc.kill()
+        proc.wait()
+    after = topo.counters()
+    assert delta(before, after, "pass_policy_changed", "messages") == 0, after
+    assert delta(before, after, "redirected", "messages") >= 60, after
 
 
 def test_reloaded_datapath_keeps_open_connections_working(topo):
