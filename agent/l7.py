@@ -16,8 +16,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from agent.services import ServiceView
+
+if TYPE_CHECKING:
+    from agent.endpoint import EndpointRecord
 
 log = logging.getLogger("meshagent.l7")
 
@@ -72,13 +76,17 @@ def _service_config(v: ServiceView, labels_by_ip: dict[str, dict]) -> dict:
 
 
 def l7_config(views: Iterable[ServiceView], vs_bodies: list[dict], dr_bodies: list[dict],
-              labels_by_ip: dict[str, dict], trust_domain: str) -> dict:
-    """The JSON snapshot userspace_l7.config.L7Config.from_dict reads."""
+              labels_by_ip: dict[str, dict], trust_domain: str, clients: Iterable[EndpointRecord] = ()) -> dict:
+    """The JSON snapshot userspace_l7.config.L7Config.from_dict reads. ``clients``: this node's
+    endpoints, by the endpoint id the datapath names for each redirected connection (the processor's
+    sourceLabels matches and the source_workload of its flows and metrics)."""
     return {
         "cluster_domain": trust_domain,
         "services": [_service_config(v, labels_by_ip) for v in views],
         "virtual_services": vs_bodies,
         "destination_rules": dr_bodies,
+        "clients": {str(c.ep_id): {"workload": c.name, "namespace": c.namespace, "labels": dict(c.labels)}
+                    for c in clients},
     }
 
 

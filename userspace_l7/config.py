@@ -167,6 +167,8 @@ class Match:
     query: tuple[tuple[str, StringMatch], ...] = ()
     port: int | None = None
     ignore_uri_case: bool = False
+    source_labels: tuple[tuple[str, str], ...] = ()  # all must be the client's (Istio sourceLabels)
+    source_namespace: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,6 +384,17 @@ def _fail(where: str, message: str) -> ConfigError:
     return ConfigError(f"L7 config {where}: {message}")
 
 
+@dataclass(frozen=True, slots=True)
+class Client:
+    """An endpoint of this node as a client of the processor, by its endpoint id (the datapath
+    names it for each redirected connection): for sourceLabels/sourceNamespace matches and the
+    source_workload of flows and istio_* metrics."""
+
+    workload: str
+    namespace: str
+    labels: Mapping[str, str]
+
+
 @dataclass(frozen=True)
 class L7Config:
     cluster_domain: str
@@ -392,6 +405,7 @@ class L7Config:
     subsets: Mapping[tuple[str, str], Mapping[str, Mapping[str, str]]]  # service key -> subset -> labels
     policies: Mapping[tuple[str, str], tuple[TrafficPolicy, Mapping[str, TrafficPolicy]]]
     clusters: Mapping[ClusterKey, Cluster] = field(compare=False, repr=False)
+    clients: Mapping[int, Client] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
 
     # -- lookups used per request (cheap dict gets) --
 
@@ -413,10 +427,11 @@ class L7Config:
     def from_dict(cls, d: Mapping[str, Any]) -> L7Config:
         if not isinstance(d, Mapping):
             raise _fail("", "must be a JSON object")
-        unknown = set(d) - {"cluster_domain", "services", "virtual_services", "destination_rules"}
+        unknown = set(d) - {"cluster_domain", "services", "virtual_services", "destination_rules", "clients"}
         if unknown:
             raise _fail("", f"unknown keys {sorted(unknown)}; supported: cluster_domain, services, "
-                        "virtual_services, destination_rules")
+                        "virtual_services, destination_rules, clients")
+        clients = _build_clients({} if d.get("clients") is None else d["clients"])
         domain = d.get("cluster_domain", "cluster.local")
         services: dict[tuple[str, str], Service] = {}
         for i, sd in enumerate(d.get("services") or ()):
@@ -477,7 +492,29 @@ class L7Config:
                     clusters[key] = Cluster(key, svc, svc.backends(sp, labels), subset_policies[subset])
         return cls(domain, MappingProxyType(services), MappingProxyType(by_vip), MappingProxyType(by_host),
                    MappingProxyType(vs_for), MappingProxyType(subsets), MappingProxyType(policies),
-                   MappingProxyType(clusters))
+                   MappingProxyType(clusters), MappingProxyType(clients))
+
+
+def _build_clients(d: Any) -> dict[int, Client]:
+    """``{"<ep_id>": {"workload": ..., "namespace": ..., "labels": {...}}}`` (agent/l7.py)."""
+    if not isinstance(d, Mapping):
+        raise _fail("clients", "must be an object of endpoint id -> client")
+    out: dict[int, Client] = {}
+    for key, c in d.items():
+        where = f"clients[{key!r}]"
+        if not str(key).isdigit() or not 0 < int(key) < 1 << 16:
+            raise _fail(where, "the key must be an endpoint id (1 .. 65535)")
+        if not isinstance(c, Mapping) or set(c) - {"workload", "namespace", "labels"}:
+            raise _fail(where, "must be an object with workload, namespace and labels")
+        labels = c.get("labels") or {}
+        if not isinstance(labels, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
+                                                      for k, v in labels.items()):
+            raise _fail(where, "labels must map strings to strings")
+        workload, namespace = c.get("workload"), c.get("namespace", "default")
+        if not isinstance(workload, str) or not workload or not isinstance(namespace, str):
+            raise _fail(where, "workload and namespace must be non-empty strings")
+        out[int(key)] = Client(workload, namespace, MappingProxyType(dict(labels)))
+    return out
 
 
 def load_file(path: str) -> L7Config:
@@ -593,6 +630,8 @@ def _build_vs(r, resolver: _HostResolver) -> VirtualService:
                 query=tuple((k, StringMatch.build(v)) for k, v in (m.get("queryParams") or {}).items()),
                 port=m.get("port"),
                 ignore_uri_case=ic,
+                source_labels=tuple(sorted((m.get("sourceLabels") or {}).items())),
+                source_namespace=m.get("sourceNamespace"),
             ))
         single = len(h["route"]) == 1
         dests = tuple(_destination(rd["destination"], 100 if single else rd.get("weight", 0), h.get("headers"),

@@ -23,6 +23,7 @@ from urllib.parse import parse_qsl
 
 from .config import (
     DEFAULT_RETRIES,
+    Client,
     Cluster,
     Destination,
     HeaderOps,
@@ -87,8 +88,10 @@ def parse_authority(authority: str, default_port: int = 80) -> tuple[str, int]:
     return host.lower(), port
 
 
-def route(config: L7Config, head: Request, original_dst: tuple[str, int], rng: random.Random) -> RouteDecision:
-    """Decide how to serve ``head`` sent to ``original_dst`` (an IP or host name, and a port)."""
+def route(config: L7Config, head: Request, original_dst: tuple[str, int], rng: random.Random,
+          client: Client | None = None) -> RouteDecision:
+    """Decide how to serve ``head`` sent to ``original_dst`` (an IP or host name, and a port) by
+    ``client`` (None: unknown, and then no sourceLabels/sourceNamespace match applies)."""
     host, port = original_dst
     service = config.service_at(host)
     if service is None:
@@ -103,7 +106,7 @@ def route(config: L7Config, head: Request, original_dst: tuple[str, int], rng: r
     target = head.target
     headers = dict(head.headers) if vs.needs_headers else None
     for r in vs.routes:
-        if not r.matches or any(_matches(m, head, target, port, headers) for m in r.matches):
+        if not r.matches or any(_matches(m, head, target, port, headers, client) for m in r.matches):
             break
     else:
         return RouteDecision(404, "route not found", service, path=target)
@@ -114,7 +117,7 @@ def route(config: L7Config, head: Request, original_dst: tuple[str, int], rng: r
                              r.rewrite_authority, r.timeout, r.retries, 0.0,
                              dest.request_headers, dest.response_headers)
     if r.rewrite_uri is not None:
-        decision.path = _rewrite(r, target, head, port, headers)
+        decision.path = _rewrite(r, target, head, port, headers, client)
     decision.cluster = cluster = _cluster(config, dest, port)
     if cluster is None:
         decision.status, decision.reason = 503, f"no cluster for {dest.host} subset {dest.subset or '-'}"
@@ -140,8 +143,13 @@ def _cluster(config: L7Config, dest: Destination, port: int) -> Cluster | None:
     return c
 
 
-def _matches(m: Match, head: Request, target: str, port: int, headers: dict[str, str] | None) -> bool:
+def _matches(m: Match, head: Request, target: str, port: int, headers: dict[str, str] | None,
+             client: Client | None = None) -> bool:
     if m.port is not None and m.port != port:
+        return False
+    if m.source_labels and (client is None or any(client.labels.get(k) != v for k, v in m.source_labels)):
+        return False
+    if m.source_namespace is not None and (client is None or client.namespace != m.source_namespace):
         return False
     if m.method is not None and not m.method.matches(head.method):
         return False
@@ -166,10 +174,11 @@ def _matches(m: Match, head: Request, target: str, port: int, headers: dict[str,
     return True
 
 
-def _rewrite(r: HttpRoute, target: str, head: Request, port: int, headers: dict[str, str] | None) -> str:
+def _rewrite(r: HttpRoute, target: str, head: Request, port: int, headers: dict[str, str] | None,
+             client: Client | None) -> str:
     """Istio: replace the matched prefix with rewrite.uri, or the whole path for other matches."""
     for m in r.matches:
-        if m.uri is not None and m.uri.kind == "prefix" and _matches(m, head, target, port, headers):
+        if m.uri is not None and m.uri.kind == "prefix" and _matches(m, head, target, port, headers, client):
             return r.rewrite_uri + target[len(m.uri.value):]
     path, sep, query = target.partition("?")
     return r.rewrite_uri + sep + query

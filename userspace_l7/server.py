@@ -118,7 +118,7 @@ class ClientConnection(asyncio.Protocol):
 
     __slots__ = ("proxy", "transport", "reader", "queue", "busy", "closing", "peer", "local", "dst", "mark",
                  "_cur", "_body", "_timer", "_timer_kind", "_deadline", "_paused", "_serving", "rec", "exchange",
-                 "original")
+                 "original", "client_id")
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
@@ -136,6 +136,7 @@ class ClientConnection(asyncio.Protocol):
         self.rec: _Records | None = None  # the last request's record labels: the next one likely shares them
         self.exchange: Exchange | None = None  # the fast path's, made on first use
         self.original: tuple[str, int] | None = None  # the original destination's (ip, port), when resolved
+        self.client_id: int | None = None  # the client's endpoint id, when the datapath named it
 
     # -- asyncio callbacks --
 
@@ -150,6 +151,7 @@ class ClientConnection(asyncio.Protocol):
             dst = self.dst = resolver.resolve(transport.get_extra_info("socket"))
             if dst is not None:
                 self.original = (dst.ip, dst.port)
+                self.client_id = dst.source_ep_id
             try:
                 if dst is not None and dst.source_identity:
                     self.mark = origdst.upstream_mark(dst.source_identity, dst.source_ep_id)
@@ -486,7 +488,11 @@ class _Records:
             fqdn, service, namespace = svc.fqdn, svc.fqdn, svc.namespace
         else:
             fqdn, service, namespace = "unknown", "", ""
-        src_workload = conn.dst.source_workload if conn.dst is not None else "unknown"
+        client = conn.proxy.config.clients.get(conn.client_id) if conn.client_id else None
+        if client is not None:  # named by the agent's config (agent/l7.py)
+            src_workload = client.workload
+        else:
+            src_workload = conn.dst.source_workload if conn.dst is not None else "unknown"
         if backend is not None:
             dst_workload, upstream = backend.workload, f"{backend.ip}:{backend.port}"
             # As Hubble shows a request through Cilium's proxy: to the backend that answered (its
@@ -564,7 +570,7 @@ class Proxy:
         """Serve one request of ``conn`` (which is busy until this path calls ``conn.done``): on the fast
         path when the request allows it, else in a `_slow` task."""
         t0 = time.perf_counter_ns()
-        d, dst_ip, dst_port = self.routes.lookup(self.config, head, conn.original, conn.local[1])
+        d, dst_ip, dst_port = self.routes.lookup(self.config, head, conn.original, conn.local[1], conn.client_id)
         if d.delay or d.mirror is not None:
             self.loop.create_task(self._slow(conn, head, body, d, dst_ip, dst_port, t0))
             return

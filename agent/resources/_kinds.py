@@ -261,8 +261,9 @@ HTTP_MATCH = Obj({
     "port": PORT_INT,
     "ignoreUriCase": BOOL,
     "queryParams": MapOf(NONEMPTY_STR, QUERY_MATCH),
-}, unsupported={k: "not supported; supported: {supported}" for k in (
-    "sourceLabels", "gateways", "withoutHeaders", "sourceNamespace", "statPrefix")})
+    "sourceLabels": LABELS,
+    "sourceNamespace": string(v.dns_label, "a namespace name"),
+}, unsupported={k: "not supported; supported: {supported}" for k in ("gateways", "withoutHeaders", "statPrefix")})
 
 DESTINATION = Obj({
     "host": Req(string(v.service_host, "a host name")),

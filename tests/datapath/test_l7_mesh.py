@@ -166,6 +166,39 @@ def test_istio_metrics_in_the_node_scrape(node, mesh):
     assert "istio_requests_total{" in text
     assert 'response_code="200"' in text
     assert "istio_request_duration_milliseconds_bucket" in text
+    # The client as Istio dashboards group it: its workload, named through the agent's config.
+    assert f'source_workload="{eps["client"]["name"]}"' in text, text
+
+
+SOURCE_LABELS_VS = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: shop, namespace: default}
+spec:
+  hosts: [shop]
+  http:
+  - name: canary-clients
+    match: [{sourceLabels: {track: canary}}]
+    route: [{destination: {host: shop, subset: v2}}]
+  - route: [{destination: {host: shop, subset: v1}}]
+"""
+
+
+def test_source_labels_route_by_the_client_identity(node, mesh):
+    """Istio's sourceLabels: the datapath names the client of each redirected connection, so two
+    clients of one service are routed apart by their labels."""
+    eps, proxy = mesh
+    canary = node.add_endpoint("buyer-canary", "role=buyer,track=canary")
+    node.apply(SOURCE_LABELS_VS)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and requests(node, canary, proxy, 1) != {"200:v2": 1}:
+            time.sleep(0.5)  # the processor polls its config file once a second
+        assert requests(node, canary, proxy, 20) == {"200:v2": 20}
+        assert requests(node, eps["client"], proxy, 20) == {"200:v1": 20}
+    finally:
+        node.apply(RESOURCES)
+        node.cli("endpoint", "delete", canary["name"])
 
 
 # One keep-alive connection to http://HOST/; a request per line on stdin, "<status>:<body>" back.

@@ -65,6 +65,14 @@ def test_durations_and_regexes_are_compiled_once():
     ({"virtual_services": [vs("r", ["reviews"], [{"route": [{"destination": {"host": "reviews"}}],
                                                   "redirect": {}}])]}, "redirect"),
     ({"virtual_services": [dr("d", "reviews")]}, "expected a VirtualService"),
+    ({"clients": []}, "clients: must be an object"),
+    ({"clients": {"x": {"workload": "a"}}}, "clients['x']: the key must be an endpoint id"),
+    ({"clients": {"0": {"workload": "a"}}}, "the key must be an endpoint id"),
+    ({"clients": {"3": {"workload": "a", "color": "red"}}}, "must be an object with workload"),
+    ({"clients": {"3": {"workload": "a", "labels": {"app": 1}}}}, "labels must map strings to strings"),
+    ({"clients": {"3": {"workload": ""}}}, "workload and namespace must be non-empty"),
+    ({"virtual_services": [vs("r", ["reviews"], [{"match": [{"sourceLabels": {"app": "a b"}}],
+                                                  "route": [{"destination": {"host": "reviews"}}]}])]}, "sourceLabels"),
 ])
 def test_bad_config_names_the_culprit(bad, words):
     with pytest.raises(ConfigError) as e:
@@ -77,3 +85,10 @@ def test_non_latin1_header_value_is_a_config_error():
                                  "route": [{"destination": {"host": "reviews"}}]}])
     with pytest.raises(ConfigError, match="Latin-1"):
         config([bad])
+
+
+def test_clients_by_endpoint_id():
+    c = L7Config.from_dict({"clients": {"7": {"workload": "productpage", "namespace": "shop",
+                                              "labels": {"app": "productpage"}}}})
+    assert c.clients[7].workload == "productpage" and c.clients[7].namespace == "shop"
+    assert dict(c.clients[7].labels) == {"app": "productpage"}

@@ -1,5 +1,6 @@
 import random
 
+from userspace_l7.config import Client
 from userspace_l7.routecache import RouteCache
 
 from .helpers import SUBSETS, config, dr, req, vs
@@ -68,3 +69,18 @@ def test_the_cache_is_bounded():
     for i in range(100):
         cache.lookup(c, req(f"/item/{i}"), DST, 15001)
     assert len(cache._entries) <= 8
+
+
+def test_decisions_are_cached_per_client():
+    """The same request from two clients may route apart (sourceLabels): the client is in the key."""
+    from userspace_l7.config import L7Config
+
+    base = config([vs("r", ["reviews"], [{"match": [{"sourceLabels": {"track": "canary"}}], "route": [dest("v2")]},
+                                         {"route": [dest("v1")]}])], [dr("d", "reviews", SUBSETS)])
+    c = L7Config(**{**base.__dict__, "clients": {1: Client("a", "default", {"track": "canary"}),
+                                                 2: Client("b", "default", {})}})
+    cache = RouteCache(random.Random(1))
+    assert cache.lookup(c, req("/a"), DST, 15001, 1)[0].subset == "v2"
+    assert cache.lookup(c, req("/a"), DST, 15001, 2)[0].subset == "v1"
+    assert cache.lookup(c, req("/a"), DST, 15001, 1)[0].subset == "v2"
+    assert cache.lookup(c, req("/a"), DST, 15001)[0].subset == "v1"

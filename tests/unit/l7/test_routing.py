@@ -178,3 +178,23 @@ def test_least_request_prefers_idle_hosts():
     for _ in range(5):
         state.started(busy)
     assert sum(state.pick() == busy for _ in range(300)) < 150  # busy wins only when drawn twice (1/9)
+
+
+def test_source_labels_and_namespace_match_the_client():
+    """Istio's sourceLabels/sourceNamespace: the client the datapath named (an endpoint of this node,
+    config.clients); an unknown client matches neither."""
+    from userspace_l7.config import Client
+
+    c = config([vs("r", ["reviews"], [
+        {"name": "canary", "match": [{"sourceLabels": {"app": "productpage", "track": "canary"}}],
+         "route": [dest("v2")]},
+        {"name": "ops", "match": [{"sourceNamespace": "ops"}], "route": [dest("v3")]},
+        {"name": "rest", "route": [dest("v1")]}])], [dr("d", "reviews", SUBSETS)])
+    canary = Client("pp-canary", "default", {"app": "productpage", "track": "canary"})
+    stable = Client("pp", "default", {"app": "productpage"})
+    ops = Client("debug", "ops", {})
+    rng = random.Random(0)
+    assert route(c, req(), DST, rng, canary).route_name == "canary"
+    assert route(c, req(), DST, rng, stable).route_name == "rest"
+    assert route(c, req(), DST, rng, ops).route_name == "ops"
+    assert route(c, req(), DST, rng, None).route_name == "rest"
