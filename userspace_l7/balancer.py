@@ -3,16 +3,20 @@ cluster's outlier detector in front of it. No I/O.
 
     state = clusters.get(decision.cluster)          # ClusterStates: one ClusterState per cluster key
     backend = state.pick(tried=())                  # None: no healthy upstream
+    backend = state.pick(key="user-42")             # CONSISTENT_HASH: the request's hash key
     state.started(backend); ...; state.finished(backend, status)
 
 Pickers: ROUND_ROBIN (in order), RANDOM (injected rng), LEAST_REQUEST (Envoy's default: the less
-busy of two random choices). PASSTHROUGH is served as RANDOM: the processor always knows the backends.
+busy of two random choices), CONSISTENT_HASH (Envoy's ring hash: `HashRing`). PASSTHROUGH is served
+as RANDOM: the processor always knows the backends.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
 
 from .config import Backend, Cluster, ClusterKey
@@ -84,6 +88,40 @@ class LeastRequest(Picker):
         return self._active.get(_address(host), 0)
 
 
+def ring_hash(text: str) -> int:
+    """64 bits of BLAKE2b: the same in every worker process (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+class HashRing(Picker):
+    """Envoy's ring hash (DestinationRule consistentHash): every host at ceil(ring_size / hosts)
+    points of a 64-bit ring; a request goes to the first point at or after its key's hash whose host
+    is available, so taking a host out moves only the keys it had. No key: a random host, as Envoy."""
+
+    __slots__ = ("_hashes", "_hosts", "_random")
+
+    def __init__(self, rng: random.Random, hosts: Sequence[Backend], ring_size: int = 1024) -> None:
+        per_host = -(-ring_size // len(hosts)) if hosts else 0
+        points = sorted((ring_hash(f"{h.ip}:{h.port}_{i}"), n, h) for n, h in enumerate(hosts)
+                        for i in range(per_host))  # n: ties (never in practice) keep an order
+        self._hashes = [p[0] for p in points]
+        self._hosts = [p[2] for p in points]
+        self._random = RandomPick(rng)
+
+    def pick(self, hosts: Sequence[Backend]) -> Backend:
+        return self._random.pick(hosts)
+
+    def pick_for(self, key: str, hosts: Sequence[Backend]) -> Backend:
+        ring = self._hosts
+        i = bisect_left(self._hashes, ring_hash(key))
+        allowed = set(hosts)
+        for j in range(len(ring)):
+            host = ring[(i + j) % len(ring)]
+            if host in allowed:
+                return host
+        return self._random.pick(hosts)  # hosts the ring does not know (cannot happen: one cluster)
+
+
 _PICKERS: dict[str, Callable[[random.Random], Picker]] = {
     "ROUND_ROBIN": RoundRobin, "RANDOM": RandomPick, "LEAST_REQUEST": LeastRequest, "PASSTHROUGH": RandomPick,
 }
@@ -96,12 +134,16 @@ def make_picker(lb: str, rng: random.Random) -> Picker:
 class ClusterState:
     """A cluster's picker and outlier detector, fed by the proxy."""
 
-    __slots__ = ("cluster", "picker", "outlier")
+    __slots__ = ("cluster", "picker", "outlier", "hash_by")
 
     def __init__(self, cluster: Cluster, rng: random.Random, clock: Callable[[], float] = time.monotonic,
                  outlier: OutlierDetector | None = None) -> None:
         self.cluster = cluster
-        self.picker = make_picker(cluster.policy.lb, rng)
+        self.hash_by = cluster.policy.hash_by  # what requests are hashed on, or None
+        if cluster.policy.lb == "CONSISTENT_HASH":
+            self.picker = HashRing(rng, cluster.backends, cluster.policy.ring_size)
+        else:
+            self.picker = make_picker(cluster.policy.lb, rng)
         policy = cluster.policy.outlier
         self.outlier = None
         if policy is not None:
@@ -112,8 +154,9 @@ class ClusterState:
             else:
                 self.outlier = OutlierDetector(policy, hosts, clock)
 
-    def pick(self, tried: Sequence[Backend] = ()) -> Backend | None:
-        """A backend, avoiding ``tried`` ones when others are available (Istio's previous_hosts)."""
+    def pick(self, tried: Sequence[Backend] = (), key: str | None = None) -> Backend | None:
+        """A backend, avoiding ``tried`` ones when others are available (Istio's previous_hosts).
+        ``key``: the request's hash key under CONSISTENT_HASH (None: it has none)."""
         hosts = self.cluster.backends
         if self.outlier is not None:
             hosts = self.outlier.available(hosts, _address)
@@ -123,6 +166,8 @@ class ClusterState:
             fresh = [h for h in hosts if h not in tried]
             if fresh:
                 hosts = fresh
+        if key is not None and self.hash_by is not None:
+            return self.picker.pick_for(key, hosts)
         return self.picker.pick(hosts)
 
     def started(self, host: Backend) -> None:

@@ -301,7 +301,7 @@ class VirtualService:
 
 # --- DestinationRule -------------------------------------------------------------------------------
 
-LbPolicy = str  # "ROUND_ROBIN" | "LEAST_REQUEST" | "RANDOM" | "PASSTHROUGH"
+LbPolicy = str  # "ROUND_ROBIN" | "LEAST_REQUEST" | "RANDOM" | "PASSTHROUGH" | "CONSISTENT_HASH"
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,16 +351,32 @@ class TrafficPolicy:
     pool: PoolLimits = PoolLimits()
     outlier: OutlierPolicy | None = None
     tls_mode: str = "DISABLE"
+    # CONSISTENT_HASH: what a request is hashed on, ("header", lowercase name) | ("query", name) |
+    # ("source_ip", ""), and the ring's size (Envoy's minimum_ring_size default)
+    hash_by: tuple[str, str] | None = None
+    ring_size: int = 1024
 
     def merged(self, d: Mapping[str, Any] | None) -> TrafficPolicy:
         """This policy with the fields ``d`` gives replaced (a subset's policy over the rule's)."""
         if not d:
             return self
+        lb, hash_by, ring_size = self.lb, self.hash_by, self.ring_size
+        if "loadBalancer" in d:
+            ch = d["loadBalancer"].get("consistentHash")
+            if ch is None:
+                lb, hash_by = d["loadBalancer"]["simple"], None
+            else:
+                lb, ring_size = "CONSISTENT_HASH", ch.get("minimumRingSize", 1024)
+                hash_by = (("header", ch["httpHeaderName"].lower()) if "httpHeaderName" in ch else
+                           ("query", ch["httpQueryParameterName"]) if "httpQueryParameterName" in ch else
+                           ("source_ip", ""))
         return TrafficPolicy(
-            lb=d["loadBalancer"]["simple"] if "loadBalancer" in d else self.lb,
+            lb=lb,
             pool=PoolLimits.build(d["connectionPool"]) if "connectionPool" in d else self.pool,
             outlier=OutlierPolicy.build(d["outlierDetection"]) if "outlierDetection" in d else self.outlier,
             tls_mode=d["tls"]["mode"] if "tls" in d else self.tls_mode,
+            hash_by=hash_by,
+            ring_size=ring_size,
         )
 
 

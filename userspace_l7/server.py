@@ -42,6 +42,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
+from urllib.parse import parse_qsl
 
 from . import config as cfg
 from . import origdst
@@ -111,6 +112,21 @@ def _local_response(status: int, text: str, keep_alive: bool, extra: list[tuple[
         head.append("connection: close\r\n")
     head.append("\r\n")
     return "".join(head).encode("latin-1") + body
+
+
+def hash_key(hash_by: tuple[str, str], conn: ClientConnection, head: Request) -> str | None:
+    """The request's key for a CONSISTENT_HASH cluster (DestinationRule consistentHash); None when
+    the request has none (then any host, as Envoy)."""
+    kind, name = hash_by
+    if kind == "header":
+        for k, v in head.headers:
+            if k == name:
+                return v
+        return None
+    if kind == "query":
+        query = head.target.partition("?")[2]
+        return dict(parse_qsl(query, keep_blank_values=True)).get(name) if query else None
+    return conn.peer[0] or None  # source_ip: the client's address (the redirect keeps it)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -584,7 +600,7 @@ class Proxy:
             self.loop.create_task(self._slow(conn, head, body, d, dst_ip, dst_port, t0))
             return
         state = self.clusters.get(d.cluster)
-        backend = state.pick()
+        backend = state.pick() if state.hash_by is None else state.pick(key=hash_key(state.hash_by, conn, head))
         up = pool = None
         if backend is not None:
             address = backend.address
@@ -648,6 +664,7 @@ class Proxy:
         for `_slow`."""
         loop = self.loop
         state = self.clusters.get(d.cluster)
+        key = hash_key(state.hash_by, conn, head) if state.hash_by is not None else None
         limits = d.cluster.policy.pool
         retries = d.retries
         deadline = loop.time() + d.timeout if d.timeout else None
@@ -661,7 +678,7 @@ class Proxy:
                 backend, sent = first
                 first = None
             else:
-                backend = state.pick(tried)
+                backend = state.pick(tried, key)
             if backend is None:
                 status, reason = 503, "no healthy upstream"
                 break

@@ -337,11 +337,31 @@ VS_SPEC = Obj({
 # --- networking.istio.io DestinationRule -----------------------------------------------------------
 
 _UNSET = "not supported; supported: {supported}"
+
+
+def _one_hash_key(obj: Mapping[str, Any], path: str) -> None:
+    keys = [k for k in ("httpHeaderName", "httpQueryParameterName") if k in obj] + \
+        (["useSourceIp"] if obj.get("useSourceIp") is True else [])
+    if len(keys) != 1:
+        raise Invalid(path, "set exactly one of httpHeaderName, httpQueryParameterName, useSourceIp: true "
+                      f"(the request's hash key){'; got ' + ', '.join(keys) if keys else ''}")
+
+
 TRAFFIC_POLICY = Obj({
     "loadBalancer": Obj({
-        "simple": Req(Enum(("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "PASSTHROUGH"),
-                           unsupported=("LEAST_CONN", "UNSPECIFIED"))),
-    }, unsupported=dict.fromkeys(("consistentHash", "localityLbSetting", "warmupDurationSecs"), _UNSET)),
+        "simple": Enum(("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "PASSTHROUGH"),
+                       unsupported=("LEAST_CONN", "UNSPECIFIED")),
+        "consistentHash": Obj({
+            "httpHeaderName": string(v.header_name, "a header name"),
+            "useSourceIp": BOOL,
+            "httpQueryParameterName": NONEMPTY_STR,
+            "minimumRingSize": integer(1, 1 << 23),
+        }, unsupported={
+            "httpCookie": "hashing on a cookie is not supported yet; supported: {supported}",
+            "ringHash": _UNSET, "maglev": _UNSET,
+        }, rules=(_one_hash_key,)),
+    }, unsupported=dict.fromkeys(("localityLbSetting", "warmupDurationSecs"), _UNSET),
+       rules=(exactly_one_of("simple", "consistentHash"),)),
     "connectionPool": Obj({
         "tcp": Obj({"maxConnections": integer(0), "connectTimeout": DURATION}, unsupported=dict.fromkeys(
             ("tcpKeepalive", "maxConnectionDuration", "idleTimeout"), _UNSET)),

@@ -254,6 +254,26 @@ def test_header_and_path_matches(backends, start):
     assert l7.get("/item/7")[0].getheader("x-backend") == "v1"
 
 
+def test_consistent_hash_keeps_a_user_on_one_backend(backends, start):
+    """DestinationRule consistentHash on a header: every request of one user, on new connections and
+    old, reaches one backend; users spread over all of them; a request without the header goes
+    anywhere."""
+    l7 = start(l7_config(backends, [vs({"route": [{"destination": {"host": "reviews"}}]})],
+                         [dr({"loadBalancer": {"consistentHash": {"httpHeaderName": "x-user"}}})]))
+    c = l7.conn()
+    try:
+        homes = {}
+        for user in (f"user-{i}" for i in range(30)):
+            seen = {l7.get(headers={"x-user": user}, conn=c if i % 2 else None)[0].getheader("x-backend")
+                    for i in range(6)}
+            assert len(seen) == 1, (user, seen)
+            homes[user] = seen.pop()
+    finally:
+        c.close()
+    assert set(homes.values()) == {"v1", "v2", "v3"}, homes
+    assert len({l7.get()[0].getheader("x-backend") for _ in range(40)}) > 1
+
+
 def test_timeout_gives_504(backends, start):
     # maxConnections 1: a timed-out attempt must give its connection slot back
     rule = dr({"connectionPool": {"tcp": {"maxConnections": 1}}})

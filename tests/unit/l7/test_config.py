@@ -65,6 +65,14 @@ def test_durations_and_regexes_are_compiled_once():
     ({"virtual_services": [vs("r", ["reviews"], [{"route": [{"destination": {"host": "reviews"}}],
                                                   "redirect": {}}])]}, "redirect"),
     ({"virtual_services": [dr("d", "reviews")]}, "expected a VirtualService"),
+    ({"destination_rules": [dr("d", "reviews", policy={"loadBalancer": {
+        "simple": "RANDOM", "consistentHash": {"useSourceIp": True}}})]}, "exactly one of simple, consistentHash"),
+    ({"destination_rules": [dr("d", "reviews", policy={"loadBalancer": {
+        "consistentHash": {"httpCookie": {"name": "s", "ttl": "0s"}}}})]}, "cookie is not supported"),
+    ({"destination_rules": [dr("d", "reviews", policy={"loadBalancer": {
+        "consistentHash": {"useSourceIp": False}}})]}, "exactly one of httpHeaderName"),
+    ({"destination_rules": [dr("d", "reviews", policy={"loadBalancer": {
+        "consistentHash": {"httpHeaderName": "x-a", "useSourceIp": True}}})]}, "got httpHeaderName, useSourceIp"),
     ({"clients": []}, "clients: must be an object"),
     ({"clients": {"x": {"workload": "a"}}}, "clients['x']: the key must be an endpoint id"),
     ({"clients": {"0": {"workload": "a"}}}, "the key must be an endpoint id"),
@@ -92,3 +100,14 @@ def test_clients_by_endpoint_id():
                                               "labels": {"app": "productpage"}}}})
     assert c.clients[7].workload == "productpage" and c.clients[7].namespace == "shop"
     assert dict(c.clients[7].labels) == {"app": "productpage"}
+
+
+def test_consistent_hash_policy():
+    c = config(drs=[dr("d", "reviews", [{"name": "v1", "labels": {"version": "v1"},
+                                         "trafficPolicy": {"loadBalancer": {"simple": "RANDOM"}}}],
+                       policy={"loadBalancer": {"consistentHash": {"httpQueryParameterName": "user",
+                                                                   "minimumRingSize": 64}}})])
+    top = c.cluster(c.services[("default", "reviews")], 9080, "").policy
+    assert (top.lb, top.hash_by, top.ring_size) == ("CONSISTENT_HASH", ("query", "user"), 64)
+    v1 = c.cluster(c.services[("default", "reviews")], 9080, "v1").policy
+    assert (v1.lb, v1.hash_by) == ("RANDOM", None)  # a subset's simple policy replaces the hash

@@ -198,3 +198,43 @@ def test_source_labels_and_namespace_match_the_client():
     assert route(c, req(), DST, rng, stable).route_name == "rest"
     assert route(c, req(), DST, rng, ops).route_name == "ops"
     assert route(c, req(), DST, rng, None).route_name == "rest"
+
+
+def _hash_state(policy: dict) -> ClusterState:
+    c = config(drs=[dr("d", "reviews", policy={"loadBalancer": {"consistentHash": policy}})])
+    return ClusterState(c.cluster(c.services[("default", "reviews")], 9080, ""), random.Random(0))
+
+
+def test_consistent_hash_sends_a_key_to_one_host_and_spreads_keys():
+    state = _hash_state({"httpHeaderName": "X-User"})
+    assert state.hash_by == ("header", "x-user")
+    for user in ("alice", "bob", "carol"):
+        assert len({state.pick(key=user) for _ in range(20)}) == 1
+    spread = {state.pick(key=f"user-{i}").ip for i in range(200)}
+    assert spread == {"10.200.0.1", "10.200.0.2", "10.200.0.3"}
+    assert len({state.pick().ip for _ in range(200)}) == 3  # no key: any host, as Envoy
+
+
+def test_consistent_hash_moves_only_the_keys_of_a_host_that_goes():
+    """A host that is tried already (a retry) or ejected is skipped: its keys move to the next host
+    on the ring, every other key stays where it was."""
+    state = _hash_state({"httpHeaderName": "x-user", "minimumRingSize": 2048})
+    keys = [f"user-{i}" for i in range(300)]
+    before = {k: state.pick(key=k) for k in keys}
+    gone = before[keys[0]]
+    after = {k: state.pick([gone], key=k) for k in keys}
+    assert all(after[k] == before[k] for k in keys if before[k] != gone)
+    assert all(after[k] != gone for k in keys)
+
+
+def test_consistent_hash_is_the_same_in_every_worker():
+    """Workers are processes: the ring must not depend on Python's per-process hash salt."""
+    import subprocess
+    import sys
+
+    code = ("import random; from tests.unit.l7.test_routing import _hash_state; "
+            "s = _hash_state({'httpHeaderName': 'x-user'}); "
+            "print([s.pick(key=f'u{i}').ip for i in range(30)])")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2)}
+    assert len(runs) == 1, runs
