@@ -164,6 +164,7 @@ class Match:
     authority: StringMatch | None = None
     scheme: StringMatch | None = None
     headers: tuple[tuple[str, StringMatch], ...] = ()
+    without_headers: tuple[tuple[str, StringMatch], ...] = ()  # each must not match (Istio withoutHeaders)
     query: tuple[tuple[str, StringMatch], ...] = ()
     port: int | None = None
     ignore_uri_case: bool = False
@@ -287,7 +288,7 @@ class HttpRoute:
 
     @property
     def needs_headers(self) -> bool:
-        return any(m.headers for m in self.matches)
+        return any(m.headers or m.without_headers for m in self.matches)
 
 
 @dataclass(frozen=True, slots=True)
@@ -643,6 +644,8 @@ def _build_vs(r, resolver: _HostResolver) -> VirtualService:
                 authority=StringMatch.build(m["authority"]) if "authority" in m else None,
                 scheme=StringMatch.build(m["scheme"]) if "scheme" in m else None,
                 headers=tuple((k.lower(), StringMatch.build(v)) for k, v in (m.get("headers") or {}).items()),
+                without_headers=tuple((k.lower(), StringMatch.build(v))
+                                      for k, v in (m.get("withoutHeaders") or {}).items()),
                 query=tuple((k, StringMatch.build(v)) for k, v in (m.get("queryParams") or {}).items()),
                 port=m.get("port"),
                 ignore_uri_case=ic,

@@ -166,6 +166,9 @@ def _matches(m: Match, head: Request, target: str, port: int, headers: dict[str,
     for name, sm in m.headers:
         if not sm.matches(headers.get(name)):
             return False
+    for name, sm in m.without_headers:  # Istio: the request matches when the header does not
+        if sm.matches(headers.get(name)):
+            return False
     if m.query:
         params = dict(parse_qsl(target.partition("?")[2], keep_blank_values=True))
         for name, sm in m.query:

@@ -258,12 +258,13 @@ HTTP_MATCH = Obj({
     "method": STRING_MATCH,
     "authority": STRING_MATCH,
     "headers": MapOf(string(v.header_name, "a header name"), PRESENCE_MATCH),
+    "withoutHeaders": MapOf(string(v.header_name, "a header name"), PRESENCE_MATCH),
     "port": PORT_INT,
     "ignoreUriCase": BOOL,
     "queryParams": MapOf(NONEMPTY_STR, QUERY_MATCH),
     "sourceLabels": LABELS,
     "sourceNamespace": string(v.dns_label, "a namespace name"),
-}, unsupported={k: "not supported; supported: {supported}" for k in ("gateways", "withoutHeaders", "statPrefix")})
+}, unsupported={k: "not supported; supported: {supported}" for k in ("gateways", "statPrefix")})
 
 DESTINATION = Obj({
     "host": Req(string(v.service_host, "a host name")),

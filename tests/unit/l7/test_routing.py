@@ -238,3 +238,14 @@ def test_consistent_hash_is_the_same_in_every_worker():
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={"PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2)}
     assert len(runs) == 1, runs
+
+
+def test_without_headers_matches_requests_that_lack_the_header():
+    c = config([vs("r", ["reviews"], [
+        {"name": "no-canary", "match": [{"withoutHeaders": {"x-canary": {}}}], "route": [dest("v1")]},
+        {"name": "not-jason", "match": [{"withoutHeaders": {"end-user": {"exact": "jason"}}}], "route": [dest("v2")]},
+        {"name": "rest", "route": [dest("v3")]}])], [dr("d", "reviews", SUBSETS)])
+    rng = random.Random(0)
+    assert route(c, req(), DST, rng).route_name == "no-canary"
+    assert route(c, req(headers={"x-canary": "1", "end-user": "bob"}), DST, rng).route_name == "not-jason"
+    assert route(c, req(headers={"x-canary": "1", "end-user": "jason"}), DST, rng).route_name == "rest"
