@@ -273,6 +273,17 @@ class Fault:
 
 
 @dataclass(frozen=True, slots=True)
+class Redirect:
+    """Istio HTTPRedirect: the parts of the Location that replace the request's (None: keep)."""
+
+    uri: str | None
+    authority: str | None
+    port: int | None
+    scheme: str | None
+    code: int = 301
+
+
+@dataclass(frozen=True, slots=True)
 class HttpRoute:
     name: str
     matches: tuple[Match, ...]  # empty: matches every request
@@ -285,6 +296,8 @@ class HttpRoute:
     mirror_percent: float
     rewrite_uri: str | None
     rewrite_authority: str | None
+    redirect: Redirect | None = None  # answered here with a 3xx and a Location
+    direct: tuple[int, str] | None = None  # answered here: (status, body)
 
     @property
     def needs_headers(self) -> bool:
@@ -652,9 +665,9 @@ def _build_vs(r, resolver: _HostResolver) -> VirtualService:
                 source_labels=tuple(sorted((m.get("sourceLabels") or {}).items())),
                 source_namespace=m.get("sourceNamespace"),
             ))
-        single = len(h["route"]) == 1
+        single = len(h.get("route") or ()) == 1
         dests = tuple(_destination(rd["destination"], 100 if single else rd.get("weight", 0), h.get("headers"),
-                                   rd.get("headers"), ns, resolver) for rd in h["route"])
+                                   rd.get("headers"), ns, resolver) for rd in h.get("route") or ())
         cum, total = [], 0
         for dd in dests:
             total += dd.weight
@@ -683,5 +696,9 @@ def _build_vs(r, resolver: _HostResolver) -> VirtualService:
             mirror_percent=_percent(h.get("mirrorPercentage"), 100.0),
             rewrite_uri=rewrite.get("uri"),
             rewrite_authority=rewrite.get("authority"),
+            redirect=Redirect(rd.get("uri"), rd.get("authority"), rd.get("port"), rd.get("scheme"),
+                              rd.get("redirectCode", 301)) if (rd := h.get("redirect")) is not None else None,
+            direct=(h["directResponse"]["status"], (h["directResponse"].get("body") or {}).get("string", ""))
+            if "directResponse" in h else None,
         ))
     return VirtualService(ns, r.name, tuple(spec["hosts"]), tuple(routes), any(x.needs_headers for x in routes))

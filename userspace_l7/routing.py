@@ -30,6 +30,7 @@ from .config import (
     HttpRoute,
     L7Config,
     Match,
+    Redirect,
     RetryPolicy,
     Service,
 )
@@ -44,7 +45,8 @@ class RouteDecision:
     """What to do with one request. ``status`` non-zero: answer locally with it (after ``delay``)."""
 
     __slots__ = ("status", "reason", "service", "route_name", "subset", "cluster", "path", "authority",
-                 "timeout", "retries", "delay", "request_headers", "response_headers", "mirror")
+                 "timeout", "retries", "delay", "request_headers", "response_headers", "mirror", "local_headers",
+                 "local_body")
 
     def __init__(self, status: int = 0, reason: str = "", service: Service | None = None, route_name: str = "",
                  subset: str = "", cluster: Cluster | None = None, path: str = "/", authority: str | None = None,
@@ -65,6 +67,8 @@ class RouteDecision:
         self.request_headers = request_headers
         self.response_headers = response_headers
         self.mirror = mirror
+        self.local_headers: tuple[tuple[str, str], ...] = ()  # of a local answer (a redirect's Location)
+        self.local_body: bytes | None = None  # of a local answer; None: ``reason`` as text
 
     def __repr__(self) -> str:
         if self.status:
@@ -111,6 +115,15 @@ def route(config: L7Config, head: Request, original_dst: tuple[str, int], rng: r
     else:
         return RouteDecision(404, "route not found", service, path=target)
 
+    if r.direct is not None:  # Istio directResponse
+        decision = RouteDecision(r.direct[0], "direct response", service, r.name, path=target)
+        decision.local_body = r.direct[1].encode()
+        return decision
+    if r.redirect is not None:  # Istio HTTPRedirect
+        decision = RouteDecision(r.redirect.code, "redirect", service, r.name, path=target)
+        decision.local_headers = (("location", _location(r.redirect, head, target, service)),)
+        decision.local_body = b""
+        return decision
     dest = r.destinations[0] if len(r.destinations) == 1 else \
         r.destinations[bisect_right(r.cum_weights, rng.randrange(r.cum_weights[-1]))]
     decision = RouteDecision(0, "", dest.service or service, r.name, dest.subset, None, target,
@@ -130,6 +143,29 @@ def route(config: L7Config, head: Request, original_dst: tuple[str, int], rng: r
     if r.mirror is not None and (r.mirror_percent >= 100 or rng.random() * 100 < r.mirror_percent):
         decision.mirror = _cluster(config, r.mirror, port)
     return decision
+
+
+def _location(rd: Redirect, head: Request, target: str, service: Service) -> str:
+    """The Location of a redirect: the request's URL with the parts ``rd`` gives replaced (a new uri
+    without a query keeps the request's query, as Envoy's path_redirect)."""
+    scheme = rd.scheme or "http"
+    host, explicit = head.host or service.fqdn, None
+    if host.startswith("["):
+        end = host.find("]") + 1
+        host, explicit = host[:end], host[end + 1:] or None
+    elif ":" in host:
+        host, _, explicit = host.partition(":")
+    if rd.authority is not None:
+        host, _, own = rd.authority.partition(":")
+        explicit = own or None
+    port = str(rd.port) if rd.port is not None else explicit
+    if port is not None and (scheme, port) in (("http", "80"), ("https", "443")):
+        port = None
+    path = target
+    if rd.uri is not None:
+        query = target.partition("?")[2]
+        path = rd.uri if "?" in rd.uri or not query else f"{rd.uri}?{query}"
+    return f"{scheme}://{host}{':' + port if port else ''}{path}"
 
 
 def _cluster(config: L7Config, dest: Destination, port: int) -> Cluster | None:

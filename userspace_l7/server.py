@@ -41,6 +41,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Protocol
 from urllib.parse import parse_qsl
 
@@ -103,10 +104,27 @@ NO_BODY_STATUS = frozenset((204, 304))
 _NO_TIMEOUT = contextlib.nullcontext()  # reusable; `async with` works on it
 
 
-def _local_response(status: int, text: str, keep_alive: bool, extra: list[tuple[str, str]] = ()) -> bytes:
-    body = (text + "\n").encode()
-    head = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\ncontent-type: text/plain\r\n"
-            f"content-length: {len(body)}\r\n"]
+def _reason(status: int) -> str:
+    reason = REASONS.get(status)
+    if reason is None:
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:
+            reason = "Unknown"
+    return reason
+
+
+def _local_response(status: int, text: str, keep_alive: bool, extra: list[tuple[str, str]] = (),
+                    body: bytes | None = None) -> bytes:
+    """A response the processor makes itself: ``body`` (default: ``text`` as a line) as text/plain."""
+    if status in NO_BODY_STATUS:
+        head = [f"HTTP/1.1 {status} {_reason(status)}\r\n"]
+        body = b""
+    else:
+        if body is None:
+            body = (text + "\n").encode()
+        head = [f"HTTP/1.1 {status} {_reason(status)}\r\ncontent-type: text/plain\r\n"
+                f"content-length: {len(body)}\r\n"]
     head.extend(f"{k}: {v}\r\n" for k, v in extra)
     if not keep_alive:
         head.append("connection: close\r\n")
@@ -592,7 +610,7 @@ class Proxy:
             return
         if d.status:
             keep = head.keep_alive and not conn.closing
-            conn.write(_local_response(d.status, d.reason, keep))
+            conn.write(_local_response(d.status, d.reason, keep, d.local_headers, d.local_body))
             self._record(conn, head, d, d.status, None, dst_ip, dst_port, time.perf_counter_ns() - t0)
             conn.done(keep)
             return
@@ -630,7 +648,7 @@ class Proxy:
             backend = None
             if d.status:
                 status = d.status
-                conn.write(_local_response(status, d.reason, keep))
+                conn.write(_local_response(status, d.reason, keep, d.local_headers, d.local_body))
             else:
                 if d.mirror is not None and self._mirrors < self.options.max_mirrors:
                     self._mirror(d, head, body, conn.mark)

@@ -290,10 +290,37 @@ def _weights(obj: Mapping[str, Any], path: str) -> None:
                           "they must add up to 100 (as in Istio)")
 
 
+_UNSET_ROUTE = "not supported; supported: {supported}"
+
+
+def _local_answer_alone(obj: Mapping[str, Any], path: str) -> None:
+    """A redirect or direct response is answered by the proxy: nothing about an upstream applies."""
+    if "redirect" in obj or "directResponse" in obj:
+        extra = [k for k in ("rewrite", "timeout", "retries", "mirror", "fault", "headers") if k in obj]
+        if extra:
+            what = "redirect" if "redirect" in obj else "directResponse"
+            raise Invalid(join(path, extra[0]), f"{extra[0]} does not apply to a {what} (it never reaches a backend)")
+
+
+HTTP_REDIRECT = Obj({
+    "uri": Scalar((str,), "a path", v.non_empty),
+    "authority": HOST,
+    "port": PORT_INT,
+    "scheme": Enum(("http", "https")),
+    "redirectCode": integer(300, 399),
+}, unsupported={"derivePort": _UNSET_ROUTE}, rules=(at_least_one_of("uri", "authority", "port", "scheme"),))
+DIRECT_RESPONSE = Obj({
+    "status": Req(integer(200, 599)),
+    "body": Obj({"string": STR}, unsupported={"bytes": "only a string body is supported; supported: {supported}"},
+                rules=(exactly_one_of("string"),)),
+})
+
 HTTP_ROUTE = Obj({
     "name": STR,
     "match": ListOf(HTTP_MATCH),
-    "route": Req(ListOf(Obj({
+    "redirect": HTTP_REDIRECT,
+    "directResponse": DIRECT_RESPONSE,
+    "route": (ListOf(Obj({
         "destination": Req(DESTINATION),
         "weight": integer(0, 100),
         "headers": HEADERS,
@@ -316,14 +343,13 @@ HTTP_ROUTE = Obj({
     "mirrorPercentage": PERCENT,
     "headers": HEADERS,
 }, unsupported={
-    "redirect": "HTTP redirects are not supported; supported: {supported}",
-    "directResponse": "direct responses are not supported; supported: {supported}",
     "delegate": "delegating to another VirtualService is not supported; supported: {supported}",
     "corsPolicy": "CORS policies are not supported; supported: {supported}",
     "mirrors": "only one mirror is supported; use mirror and mirrorPercentage",
     "mirrorPercent": "deprecated upstream; use mirrorPercentage: {value: N}",
     "mirror_percent": "deprecated upstream; use mirrorPercentage: {value: N}",
-}, rules=(_weights, requires("mirrorPercentage", "mirror")))
+}, rules=(_weights, requires("mirrorPercentage", "mirror"), exactly_one_of("route", "redirect", "directResponse"),
+          _local_answer_alone))
 
 VS_SPEC = Obj({
     "hosts": Req(ListOf(HOST, non_empty=True)),

@@ -274,6 +274,32 @@ def test_consistent_hash_keeps_a_user_on_one_backend(backends, start):
     assert len({l7.get()[0].getheader("x-backend") for _ in range(40)}) > 1
 
 
+def test_redirect_and_direct_response_are_answered_by_the_processor(backends, start):
+    """Istio redirect and directResponse: answered without a backend, on a connection that stays
+    open for the next request."""
+    l7 = start(l7_config(backends, [vs(
+        {"match": [{"uri": {"prefix": "/old/"}}], "redirect": {"uri": "/new/", "redirectCode": 308}},
+        {"match": [{"uri": {"exact": "/maintenance"}}],
+         "directResponse": {"status": 503, "body": {"string": "down for maintenance"}}},
+        {"match": [{"uri": {"exact": "/empty"}}], "directResponse": {"status": 204}},
+        {"route": [to("v1")]},
+    )], [dr()]))
+    c = l7.conn()
+    try:
+        r, body = l7.get("/old/?q=1", conn=c)
+        assert (r.status, r.reason, r.getheader("location"), body) == (
+            308, "Permanent Redirect", "http://reviews/new/?q=1", b"")
+        r, body = l7.get("/maintenance", conn=c)
+        assert (r.status, body, r.getheader("content-type")) == (503, b"down for maintenance", "text/plain")
+        r, body = l7.get("/empty", conn=c)
+        assert (r.status, body, r.getheader("content-length")) == (204, b"", None)
+        r, _ = l7.get("/", conn=c)
+        assert r.status == 200 and r.getheader("x-backend") == "v1"
+    finally:
+        c.close()
+    assert not any(b.hosts for b in backends.values() if b.name != "v1")
+
+
 def test_timeout_gives_504(backends, start):
     # maxConnections 1: a timed-out attempt must give its connection slot back
     rule = dr({"connectionPool": {"tcp": {"maxConnections": 1}}})

@@ -654,7 +654,7 @@ SVC_BASE = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports
     (edit(VIRTUAL_SERVICE, 'prefix: "/wpcatalog"', 'prefix: "/wpcatalog"\n        exact: /x'),
      "spec.http[0].match[0].uri: set exactly one of exact, prefix, regex (got exact, prefix)"),
     (edit(VIRTUAL_SERVICE, "rewrite:", "redirect:"),
-     "spec.http[0].redirect: HTTP redirects are not supported; supported: name, match, route, rewrite"),
+     "spec.http[0]: set exactly one of route, redirect, directResponse (got route, redirect)"),
     (VIRTUAL_SERVICE + "  tcp: [{route: [{destination: {host: x}}]}]\n",
      "spec.tcp: TCP routes are not supported; supported: hosts, gateways, http, exportTo"),
     (edit(VIRTUAL_SERVICE, "gateways: [mesh]", "gateways: [istio-system/ingress]"),

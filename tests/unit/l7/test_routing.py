@@ -249,3 +249,28 @@ def test_without_headers_matches_requests_that_lack_the_header():
     assert route(c, req(), DST, rng).route_name == "no-canary"
     assert route(c, req(headers={"x-canary": "1", "end-user": "bob"}), DST, rng).route_name == "not-jason"
     assert route(c, req(headers={"x-canary": "1", "end-user": "jason"}), DST, rng).route_name == "rest"
+
+
+@pytest.mark.parametrize("redirect, target, host, location", [
+    ({"uri": "/v2/items"}, "/items?page=2", "reviews", "http://reviews/v2/items?page=2"),
+    ({"uri": "/new?x=1"}, "/old?page=2", "reviews:9080", "http://reviews:9080/new?x=1"),
+    ({"authority": "ratings.default.svc.cluster.local", "redirectCode": 302}, "/a", "reviews:9080",
+     "http://ratings.default.svc.cluster.local/a"),
+    ({"scheme": "https", "port": 8443}, "/a", "reviews", "https://reviews:8443/a"),
+    ({"scheme": "https"}, "/a", "reviews:443", "https://reviews/a"),
+])
+def test_redirect_location(redirect, target, host, location):
+    c = config([vs("r", ["reviews"], [{"name": "moved", "redirect": redirect}])])
+    d = route(c, req(target, host=host), DST, random.Random(0))
+    assert d.status == redirect.get("redirectCode", 301) and d.route_name == "moved"
+    assert d.local_headers == (("location", location),) and d.local_body == b""
+
+
+def test_direct_response():
+    c = config([vs("r", ["reviews"], [
+        {"match": [{"uri": {"prefix": "/health"}}], "directResponse": {"status": 200, "body": {"string": "ok"}}},
+        {"directResponse": {"status": 503}}])])
+    d = route(c, req("/health"), DST, random.Random(0))
+    assert (d.status, d.local_body) == (200, b"ok")
+    d = route(c, req("/x"), DST, random.Random(0))
+    assert (d.status, d.local_body) == (503, b"")
