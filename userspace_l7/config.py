@@ -397,6 +397,28 @@ class TrafficPolicy:
 DEFAULT_POLICY = TrafficPolicy()
 
 
+def _at_port(tp: Mapping[str, Any] | None, port: int) -> Mapping[str, Any] | None:
+    for p in (tp or {}).get("portLevelSettings") or ():
+        if p["port"]["number"] == port:
+            return p
+    return None
+
+
+def port_policy(top: Mapping[str, Any] | None, subset: Mapping[str, Any] | None, port: int) -> TrafficPolicy:
+    """The policy of one service port (and subset), merged as Istio's MergeTrafficPolicy: the rule's
+    trafficPolicy, replaced by its portLevelSettings for this port (a port's settings do not inherit:
+    what they leave out is the default), then the subset's fields over that, then the subset's own
+    portLevelSettings for the port, again in place of all four fields."""
+    policy = DEFAULT_POLICY.merged(top)
+    if (at := _at_port(top, port)) is not None:
+        policy = DEFAULT_POLICY.merged(at)
+    if subset is not None:
+        policy = policy.merged(subset)
+        if (at := _at_port(subset, port)) is not None:
+            policy = DEFAULT_POLICY.merged(at)
+    return policy
+
+
 @dataclass(frozen=True, slots=True)
 class Cluster:
     """What a (service, port, subset) resolves to: backends and the traffic policy that applies."""
@@ -433,7 +455,8 @@ class L7Config:
     by_host: Mapping[str, Service]  # fqdn, name.namespace and extra hosts -> service
     vs_for: Mapping[tuple[str, str], VirtualService]  # service key -> the VirtualService that applies
     subsets: Mapping[tuple[str, str], Mapping[str, Mapping[str, str]]]  # service key -> subset -> labels
-    policies: Mapping[tuple[str, str], tuple[TrafficPolicy, Mapping[str, TrafficPolicy]]]
+    # service key -> (the rule's trafficPolicy, subset -> its trafficPolicy), as written: `port_policy`
+    policies: Mapping[tuple[str, str], tuple[Mapping | None, Mapping[str, Mapping | None]]]
     clusters: Mapping[ClusterKey, Cluster] = field(compare=False, repr=False)
     clients: Mapping[int, Client] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
 
@@ -485,17 +508,16 @@ class L7Config:
         resolver = _HostResolver(services, by_host, domain)
 
         subsets: dict[tuple[str, str], dict[str, Mapping[str, str]]] = {}
-        policies: dict[tuple[str, str], tuple[TrafficPolicy, Mapping[str, TrafficPolicy]]] = {}
+        policies: dict[tuple[str, str], tuple[Mapping | None, Mapping[str, Mapping | None]]] = {}
         for i, doc in enumerate(d.get("destination_rules") or ()):
             r = _validated(doc, "DestinationRule", f"destination_rules[{i}]")
             spec = r.body["spec"]
             svc = resolver.one(spec["host"], r.namespace)
             if svc is None or svc.key in policies:  # Istio: the first rule for a host wins
                 continue
-            top = DEFAULT_POLICY.merged(spec.get("trafficPolicy"))
             subsets[svc.key] = {s["name"]: MappingProxyType(dict(s["labels"])) for s in spec.get("subsets") or ()}
-            policies[svc.key] = (top, MappingProxyType({
-                s["name"]: top.merged(s.get("trafficPolicy")) for s in spec.get("subsets") or ()}))
+            policies[svc.key] = (spec.get("trafficPolicy"), MappingProxyType({
+                s["name"]: s.get("trafficPolicy") for s in spec.get("subsets") or ()}))
 
         vs_for: dict[tuple[str, str], VirtualService] = {}
         exact_claims: set[tuple[str, str]] = set()
@@ -512,14 +534,15 @@ class L7Config:
                         exact_claims.add(svc.key)
         clusters: dict[ClusterKey, Cluster] = {}
         for svc in services.values():
-            top, subset_policies = policies.get(svc.key, (DEFAULT_POLICY, {}))
+            top, subset_policies = policies.get(svc.key, (None, {}))
             named = subsets.get(svc.key, {})
             for sp in svc.ports:
                 clusters[(svc.namespace, svc.name, sp.port, "")] = Cluster(
-                    (svc.namespace, svc.name, sp.port, ""), svc, svc.backends(sp), top)
+                    (svc.namespace, svc.name, sp.port, ""), svc, svc.backends(sp), port_policy(top, None, sp.port))
                 for subset, labels in named.items():
                     key = (svc.namespace, svc.name, sp.port, subset)
-                    clusters[key] = Cluster(key, svc, svc.backends(sp, labels), subset_policies[subset])
+                    clusters[key] = Cluster(key, svc, svc.backends(sp, labels),
+                                            port_policy(top, subset_policies[subset], sp.port))
         return cls(domain, MappingProxyType(services), MappingProxyType(by_vip), MappingProxyType(by_host),
                    MappingProxyType(vs_for), MappingProxyType(subsets), MappingProxyType(policies),
                    MappingProxyType(clusters), MappingProxyType(clients))

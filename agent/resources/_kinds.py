@@ -374,7 +374,7 @@ def _one_hash_key(obj: Mapping[str, Any], path: str) -> None:
                       f"(the request's hash key){'; got ' + ', '.join(keys) if keys else ''}")
 
 
-TRAFFIC_POLICY = Obj({
+_POLICY_FIELDS = {
     "loadBalancer": Obj({
         "simple": Enum(("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "PASSTHROUGH"),
                        unsupported=("LEAST_CONN", "UNSPECIFIED")),
@@ -414,7 +414,11 @@ TRAFFIC_POLICY = Obj({
     }, unsupported=dict.fromkeys(
         ("clientCertificate", "privateKey", "caCertificates", "credentialName", "subjectAltNames", "sni",
          "insecureSkipVerify"), "only mode ISTIO_MUTUAL or DISABLE is supported; supported: {supported}")),
-}, unsupported=dict.fromkeys(("portLevelSettings", "tunnel", "proxyProtocol"), _UNSET))
+}
+# A port's settings: the four fields again, for one service port (portLevelSettings).
+PORT_TRAFFIC_POLICY = Obj({"port": Req(Obj({"number": Req(PORT_INT)})), **_POLICY_FIELDS})
+TRAFFIC_POLICY = Obj({**_POLICY_FIELDS, "portLevelSettings": ListOf(PORT_TRAFFIC_POLICY)},
+                     unsupported=dict.fromkeys(("tunnel", "proxyProtocol"), _UNSET))
 
 DR_SPEC = Obj({
     "host": Req(HOST),

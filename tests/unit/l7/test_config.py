@@ -83,6 +83,10 @@ def test_durations_and_regexes_are_compiled_once():
      "set exactly one of route, redirect, directResponse"),
     ({"virtual_services": [vs("r", ["reviews"], [{"match": [{"uri": {"exact": "/"}}]}])]},
      "set exactly one of route, redirect, directResponse (got none)"),
+    ({"destination_rules": [dr("d", "reviews", policy={"portLevelSettings": [
+        {"loadBalancer": {"simple": "RANDOM"}}]})]}, "portLevelSettings[0].port"),
+    ({"destination_rules": [dr("d", "reviews", policy={"portLevelSettings": [
+        {"port": {"number": 80}, "portLevelSettings": []}]})]}, "portLevelSettings[0]"),
     ({"clients": []}, "clients: must be an object"),
     ({"clients": {"x": {"workload": "a"}}}, "clients['x']: the key must be an endpoint id"),
     ({"clients": {"0": {"workload": "a"}}}, "the key must be an endpoint id"),
@@ -121,3 +125,31 @@ def test_consistent_hash_policy():
     assert (top.lb, top.hash_by, top.ring_size) == ("CONSISTENT_HASH", ("query", "user"), 64)
     v1 = c.cluster(c.services[("default", "reviews")], 9080, "v1").policy
     assert (v1.lb, v1.hash_by) == ("RANDOM", None)  # a subset's simple policy replaces the hash
+
+
+def test_port_level_settings_merge_as_istio():
+    """Istio's MergeTrafficPolicy: a port's settings replace the four fields (what they leave out is
+    the default, not the rule's), the subset's fields go over that, the subset's own port settings
+    replace again."""
+    services = [{"name": "web", "namespace": "default", "vip": "10.96.0.30",
+                 "ports": [{"port": 80, "target_port": 8080}, {"port": 81, "target_port": 8081}],
+                 "backends": [{"ip": "10.200.0.5", "labels": {"version": "v1"}}]}]
+    rule = dr("d", "web", [
+        {"name": "v1", "labels": {"version": "v1"},
+         "trafficPolicy": {"connectionPool": {"tcp": {"maxConnections": 7}},
+                           "portLevelSettings": [{"port": {"number": 81},
+                                                  "loadBalancer": {"simple": "LEAST_REQUEST"}}]}}],
+        policy={"loadBalancer": {"simple": "RANDOM"}, "outlierDetection": {"consecutive5xxErrors": 3},
+                "portLevelSettings": [{"port": {"number": 80},
+                                       "loadBalancer": {"consistentHash": {"useSourceIp": True}}}]})
+    c = config(drs=[rule], services=services)
+    web = c.services[("default", "web")]
+
+    def policy(port, subset=""):
+        return c.cluster(web, port, subset).policy
+
+    assert (policy(80).lb, policy(80).hash_by, policy(80).outlier) == ("CONSISTENT_HASH", ("source_ip", ""), None)
+    assert (policy(81).lb, policy(81).outlier.consecutive_5xx) == ("RANDOM", 3)
+    assert (policy(80, "v1").lb, policy(80, "v1").pool.max_connections) == ("CONSISTENT_HASH", 7)
+    assert (policy(81, "v1").lb, policy(81, "v1").pool.max_connections, policy(81, "v1").outlier) == (
+        "LEAST_REQUEST", 2**32 - 1, None)
