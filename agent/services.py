@@ -32,8 +32,12 @@ log = logging.getLogger("meshagent.services")
 
 PROTOCOLS = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
 
-# ServiceEntry port protocols that stay at L4: the processor cannot read them (TLS, opaque TCP).
-L4_APP_PROTOCOLS = frozenset({"TCP", "HTTPS"})
+# Port protocols that stay at L4: the processor cannot read them (TLS, opaque TCP, databases), or
+# cannot carry them (HTTP/2, gRPC: it speaks HTTP/1.1; a ServiceEntry port naming them is refused).
+L4_APP_PROTOCOLS = frozenset({"TCP", "HTTPS", "TLS", "MONGO", "MYSQL", "REDIS", "HTTP2", "GRPC", "GRPC-WEB"})
+# Istio's protocol selection for a Service port: appProtocol, else the name's `<protocol>[-suffix]`.
+_KNOWN_PROTOCOLS = frozenset({"HTTP", *L4_APP_PROTOCOLS})
+_K8S_APP_PROTOCOLS = {"kubernetes.io/h2c": "HTTP2", "kubernetes.io/ws": "HTTP", "kubernetes.io/wss": "TLS"}
 # ... and those it cannot carry at all yet: it speaks HTTP/1.1, not HTTP/2.
 _UNSUPPORTED_APP_PROTOCOLS = {"HTTP2": "HTTP/2", "GRPC": "gRPC (HTTP/2)"}
 
@@ -50,7 +54,7 @@ class ServicePort:
     port: int
     target_port: int
     protocol: str  # "tcp" | "udp" | "sctp"
-    app_protocol: str = ""  # a ServiceEntry port's protocol ("HTTP", "TCP", "HTTPS"); "" for a Service
+    app_protocol: str = ""  # "HTTP", "TCP", "HTTPS", ...; "" unknown (a Service port Istio would sniff)
 
 
 @dataclass(frozen=True)
@@ -151,8 +155,20 @@ def service_ports(body: dict) -> tuple[ServicePort, ...]:
         target = p.get("targetPort", p["port"])
         out.append(ServicePort(name=p.get("name", ""), port=int(p["port"]),
                                target_port=int(target) if str(target).isdigit() else int(p["port"]),
-                               protocol=PROTOCOLS[p.get("protocol", "TCP")]))
+                               protocol=PROTOCOLS[p.get("protocol", "TCP")], app_protocol=service_app_protocol(p)))
     return tuple(out)
+
+
+def service_app_protocol(port: Mapping) -> str:
+    """A Service port's application protocol as Istio selects it: ``appProtocol`` (an unknown one is
+    opaque TCP), else the port name's ``<protocol>[-suffix]`` prefix; "" when neither says (Istio
+    would sniff; the L7 processor treats it as HTTP/1.1). Only HTTP ones can go to the processor."""
+    given = port.get("appProtocol")
+    if given:
+        proto = _K8S_APP_PROTOCOLS.get(given.lower(), given.upper())
+        return proto if proto in _KNOWN_PROTOCOLS else "TCP"
+    prefix = (port.get("name") or "").split("-", 1)[0].upper()
+    return prefix if prefix in _KNOWN_PROTOCOLS else ""
 
 
 def backends_for(body: dict, endpoints: Iterable[EndpointRecord]) -> tuple[Backend, ...]:

@@ -130,9 +130,9 @@ SERVICE_SPEC = Obj({
         "port": Req(PORT_INT),
         "targetPort": PORT,
         "protocol": Enum(PROTOCOLS),
+        "appProtocol": NONEMPTY_STR,
     }, unsupported={
         "nodePort": "node ports are not supported (only ClusterIP services); supported: {supported}",
-        "appProtocol": "",
     })),
     "clusterIP": string(v.cluster_ip, "an IPv4 address or None"),
     "type": Enum(("ClusterIP",), unsupported=("NodePort", "LoadBalancer", "ExternalName")),

@@ -264,3 +264,55 @@ def test_policy_change_rechecks_fast_path_connections(node, svc):
         node.cli("delete", "CiliumNetworkPolicy", "echo-from", check=False)
         client.kill()
         echo.kill()
+
+
+MIXED = """
+apiVersion: v1
+kind: Service
+metadata: {name: mixed, namespace: default}
+spec:
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: tcp-echo, port: 81, targetPort: 9090}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: mixed, namespace: default}
+spec:
+  host: mixed
+  trafficPolicy: {loadBalancer: {simple: RANDOM}}
+"""
+
+RAW_ECHO = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], 81), timeout=3)
+msg = b"\x00\x01 not http \xff" * 100
+s.sendall(msg)
+got = b""
+while len(got) < len(msg) and (chunk := s.recv(65536)):
+    got += chunk
+print("ok" if got == msg else "BAD", flush=True)
+"""
+
+
+def test_a_service_with_l7_config_keeps_its_non_http_ports_at_l4(node, svc):
+    """Istio's protocol selection: with a DestinationRule on the service, its `http` port goes to the
+    L7 processor and its `tcp-echo` port stays balanced in the kernel, so non-HTTP bytes get through."""
+    echoes = [node.spawn([*node.in_ep(svc[n]), PY, "-c", ECHO, "9090"]) for n in ("web1", "web2")]
+    for e in echoes:
+        assert e.stdout.readline().strip() == "ready"
+    node.apply(MIXED)
+    try:
+        items = node.cli_json("service", "list")
+        items = items["items"] if isinstance(items, dict) else items
+        mixed = next(s for s in items if s["name"] == "mixed")
+        assert mixed["mode"] == "L7 80; L4 81", mixed
+        assert mixed["ports"] == ["80/tcp->8080 HTTP", "81/tcp->9090 TCP"], mixed
+        out = subprocess.run([*node.in_ep(svc["client"]), PY, "-c", RAW_ECHO, mixed["vip"]],
+                             capture_output=True, text=True, timeout=30)
+        assert out.stdout.strip() == "ok", out.stderr
+    finally:
+        node.delete(MIXED)
+        for e in echoes:
+            e.kill()

@@ -40,3 +40,25 @@ def test_hosts_file_short_names_only_in_own_namespace():
     assert "10.96.0.10\tweb web.default" in hosts_file([svc], "default")
     text = hosts_file([svc], "other")
     assert "\tweb " not in text and "web.default.svc.cluster.local" in text
+
+
+@pytest.mark.parametrize("port, proto, redirected", [
+    ({"port": 80}, "", True),  # unnamed: Istio would sniff; the processor takes it as HTTP/1.1
+    ({"port": 80, "name": "http-web"}, "HTTP", True),
+    ({"port": 80, "name": "web"}, "", True),
+    ({"port": 3306, "name": "mysql"}, "MYSQL", False),
+    ({"port": 9000, "name": "tcp-raw"}, "TCP", False),
+    ({"port": 443, "name": "https"}, "HTTPS", False),
+    ({"port": 50051, "name": "grpc-api"}, "GRPC", False),  # HTTP/2: the processor speaks HTTP/1.1
+    ({"port": 80, "name": "tcp-x", "appProtocol": "http"}, "HTTP", True),  # appProtocol wins
+    ({"port": 80, "appProtocol": "kubernetes.io/h2c"}, "HTTP2", False),
+    ({"port": 5432, "appProtocol": "postgresql"}, "TCP", False),  # unknown: opaque TCP
+])
+def test_port_protocol_selection_keeps_non_http_ports_at_l4(port, proto, redirected):
+    """Istio's protocol selection: a Service with L7 config sends only its HTTP ports to the processor."""
+    body = {**SVC, "spec": {"selector": {"app": "web"}, "ports": [port]}}
+    (p,) = service_ports(body)
+    assert p.app_protocol == proto
+    view = ServiceView("web", "default", "10.96.0.5", (p,), (), l7=True)
+    assert (view.redirected_ports() == (p,)) == redirected
+    assert view.mode() == ("L7" if redirected else "L4")
