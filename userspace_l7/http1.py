@@ -112,7 +112,7 @@ class _Head:
 
 class Request(_Head):
     __slots__ = ("method", "target", "_headers", "_fields", "fwd", "http_version", "keep_alive", "host",
-                 "content_length", "chunked", "expect_continue")
+                 "content_length", "chunked", "expect_continue", "upgrade")
 
     def __init__(self, method: str, target: str, headers: list[tuple[str, str]] | None, http_version: str,
                  keep_alive: bool, host: str | None = None, content_length: int | None = None,
@@ -129,6 +129,7 @@ class Request(_Head):
         self.content_length = content_length
         self.chunked = chunked
         self.expect_continue = expect_continue
+        self.upgrade = False  # the connection switches protocols after it (Upgrade: websocket, h2c)
 
     def __repr__(self) -> str:
         return f"Request({self.method} {self.target} HTTP/{self.http_version})"
@@ -213,7 +214,7 @@ class _Reader:
 
     __slots__ = ("max_head", "max_headers", "max_target", "max_body", "sink", "_parser", "_events", "state",
                  "_error", "_in_head", "_head_fed", "_last", "_target", "_reason", "_parts", "_drop", "_body_size",
-                 "_content_length", "_te", "_host", "_expect", "_head_request")
+                 "_content_length", "_te", "_host", "_expect", "_head_request", "upgraded")
 
     _parser_class: type = httptools.HttpRequestParser
 
@@ -229,6 +230,7 @@ class _Reader:
         self._head_fed = 0  # raw bytes fed while a head was incomplete
         self._last: Request | Response | None = None  # the last head pushed to the sink
         self._head_request = False  # a response to HEAD: it ends with its head
+        self.upgraded: bytes | None = None  # after an upgrade: the bytes that followed the message
         self.on_message_begin()
         self._in_head = False
 
@@ -398,8 +400,8 @@ class _Reader:
             self._error = LocalProtocolError(f"the reader's sink failed: {cause!r}")
             self.state = ERROR
             raise cause from None
-        except httptools.HttpParserUpgrade:
-            self._upgrade()
+        except httptools.HttpParserUpgrade as e:
+            self._upgrade(data[e.args[0]:] if e.args and isinstance(e.args[0], int) else b"")
         except httptools.HttpParserError as e:
             self._fail(RemoteProtocolError(f"malformed HTTP: {e}", 400))
         # A head that never ends (one endless header line) fires no callback: count raw bytes.
@@ -411,14 +413,22 @@ class _Reader:
         self.state = ERROR
         raise error
 
-    def _upgrade(self) -> None:
-        # Upgrade (websocket, h2c) and CONNECT are not proxied: the message so far is served and the
-        # connection closes after it; bytes after the head are not HTTP and are dropped.
+    def _upgrade(self, rest: bytes) -> None:
+        # The message is followed by another protocol (Upgrade: websocket/h2c, a 101 response): no
+        # more HTTP/1.1 on this connection. The last message says so (a request: ``upgrade``, for a
+        # proxy that can splice the connection; else it is served and the connection closes), and
+        # the bytes after it, not HTTP, wait in ``upgraded`` for whoever takes the connection over.
+        self.upgraded = rest
+        last = None
         for ev in self._events:
             if isinstance(ev, Request | Response):
                 ev.keep_alive = False
+                last = ev
         if self.sink is not None and self._last is not None:  # already pushed, not yet served
             self._last.keep_alive = False
+            last = self._last
+        if isinstance(last, Request) and last.method != "CONNECT":
+            last.upgrade = True
         self._error = RemoteProtocolError("connection was upgraded; no more HTTP/1.1 on it", 400)
 
     def _eof(self) -> None:

@@ -74,6 +74,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received = True
+        if self.reader.upgraded is not None:  # not HTTP any more: kept for whoever splices it (tunnel.py)
+            self.reader.upgraded += data
+            return
         try:
             self.reader.receive_data(data)
         except ProtocolError as e:

@@ -17,6 +17,10 @@ Two paths carry a request out, with the same outcome:
   request gets no usable response head (the connection breaks, a 1xx, a status the retry policy
   retries) hands the request over to it as it stands: the attempt already on the wire is the first.
 
+An Upgrade request (WebSocket, h2c) takes a third path, `Proxy._tunnel`: routed the same way, sent
+with its Upgrade header on a connection of its own, and on the backend's 101 the two connections are
+spliced (tunnel.py) and carry bytes both ways until either closes.
+
 Hot-path rules: no logging, no task or future per fast-path request, flows and metrics appended to
 in-memory batches (their labels built once per connection, route and backend: `_Records`), request and
 response field lines forwarded as parsed unless the route edits headers, one `Exchange` per connection
@@ -46,7 +50,7 @@ from typing import Protocol
 from urllib.parse import parse_qsl
 
 from . import config as cfg
-from . import origdst
+from . import origdst, tunnel
 from .balancer import ClusterState, ClusterStates
 from .config import Backend, L7Config
 from .flows import FlowSink
@@ -101,6 +105,8 @@ REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not All
            413: "Content Too Large", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
            501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 NO_BODY_STATUS = frozenset((204, 304))
+UPGRADE_TIMEOUT = 30.0  # an Upgrade request's backend must answer within this (unless the route's timeout)
+UPGRADE_HOLD_LIMIT = 1 << 20  # bytes a client may send after its Upgrade request before the 101
 _NO_TIMEOUT = contextlib.nullcontext()  # reusable; `async with` works on it
 
 
@@ -199,6 +205,11 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
+            return
+        if self.reader.upgraded is not None:  # not HTTP any more: for the tunnel, if the backend agrees
+            self.reader.upgraded += data
+            if len(self.reader.upgraded) > UPGRADE_HOLD_LIMIT:
+                self.transport.pause_reading()  # tunnel.splice resumes it
             return
         starts = self._cur is None and self._timer_kind == "idle"
         queue = self.queue
@@ -346,6 +357,13 @@ class ClientConnection(asyncio.Protocol):
         elif self._cur is None:
             self._arm("idle")
 
+    def spliced(self) -> None:
+        """The transport belongs to a tunnel now (tunnel.splice): no more HTTP, timers or callbacks."""
+        self.closing = True
+        self.busy = True
+        self._timer_kind = ""
+        self.queue.clear()
+
     def internal_error(self, e: Exception) -> None:
         """A bug: never leave the client hanging, never kill the worker."""
         print(f"l7: internal error serving {self.peer}: {type(e).__name__}: {e}", file=sys.stderr)
@@ -397,6 +415,18 @@ def response_head(resp: Response, d: RouteDecision, head: Request, keep: bool) -
         framing += b"connection: keep-alive\r\n"
     line = _STATUS_LINES.get((status, resp.reason)) or _status_line(status, resp.reason)
     return b"".join((line, fields, framing, b"\r\n")), chunked, no_body, keep
+
+
+def _upgrade_response(resp: Response, d: RouteDecision) -> bytes:
+    """The head of a 101 for the client: the backend's fields (with the route's edits) and the
+    Upgrade it agreed to; nothing follows it but the new protocol."""
+    headers = [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP]
+    if d.response_headers:
+        headers = d.response_headers.apply(headers)
+    upgrade = next((v for k, v in resp.headers if k == "upgrade"), "")
+    fields = "".join([f"{k}: {v}\r\n" for k, v in headers])
+    return (_status_line(101, resp.reason) + f"{fields}connection: upgrade\r\nupgrade: {upgrade}\r\n\r\n"
+            .encode("latin-1"))
 
 
 class Exchange:
@@ -605,6 +635,9 @@ class Proxy:
         path when the request allows it, else in a `_slow` task."""
         t0 = time.perf_counter_ns()
         d, dst_ip, dst_port = self.routes.lookup(self.config, head, conn.original, conn.local[1], conn.client_id)
+        if head.upgrade:
+            self.loop.create_task(self._tunnel(conn, head, body, d, dst_ip, dst_port, t0))
+            return
         if d.delay or d.mirror is not None:
             self.loop.create_task(self._slow(conn, head, body, d, dst_ip, dst_port, t0))
             return
@@ -659,7 +692,8 @@ class Proxy:
             return
         conn.done(keep)
 
-    def _request_bytes(self, head: Request, body: bytes, d: RouteDecision, authority: str | None = None) -> bytes:
+    def _request_bytes(self, head: Request, body: bytes, d: RouteDecision, authority: str | None = None,
+                       extra: bytes = b"") -> bytes:
         authority = authority or d.authority
         if d.request_headers or authority:
             headers = [(k, v) for k, v in head.headers if k not in HOP_BY_HOP]
@@ -673,7 +707,7 @@ class Proxy:
             fields = head.fwd or head.forwarded()  # the client's field lines as parsed: nothing to re-encode
         method = head.method
         framing = b"content-length: %d\r\n\r\n" % len(body) if body or method in _BODY_METHODS else b"\r\n"
-        return b"".join((f"{method} {d.path} HTTP/1.1\r\n".encode("latin-1"), fields, framing, body))
+        return b"".join((f"{method} {d.path} HTTP/1.1\r\n".encode("latin-1"), fields, extra, framing, body))
 
     async def _forward(self, conn: ClientConnection, head: Request, body: bytes, d: RouteDecision,
                        keep: bool, first: tuple | None = None) -> tuple[int, Backend | None, bool]:
@@ -798,6 +832,72 @@ class Proxy:
             write(pending)
         pool.release(up)
         return keep
+
+    async def _tunnel(self, conn: ClientConnection, head: Request, body: bytes, d: RouteDecision, dst_ip: str,
+                      dst_port: int, t0: int) -> None:
+        """An Upgrade request (WebSocket, h2c): routed as any request, sent upstream with its Upgrade
+        header on a connection of its own; a 101 splices the two connections (tunnel.py), any other
+        answer is forwarded and the client connection closes (its bytes after the request are not
+        HTTP). Retries, mirrors and pooling do not apply to it."""
+        status, backend, up, pool, state = 503, None, None, None, None
+        try:
+            if d.delay:
+                await asyncio.sleep(d.delay)
+            if d.status:
+                status = d.status
+                conn.write(_local_response(status, d.reason, False, d.local_headers, d.local_body))
+            else:
+                state = self.clusters.get(d.cluster)
+                backend = state.pick() if state.hash_by is None else \
+                    state.pick(key=hash_key(state.hash_by, conn, head))
+                if backend is None:
+                    conn.write(_local_response(503, "no healthy upstream", False))
+                else:
+                    if backend.address not in self._opened_labels:
+                        self._opened_labels[backend.address] = ("unknown", backend.workload, d.service.fqdn, "none")
+                    pool = self.pools.get(backend.address, d.cluster.policy.pool, conn.mark)
+                    state.started(backend)
+                    upgrade = next((v for k, v in head.headers if k == "upgrade"), "")
+                    extra = f"connection: upgrade\r\nupgrade: {upgrade}\r\n".encode("latin-1")
+                    try:
+                        async with asyncio.timeout(d.timeout or UPGRADE_TIMEOUT):
+                            up, _ = await pool.acquire()
+                            up.send(self._request_bytes(head, body, d, extra=extra), head.method)
+                            resp = await up.next_event()
+                    except TimeoutError:
+                        state.finished(backend, failed=True)
+                        status = 504
+                        conn.write(_local_response(504, "upstream request timeout", False))
+                    except PoolOverflow as e:
+                        state.finished(backend, None)  # not the backend's fault
+                        conn.write(_local_response(503, f"upstream overflow: {e}", False))
+                    except UpstreamError as e:
+                        state.finished(backend, failed=True)
+                        conn.write(_local_response(503, f"upstream connect error or disconnect/reset before "
+                                                        f"headers: {e}", False))
+                    else:
+                        state.finished(backend, resp.status)
+                        status = resp.status
+                        if status == 101:
+                            conn.write(_upgrade_response(resp, d))
+                            client_rest, conn.reader.upgraded = conn.reader.upgraded or b"", b""
+                            upstream_rest, up.reader.upgraded = up.reader.upgraded or b"", b""
+                            spliced_up, spliced_pool, up = up, pool, None  # the tunnel owns it now
+                            tunnel.splice(conn.transport, spliced_up.transport, client_rest, upstream_rest,
+                                          lambda: spliced_pool.discard(spliced_up))
+                            conn.spliced()
+                        else:  # refused (400, 426...): an ordinary response, and the connection closes
+                            await self._respond(conn, pool, up, resp, d, head, False, None)
+                            up = None
+            self._record(conn, head, d, status, backend, dst_ip, dst_port, time.perf_counter_ns() - t0)
+        except Exception as e:
+            conn.internal_error(e)
+            return
+        finally:
+            if up is not None:
+                pool.discard(up)
+        if status != 101:
+            conn.done(False)
 
     def _mirror(self, d: RouteDecision, head: Request, body: bytes, mark: int = 0) -> None:
         cluster = d.mirror

@@ -7,7 +7,9 @@ header ("reviews"), as it is until the kernel-side redirect plugs in a resolver.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import http.client
 import json
 import math
@@ -54,6 +56,9 @@ class Handler(BaseHTTPRequestHandler):
         body_in = self.rfile.read(n) if n else b""
         srv.hosts.append(self.headers.get("host", ""))
         status = 200
+        if self.path.startswith("/ws"):
+            self._websocket()
+            return
         if self.path.startswith("/big"):
             self._big()
             return
@@ -86,6 +91,28 @@ class Handler(BaseHTTPRequestHandler):
             piece = bytes([65 + i]) * 65536
             self.wfile.write(b"%x\r\n%b\r\n" % (len(piece), piece))
         self.wfile.write(b"0\r\n\r\n")
+
+    def _websocket(self) -> None:
+        """A WebSocket handshake (RFC 6455 accept key), then the new protocol: an echo of raw bytes,
+        each chunk prefixed with the backend's name, until the client half-closes. /ws-refuse: 426."""
+        key = self.headers.get("sec-websocket-key", "")
+        if self.path.startswith("/ws-refuse") or self.headers.get("upgrade", "").lower() != "websocket":
+            self.send_response(426)
+            self.send_header("content-length", "0")
+            self.end_headers()
+            return
+        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+        self.send_response(101)
+        self.send_header("upgrade", "websocket")
+        self.send_header("connection", "Upgrade")
+        self.send_header("sec-websocket-accept", accept.decode())
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        conn = self.connection
+        while data := conn.recv(65536):
+            conn.sendall(self.server.name.encode() + b":" + data)
+        conn.shutdown(socket.SHUT_WR)
 
     do_GET = do_POST = do_HEAD = _serve
 
@@ -298,6 +325,85 @@ def test_redirect_and_direct_response_are_answered_by_the_processor(backends, st
     finally:
         c.close()
     assert not any(b.hosts for b in backends.values() if b.name != "v1")
+
+
+_LETTERS = bytes(65 + i % 26 for i in range(256))
+
+
+def _letters(n: int) -> bytes:
+    """Random capital letters: never the ":" of the test backend's "<name>:" echo prefix."""
+    return os.urandom(n).translate(_LETTERS)
+
+
+def _websocket_handshake(port: int, path: str = "/ws", extra: bytes = b"") -> tuple[socket.socket, bytes]:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: reviews\r\nUpgrade: websocket\r\n"
+              b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+              b"Sec-WebSocket-Version: 13\r\n\r\n" + extra)
+    head = b""
+    while b"\r\n\r\n" not in head and (chunk := s.recv(1)):
+        head += chunk
+    return s, head
+
+
+def test_websocket_upgrade_is_spliced_through(backends, start):
+    """An Upgrade request is routed as any request (here by path to v2), the backend's 101 comes back
+    with its accept key, and from then on bytes go both ways untouched, bytes that came with the
+    handshake included, until the client half-closes."""
+    l7 = start(l7_config(backends, [vs({"match": [{"uri": {"prefix": "/ws"}}], "route": [to("v2")]},
+                                       {"route": [to("v1")]})], [dr()]))
+    s, head = _websocket_handshake(l7.port, extra=b"early")
+    try:
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        assert b"sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in head  # RFC 6455's example key
+        assert b"upgrade: websocket" in head.lower() and b"connection: upgrade" in head.lower()
+        got = b""
+        while len(got) < len(b"v2:early") and (chunk := s.recv(65536)):
+            got += chunk
+        assert got == b"v2:early"
+        big = _letters(256 * 1024)
+        s.sendall(big)
+        got = b""
+        while len(got) < len(big) + 3 and (chunk := s.recv(65536)):
+            got += chunk
+        assert got.replace(b"v2:", b"") == big  # echoed in chunks, each prefixed
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(10) == b""  # the backend's half-close came through
+    finally:
+        s.close()
+    time.sleep(0.5)
+    assert l7.get()[0].status == 200  # the processor serves on
+
+
+def test_websocket_tunnel_holds_a_client_that_reads_late(backends, start):
+    """8 MiB sent by a client that reads nothing for a second: both directions fill and stop (the
+    tunnel pauses reading on the side whose peer cannot take more), then everything arrives in order."""
+    l7 = start(l7_config(backends, [vs({"route": [to("v3")]})], [dr()]))
+    s, head = _websocket_handshake(l7.port)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    data = _letters(8 << 20)
+    sender = threading.Thread(target=lambda: (s.sendall(data), s.shutdown(socket.SHUT_WR)), daemon=True)
+    try:
+        s.settimeout(20)
+        sender.start()
+        time.sleep(1.0)  # nobody reads: the processor must not buffer all of it
+        got = bytearray()
+        while chunk := s.recv(1 << 20):
+            got += chunk
+        sender.join(10)
+        assert bytes(got).replace(b"v3:", b"") == data
+    finally:
+        s.close()
+
+
+def test_websocket_refused_by_the_backend_is_forwarded_and_closed(backends, start):
+    l7 = start(l7_config(backends, [vs({"route": [to("v1")]})], [dr()]))
+    s, head = _websocket_handshake(l7.port, "/ws-refuse")
+    try:
+        assert head.startswith(b"HTTP/1.1 426 "), head
+        assert s.recv(100) == b""  # closed after it: what follows an Upgrade request is not HTTP
+    finally:
+        s.close()
 
 
 def test_timeout_gives_504(backends, start):
