@@ -6,9 +6,9 @@ tuple and a `prometheus_client` collector turns them into metric families when /
 
 Names and labels follow Istio's standard metrics so existing dashboards work:
 ``istio_requests_total``, ``istio_request_duration_milliseconds`` (histogram, Istio's buckets) with
-source_workload, destination_workload, destination_service, response_code,
-connection_security_policy; ``istio_tcp_connections_opened_total`` (upstream connections opened) with
-the same labels minus response_code.
+Istio's standard labels (`REQUEST_LABELS`: reporter, source and destination workload, namespace and
+app, destination version and service, request protocol, response_code, connection_security_policy);
+``istio_tcp_connections_opened_total`` (upstream connections opened) with `TCP_LABELS`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,16 @@ __all__ = ["BUCKETS_MS", "L7Metrics", "observe"]
 # Istio's default buckets for istio_request_duration_milliseconds.
 BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 600000,
               1800000, 3600000)
-REQUEST_LABELS = ["source_workload", "destination_workload", "destination_service", "response_code",
-                  "connection_security_policy"]
-TCP_LABELS = ["source_workload", "destination_workload", "destination_service", "connection_security_policy"]
+# What `_Records` in server.py builds once per connection, route and backend, in this order; a request's
+# row adds response_code and connection_security_policy. reporter is "waypoint", as Istio ambient's
+# L7 proxy reports: one shared per-node proxy, not a sidecar at either end.
+DESTINATION_LABELS = ["destination_workload", "destination_workload_namespace", "destination_app",
+                      "destination_version", "destination_service", "destination_service_name",
+                      "destination_service_namespace"]
+REQUEST_LABELS = ["reporter", "source_workload", "source_workload_namespace", "source_app", *DESTINATION_LABELS,
+                  "request_protocol", "response_code", "connection_security_policy"]
+TCP_LABELS = ["reporter", "source_workload", *DESTINATION_LABELS, "connection_security_policy"]
+REPORTER = "waypoint"
 
 
 def observe(row: list, duration_ms: float) -> None:
@@ -41,17 +48,17 @@ class L7Metrics:
         self._requests: dict[tuple[str, ...], list] = {}
         self._tcp: dict[tuple[str, ...], int] = {}
 
-    def request(self, labels: tuple[str, str, str, str, str], duration_ms: float) -> None:
+    def request(self, labels: tuple[str, ...], duration_ms: float) -> None:
         observe(self.row(labels), duration_ms)
 
-    def row(self, labels: tuple[str, str, str, str, str]) -> list:
+    def row(self, labels: tuple[str, ...]) -> list:
         """The counters of one label tuple, for `observe`: a caller that keeps it skips the label lookup."""
         row = self._requests.get(labels)
         if row is None:
             row = self._requests[labels] = [0, 0.0, [0] * (len(BUCKETS_MS) + 1)]
         return row
 
-    def connection_opened(self, labels: tuple[str, str, str, str]) -> None:
+    def connection_opened(self, labels: tuple[str, ...]) -> None:
         self._tcp[labels] = self._tcp.get(labels, 0) + 1
 
     # -- export --

@@ -52,7 +52,7 @@ from urllib.parse import parse_qsl
 from . import config as cfg
 from . import origdst, tunnel
 from .balancer import ClusterState, ClusterStates
-from .config import Backend, L7Config
+from .config import Backend, L7Config, Service
 from .flows import FlowSink
 from .http1 import (
     HOP_BY_HOP,
@@ -64,7 +64,7 @@ from .http1 import (
     RequestReader,
     Response,
 )
-from .metrics import L7Metrics, observe
+from .metrics import REPORTER, L7Metrics, observe
 from .pool import BackendPool, PoolOverflow, Pools, UpstreamConnection, UpstreamError
 from .routecache import RouteCache
 from .routing import RouteDecision, should_retry
@@ -538,6 +538,16 @@ class Exchange:
         self.conn.internal_error(e)
 
 
+def destination_labels(svc: Service | None, backend: Backend | None) -> tuple[str, ...]:
+    """metrics.DESTINATION_LABELS of a request to ``backend`` of ``svc`` (None: answered here)."""
+    labels = backend.labels if backend is not None else {}
+    return (backend.workload if backend is not None else "unknown",
+            svc.namespace if backend is not None and svc is not None else "unknown",
+            labels.get("app", "unknown"), labels.get("version", "unknown"),
+            svc.fqdn if svc is not None else "unknown", svc.name if svc is not None else "unknown",
+            svc.namespace if svc is not None else "unknown")
+
+
 class _Records:
     """What the flows and metric samples of one connection's requests to one route, backend and original
     destination share, built once: per request only the counters, a timestamp and a queued tuple remain."""
@@ -548,15 +558,13 @@ class _Records:
                  dst_port: int) -> None:
         self.d, self.backend, self.dst_ip, self.dst_port = d, backend, dst_ip, dst_port
         svc = d.service
-        if svc is not None:
-            fqdn, service, namespace = svc.fqdn, svc.fqdn, svc.namespace
-        else:
-            fqdn, service, namespace = "unknown", "", ""
+        service, namespace = (svc.fqdn, svc.namespace) if svc is not None else ("", "")
         client = conn.proxy.config.clients.get(conn.client_id) if conn.client_id else None
         if client is not None:  # named by the agent's config (agent/l7.py)
-            src_workload = client.workload
+            src_workload, src_ns, src_app = client.workload, client.namespace, client.labels.get("app", "unknown")
         else:
             src_workload = conn.dst.source_workload if conn.dst is not None else "unknown"
+            src_ns = src_app = "unknown"
         if backend is not None:
             dst_workload, upstream = backend.workload, f"{backend.ip}:{backend.port}"
             # As Hubble shows a request through Cilium's proxy: to the backend that answered (its
@@ -568,7 +576,8 @@ class _Records:
         peer = conn.peer
         self.flow = (peer[0], peer[1], flow_ip, flow_port, d.route_name, d.subset, service, namespace, upstream,
                      dst_workload, src_workload, "FORWARDED")  # flows.FlowShared
-        self.labels = (src_workload, dst_workload, fqdn)  # + response code, security policy
+        # metrics.REQUEST_LABELS, but for response code and security policy
+        self.labels = (REPORTER, src_workload, src_ns, src_app, *destination_labels(svc, backend), "http")
         self.rows: dict[int, list] = {}  # status -> L7Metrics.row
 
 
@@ -589,7 +598,7 @@ class Proxy:
         self.pools = Pools(self.loop, self._upstream_opened)
         self.routes = RouteCache(self.rng)
         self._mirrors = 0
-        self._opened_labels: dict[tuple[str, int], tuple[str, str, str, str]] = {}
+        self._opened_labels: dict[tuple[str, int], tuple[str, ...]] = {}  # metrics.TCP_LABELS per backend
         self._tick_handle = self.loop.call_later(options.flush_interval, self._tick)
 
     # -- control path --
@@ -622,6 +631,10 @@ class Proxy:
         self._tick_handle.cancel()
         self.flows.close()
         self.pools.close()
+
+    def _label_backend(self, d: RouteDecision, backend: Backend) -> None:
+        """The istio_tcp_connections_opened_total labels of connections to ``backend`` (once per address)."""
+        self._opened_labels[backend.address] = (REPORTER, "unknown", *destination_labels(d.service, backend), "none")
 
     def _upstream_opened(self, address: tuple[str, int]) -> None:
         labels = self._opened_labels.get(address)
@@ -656,7 +669,7 @@ class Proxy:
         if backend is not None:
             address = backend.address
             if address not in self._opened_labels:
-                self._opened_labels[address] = ("unknown", backend.workload, d.service.fqdn, "none")
+                self._label_backend(d, backend)
             pool = self.pools.get(address, d.cluster.policy.pool, conn.mark)
             up = pool.try_acquire()
         if up is None:  # no healthy backend (a 503 there), or a connection to open or wait for
@@ -736,7 +749,7 @@ class Proxy:
                 break
             tried.append(backend)
             if backend.address not in self._opened_labels:
-                self._opened_labels[backend.address] = ("unknown", backend.workload, d.service.fqdn, "none")
+                self._label_backend(d, backend)
             attempt_deadline = deadline
             if retries.per_try_timeout:
                 per_try = loop.time() + retries.per_try_timeout
@@ -854,7 +867,7 @@ class Proxy:
                     conn.write(_local_response(503, "no healthy upstream", False))
                 else:
                     if backend.address not in self._opened_labels:
-                        self._opened_labels[backend.address] = ("unknown", backend.workload, d.service.fqdn, "none")
+                        self._label_backend(d, backend)
                     pool = self.pools.get(backend.address, d.cluster.policy.pool, conn.mark)
                     state.started(backend)
                     upgrade = next((v for k, v in head.headers if k == "upgrade"), "")

@@ -168,6 +168,7 @@ def test_istio_metrics_in_the_node_scrape(node, mesh):
     assert "istio_request_duration_milliseconds_bucket" in text
     # The client as Istio dashboards group it: its workload, named through the agent's config.
     assert f'source_workload="{eps["client"]["name"]}"' in text, text
+    assert 'source_workload_namespace="default"' in text and 'reporter="waypoint"' in text
 
 
 SOURCE_LABELS_VS = """

@@ -583,9 +583,13 @@ def test_flows_and_metrics(backends, start):
     assert rec["l7"]["latency_ns"] > 0 and rec["route"] == "to-v2" and rec["subset"] == "v2"
     assert rec["IP"]["source"] == "127.0.0.1" and rec["destination"]["workload"] == "reviews-v2"
     text = urllib.request.urlopen(f"http://127.0.0.1:{l7.metrics_port}/metrics", timeout=5).read().decode()
-    assert 'istio_requests_total{connection_security_policy="none",destination_service=' \
-           '"reviews.default.svc.cluster.local",destination_workload="reviews-v2",response_code="200",' \
-           'source_workload="unknown"} 5.0' in text
+    # Istio's standard labels, as its dashboards query them (prometheus_client sorts them by name)
+    assert 'istio_requests_total{connection_security_policy="none",destination_app="reviews",' \
+           'destination_service="reviews.default.svc.cluster.local",destination_service_name="reviews",' \
+           'destination_service_namespace="default",destination_version="v2",destination_workload="reviews-v2",' \
+           'destination_workload_namespace="default",reporter="waypoint",request_protocol="http",' \
+           'response_code="200",source_app="unknown",source_workload="unknown",' \
+           'source_workload_namespace="unknown"} 5.0' in text, text
     assert "istio_request_duration_milliseconds_bucket" in text
     assert "istio_tcp_connections_opened_total" in text
 
