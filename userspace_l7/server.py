@@ -897,7 +897,8 @@ class Proxy:
                             upstream_rest, up.reader.upgraded = up.reader.upgraded or b"", b""
                             spliced_up, spliced_pool, up = up, pool, None  # the tunnel owns it now
                             tunnel.splice(conn.transport, spliced_up.transport, client_rest, upstream_rest,
-                                          lambda: spliced_pool.discard(spliced_up))
+                                          lambda: spliced_pool.discard(spliced_up),
+                                          d.cluster.policy.pool.idle_timeout)
                             conn.spliced()
                         else:  # refused (400, 426...): an ordinary response, and the connection closes
                             await self._respond(conn, pool, up, resp, d, head, False, None)

@@ -396,6 +396,25 @@ def test_websocket_tunnel_holds_a_client_that_reads_late(backends, start):
         s.close()
 
 
+def test_idle_websocket_tunnel_is_closed_after_the_pool_idle_timeout(backends, start):
+    """connectionPool.http.idleTimeout bounds a tunnel with no bytes either way; traffic keeps it."""
+    l7 = start(l7_config(backends, [vs({"route": [to("v1")]})],
+                         [dr({"connectionPool": {"http": {"idleTimeout": "1s"}}})]))
+    s, head = _websocket_handshake(l7.port)
+    try:
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        for _ in range(4):  # 2 s of traffic every 0.5 s: kept open
+            time.sleep(0.5)
+            s.sendall(b"X")
+            assert s.recv(100) == b"v1:X"
+        t0 = time.monotonic()
+        s.settimeout(5)
+        assert s.recv(100) == b""  # then idle: closed
+        assert 0.5 < time.monotonic() - t0 < 3.5
+    finally:
+        s.close()
+
+
 def test_websocket_refused_by_the_backend_is_forwarded_and_closed(backends, start):
     l7 = start(l7_config(backends, [vs({"route": [to("v1")]})], [dr()]))
     s, head = _websocket_handshake(l7.port, "/ws-refuse")
