@@ -41,6 +41,7 @@ class NodeConfig:
     l7_ports: L7Ports = field(default_factory=L7Ports)
     policy_enforcement: str = "default"
     socket_fastpath: bool = True  # sk_msg redirect between same-node sockets (bpf/lib/sockmap.h)
+    l7_workers: int = 1  # L7 processor worker processes (SO_REUSEPORT): one CPU's worth each
     source: str = "<defaults>"
 
     @property
@@ -56,7 +57,9 @@ class NodeConfig:
 _KEYS = (
     "node_name", "node_ip", "pod_cidr", "service_cidr", "trust_domain", "store", "state_dir",
     "bpffs_dir", "cgroup", "api_socket", "metrics_addr", "l7_ports", "policy_enforcement", "socket_fastpath",
+    "l7_workers",
 )
+MAX_L7_WORKERS = 64
 
 
 def default_node_name() -> str:
@@ -120,7 +123,11 @@ def from_dict(raw: dict, source: str = "<defaults>") -> NodeConfig:
         metrics_addr=get("metrics_addr", "127.0.0.1:9962"),
         policy_enforcement=get("policy_enforcement", "default"),
         socket_fastpath=get("socket_fastpath", True),
+        l7_workers=get("l7_workers", 1),
     )
+    if isinstance(cfg["l7_workers"], bool) or not 1 <= cfg["l7_workers"] <= MAX_L7_WORKERS:
+        raise ConfigError(f"{source}: l7_workers {cfg['l7_workers']!r} must be a whole number from 1 to "
+                          f"{MAX_L7_WORKERS} (worker processes of the L7 processor, about one per CPU it may use)")
     for key in ("pod_cidr", "service_cidr"):
         try:
             net = ipaddress.IPv4Network(cfg[key], strict=True)

@@ -356,7 +356,7 @@ class Agent:
             config_path=self._l7_config_path, listen=f"{self.router_ip}:{self.cfg.l7_ports.outbound}",
             flows_path=os.path.join(self.cfg.state_dir, f"l7-flows-{self.cfg.node_name}.sock"),
             metrics_addr=f"{host}:{port + 1}", node_name=self.cfg.node_name, on_flow=self._on_l7_flow,
-            bpffs_dir=self.cfg.bpffs_dir,
+            bpffs_dir=self.cfg.bpffs_dir, workers=self.cfg.l7_workers,
         )
         self.l7.start()
 

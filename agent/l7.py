@@ -116,9 +116,9 @@ def _start_time(pid: int) -> int | None:
     return int(stat.rpartition(")")[2].split()[19])
 
 
-def running_processor(pid_path: str, listen: str | None = None) -> int | None:
+def running_processor(pid_path: str, listen: str | None = None, workers: int | None = None) -> int | None:
     """The PID of the processor recorded in ``pid_path`` if it still runs (same start time, our
-    command line, and listening on ``listen`` when given); None otherwise."""
+    command line, and listening on ``listen`` with ``workers`` workers when given); None otherwise."""
     try:
         pid, started = (int(x) for x in open(pid_path).read().split())
         cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
@@ -128,7 +128,16 @@ def running_processor(pid_path: str, listen: str | None = None) -> int | None:
         return None
     if listen is not None and listen.encode() not in cmdline:
         return None
+    if workers is not None and _workers_of(cmdline) != workers:
+        return None
     return pid
+
+
+def _workers_of(cmdline: list[bytes]) -> int:
+    try:
+        return int(cmdline[cmdline.index(b"--workers") + 1])
+    except (ValueError, IndexError):
+        return 1
 
 
 def stop_processor(pid_path: str, timeout: float = 5) -> int | None:
@@ -169,8 +178,9 @@ class L7Supervisor:
 
     def __init__(self, config_path: str, listen: str, flows_path: str, metrics_addr: str, node_name: str,
                  on_flow: Callable[[dict], None], bpffs_dir: str | None = None, pid_path: str | None = None,
-                 log_path: str | None = None):
+                 log_path: str | None = None, workers: int = 1):
         self.config_path = config_path
+        self.workers = workers  # worker i serves metrics on metrics_addr's port + i
         self.listen = listen
         self.flows_path = flows_path
         self.metrics_addr = metrics_addr
@@ -193,10 +203,11 @@ class L7Supervisor:
         self._server.listen(4)
         threading.Thread(target=self._accept_flows, name="l7-flows", daemon=True).start()
         stale = running_processor(self.pid_path)
-        if stale is not None and running_processor(self.pid_path, self.listen) is None:
-            log.warning("L7 processor %d listens elsewhere than %s; replacing it", stale, self.listen)
+        if stale is not None and running_processor(self.pid_path, self.listen, self.workers) is None:
+            log.warning("L7 processor %d does not listen on %s with %d workers; replacing it", stale, self.listen,
+                        self.workers)
             stop_processor(self.pid_path)
-        self._pid = running_processor(self.pid_path, self.listen)
+        self._pid = running_processor(self.pid_path, self.listen, self.workers)
         self.adopted = self._pid is not None
         if self.adopted:
             log.info("adopted the running L7 processor, pid %d", self._pid)
@@ -204,7 +215,8 @@ class L7Supervisor:
 
     def _spawn(self) -> int:
         cmd = [sys.executable, "-m", "userspace_l7", "--config", self.config_path, "--listen", self.listen,
-               "--flows", self.flows_path, "--metrics", self.metrics_addr, "--node-name", self.node_name]
+               "--flows", self.flows_path, "--metrics", self.metrics_addr, "--node-name", self.node_name,
+               "--workers", str(self.workers)]
         if self.bpffs_dir:
             cmd += ["--bpffs", self.bpffs_dir]
         with open(self.log_path, "ab") as out:  # not the agent's stdout: it outlives the agent
@@ -264,6 +276,11 @@ class L7Supervisor:
                     self.on_flow(json.loads(line))
                 except (ValueError, KeyError, TypeError):
                     log.warning("ignoring a malformed L7 flow record")
+
+    def metrics_addrs(self) -> list[str]:
+        """Where the workers serve their istio_* metrics: metrics_addr's port + i for worker i."""
+        host, _, port = self.metrics_addr.rpartition(":")
+        return [f"{host}:{int(port) + i}" for i in range(self.workers)]
 
     def pid(self) -> int | None:
         return self._pid if self._pid is not None and running_processor(self.pid_path) == self._pid else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import urllib.request
 
 from prometheus_client import start_http_server
-from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.datapath.reasons import reason_name
@@ -72,18 +72,41 @@ class AgentCollector:
         yield nbytes
 
     def _l7_metrics(self):
-        """The L7 processor's istio_* metrics, re-exported so one scrape of the node sees all."""
+        """The L7 processor's istio_* metrics, re-exported so one scrape of the node sees all: its
+        workers' samples summed (counters and histograms both add up)."""
         l7 = self.agent.l7
         if l7 is None or l7.pid() is None:
             return
-        try:
-            with urllib.request.urlopen(f"http://{l7.metrics_addr}/metrics", timeout=1) as resp:
-                text = resp.read().decode()
-        except OSError:
-            return  # restarting: this scrape goes without them
+        texts = []
+        for addr in l7.metrics_addrs():
+            try:
+                with urllib.request.urlopen(f"http://{addr}/metrics", timeout=1) as resp:
+                    texts.append(resp.read().decode())
+            except OSError:
+                continue  # a worker restarting: this scrape goes without its part
+        yield from merge_families(texts, prefix="istio_")
+
+
+def merge_families(texts: list[str], prefix: str) -> list[Metric]:
+    """The metric families named ``prefix``* of several Prometheus texts, with the values of equal
+    samples (same name and labels) added: several processes' counters and histograms as one."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple, float]] = {}
+    for text in texts:
         for family in text_string_to_metric_families(text):
-            if family.name.startswith("istio_"):
-                yield family
+            if not family.name.startswith(prefix):
+                continue
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type)
+                values[family.name] = {}
+            sums = values[family.name]
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                sums[key] = sums.get(key, 0.0) + sample.value
+    for name, family in families.items():
+        for (sample_name, labels), value in values[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+    return list(families.values())
 
 
 def start_metrics(agent) -> None:

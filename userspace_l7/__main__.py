@@ -9,18 +9,21 @@ examples:
         --flows /run/meshagent/l7-flows.sock --metrics 127.0.0.1:15020
 
 With --workers N > 1 the parent starts N worker processes that share the listening port through
-SO_REUSEPORT and restarts none of them (the agent supervises the parent); worker i serves metrics
-on the metrics port + i. SIGTERM stops every worker; SIGHUP re-reads the config at once (it is
-also polled every second).
+SO_REUSEPORT; worker i serves metrics on the metrics port + i. A worker that dies after serving a
+while is started again; one that dies at once (a bad config, a taken port) is not, and the parent
+exits when none is left (the agent supervises the parent). Workers die with the parent. SIGTERM
+stops every worker; SIGHUP re-reads the config at once (it is also polled every second).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import subprocess
 import sys
+import time
 
 from .config import ConfigError
 from .server import Options, serve
@@ -52,28 +55,59 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+WORKER_SETTLED_S = 5.0  # a worker that ran this long is restarted when it dies
+
+
+def _die_with_parent() -> None:
+    """In a worker, before exec: SIGTERM when the parent goes, even by SIGKILL, so no worker is left
+    holding the port (prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+
+
 def _supervise(args: argparse.Namespace, argv: list[str]) -> int:
-    children = []
     base = list(argv)
     i = base.index("--workers") if "--workers" in base else -1
     if i >= 0:
         del base[i:i + 2]
-    for n in range(args.workers):
+
+    def spawn(n: int) -> tuple[subprocess.Popen, float]:
         cmd = [sys.executable, "-m", "userspace_l7", *base, "--reuse-port"]
         if args.metrics:
             j = cmd.index("--metrics")
             cmd[j + 1] = f"{args.metrics[0]}:{args.metrics[1] + n}"
-        children.append(subprocess.Popen(cmd))
+        return subprocess.Popen(cmd, preexec_fn=_die_with_parent), time.monotonic()
 
-    def stop(signum, frame):
-        for c in children:
-            if c.poll() is None:
-                c.send_signal(signum)
+    workers = {n: spawn(n) for n in range(args.workers)}
+    stopping = False
+
+    def forward(signum, frame):
+        nonlocal stopping
+        stopping = stopping or signum != signal.SIGHUP
+        for proc, _ in workers.values():
+            if proc.poll() is None:
+                proc.send_signal(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, stop)
-    codes = [c.wait() for c in children]
-    return max(codes, default=0)
+        signal.signal(sig, forward)
+    code = 0
+    while workers:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        n = next((k for k, (proc, _) in workers.items() if proc.pid == pid), None)
+        if n is None:
+            continue
+        proc, started = workers.pop(n)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        code = max(code, proc.returncode)
+        if not stopping and time.monotonic() - started >= WORKER_SETTLED_S:
+            print(f"l7: worker {n} (pid {pid}) exited with {proc.returncode}; starting it again",
+                  file=sys.stderr, flush=True)
+            workers[n] = spawn(n)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,7 +45,7 @@ def _free_port() -> int:
 class Node:
     """One node: a network namespace, a config, and an agent running in it."""
 
-    def __init__(self, tag: str, subnet: int, policy_enforcement: str = "default"):
+    def __init__(self, tag: str, subnet: int, policy_enforcement: str = "default", extra: dict | None = None):
         self.tag = tag
         self.name = f"n-{tag}"
         self.netns = f"mtn-{tag}"
@@ -61,6 +61,7 @@ class Node:
             "api_socket": str(self.tmp / "api.sock"),
             "metrics_addr": f"127.0.0.1:{_free_port()}",
             "policy_enforcement": policy_enforcement,
+            **(extra or {}),
         }
         self.config_path = self.tmp / "agent.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config))
@@ -184,9 +185,9 @@ def node_factory():
     """Make nodes for a test module; all are cleaned up at its end."""
     made: list[Node] = []
 
-    def make(policy_enforcement: str = "default", start: bool = True) -> Node:
+    def make(policy_enforcement: str = "default", start: bool = True, extra: dict | None = None) -> Node:
         tag = uuid.uuid4().hex[:6]
-        node = Node(tag, next(_subnets), policy_enforcement)
+        node = Node(tag, next(_subnets), policy_enforcement, extra)
         made.append(node)
         if start:
             node.start_agent()

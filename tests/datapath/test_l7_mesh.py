@@ -102,6 +102,13 @@ spec:
 
 
 @pytest.fixture(scope="module")
+def node(node_factory):
+    """This module's node runs the processor with two workers (l7_workers): every test here goes
+    through SO_REUSEPORT workers, and the node's scrape sums their metrics."""
+    return node_factory(extra={"l7_workers": 2})
+
+
+@pytest.fixture(scope="module")
 def mesh(node):
     eps = {
         "v1": node.add_endpoint("shop-v1", "app=shop,version=v1"),
@@ -169,6 +176,30 @@ def test_istio_metrics_in_the_node_scrape(node, mesh):
     # The client as Istio dashboards group it: its workload, named through the agent's config.
     assert f'source_workload="{eps["client"]["name"]}"' in text, text
     assert 'source_workload_namespace="default"' in text and 'reporter="waypoint"' in text
+
+
+def _client_requests_total(node, client: str) -> float:
+    text = node.ns(["curl", "-s", f"http://{node.config['metrics_addr']}/metrics"]).stdout
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("istio_requests_total{") and f'source_workload="{client}"' in line)
+
+
+def test_the_node_scrape_sums_the_workers(node, mesh):
+    """Connections spread over the two workers (SO_REUSEPORT); the node's scrape adds up their
+    counters, so every request is counted once, whichever worker served it."""
+    eps, proxy = mesh
+    before = _client_requests_total(node, eps["client"]["name"])
+    for _ in range(12):  # a connection each
+        assert sum(requests(node, eps["client"], proxy, 1).values()) == 1
+    assert _client_requests_total(node, eps["client"]["name"]) - before == 12
+    workers = [node.ns(["curl", "-s", f"http://{host}:{port}/metrics"]).stdout  # in the node's namespace
+               for host, port in [_worker_metrics(node, i) for i in range(2)]]
+    assert all("istio_requests_total{" in text for text in workers), "both workers served"
+
+
+def _worker_metrics(node, i: int) -> tuple[str, int]:
+    host, _, port = node.config["metrics_addr"].rpartition(":")
+    return host, int(port) + 1 + i
 
 
 SOURCE_LABELS_VS = """

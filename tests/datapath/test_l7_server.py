@@ -688,6 +688,60 @@ def test_workers_share_the_port(backends, tmp_path):
         proc.stderr.close()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_dead_worker_is_started_again_and_workers_die_with_their_parent(backends, tmp_path):
+    """A worker killed after it has served a while is replaced; SIGKILL of the parent (what the
+    agent's supervisor watches) takes the workers with it, so no orphan keeps the port."""
+    from userspace_l7.__main__ import WORKER_SETTLED_S
+
+    cfg = tmp_path / "l7.json"
+    cfg.write_text(json.dumps(l7_config(backends, [vs({"route": [to("v1")]})], [dr()])))
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "userspace_l7", "--config", str(cfg), "--listen",
+                             f"127.0.0.1:{port}", "--workers", "2"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    pids: list[int] = []
+    try:
+        def next_worker() -> int:
+            while True:
+                line = proc.stderr.readline()
+                assert line, "the processor exited"
+                if m := re.search(r"listening on .* \(pid (\d+)\)", line):
+                    return int(m.group(1))
+
+        pids += [next_worker(), next_worker()]
+        time.sleep(WORKER_SETTLED_S + 0.5)
+        os.kill(pids[0], signal.SIGKILL)
+        pids.append(next_worker())
+        assert pids[2] not in pids[:2]
+        for _ in range(10):
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                c.request("GET", "/", headers={"Host": "reviews"})
+                assert c.getresponse().status == 200
+            finally:
+                c.close()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+        deadline = time.monotonic() + 5
+        while any(_alive(p) for p in pids[1:]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(p) for p in pids[1:])
+    finally:
+        for pid in (proc.pid, *pids):
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        proc.wait(5)
+        proc.stderr.close()
+
+
 def test_client_gone_mid_request_leaves_the_processor_serving(backends, start):
     l7 = start(l7_config(backends, [vs({"route": [to("v1")]})], [dr()]))
     for _ in range(3):

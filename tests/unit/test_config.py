@@ -8,6 +8,7 @@ def test_defaults():
     assert cfg.pod_cidr == "10.200.0.0/24" and cfg.api_socket == "/run/meshagent/n1.sock"
     assert cfg.bpffs_dir == "/sys/fs/bpf/meshagent/n1" and cfg.l7_ports.mtls == 15008
     assert cfg.socket_fastpath is True and from_dict({"socket_fastpath": False}).socket_fastpath is False
+    assert cfg.l7_workers == 1 and from_dict({"l7_workers": 4}).l7_workers == 4
 
 
 @pytest.mark.parametrize("raw,needle", [
@@ -22,6 +23,10 @@ def test_defaults():
     ({"node_ip": "1.2.3"}, "node_ip"),
     ({"pod_cidr": 5}, "pod_cidr"),
     ({"socket_fastpath": "on"}, "socket_fastpath"),
+    ({"l7_workers": 0}, "l7_workers"),
+    ({"l7_workers": 65}, "l7_workers"),
+    ({"l7_workers": "2"}, "l7_workers"),
+    ({"l7_workers": True}, "l7_workers"),
 ])
 def test_bad_config(raw, needle):
     with pytest.raises(ConfigError) as e:

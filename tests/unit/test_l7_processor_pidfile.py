@@ -26,6 +26,8 @@ def test_adopts_only_the_recorded_process(tmp_path):
         assert running_processor(str(pidfile)) == proc.pid
         assert running_processor(str(pidfile), "10.200.0.1:15001") == proc.pid
         assert running_processor(str(pidfile), "10.200.0.1:15999") is None  # listens elsewhere
+        assert running_processor(str(pidfile), "10.200.0.1:15001", workers=1) == proc.pid  # no --workers: 1
+        assert running_processor(str(pidfile), "10.200.0.1:15001", workers=2) is None  # l7_workers changed
         pidfile.write_text(f"{proc.pid} {_start_time(proc.pid) + 1}\n")  # a recycled PID
         assert running_processor(str(pidfile)) is None
     finally:
@@ -60,3 +62,10 @@ def test_stop_processor_ends_it_and_removes_the_file(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_worker_metrics_addresses():
+    from agent.l7 import L7Supervisor
+
+    sup = L7Supervisor("/tmp/l7.json", "10.200.0.1:15001", "/tmp/f.sock", "127.0.0.1:9963", "n1", print, workers=3)
+    assert sup.metrics_addrs() == ["127.0.0.1:9963", "127.0.0.1:9964", "127.0.0.1:9965"]
