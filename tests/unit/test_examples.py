@@ -10,3 +10,28 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 def test_examples_validate():
     kinds = {r.kind for r in load_paths([str(EXAMPLES)])}
     assert {"CiliumNetworkPolicy", "NetworkPolicy", "Service", "VirtualService", "DestinationRule"} <= kinds
+
+
+def test_l7_routing_example_routes_as_its_comments_say():
+    import random
+
+    from tests.unit.l7.helpers import req
+    from userspace_l7.config import Client, L7Config
+    from userspace_l7.routing import route
+
+    docs = {r.kind: r.body for r in load_paths([str(EXAMPLES / "l7-routing.yaml")])}
+    config = L7Config.from_dict({
+        "services": [{"name": "store", "namespace": "default", "vip": "10.96.0.40",
+                      "ports": [{"port": 80, "target_port": 8080}],
+                      "backends": [{"ip": "10.200.0.7", "labels": {"app": "store", "version": "v1"}},
+                                   {"ip": "10.200.0.8", "labels": {"app": "store", "version": "v2"}}]}],
+        "virtual_services": [docs["VirtualService"]], "destination_rules": [docs["DestinationRule"]]})
+    dst, rng = ("10.96.0.40", 80), random.Random(0)
+    assert route(config, req("/healthz", host="store"), dst, rng).local_body == b"ok"
+    moved = route(config, req("/catalog/7", host="store"), dst, rng)
+    assert moved.status == 301 and moved.local_headers == (("location", "http://store/items/"),)
+    canary = Client("web-canary", "default", {"track": "canary"})
+    assert route(config, req("/", host="store"), dst, rng, canary).subset == "v2"
+    assert route(config, req("/", host="store"), dst, rng).subset == "v1"
+    assert route(config, req("/", host="store", headers={"x-beta": "1"}), dst, rng).route_name == "beta"
+    assert config.cluster(config.services[("default", "store")], 80, "").policy.hash_by == ("header", "x-user")
