@@ -291,21 +291,27 @@ def _bump_revision(topo) -> int:
     return value.policy_revision
 
 
+def _rounds_across_a_policy_change(topo, server: str, rounds: int) -> tuple[dict, dict]:
+    """``rounds`` echo rounds from a to ``server`` with a policy revision bump among them, every one
+    of which must come back intact; the fast-path counters before and after."""
+    ip, port = SERVERS[server]
+    before = topo.counters()
+    proc = topo.spawn("a", [sys.executable, TOOL, "rounds", ip, str(port), str(rounds), "20"])
+    try:
+        time.sleep(0.3)
+        _bump_revision(topo)
+        assert json.loads(proc.stdout.readline()) == {"rounds": rounds, "ok": rounds}
+    finally:
+        proc.kill()
+        proc.wait()
+    return before, topo.counters()
+
+
 def test_policy_change_sends_open_connections_back_through_tc(topo):
     """A policy revision bump mid-connection: the connection continues on the TCP path, where
     conntrack re-checks policy (lib/conntrack.h), without losing or reordering a byte. No TC
     program runs in this topology, so nothing confirms it and it stays there."""
-    ip, port = SERVERS["b"]
-    before = topo.counters()
-    proc = topo.spawn("a", [sys.executable, TOOL, "rounds", ip, str(port), "40", "20"])
-    try:
-        time.sleep(0.3)
-        _bump_revision(topo)
-        assert json.loads(proc.stdout.readline()) == {"rounds": 40, "ok": 40}
-    finally:
-        proc.kill()
-        proc.wait()
-    after = topo.counters()
+    before, after = _rounds_across_a_policy_change(topo, "b", 40)
     assert delta(before, after, "redirected", "messages") > 0, after
     assert delta(before, after, "pass_policy_changed", "messages") >= 1, after
 
@@ -338,17 +344,7 @@ def test_confirmed_connection_returns_to_the_fast_path(topo):
 def test_policy_change_leaves_loopback_inside_an_endpoint_alone(topo):
     """A loopback pair inside an endpoint never crosses TC, so no policy applies to it and a policy
     change does not send it anywhere."""
-    ip, port = SERVERS["a"]
-    before = topo.counters()
-    proc = topo.spawn("a", [sys.executable, TOOL, "rounds", ip, str(port), "30", "20"])
-    try:
-        time.sleep(0.2)
-        _bump_revision(topo)
-        assert json.loads(proc.stdout.readline()) == {"rounds": 30, "ok": 30}
-    finally:
-        proc.kill()
-        proc.wait()
-    after = topo.counters()
+    before, after = _rounds_across_a_policy_change(topo, "a", 30)
     assert delta(before, after, "pass_policy_changed", "messages") == 0, after
     assert delta(before, after, "redirected", "messages") >= 60, after
 
