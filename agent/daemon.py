@@ -546,6 +546,7 @@ class Agent:
             "policy_enforcement": self.cfg.policy_enforcement,
             "l7_processor": {"pid": self.l7.pid() if self.l7 else None,
                              "restarts": self.l7.restarts if self.l7 else 0,
+                             "workers": self.cfg.l7_workers,
                              "listen": f"{self.router_ip}:{self.cfg.l7_ports.outbound}"},
             "socket_fastpath": self.redirect.fastpath_summary() if self.sync else None,
         }

@@ -156,7 +156,9 @@ def _l7_processor(l7: Mapping[str, Any] | None) -> str:
     if not l7:
         return "-"
     state = f"pid {l7['pid']}" if l7.get("pid") else "not running"
-    return f"{state} on {l7.get('listen', '-')}, {l7.get('restarts', 0)} restarts"
+    workers = l7.get("workers", 1)
+    return (f"{state} on {l7.get('listen', '-')}, {workers} worker{'s' if workers != 1 else ''}, "
+            f"{l7.get('restarts', 0)} restarts")
 
 
 def _fastpath(fp: Mapping[str, Any] | None) -> str:

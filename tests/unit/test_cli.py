@@ -124,9 +124,10 @@ def test_status_shows_l7_processor_and_fast_path(agent):
         "redirected": {"messages": 31, "bytes": 3 << 20}, "pass_no_peer": {"messages": 2, "bytes": 10},
         "pass_fallen_back": {"messages": 9, "bytes": 90}}}
     agent.reply("status", STATUS | {"socket_fastpath": fastpath,
-                                    "l7_processor": {"pid": 42, "restarts": 1, "listen": "10.200.0.1:15001"}})
+                                    "l7_processor": {"pid": 42, "restarts": 1, "listen": "10.200.0.1:15001",
+                                                     "workers": 2}})
     out = run(agent, "status").stdout
-    assert "pid 42 on 10.200.0.1:15001, 1 restarts" in out
+    assert "pid 42 on 10.200.0.1:15001, 2 workers, 1 restarts" in out
     assert "enabled, 3.0 MiB redirected in 31 messages, 2 fell back to TCP" in out
     agent.reply("status", STATUS | {"socket_fastpath": {"enabled": False, "counters": {}}})
     assert "disabled (socket_fastpath: false)" in run(agent, "status").stdout
