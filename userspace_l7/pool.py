@@ -150,7 +150,7 @@ class UpstreamConnection(asyncio.Protocol):
 
 class BackendPool:
     def __init__(self, loop: asyncio.AbstractEventLoop, address: Address, limits: PoolLimits,
-                 on_open: Callable[[Address], None] | None = None, mark: int = 0) -> None:
+                 on_open: Callable[[Address, int], None] | None = None, mark: int = 0) -> None:
         self.loop, self.address, self.limits, self.on_open = loop, address, limits, on_open
         self.mark = mark  # SO_MARK of every connection of this pool (invariant 6)
         self.idle: list[UpstreamConnection] = []  # LIFO: the warmest connection first
@@ -214,7 +214,7 @@ class BackendPool:
             self._hand_over(None)
             raise
         if self.on_open is not None:
-            self.on_open(self.address)
+            self.on_open(self.address, self.mark)
         return conn
 
     async def _marked_socket(self) -> socket.socket:
@@ -263,7 +263,7 @@ class BackendPool:
 
 
 class Pools:
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_open: Callable[[Address], None] | None = None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_open: Callable[[Address, int], None] | None = None) -> None:
         self.loop, self.on_open = loop, on_open
         self._pools: dict[tuple[Address, int], BackendPool] = {}
 

@@ -538,6 +538,15 @@ class Exchange:
         self.conn.internal_error(e)
 
 
+def source_labels(conn: ClientConnection) -> tuple[str, str, str]:
+    """The client's workload, namespace and app for metrics: from the agent's config (agent/l7.py)
+    when the datapath named the client's endpoint, else what the resolver said."""
+    client = conn.proxy.config.clients.get(conn.client_id) if conn.client_id else None
+    if client is not None:
+        return client.workload, client.namespace, client.labels.get("app", "unknown")
+    return (conn.dst.source_workload if conn.dst is not None else "unknown"), "unknown", "unknown"
+
+
 def destination_labels(svc: Service | None, backend: Backend | None) -> tuple[str, ...]:
     """metrics.DESTINATION_LABELS of a request to ``backend`` of ``svc`` (None: answered here)."""
     labels = backend.labels if backend is not None else {}
@@ -559,12 +568,7 @@ class _Records:
         self.d, self.backend, self.dst_ip, self.dst_port = d, backend, dst_ip, dst_port
         svc = d.service
         service, namespace = (svc.fqdn, svc.namespace) if svc is not None else ("", "")
-        client = conn.proxy.config.clients.get(conn.client_id) if conn.client_id else None
-        if client is not None:  # named by the agent's config (agent/l7.py)
-            src_workload, src_ns, src_app = client.workload, client.namespace, client.labels.get("app", "unknown")
-        else:
-            src_workload = conn.dst.source_workload if conn.dst is not None else "unknown"
-            src_ns = src_app = "unknown"
+        src_workload, src_ns, src_app = source_labels(conn)
         if backend is not None:
             dst_workload, upstream = backend.workload, f"{backend.ip}:{backend.port}"
             # As Hubble shows a request through Cilium's proxy: to the backend that answered (its
@@ -598,7 +602,8 @@ class Proxy:
         self.pools = Pools(self.loop, self._upstream_opened)
         self.routes = RouteCache(self.rng)
         self._mirrors = 0
-        self._opened_labels: dict[tuple[str, int], tuple[str, ...]] = {}  # metrics.TCP_LABELS per backend
+        # (backend address, client mark) -> metrics.TCP_LABELS
+        self._opened_labels: dict[tuple[tuple[str, int], int], tuple[str, ...]] = {}
         self._tick_handle = self.loop.call_later(options.flush_interval, self._tick)
 
     # -- control path --
@@ -632,12 +637,14 @@ class Proxy:
         self.flows.close()
         self.pools.close()
 
-    def _label_backend(self, d: RouteDecision, backend: Backend) -> None:
-        """The istio_tcp_connections_opened_total labels of connections to ``backend`` (once per address)."""
-        self._opened_labels[backend.address] = (REPORTER, "unknown", *destination_labels(d.service, backend), "none")
+    def _label_backend(self, d: RouteDecision, backend: Backend, conn: ClientConnection) -> None:
+        """The istio_tcp_connections_opened_total labels of connections to ``backend`` for ``conn``'s
+        client (pools, and so connections, are per client mark: pool.py invariant 6)."""
+        self._opened_labels[(backend.address, conn.mark)] = (
+            REPORTER, source_labels(conn)[0], *destination_labels(d.service, backend), "none")
 
-    def _upstream_opened(self, address: tuple[str, int]) -> None:
-        labels = self._opened_labels.get(address)
+    def _upstream_opened(self, address: tuple[str, int], mark: int) -> None:
+        labels = self._opened_labels.get((address, mark))
         if labels is not None:
             self.metrics.connection_opened(labels)
 
@@ -668,8 +675,8 @@ class Proxy:
         up = pool = None
         if backend is not None:
             address = backend.address
-            if address not in self._opened_labels:
-                self._label_backend(d, backend)
+            if (address, conn.mark) not in self._opened_labels:
+                self._label_backend(d, backend, conn)
             pool = self.pools.get(address, d.cluster.policy.pool, conn.mark)
             up = pool.try_acquire()
         if up is None:  # no healthy backend (a 503 there), or a connection to open or wait for
@@ -748,8 +755,8 @@ class Proxy:
                 status, reason = 503, "no healthy upstream"
                 break
             tried.append(backend)
-            if backend.address not in self._opened_labels:
-                self._label_backend(d, backend)
+            if (backend.address, conn.mark) not in self._opened_labels:
+                self._label_backend(d, backend, conn)
             attempt_deadline = deadline
             if retries.per_try_timeout:
                 per_try = loop.time() + retries.per_try_timeout
@@ -866,8 +873,8 @@ class Proxy:
                 if backend is None:
                     conn.write(_local_response(503, "no healthy upstream", False))
                 else:
-                    if backend.address not in self._opened_labels:
-                        self._label_backend(d, backend)
+                    if (backend.address, conn.mark) not in self._opened_labels:
+                        self._label_backend(d, backend, conn)
                     pool = self.pools.get(backend.address, d.cluster.policy.pool, conn.mark)
                     state.started(backend)
                     upgrade = next((v for k, v in head.headers if k == "upgrade"), "")

@@ -176,6 +176,9 @@ def test_istio_metrics_in_the_node_scrape(node, mesh):
     # The client as Istio dashboards group it: its workload, named through the agent's config.
     assert f'source_workload="{eps["client"]["name"]}"' in text, text
     assert 'source_workload_namespace="default"' in text and 'reporter="waypoint"' in text
+    # upstream connections are per client (its mark): counted under the client too
+    assert any(line.startswith("istio_tcp_connections_opened_total{") and
+               f'source_workload="{eps["client"]["name"]}"' in line for line in text.splitlines()), text
 
 
 def _client_requests_total(node, client: str) -> float:
