@@ -142,10 +142,6 @@ class FlowSink:
     def add(self, t: FlowTuple) -> None:
         self.pending.append((t[0], t[1], t[2], t[3], t[4], t[5:]))
 
-    def request(self, ts: int, latency: int, method: str, url: str, code: int, shared: FlowShared) -> None:
-        """Queue one flow: `add` with the shared fields as one tuple (build it once, pass it every time)."""
-        self.pending.append((ts, latency, method, url, code, shared))
-
     def flush(self) -> None:
         """Write everything pending; on a write error the batch is dropped (flows are best effort)."""
         items, self.pending = self.pending, []

@@ -138,9 +138,11 @@ def _local_response(status: int, text: str, keep_alive: bool, extra: list[tuple[
     return "".join(head).encode("latin-1") + body
 
 
-def hash_key(hash_by: tuple[str, str], conn: ClientConnection, head: Request) -> str | None:
-    """The request's key for a CONSISTENT_HASH cluster (DestinationRule consistentHash); None when
-    the request has none (then any host, as Envoy)."""
+def hash_key(hash_by: tuple[str, str] | None, conn: ClientConnection, head: Request) -> str | None:
+    """The request's key for a CONSISTENT_HASH cluster (DestinationRule consistentHash, ``hash_by``);
+    None when the cluster does not hash or the request has no key (then any host, as Envoy)."""
+    if hash_by is None:
+        return None
     kind, name = hash_by
     if kind == "header":
         for k, v in head.headers:
@@ -385,16 +387,21 @@ def _status_line(status: int, reason: str) -> bytes:
     return line
 
 
+def _response_fields(resp: Response, d: RouteDecision) -> bytes:
+    """The upstream's field lines the client gets: hop-by-hop ones left out, the route's edits applied
+    (without edits, as parsed: `Response.forwarded`)."""
+    if d.response_headers:
+        edited = d.response_headers.apply([(k, v) for k, v in resp.headers if k not in HOP_BY_HOP])
+        return "".join([f"{k}: {v}\r\n" for k, v in edited]).encode("latin-1")
+    return resp.fwd or resp.forwarded()
+
+
 def response_head(resp: Response, d: RouteDecision, head: Request, keep: bool) -> tuple[bytes, bool, bool, bool]:
     """The head of the response the client gets for ``resp``: (head bytes, whether the body is re-framed
     as chunked, whether it has no body, whether the client connection stays open). The head goes out
     with the first body bytes (usually the whole body): one send, not two. Without header edits the
     upstream's field lines go out as parsed (`Response.forwarded`)."""
-    if d.response_headers:
-        edited = d.response_headers.apply([(k, v) for k, v in resp.headers if k not in HOP_BY_HOP])
-        fields = "".join([f"{k}: {v}\r\n" for k, v in edited]).encode("latin-1")
-    else:
-        fields = resp.fwd or resp.forwarded()
+    fields = _response_fields(resp, d)
     status = resp.status
     no_body = head.method == "HEAD" or status in NO_BODY_STATUS
     chunked = False
@@ -420,13 +427,9 @@ def response_head(resp: Response, d: RouteDecision, head: Request, keep: bool) -
 def _upgrade_response(resp: Response, d: RouteDecision) -> bytes:
     """The head of a 101 for the client: the backend's fields (with the route's edits) and the
     Upgrade it agreed to; nothing follows it but the new protocol."""
-    headers = [(k, v) for k, v in resp.headers if k not in HOP_BY_HOP]
-    if d.response_headers:
-        headers = d.response_headers.apply(headers)
     upgrade = next((v for k, v in resp.headers if k == "upgrade"), "")
-    fields = "".join([f"{k}: {v}\r\n" for k, v in headers])
-    return (_status_line(101, resp.reason) + f"{fields}connection: upgrade\r\nupgrade: {upgrade}\r\n\r\n"
-            .encode("latin-1"))
+    return b"".join((_status_line(101, resp.reason), _response_fields(resp, d),
+                     f"connection: upgrade\r\nupgrade: {upgrade}\r\n\r\n".encode("latin-1")))
 
 
 class Exchange:
@@ -638,10 +641,12 @@ class Proxy:
         self.pools.close()
 
     def _label_backend(self, d: RouteDecision, backend: Backend, conn: ClientConnection) -> None:
-        """The istio_tcp_connections_opened_total labels of connections to ``backend`` for ``conn``'s
-        client (pools, and so connections, are per client mark: pool.py invariant 6)."""
-        self._opened_labels[(backend.address, conn.mark)] = (
-            REPORTER, source_labels(conn)[0], *destination_labels(d.service, backend), "none")
+        """Note (once) the istio_tcp_connections_opened_total labels of connections to ``backend`` for
+        ``conn``'s client (pools, and so connections, are per client mark: pool.py invariant 6)."""
+        key = (backend.address, conn.mark)
+        if key not in self._opened_labels:
+            self._opened_labels[key] = (REPORTER, source_labels(conn)[0], *destination_labels(d.service, backend),
+                                        "none")
 
     def _upstream_opened(self, address: tuple[str, int], mark: int) -> None:
         labels = self._opened_labels.get((address, mark))
@@ -671,13 +676,11 @@ class Proxy:
             self.loop.create_task(self._slow(conn, head, body, d, dst_ip, dst_port, t0))
             return
         state = self.clusters.get(d.cluster)
-        backend = state.pick() if state.hash_by is None else state.pick(key=hash_key(state.hash_by, conn, head))
+        backend = state.pick(key=hash_key(state.hash_by, conn, head))
         up = pool = None
         if backend is not None:
-            address = backend.address
-            if (address, conn.mark) not in self._opened_labels:
-                self._label_backend(d, backend, conn)
-            pool = self.pools.get(address, d.cluster.policy.pool, conn.mark)
+            self._label_backend(d, backend, conn)
+            pool = self.pools.get(backend.address, d.cluster.policy.pool, conn.mark)
             up = pool.try_acquire()
         if up is None:  # no healthy backend (a 503 there), or a connection to open or wait for
             self.loop.create_task(self._slow(conn, head, body, d, dst_ip, dst_port, t0, (backend, None)))
@@ -736,7 +739,7 @@ class Proxy:
         for `_slow`."""
         loop = self.loop
         state = self.clusters.get(d.cluster)
-        key = hash_key(state.hash_by, conn, head) if state.hash_by is not None else None
+        key = hash_key(state.hash_by, conn, head)
         limits = d.cluster.policy.pool
         retries = d.retries
         deadline = loop.time() + d.timeout if d.timeout else None
@@ -755,8 +758,7 @@ class Proxy:
                 status, reason = 503, "no healthy upstream"
                 break
             tried.append(backend)
-            if (backend.address, conn.mark) not in self._opened_labels:
-                self._label_backend(d, backend, conn)
+            self._label_backend(d, backend, conn)
             attempt_deadline = deadline
             if retries.per_try_timeout:
                 per_try = loop.time() + retries.per_try_timeout
@@ -868,13 +870,11 @@ class Proxy:
                 conn.write(_local_response(status, d.reason, False, d.local_headers, d.local_body))
             else:
                 state = self.clusters.get(d.cluster)
-                backend = state.pick() if state.hash_by is None else \
-                    state.pick(key=hash_key(state.hash_by, conn, head))
+                backend = state.pick(key=hash_key(state.hash_by, conn, head))
                 if backend is None:
                     conn.write(_local_response(503, "no healthy upstream", False))
                 else:
-                    if (backend.address, conn.mark) not in self._opened_labels:
-                        self._label_backend(d, backend, conn)
+                    self._label_backend(d, backend, conn)
                     pool = self.pools.get(backend.address, d.cluster.policy.pool, conn.mark)
                     state.started(backend)
                     upgrade = next((v for k, v in head.headers if k == "upgrade"), "")
