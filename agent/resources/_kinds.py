@@ -242,6 +242,8 @@ NP_SPEC = Obj({
 
 # --- networking.istio.io VirtualService ------------------------------------------------------------
 
+_UNSET = "not supported; supported: {supported}"
+
 REGEX = string(v.regex, "a regular expression")
 _MATCH_FIELDS = {"exact": STR, "prefix": STR, "regex": REGEX}
 STRING_MATCH = Obj(_MATCH_FIELDS, rules=(exactly_one_of("exact", "prefix", "regex"),))
@@ -264,7 +266,7 @@ HTTP_MATCH = Obj({
     "queryParams": MapOf(NONEMPTY_STR, QUERY_MATCH),
     "sourceLabels": LABELS,
     "sourceNamespace": string(v.dns_label, "a namespace name"),
-}, unsupported={k: "not supported; supported: {supported}" for k in ("gateways", "statPrefix")})
+}, unsupported=dict.fromkeys(("gateways", "statPrefix"), _UNSET))
 
 DESTINATION = Obj({
     "host": Req(string(v.service_host, "a host name")),
@@ -290,9 +292,6 @@ def _weights(obj: Mapping[str, Any], path: str) -> None:
                           "they must add up to 100 (as in Istio)")
 
 
-_UNSET_ROUTE = "not supported; supported: {supported}"
-
-
 def _local_answer_alone(obj: Mapping[str, Any], path: str) -> None:
     """A redirect or direct response is answered by the proxy: nothing about an upstream applies."""
     if "redirect" in obj or "directResponse" in obj:
@@ -308,7 +307,7 @@ HTTP_REDIRECT = Obj({
     "port": PORT_INT,
     "scheme": Enum(("http", "https")),
     "redirectCode": integer(300, 399),
-}, unsupported={"derivePort": _UNSET_ROUTE}, rules=(at_least_one_of("uri", "authority", "port", "scheme"),))
+}, unsupported={"derivePort": _UNSET}, rules=(at_least_one_of("uri", "authority", "port", "scheme"),))
 DIRECT_RESPONSE = Obj({
     "status": Req(integer(200, 599)),
     "body": Obj({"string": STR}, unsupported={"bytes": "only a string body is supported; supported: {supported}"},
@@ -320,11 +319,11 @@ HTTP_ROUTE = Obj({
     "match": ListOf(HTTP_MATCH),
     "redirect": HTTP_REDIRECT,
     "directResponse": DIRECT_RESPONSE,
-    "route": (ListOf(Obj({
+    "route": ListOf(Obj({
         "destination": Req(DESTINATION),
         "weight": integer(0, 100),
         "headers": HEADERS,
-    }), non_empty=True)),
+    }), non_empty=True),
     "rewrite": Obj({"uri": STR, "authority": HOST}, unsupported={"uriRegexRewrite": ""},
                    rules=(at_least_one_of("uri", "authority"),)),
     "timeout": DURATION,
@@ -363,7 +362,6 @@ VS_SPEC = Obj({
 
 # --- networking.istio.io DestinationRule -----------------------------------------------------------
 
-_UNSET = "not supported; supported: {supported}"
 
 
 def _one_hash_key(obj: Mapping[str, Any], path: str) -> None:
