@@ -164,25 +164,27 @@ def flood(ip: str, port: int, n: int, read: int) -> dict:
     return {"read_ok": bytes(got) == pattern(n)[:read], "read": len(got)}
 
 
-def rounds(ip: str, port: int, n: int, ms: int) -> dict:
-    ok = 0
-    with connect(ip, port, "echo") as s:
-        for i in range(n):
-            msg = pattern(1000 + i)[i:]
-            s.sendall(msg)
-            got = bytearray()
-            while len(got) < len(msg) and (chunk := s.recv(CHUNK)):
-                got += chunk
-            ok += bytes(got) == msg
-            time.sleep(ms / 1000)
-    return {"rounds": n, "ok": ok}
-
-
 def _read_exactly(s: socket.socket, n: int) -> bytes:
     got = bytearray()
     while len(got) < n and (chunk := s.recv(min(CHUNK, n - len(got)))):
         got += chunk
     return bytes(got)
+
+
+def _echo_round(s: socket.socket, i: int) -> bool:
+    """Round ``i`` on an echo connection: a message of its own, back whole and unchanged?"""
+    msg = pattern(1000 + i)[i:]
+    s.sendall(msg)
+    return _read_exactly(s, len(msg)) == msg
+
+
+def rounds(ip: str, port: int, n: int, ms: int) -> dict:
+    ok = 0
+    with connect(ip, port, "echo") as s:
+        for i in range(n):
+            ok += _echo_round(s, i)
+            time.sleep(ms / 1000)
+    return {"rounds": n, "ok": ok}
 
 
 def duplex(ip: str, port: int, n: int, late_ms: int) -> dict:
@@ -202,20 +204,11 @@ def burst(ip: str, port: int, n: int, late_ms: int) -> None:
         s.settimeout(60)
         writer = threading.Thread(target=s.sendall, args=(data,))
         writer.start()
-        got = bytearray()
-        while len(got) < n and (chunk := s.recv(CHUNK)):
-            got += chunk
+        got = _read_exactly(s, n)
         writer.join()
-        print(json.dumps({"burst_ok": bytes(got) == data, "received": len(got)}), flush=True)
+        print(json.dumps({"burst_ok": got == data, "received": len(got)}), flush=True)
         sys.stdin.readline()
-        ok = 0
-        for i in range(20):
-            msg = pattern(1000 + i)[i:]
-            s.sendall(msg)
-            back = bytearray()
-            while len(back) < len(msg) and (chunk := s.recv(CHUNK)):
-                back += chunk
-            ok += bytes(back) == msg
+        ok = sum(_echo_round(s, i) for i in range(20))
         print(json.dumps({"rounds": 20, "ok": ok}), flush=True)
 
 
