@@ -265,8 +265,10 @@ class Agent:
         )
         self.services = views
         labels_by_ip = {e.ip: dict(e.labels) for e in all_eps}
-        write_if_changed(self._l7_config_path,
-                         l7_config(views, vs_bodies, dr_bodies, labels_by_ip, self.cfg.trust_domain, local))
+        if write_if_changed(self._l7_config_path,
+                            l7_config(views, vs_bodies, dr_bodies, labels_by_ip, self.cfg.trust_domain, local)) \
+                and self.l7 is not None:
+            self.l7.reload()  # every worker at once, rather than each at its next poll of the file
         for rec in local:
             self._write_hosts(rec, views)
 

@@ -111,6 +111,9 @@ def _supervise(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A reload request (SIGHUP) that comes before the handler is in place must not end the process:
+    # the config is read at start anyway. Workers inherit this until they install their own.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     if args.workers < 1:
