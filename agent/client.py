@@ -2,7 +2,7 @@
 
 Protocol (agent/api.py is the server): newline-delimited JSON over a Unix stream socket.
 Request:  {"op": "<name>", "args": {...}}
-Reply:    {"ok": true, "result": ...}  or  {"ok": false, "error": "<one line>"}
+Reply:    {"ok": true, "result": ...}  or  {"ok": false, "error": "<one line>", "culprit": "request|node|store|..."}
 Streaming ops (``flows``) send any number of {"item": {...}} lines before the final reply.
 """
 
@@ -13,13 +13,21 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
+from agent.errors import MeshError
 
-class AgentUnavailable(RuntimeError):
+
+class AgentUnavailable(MeshError):
     """No agent answers on the socket."""
 
+    culprit = "node"
 
-class AgentError(RuntimeError):
-    """The agent refused the request; the message says why."""
+
+class AgentError(MeshError):
+    """The agent refused the request; the message says why, ``culprit`` who must act."""
+
+    def __init__(self, message: str, culprit: str = "request"):
+        super().__init__(message)
+        self.culprit = culprit
 
 
 class AgentClient:
@@ -55,7 +63,8 @@ class AgentClient:
                     yield msg["item"]
                     continue
                 if not msg.get("ok"):
-                    raise AgentError(msg.get("error", "the agent failed without a message"))
+                    raise AgentError(msg.get("error", "the agent failed without a message"),
+                                     msg.get("culprit", "request"))
                 return msg.get("result")
             raise AgentUnavailable(f"the agent at {self.path} closed the connection mid-request")
         except TimeoutError:

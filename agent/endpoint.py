@@ -20,12 +20,16 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, field
 
+from agent.errors import MeshError
+
 GATEWAY_IP = "169.254.1.1"
 NUD_PERMANENT = 0x80
 
 
-class EndpointError(RuntimeError):
+class EndpointError(MeshError):
     """An endpoint cannot be created or removed; the message says what is in the way."""
+
+    culprit = "node"
 
 
 @dataclass

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
+from agent.files import write_atomic
 from agent.services import ServiceView
 
 if TYPE_CHECKING:
@@ -88,18 +89,6 @@ def l7_config(views: Iterable[ServiceView], vs_bodies: list[dict], dr_bodies: li
         "clients": {str(c.ep_id): {"workload": c.name, "namespace": c.namespace, "labels": dict(c.labels)}
                     for c in clients},
     }
-
-
-def write_if_changed(path: str, value: dict) -> bool:
-    text = json.dumps(value, sort_keys=True, indent=1)
-    with contextlib.suppress(FileNotFoundError), open(path) as f:
-        if f.read() == text:
-            return False
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)  # the processor never reads half a file
-    return True
 
 
 def processor_pid_path(state_dir: str, node_name: str) -> str:
@@ -223,10 +212,7 @@ class L7Supervisor:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
         # Reap it when it exits so it does not linger as a zombie under a live agent.
         threading.Thread(target=proc.wait, name="l7-reaper", daemon=True).start()
-        tmp = self.pid_path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{proc.pid} {_start_time(proc.pid)}\n")
-        os.replace(tmp, self.pid_path)
+        write_atomic(self.pid_path, f"{proc.pid} {_start_time(proc.pid)}\n")
         return proc.pid
 
     def _supervise(self) -> None:

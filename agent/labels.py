@@ -13,6 +13,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from agent.errors import MeshError
+
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
 SERVICEACCOUNT_LABEL = "io.cilium.k8s.policy.serviceaccount"
 # Kubernetes labels every namespace with its own name; namespaceSelector matches on it.
@@ -25,7 +27,7 @@ _KEY_RE = re.compile(rf"^([a-z0-9]([-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_NAME}$")
 _VALUE_RE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 
 
-class LabelError(ValueError):
+class LabelError(MeshError, ValueError):
     """A label or selector written by the user is not valid."""
 
 

@@ -49,7 +49,7 @@ class AgentCollector:
         yield fwd
 
         eps = GaugeMetricFamily("meshagent_endpoints", "Endpoints managed by this node's agent")
-        eps.add_metric([], len(a.ifindex))
+        eps.add_metric([], len(a.endpoints.ifindex))
         yield eps
         ops = CounterMetricFamily("meshagent_bpf_map_ops", "BPF map writes made by the agent")
         ops.add_metric([], a.sync.ops_total if a.sync else 0)
@@ -65,7 +65,7 @@ class AgentCollector:
                                    labels=["outcome"])
         nbytes = CounterMetricFamily("meshagent_fastpath_bytes", "Bytes seen by the socket fast path",
                                      labels=["outcome"])
-        for outcome, c in self.agent.redirect.fastpath_summary()["counters"].items():
+        for outcome, c in self.agent.sockets.fastpath_summary()["counters"].items():
             msgs.add_metric([outcome], c["messages"])
             nbytes.add_metric([outcome], c["bytes"])
         yield msgs

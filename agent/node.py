@@ -9,14 +9,17 @@ import ipaddress
 import os
 
 from agent import endpoint as ep
-from agent.config import NodeConfig
 from agent.datapath.redirect import RedirectDatapath
+from agent.errors import MeshError
 from agent.l7 import processor_pid_path, stop_processor
+from agent.node_config import NodeConfig
 from agent.store import open_store
 
 
-class NodeError(RuntimeError):
+class NodeError(MeshError):
     """The node cannot be brought up or torn down; the message says why."""
+
+    culprit = "node"
 
 
 class NodeLock:

@@ -19,13 +19,11 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from agent.endpoint import EndpointRecord
+from agent.errors import MeshError
 from agent.labels import Selector
 
 log = logging.getLogger("meshagent.services")
@@ -44,7 +42,7 @@ _UNSUPPORTED_APP_PROTOCOLS = {"HTTP2": "HTTP/2", "GRPC": "gRPC (HTTP/2)"}
 Resolver = Callable[[str], tuple[str, ...]]  # a DNS name -> its IPv4 addresses (none if unknown)
 
 
-class ServiceError(ValueError):
+class ServiceError(MeshError, ValueError):
     """A Service or ServiceEntry cannot be realised as written (for example its address is taken)."""
 
 
@@ -58,7 +56,7 @@ class ServicePort:
 
 
 @dataclass(frozen=True)
-class Backend:
+class ServiceBackend:
     endpoint: str  # the mesh endpoint's name, or a ServiceEntry endpoint's address as written
     ip: str
     node: str  # "" outside the mesh
@@ -76,7 +74,7 @@ class ServiceView:
     namespace: str
     vip: str
     ports: tuple[ServicePort, ...]
-    backends: tuple[Backend, ...]
+    backends: tuple[ServiceBackend, ...]
     l7: bool = False  # redirected to the L7 processor (VirtualService/DestinationRule/ServiceEntry)
     entry: str = ""  # the ServiceEntry this host comes from; "" for a v1/Service
 
@@ -87,12 +85,12 @@ class ServiceView:
             return f"ServiceEntry {self.namespace}/{self.entry} (host {self.name})"
         return f"Service {self.namespace}/{self.name}"
 
-    def hostnames(self, client_namespace: str, trust_domain: str = "cluster.local") -> tuple[str, ...]:
+    def hostnames(self, client_namespace: str, cluster_domain: str = "cluster.local") -> tuple[str, ...]:
         """Names a client in ``client_namespace`` may use, as Kubernetes DNS search paths allow."""
         if self.entry:
             return (self.name,)  # a ServiceEntry host is a full name, the same from every namespace
         full = (f"{self.name}.{self.namespace}", f"{self.name}.{self.namespace}.svc",
-                f"{self.name}.{self.namespace}.svc.{trust_domain}")
+                f"{self.name}.{self.namespace}.svc.{cluster_domain}")
         return ((self.name,) + full) if client_namespace == self.namespace else full
 
     def http_ports(self) -> tuple[ServicePort, ...]:
@@ -123,7 +121,7 @@ class ServiceView:
         }
 
 
-def _show_backend(b: Backend) -> str:
+def _show_backend(b: ServiceBackend) -> str:
     text = f"{b.ip} ({b.endpoint})" if b.endpoint != b.ip else b.ip
     if b.ports:
         text += " [" + ",".join(f"{name}:{port}" for name, port in b.ports) + "]"
@@ -171,24 +169,24 @@ def service_app_protocol(port: Mapping) -> str:
     return prefix if prefix in _KNOWN_PROTOCOLS else ""
 
 
-def backends_for(body: dict, endpoints: Iterable[EndpointRecord]) -> tuple[Backend, ...]:
+def backends_for(body: dict, endpoints: Iterable[EndpointRecord]) -> tuple[ServiceBackend, ...]:
     spec = body.get("spec", {})
     namespace = body.get("metadata", {}).get("namespace", "default")
     if not spec.get("selector"):
         return ()  # no selector: no managed backends, as in Kubernetes
     selector = Selector.from_dict({"matchLabels": spec["selector"]})
     return tuple(sorted(
-        (Backend(endpoint=e.name, ip=e.ip, node=e.node) for e in endpoints
+        (ServiceBackend(endpoint=e.name, ip=e.ip, node=e.node) for e in endpoints
          if e.namespace == namespace and selector.matches(e.labels)),
         key=lambda b: (b.ip, b.endpoint),
     ))
 
 
-def hosts_file(services: Iterable[ServiceView], client_namespace: str, trust_domain: str = "cluster.local") -> str:
+def hosts_file(services: Iterable[ServiceView], client_namespace: str, cluster_domain: str = "cluster.local") -> str:
     """/etc/hosts for an endpoint in ``client_namespace``: localhost plus every service's names."""
     lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback", "", "# meshagent services"]
     for svc in sorted(services, key=lambda s: (s.namespace, s.name)):
-        lines.append(f"{svc.vip}\t" + " ".join(svc.hostnames(client_namespace, trust_domain)))
+        lines.append(f"{svc.vip}\t" + " ".join(svc.hostnames(client_namespace, cluster_domain)))
     return "\n".join(lines) + "\n"
 
 
@@ -268,7 +266,7 @@ def _app_protocol(port: Mapping) -> str:
 
 
 def check_entries(entries: Sequence[dict], services: Iterable[ServiceView], pod_cidr: str,
-                  service_cidr: str, trust_domain: str = "cluster.local") -> None:
+                  service_cidr: str, cluster_domain: str = "cluster.local") -> None:
     """Check a candidate set of ServiceEntries (every one the store would hold) against each other and
     the v1/Services' VIPs and names. Raises ServiceError naming both sides of a conflict."""
     pods, vips_net = ipaddress.IPv4Network(pod_cidr), ipaddress.IPv4Network(service_cidr)
@@ -285,7 +283,7 @@ def check_entries(entries: Sequence[dict], services: Iterable[ServiceView], pod_
         if v.vip:
             vip_holders[v.vip] = v.owner
         for client_ns in (v.namespace, ""):  # a short name only in its own namespace; both collide
-            for name in v.hostnames(client_ns, trust_domain):
+            for name in v.hostnames(client_ns, cluster_domain):
                 names.setdefault(name, v.owner)
     for body in entries:
         check_entry(body)
@@ -318,7 +316,7 @@ def entry_ports(body: dict) -> tuple[ServicePort, ...]:
                  for p in body["spec"]["ports"])
 
 
-def entry_backends(body: dict, host: str, resolve: Resolver) -> tuple[Backend, ...]:
+def entry_backends(body: dict, host: str, resolve: Resolver) -> tuple[ServiceBackend, ...]:
     """The endpoints of ``host``: STATIC addresses as written; DNS names (the endpoints', or with none
     the host itself) resolved to their IPv4 addresses, one backend each, as Envoy's STRICT_DNS does."""
     spec = body["spec"]
@@ -330,7 +328,7 @@ def entry_backends(body: dict, host: str, resolve: Resolver) -> tuple[Backend, .
         address = ep["address"]
         ips = (address,) if spec.get("resolution") == "STATIC" else resolve(address)
         for ip in ips:
-            out.append(Backend(endpoint=address, ip=ip, node="",
+            out.append(ServiceBackend(endpoint=address, ip=ip, node="",
                                ports=tuple(sorted((ep.get("ports") or {}).items())),
                                labels=tuple(sorted((ep.get("labels") or {}).items()))))
     return tuple(out)
@@ -343,68 +341,123 @@ def entry_view(body: dict, host: str, vip: str, resolve: Resolver) -> ServiceVie
                        backends=entry_backends(body, host, resolve), l7=True, entry=meta["name"])
 
 
-class DnsResolver:
-    """IPv4 addresses of names, from the node's resolver, cached for ``ttl`` seconds.
+def entry_dns_names(body: dict) -> list[str]:
+    """The names a ServiceEntry with resolution DNS needs resolved: its endpoints' addresses, or with
+    none its hosts (entry_backends' lookups)."""
+    spec = body.get("spec") or {}
+    if spec.get("resolution") != "DNS":
+        return []
+    endpoints = spec.get("endpoints") or []
+    return [ep["address"] for ep in endpoints] if endpoints else list(spec.get("hosts") or [])
 
-    The agent resolves while holding its lock, so a lookup is given up after ``timeout`` seconds
-    (keeping the last answer, if any); it runs in a daemon thread, so a hung resolver never holds up
-    the agent's exit. `due()` says when a name used in the last round is older than ``ttl``, so the
-    agent re-resolves without waiting for a store change.
+
+# --- the node's services as a whole (pure; the reconcile path and apply's checks) -----------------
+
+
+def _ns_name(body: dict) -> tuple[str, str]:
+    return body["metadata"].get("namespace", "default"), body["metadata"]["name"]
+
+
+def owner_text(owner: str) -> str:
+    """A VIP record's owner ("ns/name" or "ns/entry/host") as messages name it."""
+    parts = owner.split("/")
+    if len(parts) == 3:
+        return f"ServiceEntry {parts[0]}/{parts[1]} (host {parts[2]})"
+    return f"Service {owner}"
+
+
+@dataclass(frozen=True)
+class ServicePlan:
+    """Every service of the node: its views (VIP, ports, backends, L7 or not) and the VIP allocations
+    to record in the store (owner -> VIP), so that each service keeps its VIP across restarts and
+    two services never share one."""
+
+    views: tuple[ServiceView, ...]
+    vips: Mapping[str, str]
+
+
+def plan_services(services: Sequence[dict], entries: Sequence[dict], recorded: Mapping[str, str],
+                  endpoints: Iterable[EndpointRecord], resolved: Mapping[str, tuple[str, ...]],
+                  l7: set[tuple[str, str]], *, pod_cidr: str, service_cidr: str, cluster_domain: str,
+                  strict: bool = False) -> ServicePlan:
+    """Services and ServiceEntry hosts -> views and VIP allocations.
+
+    ``recorded``: the allocations the store holds (owner -> VIP); ``resolved``: addresses of the
+    names entry_dns_names() asked for; ``l7``: (namespace, name) of Services with L7 configuration.
+    A stored ServiceEntry that cannot be realised (a store written by another version) is skipped
+    with a warning, or with ``strict`` (apply's check) raises ServiceError.
     """
-
-    def __init__(self, ttl: float = 30.0, timeout: float = 2.0,
-                 lookup: Callable[..., list] = socket.getaddrinfo, clock: Callable[[], float] = time.monotonic):
-        self.ttl, self.timeout, self._lookup, self._clock = ttl, timeout, lookup, clock
-        self._cache: dict[str, tuple[float, tuple[str, ...]]] = {}
-        self._round: set[str] = set()
-        self._lock = threading.Lock()
-
-    def new_round(self) -> None:
-        """Start a reconcile: names not asked for since the last round are dropped from the cache."""
-        with self._lock:
-            for name in list(self._cache):
-                if name not in self._round:
-                    del self._cache[name]
-            self._round = set()
-
-    def due(self) -> bool:
-        now = self._clock()
-        with self._lock:
-            return any(now - self._cache[n][0] >= self.ttl for n in self._round if n in self._cache)
-
-    def __call__(self, name: str) -> tuple[str, ...]:
-        now = self._clock()
-        with self._lock:
-            self._round.add(name)
-            cached = self._cache.get(name)
-            if cached and now - cached[0] < self.ttl:
-                return cached[1]
+    endpoints = list(endpoints)
+    taken = {vip: owner for owner, vip in recorded.items()}  # VIP -> owner
+    # Explicit ServiceEntry addresses are taken before any VIP is allocated.
+    for body in sorted(entries, key=_ns_name):
         try:
-            addrs = tuple(sorted({info[4][0] for info in self._resolve(name)}))
-        except TimeoutError:
-            log.warning("resolving %s took longer than %.1fs; keeping its last addresses", name, self.timeout)
-            addrs = cached[1] if cached else ()
-        except OSError as e:
-            log.warning("cannot resolve %s (%s): the ServiceEntry has no endpoints for it", name, e)
-            addrs = ()
-        with self._lock:
-            self._cache[name] = (now, addrs)
-        return addrs
+            check_entry(body)
+        except ServiceError:
+            continue
+        address = entry_address(body)
+        if address:
+            taken.setdefault(address, entry_vip_owner(body, body["spec"]["hosts"][0]))
+    views: list[ServiceView] = []
+    vips: dict[str, str] = {}
+    for body in sorted(services, key=_ns_name):
+        ns, name = _ns_name(body)
+        vip = body.get("spec", {}).get("clusterIP") or allocate_vip(ns, name, service_cidr, taken)
+        if vip == "None":
+            continue  # headless: names only, nothing to balance
+        vips[f"{ns}/{name}"] = vip
+        taken[vip] = f"{ns}/{name}"
+        views.append(ServiceView(name, ns, vip, service_ports(body), backends_for(body, endpoints),
+                                 l7=(ns, name) in l7))
+    # An entry's recorded allocations stay its own while it keeps no explicit address.
+    allocated = [ServiceView(host, ns, vip, (), (), entry=entry) for owner, vip in recorded.items()
+                 if owner.count("/") == 2 for ns, entry, host in [owner.split("/")]]
+    accepted: list[dict] = []
+    for body in sorted(entries, key=_ns_name):
+        try:
+            check_entries([*accepted, body], [*views, *allocated], pod_cidr, service_cidr, cluster_domain)
+        except ServiceError as e:
+            if strict:
+                raise
+            log.warning("not realising a stored ServiceEntry: %s", e)
+            continue
+        accepted.append(body)
 
-    def _resolve(self, name: str) -> list:
-        result: dict[str, object] = {}
+    def resolve(name: str) -> tuple[str, ...]:
+        return resolved.get(name, ())
 
-        def run() -> None:
-            try:
-                result["infos"] = self._lookup(name, None, socket.AF_INET, socket.SOCK_STREAM)
-            except OSError as e:
-                result["error"] = e
+    for body in accepted:  # each host of a MESH_EXTERNAL ServiceEntry is a service of its own
+        for host in body["spec"]["hosts"]:
+            owner = entry_vip_owner(body, host)
+            vip = entry_vip(body, host, service_cidr, {v: o for v, o in taken.items()})
+            vips[owner] = vip
+            taken[vip] = owner
+            views.append(entry_view(body, host, vip, resolve))
+    return ServicePlan(tuple(views), vips)
 
-        thread = threading.Thread(target=run, name=f"dns-{name}", daemon=True)
-        thread.start()
-        thread.join(self.timeout)
-        if thread.is_alive():
-            raise TimeoutError(name)
-        if "error" in result:
-            raise result["error"]
-        return result["infos"]
+
+def check_services(applied: Sequence[dict], services: Sequence[dict], entries: Sequence[dict],
+                   recorded: Mapping[str, str], *, pod_cidr: str, service_cidr: str,
+                   cluster_domain: str) -> None:
+    """Apply's check of a candidate service set (``services`` and ``entries`` as the store would hold
+    them after the apply, ``applied`` the Services of this apply): a clusterIP outside service_cidr
+    or held by another service, and ServiceEntries meshagent cannot realise or that conflict with a
+    service, raise ServiceError naming both sides."""
+    net = ipaddress.IPv4Network(service_cidr)
+    holders = {vip: owner_text(owner) for owner, vip in recorded.items()}
+    for body in services:
+        vip = body.get("spec", {}).get("clusterIP")
+        if vip and vip != "None":
+            holders.setdefault(vip, f"Service {'/'.join(_ns_name(body))}")
+    for body in applied:
+        ref = f"Service {'/'.join(_ns_name(body))}"
+        vip = body.get("spec", {}).get("clusterIP")
+        if not vip or vip == "None":
+            continue
+        if ipaddress.IPv4Address(vip) not in net:
+            raise ServiceError(f"{ref}: clusterIP {vip} is outside the node's service_cidr {net}")
+        if holders.get(vip, ref) != ref:
+            raise ServiceError(f"{ref}: clusterIP {vip} is already used by {holders[vip]}")
+    if entries:
+        plan_services(services, entries, recorded, (), {}, set(), pod_cidr=pod_cidr, service_cidr=service_cidr,
+                      cluster_domain=cluster_domain, strict=True)

@@ -13,15 +13,19 @@ import fcntl
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from agent.errors import MeshError
+from agent.files import write_json
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*$")
 
 
-class StoreError(RuntimeError):
+class StoreError(MeshError):
     """The store cannot be read or written; the message names it."""
+
+    culprit = "store"
 
 
 class DirStore:
@@ -79,13 +83,7 @@ class DirStore:
         return out
 
     def put(self, key: str, value: dict) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename: a reader never sees half a file.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(value, f, sort_keys=True)
-        os.replace(tmp, path)
+        write_json(str(self._path(key)), value)  # a reader never sees half a file
         self._bump()
 
     def create(self, key: str, value: dict) -> bool:

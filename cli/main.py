@@ -33,9 +33,9 @@ from typing import Any
 
 import click
 
-from agent import __version__
-from agent import config as node_config
-from agent.client import AgentClient, AgentError, AgentUnavailable
+from agent import __version__, node_config
+from agent.client import AgentClient
+from agent.errors import MeshError
 from agent.labels import LabelError, parse_labels
 from cli import output as out
 
@@ -49,20 +49,9 @@ def examples(*lines: str) -> str:
 
 
 def _operational_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean "could not do it" (exit 1, one line), not "bug" (traceback).
-
-    Errors of modules loaded lazily are only looked up if the module was loaded, since only
-    then can they have been raised.
-    """
-    errors: list[type[BaseException]] = [
-        AgentUnavailable, AgentError, node_config.ConfigError, LabelError, OSError,
-    ]
-    for module, name in (("agent.resources", "ResourceError"), ("agent.node", "NodeError"),
-                         ("agent.store", "StoreError"), ("agent.endpoint", "EndpointError")):
-        err = getattr(sys.modules.get(module), name, None)
-        if err is not None:
-            errors.append(err)
-    return tuple(errors)
+    """Errors that mean "could not do it" (exit 1, one line), not "bug" (traceback): every
+    MeshError (agent/errors.py), and the OS refusing something."""
+    return (MeshError, OSError)
 
 
 def _one_line(e: BaseException) -> str:
@@ -551,19 +540,6 @@ def service_list(target: Target, output: str) -> None:
     """List services with their virtual IPs and backends."""
     items = target.client().call("service_list").get("items") or []
     emit(items, output, out.auto_table)
-
-
-@cli.command(epilog=examples("meshagent certs", "meshagent certs -o json"))
-@output_option()
-@pass_target
-def certs(target: Target, output: str) -> None:
-    """Show the workload certificates (SVIDs) the node holds."""
-    result = target.client().call("certs")
-    items = result.get("items") if isinstance(result, dict) and "items" in result else None
-    if items is not None:
-        emit(items, output, out.auto_table)
-    else:
-        emit(result, output, lambda r: out.key_values(r.items()) if isinstance(r, dict) else out.cell(r))
 
 
 # ---- flows -------------------------------------------------------------------------------------

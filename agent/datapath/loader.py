@@ -19,6 +19,7 @@ from pathlib import Path
 
 from agent.datapath import maps
 from agent.datapath.source import program_source
+from agent.errors import MeshError
 
 PROGRAMS = {"from_container": "ingress", "to_container": "egress"}  # program -> clsact hook
 TC_PARENT = {"ingress": "ffff:fff2", "egress": "ffff:fff3"}
@@ -33,8 +34,10 @@ MAP_SIZES = {
 ENDPOINT_ARRAY_SIZE = 65536  # bpf/lib/common.h: endpoints at lower ifindexes live in an array
 
 
-class DatapathError(RuntimeError):
+class DatapathError(MeshError):
     """The kernel or the machine lacks something the datapath needs; the message says what."""
+
+    culprit = "node"
 
 
 def kernel_build_dir() -> Path:
@@ -179,6 +182,16 @@ class Datapath:
         table = self.bpf["config_map"]
         cfg = table[0]
         cfg.proxy_ip, cfg.proxy_port = ip_be, port_be
+        table[0] = cfg
+
+    def policy_revision(self) -> int:
+        return int(self.bpf["config_map"][0].policy_revision)
+
+    def bump_policy_revision(self) -> None:
+        """Make every tracked flow re-check policy at its next packet (agent.reconcile.Sync only)."""
+        table = self.bpf["config_map"]
+        cfg = table[0]  # keep the element's other fields (the L7 processor's address)
+        cfg.policy_revision = (cfg.policy_revision + 1) & 0xFFFFFFFF
         table[0] = cfg
 
     def proxy(self) -> tuple[str, int] | None:

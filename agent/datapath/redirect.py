@@ -20,7 +20,7 @@ Use (the agent's side):
     dp.load()                       # compile, re-open pinned maps, adopt the services they hold
     dp.attach()                     # at /sys/fs/cgroup/unified, replacing a predecessor's copies
     dp.set_endpoint_netns(netns_cookie("/run/netns/web-1"), ep_id=3, identity=1003)
-    dp.sync_services({("10.96.0.10", 80, "tcp"): [("10.200.0.5", 8080), ("10.200.0.6", 8080)]})
+    # lb_services / lb_backends are written by agent.reconcile.ServiceTable (bpf/lib/lb.h's protocol)
     dp.set_proxy("10.200.0.1", 15001)  # LB_F_L7 services go to the L7 processor from now on
     ...
 
@@ -215,7 +215,7 @@ LAYOUTS = {
 }
 
 ServiceKey = tuple[str, int, int]  # (VIP, port, IP protocol number)
-Backend = tuple[str, int]  # (address, port)
+LbBackend = tuple[str, int]  # (address, port)
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,7 @@ class ServiceState:
 
     service_id: int
     flags: int
-    backends: tuple[Backend | None, ...]  # in slot order; None: a slot below the count is missing
+    backends: tuple[LbBackend | None, ...]  # in slot order; None: a slot below the count is missing
 
 
 # ---- encodings ---------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def _port(port: int, what: str) -> int:
     return port
 
 
-def normalize_backend(backend: tuple) -> Backend:
+def normalize_backend(backend: tuple) -> LbBackend:
     ip, port = backend
     return str(ipaddress.IPv4Address(ip)), _port(port, f"backend {ip}")
 
@@ -262,12 +262,12 @@ def service_key_from_c(c) -> ServiceKey:
     return be32_to_ip(c.vip), socket.ntohs(c.port), c.proto
 
 
-def backend_to_c(backend: Backend) -> Lb4BackendC:
+def backend_to_c(backend: LbBackend) -> Lb4BackendC:
     ip, port = normalize_backend(backend)
     return Lb4BackendC(ip=ip_to_be32(ip), port=socket.htons(port))
 
 
-def backend_from_c(c) -> Backend:
+def backend_from_c(c) -> LbBackend:
     return be32_to_ip(c.ip), socket.ntohs(c.port)
 
 
@@ -461,7 +461,6 @@ class RedirectDatapath:
         self.bpf = None
         self.functions: dict[str, object] = {}
         self.fastpath_msg = None
-        self._services: dict[ServiceKey, ServiceState] = {}
 
     # ---- loading -------------------------------------------------------------------------------
 
@@ -488,7 +487,7 @@ class RedirectDatapath:
             theirs = getattr(self.bpf[table], side)
             # A per-CPU map's leaf is an array of one value per CPU.
             check_layout(ours, theirs._type_ if issubclass(theirs, ct.Array) else theirs)
-        self._services = self._read_services(cleanup=True)
+        self._read_services(cleanup=True)  # slots a crash mid-write left unreachable
 
     def table(self, name: str):
         return self.bpf[name]
@@ -667,6 +666,12 @@ class RedirectDatapath:
             node_netns=node_netns, pod_net=ip_to_be32(str(net.network_address)),
             pod_mask=ip_to_be32(str(net.netmask)), flags=FP_CFG_ENABLED if enabled else 0)
 
+    def fastpath_config(self) -> tuple[bool, int, str]:
+        """(enabled, node netns cookie, pod CIDR) as the fastpath_config map holds them."""
+        cfg = self.bpf["fastpath_config"][0]
+        net = ipaddress.IPv4Network(f"{be32_to_ip(cfg.pod_net)}/{be32_to_ip(cfg.pod_mask)}", strict=False)
+        return bool(cfg.flags & FP_CFG_ENABLED), int(cfg.node_netns), str(net)
+
     def fastpath_summary(self) -> dict:
         """Is the fast path on, and its per-outcome counters (messages, bytes; summed over CPUs)."""
         counters = {}
@@ -702,72 +707,8 @@ class RedirectDatapath:
 
     # ---- services ------------------------------------------------------------------------------
 
-    def sync_services(self, services: dict[tuple, list[tuple]], flags: dict[tuple, int] | None = None) -> None:
-        """Make the kernel's services exactly ``services``: (vip, port, proto) -> [(ip, port), ...].
-
-        The one path that writes lb_services / lb_backends. Incremental: unchanged services are not
-        touched; a changed one has its slots rewritten in place, new slots written before its
-        backend_count grows and stale slots deleted after it shrinks (bpf/lib/lb.h). An empty
-        backend list keeps the VIP and refuses connections. A backend listed k times gets k shares.
-        ``flags`` optionally gives LB_F_* per service. Bad input raises ValueError and changes
-        nothing.
-        """
-        desired: dict[ServiceKey, tuple[tuple[Backend, ...], int]] = {}
-        flags = {normalize_key(k): v for k, v in (flags or {}).items()}
-        for key, backends in services.items():
-            nkey = normalize_key(key)
-            if nkey in desired:
-                raise ValueError(f"service {nkey} given twice")
-            bes = tuple(normalize_backend(b) for b in backends)
-            if len(bes) > MAX_BACKENDS:
-                raise ValueError(f"service {nkey}: {len(bes)} backends, at most {MAX_BACKENDS}")
-            desired[nkey] = (bes, flags.get(nkey, 0))
-
-        # Peak use of the (preallocated) maps during the sync: a service holds its old and its new
-        # slots at once only while it is being rewritten, so the sum of the larger of each is a bound.
-        peak = sum(max(len(bes), len(self._services[k].backends) if k in self._services else 0)
-                   for k, (bes, _) in desired.items())
-        if peak > self.map_sizes["LB_BACKEND_MAP_SIZE"]:
-            raise ValueError(f"{peak} backend slots needed, the lb_backends map holds "
-                             f"{self.map_sizes['LB_BACKEND_MAP_SIZE']} (LB_BACKEND_MAP_SIZE)")
-        if len(desired) > self.map_sizes["LB_SERVICE_MAP_SIZE"]:
-            raise ValueError(f"{len(desired)} services, the lb_services map holds "
-                             f"{self.map_sizes['LB_SERVICE_MAP_SIZE']} (LB_SERVICE_MAP_SIZE)")
-
-        svc_table, be_table = self.bpf["lb_services"], self.bpf["lb_backends"]
-        used_ids = {s.service_id for s in self._services.values()}
-
-        for key in [k for k in self._services if k not in desired]:
-            old = self._services.pop(key)
-            with contextlib.suppress(KeyError):
-                del svc_table[service_key_to_c(key)]
-            for slot in range(len(old.backends)):
-                with contextlib.suppress(KeyError):
-                    del be_table[Lb4BackendKeyC(service_id=old.service_id, slot=slot)]
-            used_ids.discard(old.service_id)
-
-        for key, (backends, svc_flags) in desired.items():
-            old = self._services.get(key)
-            if old is not None and old.backends == backends and old.flags == svc_flags:
-                continue
-            if old is not None:
-                service_id, old_backends = old.service_id, old.backends
-            else:
-                service_id = next(i for i in range(1, len(used_ids) + 2) if i not in used_ids)
-                used_ids.add(service_id)
-                old_backends = ()
-            for slot, backend in enumerate(backends):
-                if slot >= len(old_backends) or old_backends[slot] != backend:
-                    be_table[Lb4BackendKeyC(service_id=service_id, slot=slot)] = backend_to_c(backend)
-            svc_table[service_key_to_c(key)] = Lb4ServiceC(
-                service_id=service_id, backend_count=len(backends), flags=svc_flags)
-            for slot in range(len(backends), len(old_backends)):  # includes missing slots
-                with contextlib.suppress(KeyError):
-                    del be_table[Lb4BackendKeyC(service_id=service_id, slot=slot)]
-            self._services[key] = ServiceState(service_id, svc_flags, backends)
-
-    def list_services(self) -> dict[ServiceKey, list[Backend]]:
-        """What the kernel maps hold, in the shape sync_services() takes."""
+    def list_services(self) -> dict[ServiceKey, list[LbBackend]]:
+        """What the kernel maps hold: (VIP, port, proto) -> backends in slot order."""
         return {k: [b for b in s.backends if b is not None] for k, s in self._read_services().items()}
 
     def services(self) -> dict[ServiceKey, ServiceState]:
@@ -777,7 +718,7 @@ class RedirectDatapath:
     def _read_services(self, cleanup: bool = False) -> dict[ServiceKey, ServiceState]:
         """Read lb_services / lb_backends back. With ``cleanup``, delete backend slots no service
         reaches (left by an agent that stopped in the middle of a sync)."""
-        slots: dict[int, dict[int, Backend]] = {}
+        slots: dict[int, dict[int, LbBackend]] = {}
         be_table = self.bpf["lb_backends"]
         for k, v in be_table.items():
             slots.setdefault(k.service_id, {})[k.slot] = backend_from_c(v)
@@ -796,7 +737,7 @@ class RedirectDatapath:
                             del be_table[Lb4BackendKeyC(service_id=sid, slot=slot)]
         return out
 
-    def revnat_entries(self) -> dict[tuple[int, Backend], tuple[str, int]]:
+    def revnat_entries(self) -> dict[tuple[int, LbBackend], tuple[str, int]]:
         """(socket cookie, backend) -> (VIP, port), for debugging and tests."""
         return {(k.cookie, backend_from_c(k)): (be32_to_ip(v.vip), socket.ntohs(v.port))
                 for k, v in self.bpf["lb_revnat"].items()}

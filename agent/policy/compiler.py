@@ -29,6 +29,7 @@ from ipaddress import IPv4Network
 from typing import Any
 
 from agent import identity as ids
+from agent.errors import MeshError
 from agent.labels import NAMESPACE_LABEL, NAMESPACE_NAME_LABEL, LabelError, Selector
 from agent.policy.portrange import MAX_PORT, PORT_BITS, port_mask, range_to_prefixes
 from agent.policy.types import (
@@ -46,6 +47,7 @@ from agent.policy.types import (
     PolicyKey,
     RuleInfo,
 )
+from agent.resources import audit_requested
 
 __all__ = [
     "ALWAYS_RULE_ID",
@@ -106,7 +108,7 @@ ENTITIES = ("all", "world", "world-ipv4", "cluster", *_RESERVED_ENTITIES, *_EMPT
 _CLUSTER_RESERVED = (ids.HOST, ids.REMOTE_NODE, ids.HEALTH, ids.INIT)
 
 
-class PolicyCompileError(ValueError):
+class PolicyCompileError(MeshError, ValueError):
     """A policy is well-formed but means something meshagent cannot enforce (one-line message)."""
 
 
@@ -123,6 +125,13 @@ class PolicyInput:
     @property
     def ref(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @classmethod
+    def from_body(cls, kind: str, body: dict) -> PolicyInput:
+        """A stored (already validated) policy document as the compiler takes it."""
+        meta = body.get("metadata") or {}
+        return cls(kind=kind, namespace=meta.get("namespace", "default"), name=meta["name"], body=body,
+                   audit=audit_requested(body))
 
 
 # ---- parsed form -------------------------------------------------------------------------------

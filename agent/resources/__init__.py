@@ -11,7 +11,7 @@ than reading the files given.
 """
 
 from ._load import KINDS, load_paths, parse_documents, validate
-from ._model import Resource, ResourceError
+from ._model import Resource, ResourceError, audit_requested
 from ._values import ICMP_TYPES, icmp_type_number, parse_duration, port_number
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "KINDS",
     "Resource",
     "ResourceError",
+    "audit_requested",
     "icmp_type_number",
     "load_paths",
     "parse_documents",

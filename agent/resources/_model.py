@@ -4,16 +4,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from agent.errors import MeshError
+
 from ._kinds import AUDIT_ANNOTATION
 
 
-class ResourceError(ValueError):
+class ResourceError(MeshError, ValueError):
     """A document the user gave is wrong. ``str(e)`` is one line naming file, document, field path and
     what is supported; the CLI prints it as is."""
 
     def __init__(self, message: str) -> None:
         # One line whatever went into it (a key with a line break, a YAML problem text).
         super().__init__(" ".join(part.strip() for part in message.splitlines() if part.strip()))
+
+
+def audit_requested(body: dict) -> bool:
+    """Annotated ``meshagent.io/audit: "true"``: the policy's denies only report (AUDIT verdict). The
+    one reading of that annotation."""
+    meta = body.get("metadata") if isinstance(body, dict) else None
+    annotations = (meta.get("annotations") if isinstance(meta, dict) else None) or {}
+    return isinstance(annotations, dict) and annotations.get(AUDIT_ANNOTATION) == "true"
 
 
 @dataclass(frozen=True)
@@ -38,8 +48,7 @@ class Resource:
 
     @property
     def audit(self) -> bool:
-        """Annotated ``meshagent.io/audit: "true"``: the policy's denies only report (AUDIT verdict)."""
-        return self.annotations.get(AUDIT_ANNOTATION) == "true"
+        return audit_requested(self.body)
 
     def describe(self) -> str:
         return f"{self.kind} {self.namespace}/{self.name}"

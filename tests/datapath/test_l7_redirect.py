@@ -34,7 +34,7 @@ from agent.datapath import maps
 from agent.datapath.loader import Datapath
 from agent.datapath.redirect import CGROUP_ROOT, LB_F_L7, RedirectDatapath, netns_cookie
 from agent.policy.types import EGRESS, INGRESS, Action, Enforcement, PolicyEntry, PolicyKey
-from tests.datapath.topology import Topology, remove_redirect_pins, run
+from tests.datapath.topology import Topology, remove_redirect_pins, run, sync_services
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TAG = uuid.uuid4().hex[:6]
@@ -186,8 +186,8 @@ class L7Topology(Topology):
             netns, _, ep_id, identity = EPS[name]
             self.redirect.set_endpoint_netns(netns_cookie(f"/run/netns/{netns}"), ep_id, identity)
         backend = [(EPS["b"][1], BACKEND_PORT)]
-        self.redirect.sync_services({(L7_VIP, PORT, "tcp"): backend, (L4_VIP, PORT, "tcp"): backend},
-                                    flags={(L7_VIP, PORT, "tcp"): LB_F_L7})
+        sync_services(self.redirect, {(L7_VIP, PORT, "tcp"): backend, (L4_VIP, PORT, "tcp"): backend},
+                      flags={(L7_VIP, PORT, "tcp"): LB_F_L7})
         self.redirect.set_proxy(ROUTER_IP, PROXY_PORT)
 
         self.spawn_ready("b", [sys.executable, "-c", BACKEND, "b", str(BACKEND_PORT)])

@@ -26,7 +26,7 @@ import uuid
 import pytest
 
 from agent.datapath.redirect import CGROUP_ROOT, RedirectDatapath, netns_cookie
-from tests.datapath.topology import Topology, remove_redirect_pins
+from tests.datapath.topology import Topology, remove_redirect_pins, sync_services
 
 TAG = uuid.uuid4().hex[:6]
 NODE = f"lbn-{TAG}"
@@ -137,7 +137,7 @@ def topo():
 
 @pytest.fixture
 def dp(topo):
-    topo.dp.sync_services({TCP_SVC: BACKENDS_TCP, UDP_SVC: BACKENDS_UDP})
+    sync_services(topo.dp, {TCP_SVC: BACKENDS_TCP, UDP_SVC: BACKENDS_UDP})
     topo.dp.set_endpoint_netns(topo.cookies["c"], ep_id=3, identity=1003)
     return topo.dp
 
@@ -209,16 +209,16 @@ def test_ipv4_mapped_addresses_on_inet6_sockets(dp):
 
 
 def test_removing_a_backend_stops_traffic_to_it(dp):
-    dp.sync_services({TCP_SVC: BACKENDS_TCP[:1], UDP_SVC: BACKENDS_UDP})
+    sync_services(dp, {TCP_SVC: BACKENDS_TCP[:1], UDP_SVC: BACKENDS_UDP})
     assert dp.list_services()[(VIP, PORT, 6)] == BACKENDS_TCP[:1]
     result = client("c", "tcp", VIP, PORT, 50)
     assert result["counts"] == {"b1": 50} and result["errors"] == []
-    dp.sync_services({TCP_SVC: BACKENDS_TCP[1:], UDP_SVC: BACKENDS_UDP})
+    sync_services(dp, {TCP_SVC: BACKENDS_TCP[1:], UDP_SVC: BACKENDS_UDP})
     assert client("c", "tcp", VIP, PORT, 50)["counts"] == {"b2": 50}
 
 
 def test_service_without_backends_refuses_at_once(dp):
-    dp.sync_services({TCP_SVC: [], UDP_SVC: []})
+    sync_services(dp, {TCP_SVC: [], UDP_SVC: []})
     result = client("c", "tcp", VIP, PORT, 3, timeout=5.0)
     assert result["counts"] == {}
     assert all(e.startswith("ConnectionRefusedError") for e in result["errors"]), result
@@ -227,7 +227,7 @@ def test_service_without_backends_refuses_at_once(dp):
 
 
 def test_deleting_the_service_stops_translation(dp):
-    dp.sync_services({UDP_SVC: BACKENDS_UDP})
+    sync_services(dp, {UDP_SVC: BACKENDS_UDP})
     assert (VIP, PORT, 6) not in dp.list_services()
     result = client("c", "tcp", VIP, PORT, 3, timeout=1.0)
     assert result["counts"] == {} and len(result["errors"]) == 3
@@ -273,7 +273,7 @@ def test_two_nodes_on_one_machine_each_balance_their_own(dp, topo):
         other.load()
         other.attach()
         other.set_endpoint_netns(topo.cookies["u"], ep_id=9, identity=2009)
-        other.sync_services({TCP_SVC: BACKENDS_TCP[1:]})  # the same VIP, another backend set
+        sync_services(other, {TCP_SVC: BACKENDS_TCP[1:]})  # the same VIP, another backend set
         assert client("u", "tcp", VIP, PORT, 50)["counts"] == {"b2": 50}
         assert_balanced(client("c", "tcp", VIP, PORT, 200), 200)
         assert all(len(ids) == 1 for ids in dp.attached().values())

@@ -21,6 +21,7 @@ import subprocess
 from collections.abc import Iterator
 
 from agent.datapath.redirect import RedirectDatapath
+from agent.reconcile import ServiceTable, Sync, lb_table
 
 GATEWAY = "169.254.1.1"
 PIN_ROOT = "/sys/fs/bpf/meshagent-test"
@@ -31,6 +32,12 @@ def run(*args: str) -> str:
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)}: {proc.stderr.strip()}")
     return proc.stdout
+
+
+def sync_services(dp: RedirectDatapath, services: dict, flags: dict | None = None) -> None:
+    """Make ``dp``'s service table ``services`` ((vip, port, proto) -> [(ip, port), ...]) the way the
+    agent's reconcile path writes it (agent.reconcile.ServiceTable), for tests without an agent."""
+    Sync([ServiceTable(dp)]).apply({"lb_services": lb_table(services, flags)})
 
 
 def remove_redirect_pins(pin_dir: str) -> None:

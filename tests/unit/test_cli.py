@@ -77,7 +77,7 @@ def agent():
 def no_node_env(monkeypatch, tmp_path):
     monkeypatch.delenv("MESHAGENT_NODE", raising=False)
     monkeypatch.delenv("MESHAGENT_CONFIG", raising=False)
-    monkeypatch.setattr("agent.config.DEFAULT_CONFIG_PATH", str(tmp_path / "no-such-agent.yaml"))
+    monkeypatch.setattr("agent.node_config.DEFAULT_CONFIG_PATH", str(tmp_path / "no-such-agent.yaml"))
 
 
 def run(agent: FakeAgent | None, *args: str, socket: str | None = None):
@@ -644,15 +644,11 @@ def test_bpf_lists_use_first_item_keys_as_columns(agent, group, op):
     assert json.loads(run(agent, "bpf", group, "list", "-o", "json").stdout) == items
 
 
-def test_service_list_and_certs(agent):
+def test_service_list(agent):
     agent.reply("service_list", {"items": [{"name": "web", "vip": "10.96.0.10", "ports": [80]}]})
-    agent.reply("certs", {"items": [{"identity": "spiffe://cluster.local/ns/default/sa/web"}]})
     result = run(agent, "service", "list")
     assert result.exit_code == 0
     assert result.stdout.splitlines()[1].split() == ["web", "10.96.0.10", "80"]
-    result = run(agent, "certs")
-    assert result.exit_code == 0
-    assert "spiffe://cluster.local/ns/default/sa/web" in result.stdout
 
 
 def test_bpf_dump_prints_source():

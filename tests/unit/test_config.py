@@ -1,6 +1,6 @@
 import pytest
 
-from agent.config import ConfigError, from_dict, load
+from agent.node_config import NodeConfigError, from_dict, load
 
 
 def test_defaults():
@@ -29,15 +29,15 @@ def test_defaults():
     ({"l7_workers": True}, "l7_workers"),
 ])
 def test_bad_config(raw, needle):
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(NodeConfigError) as e:
         from_dict({"node_name": "n1", **raw}, "agent.yaml")
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
 def test_load_file_errors(tmp_path):
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(NodeConfigError, match="cannot read"):
         load(str(tmp_path / "missing.yaml"))
     bad = tmp_path / "bad.yaml"
     bad.write_text("node_name: [x\n")
-    with pytest.raises(ConfigError, match="malformed YAML"):
+    with pytest.raises(NodeConfigError, match="malformed YAML"):
         load(str(bad))

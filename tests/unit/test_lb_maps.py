@@ -10,6 +10,7 @@ import pytest
 
 from agent.datapath import redirect
 from agent.datapath.maps import DatapathLayoutError, check_layout
+from agent.reconcile import ServiceTable, Sync, lb_table
 
 BPF = Path(__file__).resolve().parents[2] / "bpf"
 
@@ -130,11 +131,11 @@ def test_lb_flags_match_header():
     assert int(re.search(r"#define LB_F_L7 (0x[0-9a-f]+)", text).group(1), 16) == redirect.LB_F_L7
 
 
-# ---- sync_services against in-memory maps --------------------------------------------------------
+# ---- the reconcile path's service table against in-memory maps --------------------------------------------------------
 
 
 class FakeTable:
-    """A BPF hash map as BCC's Table looks to sync_services; calls ``after`` after every write."""
+    """A BPF hash map as BCC's Table looks to ServiceTable; calls ``after`` after every write."""
 
     def __init__(self, key_t, leaf_t, after):
         self.key_t, self.leaf_t, self.after, self.data, self.writes = key_t, leaf_t, after, {}, 0
@@ -182,8 +183,13 @@ def make_dp(fake: FakeMaps | None = None) -> tuple[redirect.RedirectDatapath, Fa
     fake = fake or FakeMaps()
     dp = redirect.RedirectDatapath("/nonexistent", {"LB_BACKEND_MAP_SIZE": 64, "LB_SERVICE_MAP_SIZE": 8})
     dp.bpf = fake
-    dp._services = dp._read_services(cleanup=True)  # what load() does after compiling
+    dp._read_services(cleanup=True)  # what load() does after compiling
     return dp, fake
+
+
+def sync(dp, services, flags=None):
+    """What the agent's reconcile path does to the service maps (a fresh engine adopts the maps)."""
+    Sync([ServiceTable(dp)]).apply({"lb_services": lb_table(services, flags)})
 
 
 A, B, C, D = ("10.0.0.1", 80), ("10.0.0.2", 80), ("10.0.0.3", 80), ("10.0.0.4", 80)
@@ -198,7 +204,7 @@ WEB_K, DNS_K = ("10.96.0.10", 80, 6), ("10.96.0.53", 53, 17)
 def test_sync_keeps_every_counted_slot_present(steps):
     dp, fake = make_dp()
     for services in steps:
-        dp.sync_services(services)
+        sync(dp, services)
         want = {redirect.normalize_key(k): v for k, v in services.items()}
         assert dp.list_services() == want
         # Nothing but the live slots is left behind.
@@ -207,8 +213,8 @@ def test_sync_keeps_every_counted_slot_present(steps):
 
 def test_removed_backend_is_unreachable_once_sync_returns():
     dp, fake = make_dp()
-    dp.sync_services({WEB: [A, B, C]})
-    dp.sync_services({WEB: [A, C]})
+    sync(dp, {WEB: [A, B, C]})
+    sync(dp, {WEB: [A, C]})
     assert fake.seen[-1][WEB_K] == {A, C}
     # While the sync ran, a connect could only ever see old or new backends.
     assert all(view.get(WEB_K, set()) <= {A, B, C} for view in fake.seen)
@@ -216,38 +222,38 @@ def test_removed_backend_is_unreachable_once_sync_returns():
 
 def test_unchanged_services_are_not_rewritten():
     dp, fake = make_dp()
-    dp.sync_services({WEB: [A, B], DNS: [C]})
+    sync(dp, {WEB: [A, B], DNS: [C]})
     before = fake.services.writes + fake.backends.writes
-    dp.sync_services({WEB: [A, B], DNS: [C]})
+    sync(dp, {WEB: [A, B], DNS: [C]})
     assert fake.services.writes + fake.backends.writes == before
     svc_writes, be_writes = fake.services.writes, fake.backends.writes
-    dp.sync_services({WEB: [A, B], DNS: [C, D]})
+    sync(dp, {WEB: [A, B], DNS: [C, D]})
     assert (fake.services.writes - svc_writes, fake.backends.writes - be_writes) == (1, 1), \
         "one new slot, one count update; WEB untouched"
 
 
 def test_service_ids_are_unique_and_reused():
     dp, _ = make_dp()
-    dp.sync_services({WEB: [A], DNS: [B]})
+    sync(dp, {WEB: [A], DNS: [B]})
     ids = {k: s.service_id for k, s in dp.services().items()}
     assert sorted(ids.values()) == [1, 2]
-    dp.sync_services({DNS: [B]})
-    dp.sync_services({DNS: [B], ("10.96.0.11", 80, "tcp"): [C]})
+    sync(dp, {DNS: [B]})
+    sync(dp, {DNS: [B], ("10.96.0.11", 80, "tcp"): [C]})
     assert dp.services()[("10.96.0.11", 80, 6)].service_id == ids[WEB_K]
     assert dp.services()[DNS_K].service_id == ids[DNS_K]
 
 
 def test_flags_are_written():
     dp, _ = make_dp()
-    dp.sync_services({WEB: [A]}, flags={WEB: redirect.LB_F_L7})
+    sync(dp, {WEB: [A]}, flags={WEB: redirect.LB_F_L7})
     assert dp.services()[WEB_K].flags == redirect.LB_F_L7
-    dp.sync_services({WEB: [A]})
+    sync(dp, {WEB: [A]})
     assert dp.services()[WEB_K].flags == 0
 
 
 def test_weights_by_repetition():
     dp, _ = make_dp()
-    dp.sync_services({WEB: [A, A, A, B]})
+    sync(dp, {WEB: [A, A, A, B]})
     assert dp.list_services()[WEB_K] == [A, A, A, B]
 
 
@@ -260,17 +266,17 @@ def test_weights_by_repetition():
 ])
 def test_bad_input_changes_nothing(services):
     dp, fake = make_dp()
-    dp.sync_services({DNS: [C]})
+    sync(dp, {DNS: [C]})
     before = (dict(fake.services.data), dict(fake.backends.data))
     with pytest.raises(ValueError):
-        dp.sync_services(services)
+        sync(dp, services)
     assert (fake.services.data, fake.backends.data) == before
     assert dp.list_services() == {DNS_K: [C]}
 
 
 def test_adoption_reads_the_maps_and_drops_unreachable_slots():
     dp, fake = make_dp()
-    dp.sync_services({WEB: [A, B, C]})
+    sync(dp, {WEB: [A, B, C]})
     # An agent stopped mid-sync: the count was lowered, the stale slot not yet deleted.
     for k, v in fake.services.items():
         fake.services.data[bytes(k)] = bytes(redirect.Lb4ServiceC(service_id=v.service_id, backend_count=2))
@@ -278,18 +284,18 @@ def test_adoption_reads_the_maps_and_drops_unreachable_slots():
     again, _ = make_dp(fake)
     assert again.list_services() == {WEB_K: [A, B]}
     assert len(fake.backends.data) == 2
-    again.sync_services({WEB: [A, B, C]})
+    sync(again, {WEB: [A, B, C]})
     assert again.list_services() == {WEB_K: [A, B, C]}
 
 
 def test_a_missing_slot_is_repaired():
     dp, fake = make_dp()
-    dp.sync_services({WEB: [A, B, C]})
+    sync(dp, {WEB: [A, B, C]})
     sid = dp.services()[WEB_K].service_id
     del fake.backends.data[bytes(redirect.Lb4BackendKeyC(service_id=sid, slot=1))]
     again, _ = make_dp(fake)
     assert again.services()[WEB_K].backends == (A, None, C)
-    again.sync_services({WEB: [A, B, C]})
+    sync(again, {WEB: [A, B, C]})
     assert again.list_services() == {WEB_K: [A, B, C]}
 
 

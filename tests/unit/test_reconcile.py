@@ -1,96 +1,160 @@
-"""The reconcile path without a kernel: computed endpoint tables, and MapSync's writes against a
-fake datapath that holds the maps in dicts."""
+"""The reconcile path without a kernel: compute() over a desired state, and the Sync engine's writes
+(additions before removals, adoption, revision bumps) against tables that record every call."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import json
 
+import pytest
+
+from agent import identity as ids
 from agent.datapath import maps
 from agent.endpoint import EndpointRecord
-from agent.reconcile import DesiredState, MapSync, compute
+from agent.reconcile import POLICY_TABLES, TABLE_ORDER, Sync, compute
+from agent.state import DesiredState, NodeFacts
 
 
-def record(name: str, ep_id: int, identity: int, ip: str) -> EndpointRecord:
-    return EndpointRecord(name=name, node="n1", namespace="default", serviceaccount="default",
-                          labels={"app": name}, ip=ip, ep_id=ep_id, identity=identity, netns=f"/run/netns/{name}",
-                          netns_owned=True, ifname=f"lxc{name}", peer_ifname="eth0", cgroup="")
+def record(name: str, ep_id: int, identity: int, ip: str, node: str = "n1", **kw) -> EndpointRecord:
+    return EndpointRecord(name=name, node=node, namespace=kw.get("namespace", "default"), serviceaccount="default",
+                          labels=kw.get("labels", {"app": name}), ip=ip, ep_id=ep_id, identity=identity,
+                          netns=f"/run/netns/{name}", netns_owned=True, ifname=f"lxc{name}", peer_ifname="eth0",
+                          cgroup="")
 
 
-def desired(*local: tuple[EndpointRecord, int]) -> DesiredState:
-    return DesiredState(local_endpoints=list(local), all_endpoints=[r for r, _ in local],
-                        identities={r.identity: r.labels for r, _ in local}, policies=[],
-                        local_node_ips=["10.200.0.1"], remote_node_ips=[], mode="default", cidr_identities={})
+def facts(**kw) -> NodeFacts:
+    base = dict(name="n1", pod_cidr="10.200.0.0/24", service_cidr="10.96.0.0/16", cluster_domain="cluster.local",
+                policy_mode="default", router_ip="10.200.0.1", l7_port=15001, local_ips=("192.0.2.1",),
+                l7_config_path="/state/l7-n1.json", cidr_identities_path="/state/cidr-identities-n1.json")
+    base.update(kw)
+    return NodeFacts(**base)
 
 
-class FakeTable:
-    """A BCC table as MapSync uses it: ctypes keys, compared by their bytes."""
-
-    def __init__(self):
-        self.entries: dict[bytes, tuple[object, object]] = {}
-
-    def items(self):
-        return list(self.entries.values())
-
-    def __setitem__(self, key, value):
-        self.entries[bytes(key)] = (key, value)
-
-    def __delitem__(self, key):
-        del self.entries[bytes(key)]
+def desired(*local: tuple[EndpointRecord, int], remote: tuple[EndpointRecord, ...] = (), cookies=None,
+            resources=None, vips=None) -> DesiredState:
+    node = facts(ifindex={r.name: idx for r, idx in local}, netns_cookies=cookies or {})
+    everyone = (*(r for r, _ in local), *remote)
+    return DesiredState(node=node, endpoints=everyone, identities={r.identity: r.labels for r in everyone},
+                        resources=resources or {}, vips=vips or {}, remote_node_ips=("192.0.2.2",))
 
 
-class FakeDatapath:
-    def __init__(self):
-        self.tables = {"ipcache": FakeTable(), "policy_map": FakeTable(),
-                       "config_map": {0: SimpleNamespace(policy_revision=0)}}
-        self.endpoints: dict[int, bytes] = {}
-        self.by_id: dict[int, bytes] = {}
-
-    def table(self, name):
-        return self.tables[name]
-
-    def read_endpoints(self):
-        return dict(self.endpoints)
-
-    def read_endpoints_by_id(self):
-        return dict(self.by_id)
-
-    def write_endpoint(self, ifindex, info):
-        self.endpoints[ifindex] = bytes(info)
-
-    def delete_endpoint(self, ifindex):
-        self.endpoints.pop(ifindex, None)
-
-    def write_endpoint_by_id(self, ep_id, info):
-        self.by_id[ep_id] = bytes(info)
-
-    def delete_endpoint_by_id(self, ep_id):
-        self.by_id.pop(ep_id, None)
+WEB = record("web", 3, 1001, "10.200.0.5")
+DB = record("db", 4, 1002, "10.200.0.6")
 
 
 def test_endpoints_are_computed_by_ifindex_and_by_ep_id():
     """The L7 processor's marks name a client by ep_id: the by-id table holds the very entry the
     ifindex table holds, so a client's identity and egress flags are the same either way."""
-    web, db = record("web", 3, 1001, "10.200.0.5"), record("db", 4, 1002, "10.200.0.6")
-    contents, _ = compute(desired((web, 17), (db, 18)))
-    assert contents.endpoints_by_id == {3: contents.endpoints[17], 4: contents.endpoints[18]}
-    info = maps.EndpointInfoC.from_buffer_copy(contents.endpoints_by_id[4])
+    tables = compute(desired((WEB, 17), (DB, 18))).tables
+    assert tables["endpoints_by_id"] == {3: tables["endpoints"][17], 4: tables["endpoints"][18]}
+    info = maps.EndpointInfoC.from_buffer_copy(tables["endpoints_by_id"][4])
     assert (info.ep_id, info.identity) == (4, 1002)
 
 
-def test_sync_writes_and_removes_the_by_id_entries():
-    dp = FakeDatapath()
-    sync = MapSync(dp)
-    web, db = record("web", 3, 1001, "10.200.0.5"), record("db", 4, 1002, "10.200.0.6")
-    sync.sync(compute(desired((web, 17), (db, 18)))[0])
-    assert set(dp.by_id) == {3, 4} and dp.by_id[3] == dp.endpoints[17]
-    revision = dp.tables["config_map"][0].policy_revision
-    assert revision > 0, "tracked proxied flows re-check the client's side too"
+def test_ipcache_names_every_endpoint_the_nodes_and_the_router():
+    remote = record("far", 1, 1003, "10.201.0.5", node="n2")
+    ipcache = compute(desired((WEB, 17), remote=(remote,))).tables["ipcache"]
+    assert ipcache["10.200.0.5/32"] == 1001 and ipcache["10.201.0.5/32"] == 1003
+    assert ipcache["192.0.2.1/32"] == ids.HOST and ipcache["10.200.0.1/32"] == ids.HOST
+    assert ipcache["192.0.2.2/32"] == ids.REMOTE_NODE
 
-    sync.sync(compute(desired((web, 17)))[0])  # db left
-    assert set(dp.by_id) == {3} and set(dp.endpoints) == {17}
-    assert dp.tables["config_map"][0].policy_revision == revision + 1
 
-    # A restarted agent adopts what the maps hold and writes nothing when nothing changed.
-    again = MapSync(dp)
-    stats = again.sync(compute(desired((web, 17)))[0])
-    assert not stats.changed
+def test_an_endpoint_not_plumbed_yet_has_no_entries():
+    tables = compute(desired((WEB, 17), remote=(DB,))).tables  # db stored for n1, but no ifindex yet
+    assert set(tables["endpoints"]) == {17} and set(tables["endpoints_by_id"]) == {3}
+    assert tables["ipcache"]["10.200.0.6/32"] == 1002, "its address is still known"
+
+
+def test_endpoint_netns_is_computed_from_the_cookies():
+    tables = compute(desired((WEB, 17), (DB, 18), cookies={"web": 0xAA, "db": 0xBB})).tables
+    assert tables["endpoint_netns"] == {0xAA: (3, 1001), 0xBB: (4, 1002)}
+
+
+def test_services_get_vips_records_and_hosts_files():
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
+           "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}}
+    computed = compute(desired((WEB, 17), resources={"Service": (svc,)}))
+    vip = computed.tables["vips"]["default/web"]
+    assert computed.tables["lb_services"] == {(vip, 80, 6): ((("10.200.0.5", 8080),), 0)}
+    hosts = computed.tables["hosts_files"]["/etc/netns/web/hosts"]
+    assert f"{vip}\tweb web.default web.default.svc web.default.svc.cluster.local" in hosts
+    snapshot = json.loads(computed.tables["l7_snapshot"]["/state/l7-n1.json"])
+    assert snapshot["cluster_domain"] == "cluster.local" and snapshot["services"][0]["vip"] == vip
+    # A recorded allocation is kept, and the computation is the same every time (pure).
+    again = compute(desired((WEB, 17), resources={"Service": (svc,)}, vips={"default/web": "10.96.7.7"}))
+    assert again.tables["vips"] == {"default/web": "10.96.7.7"}
+    assert compute(desired((WEB, 17), resources={"Service": (svc,)})).tables == computed.tables
+
+
+def test_the_cluster_domain_names_services_not_the_trust_domain():
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
+           "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}}
+    d = desired((WEB, 17), resources={"Service": (svc,)})
+    d = DesiredState(**{**d.__dict__, "node": facts(ifindex={"web": 17}, cluster_domain="corp.example")})
+    tables = compute(d).tables
+    assert "web.default.svc.corp.example" in tables["hosts_files"]["/etc/netns/web/hosts"]
+    assert json.loads(tables["l7_snapshot"]["/state/l7-n1.json"])["cluster_domain"] == "corp.example"
+
+
+class Recorder:
+    """A table that records every call into a shared log."""
+
+    kernel = True
+    volatile = False
+
+    def __init__(self, name: str, log: list, initial: dict | None = None):
+        self.name, self.log, self.data = name, log, dict(initial or {})
+
+    def read(self):
+        return dict(self.data)
+
+    def write(self, key, value, old):
+        self.log.append(("write", self.name, key))
+        self.data[key] = value
+
+    def delete(self, key, old):
+        self.log.append(("delete", self.name, key))
+        del self.data[key]
+
+
+def test_additions_in_table_order_then_removals_in_reverse():
+    log: list = []
+    tables = [Recorder(n, log, {"old": 1}) for n in reversed(TABLE_ORDER)]  # given in any order
+    bumps = []
+    sync = Sync(tables, bump_revision=lambda: bumps.append(1))
+    stats = sync.apply({n: {"new": 1} for n in TABLE_ORDER})
+    writes = [e for e in log if e[0] == "write"]
+    deletes = [e for e in log if e[0] == "delete"]
+    assert [n for _, n, _ in writes] == list(TABLE_ORDER)
+    assert [n for _, n, _ in deletes] == list(reversed(TABLE_ORDER))
+    assert log.index(writes[-1]) < log.index(deletes[0]), "every addition before any removal"
+    assert bumps == [1] and stats.tables == set(TABLE_ORDER)
+
+
+def test_unchanged_tables_write_nothing_and_do_not_bump():
+    log: list = []
+    bumps = []
+    sync = Sync([Recorder("policy", log, {"k": 1}), Recorder("lb_services", log, {"s": 2})],
+                bump_revision=lambda: bumps.append(1))
+    stats = sync.apply({"policy": {"k": 1}, "lb_services": {"s": 2}})
+    assert not stats.changed and log == [] and bumps == []
+    sync.apply({"policy": {"k": 1}, "lb_services": {"s": 3}})
+    assert bumps == [], "a service change is no policy change"
+    assert all(n not in POLICY_TABLES for n in ("lb_services", "endpoint_netns", "vips"))
+
+
+def test_a_table_check_refuses_before_anything_is_written():
+    log: list = []
+
+    class Refusing(Recorder):
+        def check(self, want, current):
+            raise ValueError("too big")
+
+    sync = Sync([Recorder("policy", log), Refusing("lb_services", log)])
+    with pytest.raises(ValueError, match="too big"):
+        sync.apply({"policy": {"k": 1}, "lb_services": {"s": 1}})
+    assert log == []
+
+
+def test_a_table_outside_the_order_is_refused():
+    with pytest.raises(ValueError, match="TABLE_ORDER"):
+        Sync([Recorder("mystery", [])])

@@ -12,8 +12,7 @@ import pytest
 
 from agent.l7 import l7_config
 from agent.services import (
-    Backend,
-    DnsResolver,
+    ServiceBackend,
     ServiceError,
     ServicePort,
     ServiceView,
@@ -24,6 +23,7 @@ from agent.services import (
     entry_vip,
     hosts_file,
 )
+from agent.state import DnsResolver
 from userspace_l7.config import ConfigError, L7Config
 from userspace_l7.routing import route
 
@@ -280,8 +280,8 @@ def test_dns_failure_gives_no_addresses_and_a_hung_resolver_keeps_the_last_answe
 
 def test_backend_port_for_defaults_to_the_target_port():
     p = ServicePort("http", 80, 8080, "tcp")
-    assert Backend("x", "192.0.2.1", "").port_for(p) == 8080
-    assert Backend("x", "192.0.2.1", "", ports=(("http", 9090),)).port_for(p) == 9090
+    assert ServiceBackend("x", "192.0.2.1", "").port_for(p) == 8080
+    assert ServiceBackend("x", "192.0.2.1", "", ports=(("http", 9090),)).port_for(p) == 9090
 
 
 def test_snapshot_refuses_a_bad_endpoint_port():

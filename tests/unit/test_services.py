@@ -1,7 +1,7 @@
 import pytest
 
 from agent.endpoint import EndpointRecord
-from agent.services import Backend, ServiceError, ServiceView, allocate_vip, backends_for, hosts_file, service_ports
+from agent.services import ServiceBackend, ServiceError, ServiceView, allocate_vip, backends_for, hosts_file, service_ports
 
 SVC = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}, {"port": 53,
@@ -32,7 +32,7 @@ def test_ports_and_backends():
     assert [(p.port, p.target_port, p.protocol) for p in ports] == [(80, 8080, "tcp"), (53, 53, "udp")]
     eps = [ep("w1", {"app": "web"}, ip="10.0.0.3"), ep("w2", {"app": "web"}, ns="other"),
            ep("db", {"app": "db"})]
-    assert backends_for(SVC, eps) == (Backend("w1", "10.0.0.3", "n1"),)
+    assert backends_for(SVC, eps) == (ServiceBackend("w1", "10.0.0.3", "n1"),)
 
 
 def test_hosts_file_short_names_only_in_own_namespace():

@@ -10,12 +10,16 @@ from pathlib import Path
 
 import yaml
 
+from agent.errors import MeshError
+
 DEFAULT_CONFIG_PATH = "/etc/meshagent/agent.yaml"
 POLICY_MODES = ("default", "always", "never")
 
 
-class ConfigError(ValueError):
+class NodeConfigError(MeshError, ValueError):
     """The node config is wrong; the message names the file and the key."""
+
+    culprit = "node"
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,8 @@ class NodeConfig:
     node_ip: str | None
     pod_cidr: str
     service_cidr: str
-    trust_domain: str
+    trust_domain: str  # SPIFFE trust domain of workload identities
+    cluster_domain: str  # DNS suffix of Service names (NAME.NAMESPACE.svc.<cluster_domain>), as in Istio
     store: str
     state_dir: str
     bpffs_dir: str
@@ -55,7 +60,7 @@ class NodeConfig:
 
 
 _KEYS = (
-    "node_name", "node_ip", "pod_cidr", "service_cidr", "trust_domain", "store", "state_dir",
+    "node_name", "node_ip", "pod_cidr", "service_cidr", "trust_domain", "cluster_domain", "store", "state_dir",
     "bpffs_dir", "cgroup", "api_socket", "metrics_addr", "l7_ports", "policy_enforcement", "socket_fastpath",
     "l7_workers",
 )
@@ -81,40 +86,41 @@ def load(path: str | None = None) -> NodeConfig:
         try:
             text = Path(path).read_text()
         except OSError as e:
-            raise ConfigError(f"{path}: cannot read node config: {e.strerror}") from None
+            raise NodeConfigError(f"{path}: cannot read node config: {e.strerror}") from None
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
+            raise NodeConfigError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: node config must be a mapping of keys to values")
+            raise NodeConfigError(f"{path}: node config must be a mapping of keys to values")
     return from_dict(raw, source)
 
 
 def from_dict(raw: dict, source: str = "<defaults>") -> NodeConfig:
     unknown = sorted(set(raw) - set(_KEYS))
     if unknown:
-        raise ConfigError(f"{source}: unknown key {unknown[0]!r}; supported: {', '.join(_KEYS)}")
+        raise NodeConfigError(f"{source}: unknown key {unknown[0]!r}; supported: {', '.join(_KEYS)}")
 
     def get(key: str, default):
         value = raw.get(key, default)
         if value is None:
             return default
         if default is not None and not isinstance(value, type(default)):
-            raise ConfigError(f"{source}: {key} must be a {type(default).__name__}, not {value!r}")
+            raise NodeConfigError(f"{source}: {key} must be a {type(default).__name__}, not {value!r}")
         return value
 
     name = get("node_name", default_node_name())
     if not name or "/" in name or len(name) > 63:
-        raise ConfigError(f"{source}: node_name {name!r} must be 1-63 characters without '/'")
+        raise NodeConfigError(f"{source}: node_name {name!r} must be 1-63 characters without '/'")
     cfg = dict(
         node_name=name,
         node_ip=get("node_ip", "") or None,
         pod_cidr=get("pod_cidr", "10.200.0.0/24"),
         service_cidr=get("service_cidr", "10.96.0.0/16"),
         trust_domain=get("trust_domain", "cluster.local"),
+        cluster_domain=get("cluster_domain", "cluster.local"),
         store=get("store", "dir:///var/lib/meshagent/store"),
         state_dir=get("state_dir", "/var/lib/meshagent"),
         bpffs_dir=get("bpffs_dir", f"/sys/fs/bpf/meshagent/{name}"),
@@ -126,36 +132,36 @@ def from_dict(raw: dict, source: str = "<defaults>") -> NodeConfig:
         l7_workers=get("l7_workers", 1),
     )
     if isinstance(cfg["l7_workers"], bool) or not 1 <= cfg["l7_workers"] <= MAX_L7_WORKERS:
-        raise ConfigError(f"{source}: l7_workers {cfg['l7_workers']!r} must be a whole number from 1 to "
+        raise NodeConfigError(f"{source}: l7_workers {cfg['l7_workers']!r} must be a whole number from 1 to "
                           f"{MAX_L7_WORKERS} (worker processes of the L7 processor, about one per CPU it may use)")
     for key in ("pod_cidr", "service_cidr"):
         try:
             net = ipaddress.IPv4Network(cfg[key], strict=True)
         except ValueError as e:
-            raise ConfigError(f"{source}: {key} {cfg[key]!r} is not an IPv4 CIDR: {e}") from None
+            raise NodeConfigError(f"{source}: {key} {cfg[key]!r} is not an IPv4 CIDR: {e}") from None
         if net.prefixlen > 30:
-            raise ConfigError(f"{source}: {key} {cfg[key]} is too small; use a /30 or larger")
+            raise NodeConfigError(f"{source}: {key} {cfg[key]} is too small; use a /30 or larger")
     if cfg["node_ip"] is not None:
         try:
             ipaddress.IPv4Address(cfg["node_ip"])
         except ValueError:
-            raise ConfigError(f"{source}: node_ip {cfg['node_ip']!r} is not an IPv4 address") from None
+            raise NodeConfigError(f"{source}: node_ip {cfg['node_ip']!r} is not an IPv4 address") from None
     if cfg["policy_enforcement"] not in POLICY_MODES:
-        raise ConfigError(
+        raise NodeConfigError(
             f"{source}: policy_enforcement {cfg['policy_enforcement']!r}; supported: {', '.join(POLICY_MODES)}"
         )
     if not (cfg["store"].startswith("dir://") or cfg["store"].startswith("etcd://")):
-        raise ConfigError(f"{source}: store {cfg['store']!r}: use dir:///PATH or etcd://HOST:PORT[,HOST:PORT]")
+        raise NodeConfigError(f"{source}: store {cfg['store']!r}: use dir:///PATH or etcd://HOST:PORT[,HOST:PORT]")
     host, sep, port = cfg["metrics_addr"].rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{source}: metrics_addr {cfg['metrics_addr']!r} must be HOST:PORT")
+        raise NodeConfigError(f"{source}: metrics_addr {cfg['metrics_addr']!r} must be HOST:PORT")
     for key in ("state_dir", "bpffs_dir", "cgroup", "api_socket"):
         if not os.path.isabs(cfg[key]):
-            raise ConfigError(f"{source}: {key} {cfg[key]!r} must be an absolute path")
+            raise NodeConfigError(f"{source}: {key} {cfg[key]!r} must be an absolute path")
     l7 = raw.get("l7_ports") or {}
     if not isinstance(l7, dict) or set(l7) - {f.name for f in fields(L7Ports)}:
-        raise ConfigError(f"{source}: l7_ports takes outbound, inbound and mtls port numbers")
+        raise NodeConfigError(f"{source}: l7_ports takes outbound, inbound and mtls port numbers")
     for key, value in l7.items():
         if not isinstance(value, int) or not 0 < value < 65536:
-            raise ConfigError(f"{source}: l7_ports.{key} {value!r} is not a port number")
+            raise NodeConfigError(f"{source}: l7_ports.{key} {value!r} is not a port number")
     return NodeConfig(**cfg, l7_ports=L7Ports(**l7), source=source)

@@ -1,0 +1,196 @@
+"""Endpoint lifecycle on one node: add, delete, adopt after a restart, list.
+
+An endpoint's record lives in the store (`endpoints/<node>/<name>`); its plumbing (namespace, veth,
+cgroup) is agent/endpoint.py's; its map entries are the reconcile path's. This module orders the
+three and keeps what the agent learns while plumbing (the host-side ifindex, the namespace's
+cookie), which the desired state needs and the store does not hold.
+
+States of an endpoint, as `endpoint list` shows them:
+
+    (none) --add--> ready            record stored, plumbed, map entries written, programs attached
+    ready  --agent stops--> ready     the pinned datapath keeps enforcing
+    (restart) adopt: plumbing found -> ready; namespace gone -> forgotten (record, veth, cgroup go)
+    ready  --delete--> (none)
+
+A failed add is rolled back completely (record, plumbing, identity) and the maps recomputed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from collections.abc import Callable
+
+from agent import endpoint as ep
+from agent.datapath.redirect import netns_cookie
+from agent.errors import UserError
+from agent.identity import IdentityAllocator
+from agent.labels import LabelError, check_key, check_value, security_labels
+from agent.node_config import NodeConfig
+
+log = logging.getLogger("meshagent.endpoints")
+
+NAME_RULE = "1-63 characters of [a-zA-Z0-9-.], starting alphanumeric"
+
+
+def valid_name(name: object) -> bool:
+    return isinstance(name, str) and 0 < len(name) <= 63 and all(c.isalnum() or c in "-." for c in name) and \
+        name[0].isalnum()
+
+
+def check_name(what: str, name: object) -> None:
+    if not valid_name(name):
+        raise UserError(f"invalid {what} {name!r}: {NAME_RULE}")
+
+
+class EndpointManager:
+    """This node's endpoints. Callers hold the agent's lock; ``reconcile`` recomputes the maps and
+    ``attach`` puts the TC programs on a host-side veth."""
+
+    def __init__(self, cfg: NodeConfig, store, identities: IdentityAllocator, reconcile: Callable[[], None],
+                 attach: Callable[[int], None]):
+        self.cfg = cfg
+        self.store = store
+        self.identities = identities
+        self._reconcile = reconcile
+        self._attach = attach
+        self.ifindex: dict[str, int] = {}  # endpoint name -> host-side ifindex, once plumbed and attached
+        self.netns_cookies: dict[str, int] = {}  # endpoint name -> its network namespace's cookie
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    def _key(self, name: str) -> str:
+        return f"endpoints/{self.cfg.node_name}/{name}"
+
+    def records(self) -> list[ep.EndpointRecord]:
+        """This node's endpoints, as stored."""
+        return [ep.EndpointRecord.from_dict(v) for v in self.store.list(f"endpoints/{self.cfg.node_name}").values()]
+
+    def all_records(self) -> list[ep.EndpointRecord]:
+        """Every node's endpoints."""
+        return [ep.EndpointRecord.from_dict(v) for v in self.store.list("endpoints").values()]
+
+    def find(self, name: str) -> ep.EndpointRecord:
+        d = self.store.get(self._key(name)) if valid_name(name) else None
+        if d is None:
+            known = ", ".join(r.name for r in self.records()) or "none"
+            raise UserError(f"unknown endpoint {name!r} on node {self.cfg.node_name} (known: {known})")
+        return ep.EndpointRecord.from_dict(d)
+
+    def view(self, rec: ep.EndpointRecord) -> dict:
+        d = rec.to_dict()
+        d["ifindex"] = self.ifindex.get(rec.name)
+        d["state"] = "ready" if rec.name in self.ifindex else "not-ready"
+        return d
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    def adopt(self) -> None:
+        """After a restart: re-plumb what is missing and re-attach (in place) every stored endpoint of
+        this node; forget those whose namespace is gone. The caller reconciles afterwards."""
+        for rec in self.records():
+            if not os.path.exists(rec.netns):
+                log.warning("endpoint %s: namespace %s is gone; removing it", rec.name, rec.netns)
+                self._unplumb(rec)
+                continue
+            idx = ep.host_ifindex(rec.ifname)
+            if idx is None:
+                idx = ep.plumb(rec)
+            self._attach(idx)
+            self.ifindex[rec.name] = idx
+            self.netns_cookies[rec.name] = netns_cookie(rec.netns)
+
+    def add(self, name: str, labels: dict, namespace: str = "default", serviceaccount: str = "default",
+            netns: str | None = None, ip: str | None = None) -> dict:
+        check_name("endpoint name", name)
+        check_name("namespace", namespace)
+        check_name("serviceaccount", serviceaccount)
+        try:
+            for k, v in labels.items():
+                check_key(k)
+                check_value(v)
+        except LabelError as e:
+            raise UserError(str(e)) from None
+        everyone = self.all_records()
+        for rec in everyone:
+            if rec.name == name:
+                raise UserError(f"endpoint {name} already exists (node {rec.node}); delete it first")
+        ip = self._pick_ip(ip, {r.ip for r in everyone})
+        used_ids = {r.ep_id for r in everyone if r.node == self.cfg.node_name}
+        ep_id = next(i for i in range(1, 65535) if i not in used_ids)
+        if netns is not None and not os.path.exists(netns):
+            raise UserError(f"--netns {netns}: no such network namespace file")
+        sec = security_labels(labels, namespace, serviceaccount)
+        identity = self.identities.allocate(sec)
+        rec = ep.EndpointRecord(
+            name=name, node=self.cfg.node_name, namespace=namespace, serviceaccount=serviceaccount,
+            labels=dict(labels), ip=ip, ep_id=ep_id, identity=identity,
+            netns=netns or f"/run/netns/{name}", netns_owned=netns is None,
+            ifname=ep.host_ifname(self.cfg.node_name, name),
+            peer_ifname="eth0", cgroup=os.path.join(self.cfg.cgroup, f"ep-{name}"),
+        )
+        created_ns = False
+        try:
+            if netns is None:
+                ep.create_netns(name)
+                created_ns = True
+            ep.create_cgroup(rec.cgroup)
+            idx = ep.plumb(rec)
+            self.ifindex[name] = idx
+            self.netns_cookies[name] = netns_cookie(rec.netns)
+            self.store.put(self._key(name), rec.to_dict())
+            # Maps first, programs second: the programs find the endpoint when they start.
+            self._reconcile()
+            self._attach(idx)
+        except Exception:
+            self.ifindex.pop(name, None)
+            self.netns_cookies.pop(name, None)
+            self.store.delete(self._key(name))
+            ep.unplumb(rec)
+            if created_ns:
+                ep.delete_netns(rec.netns)
+            ep.remove_cgroup(rec.cgroup)
+            self._release_identity(sec)
+            self._reconcile()
+            raise
+        return self.view(rec)
+
+    def delete(self, name: str) -> dict:
+        rec = self.find(name)
+        self._unplumb(rec)
+        self._reconcile()
+        return {"deleted": name}
+
+    def _unplumb(self, rec: ep.EndpointRecord) -> None:
+        """Forget ``rec``: its facts, plumbing, record and (if no endpoint keeps it) identity. Its map
+        entries go with the next reconcile."""
+        self.ifindex.pop(rec.name, None)
+        self.netns_cookies.pop(rec.name, None)
+        ep.unplumb(rec)
+        if rec.netns_owned:
+            ep.delete_netns(rec.netns)
+        ep.remove_cgroup(rec.cgroup)
+        self.store.delete(self._key(rec.name))
+        self._release_identity(security_labels(rec.labels, rec.namespace, rec.serviceaccount))
+
+    def _release_identity(self, sec: dict) -> None:
+        if not any(security_labels(r.labels, r.namespace, r.serviceaccount) == sec for r in self.all_records()):
+            self.identities.release(sec)
+
+    def _pick_ip(self, ip: str | None, used: set[str]) -> str:
+        net = self.cfg.pod_network
+        if ip is not None:
+            try:
+                addr = ipaddress.IPv4Address(ip)
+            except ValueError:
+                raise UserError(f"--ip {ip!r} is not an IPv4 address") from None
+            if addr not in net or addr in (net.network_address, net.broadcast_address):
+                raise UserError(f"--ip {ip} is not a usable address of the node's pod_cidr {net}")
+            if ip in used:
+                raise UserError(f"--ip {ip} is already used by another endpoint")
+            return ip
+        for addr in list(net.hosts())[1:]:  # the first address is kept for the node
+            if str(addr) not in used:
+                return str(addr)
+        raise UserError(f"pod_cidr {net} has no free addresses left")
