@@ -118,7 +118,7 @@ def handle(agent, line: bytes, send: Callable[[dict], None]) -> dict:
         return {"ok": False, "error": f"malformed request: {e}", "culprit": "request"}
     try:
         if op in STREAM_OPS:
-            result = STREAM_OPS[op](agent, args, send)
+            result = STREAM_OPS[op](agent, args, lambda item: send({"item": item}))
         elif op in OPS:
             result = OPS[op](agent, args)
         else:

@@ -19,7 +19,6 @@ from agent.datapath import maps
 from agent.datapath.loader import Datapath, ensure_bpffs
 from agent.datapath.testrun import run_skb
 from agent.policy.types import EGRESS, INGRESS, Action, Enforcement, PolicyEntry, PolicyKey
-from agent.reconcile import MapSync
 from userspace_l7.origdst import upstream_mark
 
 TC_ACT_OK, TC_ACT_SHOT = 0, 2
@@ -66,7 +65,7 @@ def ct_entry(dp, saddr, daddr, sport, dport, direction):
 
 
 def bump(dp) -> None:
-    MapSync(dp).bump_revision()
+    dp.bump_policy_revision()
 
 
 def proxied(sport=41000, flags="S"):

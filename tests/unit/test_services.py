@@ -1,7 +1,15 @@
 import pytest
 
 from agent.endpoint import EndpointRecord
-from agent.services import ServiceBackend, ServiceError, ServiceView, allocate_vip, backends_for, hosts_file, service_ports
+from agent.services import (
+    ServiceBackend,
+    ServiceError,
+    ServiceView,
+    allocate_vip,
+    backends_for,
+    hosts_file,
+    service_ports,
+)
 
 SVC = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}, {"port": 53,
