@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -86,3 +87,29 @@ def test_sigterm_leaves_datapath_enforcing(node):
     assert not tcp_ok(node, bad, srv)
     node.start_agent()
     assert not tcp_ok(node, bad, srv)
+
+
+def _pinned_entries(node, name: str) -> list:
+    """The entries of one of the node's pinned maps, as bpftool reads them (not through the agent)."""
+    out = subprocess.run(["bpftool", "map", "dump", "pinned", f"{node.config['bpffs_dir']}/{name}", "-j"],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def test_an_endpoint_gone_while_the_agent_was_down_leaves_no_map_entries(node_factory):
+    """Its namespace deleted behind a stopped agent: the restarted agent forgets it, and every map
+    entry it had goes too (endpoint_netns was once written outside reconcile and kept the entry)."""
+    node = node_factory()
+    keep = node.add_endpoint("keep", "app=keep")
+    gone = node.add_endpoint("gone", "app=gone")
+    assert len(_pinned_entries(node, "endpoint_netns")) == 2
+    node.stop_agent()
+    subprocess.run(["ip", "netns", "del", gone["name"]], check=True)
+    node.start_agent()
+    assert [e["name"] for e in node.cli_json("endpoint", "list")] == [keep["name"]]
+    entries = _pinned_entries(node, "endpoint_netns")
+    assert len(entries) == 1, entries
+    ep_ids = {e["value"]["ep_id"] if isinstance(e.get("value"), dict) else None for e in entries}
+    assert ep_ids in ({keep["ep_id"]}, {None}), entries
+    ipcache = {i["prefix"] for i in node.cli_json("bpf", "ipcache", "list")}
+    assert f"{gone['ip']}/32" not in ipcache and f"{keep['ip']}/32" in ipcache
