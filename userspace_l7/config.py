@@ -33,9 +33,11 @@ one if the new file is invalid. Open connections are never dropped by a reload.
 VirtualService and DestinationRule documents are validated again with `agent.resources.validate`
 (the same tables as `meshagent apply`), so the processor never acts on a field it does not implement.
 
-Host names follow Istio's short-name rules relative to the resource's namespace: ``reviews``,
-``reviews.default`` and ``reviews.default.svc.cluster.local`` all name service reviews in namespace
-default; a ``*.suffix`` host matches every service name ending in ``.suffix``; ``*`` matches all.
+Host names are read by `agent.resources.hosts.service_for_host`, relative to the resource's namespace
+(``reviews``, ``reviews.default`` and ``reviews.default.svc.cluster.local`` all name service reviews
+in namespace default), the same reading the agent uses to pick the services it redirects here; a
+host that names no Service is looked up among ServiceEntry hosts. A ``*.suffix`` host matches every
+service name ending in ``.suffix``; ``*`` matches all.
 
 Istio defaults applied here (documented upstream): no route timeout; retries 2 attempts on
 connect-failure,refused-stream when a route gives none; outlier detection only when the
@@ -54,6 +56,7 @@ from types import MappingProxyType
 from typing import Any
 
 from agent.resources import ResourceError, parse_duration, validate
+from agent.resources.hosts import entry_host, service_for_host
 
 __all__ = [
     "Backend", "ClusterKey", "ConfigError", "Destination", "Fault", "HeaderOps", "HttpRoute", "L7Config",
@@ -505,7 +508,7 @@ class L7Config:
         for name, same in names.items():
             if len(same) == 1:
                 by_host.setdefault(name, same[0])
-        resolver = _HostResolver(services, by_host, domain)
+        resolver = _HostResolver(services, domain)
 
         subsets: dict[tuple[str, str], dict[str, Mapping[str, str]]] = {}
         policies: dict[tuple[str, str], tuple[Mapping | None, Mapping[str, Mapping | None]]] = {}
@@ -582,23 +585,20 @@ def load_file(path: str) -> L7Config:
 
 
 class _HostResolver:
-    """Istio short names relative to a namespace -> services."""
+    """VirtualService and DestinationRule hosts -> services. `agent.resources.hosts` reads the name,
+    as the agent does when it picks the services to redirect here; a host that names no Service is
+    looked up among ServiceEntry hosts."""
 
-    def __init__(self, services: Mapping[tuple[str, str], Service], by_host: Mapping[str, Service],
-                 domain: str) -> None:
-        self.services, self.by_host, self.domain = services, by_host, domain
-
-    def fqdn(self, host: str, namespace: str) -> str:
-        if "." not in host:
-            return f"{host}.{namespace}.svc.{self.domain}"
-        if host.count(".") == 1 and host not in self.by_host:
-            return f"{host}.svc.{self.domain}"
-        return host
+    def __init__(self, services: Mapping[tuple[str, str], Service], domain: str) -> None:
+        self.services, self.domain = services, domain
+        self.entry_hosts: dict[str, Service] = {}
+        for s in services.values():
+            for h in s.hosts:
+                self.entry_hosts.setdefault(entry_host(h), s)
 
     def one(self, host: str, namespace: str) -> Service | None:
-        if "." not in host:  # a short name is relative to the resource's namespace, never global
-            return self.by_host.get(self.fqdn(host, namespace))
-        return self.by_host.get(host) or self.by_host.get(self.fqdn(host, namespace))
+        key = service_for_host(host, namespace, self.domain)
+        return (self.services.get(key) if key else None) or self.entry_hosts.get(entry_host(host))
 
     def matching(self, host: str, namespace: str) -> list[Service]:
         if host == "*":
