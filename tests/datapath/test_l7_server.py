@@ -773,9 +773,9 @@ def test_original_dst_resolver_beats_the_host_header(backends, tmp_path):
     """The pluggable resolver (the kernel redirect later) names the VIP; the Host header is ignored."""
     import asyncio
 
-    from userspace_l7.config import L7Config
-    from userspace_l7.flows import FlowSink
+    from userspace_l7.flow_export import FlowSink
     from userspace_l7.server import ClientConnection, OriginalDst, Proxy
+    from userspace_l7.snapshot import L7Config
 
     class Resolver:
         def resolve(self, sock):

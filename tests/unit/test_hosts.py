@@ -8,7 +8,7 @@ import pytest
 
 from agent.l7 import l7_services
 from agent.resources.hosts import service_for_host
-from userspace_l7.config import L7Config
+from userspace_l7.snapshot import L7Config
 
 ENTRY = ("default", "api.example.test")  # a ServiceEntry host, as the agent's snapshot names it
 

@@ -13,10 +13,10 @@ import asyncio
 import sys
 import time
 
-from userspace_l7.config import L7Config, PoolLimits
-from userspace_l7.flows import FlowSink
+from userspace_l7.flow_export import FlowSink
 from userspace_l7.pool import UpstreamConnection
 from userspace_l7.server import ClientConnection, Proxy
+from userspace_l7.snapshot import L7Config, PoolLimits
 
 # What wrk sends and what the bench's haproxy backend answers (bench/l7.py).
 REQUEST = b"GET /productpage HTTP/1.1\r\nHost: bench\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"

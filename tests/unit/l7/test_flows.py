@@ -1,7 +1,7 @@
 import json
 
-from userspace_l7.flows import FlowSink, flow_line, flow_record
-from userspace_l7.metrics import REQUEST_LABELS, L7Metrics
+from userspace_l7.flow_export import FlowSink, flow_line, flow_record
+from userspace_l7.istio_metrics import REQUEST_LABELS, L7Metrics
 
 T = (1_700_000_000_123_456_789, 1500, "GET", '/a?"q"=\u00e9', 200, "10.0.0.1", 40000, "10.96.0.10", 80, "r0", "v2",
      "reviews.default.svc.cluster.local", "default", "10.200.0.2:9080", "reviews-v2", "productpage", "FORWARDED")

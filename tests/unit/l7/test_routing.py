@@ -183,7 +183,7 @@ def test_least_request_prefers_idle_hosts():
 def test_source_labels_and_namespace_match_the_client():
     """Istio's sourceLabels/sourceNamespace: the client the datapath named (an endpoint of this node,
     config.clients); an unknown client matches neither."""
-    from userspace_l7.config import Client
+    from userspace_l7.snapshot import Client
 
     c = config([vs("r", ["reviews"], [
         {"name": "canary", "match": [{"sourceLabels": {"app": "productpage", "track": "canary"}}],

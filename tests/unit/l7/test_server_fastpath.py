@@ -2,9 +2,9 @@
 
 import asyncio
 
-from userspace_l7.config import PoolLimits
 from userspace_l7.pool import UpstreamConnection
 from userspace_l7.server import ClientConnection, Proxy
+from userspace_l7.snapshot import PoolLimits
 
 from .helpers import SUBSETS, config, dr, vs
 
