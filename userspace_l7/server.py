@@ -27,8 +27,9 @@ response field lines forwarded as parsed unless the route edits headers, one `Ex
 reused by its requests. `tests/unit/l7/bench_fastpath.py` measures this path in process. Errors
 printed to stderr are reserved for the control path (config reloads, startup) and bugs.
 
-The original destination of a connection comes from an `OriginalDstResolver` when one is plugged
-in (the kernel-side redirect: userspace_l7.origdst) and otherwise from each request's Host header.
+The original destination of a connection comes from an `origdst.OriginalDstResolver` when one is
+plugged in (the kernel-side redirect: origdst.KernelOriginalDstResolver) and otherwise from each
+request's Host header.
 When the resolver names the client's identity, upstream connections for that client carry it as
 their SO_MARK (origdst.upstream_mark) and are pooled apart from every other identity's.
 """
@@ -40,13 +41,11 @@ import contextlib
 import os
 import random
 import signal
-import socket
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Protocol
 from urllib.parse import parse_qsl
 
 from . import origdst, tunnel
@@ -63,30 +62,13 @@ from .http1 import (
     Response,
 )
 from .istio_metrics import REPORTER, L7Metrics, observe
+from .origdst import OriginalDstResolver
 from .pool import BackendPool, PoolOverflow, Pools, UpstreamConnection, UpstreamError
 from .routecache import RouteCache
 from .routing import RouteDecision, should_retry
 from .snapshot import L7Config, Service, SnapshotError, UpstreamHost, load_file
 
-__all__ = ["OriginalDst", "OriginalDstResolver", "Options", "Proxy", "serve"]
-
-
-@dataclass(frozen=True, slots=True)
-class OriginalDst:
-    ip: str
-    port: int
-    source_workload: str = "unknown"
-    source_principal: str = ""  # spiffe://... once mTLS lands
-    source_identity: int | None = None  # the client's security identity, from the datapath
-    source_ep_id: int | None = None  # the client's endpoint on this node: its egress policy applies upstream
-
-
-class OriginalDstResolver(Protocol):
-    """Where a redirected connection was going (and who sent it). Called once per accepted
-    connection with its socket; None: fall back to the Host header of each request, unless the
-    resolver has a true ``required`` attribute: then the connection is closed."""
-
-    def resolve(self, sock: socket.socket) -> OriginalDst | None: ...
+__all__ = ["Options", "Proxy", "serve"]
 
 
 @dataclass(frozen=True)

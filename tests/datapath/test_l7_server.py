@@ -774,7 +774,8 @@ def test_original_dst_resolver_beats_the_host_header(backends, tmp_path):
     import asyncio
 
     from userspace_l7.flow_export import FlowSink
-    from userspace_l7.server import ClientConnection, OriginalDst, Proxy
+    from userspace_l7.origdst import OriginalDst
+    from userspace_l7.server import ClientConnection, Proxy
     from userspace_l7.snapshot import L7Config
 
     class Resolver:
