@@ -4,7 +4,7 @@ then the socket fast path vs plain loopback (bench/fastpath.py), then the L7 pro
 bench/results/latest.json are then kept from the previous run.
 
 Every configuration is its own "node": a network namespace with two endpoints (a: client, b:
-server) laid out as agent/endpoint.py lays them out (bench/topology.py: a veth per endpoint, /32 routes,
+server) plumbed by agent/endpoint.py itself (bench/topology.py: a veth per endpoint, /32 routes,
 169.254.1.1 gateway with permanent neighbours, same addresses everywhere). Only the enforcement
 differs:
 

@@ -1,21 +1,31 @@
-"""The bench's nodes: a network namespace with IP forwarding and two endpoints, a (clients) and b
-(servers), in the layout of agent/endpoint.py. Every node uses the same addresses.
+"""The bench's nodes, laid out by the agent's own plumbing (agent/endpoint.py).
+
+A node is a network namespace with IP forwarding and two endpoints, a (clients) and b (servers).
+Each endpoint is made by `agent.endpoint.create_netns` and `agent.endpoint.plumb`, the functions the
+agent runs for `meshagent endpoint add`: a veth pair, a /32 route and a permanent neighbour on the
+node, and inside the endpoint the /32 address, a default route via 169.254.1.1 and a permanent
+neighbour for it. `plumb` works in the namespace it runs in (the agent runs in its node's), so the
+bench runs it in the node's namespace. Every node uses the same addresses.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import zlib
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.harness import Janitor, in_netns, run
+from agent import endpoint as agent_endpoint
+from bench.harness import REPO, Janitor, in_netns, run
 
 NS_PREFIX = "mb-"
 POD_CIDR = "10.250.0.0/24"
 IP_A, IP_B = "10.250.0.10", "10.250.0.11"  # identical in every node: rules and routes are too
-GATEWAY_IP = "169.254.1.1"
+
+# agent.endpoint.plumb, run by a Python in the node's namespace (nsenter --net, as the agent runs).
+_PLUMB = ("import json, sys\n"
+          "from agent.endpoint import EndpointRecord, plumb\n"
+          "plumb(EndpointRecord.from_dict(json.loads(sys.argv[1])))\n")
 
 
 @dataclass
@@ -48,48 +58,26 @@ class Node:
         return ids
 
 
-def add_netns(janitor: Janitor, name: str) -> None:
-    run(["ip", "netns", "add", name])
-    janitor.push(f"delete netns {name}", lambda: delete_netns(name))
+def add_netns(janitor: Janitor, name: str) -> str:
+    """A new namespace /run/netns/NAME (agent.endpoint.create_netns), deleted by the janitor."""
+    path = agent_endpoint.create_netns(name)
+    janitor.push(f"delete netns {name}", lambda: agent_endpoint.delete_netns(path))
+    return path
 
 
 def delete_netns(name: str) -> None:
-    if os.path.exists(f"/run/netns/{name}"):
-        run(["ip", "netns", "del", name])
-
-
-def host_ifname(node: str, name: str) -> str:
-    """The agent's host-side veth name (agent/endpoint.py host_ifname), so layouts match."""
-    return f"lxc{zlib.crc32(f'{node}/{name}'.encode()):08x}"
-
-
-def _mac(seed: str) -> str:
-    h = zlib.crc32(seed.encode())
-    return "0a:" + ":".join(f"{(h >> s) & 0xff:02x}" for s in (24, 16, 8, 0)) + ":01"
+    agent_endpoint.delete_netns(f"/run/netns/{name}")
 
 
 def plumb_endpoint(node_ns: str, node_name: str, ep_name: str, ip: str, janitor: Janitor) -> Endpoint:
-    """The agent's layout, with ip(8): see the module docstring of agent/endpoint.py."""
-    add_netns(janitor, ep_name)
-    ifname = host_ifname(node_name, ep_name)
-    ep_mac, host_mac = _mac(f"ep/{node_name}/{ep_name}"), _mac(f"host/{node_name}/{ep_name}")
-    node = ["ip", "-n", node_ns]
-    inner = ["ip", "-n", ep_name]
-    run(in_netns(ep_name, ["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
-                           "net.ipv6.conf.default.disable_ipv6=1"]))
-    run([*node, "link", "add", ifname, "address", host_mac, "type", "veth",
-         "peer", "name", "eth0", "address", ep_mac, "netns", ep_name])
-    run(in_netns(node_ns, ["sysctl", "-qw", f"net.ipv6.conf.{ifname}.disable_ipv6=1"]))
-    run([*node, "link", "set", ifname, "up"])
-    run([*node, "route", "replace", f"{ip}/32", "dev", ifname, "scope", "link"])
-    run([*node, "neigh", "replace", ip, "lladdr", ep_mac, "dev", ifname, "nud", "permanent"])
-    run([*inner, "link", "set", "lo", "up"])
-    run([*inner, "addr", "add", f"{ip}/32", "dev", "eth0"])
-    run([*inner, "link", "set", "eth0", "up"])
-    run([*inner, "route", "replace", f"{GATEWAY_IP}/32", "dev", "eth0", "scope", "link"])
-    run([*inner, "route", "replace", "default", "via", GATEWAY_IP, "dev", "eth0"])
-    run([*inner, "neigh", "replace", GATEWAY_IP, "lladdr", host_mac, "dev", "eth0", "nud", "permanent"])
-    return Endpoint(netns=ep_name, ip=ip, ifname=ifname)
+    """Endpoint ``ep_name`` of node ``node_name`` (namespace ``node_ns``), as the agent plumbs it."""
+    rec = agent_endpoint.EndpointRecord(
+        name=ep_name, node=node_name, namespace="default", serviceaccount="default", labels={}, ip=ip,
+        ep_id=0, identity=0, netns=add_netns(janitor, ep_name), netns_owned=True,
+        ifname=agent_endpoint.host_ifname(node_name, ep_name), peer_ifname="eth0", cgroup="",
+    )
+    run(in_netns(node_ns, [sys.executable, "-c", _PLUMB, json.dumps(rec.to_dict())]), cwd=REPO)
+    return Endpoint(netns=ep_name, ip=ip, ifname=rec.ifname)
 
 
 def plain_node(config: str, ns: str, janitor: Janitor) -> Node:
