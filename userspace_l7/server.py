@@ -24,7 +24,7 @@ spliced (tunnel.py) and carry bytes both ways until either closes.
 Hot-path rules: no logging, no task or future per fast-path request, flows and metrics appended to
 in-memory batches (their labels built once per connection, route and backend: `_Records`), request and
 response field lines forwarded as parsed unless the route edits headers, one `Exchange` per connection
-reused by its requests. `tests/unit/l7/bench_fastpath.py` measures this path in process. Errors
+reused by its requests. `tests/unit/userspace_l7/bench_fastpath.py` measures this path in process. Errors
 printed to stderr are reserved for the control path (config reloads, startup) and bugs.
 
 The original destination of a connection comes from an `origdst.OriginalDstResolver` when one is

@@ -27,7 +27,7 @@ from agent.services import (
 from userspace_l7.routing import route
 from userspace_l7.snapshot import L7Config, SnapshotError
 
-from .l7.helpers import req, vs
+from .userspace_l7.helpers import req, vs
 
 HOST = "api.example.test"
 

@@ -1,10 +1,10 @@
 """Microbenchmark of the processor's fast path, in process: fake transports, one pooled upstream
 connection, N keep-alive requests through ClientConnection -> Proxy.serve -> Exchange and back.
 
-    .venv/bin/python -m tests.unit.l7.bench_fastpath [N] [--profile]
+    .venv/bin/python -m tests.unit.userspace_l7.bench_fastpath [N] [--profile]
 
 Prints µs of Python per request (no sockets, no event loop turns: the floor of the real path).
-`tests/unit/l7/test_server_fastpath.py` runs it with a small N to keep it working; it asserts no times.
+`tests/unit/userspace_l7/test_server_fastpath.py` runs it with a small N to keep it working; it asserts no times.
 """
 
 from __future__ import annotations
