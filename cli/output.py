@@ -315,7 +315,10 @@ def _l4_summary(l4: Mapping[str, Any]) -> str:
         return "(UDP)"
     for key in ("ICMPv4", "ICMPv6"):
         if key in l4:
-            icmp_type = (l4[key] or {}).get("type")
+            icmp = l4[key] or {}
+            if icmp.get("type") is None and "id" in icmp:  # an echo: agent/flows.py keeps its id, not its type
+                return f"({key} echo id {icmp['id']})"
+            icmp_type = icmp.get("type")
             return f"({key} {ICMP_TYPE_NAMES.get(icmp_type, f'type {icmp_type}')})"
     return ""
 

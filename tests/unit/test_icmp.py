@@ -82,3 +82,9 @@ def test_flow_lines_show_the_tables_names():
         line = output.format_flow({"verdict": "FORWARDED", "l4": {"ICMPv4": {"type": number}}})
         assert f"(ICMPv4 {name})" in line
     assert "(ICMPv4 type 4)" in output.format_flow({"verdict": "FORWARDED", "l4": {"ICMPv4": {"type": 4}}})
+
+
+def test_flow_lines_name_an_echo_by_its_id():
+    """agent/flows.py reports an echo (request or reply: the datapath cannot tell) by its id only."""
+    line = output.format_flow({"verdict": "FORWARDED", "l4": {"ICMPv4": {"id": 7}}})
+    assert "(ICMPv4 echo id 7)" in line
