@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from agent.files import write_atomic
+from agent.resources.hosts import service_for_host
 from agent.services import ServiceView
 
 if TYPE_CHECKING:
@@ -29,30 +30,18 @@ log = logging.getLogger("meshagent.l7")
 RESTART_BACKOFF_S = (0.5, 1, 2, 5)
 
 
-def _service_ref(host: str, namespace: str, trust_domain: str) -> tuple[str, str] | None:
-    """(namespace, name) a VirtualService/DestinationRule host names, by Istio's short-name rules."""
-    host = host.lower()
-    for suffix in (f".svc.{trust_domain}", ".svc"):
-        if host.endswith(suffix):
-            host = host[: -len(suffix)]
-    parts = host.split(".")
-    if "*" in host or len(parts) > 2:
-        return None  # wildcards and external names: not a mesh service
-    return (parts[1], parts[0]) if len(parts) == 2 else (namespace, parts[0])
-
-
 def l7_services(vs_bodies: Iterable[dict], dr_bodies: Iterable[dict], trust_domain: str) -> set[tuple[str, str]]:
     """Services that have L7 configuration and so go through the processor (SPEC §5)."""
     out = set()
     for body in vs_bodies:
         ns = body["metadata"].get("namespace", "default")
         for host in body.get("spec", {}).get("hosts") or []:
-            ref = _service_ref(host, ns, trust_domain)
+            ref = service_for_host(host, ns, trust_domain)
             if ref:
                 out.add(ref)
     for body in dr_bodies:
-        ref = _service_ref(body.get("spec", {}).get("host", ""), body["metadata"].get("namespace", "default"),
-                           trust_domain)
+        ref = service_for_host(body.get("spec", {}).get("host", ""), body["metadata"].get("namespace", "default"),
+                               trust_domain)
         if ref:
             out.add(ref)
     return out

@@ -8,7 +8,7 @@ decides for connections established after it, and every measurement opens its ow
 
     rr 64 B      bench/rr.c TCP_RR, 64-byte request and response: p50/p99 latency and rate
     pod rr 64 B  the same between two endpoints of one node, laid out as the agent lays them out
-                 (veths, /32 routes; bench/run.py plain_node): the path a mesh connection takes
+                 (veths, /32 routes; bench/topology.py plain_node): the path a mesh connection takes
     rr 64 KiB    the same with 64 KiB messages
     iperf3       one-way bulk, client and server on one CPU: the reader runs only when the writer
                  yields, so the writer goes to TCP whenever 16 MiB sit unread at the reader
@@ -17,7 +17,7 @@ decides for connections established after it, and every measurement opens its ow
 
 Targets (the issue): p50 with the fast path <= 0.7x plain loopback; never slower on bulk.
 
-Environment: BENCH_ROUNDS (5), BENCH_FP_SECONDS (3), BENCH_CPU (as bench/run.py).
+Environment: BENCH_ROUNDS (5), BENCH_FP_SECONDS (3), BENCH_CPU (bench/harness.py).
 `python -m bench.fastpath` runs this part alone and prints its Markdown.
 """
 
@@ -39,7 +39,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.datapath.redirect import RedirectDatapath, netns_cookie  # noqa: E402
-from bench import run as base  # noqa: E402
+from bench import harness  # noqa: E402
+from bench.topology import NS_PREFIX, POD_CIDR, Node, add_netns, plain_node  # noqa: E402
 
 MODES = ("off", "on")
 PORT_RR, PORT_IPERF = 7100, 7101
@@ -55,54 +56,55 @@ def _stat(values: list[float]) -> dict[str, float]:
 
 
 class FastpathBench:
-    def __init__(self, janitor: base.Janitor, cpu: int | None, seconds: float) -> None:
+    def __init__(self, janitor: harness.Janitor, cpu: int | None, seconds: float) -> None:
         self.janitor, self.cpu, self.seconds = janitor, cpu, seconds
         tag = uuid.uuid4().hex[:6]
         self.netns = f"mabfp-{tag}"
-        self.node: base.Node | None = None
-        self.pin_dir = str(base.BPFFS_DIR / f"fp-{tag}")
+        self.node: Node | None = None
+        self.pin_dir = str(harness.BPFFS_DIR / f"fp-{tag}")
         self.dp: RedirectDatapath | None = None
 
     def pinned(self, cmd: list[str]) -> list[str]:
         return ["taskset", "-c", str(self.cpu), *cmd] if self.cpu is not None else cmd
 
     def start(self) -> None:
-        base.add_netns(self.janitor, self.netns)
-        base.run(["ip", "-n", self.netns, "link", "set", "lo", "up"])
+        add_netns(self.janitor, self.netns)
+        harness.run(["ip", "-n", self.netns, "link", "set", "lo", "up"])
         self.dp = RedirectDatapath(self.pin_dir, {"LB_BACKEND_MAP_SIZE": 64, "LB_REVNAT_MAP_SIZE": 64,
                                                   "LB_SERVICE_MAP_SIZE": 64, "ENDPOINT_NETNS_MAP_SIZE": 64})
-        self.janitor.push(f"remove {base.BPFFS_DIR} if empty", lambda: _rmdir_quietly(base.BPFFS_DIR))
+        self.janitor.push(f"remove {harness.BPFFS_DIR} if empty", lambda: _rmdir_quietly(harness.BPFFS_DIR))
         self.janitor.push(f"remove {self.pin_dir}", lambda: shutil.rmtree(self.pin_dir, ignore_errors=True))
         self.dp.load()
         self.janitor.push("detach the fast-path bench's socket programs",
                           lambda: RedirectDatapath(self.pin_dir).detach())
         self.dp.attach()
         self.dp.set_endpoint_netns(netns_cookie(f"/run/netns/{self.netns}"), ep_id=1, identity=1001)
-        self.node = base.plain_node("none", self.janitor)  # the L4 part's "none" node, built afresh
+        self.node = plain_node("none", NS_PREFIX + "none", self.janitor)  # the L4 part's "none" node, afresh
         for ep_id, ep in enumerate((self.node.a, self.node.b), start=2):
             self.dp.set_endpoint_netns(netns_cookie(f"/run/netns/{ep.netns}"), ep_id=ep_id, identity=1000 + ep_id)
-        rr = base.build_rr()
-        base.spawn(self.janitor, "rr server (fast path)",
-                   base.in_netns(self.netns, self.pinned([str(rr), "server", str(PORT_RR)])))
-        base.spawn(self.janitor, "rr server (fast path, endpoint b)",
-                   base.in_netns(self.node.b.netns, self.pinned([str(rr), "server", str(PORT_RR)])))
-        base.spawn(self.janitor, "iperf3 server (fast path, endpoint b)",
-                   base.in_netns(self.node.b.netns, self.pinned(["iperf3", "-s", "-p", str(PORT_IPERF)])))
-        base.spawn(self.janitor, "iperf3 server (fast path)",
-                   base.in_netns(self.netns, self.pinned(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(PORT_IPERF)])))
+        rr = harness.build_rr()
+        harness.spawn(self.janitor, "rr server (fast path)",
+                      harness.in_netns(self.netns, self.pinned([str(rr), "server", str(PORT_RR)])))
+        harness.spawn(self.janitor, "rr server (fast path, endpoint b)",
+                      harness.in_netns(self.node.b.netns, self.pinned([str(rr), "server", str(PORT_RR)])))
+        harness.spawn(self.janitor, "iperf3 server (fast path, endpoint b)",
+                      harness.in_netns(self.node.b.netns, self.pinned(["iperf3", "-s", "-p", str(PORT_IPERF)])))
+        loopback_iperf3 = ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(PORT_IPERF)]
+        harness.spawn(self.janitor, "iperf3 server (fast path)",
+                      harness.in_netns(self.netns, self.pinned(loopback_iperf3)))
         time.sleep(0.5)
 
     def set_mode(self, mode: str) -> None:
-        self.dp.set_fastpath(mode == "on", pod_cidr=base.POD_CIDR)
+        self.dp.set_fastpath(mode == "on", pod_cidr=POD_CIDR)
 
     def rr(self, size: int, netns: str | None = None, host: str = "127.0.0.1") -> dict[str, float]:
-        cmd = [str(base.RR_BIN), "client", host, str(PORT_RR), str(self.seconds), str(size)]
-        out = base.run(base.in_netns(netns or self.netns, self.pinned(cmd)), timeout=self.seconds + 30)
+        cmd = [str(harness.RR_BIN), "client", host, str(PORT_RR), str(self.seconds), str(size)]
+        out = harness.run(harness.in_netns(netns or self.netns, self.pinned(cmd)), timeout=self.seconds + 30)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     def iperf(self, netns: str | None = None, host: str = "127.0.0.1") -> float:
         cmd = ["iperf3", "-c", host, "-p", str(PORT_IPERF), "-t", str(self.seconds), "-J"]
-        out = base.run(base.in_netns(netns or self.netns, self.pinned(cmd)), timeout=self.seconds + 30)
+        out = harness.run(harness.in_netns(netns or self.netns, self.pinned(cmd)), timeout=self.seconds + 30)
         return json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
 
     def measure(self, mode: str) -> dict[str, float]:
@@ -122,17 +124,17 @@ class FastpathBench:
 
 
 def run(rounds: int) -> dict[str, Any]:
-    settings = base.Settings.from_env()
-    seconds = base._env_float("BENCH_FP_SECONDS", 3)
-    janitor = base.Janitor()
-    bench = FastpathBench(janitor, settings.traffic_cpu, seconds)
+    cpu, seed = harness.traffic_cpu(), harness.seed()
+    seconds = harness.env_float("BENCH_FP_SECONDS", 3)
+    janitor = harness.Janitor()
+    bench = FastpathBench(janitor, cpu, seconds)
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     samples: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
     ratios: list[dict[str, float]] = []
-    rng = random.Random(settings.seed)
+    rng = random.Random(seed)
     try:
         bench.start()
-        base.log(f"fastpath: loopback in {bench.netns}, {rounds} rounds of off/on")
+        harness.log(f"fastpath: loopback in {bench.netns}, {rounds} rounds of off/on")
         for r in range(rounds):
             order = list(MODES)
             rng.shuffle(order)
@@ -148,14 +150,14 @@ def run(rounds: int) -> dict[str, Any]:
                 "pod_iperf": got["on"]["pod_iperf_gbps"] / got["off"]["pod_iperf_gbps"],
             })
             off, on = got["off"], got["on"]
-            base.log(f"fastpath round {r + 1}: p50 {off['rr64_p50_us']:.1f} -> {on['rr64_p50_us']:.1f} us,"
-                     f" 64KiB rr {off['rr64k_rate']:,.0f} -> {on['rr64k_rate']:,.0f}/s,"
-                     f" iperf3 {off['iperf_gbps']:.1f} -> {on['iperf_gbps']:.1f} Gbit/s")
+            harness.log(f"fastpath round {r + 1}: p50 {off['rr64_p50_us']:.1f} -> {on['rr64_p50_us']:.1f} us,"
+                        f" 64KiB rr {off['rr64k_rate']:,.0f} -> {on['rr64k_rate']:,.0f}/s,"
+                        f" iperf3 {off['iperf_gbps']:.1f} -> {on['iperf_gbps']:.1f} Gbit/s")
     finally:
         janitor.run_all()
     summary = {m: {k: _stat([s[k] for s in samples[m]]) for k in samples[m][0]} for m in MODES if samples[m]}
     ratio = {k: _stat([r[k] for r in ratios]) for k in ratios[0]} if ratios else {}
-    return {"started": started, "rounds": rounds, "seconds": seconds, "cpu": settings.traffic_cpu,
+    return {"started": started, "rounds": rounds, "seconds": seconds, "cpu": cpu,
             "samples": samples, "summary": summary, "ratios": ratio,
             "targets": {"rr64_p50": {"goal": "<= 0.70", "met": bool(ratio) and ratio["rr64_p50"]["median"] <= 0.70},
                         "bulk": {"goal": ">= 1.0 (64 KiB rr, iperf3 on loopback and pod to pod)",
@@ -206,4 +208,4 @@ def markdown(result: dict) -> str:
 if __name__ == "__main__":
     if os.geteuid() != 0:
         raise SystemExit("the fast-path bench needs root (network namespaces, BPF)")
-    print(markdown(run(int(base._env_float("BENCH_ROUNDS", 5)))))
+    print(markdown(run(int(harness.env_float("BENCH_ROUNDS", 5)))))

@@ -54,11 +54,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import run as base
+from bench import harness
 
-REPO = base.REPO
-LOADGEN_SOURCE = base.BENCH_DIR / "loadgen.c"
-LOADGEN_BIN = base.BENCH_DIR / "bin" / "loadgen"
+REPO = harness.REPO
+LOADGEN_SOURCE = harness.BENCH_DIR / "loadgen.c"
+LOADGEN_BIN = harness.BENCH_DIR / "bin" / "loadgen"
 CONFIGS = ("direct", "haproxy", "processor")
 HOST = "127.0.0.1"
 AUTHORITY = "bench:80"  # the Host header of every request: the processor routes by it (no redirect here)
@@ -66,13 +66,13 @@ BODY = "hello\n"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MAX_INTERFERENCE = 0.1  # CPUs of other processes' work during a run before it is run again (2 x rounds at most)
 
-log = base.log
+log = harness.log
 
 
 # ---- settings ------------------------------------------------------------------------------------
 
 
-_env_float = base._env_float  # one reader of the BENCH_* settings for both parts
+_env_float = harness.env_float  # one reader of the BENCH_* settings for every part
 
 
 @dataclass(frozen=True)
@@ -253,7 +253,7 @@ def build_loadgen() -> Path:
     if LOADGEN_BIN.exists() and LOADGEN_BIN.stat().st_mtime >= LOADGEN_SOURCE.stat().st_mtime:
         return LOADGEN_BIN
     LOADGEN_BIN.parent.mkdir(parents=True, exist_ok=True)
-    base.run(["gcc", "-O2", "-Wall", "-o", str(LOADGEN_BIN), str(LOADGEN_SOURCE)])
+    harness.run(["gcc", "-O2", "-Wall", "-o", str(LOADGEN_BIN), str(LOADGEN_SOURCE)])
     log(f"compiled {LOADGEN_BIN.relative_to(REPO)}")
     return LOADGEN_BIN
 
@@ -321,7 +321,7 @@ def wait_http(name: str, port: int, proc: subprocess.Popen, log_path: Path, time
     last = ""
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise base.BenchError(f"{name} exited ({proc.returncode}): {_tail(log_path)}")
+            raise harness.BenchError(f"{name} exited ({proc.returncode}): {_tail(log_path)}")
         try:
             status, body = get(port)
             if status == 200 and body == BODY.encode():
@@ -330,7 +330,7 @@ def wait_http(name: str, port: int, proc: subprocess.Popen, log_path: Path, time
         except OSError as e:
             last = str(e)
         time.sleep(0.2)
-    raise base.BenchError(f"{name} not answering on {HOST}:{port} after {timeout:.0f}s ({last}): {_tail(log_path)}")
+    raise harness.BenchError(f"{name} not answering on {HOST}:{port} after {timeout:.0f}s ({last}): {_tail(log_path)}")
 
 
 def _tail(path: Path, lines: int = 5) -> str:
@@ -348,7 +348,7 @@ class Target:
 
 
 class Bench:
-    def __init__(self, s: Settings, janitor: base.Janitor, tmp: Path, keep: Path | None) -> None:
+    def __init__(self, s: Settings, janitor: harness.Janitor, tmp: Path, keep: Path | None) -> None:
         self.s = s
         self.janitor = janitor
         self.tmp = tmp
@@ -364,7 +364,7 @@ class Bench:
         log_path = self.tmp / f"{name}.log"
         log_file = open(log_path, "ab")  # noqa: SIM115 - closed by the janitor
         self.janitor.push(f"close {log_path.name}", log_file.close)
-        proc = base.spawn(self.janitor, name, cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = harness.spawn(self.janitor, name, cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
         return proc, log_path
 
     def _write(self, name: str, text: str) -> Path:
@@ -378,17 +378,17 @@ class Bench:
     def start(self) -> None:
         backend_port = _free_port()
         cfg = self._write("backend.cfg", backend_cfg(backend_port))
-        base.run(["haproxy", "-c", "-q", "-f", str(cfg)])
+        harness.run(["haproxy", "-c", "-q", "-f", str(cfg)])
         self.backend, log_path = self._start("backend", self.s.on_load(["haproxy", "-db", "-f", str(cfg)]))
         wait_http("backend (haproxy http-request return)", backend_port, self.backend, log_path)
-        self.notes["haproxy"] = base.run(["haproxy", "-v"]).stdout.splitlines()[0]
+        self.notes["haproxy"] = harness.run(["haproxy", "-v"]).stdout.splitlines()[0]
         for config in self.s.configs:
             if config == "direct":
                 self.targets[config] = Target(config, backend_port, None)
             elif config == "haproxy":
                 port = _free_port()
                 cfg = self._write("haproxy.cfg", haproxy_cfg(port, backend_port))
-                base.run(["haproxy", "-c", "-q", "-f", str(cfg)])
+                harness.run(["haproxy", "-c", "-q", "-f", str(cfg)])
                 proc, log_path = self._start("haproxy", self.s.on_proxy(["haproxy", "-db", "-f", str(cfg)]))
                 wait_http("haproxy", port, proc, log_path)
                 self.targets[config] = Target(config, port, proc)
@@ -415,13 +415,13 @@ class Bench:
         the interference: CPUs' worth of user/system/steal time on the CPUs this run uses that none of
         our processes used (other processes on the machine)."""
         if t.proxy is not None and t.proxy.poll() is not None:
-            raise base.BenchError(f"{t.config} exited ({t.proxy.returncode})")
+            raise harness.BenchError(f"{t.config} exited ({t.proxy.returncode})")
         pids, backend = self.proxy_pids(t), [self.backend.pid]
         # The CPUs this run uses: the load CPU, and the proxy's unless it is `direct` (None: all).
         cpus = None if self.s.load_cpu is None else {self.s.load_cpu, *(self.s.proxy_cpus if pids else ())}
         m0, o0 = cpus_time(cpus), own_cpu() + cpu_seconds(self.other_pids(with_proxies=bool(pids)))
         p0, b0, w0 = cpu_seconds(pids), cpu_seconds(backend), time.monotonic()
-        out = base.run(self.s.on_load(cmd), timeout=timeout).stdout
+        out = harness.run(self.s.on_load(cmd), timeout=timeout).stdout
         wall = time.monotonic() - w0
         p1, b1 = cpu_seconds(pids), cpu_seconds(backend)
         m1, o1 = cpus_time(cpus), own_cpu() + cpu_seconds(self.other_pids(with_proxies=bool(pids)))
@@ -442,11 +442,11 @@ class Bench:
         m = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out)
         rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
         if not m or not rate:
-            raise base.BenchError(f"wrk output not understood: {out.strip()[-300:]}")
+            raise harness.BenchError(f"wrk output not understood: {out.strip()[-300:]}")
         bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
         errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
         if bad or (errs and any(int(x) for x in errs.groups())):
-            raise base.BenchError(f"wrk saw errors: {(bad and bad.group(0)) or ''} {(errs and errs.group(0)) or ''}")
+            raise harness.BenchError(f"wrk saw errors: {(bad and bad.group(0)) or ''} {(errs and errs.group(0)) or ''}")
         requests = int(m.group(1))
         sample = {"rps": float(rate.group(1)), "backend_busy": backend_cpu / wall, "interference": others}
         if t.proxy is not None:
@@ -462,7 +462,7 @@ class Bench:
         out, wall, proxy_cpu, _, others = self._timed(t, cmd, s.warmup_seconds + seconds + 30)
         r = json.loads(out)
         if r["errors"] or r["non_2xx"]:
-            raise base.BenchError(f"loadgen saw {r['errors']} errors and {r['non_2xx']} non-2xx responses")
+            raise harness.BenchError(f"loadgen saw {r['errors']} errors and {r['non_2xx']} non-2xx responses")
         sample = {"fixed_achieved": r["achieved_rate"], "fixed_unfinished": r["unfinished"],
                   "p50_ms": r["p50_us"] / 1e3, "p90_ms": r["p90_us"] / 1e3, "p99_ms": r["p99_us"] / 1e3,
                   "p999_ms": r["p999_us"] / 1e3, "send_lag_p99_ms": r["send_lag_p99_us"] / 1e3,
@@ -525,7 +525,7 @@ METRICS = ("rps", "cpu_us_per_req", "req_per_cpu_s", "proxy_busy", "interference
 
 def summarise(samples: dict[str, list[dict | None]]) -> tuple[dict, dict, list[dict]]:
     summary = {
-        config: {m: base.spread([r.get(m) if r else None for r in rounds]) for m in METRICS}
+        config: {m: harness.spread([r.get(m) if r else None for r in rounds]) for m in METRICS}
         for config, rounds in samples.items()
     }
     summary = {c: {m: v for m, v in ms.items() if v} for c, ms in summary.items()}
@@ -546,7 +546,7 @@ def summarise(samples: dict[str, list[dict | None]]) -> tuple[dict, dict, list[d
     ]
     ratios = {}
     for key, num, den, metric, op in comparisons:
-        got = base.paired(samples, num, den, metric, op)
+        got = harness.paired(samples, num, den, metric, op)
         if got:
             ratios[key] = got
 
@@ -565,7 +565,7 @@ def summarise(samples: dict[str, list[dict | None]]) -> tuple[dict, dict, list[d
 
 # ---- report --------------------------------------------------------------------------------------
 
-_fmt = base._fmt
+_fmt = harness.fmt
 
 
 def markdown(result: dict) -> str:
@@ -665,7 +665,7 @@ def run(rounds: int, out: Path | None) -> dict:
     preflight()
     s = Settings.from_env(rounds)
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    janitor = base.Janitor()
+    janitor = harness.Janitor()
     tmp = Path(tempfile.mkdtemp(prefix="meshagent-bench-l7-"))
     janitor.push(f"remove {tmp}", lambda: shutil.rmtree(tmp, ignore_errors=True))
     old_affinity = os.sched_getaffinity(0)
@@ -692,7 +692,7 @@ def run(rounds: int, out: Path | None) -> dict:
         bench.notes["calibration_peaks"] = peaks
         if not rate:
             if "haproxy" not in peaks:
-                raise base.BenchError("BENCH_L7_RATE is needed when haproxy is not measured")
+                raise harness.BenchError("BENCH_L7_RATE is needed when haproxy is not measured")
             rate = round(peaks["haproxy"] / 2, -2)
             rate_source = f"half of haproxy's peak {peaks['haproxy']:,.0f} req/s before the rounds"
         low_rate = s.low_rate
@@ -722,7 +722,7 @@ def run(rounds: int, out: Path | None) -> dict:
                     f"@{rate:,.0f}/s: p50 {sample['p50_ms']:.3f} ms p99 {sample['p99_ms']:.3f} ms{low}")
         if "processor" in bench.targets:
             bench.notes["processor_counts"] = bench.processor_counts()
-    except base.BenchError as e:
+    except harness.BenchError as e:
         log(f"l7: FAILED: {e}")
         skipped.update({c: str(e) for c in s.configs if c not in samples})
     finally:

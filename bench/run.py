@@ -4,8 +4,9 @@ then the socket fast path vs plain loopback (bench/fastpath.py), then the L7 pro
 bench/results/latest.json are then kept from the previous run.
 
 Every configuration is its own "node": a network namespace with two endpoints (a: client, b:
-server) wired the way agent/endpoint.py wires them (a veth per endpoint, /32 routes, 169.254.1.1
-gateway with permanent neighbours, same addresses everywhere). Only the enforcement differs:
+server) plumbed by agent/endpoint.py itself (bench/topology.py: a veth per endpoint, /32 routes,
+169.254.1.1 gateway with permanent neighbours, same addresses everywhere). Only the enforcement
+differs:
 
     none           no programs, no firewall
     noop           a no-op TC program on both hooks of both host-side veths (baseline program cost)
@@ -40,32 +41,44 @@ import random
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH_DIR = REPO / "bench"
-RR_SOURCE = BENCH_DIR / "rr.c"
-RR_BIN = BENCH_DIR / "bin" / "rr"
-RESULTS_DIR = BENCH_DIR / "results"
-BPFFS_DIR = Path("/sys/fs/bpf/meshagent-bench")
-CGROUP_DIR = Path("/sys/fs/cgroup/unified/meshagent-bench")
+from bench.harness import (
+    BPFFS_DIR,
+    CGROUP_DIR,
+    REPO,
+    RESULTS_DIR,
+    RR_BIN,
+    BenchError,
+    Janitor,
+    build_rr,
+    env_float,
+    fmt,
+    in_netns,
+    log,
+    paired,
+    remove_cgroup_tree,
+    run,
+    seed,
+    spawn,
+    spread,
+    stop_process,
+    sysctl,
+    traffic_cpu,
+)
+from bench.topology import IP_A, IP_B, NS_PREFIX, POD_CIDR, Endpoint, Node, add_netns, delete_netns, plain_node
+
 MESHAGENT = [sys.executable, "-m", "cli.main"]  # the CLI of this checkout, whichever venv runs us
 
-NS_PREFIX = "mb-"
-POD_CIDR = "10.250.0.0/24"
-IP_A, IP_B = "10.250.0.10", "10.250.0.11"  # identical in every node: rules and routes are too
-GATEWAY_IP = "169.254.1.1"
 RR_PORT, IPERF_PORT = 7000, 5201
 CLOSED_PORT = 7001  # nothing allows it: the probe that shows a configuration enforces
 # The N non-matching rules: distinct /24s of 100.64.0.0/10 (16,384 of them), distinct ports.
@@ -84,19 +97,10 @@ TAGS = {"none": "none", "noop": "noop", "agent-10": "ag10", "agent-1k": "ag1k", 
         "iptables-10k-ctlast": "ipt10kct"}
 
 
-class BenchError(RuntimeError):
-    """A configuration cannot be set up or measured; the message says why."""
-
-
 # ---- settings ------------------------------------------------------------------------------------
 
 
 PARTS = ("l4", "fastpath", "l7")  # BENCH_ONLY
-
-
-def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    return float(value) if value else default
 
 
 @dataclass(frozen=True)
@@ -117,94 +121,19 @@ class Settings:
         unknown = [c for c in configs if c not in CONFIGS]
         if unknown:
             raise SystemExit(f"BENCH_CONFIGS: unknown {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
-        cpus = sorted(os.sched_getaffinity(0))
-        cpu_env = os.environ.get("BENCH_CPU", "")
-        if cpu_env == "none":
-            traffic_cpu = None
-        elif cpu_env:
-            traffic_cpu = int(cpu_env)
-        else:  # the last CPU; with a single CPU there is nothing to keep apart
-            traffic_cpu = cpus[-1] if len(cpus) > 1 else None
         return cls(
-            rounds=max(1, int(_env_float("BENCH_ROUNDS", 5))),
-            rr_seconds=_env_float("BENCH_RR_SECONDS", 3),
-            crr_seconds=_env_float("BENCH_CRR_SECONDS", 2),
-            iperf_seconds=_env_float("BENCH_IPERF_SECONDS", 2),
-            cost_seconds=_env_float("BENCH_COST_SECONDS", 1),
+            rounds=max(1, int(env_float("BENCH_ROUNDS", 5))),
+            rr_seconds=env_float("BENCH_RR_SECONDS", 3),
+            crr_seconds=env_float("BENCH_CRR_SECONDS", 2),
+            iperf_seconds=env_float("BENCH_IPERF_SECONDS", 2),
+            cost_seconds=env_float("BENCH_COST_SECONDS", 1),
             configs=configs,
-            traffic_cpu=traffic_cpu,
-            seed=int(os.environ.get("BENCH_SEED") or time.time_ns() % 1_000_000),
+            traffic_cpu=traffic_cpu(),
+            seed=seed(),
         )
 
 
-# ---- processes and cleanup -----------------------------------------------------------------------
-
-T0 = time.monotonic()
-
-
-def log(message: str) -> None:
-    print(f"[{time.monotonic() - T0:6.1f}s] {message}", flush=True)
-
-
-def run(cmd: list[str], check: bool = True, timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
-    if check and proc.returncode != 0:
-        raise BenchError(f"{' '.join(cmd[:8])}{' ...' if len(cmd) > 8 else ''} exited {proc.returncode}: "
-                         f"{(proc.stderr or proc.stdout).strip()[-400:]}")
-    return proc
-
-
-def in_netns(ns: str, cmd: list[str]) -> list[str]:
-    """Switch only the network namespace: `ip netns exec` would also hide bpffs and cgroups."""
-    return ["nsenter", f"--net=/run/netns/{ns}", "--", *cmd]
-
-
-class Janitor:
-    """Undo actions, run last-in first-out; one failing undo does not stop the others."""
-
-    def __init__(self) -> None:
-        self._undo: list[tuple[str, Callable[[], None]]] = []
-
-    def push(self, what: str, undo: Callable[[], None]) -> None:
-        self._undo.append((what, undo))
-
-    def run_all(self) -> None:
-        while self._undo:
-            what, undo = self._undo.pop()
-            try:
-                undo()
-            except Exception as e:  # keep cleaning: report what is left behind
-                print(f"cleanup: {what}: {e}", file=sys.stderr, flush=True)
-
-
-def stop_process(proc: subprocess.Popen, grace: float = 10) -> None:
-    """SIGTERM, then SIGKILL, by PID (our children only)."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-
-
-def spawn(janitor: Janitor, what: str, cmd: list[str], **kw: Any) -> subprocess.Popen:
-    kw.setdefault("stdout", subprocess.DEVNULL)
-    kw.setdefault("stderr", subprocess.DEVNULL)
-    proc = subprocess.Popen(cmd, start_new_session=True, **kw)
-    janitor.push(f"stop {what} (pid {proc.pid})", lambda: stop_process(proc))
-    return proc
-
-
-def add_netns(janitor: Janitor, name: str) -> None:
-    run(["ip", "netns", "add", name])
-    janitor.push(f"delete netns {name}", lambda: delete_netns(name))
-
-
-def delete_netns(name: str) -> None:
-    if os.path.exists(f"/run/netns/{name}"):
-        run(["ip", "netns", "del", name])
+# ---- cleanup -------------------------------------------------------------------------------------
 
 
 def remove_leftovers() -> None:
@@ -218,118 +147,6 @@ def remove_leftovers() -> None:
         log(f"removing {BPFFS_DIR} left by an earlier run")
         shutil.rmtree(BPFFS_DIR, ignore_errors=True)
     remove_cgroup_tree(CGROUP_DIR)
-
-
-def remove_cgroup_tree(path: Path) -> None:
-    if not path.is_dir():
-        return
-    for child in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-        with contextlib.suppress(OSError):
-            child.rmdir()
-    with contextlib.suppress(OSError):
-        path.rmdir()
-
-
-@contextlib.contextmanager
-def sysctl(name: str, value: str) -> Iterator[None]:
-    path = Path("/proc/sys") / name.replace(".", "/")
-    old = path.read_text().strip()
-    path.write_text(value)
-    try:
-        yield
-    finally:
-        path.write_text(old)
-
-
-# ---- the load generator --------------------------------------------------------------------------
-
-
-def build_rr() -> Path:
-    """Compile bench/rr.c into bench/bin/rr when it is missing or older than its source."""
-    if RR_BIN.exists() and RR_BIN.stat().st_mtime >= RR_SOURCE.stat().st_mtime:
-        return RR_BIN
-    RR_BIN.parent.mkdir(parents=True, exist_ok=True)
-    run(["gcc", "-O2", "-Wall", "-pthread", "-o", str(RR_BIN), str(RR_SOURCE)])
-    log(f"compiled {RR_BIN.relative_to(REPO)}")
-    return RR_BIN
-
-
-# ---- topology ------------------------------------------------------------------------------------
-
-
-def host_ifname(node: str, name: str) -> str:
-    """The agent's host-side veth name (agent/endpoint.py host_ifname), so layouts match."""
-    return f"lxc{zlib.crc32(f'{node}/{name}'.encode()):08x}"
-
-
-def _mac(seed: str) -> str:
-    h = zlib.crc32(seed.encode())
-    return "0a:" + ":".join(f"{(h >> s) & 0xff:02x}" for s in (24, 16, 8, 0)) + ":01"
-
-
-@dataclass
-class Endpoint:
-    netns: str  # namespace name under /run/netns
-    ip: str
-    ifname: str  # host-side veth, in the node namespace
-
-
-@dataclass
-class Node:
-    """One configuration: a node namespace with endpoints a and b, and what enforces in it."""
-
-    config: str
-    netns: str
-    a: Endpoint
-    b: Endpoint
-    expect_enforcing: bool
-    programs: bool = False  # TC programs whose cost bpf_stats reports
-    notes: dict[str, Any] = field(default_factory=dict)
-
-    def prog_ids(self) -> dict[int, str]:
-        """TC programs attached in this node (id -> name), from `bpftool net show`."""
-        out = json.loads(run(in_netns(self.netns, ["bpftool", "-j", "net", "show"])).stdout or "[]")
-        ids: dict[int, str] = {}
-        for section in out:
-            for hook in section.get("tc", []):
-                if hook.get("devname") in (self.a.ifname, self.b.ifname):
-                    ids[int(hook.get("id", hook.get("prog_id")))] = hook.get("name", "?")
-        return ids
-
-
-def plumb_endpoint(node_ns: str, node_name: str, ep_name: str, ip: str, janitor: Janitor) -> Endpoint:
-    """The agent's layout, with ip(8): see the module docstring of agent/endpoint.py."""
-    add_netns(janitor, ep_name)
-    ifname = host_ifname(node_name, ep_name)
-    ep_mac, host_mac = _mac(f"ep/{node_name}/{ep_name}"), _mac(f"host/{node_name}/{ep_name}")
-    node = ["ip", "-n", node_ns]
-    inner = ["ip", "-n", ep_name]
-    run(in_netns(ep_name, ["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
-                           "net.ipv6.conf.default.disable_ipv6=1"]))
-    run([*node, "link", "add", ifname, "address", host_mac, "type", "veth",
-         "peer", "name", "eth0", "address", ep_mac, "netns", ep_name])
-    run(in_netns(node_ns, ["sysctl", "-qw", f"net.ipv6.conf.{ifname}.disable_ipv6=1"]))
-    run([*node, "link", "set", ifname, "up"])
-    run([*node, "route", "replace", f"{ip}/32", "dev", ifname, "scope", "link"])
-    run([*node, "neigh", "replace", ip, "lladdr", ep_mac, "dev", ifname, "nud", "permanent"])
-    run([*inner, "link", "set", "lo", "up"])
-    run([*inner, "addr", "add", f"{ip}/32", "dev", "eth0"])
-    run([*inner, "link", "set", "eth0", "up"])
-    run([*inner, "route", "replace", f"{GATEWAY_IP}/32", "dev", "eth0", "scope", "link"])
-    run([*inner, "route", "replace", "default", "via", GATEWAY_IP, "dev", "eth0"])
-    run([*inner, "neigh", "replace", GATEWAY_IP, "lladdr", host_mac, "dev", "eth0", "nud", "permanent"])
-    return Endpoint(netns=ep_name, ip=ip, ifname=ifname)
-
-
-def plain_node(config: str, janitor: Janitor) -> Node:
-    """A node without an agent: what the agent would build, built by hand."""
-    ns = NS_PREFIX + TAGS[config]
-    add_netns(janitor, ns)
-    run(["ip", "-n", ns, "link", "set", "lo", "up"])
-    run(in_netns(ns, ["sysctl", "-qw", "net.ipv4.ip_forward=1"]))  # as agent/node.py enable_forwarding
-    a = plumb_endpoint(ns, ns, f"{ns}-a", IP_A, janitor)
-    b = plumb_endpoint(ns, ns, f"{ns}-b", IP_B, janitor)
-    return Node(config=config, netns=ns, a=a, b=b, expect_enforcing=False)
 
 
 # ---- the rule sets -------------------------------------------------------------------------------
@@ -377,7 +194,7 @@ def iptables_ruleset(n: int, conntrack_first: bool = True) -> str:
 
 
 def iptables_node(config: str, janitor: Janitor) -> Node:
-    node = plain_node(config, janitor)
+    node = plain_node(config, NS_PREFIX + TAGS[config], janitor)
     n = RULES[config]
     started = time.monotonic()
     ruleset = iptables_ruleset(n, conntrack_first=not config.endswith("-ctlast"))
@@ -405,7 +222,7 @@ NOOP_C = "int noop(struct __sk_buff *skb) { return 0; /* TC_ACT_OK */ }"
 def noop_node(janitor: Janitor) -> Node:
     """Both host-side veths get a no-op program on the hooks the agent uses (clsact ingress and
     egress): its bpf_stats cost is the floor any TC program pays, measurement included."""
-    node = plain_node("noop", janitor)
+    node = plain_node("noop", NS_PREFIX + TAGS["noop"], janitor)
     from bcc import BPF  # Debian's python3-bpfcc, seen through --system-site-packages
 
     prog = BPF(text=NOOP_C).load_func("noop", BPF.SCHED_CLS)
@@ -662,23 +479,6 @@ METRICS = ("rr_rate", "rr_p50_us", "rr_p99_us", "crr_rate", "crr_p50_us", "crr_p
            "bpf_ns_rr", "bpf_ns_crr", "bpf_runs_per_rr", "bpf_runs_per_crr", "bpf_ns_per_rr", "bpf_ns_per_crr")
 
 
-def spread(values: list[float]) -> dict[str, float] | None:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
-def paired(samples: dict[str, list[dict | None]], num: str, den: str, metric: str,
-           op: Callable[[float, float], float] = lambda x, y: x / y) -> dict[str, float] | None:
-    """op(num, den) per round where both were measured; median and spread over rounds."""
-    values = []
-    for x, y in zip(samples.get(num, []), samples.get(den, []), strict=False):
-        if x and y and x.get(metric) is not None and y.get(metric) is not None and y[metric]:
-            values.append(op(x[metric], y[metric]))
-    return spread(values)
-
-
 def summarise(samples: dict[str, list[dict | None]]) -> tuple[dict, dict, list[dict]]:
     summary = {
         config: {m: spread([r.get(m) if r else None for r in rounds]) for m in METRICS}
@@ -727,13 +527,6 @@ def summarise(samples: dict[str, list[dict | None]]) -> tuple[dict, dict, list[d
 # ---- report --------------------------------------------------------------------------------------
 
 
-def _fmt(stat: dict | None, digits: int = 0, scale: float = 1.0) -> str:
-    if not stat:
-        return "-"
-    med, lo, hi = (stat[k] * scale for k in ("median", "min", "max"))
-    return f"{med:,.{digits}f} ({lo:,.{digits}f}–{hi:,.{digits}f})"
-
-
 def markdown(result: dict) -> str:
     """Both sections: L4 (the top-level keys) when present, then L7 (result["l7"])."""
     parts = [markdown_l4(result)] if "summary" in result else []
@@ -770,17 +563,17 @@ def markdown_l4(result: dict) -> str:
             continue
         m = result["summary"].get(config, {})
         lines.append(
-            f"| {config} | {_fmt(m.get('rr_rate'))} | {_fmt(m.get('rr_p50_us'), 1)} "
-            f"| {_fmt(m.get('rr_p99_us'), 1)} "
-            f"| {_fmt(m.get('crr_rate'))} | {_fmt(m.get('crr_p50_us'), 1)} | {_fmt(m.get('iperf_gbps'), 2)} "
-            f"| {_fmt(m.get('bpf_ns_rr'))} | {_fmt(m.get('bpf_ns_crr'))} "
-            f"| {_fmt(m.get('bpf_ns_per_rr'))} | {_fmt(m.get('bpf_ns_per_crr'))} |"
+            f"| {config} | {fmt(m.get('rr_rate'))} | {fmt(m.get('rr_p50_us'), 1)} "
+            f"| {fmt(m.get('rr_p99_us'), 1)} "
+            f"| {fmt(m.get('crr_rate'))} | {fmt(m.get('crr_p50_us'), 1)} | {fmt(m.get('iperf_gbps'), 2)} "
+            f"| {fmt(m.get('bpf_ns_rr'))} | {fmt(m.get('bpf_ns_crr'))} "
+            f"| {fmt(m.get('bpf_ns_per_rr'))} | {fmt(m.get('bpf_ns_per_crr'))} |"
         )
     lines += ["", "Paired per round (x/y: ratio; x - y: difference in ns per program run):", "",
               "| comparison | median (min–max) |", "|---|---|"]
     for key, stat in result["ratios"].items():
         unit = " ns" if "bpf_ns" in key else ""
-        lines.append(f"| {key}{unit} | {_fmt(stat, 0 if unit else 3)} |")
+        lines.append(f"| {key}{unit} | {fmt(stat, 0 if unit else 3)} |")
     lines += ["", "Targets:", "", "| target | measure | goal | median | met |", "|---|---|---|---|---|"]
     for t in result["targets"]:
         if t["median"] is None:
@@ -839,7 +632,7 @@ def setup(settings: Settings, janitor: Janitor, tmp: Path, housekeeping: set[int
             continue
         try:
             if config == "none":
-                nodes[config] = plain_node(config, janitor)
+                nodes[config] = plain_node(config, NS_PREFIX + TAGS[config], janitor)
             elif config == "noop":
                 nodes[config] = noop_node(janitor)
             else:
@@ -873,8 +666,7 @@ def main() -> int:
             own = {"l7": ("l7",), "fastpath": ("fastpath",)}.get(only)
             result = {k: v for k, v in previous.items()
                       if (k not in own if own else k in ("l7", "fastpath"))}
-    sys.modules.setdefault("bench.run", sys.modules[__name__])  # the other parts import these helpers
-    rounds = int(_env_float("BENCH_ROUNDS", 5))
+    rounds = int(env_float("BENCH_ROUNDS", 5))
     if only in ("", "l4"):
         result.update(run_l4())
     if only in ("", "fastpath"):

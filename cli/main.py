@@ -173,23 +173,20 @@ class IPv4Type(click.ParamType):
 
 
 class DurationType(click.ParamType):
-    """``30s``, ``5m``, ``1h30m``, ``500ms`` or plain seconds -> seconds as a float."""
+    """``30s``, ``5m``, ``1h30m``, ``500ms`` -> seconds as a float: agent.resources.parse_duration, the
+    reading of Istio's durations (Go's time.ParseDuration, which hubble observe --since uses too)."""
 
     name = "DURATION"
-    _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-    _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
         if isinstance(value, float):
             return value
-        text = str(value).strip()
+        from agent.resources import parse_duration  # loaded only when a duration is given
+
         try:
-            seconds = float(text)
-        except ValueError:
-            parts = self._PART.findall(text)
-            if not parts or "".join(n + u for n, u in parts) != text:
-                self.fail(f"{value!r} is not a duration: use e.g. 30s, 5m, 1h, 1h30m, 500ms", param, ctx)
-            seconds = sum(float(n) * self._UNITS[u] for n, u in parts)
+            seconds = parse_duration(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
         if seconds <= 0:
             self.fail(f"{value!r}: the duration must be positive", param, ctx)
         return seconds

@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from agent.identity import RESERVED
+from agent.policy.icmp import ICMP_TYPE_NAMES
 
 OUTPUT_FORMATS = ("table", "json", "yaml")
 
@@ -235,9 +236,6 @@ def _rule(step: Mapping[str, Any]) -> str:
 LOST_WARNING = "warning: {count} flow events were lost (ring buffer full); the list is incomplete"
 
 _TCP_FLAGS = ("SYN", "ACK", "RST", "FIN", "PSH", "URG", "ECE", "CWR", "NS")
-_ICMP_TYPES = {
-    0: "EchoReply", 3: "DestinationUnreachable", 5: "Redirect", 8: "EchoRequest", 11: "TimeExceeded",
-}
 _TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)?$")
 
 
@@ -317,8 +315,11 @@ def _l4_summary(l4: Mapping[str, Any]) -> str:
         return "(UDP)"
     for key in ("ICMPv4", "ICMPv6"):
         if key in l4:
-            icmp_type = (l4[key] or {}).get("type")
-            return f"({key} {_ICMP_TYPES.get(icmp_type, f'type {icmp_type}')})"
+            icmp = l4[key] or {}
+            if icmp.get("type") is None and "id" in icmp:  # an echo: agent/flows.py keeps its id, not its type
+                return f"({key} echo id {icmp['id']})"
+            icmp_type = icmp.get("type")
+            return f"({key} {ICMP_TYPE_NAMES.get(icmp_type, f'type {icmp_type}')})"
     return ""
 
 

@@ -2,13 +2,17 @@
 
 Layout, one job per module:
 
-- ``config``   the frozen snapshot the processor reads (built from the JSON file the agent writes);
-- ``routing``  pure routing decisions: VirtualService match, weighted pick, faults, retries (sans-IO);
-- ``balancer`` per-(service, subset) load-balancer pickers (ROUND_ROBIN, LEAST_REQUEST, RANDOM);
-- ``outlier``  outlier detection as a pure state machine with an injected clock;
-- ``http1``    sans-IO HTTP/1.1 on httptools: bytes in, events out, errors that name the culprit;
-- ``pool``     upstream keep-alive connection pool (asyncio);
-- ``flows``    L7 flow records, batched to a file or unix socket;
-- ``metrics``  istio_* metrics, aggregated in plain dicts and exported at scrape time;
-- ``server``   the only module that runs the proxy on asyncio/uvloop; ``__main__`` is its CLI.
+- ``snapshot``      the frozen routing snapshot the processor reads (built from the JSON file the
+  agent writes): services, their upstream hosts, VirtualServices and DestinationRules;
+- ``routing``       pure routing decisions: VirtualService match, weighted pick, faults, retries (sans-IO);
+- ``routecache``    routing decisions that need no dice, cached per snapshot;
+- ``balancer``      per-(service, subset) load-balancer pickers (ROUND_ROBIN, LEAST_REQUEST, RANDOM, hash);
+- ``outlier``       outlier detection as a pure state machine with an injected clock;
+- ``http1``         sans-IO HTTP/1.1 on httptools: bytes in, events out, errors that name the culprit;
+- ``pool``          upstream keep-alive connection pool (asyncio);
+- ``tunnel``        upgraded connections (WebSocket and other Upgrades) spliced after the backend's 101;
+- ``origdst``       where a redirected connection was going and who sent it, from the datapath's map;
+- ``flow_export``   L7 flow records, batched to a file or the agent's unix socket;
+- ``istio_metrics`` istio_* metrics, aggregated in plain dicts and exported at scrape time;
+- ``server``        the only module that runs the proxy on asyncio/uvloop; ``__main__`` is its CLI.
 """

@@ -25,8 +25,8 @@ import subprocess
 import sys
 import time
 
-from .config import ConfigError
 from .server import Options, serve
+from .snapshot import SnapshotError
 
 
 def _addr(text: str) -> tuple[str, int]:
@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m userspace_l7", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="the JSON config the agent writes (userspace_l7.config)")
+    p.add_argument("--config", required=True, help="the JSON config the agent writes (userspace_l7.snapshot)")
     p.add_argument("--listen", required=True, type=_addr, help="HOST:PORT to accept connections on")
     p.add_argument("--workers", type=int, default=1, help="worker processes on SO_REUSEPORT (default 1)")
     p.add_argument("--flows", help="file or unix socket to write L7 flows to (JSON lines)")
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             resolver = KernelOriginalDstResolver(args.bpffs)
         runner(serve(args.config, *args.listen, flows_path=args.flows, metrics_addr=args.metrics,
                      reuse_port=args.reuse_port, resolver=resolver, options=options))
-    except ConfigError as e:
+    except SnapshotError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:

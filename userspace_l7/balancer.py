@@ -19,24 +19,24 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
 
-from .config import Backend, Cluster, ClusterKey
 from .outlier import OutlierDetector
+from .snapshot import Cluster, ClusterKey, UpstreamHost
 
 __all__ = ["ClusterState", "ClusterStates", "LeastRequest", "Picker", "RandomPick", "RoundRobin", "make_picker"]
 
 
-def _address(b: Backend) -> tuple[str, int]:
+def _address(b: UpstreamHost) -> tuple[str, int]:
     return (b.ip, b.port)
 
 
 class Picker:
-    def pick(self, hosts: Sequence[Backend]) -> Backend:
+    def pick(self, hosts: Sequence[UpstreamHost]) -> UpstreamHost:
         raise NotImplementedError
 
-    def started(self, host: Backend) -> None:
+    def started(self, host: UpstreamHost) -> None:
         pass
 
-    def finished(self, host: Backend) -> None:
+    def finished(self, host: UpstreamHost) -> None:
         pass
 
 
@@ -46,7 +46,7 @@ class RoundRobin(Picker):
     def __init__(self, rng: random.Random) -> None:
         self._next = rng.randrange(1 << 16)  # workers start at different hosts
 
-    def pick(self, hosts: Sequence[Backend]) -> Backend:
+    def pick(self, hosts: Sequence[UpstreamHost]) -> UpstreamHost:
         self._next += 1
         return hosts[self._next % len(hosts)]
 
@@ -57,7 +57,7 @@ class RandomPick(Picker):
     def __init__(self, rng: random.Random) -> None:
         self._rng = rng
 
-    def pick(self, hosts: Sequence[Backend]) -> Backend:
+    def pick(self, hosts: Sequence[UpstreamHost]) -> UpstreamHost:
         return hosts[self._rng.randrange(len(hosts))]
 
 
@@ -68,7 +68,7 @@ class LeastRequest(Picker):
         self._rng = rng
         self._active: dict[tuple[str, int], int] = {}
 
-    def pick(self, hosts: Sequence[Backend]) -> Backend:
+    def pick(self, hosts: Sequence[UpstreamHost]) -> UpstreamHost:
         n = len(hosts)
         if n == 1:
             return hosts[0]
@@ -76,15 +76,15 @@ class LeastRequest(Picker):
         act = self._active
         return a if act.get(_address(a), 0) <= act.get(_address(b), 0) else b
 
-    def started(self, host: Backend) -> None:
+    def started(self, host: UpstreamHost) -> None:
         k = _address(host)
         self._active[k] = self._active.get(k, 0) + 1
 
-    def finished(self, host: Backend) -> None:
+    def finished(self, host: UpstreamHost) -> None:
         k = _address(host)
         self._active[k] = self._active.get(k, 1) - 1
 
-    def active(self, host: Backend) -> int:
+    def active(self, host: UpstreamHost) -> int:
         return self._active.get(_address(host), 0)
 
 
@@ -100,7 +100,7 @@ class HashRing(Picker):
 
     __slots__ = ("_hashes", "_hosts", "_random")
 
-    def __init__(self, rng: random.Random, hosts: Sequence[Backend], ring_size: int = 1024) -> None:
+    def __init__(self, rng: random.Random, hosts: Sequence[UpstreamHost], ring_size: int = 1024) -> None:
         per_host = -(-ring_size // len(hosts)) if hosts else 0
         points = sorted((ring_hash(f"{h.ip}:{h.port}_{i}"), n, h) for n, h in enumerate(hosts)
                         for i in range(per_host))  # n: ties (never in practice) keep an order
@@ -108,10 +108,10 @@ class HashRing(Picker):
         self._hosts = [p[2] for p in points]
         self._random = RandomPick(rng)
 
-    def pick(self, hosts: Sequence[Backend]) -> Backend:
+    def pick(self, hosts: Sequence[UpstreamHost]) -> UpstreamHost:
         return self._random.pick(hosts)
 
-    def pick_for(self, key: str, hosts: Sequence[Backend]) -> Backend:
+    def pick_for(self, key: str, hosts: Sequence[UpstreamHost]) -> UpstreamHost:
         ring = self._hosts
         i = bisect_left(self._hashes, ring_hash(key))
         allowed = set(hosts)
@@ -154,7 +154,7 @@ class ClusterState:
             else:
                 self.outlier = OutlierDetector(policy, hosts, clock)
 
-    def pick(self, tried: Sequence[Backend] = (), key: str | None = None) -> Backend | None:
+    def pick(self, tried: Sequence[UpstreamHost] = (), key: str | None = None) -> UpstreamHost | None:
         """A backend, avoiding ``tried`` ones when others are available (Istio's previous_hosts).
         ``key``: the request's hash key under CONSISTENT_HASH (None: it has none)."""
         hosts = self.cluster.backends
@@ -170,10 +170,10 @@ class ClusterState:
             return self.picker.pick_for(key, hosts)
         return self.picker.pick(hosts)
 
-    def started(self, host: Backend) -> None:
+    def started(self, host: UpstreamHost) -> None:
         self.picker.started(host)
 
-    def finished(self, host: Backend, status: int | None = 0, failed: bool = False) -> None:
+    def finished(self, host: UpstreamHost, status: int | None = 0, failed: bool = False) -> None:
         """``status``: the upstream response's (None: no verdict on the host); ``failed``: a local-origin
         failure (connect failure, reset, timeout)."""
         self.picker.finished(host)

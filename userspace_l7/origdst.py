@@ -36,13 +36,34 @@ import errno
 import os
 import socket
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import cache
-
-from . import server  # OriginalDst; a module import, as server.py imports upstream_mark from here
+from typing import Protocol
 
 __all__ = ["KernelOriginalDstResolver", "MARK_MAGIC_IDENTITY", "MARK_MAGIC_MASK", "MARK_IDENTITY_MASK",
-           "MARK_MAGIC_PROXY_EGRESS", "MARK_EP_ID_MASK", "endpoint_of_mark", "identity_of_mark",
-           "upstream_mark"]
+           "MARK_MAGIC_PROXY_EGRESS", "MARK_EP_ID_MASK", "OriginalDst", "OriginalDstResolver", "endpoint_of_mark",
+           "identity_of_mark", "upstream_mark"]
+
+
+@dataclass(frozen=True, slots=True)
+class OriginalDst:
+    """Where a redirected connection was going, and who sent it: what a resolver gives the server."""
+
+    ip: str
+    port: int
+    source_workload: str = "unknown"
+    source_principal: str = ""  # spiffe://... once mTLS lands
+    source_identity: int | None = None  # the client's security identity, from the datapath
+    source_ep_id: int | None = None  # the client's endpoint on this node: its egress policy applies upstream
+
+
+class OriginalDstResolver(Protocol):
+    """Where a redirected connection was going (and who sent it). Called once per accepted
+    connection with its socket; None: fall back to the Host header of each request, unless the
+    resolver has a true ``required`` attribute: then the connection is closed."""
+
+    def resolve(self, sock: socket.socket) -> OriginalDst | None: ...
+
 
 # bpf/lib/common.h, proxy marks: MARK_MAGIC_PROXY_EGRESS | ep_id (a client endpoint of this node),
 # or MARK_MAGIC_IDENTITY | identity (a peer known by its identity only; identities are < 2^24).
@@ -102,11 +123,11 @@ def client_key(ip: str, port: int) -> L7ClientKeyC:
     return L7ClientKeyC(ip=int.from_bytes(socket.inet_aton(ip), "little"), port=socket.htons(port))
 
 
-def decode(value: L7OrigDstC, names: Callable[[int], str] | None = None) -> server.OriginalDst:
+def decode(value: L7OrigDstC, names: Callable[[int], str] | None = None) -> OriginalDst:
     vip = socket.inet_ntoa(value.vip.to_bytes(4, "little"))
     identity = value.identity or None
     workload = (names(identity) if names is not None and identity is not None else None) or "unknown"
-    return server.OriginalDst(ip=vip, port=socket.ntohs(value.port), source_workload=workload,
+    return OriginalDst(ip=vip, port=socket.ntohs(value.port), source_workload=workload,
                               source_identity=identity, source_ep_id=value.ep_id or None)
 
 
@@ -134,7 +155,7 @@ def _peer_v4(sock: socket.socket) -> tuple[str, int] | None:
 
 
 class KernelOriginalDstResolver:
-    """OriginalDstResolver (userspace_l7.server) over the datapath's pinned `l7_origdst` map.
+    """OriginalDstResolver over the datapath's pinned `l7_origdst` map.
 
     ``required``: a connection the datapath did not redirect (nothing filed for its peer, e.g. an
     endpoint dialling the processor's address itself) is refused (the server closes it) instead of
@@ -186,7 +207,7 @@ class KernelOriginalDstResolver:
         lib.bpf_map_delete_elem(self._fd, ct.byref(key))
         return value
 
-    def resolve(self, sock: socket.socket) -> server.OriginalDst | None:
+    def resolve(self, sock: socket.socket) -> OriginalDst | None:
         peer = _peer_v4(sock)
         if peer is None:
             return None

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
-from .config import OutlierPolicy
+from .snapshot import OutlierPolicy
 
 __all__ = ["EJECTED", "HEALTHY", "TRANSITIONS", "OutlierDetector"]
 

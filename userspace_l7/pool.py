@@ -28,8 +28,8 @@ import socket
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from .config import PoolLimits
 from .http1 import NEED_DATA, ConnectionClosed, ProtocolError, ResponseReader
+from .snapshot import PoolLimits
 
 __all__ = ["BackendPool", "PoolOverflow", "Pools", "UpstreamConnection", "UpstreamError"]
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import random
 
-from .config import L7Config
 from .http1 import Request
 from .routing import RouteDecision, parse_authority, route
+from .snapshot import L7Config
 
 __all__ = ["RouteCache"]
 

@@ -21,20 +21,20 @@ import random
 from bisect import bisect_right
 from urllib.parse import parse_qsl
 
-from .config import (
+from .http1 import Request
+from .snapshot import (
     DEFAULT_RETRIES,
     Client,
     Cluster,
     Destination,
     HeaderOps,
+    HttpRedirect,
     HttpRoute,
     L7Config,
     Match,
-    Redirect,
     RetryPolicy,
     Service,
 )
-from .http1 import Request
 
 __all__ = ["NO_HEADERS", "RouteDecision", "parse_authority", "route", "should_retry"]
 
@@ -145,7 +145,7 @@ def route(config: L7Config, head: Request, original_dst: tuple[str, int], rng: r
     return decision
 
 
-def _location(rd: Redirect, head: Request, target: str, service: Service) -> str:
+def _location(rd: HttpRedirect, head: Request, target: str, service: Service) -> str:
     """The Location of a redirect: the request's URL with the parts ``rd`` gives replaced (a new uri
     without a query keeps the request's query, as Envoy's path_redirect)."""
     scheme = rd.scheme or "http"

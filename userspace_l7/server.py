@@ -24,11 +24,12 @@ spliced (tunnel.py) and carry bytes both ways until either closes.
 Hot-path rules: no logging, no task or future per fast-path request, flows and metrics appended to
 in-memory batches (their labels built once per connection, route and backend: `_Records`), request and
 response field lines forwarded as parsed unless the route edits headers, one `Exchange` per connection
-reused by its requests. `tests/unit/l7/bench_fastpath.py` measures this path in process. Errors
+reused by its requests. `tests/unit/userspace_l7/bench_fastpath.py` measures this path in process. Errors
 printed to stderr are reserved for the control path (config reloads, startup) and bugs.
 
-The original destination of a connection comes from an `OriginalDstResolver` when one is plugged
-in (the kernel-side redirect: userspace_l7.origdst) and otherwise from each request's Host header.
+The original destination of a connection comes from an `origdst.OriginalDstResolver` when one is
+plugged in (the kernel-side redirect: origdst.KernelOriginalDstResolver) and otherwise from each
+request's Host header.
 When the resolver names the client's identity, upstream connections for that client carry it as
 their SO_MARK (origdst.upstream_mark) and are pooled apart from every other identity's.
 """
@@ -40,20 +41,16 @@ import contextlib
 import os
 import random
 import signal
-import socket
 import sys
 import time
 from collections import deque
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Protocol
 from urllib.parse import parse_qsl
 
-from . import config as cfg
 from . import origdst, tunnel
 from .balancer import ClusterState, ClusterStates
-from .config import Backend, L7Config, Service
-from .flows import FlowSink
+from .flow_export import FlowSink
 from .http1 import (
     HOP_BY_HOP,
     ConnectionClosed,
@@ -64,30 +61,14 @@ from .http1 import (
     RequestReader,
     Response,
 )
-from .metrics import REPORTER, L7Metrics, observe
+from .istio_metrics import REPORTER, L7Metrics, observe
+from .origdst import OriginalDstResolver
 from .pool import BackendPool, PoolOverflow, Pools, UpstreamConnection, UpstreamError
 from .routecache import RouteCache
 from .routing import RouteDecision, should_retry
+from .snapshot import L7Config, Service, SnapshotError, UpstreamHost, load_file
 
-__all__ = ["OriginalDst", "OriginalDstResolver", "Options", "Proxy", "serve"]
-
-
-@dataclass(frozen=True, slots=True)
-class OriginalDst:
-    ip: str
-    port: int
-    source_workload: str = "unknown"
-    source_principal: str = ""  # spiffe://... once mTLS lands
-    source_identity: int | None = None  # the client's security identity, from the datapath
-    source_ep_id: int | None = None  # the client's endpoint on this node: its egress policy applies upstream
-
-
-class OriginalDstResolver(Protocol):
-    """Where a redirected connection was going (and who sent it). Called once per accepted
-    connection with its socket; None: fall back to the Host header of each request, unless the
-    resolver has a true ``required`` attribute: then the connection is closed."""
-
-    def resolve(self, sock: socket.socket) -> OriginalDst | None: ...
+__all__ = ["Options", "Proxy", "serve"]
 
 
 @dataclass(frozen=True)
@@ -448,7 +429,7 @@ class Exchange:
         self._broken = self.broken  # bound once, not per request
 
     def start(self, req: Request, body: bytes, d: RouteDecision, dst_ip: str, dst_port: int, t0: int,
-              state: ClusterState, backend: Backend, pool: BackendPool, up: UpstreamConnection) -> None:
+              state: ClusterState, backend: UpstreamHost, pool: BackendPool, up: UpstreamConnection) -> None:
         """Read the response to ``req``, which is on its way to ``up``."""
         self.req, self.body, self.d = req, body, d
         self.dst_ip, self.dst_port, self.t0 = dst_ip, dst_port, t0
@@ -550,8 +531,8 @@ def source_labels(conn: ClientConnection) -> tuple[str, str, str]:
     return (conn.dst.source_workload if conn.dst is not None else "unknown"), "unknown", "unknown"
 
 
-def destination_labels(svc: Service | None, backend: Backend | None) -> tuple[str, ...]:
-    """metrics.DESTINATION_LABELS of a request to ``backend`` of ``svc`` (None: answered here)."""
+def destination_labels(svc: Service | None, backend: UpstreamHost | None) -> tuple[str, ...]:
+    """istio_metrics.DESTINATION_LABELS of a request to ``backend`` of ``svc`` (None: answered here)."""
     labels = backend.labels if backend is not None else {}
     return (backend.workload if backend is not None else "unknown",
             svc.namespace if backend is not None and svc is not None else "unknown",
@@ -566,7 +547,7 @@ class _Records:
 
     __slots__ = ("d", "backend", "dst_ip", "dst_port", "flow", "labels", "rows")
 
-    def __init__(self, conn: ClientConnection, d: RouteDecision, backend: Backend | None, dst_ip: str,
+    def __init__(self, conn: ClientConnection, d: RouteDecision, backend: UpstreamHost | None, dst_ip: str,
                  dst_port: int) -> None:
         self.d, self.backend, self.dst_ip, self.dst_port = d, backend, dst_ip, dst_port
         svc = d.service
@@ -582,8 +563,8 @@ class _Records:
             flow_ip, flow_port = dst_ip, dst_port  # answered here: where the client sent it
         peer = conn.peer
         self.flow = (peer[0], peer[1], flow_ip, flow_port, d.route_name, d.subset, service, namespace, upstream,
-                     dst_workload, src_workload, "FORWARDED")  # flows.FlowShared
-        # metrics.REQUEST_LABELS, but for response code and security policy
+                     dst_workload, src_workload, "FORWARDED")  # flow_export.FlowShared
+        # istio_metrics.REQUEST_LABELS, but for response code and security policy
         self.labels = (REPORTER, src_workload, src_ns, src_app, *destination_labels(svc, backend), "http")
         self.rows: dict[int, list] = {}  # status -> L7Metrics.row
 
@@ -605,7 +586,7 @@ class Proxy:
         self.pools = Pools(self.loop, self._upstream_opened)
         self.routes = RouteCache(self.rng)
         self._mirrors = 0
-        # (backend address, client mark) -> metrics.TCP_LABELS
+        # (backend address, client mark) -> istio_metrics.TCP_LABELS
         self._opened_labels: dict[tuple[tuple[str, int], int], tuple[str, ...]] = {}
         self._tick_handle = self.loop.call_later(options.flush_interval, self._tick)
 
@@ -623,8 +604,8 @@ class Proxy:
             return False
         self._config_mtime = mtime
         try:
-            new = cfg.load_file(self.config_path)
-        except cfg.ConfigError as e:
+            new = load_file(self.config_path)
+        except SnapshotError as e:
             print(f"l7: keeping the previous config: {e}", file=sys.stderr)
             return False
         self.config = new  # requests in flight finish on the snapshot they started with
@@ -640,7 +621,7 @@ class Proxy:
         self.flows.close()
         self.pools.close()
 
-    def _label_backend(self, d: RouteDecision, backend: Backend, conn: ClientConnection) -> None:
+    def _label_backend(self, d: RouteDecision, backend: UpstreamHost, conn: ClientConnection) -> None:
         """Note (once) the istio_tcp_connections_opened_total labels of connections to ``backend`` for
         ``conn``'s client (pools, and so connections, are per client mark: pool.py invariant 6)."""
         key = (backend.address, conn.mark)
@@ -733,7 +714,7 @@ class Proxy:
         return b"".join((f"{method} {d.path} HTTP/1.1\r\n".encode("latin-1"), fields, extra, framing, body))
 
     async def _forward(self, conn: ClientConnection, head: Request, body: bytes, d: RouteDecision,
-                       keep: bool, first: tuple | None = None) -> tuple[int, Backend | None, bool]:
+                       keep: bool, first: tuple | None = None) -> tuple[int, UpstreamHost | None, bool]:
         """Try the cluster's backends under the retry policy; stream the response that ends it.
         Returns (status, backend that answered or None, keep the client connection). ``first``: as
         for `_slow`."""
@@ -744,7 +725,7 @@ class Proxy:
         retries = d.retries
         deadline = loop.time() + d.timeout if d.timeout else None
         data = self._request_bytes(head, body, d)
-        tried: list[Backend] = []
+        tried: list[UpstreamHost] = []
         status, reason = 503, "no healthy upstream"
         failure = ""
         for attempt in range(retries.attempts + 1):
@@ -950,8 +931,8 @@ class Proxy:
 
     # -- records --
 
-    def _record(self, conn: ClientConnection, head: Request, d: RouteDecision, status: int, backend: Backend | None,
-                dst_ip: str, dst_port: int, latency_ns: int) -> None:
+    def _record(self, conn: ClientConnection, head: Request, d: RouteDecision, status: int,
+                backend: UpstreamHost | None, dst_ip: str, dst_port: int, latency_ns: int) -> None:
         rec = conn.rec
         if rec is None or rec.d is not d or rec.backend is not backend or rec.dst_port != dst_port \
                 or rec.dst_ip != dst_ip:
@@ -975,7 +956,7 @@ async def serve(config_path: str, host: str, port: int, *, flows_path: str | Non
     reloads at once)."""
     loop = asyncio.get_running_loop()
     metrics = L7Metrics()
-    proxy = Proxy(cfg.load_file(config_path), config_path=config_path,
+    proxy = Proxy(load_file(config_path), config_path=config_path,
                   flows=FlowSink(flows_path, node_name=options.node_name), metrics=metrics,
                   resolver=resolver, options=options)
     server = await loop.create_server(lambda: ClientConnection(proxy), host, port, reuse_port=reuse_port or None,

@@ -31,6 +31,7 @@ from typing import Any
 from agent import identity as ids
 from agent.errors import MeshError
 from agent.labels import NAMESPACE_LABEL, NAMESPACE_NAME_LABEL, LabelError, Selector
+from agent.policy.icmp import icmp_type_number
 from agent.policy.portrange import MAX_PORT, PORT_BITS, port_mask, range_to_prefixes
 from agent.policy.types import (
     ANY_IDENTITY,
@@ -74,25 +75,6 @@ _RULE_ID_MASK = 0x7FFFFFFF
 # Every protocol, every port.
 _ALL_PORTS = (ANY_PROTO, 0, 0)
 _TCP, _UDP, _SCTP, _ICMP = (PROTO_NUMBERS[p] for p in ("TCP", "UDP", "SCTP", "ICMP"))
-
-# Cilium's ICMP type names (api/v1 ICMPField.type), IPv4.
-ICMP_TYPES = {
-    "EchoReply": 0,
-    "DestinationUnreachable": 3,
-    "SourceQuench": 4,
-    "Redirect": 5,
-    "Echo": 8,
-    "EchoRequest": 8,
-    "RouterAdvertisement": 9,
-    "RouterSelection": 10,
-    "TimeExceeded": 11,
-    "ParameterProblem": 12,
-    "Timestamp": 13,
-    "TimestampReply": 14,
-    "Photuris": 40,
-    "ExtendedEchoRequest": 42,
-    "ExtendedEchoReply": 43,
-}
 
 # Entities that are one reserved identity. "world" and "cluster" are computed; the others Cilium
 # knows but that do not exist on a meshagent node select nothing.
@@ -405,16 +387,10 @@ class _Parser:
             family = fld.get("family") or "IPv4"
             if family != "IPv4":
                 raise self.error(f"{fpath}.family", f"{family!r}: only IPv4 is supported")
-            value = fld.get("type")
-            if isinstance(value, str) and value.strip().isdigit():
-                value = int(value)
-            if isinstance(value, str):
-                if value not in ICMP_TYPES:
-                    known = ", ".join(ICMP_TYPES)
-                    raise self.error(f"{fpath}.type", f"unknown ICMP type {value!r} (known: {known})")
-                value = ICMP_TYPES[value]
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
-                raise self.error(f"{fpath}.type", f"ICMP type {value!r} is not a name or a number 0-255")
+            try:
+                value = icmp_type_number(fld.get("type"))
+            except ValueError as e:
+                raise self.error(f"{fpath}.type", str(e)) from None
             out.append((_ICMP, value, PORT_BITS))
         return out
 

@@ -12,15 +12,13 @@ than reading the files given.
 
 from ._load import KINDS, load_paths, parse_documents, validate
 from ._model import Resource, ResourceError, audit_requested
-from ._values import ICMP_TYPES, icmp_type_number, parse_duration, port_number
+from ._values import parse_duration, port_number
 
 __all__ = [
-    "ICMP_TYPES",
     "KINDS",
     "Resource",
     "ResourceError",
     "audit_requested",
-    "icmp_type_number",
     "load_paths",
     "parse_documents",
     "parse_duration",

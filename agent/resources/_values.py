@@ -2,7 +2,8 @@
 
 Each check takes a value already of the right Python type and raises ValueError with a message for
 the user (the schema walker adds the field path). The parsers that downstream code also needs
-(`parse_duration`, `port_number`, `icmp_type_number`) live here so there is one reading of each.
+(`parse_duration`, `port_number`) live here so there is one reading of each; ICMP type names are
+`agent/policy/icmp.py`'s, which the policy compiler reads too.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 from collections.abc import Callable
 
 from agent.labels import check_key, check_value
+from agent.policy.icmp import icmp_type_number
 
 from ._schema import show
 
@@ -259,28 +261,7 @@ def when_key(key: str) -> None:
                      f"request.headers[NAME], {', '.join(_WHEN_KEYS)}")
 
 
-# --- Cilium ICMP -----------------------------------------------------------------------------------
-
-# Cilium's names for ICMPv4 types (pkg/policy/api/icmp.go).
-ICMP_TYPES = {
-    "EchoReply": 0, "DestinationUnreachable": 3, "Redirect": 5, "Echo": 8, "EchoRequest": 8,
-    "RouterAdvertisement": 9, "RouterSelection": 10, "TimeExceeded": 11, "ParameterProblem": 12,
-    "Timestamp": 13, "TimestampReply": 14, "Photuris": 40, "ExtendedEchoRequest": 42,
-    "ExtendedEchoReply": 43,
-}
-
-
-def icmp_type_number(value: int | str) -> int:
-    """An ICMPv4 type as Cilium accepts it (8, "8" or "EchoRequest") -> its number."""
-    if isinstance(value, str):
-        if value in ICMP_TYPES:
-            return ICMP_TYPES[value]
-        if not re.fullmatch(r"[0-9]{1,3}", value):
-            raise ValueError(f"unknown ICMP type {show(value)}; supported: 0-255 or {', '.join(ICMP_TYPES)}")
-        value = int(value)
-    if not 0 <= value <= 255:
-        raise ValueError(f"ICMP type {value} is out of range 0-255")
-    return value
+# --- Cilium ICMP (the names are agent/policy/icmp.py's) --------------------------------------------
 
 
 def icmp_type(value: int | str) -> None:

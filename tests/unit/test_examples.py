@@ -15,9 +15,9 @@ def test_examples_validate():
 def test_l7_routing_example_routes_as_its_comments_say():
     import random
 
-    from tests.unit.l7.helpers import req
-    from userspace_l7.config import Client, L7Config
+    from tests.unit.userspace_l7.helpers import req
     from userspace_l7.routing import route
+    from userspace_l7.snapshot import Client, L7Config
 
     docs = {r.kind: r.body for r in load_paths([str(EXAMPLES / "l7-routing.yaml")])}
     config = L7Config.from_dict({

@@ -131,7 +131,7 @@ def test_lb_flags_match_header():
     assert int(re.search(r"#define LB_F_L7 (0x[0-9a-f]+)", text).group(1), 16) == redirect.LB_F_L7
 
 
-# ---- the reconcile path's service table against in-memory maps --------------------------------------------------------
+# ---- the reconcile path's service table against in-memory maps -------------------------------------
 
 
 class FakeTable:

@@ -13,7 +13,6 @@ from agent.resources import (
     KINDS,
     Resource,
     ResourceError,
-    icmp_type_number,
     load_paths,
     parse_documents,
     parse_duration,
@@ -721,7 +720,6 @@ def test_duplicate_resource_in_one_apply(tmp_path):
 def test_helpers_shared_with_downstream():
     assert parse_duration("1m30s") == 90.0
     assert parse_duration("250ms") == 0.25
-    assert icmp_type_number("EchoRequest") == 8 and icmp_type_number(3) == 3
     with pytest.raises(ValueError):
         parse_duration("1d")
 

@@ -1,5 +1,5 @@
 """ServiceEntry hosts as services (agent/services.py) and in the L7 processor's snapshot (agent/l7.py,
-userspace_l7/config.py), without a kernel."""
+userspace_l7/snapshot.py), without a kernel."""
 
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ from agent.services import (
     hosts_file,
 )
 from agent.state import DnsResolver
-from userspace_l7.config import ConfigError, L7Config
 from userspace_l7.routing import route
+from userspace_l7.snapshot import L7Config, SnapshotError
 
-from .l7.helpers import req, vs
+from .userspace_l7.helpers import req, vs
 
 HOST = "api.example.test"
 
@@ -287,5 +287,5 @@ def test_backend_port_for_defaults_to_the_target_port():
 def test_snapshot_refuses_a_bad_endpoint_port():
     data = l7_config([entry_view(entry(), HOST, "10.96.3.4", no_dns)], [], [], {}, "cluster.local")
     data["services"][0]["backends"][1]["ports"] = {"http": 70000}
-    with pytest.raises(ConfigError, match=r"services\[0\].*port 70000 is out of range"):
+    with pytest.raises(SnapshotError, match=r"services\[0\].*port 70000 is out of range"):
         L7Config.from_dict(data)

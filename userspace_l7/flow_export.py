@@ -75,7 +75,7 @@ def flow_record(t: FlowTuple, node_name: str = "") -> dict[str, Any]:
 
 def flow_line(t: FlowTuple, node_json: str) -> str:
     """`flow_record` as one JSON line, formatted directly (several times cheaper than json.dumps of the
-    dict; `tests/unit/l7/test_flows.py` checks both give the same object)."""
+    dict; `tests/unit/userspace_l7/test_flow_export.py` checks both give the same object)."""
     return _line(t[0], t[1], t[2], t[3], t[4], t[6], _shared_parts(t[5:], node_json))
 
 

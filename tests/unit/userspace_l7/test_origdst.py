@@ -13,8 +13,8 @@ import pytest
 
 from agent.datapath import redirect
 from userspace_l7 import origdst
-from userspace_l7.config import PoolLimits
 from userspace_l7.pool import Pools
+from userspace_l7.snapshot import PoolLimits
 
 BPF = Path(__file__).resolve().parents[3] / "bpf"
 

@@ -2,9 +2,9 @@
 
 import asyncio
 
-from userspace_l7.config import PoolLimits
 from userspace_l7.pool import UpstreamConnection
 from userspace_l7.server import ClientConnection, Proxy
+from userspace_l7.snapshot import PoolLimits
 
 from .helpers import SUBSETS, config, dr, vs
 
@@ -137,7 +137,8 @@ def test_pipelined_requests_are_answered_in_order():
 def test_the_fast_path_benchmark_runs():
     from .bench_fastpath import run
 
-    _, upstream, client = run(50)  # its timing is printed by `python -m tests.unit.l7.bench_fastpath`, not tested
+    # Its timing is printed by `python -m tests.unit.userspace_l7.bench_fastpath`, not tested.
+    _, upstream, client = run(50)
     assert upstream == b"GET /productpage HTTP/1.1\r\nhost: bench\r\nuser-agent: wrk\r\naccept: */*\r\n\r\n"
     assert client == b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 6\r\n\r\nhello\n"
 

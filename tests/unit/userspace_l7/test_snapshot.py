@@ -1,6 +1,6 @@
 import pytest
 
-from userspace_l7.config import ConfigError, L7Config
+from userspace_l7.snapshot import L7Config, SnapshotError
 
 from .helpers import SERVICES, SUBSETS, config, dr, vs
 
@@ -97,7 +97,7 @@ def test_durations_and_regexes_are_compiled_once():
                                                   "route": [{"destination": {"host": "reviews"}}]}])]}, "sourceLabels"),
 ])
 def test_bad_config_names_the_culprit(bad, words):
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(SnapshotError) as e:
         L7Config.from_dict(bad)
     assert words in str(e.value)
 
@@ -105,7 +105,7 @@ def test_bad_config_names_the_culprit(bad, words):
 def test_non_latin1_header_value_is_a_config_error():
     bad = vs("r", ["reviews"], [{"headers": {"request": {"set": {"x-a": "\u2603"}}},
                                  "route": [{"destination": {"host": "reviews"}}]}])
-    with pytest.raises(ConfigError, match="Latin-1"):
+    with pytest.raises(SnapshotError, match="Latin-1"):
         config([bad])
 
 

@@ -1,7 +1,7 @@
 import random
 
-from userspace_l7.config import Client
 from userspace_l7.routecache import RouteCache
+from userspace_l7.snapshot import Client
 
 from .helpers import SUBSETS, config, dr, req, vs
 
@@ -73,7 +73,7 @@ def test_the_cache_is_bounded():
 
 def test_decisions_are_cached_per_client():
     """The same request from two clients may route apart (sourceLabels): the client is in the key."""
-    from userspace_l7.config import L7Config
+    from userspace_l7.snapshot import L7Config
 
     base = config([vs("r", ["reviews"], [{"match": [{"sourceLabels": {"track": "canary"}}], "route": [dest("v2")]},
                                          {"route": [dest("v1")]}])], [dr("d", "reviews", SUBSETS)])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from userspace_l7.config import L7Config
 from userspace_l7.http1 import Request
+from userspace_l7.snapshot import L7Config
 
 
 def vs(name: str, hosts: list[str], http: list[dict[str, Any]], namespace: str = "default") -> dict[str, Any]:

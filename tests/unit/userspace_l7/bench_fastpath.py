@@ -1,10 +1,10 @@
 """Microbenchmark of the processor's fast path, in process: fake transports, one pooled upstream
 connection, N keep-alive requests through ClientConnection -> Proxy.serve -> Exchange and back.
 
-    .venv/bin/python -m tests.unit.l7.bench_fastpath [N] [--profile]
+    .venv/bin/python -m tests.unit.userspace_l7.bench_fastpath [N] [--profile]
 
 Prints µs of Python per request (no sockets, no event loop turns: the floor of the real path).
-`tests/unit/l7/test_server_fastpath.py` runs it with a small N to keep it working; it asserts no times.
+`tests/unit/userspace_l7/test_server_fastpath.py` runs it with a small N to keep it working; it asserts no times.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import asyncio
 import sys
 import time
 
-from userspace_l7.config import L7Config, PoolLimits
-from userspace_l7.flows import FlowSink
+from userspace_l7.flow_export import FlowSink
 from userspace_l7.pool import UpstreamConnection
 from userspace_l7.server import ClientConnection, Proxy
+from userspace_l7.snapshot import L7Config, PoolLimits
 
 # What wrk sends and what the bench's haproxy backend answers (bench/l7.py).
 REQUEST = b"GET /productpage HTTP/1.1\r\nHost: bench\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"

@@ -1,5 +1,5 @@
-from userspace_l7.config import OutlierPolicy
 from userspace_l7.outlier import OutlierDetector
+from userspace_l7.snapshot import OutlierPolicy
 
 A, B, C = ("10.0.0.1", 80), ("10.0.0.2", 80), ("10.0.0.3", 80)
 

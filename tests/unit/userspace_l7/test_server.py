@@ -1,4 +1,4 @@
-"""The L7 processor on real sockets, loopback only (no root needed beyond what the suite asks).
+"""The L7 processor (userspace_l7/server.py, __main__.py) on real sockets, loopback only: no root.
 
 Three tiny backends (http.server threads) stand for reviews v1/v2/v3; the processor runs as a
 subprocess started per test and killed by PID in finally. The original destination is the Host
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
-class Backend(ThreadingHTTPServer):
+class BackendServer(ThreadingHTTPServer):
     daemon_threads = True
     fail_once_seen: set[str] = set()  # shared by all backends: the retry lands on a fresh one
     _lock = threading.Lock()
@@ -51,7 +51,7 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     def _serve(self) -> None:
-        srv: Backend = self.server
+        srv: BackendServer = self.server
         n = int(self.headers.get("content-length") or 0)
         body_in = self.rfile.read(n) if n else b""
         srv.hosts.append(self.headers.get("host", ""))
@@ -65,9 +65,9 @@ class Handler(BaseHTTPRequestHandler):
         if self.path.startswith("/slow"):
             time.sleep(1.0)
         elif self.path.startswith("/fail-once/"):
-            with Backend._lock:
-                first = self.path not in Backend.fail_once_seen
-                Backend.fail_once_seen.add(self.path)
+            with BackendServer._lock:
+                first = self.path not in BackendServer.fail_once_seen
+                BackendServer.fail_once_seen.add(self.path)
             status = 503 if first else 200
         if srv.failing:
             status = 500
@@ -119,7 +119,7 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def backends():
-    servers = {name: Backend(name) for name in ("v1", "v2", "v3")}
+    servers = {name: BackendServer(name) for name in ("v1", "v2", "v3")}
     threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers.values()]
     for t in threads:
         t.start()
@@ -773,9 +773,10 @@ def test_original_dst_resolver_beats_the_host_header(backends, tmp_path):
     """The pluggable resolver (the kernel redirect later) names the VIP; the Host header is ignored."""
     import asyncio
 
-    from userspace_l7.config import L7Config
-    from userspace_l7.flows import FlowSink
-    from userspace_l7.server import ClientConnection, OriginalDst, Proxy
+    from userspace_l7.flow_export import FlowSink
+    from userspace_l7.origdst import OriginalDst
+    from userspace_l7.server import ClientConnection, Proxy
+    from userspace_l7.snapshot import L7Config
 
     class Resolver:
         def resolve(self, sock):

@@ -33,9 +33,11 @@ one if the new file is invalid. Open connections are never dropped by a reload.
 VirtualService and DestinationRule documents are validated again with `agent.resources.validate`
 (the same tables as `meshagent apply`), so the processor never acts on a field it does not implement.
 
-Host names follow Istio's short-name rules relative to the resource's namespace: ``reviews``,
-``reviews.default`` and ``reviews.default.svc.cluster.local`` all name service reviews in namespace
-default; a ``*.suffix`` host matches every service name ending in ``.suffix``; ``*`` matches all.
+Host names are read by `agent.resources.hosts.service_for_host`, relative to the resource's namespace
+(``reviews``, ``reviews.default`` and ``reviews.default.svc.cluster.local`` all name service reviews
+in namespace default), the same reading the agent uses to pick the services it redirects here; a
+host that names no Service is looked up among ServiceEntry hosts. A ``*.suffix`` host matches every
+service name ending in ``.suffix``; ``*`` matches all.
 
 Istio defaults applied here (documented upstream): no route timeout; retries 2 attempts on
 connect-failure,refused-stream when a route gives none; outlier detection only when the
@@ -54,15 +56,16 @@ from types import MappingProxyType
 from typing import Any
 
 from agent.resources import ResourceError, parse_duration, validate
+from agent.resources.hosts import entry_host, service_for_host
 
 __all__ = [
-    "Backend", "ClusterKey", "ConfigError", "Destination", "Fault", "HeaderOps", "HttpRoute", "L7Config",
-    "LbPolicy", "Match", "OutlierPolicy", "PoolLimits", "RetryPolicy", "Service", "ServicePort",
-    "StringMatch", "TrafficPolicy", "VirtualService", "load_file",
+    "ClusterKey", "Destination", "Fault", "HeaderOps", "HttpRedirect", "HttpRoute", "L7Config", "LbPolicy",
+    "Match", "OutlierPolicy", "PoolLimits", "RetryPolicy", "RoutePort", "Service", "SnapshotError",
+    "StringMatch", "TrafficPolicy", "UpstreamHost", "VirtualService", "load_file",
 ]
 
 
-class ConfigError(ValueError):
+class SnapshotError(ValueError):
     """The config file (written by the local agent) is wrong: a local configuration fault. The message
     names the file part at fault; the processor keeps its previous snapshot."""
 
@@ -73,7 +76,10 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class Backend:
+class UpstreamHost:
+    """One backend of a cluster, as Envoy calls it: an address a request may be sent to, with the
+    workload and labels that subsets, flows and metrics name it by."""
+
     ip: str
     port: int  # the port connections go to (target port, or the backend's own override)
     workload: str
@@ -85,7 +91,10 @@ class Backend:
 
 
 @dataclass(frozen=True, slots=True)
-class ServicePort:
+class RoutePort:
+    """A service port as the processor routes on it: the VIP port a request arrived on (a route's
+    match port, a cluster's key) and the target port its upstream hosts listen on."""
+
     port: int
     target_port: int
     protocol: str = "TCP"
@@ -98,7 +107,7 @@ class Service:
     namespace: str
     fqdn: str
     vip: str | None
-    ports: tuple[ServicePort, ...]
+    ports: tuple[RoutePort, ...]
     # (ip, own port, workload, labels, own ports by service port name)
     endpoints: tuple[tuple[str, int | None, str, Mapping[str, str], Mapping[str, int]], ...] = field(repr=False)
     hosts: tuple[str, ...] = ()
@@ -107,19 +116,19 @@ class Service:
     def key(self) -> tuple[str, str]:
         return (self.namespace, self.name)
 
-    def port_for(self, port: int | None) -> ServicePort | None:
+    def port_for(self, port: int | None) -> RoutePort | None:
         """The service port a request on ``port`` uses; with no port, the only (or first) one."""
         for p in self.ports:
             if p.port == port:
                 return p
         return self.ports[0] if self.ports and (port is None or len(self.ports) == 1) else None
 
-    def backends(self, port: ServicePort, labels: Mapping[str, str] | None = None) -> tuple[Backend, ...]:
+    def backends(self, port: RoutePort, labels: Mapping[str, str] | None = None) -> tuple[UpstreamHost, ...]:
         out = []
         for ip, own_port, workload, blabels, named in self.endpoints:
             if labels and any(blabels.get(k) != v for k, v in labels.items()):
                 continue
-            out.append(Backend(ip, named.get(port.name) or own_port or port.target_port, workload, blabels))
+            out.append(UpstreamHost(ip, named.get(port.name) or own_port or port.target_port, workload, blabels))
         return tuple(out)
 
 
@@ -190,7 +199,7 @@ class HeaderOps:
             try:
                 str(value).encode("latin-1")
             except UnicodeEncodeError:
-                raise ConfigError(f"L7 config: header value {str(value)[:40]!r} is not Latin-1; HTTP/1.1 "
+                raise SnapshotError(f"L7 config: header value {str(value)[:40]!r} is not Latin-1; HTTP/1.1 "
                                   "header values must be") from None
         return cls(
             tuple((k.lower(), str(v)) for k, v in (d.get("set") or {}).items()),
@@ -273,8 +282,9 @@ class Fault:
 
 
 @dataclass(frozen=True, slots=True)
-class Redirect:
-    """Istio HTTPRedirect: the parts of the Location that replace the request's (None: keep)."""
+class HttpRedirect:
+    """Istio HTTPRedirect (a route's ``redirect``), answered here with a 3xx: the parts of the Location
+    that replace the request's (None: keep). Not the datapath's connect-time redirect to this processor."""
 
     uri: str | None
     authority: str | None
@@ -296,7 +306,7 @@ class HttpRoute:
     mirror_percent: float
     rewrite_uri: str | None
     rewrite_authority: str | None
-    redirect: Redirect | None = None  # answered here with a 3xx and a Location
+    redirect: HttpRedirect | None = None  # answered here with a 3xx and a Location
     direct: tuple[int, str] | None = None  # answered here: (status, body)
 
     @property
@@ -425,15 +435,15 @@ class Cluster:
 
     key: ClusterKey
     service: Service
-    backends: tuple[Backend, ...]
+    backends: tuple[UpstreamHost, ...]
     policy: TrafficPolicy
 
 
 # --- the snapshot ----------------------------------------------------------------------------------
 
 
-def _fail(where: str, message: str) -> ConfigError:
-    return ConfigError(f"L7 config {where}: {message}")
+def _fail(where: str, message: str) -> SnapshotError:
+    return SnapshotError(f"L7 config {where}: {message}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -505,7 +515,7 @@ class L7Config:
         for name, same in names.items():
             if len(same) == 1:
                 by_host.setdefault(name, same[0])
-        resolver = _HostResolver(services, by_host, domain)
+        resolver = _HostResolver(services, domain)
 
         subsets: dict[tuple[str, str], dict[str, Mapping[str, str]]] = {}
         policies: dict[tuple[str, str], tuple[Mapping | None, Mapping[str, Mapping | None]]] = {}
@@ -575,30 +585,27 @@ def load_file(path: str) -> L7Config:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except OSError as e:
-        raise ConfigError(f"L7 config {path}: cannot read: {e.strerror}") from None
+        raise SnapshotError(f"L7 config {path}: cannot read: {e.strerror}") from None
     except (ValueError, RecursionError) as e:
-        raise ConfigError(f"L7 config {path}: not valid JSON: {e}") from None
+        raise SnapshotError(f"L7 config {path}: not valid JSON: {e}") from None
     return L7Config.from_dict(data)
 
 
 class _HostResolver:
-    """Istio short names relative to a namespace -> services."""
+    """VirtualService and DestinationRule hosts -> services. `agent.resources.hosts` reads the name,
+    as the agent does when it picks the services to redirect here; a host that names no Service is
+    looked up among ServiceEntry hosts."""
 
-    def __init__(self, services: Mapping[tuple[str, str], Service], by_host: Mapping[str, Service],
-                 domain: str) -> None:
-        self.services, self.by_host, self.domain = services, by_host, domain
-
-    def fqdn(self, host: str, namespace: str) -> str:
-        if "." not in host:
-            return f"{host}.{namespace}.svc.{self.domain}"
-        if host.count(".") == 1 and host not in self.by_host:
-            return f"{host}.svc.{self.domain}"
-        return host
+    def __init__(self, services: Mapping[tuple[str, str], Service], domain: str) -> None:
+        self.services, self.domain = services, domain
+        self.entry_hosts: dict[str, Service] = {}
+        for s in services.values():
+            for h in s.hosts:
+                self.entry_hosts.setdefault(entry_host(h), s)
 
     def one(self, host: str, namespace: str) -> Service | None:
-        if "." not in host:  # a short name is relative to the resource's namespace, never global
-            return self.by_host.get(self.fqdn(host, namespace))
-        return self.by_host.get(host) or self.by_host.get(self.fqdn(host, namespace))
+        key = service_for_host(host, namespace, self.domain)
+        return (self.services.get(key) if key else None) or self.entry_hosts.get(entry_host(host))
 
     def matching(self, host: str, namespace: str) -> list[Service]:
         if host == "*":
@@ -615,7 +622,7 @@ def _validated(doc: Any, kind: str, where: str):
     try:
         r = validate(doc, where)
     except ResourceError as e:
-        raise ConfigError(f"L7 config {e}") from None
+        raise SnapshotError(f"L7 config {e}") from None
     if r.kind != kind:
         raise _fail(where, f"expected a {kind}, got {r.kind}")
     return r
@@ -629,7 +636,7 @@ def _build_service(sd: Any, domain: str, where: str) -> Service:
         vip = sd.get("vip")
         if vip is not None:
             vip = str(ipaddress.ip_address(vip))
-        ports = tuple(ServicePort(int(p["port"]), int(p.get("target_port", p["port"])),
+        ports = tuple(RoutePort(int(p["port"]), int(p.get("target_port", p["port"])),
                                   str(p.get("protocol", "TCP")), str(p.get("name", "")))
                       for p in sd.get("ports") or ())
         endpoints = tuple(
@@ -641,7 +648,7 @@ def _build_service(sd: Any, domain: str, where: str) -> Service:
         hosts = tuple(str(h) for h in sd.get("hosts") or ())
         fqdn = str(sd.get("fqdn") or f"{name}.{namespace}.svc.{domain}")
     except (KeyError, TypeError, ValueError) as e:
-        raise _fail(where, f"bad service entry ({type(e).__name__}: {e}); see userspace_l7.config for "
+        raise _fail(where, f"bad service entry ({type(e).__name__}: {e}); see userspace_l7.snapshot for "
                     "the format") from None
     return Service(name, namespace, fqdn, vip, ports, endpoints, hosts)
 
@@ -719,7 +726,7 @@ def _build_vs(r, resolver: _HostResolver) -> VirtualService:
             mirror_percent=_percent(h.get("mirrorPercentage"), 100.0),
             rewrite_uri=rewrite.get("uri"),
             rewrite_authority=rewrite.get("authority"),
-            redirect=Redirect(rd.get("uri"), rd.get("authority"), rd.get("port"), rd.get("scheme"),
+            redirect=HttpRedirect(rd.get("uri"), rd.get("authority"), rd.get("port"), rd.get("scheme"),
                               rd.get("redirectCode", 301)) if (rd := h.get("redirect")) is not None else None,
             direct=(h["directResponse"]["status"], (h["directResponse"].get("body") or {}).get("string", ""))
             if "directResponse" in h else None,

@@ -183,7 +183,7 @@ def test_least_request_prefers_idle_hosts():
 def test_source_labels_and_namespace_match_the_client():
     """Istio's sourceLabels/sourceNamespace: the client the datapath named (an endpoint of this node,
     config.clients); an unknown client matches neither."""
-    from userspace_l7.config import Client
+    from userspace_l7.snapshot import Client
 
     c = config([vs("r", ["reviews"], [
         {"name": "canary", "match": [{"sourceLabels": {"app": "productpage", "track": "canary"}}],
@@ -232,7 +232,7 @@ def test_consistent_hash_is_the_same_in_every_worker():
     import subprocess
     import sys
 
-    code = ("import random; from tests.unit.l7.test_routing import _hash_state; "
+    code = ("import random; from tests.unit.userspace_l7.test_routing import _hash_state; "
             "s = _hash_state({'httpHeaderName': 'x-user'}); "
             "print([s.pick(key=f'u{i}').ip for i in range(30)])")
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

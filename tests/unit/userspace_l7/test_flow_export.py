@@ -1,7 +1,8 @@
+"""L7 flow records (userspace_l7/flow_export.py): the JSON the agent reads, batched to a file or socket."""
+
 import json
 
-from userspace_l7.flows import FlowSink, flow_line, flow_record
-from userspace_l7.metrics import REQUEST_LABELS, L7Metrics
+from userspace_l7.flow_export import FlowSink, flow_line, flow_record
 
 T = (1_700_000_000_123_456_789, 1500, "GET", '/a?"q"=\u00e9', 200, "10.0.0.1", 40000, "10.96.0.10", 80, "r0", "v2",
      "reviews.default.svc.cluster.local", "default", "10.200.0.2:9080", "reviews-v2", "productpage", "FORWARDED")
@@ -34,24 +35,6 @@ def test_sink_batches_and_bounds(tmp_path):
     sink.flush()
     assert len(path.read_text().splitlines()) == 3 and sink.written == 3
     sink.close()
-
-
-def test_metrics_export_istio_names():
-    m = L7Metrics()
-    dest = ("reviews-v2", "default", "reviews", "v2", "reviews.default.svc.cluster.local", "reviews", "default")
-    labels = ("waypoint", "productpage", "default", "productpage", *dest, "http", "200", "none")
-    assert len(labels) == len(REQUEST_LABELS)
-    m.request(labels, 0.7)
-    m.request(labels, 12.0)
-    m.connection_opened(("waypoint", "unknown", *dest, "none"))
-    fams = {f.name: f for f in m.collect()}
-    assert fams["istio_requests"].samples[0].value == 2
-    assert fams["istio_requests"].samples[0].labels == dict(zip(REQUEST_LABELS, labels, strict=True))
-    assert fams["istio_tcp_connections_opened"].samples[0].labels["destination_version"] == "v2"
-    buckets = {s.labels["le"]: s.value for s in fams["istio_request_duration_milliseconds"].samples
-               if s.name.endswith("_bucket")}
-    assert buckets["0.5"] == 0 and buckets["1"] == 1 and buckets["25"] == 2 and buckets["+Inf"] == 2
-    assert fams["istio_tcp_connections_opened"].samples[0].value == 1
 
 
 def test_sink_writes_to_a_unix_socket(tmp_path):
