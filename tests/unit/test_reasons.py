@@ -18,6 +18,14 @@ def test_drop_reason_numbers_unique():
     assert len(numbers) == len(set(numbers))
 
 
+def test_policy_drop_reasons_match_header():
+    policy = define_list("drop_reasons.h", "DROP_POLICY")
+    assert {d.comment for d in policy} == reasons.POLICY_DROP_REASONS
+    # The header's rule: DROP_POLICY* and POLICY_* go together, so the mirror's name test holds.
+    for d in _drop_reasons():
+        assert d.name.startswith("DROP_POLICY") == d.comment.startswith("POLICY_"), d.name
+
+
 def test_verdicts_match_header():
     verdicts = defines("common.h", "VERDICT_")
     assert {v: k.removeprefix("VERDICT_") for k, v in verdicts.items()} == reasons.VERDICTS
