@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.datapath.maps import FlowEventC, be32_to_ip
-from agent.datapath.reasons import DROP_REASONS, EVENT_TYPES, MATCH_TYPES, VERDICTS, reason_name
+from agent.datapath.reasons import EVENT_TYPES, MATCH_TYPES, POLICY_DROP_REASONS, VERDICTS, reason_name
 from agent.identity import CIDR_BASE, RESERVED, WORLD
 from agent.labels import LabelError, check_key, check_value
 from agent.policy.types import EGRESS, INGRESS, RuleInfo
@@ -47,9 +47,6 @@ TCP_FLAGS = (
 DIRECTIONS = {INGRESS: "INGRESS", EGRESS: "EGRESS"}
 UNKNOWN_DIRECTION = "TRAFFIC_DIRECTION_UNKNOWN"
 UNKNOWN_VERDICT = "VERDICT_UNKNOWN"
-
-# Drops that are a policy decision (the rest are parse / anti-spoofing / lookup failures).
-POLICY_DROP_REASONS = frozenset(DROP_REASONS[c] for c in (133, 181, 182))
 
 # RFC3339 range Python's calendar can print: keep garbage timestamps from raising.
 _MAX_EPOCH_NS = 253402300799 * 10**9 + (10**9 - 1)  # 9999-12-31T23:59:59.999999999Z

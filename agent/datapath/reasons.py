@@ -18,6 +18,10 @@ DROP_REASONS: dict[int, str] = {
     183: "POLICY_DENIED_CLIENT_EGRESS",  # the L7 processor's upstream leg: the client's egress policy
 }
 
+# Drops that are a policy's verdict (the rest are parse / anti-spoofing / lookup failures), by name:
+# drop_reasons.h names them DROP_POLICY* and POLICY_*, and no other reason so.
+POLICY_DROP_REASONS: frozenset[str] = frozenset(n for n in DROP_REASONS.values() if n.startswith("POLICY_"))
+
 # bpf/lib/common.h VERDICT_*
 VERDICTS: dict[int, str] = {1: "FORWARDED", 2: "DROPPED", 4: "REDIRECTED", 6: "AUDIT"}
 

@@ -4,6 +4,11 @@
  * and fails if the two drift. Numbers follow Cilium's where the meaning is the same and are never
  * reused: retire a reason by renaming it DROP_UNUSED_<n>. The comment after each number is the
  * name `meshagent flows` prints as drop_reason_desc (Hubble's names).
+ *
+ * Policy decisions: a reason that is a policy's verdict (counted in meshagent_policy_verdicts_total,
+ * agent/flows.py) is named DROP_POLICY* and its printed name starts with POLICY_; every other
+ * reason (parsing, anti-spoofing, lookups) is named neither way. reasons.py derives its
+ * POLICY_DROP_REASONS from that rule and the test checks the rule holds here.
  */
 #ifndef __MESH_DROP_REASONS_H
 #define __MESH_DROP_REASONS_H

@@ -1,8 +1,10 @@
-/* Flow events to user space and per-reason counters.
+/* Flow events to user space: the event struct (mirrored by agent/datapath/maps.py FlowEventC and
+ * decoded by agent/flows.py) and the ring buffer.
  *
- * Every verdict the datapath reports goes through send_flow_event(): it bumps the metrics map and
- * writes one event to the ring buffer. A full ring buffer never blocks the datapath: the event is
- * counted in lost_events and `meshagent flows` reports the gap.
+ * Every event the datapath reports is written by send_flow_event(), called from the notify
+ * helpers: send_drop_notify() (lib/drop.h) for drops, send_flow_new_notify() and
+ * send_flow_end_notify() (lib/trace.h) for flows. A full ring buffer never blocks the datapath:
+ * the event is counted in lost_events and `meshagent flows` reports the gap.
  */
 #ifndef __MESH_EVENTS_H
 #define __MESH_EVENTS_H
@@ -41,25 +43,6 @@ struct flow_event {
 BPF_RINGBUF_OUTPUT(events, 64);
 
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, lost_events, 1, PIN_DIR "/lost_events");
-
-/* Packets and bytes per (reason, direction): index reason * 2 + dir. Reason 0 is forwarded. */
-struct metrics_value {
-	__u64 packets;            /* 0 */
-	__u64 bytes;              /* 8 */
-};                            /* 16 bytes */
-
-BPF_TABLE_PINNED("percpu_array", __u32, struct metrics_value, metrics_map, 512, PIN_DIR "/metrics");
-
-static __always_inline void update_metrics(__u8 reason, __u8 dir, __u32 len)
-{
-	__u32 idx = ((__u32)reason << 1) | (dir & 1);
-	struct metrics_value *m = metrics_map.lookup(&idx);
-
-	if (m) { /* per-CPU: no atomics needed */
-		m->packets += 1;
-		m->bytes += len;
-	}
-}
 
 static __always_inline void send_flow_event(struct flow_event *ev)
 {

@@ -107,13 +107,15 @@ struct fastpath_config {
 
 BPF_TABLE_PINNED("array", __u32, struct fastpath_config, fastpath_config, 1, PIN_DIR "/fastpath_config");
 
-/* Outcomes of fastpath_msg, the index into fastpath_metrics (mirrored in redirect.py). */
-#define FP_REDIRECTED      0 /* handed to the peer socket */
-#define FP_PASS_NO_PEER    1 /* fell back: the peer is not in the map */
-#define FP_PASS_POLICY     2 /* fell back: a side is not confirmed at the current policy revision */
-#define FP_PASS_QUEUE_FULL 3 /* fell back: the peer has FASTPATH_QUEUE_BUDGET bytes unread */
-#define FP_PASS_FALLEN     4 /* on TCP until the peer has read what TCP carried */
-#define FP_PASS_NO_STATE   5 /* fell back: no fastpath_flows entry (evicted, or the update failed) */
+/* Outcomes of fastpath_msg, the index into fastpath_metrics. Each comment starts with the quoted
+ * outcome label of meshagent_fastpath_messages_total: agent/datapath/redirect.py FASTPATH_OUTCOMES
+ * lists them in index order (tests/unit/test_kernel_constants.py checks it). */
+#define FP_REDIRECTED      0 /* "redirected": handed to the peer socket */
+#define FP_PASS_NO_PEER    1 /* "pass_no_peer": fell back, the peer is not in the map */
+#define FP_PASS_POLICY     2 /* "pass_policy_changed": fell back, a side is not confirmed at the current policy revision */
+#define FP_PASS_QUEUE_FULL 3 /* "pass_queue_full": fell back, the peer has FASTPATH_QUEUE_BUDGET bytes unread */
+#define FP_PASS_FALLEN     4 /* "pass_fallen_back": on TCP until the peer has read what TCP carried */
+#define FP_PASS_NO_STATE   5 /* "pass_no_state": fell back, no fastpath_flows entry (evicted, or the update failed) */
 #define FP_OUTCOMES        6
 
 struct fastpath_counter {

@@ -1,43 +1,43 @@
 """The Python mirror of the datapath's numbering must match the C headers."""
 
-import re
-from pathlib import Path
-
 from agent.datapath import reasons
+from tests.unit.bpf_headers import define_list, defines
 
-BPF = Path(__file__).resolve().parents[2] / "bpf" / "lib"
 
-
-def _defines(header: str, prefix: str) -> dict[str, int]:
-    text = (BPF / header).read_text()
-    return {m.group(1): int(m.group(2)) for m in re.finditer(rf"#define ({prefix}\w+)\s+(\d+)", text)}
+def _drop_reasons():
+    return define_list("drop_reasons.h", "DROP_") + define_list("drop_reasons.h", "REASON_")
 
 
 def test_drop_reasons_match_header():
-    text = (BPF / "drop_reasons.h").read_text()
-    in_c = {int(m.group(2)): m.group(3)
-            for m in re.finditer(r"#define (DROP_\w+|REASON_\w+)\s+(\d+)\s*/\* (\w+) \*/", text)}
-    assert in_c == reasons.DROP_REASONS
+    # The comment after each number is the name `meshagent flows` prints: a single word.
+    assert {d.value: d.comment for d in _drop_reasons()} == reasons.DROP_REASONS
 
 
 def test_drop_reason_numbers_unique():
-    text = (BPF / "drop_reasons.h").read_text()
-    numbers = [int(n) for n in re.findall(r"#define (?:DROP|REASON)_\w+\s+(\d+)", text)]
+    numbers = [d.value for d in _drop_reasons()]
     assert len(numbers) == len(set(numbers))
 
 
+def test_policy_drop_reasons_match_header():
+    policy = define_list("drop_reasons.h", "DROP_POLICY")
+    assert {d.comment for d in policy} == reasons.POLICY_DROP_REASONS
+    # The header's rule: DROP_POLICY* and POLICY_* go together, so the mirror's name test holds.
+    for d in _drop_reasons():
+        assert d.name.startswith("DROP_POLICY") == d.comment.startswith("POLICY_"), d.name
+
+
 def test_verdicts_match_header():
-    verdicts = _defines("common.h", "VERDICT_")
+    verdicts = defines("common.h", "VERDICT_")
     assert {v: k.removeprefix("VERDICT_") for k, v in verdicts.items()} == reasons.VERDICTS
 
 
 def test_event_types_match_header():
-    events = _defines("events.h", "EVENT_")
+    events = defines("events.h", "EVENT_")
     assert set(events.values()) == set(reasons.EVENT_TYPES)
 
 
 def test_match_types_match_header():
-    match = _defines("policy.h", "MATCH_")
+    match = defines("policy.h", "MATCH_")
     assert set(match.values()) == set(reasons.MATCH_TYPES)
 
 
