@@ -83,10 +83,12 @@ def test_reserved_identities():
 
 
 def test_conntrack_closed_flags():
-    """agent/daemon.py ct_gc() treats ``entry.flags & 0x7`` as "the flow closed" (a literal there:
-    no Python constant to import). Those three bits are FIN either way and RST."""
+    """agent/daemon.py ct_gc() treats ``entry.flags & CT_F_CLOSED`` as "the flow closed": FIN either
+    way, or RST."""
+    from agent.daemon import CT_F_CLOSED
+
     ct = defines("conntrack.h", "CT_F_")
-    assert ct["CT_F_FIN_FWD"] | ct["CT_F_FIN_REV"] | ct["CT_F_RST"] == 0x7
+    assert ct["CT_F_FIN_FWD"] | ct["CT_F_FIN_REV"] | ct["CT_F_RST"] == CT_F_CLOSED
     bits = list(ct.values())
     assert all(b and b & (b - 1) == 0 for b in bits) and len(set(bits)) == len(bits)  # distinct single bits
 

@@ -38,9 +38,9 @@ def scrape(counters: FlowCounters) -> str:
     agent = SimpleNamespace(
         counters=counters,
         datapath=SimpleNamespace(metrics=dict, lost_events=lambda: 0),
-        ifindex={},
+        endpoints=SimpleNamespace(ifindex={}),
         sync=None,
-        redirect=SimpleNamespace(fastpath_summary=lambda: {"counters": {}}),
+        sockets=SimpleNamespace(fastpath_summary=lambda: {"counters": {}}),
         l7=None,
     )
     registry = CollectorRegistry()
