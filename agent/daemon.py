@@ -1,8 +1,8 @@
 """`meshagent agent`: the node agent process. `Agent` coordinates; the work is done by its parts.
 
     EndpointManager   endpoint lifecycle and plumbing facts      agent/endpoint_manager.py
-    Datapath          the TC programs and their maps             agent/datapath/loader.py
-    RedirectDatapath  the socket programs and their maps         agent/datapath/redirect.py
+    TcDatapath        the TC programs and their maps             agent/datapath/tc.py
+    SocketDatapath    the socket programs and their maps       agent/datapath/sockets.py
     reconcile         desired state -> tables -> writes          agent/reconcile.py (+ agent/state.py)
     L7Supervisor      the shared L7 processor's process          agent/l7.py
     FlowBuffer        decoded flows for `meshagent flows`        agent/flows.py
@@ -29,8 +29,8 @@ from agent import __version__, bpf_listing
 from agent import endpoint as ep
 from agent import identity as ids
 from agent.datapath import clock, maps
-from agent.datapath.loader import PROGRAMS, Datapath
-from agent.datapath.redirect import CGROUP_ROOT, RedirectDatapath, current_netns_cookie, fastpath_supported
+from agent.datapath.sockets import CGROUP_ROOT, SocketDatapath, current_netns_cookie, fastpath_supported
+from agent.datapath.tc import PROGRAMS, TcDatapath
 from agent.endpoint_manager import EndpointManager, valid_name
 from agent.errors import MeshError, UserError
 from agent.flows import FlowBuffer, FlowContext, FlowCounters, FlowFilter, decode_event, enrich_l7_flow
@@ -70,8 +70,8 @@ class Agent:
         self.store = open_store(cfg.store)
         self.identities = IdentityAllocator(self.store)
         self.lock = threading.RLock()
-        self.datapath = Datapath(cfg.bpffs_dir)
-        self.sockets = RedirectDatapath(cfg.bpffs_dir)
+        self.datapath = TcDatapath(cfg.bpffs_dir)
+        self.sockets = SocketDatapath(cfg.bpffs_dir)
         self.endpoints = EndpointManager(cfg, self.store, self.identities, reconcile=self.reconcile,
                                          attach=self.datapath.attach)
         self.resolver = DnsResolver()  # ServiceEntry names with resolution DNS

@@ -23,7 +23,7 @@ import os
 from collections.abc import Callable
 
 from agent import endpoint as ep
-from agent.datapath.redirect import netns_cookie
+from agent.datapath.sockets import netns_cookie
 from agent.errors import UserError
 from agent.identity import IdentityAllocator
 from agent.labels import LabelError, check_key, check_value, security_labels

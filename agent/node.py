@@ -9,7 +9,7 @@ import ipaddress
 import os
 
 from agent import endpoint as ep
-from agent.datapath.redirect import RedirectDatapath
+from agent.datapath.sockets import SocketDatapath
 from agent.errors import MeshError
 from agent.l7 import processor_pid_path, stop_processor
 from agent.node_config import NodeConfig
@@ -137,7 +137,7 @@ def teardown(cfg: NodeConfig, endpoints: bool = False) -> list[str]:
                 ep.remove_cgroup(rec.cgroup)
                 store.delete(f"endpoints/{cfg.node_name}/{rec.name}")
                 done.append(f"removed endpoint {rec.name} ({rec.ip})")
-        RedirectDatapath(cfg.bpffs_dir).detach()  # the socket programs at the cgroup root
+        SocketDatapath(cfg.bpffs_dir).detach()  # the socket programs at the cgroup root
         done.append("detached the service load-balancing programs")
         fence_service_cidr(cfg.service_cidr, present=False)
         set_router_ip(cfg.pod_cidr, present=False)

@@ -53,11 +53,10 @@ from typing import Any, Protocol
 
 from agent import identity as ids
 from agent.datapath import maps
-from agent.datapath.redirect import (
+from agent.datapath.maps import Lb4BackendKeyC, Lb4ServiceC
+from agent.datapath.sockets import (
     LB_F_L7,
     MAX_BACKENDS,
-    Lb4BackendKeyC,
-    Lb4ServiceC,
     backend_to_c,
     normalize_backend,
     normalize_key,

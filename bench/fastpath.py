@@ -1,6 +1,6 @@
 """`make bench`, fast-path part: the sk_msg socket fast path (bpf/lib/sockmap.h) vs plain loopback.
 
-One network namespace stands for an endpoint; its cookie is registered with a RedirectDatapath
+One network namespace stands for an endpoint; its cookie is registered with a SocketDatapath
 loaded into a bench-only bpffs directory, exactly as the agent registers an endpoint's. The same
 client and server (bench/rr.c, iperf3) run on 127.0.0.1 inside it, pinned to one CPU, with the
 fast path off and on, in a shuffled order each round. The switch is the fastpath_config flag: it
@@ -38,7 +38,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.datapath.redirect import RedirectDatapath, netns_cookie  # noqa: E402
+from agent.datapath.sockets import SocketDatapath, netns_cookie  # noqa: E402
 from bench import harness  # noqa: E402
 from bench.topology import NS_PREFIX, POD_CIDR, Node, add_netns, plain_node  # noqa: E402
 
@@ -62,7 +62,7 @@ class FastpathBench:
         self.netns = f"mabfp-{tag}"
         self.node: Node | None = None
         self.pin_dir = str(harness.BPFFS_DIR / f"fp-{tag}")
-        self.dp: RedirectDatapath | None = None
+        self.dp: SocketDatapath | None = None
 
     def pinned(self, cmd: list[str]) -> list[str]:
         return ["taskset", "-c", str(self.cpu), *cmd] if self.cpu is not None else cmd
@@ -70,13 +70,13 @@ class FastpathBench:
     def start(self) -> None:
         add_netns(self.janitor, self.netns)
         harness.run(["ip", "-n", self.netns, "link", "set", "lo", "up"])
-        self.dp = RedirectDatapath(self.pin_dir, {"LB_BACKEND_MAP_SIZE": 64, "LB_REVNAT_MAP_SIZE": 64,
+        self.dp = SocketDatapath(self.pin_dir, {"LB_BACKEND_MAP_SIZE": 64, "LB_REVNAT_MAP_SIZE": 64,
                                                   "LB_SERVICE_MAP_SIZE": 64, "ENDPOINT_NETNS_MAP_SIZE": 64})
         self.janitor.push(f"remove {harness.BPFFS_DIR} if empty", lambda: _rmdir_quietly(harness.BPFFS_DIR))
         self.janitor.push(f"remove {self.pin_dir}", lambda: shutil.rmtree(self.pin_dir, ignore_errors=True))
         self.dp.load()
         self.janitor.push("detach the fast-path bench's socket programs",
-                          lambda: RedirectDatapath(self.pin_dir).detach())
+                          lambda: SocketDatapath(self.pin_dir).detach())
         self.dp.attach()
         self.dp.set_endpoint_netns(netns_cookie(f"/run/netns/{self.netns}"), ep_id=1, identity=1001)
         self.node = plain_node("none", NS_PREFIX + "none", self.janitor)  # the L4 part's "none" node, afresh

@@ -37,8 +37,10 @@ import os
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import cache
 from typing import Protocol
+
+from agent.datapath.libbpf import libbpf
+from agent.datapath.maps import L7ClientKeyC, L7OrigDstC, be32_to_ip, ip_to_be32
 
 __all__ = ["KernelOriginalDstResolver", "MARK_MAGIC_IDENTITY", "MARK_MAGIC_MASK", "MARK_IDENTITY_MASK",
            "MARK_MAGIC_PROXY_EGRESS", "MARK_EP_ID_MASK", "OriginalDst", "OriginalDstResolver", "endpoint_of_mark",
@@ -109,36 +111,17 @@ def endpoint_of_mark(mark: int) -> int | None:
     return mark & MARK_EP_ID_MASK
 
 
-class L7ClientKeyC(ct.Structure):  # struct l7_client_key, bpf/lib/lb.h
-    _fields_ = [("ip", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]
-
-
-class L7OrigDstC(ct.Structure):  # struct l7_origdst, bpf/lib/lb.h
-    _fields_ = [("vip", ct.c_uint32), ("port", ct.c_uint16), ("ep_id", ct.c_uint16),
-                ("identity", ct.c_uint32), ("pad", ct.c_uint32)]
-
-
 def client_key(ip: str, port: int) -> L7ClientKeyC:
     """The map key for a connection whose peer is ``ip``:``port``."""
-    return L7ClientKeyC(ip=int.from_bytes(socket.inet_aton(ip), "little"), port=socket.htons(port))
+    return L7ClientKeyC(ip=ip_to_be32(ip), port=socket.htons(port))
 
 
 def decode(value: L7OrigDstC, names: Callable[[int], str] | None = None) -> OriginalDst:
-    vip = socket.inet_ntoa(value.vip.to_bytes(4, "little"))
+    vip = be32_to_ip(value.vip)
     identity = value.identity or None
     workload = (names(identity) if names is not None and identity is not None else None) or "unknown"
     return OriginalDst(ip=vip, port=socket.ntohs(value.port), source_workload=workload,
                               source_identity=identity, source_ep_id=value.ep_id or None)
-
-
-@cache
-def _libbpf() -> ct.CDLL:
-    lib = ct.CDLL("libbpf.so.1", use_errno=True)  # the libbpf libbcc links; no bcc import needed
-    lib.bpf_obj_get.argtypes = [ct.c_char_p]
-    lib.bpf_map_lookup_and_delete_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
-    lib.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
-    lib.bpf_map_delete_elem.argtypes = [ct.c_int, ct.c_void_p]
-    return lib
 
 
 def _peer_v4(sock: socket.socket) -> tuple[str, int] | None:
@@ -180,7 +163,7 @@ class KernelOriginalDstResolver:
         """Open the pinned map (done on first use; raises OSError if it is not there)."""
         if self._fd >= 0:
             return
-        fd = _libbpf().bpf_obj_get(self.path.encode())
+        fd = libbpf().bpf_obj_get(self.path.encode())
         if fd < 0:
             raise OSError(-fd, f"cannot open the pinned map {self.path}: {os.strerror(-fd)}")
         self._fd = fd
@@ -194,7 +177,7 @@ class KernelOriginalDstResolver:
         """Look up and delete the entry of the client ``ip``:``port``; None if there is none."""
         self.open()
         key, value = client_key(ip, port), L7OrigDstC()
-        lib = _libbpf()
+        lib = libbpf()
         if self._atomic:
             ret = lib.bpf_map_lookup_and_delete_elem(self._fd, ct.byref(key), ct.byref(value))
             if ret == 0:

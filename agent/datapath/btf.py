@@ -3,7 +3,7 @@
 BCC compiles against the kernel headers it finds, which need not match the running kernel (on
 these machines the headers are 6.1's and the kernel is newer: struct sock differs by 24 bytes
 before sk_user_data). BCC has no CO-RE relocations, so the few kernel fields a program reads are
-located here and handed to the compiler as -D constants (agent/datapath/redirect.py).
+located here and handed to the compiler as -D constants (agent/datapath/sockets.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Byte layouts of the datapath's maps and events, and conversions to and from the agent's types.
 
-The ctypes classes here are hand-written copies of the structs in bpf/lib/*.h so that events can
-be decoded and keys built without a kernel (unit tests, the CLI). `check_layout()` compares each
+The ctypes classes here are the one hand-written copy of the structs in bpf/lib/*.h, so that events
+can be decoded and keys built without a kernel (unit tests, the CLI, the L7 processor, which reads
+l7_origdst without BCC). `check_layout()` compares each
 copy with the type BCC built from the C at load time and refuses to run if they differ: our
 version of Cilium's alignchecker.
 """
@@ -130,7 +131,7 @@ class MetricsValueC(ct.Structure):
     _fields_ = [("packets", ct.c_uint64), ("bytes", ct.c_uint64)]
 
 
-# C struct name -> (our copy, the map and side BCC exposes it on), for check_layout().
+# C struct name -> (our copy, the map and side BCC exposes it on), for check_layout() (bpf/policy.c's maps).
 LAYOUTS = {
     "endpoint_info": (EndpointInfoC, "endpoints", "Leaf"),
     "datapath_config": (DatapathConfigC, "config_map", "Leaf"),
@@ -140,6 +141,108 @@ LAYOUTS = {
     "policy_entry": (PolicyEntryC, "policy_map", "Leaf"),
     "ct_key": (CtKeyC, "ct_map", "Key"),
     "ct_entry": (CtEntryC, "ct_map", "Leaf"),
+}
+
+
+# ---- bpf/redirect.c's maps (bpf/lib/lb.h, netns.h, sockmap.h, fastpath_flows.h) -----------------------
+
+
+class EndpointNetnsC(ct.Structure):
+    _fields_ = [("ep_id", ct.c_uint16), ("pad", ct.c_uint16), ("identity", ct.c_uint32)]
+
+
+class Lb4KeyC(ct.Structure):
+    _fields_ = [("vip", ct.c_uint32), ("port", ct.c_uint16), ("proto", ct.c_uint8), ("pad", ct.c_uint8)]
+
+
+class Lb4ServiceC(ct.Structure):
+    _fields_ = [
+        ("service_id", ct.c_uint32),
+        ("backend_count", ct.c_uint16),
+        ("flags", ct.c_uint8),
+        ("pad", ct.c_uint8),
+    ]
+
+
+class Lb4BackendKeyC(ct.Structure):
+    _fields_ = [("service_id", ct.c_uint32), ("slot", ct.c_uint16), ("pad", ct.c_uint16)]
+
+
+class Lb4BackendC(ct.Structure):
+    _fields_ = [("ip", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]
+
+
+class Lb4RevnatKeyC(ct.Structure):
+    _fields_ = [("cookie", ct.c_uint64), ("ip", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]
+
+
+class Lb4RevnatC(ct.Structure):
+    _fields_ = [("vip", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]
+
+
+class LbConfigC(ct.Structure):
+    _fields_ = [("proxy_ip", ct.c_uint32), ("proxy_port", ct.c_uint16), ("pad", ct.c_uint16)]
+
+
+class L7OrigDstC(ct.Structure):
+    _fields_ = [
+        ("vip", ct.c_uint32),  # network order
+        ("port", ct.c_uint16),  # network order
+        ("ep_id", ct.c_uint16),
+        ("identity", ct.c_uint32),
+        ("pad", ct.c_uint32),
+    ]
+
+
+class L7ClientKeyC(ct.Structure):
+    _fields_ = [("ip", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]  # network order
+
+
+class SockKeyC(ct.Structure):
+    _fields_ = [
+        ("local_ip", ct.c_uint32),  # network order
+        ("remote_ip", ct.c_uint32),
+        ("local_port", ct.c_uint16),  # host order
+        ("remote_port", ct.c_uint16),
+        ("pad", ct.c_uint32),
+        ("netns", ct.c_uint64),  # loopback pairs only
+    ]
+
+
+class FastpathFlowC(ct.Structure):
+    _fields_ = [("revision", ct.c_uint32), ("flags", ct.c_uint32), ("sk", ct.c_uint64)]
+
+
+class FastpathConfigC(ct.Structure):
+    _fields_ = [
+        ("node_netns", ct.c_uint64),
+        ("pod_net", ct.c_uint32),  # network order
+        ("pod_mask", ct.c_uint32),
+        ("flags", ct.c_uint32),
+        ("pad", ct.c_uint32),
+    ]
+
+
+class FastpathCounterC(ct.Structure):
+    _fields_ = [("messages", ct.c_uint64), ("bytes", ct.c_uint64)]
+
+
+# C struct name -> (our copy, the map and side BCC exposes it on), for check_layout() (bpf/redirect.c's maps).
+SOCKET_LAYOUTS = {
+    "endpoint_netns_info": (EndpointNetnsC, "endpoint_netns", "Leaf"),
+    "lb4_key": (Lb4KeyC, "lb_services", "Key"),
+    "lb4_service": (Lb4ServiceC, "lb_services", "Leaf"),
+    "lb4_backend_key": (Lb4BackendKeyC, "lb_backends", "Key"),
+    "lb4_backend": (Lb4BackendC, "lb_backends", "Leaf"),
+    "lb4_revnat_key": (Lb4RevnatKeyC, "lb_revnat", "Key"),
+    "lb4_revnat": (Lb4RevnatC, "lb_revnat", "Leaf"),
+    "lb_config": (LbConfigC, "lb_config", "Leaf"),
+    "l7_origdst": (L7OrigDstC, "l7_origdst", "Leaf"),
+    "l7_client_key": (L7ClientKeyC, "l7_origdst", "Key"),
+    "sock_key": (SockKeyC, "fastpath_flows", "Key"),
+    "fastpath_flow": (FastpathFlowC, "fastpath_flows", "Leaf"),
+    "fastpath_config": (FastpathConfigC, "fastpath_config", "Leaf"),
+    "fastpath_counter": (FastpathCounterC, "fastpath_metrics", "Leaf"),
 }
 
 

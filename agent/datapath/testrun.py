@@ -10,25 +10,7 @@ import ctypes as ct
 import os
 from dataclasses import dataclass
 
-
-class _TestRunOpts(ct.Structure):
-    _fields_ = [
-        ("sz", ct.c_size_t),
-        ("data_in", ct.c_void_p),
-        ("data_out", ct.c_void_p),
-        ("data_size_in", ct.c_uint32),
-        ("data_size_out", ct.c_uint32),
-        ("ctx_in", ct.c_void_p),
-        ("ctx_out", ct.c_void_p),
-        ("ctx_size_in", ct.c_uint32),
-        ("ctx_size_out", ct.c_uint32),
-        ("retval", ct.c_uint32),
-        ("repeat", ct.c_int),
-        ("duration", ct.c_uint32),
-        ("flags", ct.c_uint32),
-        ("cpu", ct.c_uint32),
-        ("batch_size", ct.c_uint32),
-    ]
+from agent.datapath.libbpf import TestRunOpts, libbpf
 
 
 # The leading fields of struct __sk_buff up to ifindex (uapi/linux/bpf.h): len, pkt_type, mark,
@@ -48,16 +30,12 @@ class RunResult:
 def run_skb(prog_fd: int, packet: bytes, ifindex: int = 1, repeat: int = 1, mark: int = 0) -> RunResult:
     """Run a TC program on ``packet`` (an Ethernet frame) as if it arrived on ``ifindex`` with
     skb->mark ``mark``."""
-    from bcc import libbcc
-
-    fn = libbcc.lib.bpf_prog_test_run_opts
-    fn.argtypes = [ct.c_int, ct.POINTER(_TestRunOpts)]
-    fn.restype = ct.c_int
+    fn = libbpf().bpf_prog_test_run_opts
     data = ct.create_string_buffer(packet, len(packet))
     out = ct.create_string_buffer(len(packet) + 256)
     ctx = _SkbCtx(ifindex=ifindex, mark=mark)
-    opts = _TestRunOpts(
-        sz=ct.sizeof(_TestRunOpts), data_in=ct.cast(data, ct.c_void_p), data_out=ct.cast(out, ct.c_void_p),
+    opts = TestRunOpts(
+        sz=ct.sizeof(TestRunOpts), data_in=ct.cast(data, ct.c_void_p), data_out=ct.cast(out, ct.c_void_p),
         data_size_in=len(packet), data_size_out=len(out), ctx_in=ct.addressof(ctx),
         ctx_size_in=ct.sizeof(ctx), repeat=repeat,
     )

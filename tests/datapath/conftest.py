@@ -205,13 +205,13 @@ def node(node_factory) -> Node:
 
 @pytest.fixture
 def tc_datapath():
-    """The TC policy programs (agent.datapath.loader.Datapath) loaded for BPF_PROG_TEST_RUN, with no
+    """The TC policy programs (agent.datapath.tc.TcDatapath) loaded for BPF_PROG_TEST_RUN, with no
     namespaces and nothing attached: the flow events they emit are collected in ``.events``, and the
     pins live in a bpffs directory of their own, removed at the end (also when the test fails)."""
     from agent.datapath import maps
-    from agent.datapath.loader import Datapath
+    from agent.datapath.tc import TcDatapath
 
-    datapath = Datapath(f"/sys/fs/bpf/meshagent-test/prog-{uuid.uuid4().hex[:6]}",
+    datapath = TcDatapath(f"/sys/fs/bpf/meshagent-test/prog-{uuid.uuid4().hex[:6]}",
                         {"CT_MAP_SIZE": 1024, "POLICY_MAP_SIZE": 1024, "IPCACHE_MAP_SIZE": 1024})
     try:
         datapath.load()

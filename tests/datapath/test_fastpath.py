@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.datapath.redirect import RedirectDatapath, netns_cookie
+from agent.datapath.sockets import SocketDatapath, netns_cookie
 from tests.datapath.topology import PIN_ROOT, Topology, remove_redirect_pins
 
 TAG = uuid.uuid4().hex[:6]
@@ -45,7 +45,7 @@ MAP_SIZES = {"LB_BACKEND_MAP_SIZE": 64, "LB_REVNAT_MAP_SIZE": 64, "LB_SERVICE_MA
 class FastpathTopology(Topology):
     def __init__(self) -> None:
         super().__init__(f"fp{TAG}", f"fpn-{TAG}", ROUTER)
-        self.dp: RedirectDatapath | None = None
+        self.dp: SocketDatapath | None = None
 
     def setup(self) -> None:
         self.setup_node()
@@ -54,7 +54,7 @@ class FastpathTopology(Topology):
         for where, (ip, port) in [*SERVERS.items(), ("node", NODE_LOOPBACK), ("b", DUAL_STACK)]:
             proc = self.spawn(where, [sys.executable, TOOL, "serve", ip, str(port)])
             assert json.loads(proc.stdout.readline()) == {"ready": True}
-        self.dp = RedirectDatapath(PIN_DIR, MAP_SIZES)
+        self.dp = SocketDatapath(PIN_DIR, MAP_SIZES)
         self.dp.load()
         self.dp.attach()
         for ep_id, name in enumerate(("a", "b"), start=1):
@@ -356,7 +356,7 @@ def test_reloaded_datapath_keeps_open_connections_working(topo):
     proc = topo.spawn("a", [sys.executable, TOOL, "rounds", ip, str(port), "30", "20"])
     try:
         time.sleep(0.2)
-        fresh = RedirectDatapath(PIN_DIR, MAP_SIZES)
+        fresh = SocketDatapath(PIN_DIR, MAP_SIZES)
         fresh.load()
         fresh.attach()
         topo.dp = fresh

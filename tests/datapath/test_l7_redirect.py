@@ -4,13 +4,13 @@ Topology (tests/datapath/topology.py), all in namespaces this module creates and
 
     node netns  l7n-<tag>: the router IP on lo (where the processor listens), one veth per endpoint
                 (routes /32 + permanent neighbours, as agent/endpoint.py plumbs them), IP forwarding,
-                the TC policy programs on every host-side veth (agent.datapath.loader.Datapath)
+                the TC policy programs on every host-side veth (agent.datapath.tc.TcDatapath)
     c           client, identity 1003; egress default deny except the backend's port 8080
     d           another client, identity 1004
     b           backend, identity 2001, a TCP server on 8080 that answers its name; ingress default
                 deny except from identity 1003 on 8080
 
-and the socket programs (RedirectDatapath) at the cgroup-v2 root. A tiny "processor" runs in the node
+and the socket programs (SocketDatapath) at the cgroup-v2 root. A tiny "processor" runs in the node
 namespace on ROUTER_IP:15001: for each connection it asks KernelOriginalDstResolver where it was
 going and who sent it, reports that, and connects to the backend with the client's identity mark.
 
@@ -31,8 +31,8 @@ import uuid
 import pytest
 
 from agent.datapath import maps
-from agent.datapath.loader import Datapath
-from agent.datapath.redirect import CGROUP_ROOT, LB_F_L7, RedirectDatapath, netns_cookie
+from agent.datapath.sockets import CGROUP_ROOT, LB_F_L7, SocketDatapath, netns_cookie
+from agent.datapath.tc import TcDatapath
 from agent.policy.types import EGRESS, INGRESS, Action, Enforcement, PolicyEntry, PolicyKey
 from tests.datapath.topology import Topology, remove_redirect_pins, run, sync_services
 
@@ -140,7 +140,7 @@ def in_netns(path: str):
         os.close(there)
 
 
-def _policy(dp: Datapath, ep_id: int, direction: int, identity: int, port: int, rule_id: int) -> None:
+def _policy(dp: TcDatapath, ep_id: int, direction: int, identity: int, port: int, rule_id: int) -> None:
     key = PolicyKey(ep_id, direction, identity, 6, port, 16)
     dp.table("policy_map")[maps.policy_key_to_c(key)] = maps.policy_entry_to_c(
         key, PolicyEntry(Action.ALLOW, False, rule_id))
@@ -149,8 +149,8 @@ def _policy(dp: Datapath, ep_id: int, direction: int, identity: int, port: int, 
 class L7Topology(Topology):
     def __init__(self) -> None:
         super().__init__(f"l7{TAG}", NODE, ROUTER_IP, ipv6=False)
-        self.dp: Datapath | None = None
-        self.redirect: RedirectDatapath | None = None
+        self.dp: TcDatapath | None = None
+        self.redirect: SocketDatapath | None = None
         self.proxy: subprocess.Popen | None = None
         self.events: list[maps.FlowEventC] = []
         self.prog_ids: set[int] = set()
@@ -160,7 +160,7 @@ class L7Topology(Topology):
         hosts = {name: self.add_endpoint(name, netns, ip) for name, (netns, ip, _, _) in EPS.items()}
 
         # The TC policy programs on the host-side veths, endpoint table, ipcache, policy.
-        self.dp = Datapath(PIN_DIR, MAP_SIZES)
+        self.dp = TcDatapath(PIN_DIR, MAP_SIZES)
         self.dp.load()
         self.dp.open_events(lambda ev: self.events.append(maps.FlowEventC.from_buffer_copy(bytes(ev))))
         ipcache = self.dp.table("ipcache")
@@ -178,7 +178,7 @@ class L7Topology(Topology):
         self.dp.set_proxy(ROUTER_IP, PROXY_PORT)
 
         # The socket programs, services and the processor's address.
-        self.redirect = RedirectDatapath(PIN_DIR, LB_SIZES)
+        self.redirect = SocketDatapath(PIN_DIR, LB_SIZES)
         self.redirect.load()
         self.redirect.attach()
         self.prog_ids = {i for ids in self.redirect.attached().values() for i in ids}
@@ -298,7 +298,7 @@ def test_without_a_processor_l7_services_are_balanced_as_l4(topo):
 
 def test_restarted_agent_replaces_the_sockops_program_too(topo):
     before = topo.redirect.attached()
-    again = RedirectDatapath(PIN_DIR, LB_SIZES)
+    again = SocketDatapath(PIN_DIR, LB_SIZES)
     again.load()
     again.attach()
     after = again.attached()

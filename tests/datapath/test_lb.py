@@ -1,4 +1,4 @@
-"""Connect-time load balancing on the real kernel (bpf/redirect.c through RedirectDatapath).
+"""Connect-time load balancing on the real kernel (bpf/redirect.c through SocketDatapath).
 
 Topology (tests/datapath/topology.py), all in namespaces this module creates and deletes:
 
@@ -25,7 +25,7 @@ import uuid
 
 import pytest
 
-from agent.datapath.redirect import CGROUP_ROOT, RedirectDatapath, netns_cookie
+from agent.datapath.sockets import CGROUP_ROOT, SocketDatapath, netns_cookie
 from tests.datapath.topology import Topology, remove_redirect_pins, sync_services
 
 TAG = uuid.uuid4().hex[:6]
@@ -103,7 +103,7 @@ print(json.dumps({"counts": counts, "peers": sorted(peers), "errors": errors}))
 class LbTopology(Topology):
     def __init__(self) -> None:
         super().__init__(f"lb{TAG}", NODE)
-        self.dp: RedirectDatapath | None = None
+        self.dp: SocketDatapath | None = None
         self.cookies: dict[str, int] = {}
 
     def setup(self) -> None:
@@ -112,7 +112,7 @@ class LbTopology(Topology):
             self.add_endpoint(name, netns, ip)
         for name in ("b1", "b2"):
             self.spawn_ready(name, [sys.executable, "-c", SERVER, name])
-        self.dp = RedirectDatapath(PIN_DIR, {"LB_BACKEND_MAP_SIZE": 1024, "LB_REVNAT_MAP_SIZE": 4096,
+        self.dp = SocketDatapath(PIN_DIR, {"LB_BACKEND_MAP_SIZE": 1024, "LB_REVNAT_MAP_SIZE": 4096,
                                              "LB_SERVICE_MAP_SIZE": 64, "ENDPOINT_NETNS_MAP_SIZE": 64})
         self.dp.load()
         self.dp.attach()
@@ -251,7 +251,7 @@ def test_cookie_is_the_kernels(topo):
 def test_restarted_agent_replaces_and_adopts(dp, topo):
     before = dp.attached()
     assert all(len(ids) == 1 for ids in before.values()), before
-    again = RedirectDatapath(PIN_DIR, dp.map_sizes)
+    again = SocketDatapath(PIN_DIR, dp.map_sizes)
     again.load()
     assert again.services() == dp.services(), "the new agent adopts the kernel's services"
     again.attach()
@@ -268,7 +268,7 @@ def test_two_nodes_on_one_machine_each_balance_their_own(dp, topo):
     """A second agent (its own pin dir) attaches alongside (BPF_F_ALLOW_MULTI) and translates only
     the namespaces it registered; the first keeps its own."""
     other_dir = f"{PIN_DIR}-other"
-    other = RedirectDatapath(other_dir, dp.map_sizes)
+    other = SocketDatapath(other_dir, dp.map_sizes)
     try:
         other.load()
         other.attach()
@@ -278,7 +278,7 @@ def test_two_nodes_on_one_machine_each_balance_their_own(dp, topo):
         assert_balanced(client("c", "tcp", VIP, PORT, 200), 200)
         assert all(len(ids) == 1 for ids in dp.attached().values())
     finally:
-        RedirectDatapath(other_dir).detach()
+        SocketDatapath(other_dir).detach()
         shutil.rmtree(other_dir, ignore_errors=True)
     assert client("u", "tcp", VIP, PORT, 3, timeout=1.0)["counts"] == {}
     assert_balanced(client("c", "tcp", VIP, PORT, 200), 200)
@@ -288,7 +288,7 @@ def test_detach_leaves_nothing_attached(dp, topo):
     """detach() works from the pins alone (as teardown runs it) and bpftool agrees; re-attached after."""
     ours = {prog_id for ids in dp.attached().values() for prog_id in ids}
     assert len(ours) == len(dp.functions)
-    RedirectDatapath(PIN_DIR).detach()
+    SocketDatapath(PIN_DIR).detach()
     shown = subprocess.run(["bpftool", "-j", "cgroup", "show", CGROUP_ROOT], capture_output=True, text=True,
                            check=True).stdout
     still = {p["id"] for p in json.loads(shown.strip() or "[]")} & ours

@@ -16,7 +16,8 @@ import pytest
 from scapy.all import IP, TCP, UDP, Ether
 
 from agent.datapath import maps
-from agent.datapath.loader import Datapath, ensure_bpffs
+from agent.datapath.build import ensure_bpffs
+from agent.datapath.tc import TcDatapath
 from agent.datapath.testrun import run_skb
 from agent.policy.types import EGRESS, INGRESS, Action, Enforcement, PolicyEntry, PolicyKey
 from userspace_l7.origdst import upstream_mark
@@ -199,7 +200,7 @@ def test_upgrade_over_an_old_config_pin_keeps_the_revision():
         ensure_bpffs(pin_dir)
         old = BPF(text=f'BPF_TABLE_PINNED("array", u32, u64, config_map, 1, "{pin_dir}/config");')
         old["config_map"][0] = old["config_map"].Leaf(41)
-        datapath = Datapath(pin_dir, {"CT_MAP_SIZE": 1024, "POLICY_MAP_SIZE": 1024, "IPCACHE_MAP_SIZE": 1024})
+        datapath = TcDatapath(pin_dir, {"CT_MAP_SIZE": 1024, "POLICY_MAP_SIZE": 1024, "IPCACHE_MAP_SIZE": 1024})
         datapath.load()
         assert datapath.table("config_map")[0].policy_revision == 41
         datapath.set_proxy(ROUTER_IP, PROXY_PORT)

@@ -1,5 +1,5 @@
 """Namespaces laid out as agent/endpoint.py plumbs them, without an agent: for tests that drive one
-datapath object directly (Datapath, RedirectDatapath). Everything made here is listed and removed by
+datapath object directly (Datapath, SocketDatapath). Everything made here is listed and removed by
 `Topology.cleanup()`, which also kills the processes started with `Topology.spawn()` by PID.
 
     node netns   IP forwarding, the router IP on lo, one veth per endpoint with a /32 route and a
@@ -20,7 +20,7 @@ import signal
 import subprocess
 from collections.abc import Iterator
 
-from agent.datapath.redirect import RedirectDatapath
+from agent.datapath.sockets import SocketDatapath
 from agent.reconcile import ServiceTable, Sync, lb_table
 
 GATEWAY = "169.254.1.1"
@@ -34,7 +34,7 @@ def run(*args: str) -> str:
     return proc.stdout
 
 
-def sync_services(dp: RedirectDatapath, services: dict, flags: dict | None = None) -> None:
+def sync_services(dp: SocketDatapath, services: dict, flags: dict | None = None) -> None:
     """Make ``dp``'s service table ``services`` ((vip, port, proto) -> [(ip, port), ...]) the way the
     agent's reconcile path writes it (agent.reconcile.ServiceTable), for tests without an agent."""
     Sync([ServiceTable(dp)]).apply({"lb_services": lb_table(services, flags)})
@@ -44,7 +44,7 @@ def remove_redirect_pins(pin_dir: str) -> None:
     """Detach the socket programs found through the maps pinned in ``pin_dir`` (so also those of a
     restarted copy), then delete the pins, and the pin root once it is empty. Never raises."""
     with contextlib.suppress(Exception):
-        RedirectDatapath(pin_dir).detach()
+        SocketDatapath(pin_dir).detach()
     shutil.rmtree(pin_dir, ignore_errors=True)
     with contextlib.suppress(OSError):
         os.rmdir(PIN_ROOT)

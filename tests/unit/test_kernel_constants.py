@@ -11,7 +11,7 @@ import re
 import pytest
 
 from agent import flows, identity
-from agent.datapath import loader, maps, reasons, redirect
+from agent.datapath import maps, reasons, sockets, tc
 from agent.policy import types
 from tests.unit.bpf_headers import define_list, defines
 from userspace_l7 import origdst
@@ -32,7 +32,7 @@ def test_endpoint_flags():
 
 
 def test_endpoint_array_size():
-    assert defines("common.h", "ENDPOINT_ARRAY_SIZE") == {"ENDPOINT_ARRAY_SIZE": loader.ENDPOINT_ARRAY_SIZE}
+    assert defines("common.h", "ENDPOINT_ARRAY_SIZE") == {"ENDPOINT_ARRAY_SIZE": tc.ENDPOINT_ARRAY_SIZE}
 
 
 def test_proxy_marks():
@@ -94,18 +94,18 @@ def test_conntrack_closed_flags():
 
 
 def test_lb_flags():
-    assert defines("lb.h", "LB_F_") == {"LB_F_L7": redirect.LB_F_L7}
+    assert defines("lb.h", "LB_F_") == {"LB_F_L7": sockets.LB_F_L7}
 
 
 def test_fastpath_flags():
-    assert defines("sockmap.h", "FP_CFG_") == {"FP_CFG_ENABLED": redirect.FP_CFG_ENABLED}
+    assert defines("sockmap.h", "FP_CFG_") == {"FP_CFG_ENABLED": sockets.FP_CFG_ENABLED}
     assert defines("fastpath_flows.h", "FP_FLOW_") == {
-        "FP_FLOW_TCP_FOR_GOOD": redirect.FP_FLOW_TCP_FOR_GOOD,
-        "FP_FLOW_ON_TCP": redirect.FP_FLOW_ON_TCP,
-        "FP_FLOW_NODE_SIDE": redirect.FP_FLOW_NODE_SIDE,
+        "FP_FLOW_TCP_FOR_GOOD": sockets.FP_FLOW_TCP_FOR_GOOD,
+        "FP_FLOW_ON_TCP": sockets.FP_FLOW_ON_TCP,
+        "FP_FLOW_NODE_SIDE": sockets.FP_FLOW_NODE_SIDE,
     }
     default = defines("fastpath_flows.h", "FASTPATH_FLOW_MAP_SIZE")["FASTPATH_FLOW_MAP_SIZE"]
-    assert default == redirect.MAP_SIZES["FASTPATH_FLOW_MAP_SIZE"]
+    assert default == sockets.MAP_SIZES["FASTPATH_FLOW_MAP_SIZE"]
 
 
 def test_fastpath_outcomes_in_index_order():
@@ -115,7 +115,7 @@ def test_fastpath_outcomes_in_index_order():
     outcomes = [d for d in define_list("sockmap.h", "FP_") if re.match(r'"\w+"', d.comment)]
     by_index = {d.value: d.comment.split('"')[1] for d in outcomes}
     assert sorted(by_index) == list(range(count)) == [d.value for d in outcomes]
-    assert tuple(by_index[i] for i in range(count)) == redirect.FASTPATH_OUTCOMES
+    assert tuple(by_index[i] for i in range(count)) == sockets.FASTPATH_OUTCOMES
 
 
 @pytest.mark.parametrize(("prefix", "header", "names"), [

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.datapath import redirect
+from agent.datapath import maps, sockets
 from agent.datapath.maps import DatapathLayoutError, check_layout
 from agent.reconcile import ServiceTable, Sync, lb_table
 
@@ -23,18 +23,18 @@ def _struct_body(struct: str) -> tuple[str, int]:
     raise AssertionError(f"struct {struct} has no layout comment")
 
 
-@pytest.mark.parametrize("struct", sorted(redirect.LAYOUTS))
+@pytest.mark.parametrize("struct", sorted(maps.SOCKET_LAYOUTS))
 def test_sizes_match_layout_comments(struct):
-    assert ct.sizeof(redirect.LAYOUTS[struct][0]) == _struct_body(struct)[1]
+    assert ct.sizeof(maps.SOCKET_LAYOUTS[struct][0]) == _struct_body(struct)[1]
 
 
-@pytest.mark.parametrize("struct", sorted(redirect.LAYOUTS))
+@pytest.mark.parametrize("struct", sorted(maps.SOCKET_LAYOUTS))
 def test_offsets_match_layout_comments(struct):
     """Every field's `/* N: ... */` comment gives its offset in our ctypes copy, in the same order."""
     body, _ = _struct_body(struct)
     documented = re.findall(r"\b(\w+)(?:\[\d+\])?;\s*/\*\s*(\d+)", body)
-    ours = [(name, getattr(redirect.LAYOUTS[struct][0], name).offset)
-            for name, *_ in redirect.LAYOUTS[struct][0]._fields_]
+    ours = [(name, getattr(maps.SOCKET_LAYOUTS[struct][0], name).offset)
+            for name, *_ in maps.SOCKET_LAYOUTS[struct][0]._fields_]
     assert [(n, int(o)) for n, o in documented] == ours
 
 
@@ -43,29 +43,29 @@ def test_check_layout_detects_drift():
         _fields_ = [("vip", ct.c_uint32), ("port", ct.c_uint8), ("proto", ct.c_uint8), ("x", ct.c_uint16)]
 
     with pytest.raises(DatapathLayoutError):
-        check_layout(redirect.Lb4KeyC, Other)
+        check_layout(maps.Lb4KeyC, Other)
 
 
 def test_service_key_encoding():
-    c = redirect.service_key_to_c(("10.96.0.10", 80, "tcp"))
+    c = sockets.service_key_to_c(("10.96.0.10", 80, "tcp"))
     assert bytes(c) == socket.inet_aton("10.96.0.10") + (80).to_bytes(2, "big") + bytes([6, 0])
-    assert redirect.service_key_from_c(c) == ("10.96.0.10", 80, socket.IPPROTO_TCP)
-    assert bytes(redirect.service_key_to_c(("10.96.0.10", 53, 17)))[6] == 17
+    assert sockets.service_key_from_c(c) == ("10.96.0.10", 80, socket.IPPROTO_TCP)
+    assert bytes(sockets.service_key_to_c(("10.96.0.10", 53, 17)))[6] == 17
 
 
 def test_backend_encoding():
-    c = redirect.backend_to_c(("10.244.0.7", 8080))
+    c = sockets.backend_to_c(("10.244.0.7", 8080))
     assert bytes(c) == socket.inet_aton("10.244.0.7") + (8080).to_bytes(2, "big") + b"\0\0"
-    assert redirect.backend_from_c(c) == ("10.244.0.7", 8080)
+    assert sockets.backend_from_c(c) == ("10.244.0.7", 8080)
 
 
 def test_backend_key_slot_is_host_order():
-    key = redirect.Lb4BackendKeyC(service_id=3, slot=1)
+    key = maps.Lb4BackendKeyC(service_id=3, slot=1)
     assert bytes(key) == (3).to_bytes(4, "little") + (1).to_bytes(2, "little") + b"\0\0"
 
 
 def test_revnat_key_encoding():
-    key = redirect.Lb4RevnatKeyC(cookie=0x1122334455667788, ip=redirect.ip_to_be32("10.0.0.1"),
+    key = maps.Lb4RevnatKeyC(cookie=0x1122334455667788, ip=sockets.ip_to_be32("10.0.0.1"),
                                  port=socket.htons(8080))
     raw = bytes(key)
     assert raw[:8] == (0x1122334455667788).to_bytes(8, "little")
@@ -78,17 +78,17 @@ def test_revnat_key_encoding():
 ])
 def test_bad_service_keys_rejected(key):
     with pytest.raises(ValueError):
-        redirect.normalize_key(key)
+        sockets.normalize_key(key)
 
 
 @pytest.mark.parametrize("backend", [("10.0.0.1", 0), ("nope", 80), ("10.0.0.1", "80")])
 def test_bad_backends_rejected(backend):
     with pytest.raises(ValueError):
-        redirect.normalize_backend(backend)
+        sockets.normalize_backend(backend)
 
 
 def test_protocol_names_and_numbers_are_one_key():
-    assert redirect.normalize_key(("10.96.0.1", 53, "UDP")) == redirect.normalize_key(("10.96.0.1", 53, 17))
+    assert sockets.normalize_key(("10.96.0.1", 53, "UDP")) == sockets.normalize_key(("10.96.0.1", 53, 17))
 
 
 def test_attach_types_match_bcc():
@@ -104,31 +104,31 @@ def test_attach_types_match_bcc():
         "sock6_getpeername": bcc.BPFAttachType.CGROUP_INET6_GETPEERNAME,
         "sock_ops": bcc.BPFAttachType.CGROUP_SOCK_OPS,
     }
-    assert redirect.PROGRAMS == expected
+    assert sockets.PROGRAMS == expected
 
 
 def test_every_program_is_defined_in_redirect_c():
     text = (BPF / "redirect.c").read_text()
-    for name, attach_type in redirect.PROGRAMS.items():
-        ctx = "bpf_sock_ops \\*skops" if attach_type == redirect.BPF_CGROUP_SOCK_OPS else "bpf_sock_addr \\*ctx"
+    for name, attach_type in sockets.PROGRAMS.items():
+        ctx = "bpf_sock_ops \\*skops" if attach_type == sockets.BPF_CGROUP_SOCK_OPS else "bpf_sock_addr \\*ctx"
         assert re.search(rf"^int {name}\(struct {ctx}\)", text, re.M), name
 
 
 def test_l7_encodings():
-    key = redirect.L7ClientKeyC(ip=redirect.ip_to_be32("10.244.7.21"), port=socket.htons(40000))
+    key = maps.L7ClientKeyC(ip=sockets.ip_to_be32("10.244.7.21"), port=socket.htons(40000))
     assert bytes(key) == socket.inet_aton("10.244.7.21") + (40000).to_bytes(2, "big") + b"\0\0"
-    value = redirect.L7OrigDstC(vip=redirect.ip_to_be32("10.96.0.10"), port=socket.htons(80), ep_id=3,
+    value = maps.L7OrigDstC(vip=sockets.ip_to_be32("10.96.0.10"), port=socket.htons(80), ep_id=3,
                                 identity=0x123456)
     raw = bytes(value)
     assert raw[:4] == socket.inet_aton("10.96.0.10") and raw[4:6] == (80).to_bytes(2, "big")
     assert raw[6:8] == (3).to_bytes(2, "little") and raw[8:12] == (0x123456).to_bytes(4, "little")
-    cfg = redirect.LbConfigC(proxy_ip=redirect.ip_to_be32("10.200.0.1"), proxy_port=socket.htons(15001))
+    cfg = maps.LbConfigC(proxy_ip=sockets.ip_to_be32("10.200.0.1"), proxy_port=socket.htons(15001))
     assert bytes(cfg) == socket.inet_aton("10.200.0.1") + (15001).to_bytes(2, "big") + b"\0\0"
 
 
 def test_lb_flags_match_header():
     text = (BPF / "lib" / "lb.h").read_text()
-    assert int(re.search(r"#define LB_F_L7 (0x[0-9a-f]+)", text).group(1), 16) == redirect.LB_F_L7
+    assert int(re.search(r"#define LB_F_L7 (0x[0-9a-f]+)", text).group(1), 16) == sockets.LB_F_L7
 
 
 # ---- the reconcile path's service table against in-memory maps -------------------------------------
@@ -161,8 +161,8 @@ class FakeMaps:
     that moment relies on: every slot below a service's backend_count exists."""
 
     def __init__(self):
-        self.services = FakeTable(redirect.Lb4KeyC, redirect.Lb4ServiceC, self.check)
-        self.backends = FakeTable(redirect.Lb4BackendKeyC, redirect.Lb4BackendC, self.check)
+        self.services = FakeTable(maps.Lb4KeyC, maps.Lb4ServiceC, self.check)
+        self.backends = FakeTable(maps.Lb4BackendKeyC, maps.Lb4BackendC, self.check)
         self.tables = {"lb_services": self.services, "lb_backends": self.backends}
         self.seen: list[dict] = []  # per write: service key -> backends a connect could pick
 
@@ -170,18 +170,18 @@ class FakeMaps:
         return self.tables[name]
 
     def check(self):
-        slots = {(k.service_id, k.slot): redirect.backend_from_c(v) for k, v in self.backends.items()}
+        slots = {(k.service_id, k.slot): sockets.backend_from_c(v) for k, v in self.backends.items()}
         view = {}
         for k, v in self.services.items():
             missing = [i for i in range(v.backend_count) if (v.service_id, i) not in slots]
-            assert not missing, f"service {redirect.service_key_from_c(k)}: slots {missing} missing"
-            view[redirect.service_key_from_c(k)] = {slots[(v.service_id, i)] for i in range(v.backend_count)}
+            assert not missing, f"service {sockets.service_key_from_c(k)}: slots {missing} missing"
+            view[sockets.service_key_from_c(k)] = {slots[(v.service_id, i)] for i in range(v.backend_count)}
         self.seen.append(view)
 
 
-def make_dp(fake: FakeMaps | None = None) -> tuple[redirect.RedirectDatapath, FakeMaps]:
+def make_dp(fake: FakeMaps | None = None) -> tuple[sockets.SocketDatapath, FakeMaps]:
     fake = fake or FakeMaps()
-    dp = redirect.RedirectDatapath("/nonexistent", {"LB_BACKEND_MAP_SIZE": 64, "LB_SERVICE_MAP_SIZE": 8})
+    dp = sockets.SocketDatapath("/nonexistent", {"LB_BACKEND_MAP_SIZE": 64, "LB_SERVICE_MAP_SIZE": 8})
     dp.bpf = fake
     dp._read_services(cleanup=True)  # what load() does after compiling
     return dp, fake
@@ -205,7 +205,7 @@ def test_sync_keeps_every_counted_slot_present(steps):
     dp, fake = make_dp()
     for services in steps:
         sync(dp, services)
-        want = {redirect.normalize_key(k): v for k, v in services.items()}
+        want = {sockets.normalize_key(k): v for k, v in services.items()}
         assert dp.list_services() == want
         # Nothing but the live slots is left behind.
         assert len(fake.backends.data) == sum(len(v) for v in services.values())
@@ -245,8 +245,8 @@ def test_service_ids_are_unique_and_reused():
 
 def test_flags_are_written():
     dp, _ = make_dp()
-    sync(dp, {WEB: [A]}, flags={WEB: redirect.LB_F_L7})
-    assert dp.services()[WEB_K].flags == redirect.LB_F_L7
+    sync(dp, {WEB: [A]}, flags={WEB: sockets.LB_F_L7})
+    assert dp.services()[WEB_K].flags == sockets.LB_F_L7
     sync(dp, {WEB: [A]})
     assert dp.services()[WEB_K].flags == 0
 
@@ -279,8 +279,8 @@ def test_adoption_reads_the_maps_and_drops_unreachable_slots():
     sync(dp, {WEB: [A, B, C]})
     # An agent stopped mid-sync: the count was lowered, the stale slot not yet deleted.
     for k, v in fake.services.items():
-        fake.services.data[bytes(k)] = bytes(redirect.Lb4ServiceC(service_id=v.service_id, backend_count=2))
-    fake.backends.data[bytes(redirect.Lb4BackendKeyC(service_id=99, slot=0))] = bytes(redirect.backend_to_c(D))
+        fake.services.data[bytes(k)] = bytes(maps.Lb4ServiceC(service_id=v.service_id, backend_count=2))
+    fake.backends.data[bytes(maps.Lb4BackendKeyC(service_id=99, slot=0))] = bytes(sockets.backend_to_c(D))
     again, _ = make_dp(fake)
     assert again.list_services() == {WEB_K: [A, B]}
     assert len(fake.backends.data) == 2
@@ -292,7 +292,7 @@ def test_a_missing_slot_is_repaired():
     dp, fake = make_dp()
     sync(dp, {WEB: [A, B, C]})
     sid = dp.services()[WEB_K].service_id
-    del fake.backends.data[bytes(redirect.Lb4BackendKeyC(service_id=sid, slot=1))]
+    del fake.backends.data[bytes(maps.Lb4BackendKeyC(service_id=sid, slot=1))]
     again, _ = make_dp(fake)
     assert again.services()[WEB_K].backends == (A, None, C)
     sync(again, {WEB: [A, B, C]})
@@ -302,10 +302,10 @@ def test_a_missing_slot_is_repaired():
 def test_fastpath_needs_every_kernel_offset(monkeypatch):
     offsets = {("sock", "sk_user_data"): 656, ("sk_psock", "msg_tot_len"): 412,
                ("tcp_sock", "write_seq"): 1576, ("tcp_sock", "copied_seq"): 1464}
-    monkeypatch.setattr(redirect, "member_offset", lambda s, m: offsets.get((s, m)))
-    assert redirect.fastpath_kernel_cflags() == ["-DFP_SK_USER_DATA_OFF=656", "-DFP_PSOCK_MSG_TOT_LEN_OFF=412",
+    monkeypatch.setattr(sockets, "member_offset", lambda s, m: offsets.get((s, m)))
+    assert sockets.fastpath_kernel_cflags() == ["-DFP_SK_USER_DATA_OFF=656", "-DFP_PSOCK_MSG_TOT_LEN_OFF=412",
                                                  "-DFP_TCP_WRITE_SEQ_OFF=1576", "-DFP_TCP_COPIED_SEQ_OFF=1464"]
-    assert redirect.fastpath_supported()
+    assert sockets.fastpath_supported()
     del offsets[("sk_psock", "msg_tot_len")]  # an older kernel (6.1 has none): no queue length to bound
-    assert "-DFP_UNSUPPORTED=1" in redirect.fastpath_kernel_cflags()
-    assert not redirect.fastpath_supported()
+    assert "-DFP_UNSUPPORTED=1" in sockets.fastpath_kernel_cflags()
+    assert not sockets.fastpath_supported()

@@ -4,29 +4,17 @@ resolver's decoding and refusal, and upstream pools kept apart per mark."""
 from __future__ import annotations
 
 import asyncio
-import ctypes as ct
 import re
 import socket
 from pathlib import Path
 
 import pytest
 
-from agent.datapath import redirect
 from userspace_l7 import origdst
 from userspace_l7.pool import Pools
 from userspace_l7.snapshot import PoolLimits
 
 BPF = Path(__file__).resolve().parents[3] / "bpf"
-
-
-@pytest.mark.parametrize("ours,agents", [(origdst.L7ClientKeyC, redirect.L7ClientKeyC),
-                                         (origdst.L7OrigDstC, redirect.L7OrigDstC)])
-def test_layouts_are_the_agents(ours, agents):
-    """The processor keeps its own copy (it does not import the agent); both match lib/lb.h, whose
-    layout comments tests/unit/test_lb_maps.py checks the agent's copy against."""
-    assert ct.sizeof(ours) == ct.sizeof(agents)
-    assert [(n, getattr(ours, n).offset) for n, *_ in ours._fields_] == \
-        [(n, getattr(agents, n).offset) for n, *_ in agents._fields_]
 
 
 def test_mark_constants_match_common_h():

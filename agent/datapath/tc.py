@@ -11,15 +11,13 @@ import ctypes as ct
 import errno
 import ipaddress
 import os
-import platform
 import socket
-import subprocess
 from collections.abc import Callable
-from pathlib import Path
 
 from agent.datapath import maps
+from agent.datapath.build import DatapathError, bpf_cflags, check_kernel_headers, ensure_bpffs, import_bcc
+from agent.datapath.libbpf import libbpf, map_info
 from agent.datapath.source import program_source
-from agent.errors import MeshError
 
 PROGRAMS = {"from_container": "ingress", "to_container": "egress"}  # program -> clsact hook
 TC_PARENT = {"ingress": "ffff:fff2", "egress": "ffff:fff3"}
@@ -34,65 +32,7 @@ MAP_SIZES = {
 ENDPOINT_ARRAY_SIZE = 65536  # bpf/lib/common.h: endpoints at lower ifindexes live in an array
 
 
-class DatapathError(MeshError):
-    """The kernel or the machine lacks something the datapath needs; the message says what."""
-
-    culprit = "node"
-
-
-def kernel_build_dir() -> Path:
-    return Path("/lib/modules") / platform.release() / "build"
-
-
-def check_kernel_headers() -> None:
-    build = kernel_build_dir()
-    if not (build / "include").is_dir():
-        raise DatapathError(
-            f"cannot compile BPF: no kernel headers at {build} (BCC needs them). Install Debian's "
-            f"linux-headers-amd64 and link {build} and ../source to /usr/src/linux-headers-<ver>-amd64 "
-            "and -common, which `make install` does"
-        )
-
-
-def import_bcc():
-    """BCC's BPF class, or an error that says how to get it."""
-    try:
-        from bcc import BPF
-    except ImportError:
-        raise DatapathError(
-            "cannot import bcc: install Debian's python3-bpfcc and run the agent from a virtualenv "
-            "created with --system-site-packages (`make install` does both)"
-        ) from None
-    return BPF
-
-
-def bpf_cflags(bpffs_dir: str, map_sizes: dict[str, int]) -> list[str]:
-    """Load-time options as -D flags: where the pins live, and the map sizes."""
-    return [f'-DPIN_DIR="{bpffs_dir}"', *(f"-D{k}={v}" for k, v in map_sizes.items())]
-
-
-def ensure_bpffs(bpffs_dir: str) -> None:
-    """Mount bpffs at /sys/fs/bpf if nothing is mounted there, then create the node's directory."""
-    if not _is_bpffs("/sys/fs/bpf") and bpffs_dir.startswith("/sys/fs/bpf/"):
-        os.makedirs("/sys/fs/bpf", exist_ok=True)
-        subprocess.run(["mount", "-t", "bpf", "bpf", "/sys/fs/bpf"], check=True, capture_output=True)
-    os.makedirs(bpffs_dir, exist_ok=True)
-    if not _is_bpffs(bpffs_dir):
-        raise DatapathError(f"{bpffs_dir} is not on a bpffs mount: mount one (mount -t bpf bpf /sys/fs/bpf)")
-
-
-def _is_bpffs(path: str) -> bool:
-    stat = os.statvfs(path) if os.path.exists(path) else None
-    if stat is None:
-        return False
-    # statfs f_type is not in os.statvfs; read /proc/self/mounts instead.
-    real = os.path.realpath(path)
-    with open("/proc/self/mounts") as mounts:
-        points = [line.split()[1] for line in mounts if line.split()[2] == "bpf"]
-    return any(real == p or real.startswith(p.rstrip("/") + "/") for p in points)
-
-
-class Datapath:
+class TcDatapath:
     """The node's loaded policy programs and their maps."""
 
     def __init__(self, bpffs_dir: str, map_sizes: dict[str, int] | None = None):
@@ -132,21 +72,18 @@ class Datapath:
         path = os.path.join(self.bpffs_dir, "config")
         if not os.path.exists(path):
             return None
-        lib = ct.CDLL("libbpf.so.1", use_errno=True)
-        lib.bpf_obj_get.argtypes = [ct.c_char_p]
-        lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
-        lib.bpf_map_lookup_elem.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
+        lib = libbpf()
         fd = lib.bpf_obj_get(path.encode())
         if fd < 0:
             return None
         try:
-            info = (ct.c_uint32 * 6)()  # type, id, key_size, value_size, max_entries, map_flags
-            size = ct.c_uint32(ct.sizeof(info))
-            if lib.bpf_obj_get_info_by_fd(fd, info, ct.byref(size)) != 0:
+            try:
+                value_size = map_info(fd).value_size
+            except OSError:
                 return None
-            if info[3] == ct.sizeof(maps.DatapathConfigC) or info[3] < 4:
+            if value_size == ct.sizeof(maps.DatapathConfigC) or value_size < 4:
                 return None
-            key, value = ct.c_uint32(0), ct.create_string_buffer(info[3])
+            key, value = ct.c_uint32(0), ct.create_string_buffer(value_size)
             revision = 0
             if lib.bpf_map_lookup_elem(fd, ct.byref(key), value) == 0:
                 revision = int.from_bytes(value.raw[:4], "little")
@@ -156,13 +93,11 @@ class Datapath:
             os.close(fd)
 
     def _pin_program(self, fd: int, path: str) -> None:
-        from bcc import libbcc
-
         if os.path.exists(path):
             os.unlink(path)  # the new program replaces the pin; the old one lives while attached
-        if libbcc.lib.bpf_obj_pin(fd, path.encode()) != 0:
-            err = ct.get_errno()
-            raise DatapathError(f"cannot pin program at {path}: {os.strerror(err) if err else 'error'}")
+        ret = libbpf().bpf_obj_pin(fd, path.encode())
+        if ret < 0:
+            raise DatapathError(f"cannot pin program at {path}: {os.strerror(-ret)}")
 
     def table(self, name: str):
         return self.bpf[name]

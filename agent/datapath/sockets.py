@@ -16,7 +16,7 @@ only if the agent registers that namespace too.
 
 Use (the agent's side):
 
-    dp = RedirectDatapath("/sys/fs/bpf/meshagent/n1")
+    dp = SocketDatapath("/sys/fs/bpf/meshagent/n1")
     dp.load()                       # compile, re-open pinned maps, adopt the services they hold
     dp.attach()                     # at /sys/fs/cgroup/unified, replacing a predecessor's copies
     dp.set_endpoint_netns(netns_cookie("/run/netns/web-1"), ep_id=3, identity=1003)
@@ -47,8 +47,21 @@ from dataclasses import dataclass
 from functools import cache
 
 from agent.datapath.btf import member_offset
-from agent.datapath.loader import DatapathError, bpf_cflags, check_kernel_headers, ensure_bpffs, import_bcc
-from agent.datapath.maps import be32_to_ip, check_layout, ip_to_be32
+from agent.datapath.build import DatapathError, bpf_cflags, check_kernel_headers, ensure_bpffs, import_bcc
+from agent.datapath.libbpf import AttachOpts, ProgInfo, libbpf, map_info
+from agent.datapath.maps import (
+    SOCKET_LAYOUTS,
+    EndpointNetnsC,
+    FastpathConfigC,
+    Lb4BackendC,
+    Lb4BackendKeyC,
+    Lb4KeyC,
+    LbConfigC,
+    SockKeyC,
+    be32_to_ip,
+    check_layout,
+    ip_to_be32,
+)
 from agent.datapath.source import program_source
 
 CGROUP_ROOT = "/sys/fs/cgroup/unified"
@@ -94,94 +107,15 @@ CLONE_NEWNET = 0x40000000
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 
 
-# ---- layouts (bpf/lib/lb.h, bpf/lib/netns.h) ---------------------------------------------------
-
-
-class EndpointNetnsC(ct.Structure):
-    _fields_ = [("ep_id", ct.c_uint16), ("pad", ct.c_uint16), ("identity", ct.c_uint32)]
-
-
-class Lb4KeyC(ct.Structure):
-    _fields_ = [("vip", ct.c_uint32), ("port", ct.c_uint16), ("proto", ct.c_uint8), ("pad", ct.c_uint8)]
-
-
-class Lb4ServiceC(ct.Structure):
-    _fields_ = [
-        ("service_id", ct.c_uint32),
-        ("backend_count", ct.c_uint16),
-        ("flags", ct.c_uint8),
-        ("pad", ct.c_uint8),
-    ]
-
-
-class Lb4BackendKeyC(ct.Structure):
-    _fields_ = [("service_id", ct.c_uint32), ("slot", ct.c_uint16), ("pad", ct.c_uint16)]
-
-
-class Lb4BackendC(ct.Structure):
-    _fields_ = [("ip", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]
-
-
-class Lb4RevnatKeyC(ct.Structure):
-    _fields_ = [("cookie", ct.c_uint64), ("ip", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]
-
-
-class Lb4RevnatC(ct.Structure):
-    _fields_ = [("vip", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]
-
-
-class LbConfigC(ct.Structure):
-    _fields_ = [("proxy_ip", ct.c_uint32), ("proxy_port", ct.c_uint16), ("pad", ct.c_uint16)]
-
-
-class L7OrigDstC(ct.Structure):
-    _fields_ = [
-        ("vip", ct.c_uint32),  # network order
-        ("port", ct.c_uint16),  # network order
-        ("ep_id", ct.c_uint16),
-        ("identity", ct.c_uint32),
-        ("pad", ct.c_uint32),
-    ]
-
-
-class L7ClientKeyC(ct.Structure):
-    _fields_ = [("ip", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]  # network order
-
-
-class SockKeyC(ct.Structure):
-    _fields_ = [
-        ("local_ip", ct.c_uint32),  # network order
-        ("remote_ip", ct.c_uint32),
-        ("local_port", ct.c_uint16),  # host order
-        ("remote_port", ct.c_uint16),
-        ("pad", ct.c_uint32),
-        ("netns", ct.c_uint64),  # loopback pairs only
-    ]
-
-
-class FastpathFlowC(ct.Structure):
-    _fields_ = [("revision", ct.c_uint32), ("flags", ct.c_uint32), ("sk", ct.c_uint64)]
-
-
-class FastpathConfigC(ct.Structure):
-    _fields_ = [
-        ("node_netns", ct.c_uint64),
-        ("pod_net", ct.c_uint32),  # network order
-        ("pod_mask", ct.c_uint32),
-        ("flags", ct.c_uint32),
-        ("pad", ct.c_uint32),
-    ]
-
-
-class FastpathCounterC(ct.Structure):
-    _fields_ = [("messages", ct.c_uint64), ("bytes", ct.c_uint64)]
-
-
 FP_CFG_ENABLED = 0x1  # bpf/lib/sockmap.h
 FP_FLOW_TCP_FOR_GOOD = 0x1  # retired: older builds' sockets that stay on TCP
 FP_FLOW_ON_TCP = 0x2
 FP_FLOW_NODE_SIDE = 0x4  # bpf/lib/fastpath_flows.h
 # fastpath_msg outcomes, in the order of their FP_* index (bpf/lib/sockmap.h).
+FASTPATH_OUTCOMES = ("redirected", "pass_no_peer", "pass_policy_changed", "pass_queue_full",
+                     "pass_fallen_back", "pass_no_state")
+
+
 def _flow_path(flags: int, revision: int, current: int, loopback: bool) -> str:
     """Which path the socket's next send takes, as far as its own state says (bpf/redirect.c
     fastpath_msg; its peer's state counts too)."""
@@ -191,28 +125,6 @@ def _flow_path(flags: int, revision: int, current: int, loopback: bool) -> str:
         return "tcp (until TC re-checks policy)"
     return "tcp (until the peer catches up)" if flags & FP_FLOW_ON_TCP else "redirect"
 
-
-FASTPATH_OUTCOMES = ("redirected", "pass_no_peer", "pass_policy_changed", "pass_queue_full",
-                     "pass_fallen_back", "pass_no_state")
-
-
-# C struct name -> (our copy, the map and side BCC exposes it on), for check_layout().
-LAYOUTS = {
-    "endpoint_netns_info": (EndpointNetnsC, "endpoint_netns", "Leaf"),
-    "lb4_key": (Lb4KeyC, "lb_services", "Key"),
-    "lb4_service": (Lb4ServiceC, "lb_services", "Leaf"),
-    "lb4_backend_key": (Lb4BackendKeyC, "lb_backends", "Key"),
-    "lb4_backend": (Lb4BackendC, "lb_backends", "Leaf"),
-    "lb4_revnat_key": (Lb4RevnatKeyC, "lb_revnat", "Key"),
-    "lb4_revnat": (Lb4RevnatC, "lb_revnat", "Leaf"),
-    "lb_config": (LbConfigC, "lb_config", "Leaf"),
-    "l7_origdst": (L7OrigDstC, "l7_origdst", "Leaf"),
-    "l7_client_key": (L7ClientKeyC, "l7_origdst", "Key"),
-    "sock_key": (SockKeyC, "fastpath_flows", "Key"),
-    "fastpath_flow": (FastpathFlowC, "fastpath_flows", "Leaf"),
-    "fastpath_config": (FastpathConfigC, "fastpath_config", "Leaf"),
-    "fastpath_counter": (FastpathCounterC, "fastpath_metrics", "Leaf"),
-}
 
 ServiceKey = tuple[str, int, int]  # (VIP, port, IP protocol number)
 LbBackend = tuple[str, int]  # (address, port)
@@ -328,44 +240,6 @@ def current_netns_cookie() -> int:
         return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
 
 
-# ---- libbpf calls BCC has no wrapper for -------------------------------------------------------
-
-
-class _AttachOpts(ct.Structure):  # struct bpf_prog_attach_opts, libbpf 1.1
-    _fields_ = [("sz", ct.c_size_t), ("flags", ct.c_uint32), ("replace_prog_fd", ct.c_int)]
-
-
-class _ProgInfo(ct.Structure):  # the leading fields of struct bpf_prog_info
-    _fields_ = [
-        ("type", ct.c_uint32), ("id", ct.c_uint32), ("tag", ct.c_uint8 * 8),
-        ("jited_prog_len", ct.c_uint32), ("xlated_prog_len", ct.c_uint32),
-        ("jited_prog_insns", ct.c_uint64), ("xlated_prog_insns", ct.c_uint64),
-        ("load_time", ct.c_uint64), ("created_by_uid", ct.c_uint32), ("nr_map_ids", ct.c_uint32),
-        ("map_ids", ct.c_uint64), ("name", ct.c_char * 16),
-    ]
-
-
-class _MapInfo(ct.Structure):  # the leading fields of struct bpf_map_info
-    _fields_ = [("type", ct.c_uint32), ("id", ct.c_uint32), ("key_size", ct.c_uint32),
-                ("value_size", ct.c_uint32), ("max_entries", ct.c_uint32), ("map_flags", ct.c_uint32)]
-
-
-@cache
-def _libbpf() -> ct.CDLL:
-    lib = ct.CDLL("libbpf.so.1", use_errno=True)  # the libbpf libbcc itself links
-    lib.bpf_prog_attach_opts.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.POINTER(_AttachOpts)]
-    lib.bpf_prog_detach2.argtypes = [ct.c_int, ct.c_int, ct.c_int]
-    lib.bpf_prog_attach.argtypes = [ct.c_int, ct.c_int, ct.c_int, ct.c_uint]
-    lib.bpf_map_get_next_key.argtypes = [ct.c_int, ct.c_void_p, ct.c_void_p]
-    lib.bpf_prog_query.argtypes = [ct.c_int, ct.c_int, ct.c_uint32, ct.POINTER(ct.c_uint32),
-                                   ct.POINTER(ct.c_uint32), ct.POINTER(ct.c_uint32)]
-    lib.bpf_prog_get_fd_by_id.argtypes = [ct.c_uint32]
-    lib.bpf_obj_get_info_by_fd.argtypes = [ct.c_int, ct.c_void_p, ct.POINTER(ct.c_uint32)]
-    lib.bpf_obj_get.argtypes = [ct.c_char_p]
-    lib.bpf_obj_pin.argtypes = [ct.c_int, ct.c_char_p]
-    return lib
-
-
 def _check(ret: int, what: str) -> int:
     """libbpf 1.x returns -errno on failure."""
     if ret < 0:
@@ -375,24 +249,22 @@ def _check(ret: int, what: str) -> int:
 
 def _prog_info(fd: int) -> tuple[int, list[int]]:
     """(program id, ids of the maps it uses)."""
-    info, size = _ProgInfo(), ct.c_uint32(ct.sizeof(_ProgInfo))
-    _check(_libbpf().bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)), "bpf_obj_get_info_by_fd")
+    info, size = ProgInfo(), ct.c_uint32(ct.sizeof(ProgInfo))
+    _check(libbpf().bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)), "bpf_obj_get_info_by_fd")
     ids = (ct.c_uint32 * max(info.nr_map_ids, 1))()
-    again = _ProgInfo(nr_map_ids=info.nr_map_ids, map_ids=ct.addressof(ids))
-    size = ct.c_uint32(ct.sizeof(_ProgInfo))
-    _check(_libbpf().bpf_obj_get_info_by_fd(fd, ct.byref(again), ct.byref(size)), "bpf_obj_get_info_by_fd")
+    again = ProgInfo(nr_map_ids=info.nr_map_ids, map_ids=ct.addressof(ids))
+    size = ct.c_uint32(ct.sizeof(ProgInfo))
+    _check(libbpf().bpf_obj_get_info_by_fd(fd, ct.byref(again), ct.byref(size)), "bpf_obj_get_info_by_fd")
     return info.id, list(ids[: min(info.nr_map_ids, again.nr_map_ids)])
 
 
 def _map_id(fd: int) -> int:
-    info, size = _MapInfo(), ct.c_uint32(ct.sizeof(_MapInfo))
-    _check(_libbpf().bpf_obj_get_info_by_fd(fd, ct.byref(info), ct.byref(size)), "bpf_obj_get_info_by_fd")
-    return info.id
+    return map_info(fd).id
 
 
 def _attached_ids(cgroup_fd: int, attach_type: int) -> list[int]:
     """Programs attached directly at the cgroup (not inherited) for one hook."""
-    lib = _libbpf()
+    lib = libbpf()
     for size in (64, 1024, 65536):
         ids, cnt, flags = (ct.c_uint32 * size)(), ct.c_uint32(size), ct.c_uint32(0)
         ret = lib.bpf_prog_query(cgroup_fd, attach_type, 0, ct.byref(flags), ids, ct.byref(cnt))
@@ -405,7 +277,7 @@ def _attached_ids(cgroup_fd: int, attach_type: int) -> list[int]:
 
 @contextlib.contextmanager
 def _prog_fd_by_id(prog_id: int):
-    fd = _libbpf().bpf_prog_get_fd_by_id(prog_id)
+    fd = libbpf().bpf_prog_get_fd_by_id(prog_id)
     if fd < 0:
         yield None  # gone meanwhile
         return
@@ -452,7 +324,7 @@ def fastpath_supported() -> bool:
 # ---- the datapath ------------------------------------------------------------------------------
 
 
-class RedirectDatapath:
+class SocketDatapath:
     """The node's socket-level service programs and their maps."""
 
     def __init__(self, bpffs_dir: str, map_sizes: dict[str, int] | None = None):
@@ -483,7 +355,7 @@ class RedirectDatapath:
             self.fastpath_msg = self.bpf.load_func(FASTPATH_PROGRAM, BPF.SK_MSG)
         except Exception as e:  # BCC raises bare Exception for compile and verifier failures
             raise DatapathError(f"cannot load bpf/redirect.c: {e}") from None
-        for ours, table, side in LAYOUTS.values():
+        for ours, table, side in SOCKET_LAYOUTS.values():
             theirs = getattr(self.bpf[table], side)
             # A per-CPU map's leaf is an array of one value per CPU.
             check_layout(ours, theirs._type_ if issubclass(theirs, ct.Array) else theirs)
@@ -497,7 +369,7 @@ class RedirectDatapath:
         if self.bpf is not None:
             return _map_id(self.bpf["endpoint_netns"].map_fd)
         path = os.path.join(self.bpffs_dir, "endpoint_netns")
-        fd = _libbpf().bpf_obj_get(path.encode())
+        fd = libbpf().bpf_obj_get(path.encode())
         if fd < 0:
             return 0
         try:
@@ -517,7 +389,7 @@ class RedirectDatapath:
         """
         if not self.functions:
             raise DatapathError("attach() before load()")
-        lib = _libbpf()
+        lib = libbpf()
         map_id = self._map_id()
         # Before sock_ops can add a socket: a socket takes the map's sk_msg program when it is
         # added. Attaching replaces a predecessor's program; sockets already in the map keep theirs.
@@ -533,7 +405,7 @@ class RedirectDatapath:
                     owned.remove(new_id)
                 elif owned:
                     with _prog_fd_by_id(owned[0]) as old_fd:
-                        opts = _AttachOpts(sz=ct.sizeof(_AttachOpts), flags=BPF_F_ALLOW_MULTI | BPF_F_REPLACE,
+                        opts = AttachOpts(sz=ct.sizeof(AttachOpts), flags=BPF_F_ALLOW_MULTI | BPF_F_REPLACE,
                                            replace_prog_fd=old_fd if old_fd is not None else -1)
                         ret = lib.bpf_prog_attach_opts(fd, cg, attach_type, ct.byref(opts))
                     if ret < 0:
@@ -555,19 +427,19 @@ class RedirectDatapath:
 
     @staticmethod
     def _attach_multi(fd: int, cg: int, attach_type: int, name: str, cgroup_root: str) -> None:
-        opts = _AttachOpts(sz=ct.sizeof(_AttachOpts), flags=BPF_F_ALLOW_MULTI, replace_prog_fd=0)
-        _check(_libbpf().bpf_prog_attach_opts(fd, cg, attach_type, ct.byref(opts)),
+        opts = AttachOpts(sz=ct.sizeof(AttachOpts), flags=BPF_F_ALLOW_MULTI, replace_prog_fd=0)
+        _check(libbpf().bpf_prog_attach_opts(fd, cg, attach_type, ct.byref(opts)),
                f"cannot attach {name} at {cgroup_root}")
 
     def _pin_program(self, fd: int, path: str) -> None:
         if os.path.exists(path):
             os.unlink(path)  # the new program replaces the pin; the old one is detached already
-        _check(_libbpf().bpf_obj_pin(fd, path.encode()), f"cannot pin program at {path}")
+        _check(libbpf().bpf_obj_pin(fd, path.encode()), f"cannot pin program at {path}")
 
     def detach(self, cgroup_root: str = CGROUP_ROOT) -> None:
         """Detach this node's programs from ``cgroup_root`` and remove their pins. Works without
         load() (for teardown): the programs are found through the pinned endpoint_netns map."""
-        lib = _libbpf()
+        lib = libbpf()
         map_id = self._map_id()
         pinned: dict[str, int] = {}  # also what the pins name, should the map pin be gone
         for name in PROGRAMS:
@@ -683,7 +555,7 @@ class RedirectDatapath:
 
     def fastpath_sockets(self) -> list[tuple[str, int, str, int]]:
         """(local ip, port, remote ip, port) of every socket in the sockhash right now."""
-        fd, lib = self.fastpath_socks_fd(), _libbpf()
+        fd, lib = self.fastpath_socks_fd(), libbpf()
         out, key, prev = [], SockKeyC(), None
         while lib.bpf_map_get_next_key(fd, ct.byref(prev) if prev is not None else None, ct.byref(key)) == 0:
             out.append((be32_to_ip(key.local_ip), key.local_port, be32_to_ip(key.remote_ip), key.remote_port))
