@@ -28,14 +28,6 @@ REPO = Path(__file__).resolve().parents[2]
 MESHAGENT = [sys.executable, "-m", "cli.main"]
 
 
-def pytest_collection_modifyitems(config, items):
-    if os.geteuid() != 0:
-        skip = pytest.mark.skip(reason="datapath tests need root")
-        for item in items:
-            if "datapath" in str(item.fspath):
-                item.add_marker(skip)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,10 +1,10 @@
 """The shipped examples are valid resources (the demo applies them)."""
 
-from pathlib import Path
 
 from agent.resources import load_paths
+from tests.paths import REPO
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+EXAMPLES = REPO / "examples"
 
 
 def test_examples_validate():

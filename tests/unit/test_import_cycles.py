@@ -11,7 +11,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.paths import REPO
+
+ROOT = REPO
 PACKAGES = ("agent", "cli", "userspace_l7", "bench")
 
 # Known cycles, each as a pair of modules that import each other (directly or through others).

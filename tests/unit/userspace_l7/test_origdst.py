@@ -6,15 +6,13 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
-from pathlib import Path
 
 import pytest
 
+from tests.paths import BPF
 from userspace_l7 import origdst
 from userspace_l7.pool import Pools
 from userspace_l7.snapshot import PoolLimits
-
-BPF = Path(__file__).resolve().parents[3] / "bpf"
 
 
 def test_mark_constants_match_common_h():

@@ -1,7 +1,7 @@
 """The Python mirror of the datapath's numbering must match the C headers."""
 
 from agent.datapath import reasons
-from tests.unit.bpf_headers import define_list, defines
+from tests.unit.agent.datapath.bpf_headers import define_list, defines
 
 
 def _drop_reasons():

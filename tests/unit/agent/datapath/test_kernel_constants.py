@@ -13,7 +13,7 @@ import pytest
 from agent import flows, identity
 from agent.datapath import maps, reasons, sockets, tc
 from agent.policy import types
-from tests.unit.bpf_headers import define_list, defines
+from tests.unit.agent.datapath.bpf_headers import define_list, defines
 from userspace_l7 import origdst
 
 

@@ -4,15 +4,13 @@ without a kernel."""
 import ctypes as ct
 import re
 import socket
-from pathlib import Path
 
 import pytest
 
 from agent.datapath import maps, sockets
 from agent.datapath.maps import DatapathLayoutError, check_layout
 from agent.reconcile import ServiceTable, Sync, lb_table
-
-BPF = Path(__file__).resolve().parents[2] / "bpf"
+from tests.paths import BPF
 
 
 def _struct_body(struct: str) -> tuple[str, int]:

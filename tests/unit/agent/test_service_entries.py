@@ -24,10 +24,9 @@ from agent.services import (
     hosts_file,
 )
 from agent.state import DnsResolver
+from tests.unit.userspace_l7.helpers import req, vs
 from userspace_l7.routing import route
 from userspace_l7.snapshot import L7Config, SnapshotError
-
-from .userspace_l7.helpers import req, vs
 
 HOST = "api.example.test"
 

@@ -2,14 +2,14 @@
 
 import ctypes as ct
 import re
-from pathlib import Path
 
 import pytest
 
 from agent.datapath import maps
 from agent.policy.types import ANY_IDENTITY, ANY_PROTO, EGRESS, INGRESS, Action, Enforcement, PolicyEntry, PolicyKey
+from tests.paths import BPF as BPF_ROOT
 
-BPF = Path(__file__).resolve().parents[2] / "bpf" / "lib"
+BPF = BPF_ROOT / "lib"
 
 
 def _documented_size(struct: str) -> int:

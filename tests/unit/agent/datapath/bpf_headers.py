@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
-BPF_LIB = Path(__file__).resolve().parents[2] / "bpf" / "lib"
+from tests.paths import BPF
+
+BPF_LIB = BPF / "lib"
 
 # The comment may go on over the next lines: only its first line is kept.
 _DEFINE = re.compile(

@@ -16,7 +16,7 @@ from agent.datapath.reasons import DROP_REASONS
 from agent.flows import FlowContext, FlowCounters, decode_event
 from agent.metrics import AgentCollector
 from agent.policy.types import EGRESS
-from tests.unit.bpf_headers import defines
+from tests.unit.agent.datapath.bpf_headers import defines
 
 CLIENT_IP, BACKEND_IP = "10.200.0.10", "10.200.0.11"
 CLIENT_ID, BACKEND_ID = 300, 301
