@@ -8,6 +8,8 @@ operation that did not exist, tested only against a fake.)
 
 from __future__ import annotations
 
+import json
+
 import click
 import pytest
 
@@ -22,26 +24,34 @@ spec:
   ingress:
   - fromEndpoints: [{matchLabels: {app: cli-a}}]
     toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cli-b, namespace: default}
+spec:
+  selector: {app: cli-b}
+  ports: [{port: 80}]
 """
 
 # command path -> (arguments, expected exit code); "{a}", "{b}", "{file}", "{config}" are filled in.
 # Commands are run in this order.
 COMMANDS: dict[tuple[str, ...], tuple[list[str], int]] = {
     ("version",): ([], 0),
-    ("status",): ([], 0),
+    ("status",): (["-o", "json"], 0),
     ("endpoint", "add"): (["{c}", "--labels", "app=cli-c"], 0),
-    ("endpoint", "list"): ([], 0),
+    ("endpoint", "list"): (["-o", "json"], 0),
     ("apply",): (["-f", "{file}"], 0),
-    ("get",): (["CiliumNetworkPolicy"], 0),
-    ("exec",): (["{a}", "--", "true"], 0),
-    ("identity", "list"): ([], 0),
-    ("service", "list"): ([], 0),
+    ("get",): (["CiliumNetworkPolicy", "-o", "json"], 0),
+    # A connection attempt from a to b, so that `flows` has something to show.
+    ("exec",): (["{a}", "--", "bash", "-c", "echo inside; exec 3<>/dev/tcp/{b_ip}/80 || true"], 0),
+    ("identity", "list"): (["-o", "json"], 0),
+    ("service", "list"): (["-o", "json"], 0),
     ("flows",): (["--last", "5"], 0),
     ("policy", "trace"): (["--from-label", "app=cli-a", "--to-label", "app=cli-b", "--dport", "80/tcp"], 0),
-    ("bpf", "ct", "list"): ([], 0),
-    ("bpf", "ipcache", "list"): ([], 0),
-    ("bpf", "policy", "list"): ([], 0),
-    ("bpf", "fastpath", "list"): ([], 0),
+    ("bpf", "ct", "list"): (["-o", "json"], 0),
+    ("bpf", "ipcache", "list"): (["-o", "json"], 0),
+    ("bpf", "policy", "list"): (["-o", "json"], 0),
+    ("bpf", "fastpath", "list"): (["-o", "json"], 0),
     ("bpf", "dump"): ([], 0),
     ("delete",): (["-f", "{file}"], 0),
     ("endpoint", "delete"): (["{c}"], 0),
@@ -72,13 +82,15 @@ def test_every_command_answers_from_a_real_agent(node):
     b = node.add_endpoint("cli-b", "app=cli-b")
     path = node.tmp / "cli-policy.yaml"
     path.write_text(POLICY)
-    values = {"a": a["name"], "b": b["name"], "c": f"{node.tag}-cli-c", "file": str(path),
+    values = {"a": a["name"], "b": b["name"], "b_ip": b["ip"], "c": f"{node.tag}-cli-c", "file": str(path),
               "config": str(node.config_path)}
     for command, (args, code) in COMMANDS.items():
         argv = [*command, *(arg.format(**values) for arg in args)]
         proc = node.cli(*argv, check=False)
         assert proc.returncode == code, f"meshagent {' '.join(argv)}: exit {proc.returncode}\n{proc.stderr}"
-        if code == 0:
+        if code == 0 and "json" in args:
+            json.loads(proc.stdout)  # an empty list is an answer too; it must be the agent's
+        elif code == 0:
             assert proc.stdout.strip(), f"meshagent {' '.join(argv)} printed nothing"
         else:
             assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
