@@ -4,7 +4,7 @@
     TcDatapath        the TC programs and their maps             agent/datapath/tc.py
     SocketDatapath    the socket programs and their maps       agent/datapath/sockets.py
     reconcile         desired state -> tables -> writes          agent/reconcile.py (+ agent/state.py)
-    L7Supervisor      the shared L7 processor's process          agent/l7.py
+    L7Supervisor      the shared L7 processor's process          agent/l7_supervisor.py
     FlowBuffer        decoded flows for `meshagent flows`        agent/flows.py
 
 Threads (no asyncio in the agent): the main thread waits for signals and runs periodic work
@@ -35,7 +35,7 @@ from agent.endpoint_manager import EndpointManager, valid_name
 from agent.errors import MeshError, UserError
 from agent.flows import FlowBuffer, FlowContext, FlowCounters, FlowFilter, decode_event, enrich_l7_flow
 from agent.identity import IdentityAllocator
-from agent.l7 import L7Supervisor
+from agent.l7_supervisor import L7Supervisor
 from agent.node import NodeLock, enable_forwarding, fence_service_cidr, local_ipv4_addresses, router_ip, set_router_ip
 from agent.node_config import NodeConfig, NodeConfigError, load
 from agent.policy.compiler import compile_policies

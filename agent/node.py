@@ -11,7 +11,7 @@ import os
 from agent import endpoint as ep
 from agent.datapath.sockets import SocketDatapath
 from agent.errors import MeshError
-from agent.l7 import processor_pid_path, stop_processor
+from agent.l7_supervisor import processor_pid_path, stop_processor
 from agent.node_config import NodeConfig
 from agent.store import open_store
 

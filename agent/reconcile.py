@@ -64,7 +64,7 @@ from agent.datapath.sockets import (
 )
 from agent.endpoint import EndpointRecord
 from agent.flows import EndpointRef, FlowContext
-from agent.l7 import l7_config, l7_services
+from agent.l7_snapshot import l7_config, l7_services
 from agent.labels import security_labels
 from agent.policy.compiler import PolicyInput, compile_policies
 from agent.policy.types import EGRESS, INGRESS, EndpointInfo, Enforcement, IdentityInfo, RuleInfo

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from agent.errors import MeshError
-from agent.files import write_json
+from agent.files import write_atomic, write_json
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*$")
 
@@ -114,10 +114,7 @@ class DirStore:
             return 0
 
     def _bump(self) -> None:
-        gen = self.generation() + 1
-        tmp = self._gen_path.with_suffix(".tmp")
-        tmp.write_text(str(gen))
-        os.replace(tmp, self._gen_path)
+        write_atomic(str(self._gen_path), str(self.generation() + 1))
 
 
 def open_store(url: str) -> DirStore:

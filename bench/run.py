@@ -52,6 +52,7 @@ from typing import Any
 
 import yaml
 
+from agent.files import write_atomic
 from bench.harness import (
     BPFFS_DIR,
     CGROUP_DIR,
@@ -598,9 +599,7 @@ def write_results(result: dict) -> str:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     text = markdown(result)
     for name, content in (("latest.json", json.dumps(result, indent=2) + "\n"), ("latest.md", text)):
-        tmp = RESULTS_DIR / f"{name}.tmp"
-        tmp.write_text(content)
-        tmp.replace(RESULTS_DIR / name)
+        write_atomic(str(RESULTS_DIR / name), content)
     return text
 
 

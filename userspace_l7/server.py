@@ -523,7 +523,7 @@ class Exchange:
 
 
 def source_labels(conn: ClientConnection) -> tuple[str, str, str]:
-    """The client's workload, namespace and app for metrics: from the agent's config (agent/l7.py)
+    """The client's workload, namespace and app for metrics: from the agent's config (agent/l7_snapshot.py)
     when the datapath named the client's endpoint, else what the resolver said."""
     client = conn.proxy.config.clients.get(conn.client_id) if conn.client_id else None
     if client is not None:

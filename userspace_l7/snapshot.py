@@ -559,7 +559,7 @@ class L7Config:
 
 
 def _build_clients(d: Any) -> dict[int, Client]:
-    """``{"<ep_id>": {"workload": ..., "namespace": ..., "labels": {...}}}`` (agent/l7.py)."""
+    """``{"<ep_id>": {"workload": ..., "namespace": ..., "labels": {...}}}`` (agent/l7_snapshot.py)."""
     if not isinstance(d, Mapping):
         raise _fail("clients", "must be an object of endpoint id -> client")
     out: dict[int, Client] = {}

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.l7 import processor_pid_path, stop_processor
+from agent.l7_supervisor import processor_pid_path, stop_processor
 
 REPO = Path(__file__).resolve().parents[2]
 MESHAGENT = [sys.executable, "-m", "cli.main"]

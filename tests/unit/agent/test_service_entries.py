@@ -1,4 +1,4 @@
-"""ServiceEntry hosts as services (agent/services.py) and in the L7 processor's snapshot (agent/l7.py,
+"""ServiceEntry hosts as services (agent/services.py) and in the L7 processor's snapshot (agent/l7_snapshot.py,
 userspace_l7/snapshot.py), without a kernel."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from agent.l7 import l7_config
+from agent.l7_snapshot import l7_config
 from agent.services import (
     ServiceBackend,
     ServiceError,

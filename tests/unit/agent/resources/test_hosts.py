@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.l7 import l7_services
+from agent.l7_snapshot import l7_services
 from agent.resources.hosts import service_for_host
 from userspace_l7.snapshot import L7Config
 

@@ -1,10 +1,10 @@
-"""Adopting and stopping the L7 processor by its PID file (agent/l7.py), with a stand-in process."""
+"""Adopting and stopping the L7 processor by its PID file (agent/l7_supervisor.py), with a stand-in process."""
 
 import subprocess
 import sys
 import time
 
-from agent.l7 import _start_time, running_processor, stop_processor
+from agent.l7_supervisor import _start_time, running_processor, stop_processor
 
 
 def _stand_in(listen: str) -> subprocess.Popen:
@@ -65,7 +65,7 @@ def test_stop_processor_ends_it_and_removes_the_file(tmp_path):
 
 
 def test_worker_metrics_addresses():
-    from agent.l7 import L7Supervisor
+    from agent.l7_supervisor import L7Supervisor
 
     sup = L7Supervisor("/tmp/l7.json", "10.200.0.1:15001", "/tmp/f.sock", "127.0.0.1:9963", "n1", print, workers=3)
     assert sup.metrics_addrs() == ["127.0.0.1:9963", "127.0.0.1:9964", "127.0.0.1:9965"]
