@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.datapath.maps import FlowEventC, be32_to_ip
-from agent.datapath.reasons import EVENT_TYPES, MATCH_TYPES, POLICY_DROP_REASONS, VERDICTS, reason_name
+from agent.datapath.reasons import DROP_REASONS, EVENT_TYPES, MATCH_TYPES, POLICY_DROP_REASONS, VERDICTS, reason_name
 from agent.identity import CIDR_BASE, RESERVED, WORLD
 from agent.labels import LabelError, check_key, check_value
 from agent.policy.types import EGRESS, INGRESS, RuleInfo
 
 DEFAULT_CAPACITY = 16384
+DROP_INVALID_SOURCE_IP = next(code for code, name in DROP_REASONS.items() if name == "INVALID_SOURCE_IP")
+UNKNOWN_IDENTITY, UNKNOWN_LABEL = 0, "reserved:unknown"  # Cilium's IDENTITY_UNKNOWN
 DEFAULT_SUBSCRIBER_QUEUE = 4096
 
 TYPE_L4 = "L3_L4"
@@ -225,6 +227,15 @@ def decode_event(ev: FlowEventC, ctx: FlowContext) -> dict[str, Any]:
 
     flow["source"] = _endpoint_side(ctx, src_ip, ev.src_identity, ev.dir == EGRESS, ev.ep_id)
     flow["destination"] = _endpoint_side(ctx, dst_ip, ev.dst_identity, ev.dir == INGRESS, ev.ep_id)
+    if ev.drop_reason == DROP_INVALID_SOURCE_IP and ev.dir == EGRESS:
+        # The packet's source address is not its sender's: it proves nothing about who it is, and the
+        # sender's own name as the source would read as a legitimate flow. Show the address with an
+        # unknown identity, and the sender apart (its veth, and by name in the summary).
+        flow["source"] = {"identity": UNKNOWN_IDENTITY, "labels": [UNKNOWN_LABEL]}
+        flow["interface"] = {"index": ev.ifindex}
+        sender = ctx.endpoints_by_id.get(ev.ep_id)
+        if sender is not None:
+            summary += f" (spoofed source address, sent by endpoint {sender.namespace}/{sender.name})"
     flow["Type"] = TYPE_L4
     flow["node_name"] = ctx.node_name
     flow["event_type"] = EVENT_TYPES.get(ev.type, f"unknown-{ev.type}")

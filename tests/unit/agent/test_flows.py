@@ -164,9 +164,7 @@ def test_spoofing_drop_does_not_name_the_spoofed_endpoint():
     )
     assert flow["drop_reason_desc"] == "INVALID_SOURCE_IP"
     assert flow["IP"]["source"] == DB_IP
-    assert flow["source"]["identity"] == WEB_ID
-    assert flow["source"]["labels"] == ["k8s:app=web", "k8s:io.kubernetes.pod.namespace=default"]
-    assert "pod_name" not in flow["source"]  # the address is db's, the sender is not
+    assert flow["source"] == {"identity": 0, "labels": ["reserved:unknown"]}, "the address proves nothing"
     # Destination identity unknown (0) before the lookup: named from its address.
     assert flow["destination"] == {
         "identity": 0, "labels": ["k8s:app=other"], "namespace": "default", "pod_name": "other-1",
@@ -174,10 +172,16 @@ def test_spoofing_drop_does_not_name_the_spoofed_endpoint():
     assert "policy" not in flow
 
 
-def test_spoofing_drop_with_endpoints_by_id_names_the_sender():
+def test_spoofing_drop_shows_the_address_the_packet_carried_not_the_sender():
+    """The sender is known (ep_id), but its name as the source would read as "web sent from web";
+    the flow shows the spoofed address with an unknown identity, and says who sent it apart."""
     ctx = dataclasses.replace(CTX, endpoints_by_id={12: CTX.endpoints_by_ip[WEB_IP]})
-    flow = decode_event(ev(type=2, verdict=2, drop_reason=132, saddr=ip_to_be32(DB_IP)), ctx)
-    assert flow["source"]["pod_name"] == "web-1"
+    flow = decode_event(ev(type=2, verdict=2, drop_reason=132, saddr=ip_to_be32(DB_IP), src_identity=WEB_ID), ctx)
+    assert flow["IP"]["source"] == DB_IP
+    assert flow["source"] == {"identity": 0, "labels": ["reserved:unknown"]}
+    assert "pod_name" not in flow["source"]
+    assert flow["interface"] == {"index": 40}  # the sender's host-side veth
+    assert "sent by endpoint default/web-1" in flow["Summary"]
 
 
 def test_flow_end_has_packets_and_bytes():
