@@ -137,7 +137,7 @@ class ApiServer:
     def __init__(self, agent):
         self.agent = agent
         self.path = agent.cfg.api_socket
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         if os.path.exists(self.path):
             os.unlink(self.path)  # stale: the node lock proved no other agent owns it
 

@@ -320,11 +320,10 @@ class Agent:
     # ---- the L7 processor --------------------------------------------------------------------------
 
     def start_l7(self) -> None:
-        host, port = self.cfg.metrics_host_port
         self.l7 = L7Supervisor(
             config_path=self.l7_config_path, listen=f"{self.router_ip}:{self.cfg.l7_ports.outbound}",
             flows_path=os.path.join(self.cfg.state_dir, f"l7-flows-{self.cfg.node_name}.sock"),
-            metrics_addr=f"{host}:{port + 1}", node_name=self.cfg.node_name, on_flow=self._on_l7_flow,
+            metrics_addr=self.cfg.l7_metrics_addr, node_name=self.cfg.node_name, on_flow=self._on_l7_flow,
             bpffs_dir=self.cfg.bpffs_dir, workers=self.cfg.l7_workers,
         )
         self.l7.start()

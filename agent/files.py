@@ -13,11 +13,43 @@ import os
 import tempfile
 from typing import Any
 
+# The agent's own files hold workload names, labels and policy: root's alone (issue: 0644 leaked them).
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+# A file every process of an endpoint reads (its /etc/hosts), whatever user it runs as.
+PUBLIC_FILE_MODE, PUBLIC_DIR_MODE = 0o644, 0o755
 
-def write_atomic(path: str, text: str, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``text`` (creating its directory), readable as ``mode``."""
+
+def make_dirs(path: str, mode: int = DIR_MODE) -> None:
+    """os.makedirs, with ``mode`` on every directory it creates (os.makedirs gives it to the last one
+    only, and the umask applies)."""
+    missing = []
+    while path and not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, mode)
+            os.chmod(directory, mode)
+
+
+def private_dir(path: str) -> None:
+    """Create ``path`` (and parents) and make it root's alone, also if it existed."""
+    make_dirs(path)
+    os.chmod(path, DIR_MODE)
+
+
+def open_private(path: str, flags: int = os.O_WRONLY | os.O_CREAT | os.O_APPEND) -> int:
+    """os.open with the agent's file mode (an existing file is made private too)."""
+    fd = os.open(path, flags, FILE_MODE)
+    os.fchmod(fd, FILE_MODE)
+    return fd
+
+
+def write_atomic(path: str, text: str, mode: int = FILE_MODE, dir_mode: int = DIR_MODE) -> None:
+    """Replace ``path`` with ``text`` (creating its directory with ``dir_mode``), readable as ``mode``."""
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
+    make_dirs(directory, dir_mode)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
     try:
         with os.fdopen(fd, "w") as f:
@@ -30,14 +62,15 @@ def write_atomic(path: str, text: str, mode: int = 0o644) -> None:
         raise
 
 
-def write_text_if_changed(path: str, text: str, mode: int = 0o644) -> bool:
-    """Replace ``path`` with ``text`` unless it holds exactly that already; return whether it wrote."""
+def write_text_if_changed(path: str, text: str, mode: int = FILE_MODE, dir_mode: int = DIR_MODE) -> bool:
+    """Replace ``path`` with ``text`` unless it holds exactly that already (with ``mode``); return
+    whether it wrote."""
     with contextlib.suppress(FileNotFoundError, UnicodeDecodeError), open(path) as f:
-        if f.read() == text:
+        if f.read() == text and os.stat(f.fileno()).st_mode & 0o777 == mode:
             return False
-    write_atomic(path, text, mode)
+    write_atomic(path, text, mode, dir_mode)
     return True
 
 
-def write_json(path: str, value: Any, mode: int = 0o644) -> None:
+def write_json(path: str, value: Any, mode: int = FILE_MODE) -> None:
     write_atomic(path, json.dumps(value, sort_keys=True), mode)

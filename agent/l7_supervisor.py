@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from agent.files import write_atomic
+from agent.files import open_private, write_atomic
 
 log = logging.getLogger("meshagent.l7")
 
@@ -125,6 +125,7 @@ class L7Supervisor:
             os.unlink(self.flows_path)
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._server.bind(self.flows_path)
+        os.chmod(self.flows_path, 0o600)
         self._server.listen(4)
         threading.Thread(target=self._accept_flows, name="l7-flows", daemon=True).start()
         stale = running_processor(self.pid_path)
@@ -144,7 +145,7 @@ class L7Supervisor:
                "--workers", str(self.workers)]
         if self.bpffs_dir:
             cmd += ["--bpffs", self.bpffs_dir]
-        with open(self.log_path, "ab") as out:  # not the agent's stdout: it outlives the agent
+        with os.fdopen(open_private(self.log_path), "ab") as out:  # not the agent's stdout: it outlives it
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
         # Reap it when it exits so it does not linger as a zombie under a live agent.
         threading.Thread(target=proc.wait, name="l7-reaper", daemon=True).start()

@@ -11,6 +11,7 @@ import os
 from agent import endpoint as ep
 from agent.datapath.sockets import SocketDatapath
 from agent.errors import MeshError
+from agent.files import open_private, private_dir
 from agent.l7_supervisor import processor_pid_path, stop_processor
 from agent.node_config import NodeConfig
 from agent.store import open_store
@@ -31,8 +32,8 @@ class NodeLock:
         self._file = None
 
     def acquire(self) -> None:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        f = open(self.path, "a+")
+        private_dir(os.path.dirname(self.path))  # the state directory: root's alone
+        f = os.fdopen(open_private(self.path, os.O_RDWR | os.O_CREAT), "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

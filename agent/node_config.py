@@ -43,6 +43,7 @@ class NodeConfig:
     cgroup: str
     api_socket: str
     metrics_addr: str
+    l7_metrics_addr: str = "127.0.0.1:15020"  # the L7 processor's istio_* metrics; worker i on port + i
     l7_ports: L7Ports = field(default_factory=L7Ports)
     policy_enforcement: str = "default"
     socket_fastpath: bool = True  # sk_msg redirect between same-node sockets (bpf/lib/sockmap.h)
@@ -58,11 +59,16 @@ class NodeConfig:
         host, _, port = self.metrics_addr.rpartition(":")
         return host, int(port)
 
+    @property
+    def l7_metrics_host_port(self) -> tuple[str, int]:
+        host, _, port = self.l7_metrics_addr.rpartition(":")
+        return host, int(port)
+
 
 _KEYS = (
     "node_name", "node_ip", "pod_cidr", "service_cidr", "trust_domain", "cluster_domain", "store", "state_dir",
-    "bpffs_dir", "cgroup", "api_socket", "metrics_addr", "l7_ports", "policy_enforcement", "socket_fastpath",
-    "l7_workers",
+    "bpffs_dir", "cgroup", "api_socket", "metrics_addr", "l7_metrics_addr", "l7_ports", "policy_enforcement",
+    "socket_fastpath", "l7_workers",
 )
 MAX_L7_WORKERS = 64
 
@@ -127,6 +133,7 @@ def from_dict(raw: dict, source: str = "<defaults>") -> NodeConfig:
         cgroup=get("cgroup", f"/sys/fs/cgroup/unified/meshagent-{name}"),
         api_socket=get("api_socket", default_api_socket(name)),
         metrics_addr=get("metrics_addr", "127.0.0.1:9962"),
+        l7_metrics_addr=get("l7_metrics_addr", "127.0.0.1:15020"),
         policy_enforcement=get("policy_enforcement", "default"),
         socket_fastpath=get("socket_fastpath", True),
         l7_workers=get("l7_workers", 1),
@@ -152,9 +159,11 @@ def from_dict(raw: dict, source: str = "<defaults>") -> NodeConfig:
         )
     if not (cfg["store"].startswith("dir://") or cfg["store"].startswith("etcd://")):
         raise NodeConfigError(f"{source}: store {cfg['store']!r}: use dir:///PATH or etcd://HOST:PORT[,HOST:PORT]")
-    host, sep, port = cfg["metrics_addr"].rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise NodeConfigError(f"{source}: metrics_addr {cfg['metrics_addr']!r} must be HOST:PORT")
+    for key, ports in (("metrics_addr", 1), ("l7_metrics_addr", cfg["l7_workers"])):
+        host, sep, port = cfg[key].rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65536 - ports:
+            raise NodeConfigError(f"{source}: {key} {cfg[key]!r} must be HOST:PORT"
+                                  + (f" with room for {ports} ports (one per L7 worker)" if ports > 1 else ""))
     for key in ("state_dir", "bpffs_dir", "cgroup", "api_socket"):
         if not os.path.isabs(cfg[key]):
             raise NodeConfigError(f"{source}: {key} {cfg[key]!r} must be an absolute path")

@@ -63,6 +63,7 @@ from agent.datapath.sockets import (
     service_key_to_c,
 )
 from agent.endpoint import EndpointRecord
+from agent.files import DIR_MODE, FILE_MODE, PUBLIC_DIR_MODE, PUBLIC_FILE_MODE, write_text_if_changed
 from agent.flows import EndpointRef, FlowContext
 from agent.l7_snapshot import l7_config, l7_services
 from agent.labels import security_labels
@@ -519,21 +520,21 @@ class VipRecords:
 
 class Files:
     """Files by path -> text, replaced atomically when their text differs. Files are not deleted
-    here: an endpoint's /etc/netns/NAME goes with its namespace, the node's files with teardown."""
+    here: an endpoint's /etc/netns/NAME goes with its namespace, the node's files with teardown.
+    The node's files are root's alone; hosts files are read by every process of an endpoint."""
 
     kernel = False
     volatile = False
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, public: bool = False):
         self.name = name
+        self.modes = (PUBLIC_FILE_MODE, PUBLIC_DIR_MODE) if public else (FILE_MODE, DIR_MODE)
 
     def read(self) -> dict:
         return {}  # nothing assumed: the first round compares with the files on disk
 
     def write(self, key, value, old) -> None:
-        from agent.files import write_text_if_changed
-
-        write_text_if_changed(key, value)
+        write_text_if_changed(key, value, *self.modes)
 
     def delete(self, key, old) -> None:
         pass
@@ -545,7 +546,7 @@ def node_tables(tc, sockets, store) -> list[Table]:
         VipRecords(store), Files("node_files"), Files("l7_snapshot"),
         IpcacheTable(tc), PolicyTable(tc), EndpointTable(tc), EndpointByIdTable(tc), ProxyTable("datapath_config", tc),
         EndpointNetnsTable(sockets), ServiceTable(sockets), ProxyTable("lb_config", sockets),
-        FastpathConfigTable(sockets), Files("hosts_files"),
+        FastpathConfigTable(sockets), Files("hosts_files", public=True),
     ]
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from agent.errors import MeshError
-from agent.files import write_atomic, write_json
+from agent.files import FILE_MODE, make_dirs, open_private, private_dir, write_atomic, write_json
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*$")
 
@@ -34,7 +34,7 @@ class DirStore:
     def __init__(self, root: str):
         self.root = Path(root)
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            private_dir(str(self.root))
         except OSError as e:
             raise StoreError(f"cannot create store directory {root}: {e.strerror}") from None
         self._lock_path = self.root / ".lock"
@@ -54,7 +54,7 @@ class DirStore:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the store's write lock (shared by every agent using this directory)."""
-        with open(self._lock_path, "a") as f:
+        with os.fdopen(open_private(str(self._lock_path)), "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
@@ -89,9 +89,9 @@ class DirStore:
     def create(self, key: str, value: dict) -> bool:
         """Write ``key`` only if it does not exist; return whether it was written."""
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(str(path.parent))
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         except FileExistsError:
             return False
         with os.fdopen(fd, "w") as f:

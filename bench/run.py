@@ -599,7 +599,7 @@ def write_results(result: dict) -> str:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     text = markdown(result)
     for name, content in (("latest.json", json.dumps(result, indent=2) + "\n"), ("latest.md", text)):
-        write_atomic(str(RESULTS_DIR / name), content)
+        write_atomic(str(RESULTS_DIR / name), content, mode=0o644, dir_mode=0o755)
     return text
 
 

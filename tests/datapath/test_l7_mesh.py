@@ -201,8 +201,8 @@ def test_the_node_scrape_sums_the_workers(node, mesh):
 
 
 def _worker_metrics(node, i: int) -> tuple[str, int]:
-    host, _, port = node.config["metrics_addr"].rpartition(":")
-    return host, int(port) + 1 + i
+    host, _, port = node.config.get("l7_metrics_addr", "127.0.0.1:15020").rpartition(":")
+    return host, int(port) + i
 
 
 SOURCE_LABELS_VS = """

@@ -18,6 +18,8 @@ def test_defaults():
     ({"policy_enforcement": "sometimes"}, "policy_enforcement"),
     ({"store": "redis://x"}, "store"),
     ({"metrics_addr": "9962"}, "metrics_addr"),
+    ({"l7_metrics_addr": "127.0.0.1"}, "l7_metrics_addr"),
+    ({"l7_metrics_addr": "127.0.0.1:65535", "l7_workers": 2}, "room for 2 ports"),
     ({"state_dir": "relative/dir"}, "state_dir"),
     ({"l7_ports": {"outbound": 70000}}, "l7_ports"),
     ({"node_ip": "1.2.3"}, "node_ip"),
