@@ -1,136 +1,467 @@
 """The agent's API on its Unix socket: transport only (protocol: agent/client.py).
 
-Each operation in `OPS` takes the request's ``args`` object apart into typed values and calls one
-public method of the agent (agent/daemon.py). A `MeshError` goes back as
-``{"ok": false, "error": <one line>, "culprit": ...}``; a malformed request or argument is a
-request error too; anything else is a bug, logged with its traceback and reported as an internal
-error. Streaming operations (`flows`) send ``{"item": ...}`` lines before the final reply.
+Every operation is one row of `OPS`: the agent method it calls (agent/daemon.py) and a schema of
+its arguments, declared as data with the small type language below. `handle()` turns one request
+line into the final reply; the request's shape (an object with "op" and "args") and every argument
+(known to the operation, of its type and within its limits, required ones present; null means "not
+given") are checked before anything reaches the agent.
+
+A failure of those checks, and a `MeshError` from the agent, is the reply
+``{"ok": false, "error": <one line naming the operation and the argument>, "culprit": ...}``;
+anything else is a bug, logged with its traceback and reported as an internal error. Streaming
+operations (`flows`) send ``{"item": ...}`` lines before the final reply.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
 import os
+import reprlib
 import socketserver
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
+from agent.datapath.reasons import VERDICTS
 from agent.errors import MeshError, UserError
 from agent.flows import FlowFilter
+from agent.resources import KINDS
 
 log = logging.getLogger("meshagent.api")
 
+# ---- argument sizes: checked before any agent method runs -----------------------------------------
 
-# ---- arguments: typed at the boundary --------------------------------------------------------------
+MAX_NAME = 253  # a DNS subdomain, the longest Kubernetes name; endpoint names are checked to 63 by the agent
+MAX_LABEL_TEXT = 317  # a label key: a 253-char prefix, "/", a 63-char name (values are at most 63)
+MAX_LABELS = 64  # per label set; a pod carries a handful, and every label is a map key the agent compares
+MAX_TEXT = 4096  # a path (PATH_MAX) or a document's "where"
+MAX_DOCUMENTS = 10_000  # per apply/delete: a few thousand resources backed up with `get all` and applied back
+MAX_FLOWS_LAST = 2**31 - 1  # any count (the flow buffer holds fewer); a machine integer
+MAX_SINCE_S = 100 * 365 * 86400  # a century: the whole buffer; finite, so since_s * 1e9 is an integer
 
 
-def _get(args: dict, key: str, kind: type | tuple[type, ...], default: Any = None, required: bool = False) -> Any:
-    value = args.get(key)
+# ---- the argument schema language ------------------------------------------------------------------
+#
+# A type checks a JSON value and returns it as the agent takes it, or raises Invalid(path, message).
+# Errors never echo more than a short repr of what was sent (`_show`).
+
+_repr = reprlib.Repr()
+_repr.maxstring = 60
+_repr.maxother = 60
+_repr.maxlevel = 2
+
+
+def _show(value: object) -> str:
+    return _repr.repr(value)
+
+
+class Invalid(Exception):
+    """A value does not fit its type; ``path`` names it from the argument down (``documents[2].body``)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.message = message
+
+
+class WrongType(Invalid):
+    """Not even the JSON type asked for (`Either` tries its next option)."""
+
+
+def describe(value: object) -> str:
+    """A JSON value's kind, by JSON's names: "a string", "an integer", "boolean true", "null"."""
     if value is None:
-        if required:
-            raise UserError(f"argument {key!r} is required")
-        return default
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        names = " or ".join(k.__name__ for k in kinds)
-        raise UserError(f"argument {key!r} must be {names}, not {type(value).__name__}")
-    return value
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    return "an object" if isinstance(value, dict) else type(value).__name__
 
 
-def _labels(args: dict, key: str) -> dict[str, str]:
-    labels = _get(args, key, dict, {})
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
-        raise UserError(f"argument {key!r} must map label keys to string values")
-    return labels
+class Type:
+    what: str  # for "expected <what>"
+
+    def check(self, value: Any, path: str) -> Any:
+        raise NotImplementedError
+
+    def _expect(self, ok: bool, value: Any, path: str) -> None:
+        if not ok:
+            raise WrongType(path, f"expected {self.what}, got {describe(value)}")
 
 
-def _documents(args: dict) -> list[tuple[Any, str]]:
-    docs = _get(args, "documents", list, [])
-    out = []
-    for i, doc in enumerate(docs):
-        if not isinstance(doc, dict):
-            raise UserError(f"documents[{i}] must be an object with body and where")
-        where = doc.get("where") or f"request document {i + 1}"
-        out.append((doc.get("body"), str(where)))
+@dataclass(frozen=True)
+class Str(Type):
+    max_len: int
+
+    @property
+    def what(self) -> str:
+        return f"a string of at most {self.max_len} characters"
+
+    def check(self, value: Any, path: str) -> str:
+        self._expect(isinstance(value, str), value, path)
+        if len(value) > self.max_len:
+            raise Invalid(path, f"longer than {self.max_len} characters")
+        return value
+
+
+@dataclass(frozen=True)
+class Enum(Type):
+    values: tuple[str, ...]
+    ignore_case: bool = False
+
+    @property
+    def what(self) -> str:
+        return f"one of {', '.join(self.values)}"
+
+    def check(self, value: Any, path: str) -> str:
+        self._expect(isinstance(value, str), value, path)
+        fold = (lambda s: s.lower()) if self.ignore_case else (lambda s: s)
+        if fold(value) not in {fold(v) for v in self.values}:
+            raise Invalid(path, f"{_show(value)} is not {self.what}")
+        return value
+
+
+@dataclass(frozen=True)
+class Int(Type):
+    lo: int
+    hi: int
+
+    @property
+    def what(self) -> str:
+        return f"an integer {self.lo}-{self.hi}"
+
+    def check(self, value: Any, path: str) -> int:
+        self._expect(isinstance(value, int) and not isinstance(value, bool), value, path)
+        if not self.lo <= value <= self.hi:
+            raise Invalid(path, f"{_show(value)} is out of range {self.lo}-{self.hi}")
+        return value
+
+
+@dataclass(frozen=True)
+class Number(Type):
+    """An integer or a float; the range check also turns away NaN and infinities."""
+
+    lo: float
+    hi: float
+
+    @property
+    def what(self) -> str:
+        return f"a number {self.lo}-{self.hi}"
+
+    def check(self, value: Any, path: str) -> float:
+        self._expect(isinstance(value, int | float) and not isinstance(value, bool), value, path)
+        if not self.lo <= value <= self.hi:
+            raise Invalid(path, f"{_show(value)} is out of range {self.lo}-{self.hi}")
+        return value
+
+
+@dataclass(frozen=True)
+class Bool(Type):
+    what = "true or false"
+
+    def check(self, value: Any, path: str) -> bool:
+        self._expect(isinstance(value, bool), value, path)
+        return value
+
+
+@dataclass(frozen=True)
+class AnyObject(Type):
+    """A JSON object whose contents the agent checks (a resource body: agent/resources)."""
+
+    what = "an object"
+
+    def check(self, value: Any, path: str) -> dict:
+        self._expect(isinstance(value, dict), value, path)
+        return value
+
+
+@dataclass(frozen=True)
+class ListOf(Type):
+    item: Type
+    max_items: int
+
+    @property
+    def what(self) -> str:
+        return f"a list of at most {self.max_items} items, each {self.item.what}"
+
+    def check(self, value: Any, path: str) -> list:
+        self._expect(isinstance(value, list), value, path)
+        if len(value) > self.max_items:
+            raise Invalid(path, f"more than {self.max_items} items")
+        return [self.item.check(v, f"{path}[{i}]") for i, v in enumerate(value)]
+
+
+@dataclass(frozen=True)
+class MapOf(Type):
+    key: Type
+    value: Type
+    max_items: int
+
+    @property
+    def what(self) -> str:
+        return f"an object of at most {self.max_items} entries, each {self.value.what}"
+
+    def check(self, value: Any, path: str) -> dict:
+        self._expect(isinstance(value, dict), value, path)
+        if len(value) > self.max_items:
+            raise Invalid(path, f"more than {self.max_items} entries")
+        out = {}
+        for k, v in value.items():
+            where = f"{path}[{_show(k)}]"
+            out[self.key.check(k, where)] = self.value.check(v, where)
+        return out
+
+
+@dataclass(frozen=True)
+class Either(Type):
+    options: tuple[Type, ...]
+
+    @property
+    def what(self) -> str:
+        return " or ".join(o.what for o in self.options)
+
+    def check(self, value: Any, path: str) -> Any:
+        for option in self.options:
+            try:
+                return option.check(value, path)
+            except WrongType:
+                continue  # a value of the option's JSON type that breaks its limits is the error
+        raise WrongType(path, f"expected {self.what}, got {describe(value)}")
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument (or object field): its type; required, or its default when absent or null."""
+
+    type: Type
+    required: bool = False
+    default: Any = None
+
+
+def required(t: Type) -> Arg:
+    return Arg(t, required=True)
+
+
+def optional(t: Type, default: Any = None) -> Arg:
+    return Arg(t, default=default)
+
+
+def check_fields(fields: Mapping[str, Arg], value: Any, path: str, what: str) -> dict[str, Any]:
+    """An object with known keys only: each checked, defaults filled in (a fresh copy each time)."""
+    if not isinstance(value, dict):
+        raise WrongType(path, f"expected an object, got {describe(value)}")
+    for key in value:
+        if key not in fields:
+            takes = ", ".join(fields) if fields else f"no {what}s"
+            raise Invalid(_join(path, key), f"unknown {what}; takes {takes}")
+    out = {}
+    for name, arg in fields.items():
+        raw = value.get(name)
+        if raw is None:
+            if arg.required:
+                raise Invalid(_join(path, name), f"missing; expected {arg.type.what}")
+            out[name] = copy.deepcopy(arg.default)
+        else:
+            out[name] = arg.type.check(raw, _join(path, name))
     return out
 
 
-# ---- operations --------------------------------------------------------------------------------
+def _join(path: str, key: object) -> str:
+    name = key if isinstance(key, str) and key.isidentifier() and len(key) <= 60 else _show(key)
+    return f"{path}.{name}" if path else name
 
 
-def _delete(agent, args: dict) -> dict:
-    if args.get("documents"):
-        return agent.delete_documents(_documents(args))
-    return agent.delete([(_get(args, "kind", str, required=True), _get(args, "namespace", str, "default"),
-                          _get(args, "name", str, required=True))])
+@dataclass(frozen=True)
+class Obj(Type):
+    """A JSON object with known fields only; an unknown one is an error listing the known ones."""
+
+    fields: Mapping[str, Arg]
+
+    @property
+    def what(self) -> str:
+        return f"an object with {', '.join(self.fields)}"
+
+    def check(self, value: Any, path: str) -> dict:
+        return check_fields(self.fields, value, path, "field")
 
 
-def _flows(agent, args: dict, send: Callable[[dict], None]) -> dict:
+# ---- the types the operations share ----------------------------------------------------------------
+
+NAME = Str(MAX_NAME)
+TEXT = Str(MAX_TEXT)
+ADDRESS = Str(64)  # an IPv4 address or CIDR; the agent parses it
+LABELS = MapOf(Str(MAX_LABEL_TEXT), Str(MAX_LABEL_TEXT), MAX_LABELS)
+DOCUMENTS = ListOf(Obj({"body": required(AnyObject()), "where": optional(TEXT)}), MAX_DOCUMENTS)
+PORT = Either((Int(0, 65535), Str(5)))  # 80, or "80" as the CLI's flags give it
+PROTOCOL = Enum(("TCP", "UDP", "ICMP", "SCTP"), ignore_case=True)
+LABEL_FILTERS = Either((Str(2 * MAX_LABEL_TEXT + 1), ListOf(Str(2 * MAX_LABEL_TEXT + 1), MAX_LABELS)))  # K=V
+FLOW_FILTERS = Obj({
+    "from_label": optional(LABEL_FILTERS),
+    "to_label": optional(LABEL_FILTERS),
+    "from_ip": optional(ADDRESS),
+    "to_ip": optional(ADDRESS),
+    "port": optional(PORT),
+    "protocol": optional(PROTOCOL),
+    "verdict": optional(Enum(tuple(VERDICTS.values()), ignore_case=True)),
+    "type": optional(Enum(("l4", "l7", "l3_l4"), ignore_case=True)),
+    "since_ns": optional(Int(0, 2**63 - 1)),
+})
+
+
+# ---- operations ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Op:
+    """An operation: ``call(agent, args)`` (``call(agent, args, send)`` if it streams) with ``args``
+    the checked arguments by name (attributes), and the schema they were checked against."""
+
+    call: Callable[..., Any]
+    args: Mapping[str, Arg]
+    stream: bool = False
+
+
+def op(call: Callable[[Any, Any], Any], **args: Arg) -> Op:
+    return Op(call, args)
+
+
+def stream_op(call: Callable[[Any, Any, Callable[[dict], None]], Any], **args: Arg) -> Op:
+    return Op(call, args, stream=True)
+
+
+def _pairs(documents: list[dict]) -> list[tuple[Any, str]]:
+    """Documents as the agent takes them: (body, where), where naming the document in errors."""
+    return [(d["body"], d["where"] or f"request document {i}") for i, d in enumerate(documents, 1)]
+
+
+def _delete(agent, a) -> dict:
+    if a.documents:
+        if a.kind is not None or a.name is not None:
+            raise UserError("delete: give documents, or kind and name, not both")
+        return agent.delete_documents(_pairs(a.documents))
+    if a.kind is None or a.name is None:
+        raise UserError("delete: argument kind and name are required (or documents)")
+    return agent.delete([(a.kind, a.namespace, a.name)])
+
+
+def _flows(agent, a, send: Callable[[dict], None]) -> dict:
     try:
-        flt = FlowFilter.from_args(_get(args, "filters", dict, {}))
-        since_s = _get(args, "since_s", (int, float))
-        if since_s:
-            flt = dataclasses.replace(flt, since_ns=time.time_ns() - int(float(since_s) * 1e9))
+        flt = FlowFilter.from_args(a.filters)
+        if a.since_s:
+            flt = dataclasses.replace(flt, since_ns=time.time_ns() - int(a.since_s * 1e9))
     except ValueError as e:
-        raise UserError(f"bad flow filter: {e}") from None
-    last = _get(args, "last", int)
-    return agent.stream_flows(flt, last if last and last > 0 else None, bool(args.get("follow")), send)
+        raise UserError(f"flows: bad flow filter: {e}") from None
+    return agent.stream_flows(flt, a.last, a.follow, send)
 
 
-OPS: dict[str, Callable[..., Any]] = {
-    "status": lambda a, args: a.status(),
-    "apply": lambda a, args: a.apply(_documents(args)),
-    "delete": _delete,
-    "get": lambda a, args: a.get(_get(args, "kind", str)),
-    "service_list": lambda a, args: a.service_list(),
-    "endpoint_add": lambda a, args: a.endpoint_add(
-        _get(args, "name", str, required=True), _labels(args, "labels"), _get(args, "namespace", str, "default"),
-        _get(args, "serviceaccount", str, "default"), _get(args, "netns", str), _get(args, "ip", str)),
-    "endpoint_list": lambda a, args: a.endpoint_list(),
-    "endpoint_get": lambda a, args: a.endpoint_get(_get(args, "name", str, required=True)),
-    "endpoint_delete": lambda a, args: a.endpoint_delete(_get(args, "name", str, required=True)),
-    "identity_list": lambda a, args: a.identity_list(),
-    "policy_trace": lambda a, args: a.policy_trace(
-        _labels(args, "from_labels"), _labels(args, "to_labels"), _get(args, "from_namespace", str),
-        _get(args, "to_namespace", str), _get(args, "protocol", str), _get(args, "dport", (int, str))),
-    "bpf_ct_list": lambda a, args: a.bpf_ct_list(),
-    "bpf_ipcache_list": lambda a, args: a.bpf_ipcache_list(),
-    "bpf_policy_list": lambda a, args: a.bpf_policy_list(),
-    "bpf_fastpath_list": lambda a, args: a.bpf_fastpath_list(),
+OPS: dict[str, Op] = {
+    "status": op(lambda agent, a: agent.status()),
+    "apply": op(lambda agent, a: agent.apply(_pairs(a.documents)),
+                documents=required(DOCUMENTS)),
+    "delete": op(_delete,  # by documents, or by kind, namespace and name
+                 documents=optional(DOCUMENTS), kind=optional(Enum(tuple(KINDS))),
+                 namespace=optional(NAME, "default"), name=optional(NAME)),
+    "get": op(lambda agent, a: agent.get(a.kind),
+              kind=optional(Enum(("all", *KINDS)))),
+    "service_list": op(lambda agent, a: agent.service_list()),
+    "endpoint_add": op(
+        lambda agent, a: agent.endpoint_add(a.name, a.labels, a.namespace, a.serviceaccount, a.netns, a.ip),
+        name=required(NAME), labels=optional(LABELS, {}), namespace=optional(NAME, "default"),
+        serviceaccount=optional(NAME, "default"), netns=optional(TEXT), ip=optional(ADDRESS)),
+    "endpoint_list": op(lambda agent, a: agent.endpoint_list()),
+    "endpoint_get": op(lambda agent, a: agent.endpoint_get(a.name),
+                       name=required(NAME)),
+    "endpoint_delete": op(lambda agent, a: agent.endpoint_delete(a.name),
+                          name=required(NAME)),
+    "identity_list": op(lambda agent, a: agent.identity_list()),
+    "policy_trace": op(
+        lambda agent, a: agent.policy_trace(a.from_labels, a.to_labels, a.from_namespace, a.to_namespace,
+                                            a.protocol, a.dport),
+        from_labels=optional(LABELS, {}), to_labels=optional(LABELS, {}), from_namespace=optional(NAME),
+        to_namespace=optional(NAME), protocol=optional(PROTOCOL), dport=optional(PORT)),
+    "bpf_ct_list": op(lambda agent, a: agent.bpf_ct_list()),
+    "bpf_ipcache_list": op(lambda agent, a: agent.bpf_ipcache_list()),
+    "bpf_policy_list": op(lambda agent, a: agent.bpf_policy_list()),
+    "bpf_fastpath_list": op(lambda agent, a: agent.bpf_fastpath_list()),
+    "flows": stream_op(_flows,  # the buffered flows, then with follow every new one until the client goes
+                       filters=optional(FLOW_FILTERS, {}), since_s=optional(Number(0, MAX_SINCE_S)),
+                       last=optional(Int(1, MAX_FLOWS_LAST)), follow=optional(Bool(), False)),
 }
-STREAM_OPS: dict[str, Callable[..., Any]] = {"flows": _flows}
+STREAM_OPS = frozenset(name for name, o in OPS.items() if o.stream)
+
+
+# ---- one request -----------------------------------------------------------------------------------
+
+
+def _error(message: str, culprit: str = "request") -> dict:
+    return {"ok": False, "error": message, "culprit": culprit}
+
+
+def parse(line: bytes) -> tuple[str, Any]:
+    """A request line -> (op name, raw args); raises UserError with the reply's message."""
+    try:
+        req = json.loads(line)
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"malformed request: {e}") from None
+    if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+        raise UserError('malformed request: expected an object with "op" (a string) and "args"')
+    extra = set(req) - {"op", "args"}
+    if extra:
+        raise UserError(f'malformed request: unknown key {_show(sorted(extra)[0])}; a request has "op" and "args"')
+    return req["op"], req.get("args")
+
+
+def check_args(name: str, operation: Op, raw: Any) -> SimpleNamespace:
+    """The arguments of ``name`` checked against its schema; raises UserError naming the argument."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{name}: args must be an object, not {describe(raw)}")
+    try:
+        return SimpleNamespace(**check_fields(operation.args, raw, "", "argument"))
+    except Invalid as e:
+        raise UserError(f"{name}: argument {e.path}: {e.message}") from None
 
 
 def handle(agent, line: bytes, send: Callable[[dict], None]) -> dict:
     """One request line -> the final reply (streamed items go to ``send`` first)."""
     try:
-        req = json.loads(line)
-        if not isinstance(req, dict) or not isinstance(req.get("op"), str):
-            raise ValueError("expected an object with an op")
-        op, args = req["op"], req.get("args") or {}
-        if not isinstance(args, dict):
-            raise ValueError("args must be an object")
-    except (ValueError, RecursionError) as e:
-        return {"ok": False, "error": f"malformed request: {e}", "culprit": "request"}
+        name, raw = parse(line)
+        operation = OPS.get(name)
+        if operation is None:
+            raise UserError(f"unknown API operation {_show(name)}; known: {', '.join(OPS)}")
+        args = check_args(name, operation, raw)
+    except UserError as e:
+        return _error(str(e))
     try:
-        if op in STREAM_OPS:
-            result = STREAM_OPS[op](agent, args, lambda item: send({"item": item}))
-        elif op in OPS:
-            result = OPS[op](agent, args)
+        if operation.stream:
+            result = operation.call(agent, args, lambda item: send({"item": item}))
         else:
-            return {"ok": False, "error": f"unknown API operation {op!r}", "culprit": "request"}
+            result = operation.call(agent, args)
         return {"ok": True, "result": result}
     except MeshError as e:
-        return {"ok": False, "error": str(e), "culprit": e.culprit}
+        return _error(str(e), e.culprit)
     except (BrokenPipeError, ConnectionResetError):
         raise
     except Exception as e:  # a bug: keep serving, say so
-        log.exception("API op %s failed", op)
-        return {"ok": False, "error": f"internal error in {op}: {e} (see the agent's log)", "culprit": "meshagent"}
+        log.exception("internal error in API op %s", name)
+        return _error(f"internal error in {name}: {e} (see the agent's log)", "meshagent")
+
+
+# ---- the server ------------------------------------------------------------------------------------
 
 
 class ApiServer:
