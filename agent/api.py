@@ -2,14 +2,23 @@
 
 Every operation is one row of `OPS`: the agent method it calls (agent/daemon.py) and a schema of
 its arguments, declared as data with the small type language below. `handle()` turns one request
-line into the final reply; the request's shape (an object with "op" and "args") and every argument
-(known to the operation, of its type and within its limits, required ones present; null means "not
-given") are checked before anything reaches the agent.
+line into the final reply, in this order, and nothing reaches the agent before all of it holds:
 
-A failure of those checks, and a `MeshError` from the agent, is the reply
+    size      at most MAX_REQUEST_BYTES (the server reads the line in chunks and stops there)
+    depth     JSON nesting at most MAX_JSON_DEPTH, counted before the decoder runs
+    shape     an object with "op" (a known operation) and "args" (an object, or absent)
+    schema    every argument known to the operation, of its type and within its limits;
+              required ones present; null means "not given"
+
+A failure at any step, and a `MeshError` from the agent, is the reply
 ``{"ok": false, "error": <one line naming the operation and the argument>, "culprit": ...}``;
 anything else is a bug, logged with its traceback and reported as an internal error. Streaming
 operations (`flows`) send ``{"item": ...}`` lines before the final reply.
+
+`ApiServer` serves one request per connection, a thread each, at most MAX_HANDLERS at once; a
+connection beyond that gets the "busy" reply at once, before its request is read (so a client may
+retry any operation: nothing was started). A connection has IDLE_TIMEOUT_S to deliver its request
+line; after the request, a reply or a stream (`flows --follow`) takes as long as it takes.
 """
 
 from __future__ import annotations
@@ -19,12 +28,15 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import reprlib
+import socket
 import socketserver
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from itertools import accumulate
 from types import SimpleNamespace
 from typing import Any
 
@@ -35,8 +47,36 @@ from agent.resources import KINDS
 
 log = logging.getLogger("meshagent.api")
 
-# ---- argument sizes: checked before any agent method runs -----------------------------------------
+MiB = 1024 * 1024
 
+# ---- limits: what one client may take of the agent -------------------------------------------------
+
+# The request line. A 10,000-rule CiliumNetworkPolicy (bench/run.py cnp_document) is about 1 MB of
+# JSON, the largest request anyone has sent; 16 MiB leaves room for a whole cluster's `get all`
+# fed back to `apply`, and bounds what one connection makes the agent read and decode (decoded,
+# a few times that; MAX_HANDLERS connections at most).
+MAX_REQUEST_BYTES = 16 * MiB
+# How much the server reads at a time: a few syscalls for a policy, no big allocation for nothing.
+READ_CHUNK_BYTES = 64 * 1024
+# JSON nesting. A Kubernetes document inside a request nests about 15 levels (request, args,
+# documents, body, spec, ingress, toPorts, rules, http, headerMatches...); the json module's C
+# decoder recurses once per level, so 200,000 `[` would end in a RecursionError.
+MAX_JSON_DEPTH = 64
+# The listen backlog. socketserver's default of 5 made the sixth of a burst of CLI calls fail: the
+# client connects with a timeout (non-blocking), so a full queue answers EAGAIN instead of waiting.
+# The kernel caps it at net.core.somaxconn (4096 since Linux 5.4).
+LISTEN_BACKLOG = max(socket.SOMAXCONN, 128)
+# From accept to a complete request line. The CLI sends its line right after connecting (encoded
+# before it connects), so a legitimate client needs milliseconds; a client that sends nothing or
+# half a line holds a thread and a MAX_HANDLERS slot until then. Long-lived streams are not
+# affected: the clock stops once the request is read.
+IDLE_TIMEOUT_S = 10.0
+# Connections served at once, each by a thread. The CLI makes one call at a time, scripts and the
+# bench a handful; beyond 64 the agent answers "busy" at once rather than queueing without bound
+# (clients retry: agent/client.py). Open `flows --follow` streams count too.
+MAX_HANDLERS = 64
+
+# Argument sizes, checked before any agent method runs.
 MAX_NAME = 253  # a DNS subdomain, the longest Kubernetes name; endpoint names are checked to 63 by the agent
 MAX_LABEL_TEXT = 317  # a label key: a 253-char prefix, "/", a 63-char name (values are at most 63)
 MAX_LABELS = 64  # per label set; a pod carries a handful, and every label is a map key the agent compares
@@ -410,11 +450,26 @@ def _error(message: str, culprit: str = "request") -> dict:
     return {"ok": False, "error": message, "culprit": culprit}
 
 
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NESTING = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # open +1, close -1 (as signed bytes)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth(line: bytes) -> int:
+    """How deep ``line``'s JSON nests, counted without decoding it (strings skipped)."""
+    brackets = _STRING.sub(b"", line).translate(None, _NOT_BRACKETS)
+    return max(accumulate(memoryview(brackets.translate(_NESTING)).cast("b")), default=0)
+
+
 def parse(line: bytes) -> tuple[str, Any]:
     """A request line -> (op name, raw args); raises UserError with the reply's message."""
+    if len(line) > MAX_REQUEST_BYTES:
+        raise UserError(f"request too large: more than {MAX_REQUEST_BYTES // MiB} MiB")
+    if json_depth(line) > MAX_JSON_DEPTH:
+        raise UserError(f"malformed request: JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         req = json.loads(line)
-    except (ValueError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: only if the depth check has a hole
         raise UserError(f"malformed request: {e}") from None
     if not isinstance(req, dict) or not isinstance(req.get("op"), str):
         raise UserError('malformed request: expected an object with "op" (a string) and "args"')
@@ -464,34 +519,113 @@ def handle(agent, line: bytes, send: Callable[[dict], None]) -> dict:
 # ---- the server ------------------------------------------------------------------------------------
 
 
+class Refused(Exception):
+    """The connection ends with this reply before a request was handled."""
+
+    def __init__(self, reply: dict) -> None:
+        super().__init__(reply["error"])
+        self.reply = reply
+
+
+def read_request(conn: socket.socket, idle_timeout_s: float) -> bytes | None:
+    """The request line (without its newline), read in chunks of READ_CHUNK_BYTES, or None if the
+    client closed without sending anything. Raises Refused: too large, or not there in time. A
+    client that half-closes after a line without a newline has sent that line."""
+    deadline = time.monotonic() + idle_timeout_s
+    buf = bytearray()
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise TimeoutError
+            conn.settimeout(left)
+            chunk = conn.recv(READ_CHUNK_BYTES)
+        except TimeoutError:
+            raise Refused(_error(f"no complete request line within {idle_timeout_s:g}s: closing")) from None
+        end = chunk.find(b"\n")
+        buf += chunk if end < 0 else chunk[:end]
+        if len(buf) > MAX_REQUEST_BYTES:
+            raise Refused(_error(f"request too large: more than {MAX_REQUEST_BYTES // MiB} MiB; closing"))
+        if end >= 0 or (not chunk and buf):
+            return bytes(buf)
+        if not chunk:
+            return None
+
+
+def busy_reply(in_progress: int) -> dict:
+    """Sent before the request is read: nothing was started, so any operation may be retried."""
+    return {**_error(f"busy: {in_progress} requests in progress, try again", "node"), "busy": True}
+
+
+def _encode(msg: dict) -> bytes:
+    return json.dumps(msg, default=str).encode() + b"\n"
+
+
+class _UnixServer(socketserver.UnixStreamServer):
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, path: str, api: ApiServer):
+        self.api = api
+        super().__init__(path, socketserver.BaseRequestHandler)
+
+    def process_request(self, request, client_address) -> None:
+        self.api.accept(request)  # owns the connection from here
+
+
 class ApiServer:
-    def __init__(self, agent):
+    """The API socket. ``idle_timeout_s`` and ``max_handlers`` are parameters so tests can make them
+    small; the agent runs with the defaults above."""
+
+    def __init__(self, agent, idle_timeout_s: float = IDLE_TIMEOUT_S, max_handlers: int = MAX_HANDLERS):
         self.agent = agent
+        self.idle_timeout_s = idle_timeout_s
+        self.max_handlers = max_handlers
+        self._slots = threading.BoundedSemaphore(max_handlers)
         self.path = agent.cfg.api_socket
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         if os.path.exists(self.path):
             os.unlink(self.path)  # stale: the node lock proved no other agent owns it
-
-        class Handler(socketserver.StreamRequestHandler):
-            def handle(self):
-                line = self.rfile.readline()
-                if not line:
-                    return
-                try:
-                    self._send(handle(agent, line, self._send))
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-            def _send(self, msg):
-                self.wfile.write(json.dumps(msg, default=str).encode() + b"\n")
-                self.wfile.flush()
-
-        class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-            daemon_threads = True
-
-        self.server = Server(self.path, Handler)
+        self.server = _UnixServer(self.path, self)
         os.chmod(self.path, 0o600)
         self.thread = threading.Thread(target=self.server.serve_forever, name="api", daemon=True)
+
+    def accept(self, conn: socket.socket) -> None:
+        """On the accept thread: hand ``conn`` to a handler thread, or answer busy and close it."""
+        if self._slots.acquire(blocking=False):
+            try:
+                threading.Thread(target=self._serve, args=(conn,), name="api-conn", daemon=True).start()
+                return
+            except RuntimeError:  # no thread to be had: as busy as it gets
+                self._slots.release()
+        try:
+            conn.setblocking(False)  # a fresh connection's send buffer is empty: one line fits
+            conn.send(_encode(busy_reply(self.max_handlers)))
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def _serve(self, conn: socket.socket) -> None:
+        def send(msg: dict) -> None:
+            conn.sendall(_encode(msg))
+
+        try:
+            try:
+                line = read_request(conn, self.idle_timeout_s)
+            except Refused as e:
+                send(e.reply)
+                return
+            if line is None:
+                return
+            conn.settimeout(None)  # from here the reply, or a stream, takes as long as it takes
+            send(handle(self.agent, line, send))
+        except OSError:  # the client went away (BrokenPipe, ConnectionReset) or never read its reply
+            pass
+        except Exception:  # a bug (a reply json cannot encode): keep serving, say so
+            log.exception("internal error in an API connection")
+        finally:
+            conn.close()
+            self._slots.release()
 
     def start(self) -> None:
         self.thread.start()
