@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import reprlib
+import select
 import socket
 import socketserver
 import threading
@@ -378,7 +379,7 @@ def op(call: Callable[[Any, Any], Any], **args: Arg) -> Op:
     return Op(call, args)
 
 
-def stream_op(call: Callable[[Any, Any, Callable[[dict], None]], Any], **args: Arg) -> Op:
+def stream_op(call: Callable[[Any, Any, Callable[[dict], None], Callable[[], bool]], Any], **args: Arg) -> Op:
     return Op(call, args, stream=True)
 
 
@@ -397,14 +398,14 @@ def _delete(agent, a) -> dict:
     return agent.delete([(a.kind, a.namespace, a.name)])
 
 
-def _flows(agent, a, send: Callable[[dict], None]) -> dict:
+def _flows(agent, a, send: Callable[[dict], None], alive: Callable[[], bool]) -> dict:
     try:
         flt = FlowFilter.from_args(a.filters)
         if a.since_s:
             flt = dataclasses.replace(flt, since_ns=time.time_ns() - int(a.since_s * 1e9))
     except ValueError as e:
         raise UserError(f"flows: bad flow filter: {e}") from None
-    return agent.stream_flows(flt, a.last, a.follow, send)
+    return agent.stream_flows(flt, a.last, a.follow, send, alive)
 
 
 OPS: dict[str, Op] = {
@@ -491,8 +492,9 @@ def check_args(name: str, operation: Op, raw: Any) -> SimpleNamespace:
         raise UserError(f"{name}: argument {e.path}: {e.message}") from None
 
 
-def handle(agent, line: bytes, send: Callable[[dict], None]) -> dict:
-    """One request line -> the final reply (streamed items go to ``send`` first)."""
+def handle(agent, line: bytes, send: Callable[[dict], None], alive: Callable[[], bool] = lambda: True) -> dict:
+    """One request line -> the final reply (streamed items go to ``send`` first; a stream ends early
+    once ``alive()`` says the client has gone)."""
     try:
         name, raw = parse(line)
         operation = OPS.get(name)
@@ -503,7 +505,7 @@ def handle(agent, line: bytes, send: Callable[[dict], None]) -> dict:
         return _error(str(e))
     try:
         if operation.stream:
-            result = operation.call(agent, args, lambda item: send({"item": item}))
+            result = operation.call(agent, args, lambda item: send({"item": item}), alive)
         else:
             result = operation.call(agent, args)
         return {"ok": True, "result": result}
@@ -572,6 +574,25 @@ class _UnixServer(socketserver.UnixStreamServer):
         self.api.accept(request)  # owns the connection from here
 
 
+def _still_there(conn: socket.socket) -> bool:
+    """Whether the client of a stream is still connected: it sends nothing after its request, so a
+    readable socket means it hung up (a quiet `flows --follow` would otherwise keep its handler slot
+    until the next matching flow)."""
+    poller = select.poll()
+    poller.register(conn, select.POLLIN | select.POLLRDHUP)
+    events = poller.poll(0)
+    if not events:
+        return True
+    if events[0][1] & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
+        return False
+    try:
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
 class ApiServer:
     """The API socket. ``idle_timeout_s`` and ``max_handlers`` are parameters so tests can make them
     small; the agent runs with the defaults above."""
@@ -618,7 +639,7 @@ class ApiServer:
             if line is None:
                 return
             conn.settimeout(None)  # from here the reply, or a stream, takes as long as it takes
-            send(handle(self.agent, line, send))
+            send(handle(self.agent, line, send, lambda: _still_there(conn)))
         except OSError:  # the client went away (BrokenPipe, ConnectionReset) or never read its reply
             pass
         except Exception:  # a bug (a reply json cannot encode): keep serving, say so

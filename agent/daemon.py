@@ -237,9 +237,11 @@ class Agent:
 
     # ---- flows -----------------------------------------------------------------------------------
 
-    def stream_flows(self, flt: FlowFilter, last: int | None, follow: bool, send: Callable[[dict], None]) -> dict:
+    def stream_flows(self, flt: FlowFilter, last: int | None, follow: bool, send: Callable[[dict], None],
+                     alive: Callable[[], bool] = lambda: True) -> dict:
         """Send the matching buffered flows (the ``last`` ones), then with ``follow`` every new one until
-        the agent stops or ``send`` fails. Returns the ring buffer's loss count."""
+        the agent stops, ``send`` fails or ``alive()`` says the client has gone (checked every half
+        second, so a quiet stream does not keep its API slot). Returns the ring buffer's loss count."""
         # Subscribe before replaying history so nothing falls between the two; the flows that
         # arrived in between come first on the subscription and are skipped once.
         sub = self.flows.subscribe() if follow else None
@@ -248,7 +250,7 @@ class Agent:
             for flow in replayed:
                 send({"flow": flow})
             already = {id(f) for f in replayed}
-            while sub is not None and not self.stopping.is_set():
+            while sub is not None and not self.stopping.is_set() and alive():
                 item = sub.get(0.5)
                 if item is None:
                     continue

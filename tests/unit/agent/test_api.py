@@ -29,7 +29,7 @@ from agent import client as client_module
 from agent.client import AgentClient, AgentError, AgentUnavailable
 from agent.daemon import Agent
 from agent.errors import MeshError, UserError
-from agent.flows import FlowBuffer
+from agent.flows import FlowBuffer, FlowFilter
 from bench.run import cnp_document
 
 DEADLINE_S = 30.0  # how long a test waits for something that should happen much sooner
@@ -327,7 +327,7 @@ def test_requests_as_the_cli_sends_them():
     assert call("policy_trace", from_labels={"app": "a"}, to_labels={"reserved": "world"}, from_namespace=None,
                 to_namespace=None, dport=53, protocol="UDP")[1] == \
         ({"app": "a"}, {"reserved": "world"}, None, None, "UDP", 53)
-    method, (flt, last, follow, _send), _ = call(
+    method, (flt, last, follow, _send, _alive), _ = call(
         "flows", last=None, since_s=None, follow=False,
         filters={"from_label": ["app=web"], "to_label": [], "from_ip": None, "to_ip": "10.0.0.0/8", "port": 80,
                  "protocol": "tcp", "verdict": "DROPPED", "type": "l7"})
@@ -641,3 +641,37 @@ def test_client_reports_no_agent():
 def test_the_limits_leave_room_for_legitimate_use():
     assert api.LISTEN_BACKLOG >= 128
     assert api.MAX_HANDLERS >= 8 and api.IDLE_TIMEOUT_S >= 1
+
+
+def test_a_follow_stream_ends_when_its_client_hangs_up():
+    """A quiet `flows --follow` whose client went away gives its handler slot back without waiting for a
+    matching flow (Agent.stream_flows asks alive() every half second)."""
+    import socket as socketlib
+
+    from agent.api import _still_there
+
+    a, b = socketlib.socketpair()
+    try:
+        assert _still_there(a)
+        b.close()
+        assert not _still_there(a)
+    finally:
+        a.close()
+
+
+def test_stream_flows_stops_following_once_the_client_is_gone():
+    agent = FollowingAgent("/nonexistent")
+    done = threading.Event()
+    checks = []
+
+    def alive() -> bool:
+        checks.append(1)
+        return len(checks) < 2
+
+    def run():
+        agent.stream_flows(FlowFilter(), None, True, lambda item: None, alive)
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    assert done.wait(30), "the stream kept following a client that was gone"
+    agent.stopping.set()
