@@ -2,7 +2,8 @@
 
 The tables follow the upstream CRDs (Kubernetes, Cilium, Istio) field for field, minus what meshagent
 does not implement. Upstream fields we leave out are listed in ``unsupported=`` where a user is likely
-to write them, so the error says "not supported" rather than suggesting a typo. Everything else that
+to write them, so the error says "not supported" rather than suggesting a typo: an `Unsupported`
+reason is followed by the supported fields, a plain string is the whole message. Everything else that
 is not in a table is an unknown field. Nothing is ever silently ignored (SPEC §4).
 """
 
@@ -25,11 +26,14 @@ from ._schema import (
     Obj,
     Required,
     Scalar,
+    Unsupported,
     at_least_one_of,
     at_most_one_of,
     exactly_one_of,
     join,
+    key_text,
     requires,
+    show,
     unique,
 )
 
@@ -132,7 +136,7 @@ SERVICE_SPEC = Obj({
         "protocol": Enum(PROTOCOLS),
         "appProtocol": NONEMPTY_STR,
     }, unsupported={
-        "nodePort": "node ports are not supported (only ClusterIP services); supported: {supported}",
+        "nodePort": Unsupported("node ports are not supported (only ClusterIP services)"),
     })),
     "clusterIP": string(v.cluster_ip, "an IPv4 address or None"),
     "type": Enum(("ClusterIP",), unsupported=("NodePort", "LoadBalancer", "ExternalName")),
@@ -187,9 +191,10 @@ def _cnp_rule(peer: str) -> Obj:
             raise Invalid(join(path, "icmps"), "icmps cannot be combined with toPorts in one rule "
                           "(as in Cilium); write two rules")
 
-    other = dict.fromkeys((f"{peer}Requires", f"{peer}Groups", f"{peer}Nodes", "authentication"), "")
+    other: dict[str, Unsupported | str] = dict.fromkeys(
+        (f"{peer}Requires", f"{peer}Groups", f"{peer}Nodes", "authentication"), Unsupported())
     if peer == "to":
-        other["toFQDNs"] = "DNS-based policy (toFQDNs) is not supported; supported: {supported}"
+        other["toFQDNs"] = Unsupported("DNS-based policy (toFQDNs) is not supported")
         other["toServices"] = "toServices is not supported; use toEndpoints with the service's selector"
     return Obj({
         peers[0]: ListOf(SELECTOR),
@@ -198,7 +203,7 @@ def _cnp_rule(peer: str) -> Obj:
         peers[3]: ListOf(Enum(ENTITIES)),
         "toPorts": ListOf(CNP_PORT_RULE),
         "icmps": ListOf(ICMP_RULE),
-    }, unsupported={k: m or "not supported; supported: {supported}" for k, m in other.items()},
+    }, unsupported=other,
         rules=(one_peer_kind, icmps_alone))
 
 
@@ -211,8 +216,8 @@ CNP_SPEC = Obj({
     "egressDeny": ListOf(_cnp_rule("to")),
 }, unsupported={
     "nodeSelector": "host policies (nodeSelector) are not supported; use endpointSelector",
-    "enableDefaultDeny": "",
-    "labels": "",
+    "enableDefaultDeny": Unsupported(),
+    "labels": Unsupported(),
 })
 
 # --- networking.k8s.io/v1 NetworkPolicy ------------------------------------------------------------
@@ -242,7 +247,7 @@ NP_SPEC = Obj({
 
 # --- networking.istio.io VirtualService ------------------------------------------------------------
 
-_UNSET = "not supported; supported: {supported}"
+_UNSET = Unsupported()
 
 REGEX = string(v.regex, "a regular expression")
 _MATCH_FIELDS = {"exact": STR, "prefix": STR, "regex": REGEX}
@@ -250,7 +255,7 @@ STRING_MATCH = Obj(_MATCH_FIELDS, rules=(exactly_one_of("exact", "prefix", "rege
 # In headers and queryParams an empty match ({}) tests that the header or parameter is present.
 PRESENCE_MATCH = Obj(_MATCH_FIELDS, rules=(at_most_one_of("exact", "prefix", "regex"),))
 QUERY_MATCH = Obj({"exact": STR, "regex": REGEX}, unsupported={
-    "prefix": "prefix is not supported for query parameters (as in Istio); supported: {supported}",
+    "prefix": Unsupported("prefix is not supported for query parameters (as in Istio)"),
 }, rules=(at_most_one_of("exact", "regex"),))
 
 HTTP_MATCH = Obj({
@@ -280,8 +285,8 @@ HEADER_OPS = Obj({
 })
 HEADERS = Obj({"request": HEADER_OPS, "response": HEADER_OPS})
 PERCENT = Obj({"value": Req(Scalar((int, float), "a number", v.in_range(0, 100)))})
-_PERCENT_OLD = "the integer percent field is deprecated upstream; use percentage: {value: N}"
 
+_PERCENT_OLD = "the integer percent field is deprecated upstream; use percentage: {value: N}"
 
 def _weights(obj: Mapping[str, Any], path: str) -> None:
     routes = obj.get("route") or []
@@ -310,7 +315,7 @@ HTTP_REDIRECT = Obj({
 }, unsupported={"derivePort": _UNSET}, rules=(at_least_one_of("uri", "authority", "port", "scheme"),))
 DIRECT_RESPONSE = Obj({
     "status": Req(integer(200, 599)),
-    "body": Obj({"string": STR}, unsupported={"bytes": "only a string body is supported; supported: {supported}"},
+    "body": Obj({"string": STR}, unsupported={"bytes": Unsupported("only a string body is supported")},
                 rules=(exactly_one_of("string"),)),
 })
 
@@ -324,26 +329,26 @@ HTTP_ROUTE = Obj({
         "weight": integer(0, 100),
         "headers": HEADERS,
     }), non_empty=True),
-    "rewrite": Obj({"uri": STR, "authority": HOST}, unsupported={"uriRegexRewrite": ""},
+    "rewrite": Obj({"uri": STR, "authority": HOST}, unsupported={"uriRegexRewrite": _UNSET},
                    rules=(at_least_one_of("uri", "authority"),)),
     "timeout": DURATION,
     "retries": Obj({
         "attempts": integer(0, 2**31 - 1),
         "perTryTimeout": DURATION,
         "retryOn": string(v.retry_on, "a comma-separated list of retry conditions"),
-    }, unsupported={"retryRemoteLocalities": ""}),
+    }, unsupported={"retryRemoteLocalities": _UNSET}),
     "fault": Obj({
         "delay": Obj({"fixedDelay": Req(DURATION), "percentage": PERCENT},
-                     unsupported={"percent": _PERCENT_OLD, "exponentialDelay": ""}),
+                     unsupported={"percent": _PERCENT_OLD, "exponentialDelay": _UNSET}),
         "abort": Obj({"httpStatus": Req(integer(100, 599)), "percentage": PERCENT},
-                     unsupported={"percent": _PERCENT_OLD, "grpcStatus": "", "http2Error": ""}),
+                     unsupported={"percent": _PERCENT_OLD, "grpcStatus": _UNSET, "http2Error": _UNSET}),
     }, rules=(at_least_one_of("delay", "abort"),)),
     "mirror": DESTINATION,
     "mirrorPercentage": PERCENT,
     "headers": HEADERS,
 }, unsupported={
-    "delegate": "delegating to another VirtualService is not supported; supported: {supported}",
-    "corsPolicy": "CORS policies are not supported; supported: {supported}",
+    "delegate": Unsupported("delegating to another VirtualService is not supported"),
+    "corsPolicy": Unsupported("CORS policies are not supported"),
     "mirrors": "only one mirror is supported; use mirror and mirrorPercentage",
     "mirrorPercent": "deprecated upstream; use mirrorPercentage: {value: N}",
     "mirror_percent": "deprecated upstream; use mirrorPercentage: {value: N}",
@@ -356,8 +361,8 @@ VS_SPEC = Obj({
     "http": Req(ListOf(HTTP_ROUTE, non_empty=True)),
     "exportTo": EXPORT_TO,
 }, unsupported={
-    "tcp": "TCP routes are not supported; supported: {supported}",
-    "tls": "TLS routes are not supported; supported: {supported}",
+    "tcp": Unsupported("TCP routes are not supported"),
+    "tls": Unsupported("TLS routes are not supported"),
 })
 
 # --- networking.istio.io DestinationRule -----------------------------------------------------------
@@ -382,7 +387,7 @@ _POLICY_FIELDS = {
             "httpQueryParameterName": NONEMPTY_STR,
             "minimumRingSize": integer(1, 1 << 23),
         }, unsupported={
-            "httpCookie": "hashing on a cookie is not supported yet; supported: {supported}",
+            "httpCookie": Unsupported("hashing on a cookie is not supported yet"),
             "ringHash": _UNSET, "maglev": _UNSET,
         }, rules=(_one_hash_key,)),
     }, unsupported=dict.fromkeys(("localityLbSetting", "warmupDurationSecs"), _UNSET),
@@ -411,7 +416,7 @@ _POLICY_FIELDS = {
         "mode": Req(Enum(("ISTIO_MUTUAL", "DISABLE"), unsupported=("SIMPLE", "MUTUAL"))),
     }, unsupported=dict.fromkeys(
         ("clientCertificate", "privateKey", "caCertificates", "credentialName", "subjectAltNames", "sni",
-         "insecureSkipVerify"), "only mode ISTIO_MUTUAL or DISABLE is supported; supported: {supported}")),
+         "insecureSkipVerify"), Unsupported("only mode ISTIO_MUTUAL or DISABLE is supported"))),
 }
 # A port's settings: the four fields again, for one service port (portLevelSettings).
 PORT_TRAFFIC_POLICY = Obj({"port": Req(Obj({"number": Req(PORT_INT)})), **_POLICY_FIELDS})
@@ -482,7 +487,7 @@ AP_SPEC = Obj({
         }, rules=(at_least_one_of("values", "notValues"),))),
     })),
 }, unsupported={
-    "provider": "CUSTOM authorization providers are not supported; supported: {supported}",
+    "provider": Unsupported("CUSTOM authorization providers are not supported"),
     "targetRef": "targetRef is not supported; use selector",
     "targetRefs": "targetRefs is not supported; use selector",
 })
@@ -542,18 +547,17 @@ class KindInfo:
     api_versions: tuple[str, ...]
     schema: Obj  # the whole document, apiVersion to spec
 
-
 def _annotations(allowed: tuple[str, ...]):
     def rule(obj: Mapping[str, Any], path: str) -> None:
         for key, value in (obj.get("annotations") or {}).items():
             if not key.startswith(_OURS):
                 continue
-            where = f"{join(path, 'annotations')}[{key}]"
+            where = f"{join(path, 'annotations')}[{key_text(key)}]"
             if key not in allowed:
                 ok = ", ".join(allowed) or "none for this kind"
                 raise Invalid(where, f"unknown meshagent annotation; supported: {ok}")
             if key == AUDIT_ANNOTATION and value not in ("true", "false"):
-                raise Invalid(where, f"{value!r}: write 'true' or 'false'")
+                raise Invalid(where, f"{show(value)}: write 'true' or 'false'")
 
     return rule
 

@@ -7,6 +7,8 @@ object's fields have passed, so a rule may rely on their types.
 
 Errors are raised as `Invalid(path, message)`, where path is the user's view of the field
 (``spec.ingress[0].toPorts[0].ports[1].port``); `agent.resources` adds the file and document.
+Messages are plain text, never format strings: table text and user values are joined with f-strings
+only, so braces in either (``use percentage: {value: N}``) are just characters.
 """
 
 from __future__ import annotations
@@ -66,16 +68,26 @@ class Required:
     node: Node
 
 
+@dataclass(frozen=True)
+class Unsupported:
+    """Why a field upstream has is refused here, followed by the object's supported fields
+    ("``why``; supported: a, b, c"). Where the list would not help, the table gives a plain string
+    instead, used as the whole message."""
+
+    why: str = "not supported"
+
+
 Rule = Callable[[Mapping[str, Any], str], None]  # (the object, its path); raises Invalid
+FieldSpec = Node | Required
 
 
 @dataclass(frozen=True, eq=False)
 class Obj(Node):
     """A mapping with known fields; any other key is an error naming the supported ones."""
 
-    fields: Mapping[str, Node | Required]
-    # Fields upstream has and we do not: key -> message ("{supported}" is replaced by the field list).
-    unsupported: Mapping[str, str] = field(default_factory=dict)
+    fields: Mapping[str, FieldSpec]
+    # Fields upstream has and we do not: key -> an `Unsupported` reason, or the whole message.
+    unsupported: Mapping[str, Unsupported | str] = field(default_factory=dict)
     rules: tuple[Rule, ...] = ()
 
 
@@ -132,6 +144,14 @@ def supported(obj: Obj) -> str:
     return ", ".join(obj.fields)
 
 
+def refusal(obj: Obj, key: str) -> str | None:
+    """The message for a field ``obj`` knowingly refuses, or None if it is not one of them."""
+    reason = obj.unsupported.get(key)
+    if isinstance(reason, Unsupported):
+        return f"{reason.why}; supported: {supported(obj)}"
+    return reason
+
+
 def walk(node: Node, value: Any, path: str) -> None:
     """Check ``value`` against ``node``; raise Invalid at the first problem, in document order."""
     if isinstance(node, Obj):
@@ -175,10 +195,8 @@ def _walk_obj(node: Obj, value: Any, path: str) -> None:
     for key, item in value.items():
         spec = node.fields.get(key) if isinstance(key, str) else None
         if spec is None:
-            reason = node.unsupported.get(key) if isinstance(key, str) else None
-            if reason is None:
-                reason = "unknown field; supported: {supported}"
-            raise Invalid(join(path, key), reason.format(supported=supported(node)))
+            reason = refusal(node, key) if isinstance(key, str) else None
+            raise Invalid(join(path, key), reason or f"unknown field; supported: {supported(node)}")
         walk(spec.node if isinstance(spec, Required) else spec, item, join(path, key))
     for name, spec in node.fields.items():
         if isinstance(spec, Required) and name not in value:
