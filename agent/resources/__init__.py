@@ -7,9 +7,10 @@ than reading the files given.
 
     resources = load_paths(["examples/"])        # all documents valid, or ResourceError
     for r in resources:
-        r.key, r.audit, r.body["spec"]
+        r.key, r.audit, r.body["spec"], r.warnings   # warnings: deprecated fields, how they are read
 """
 
+from ._kinds import fault_percent, mirror_percent
 from ._load import KINDS, load_paths, parse_documents, validate
 from ._model import Resource, ResourceError, audit_requested
 from ._values import parse_duration, port_number
@@ -19,7 +20,9 @@ __all__ = [
     "Resource",
     "ResourceError",
     "audit_requested",
+    "fault_percent",
     "load_paths",
+    "mirror_percent",
     "parse_documents",
     "parse_duration",
     "port_number",

@@ -4,7 +4,8 @@ The tables follow the upstream CRDs (Kubernetes, Cilium, Istio) field for field,
 does not implement. Upstream fields we leave out are listed in ``unsupported=`` where a user is likely
 to write them, so the error says "not supported" rather than suggesting a typo: an `Unsupported`
 reason is followed by the supported fields, a plain string is the whole message. Everything else that
-is not in a table is an unknown field. Nothing is ever silently ignored (SPEC §4).
+is not in a table is an unknown field. Nothing is ever silently ignored (SPEC §4). Fields upstream
+deprecated but still reads are `Deprecated`: accepted, with a warning saying how they are read.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from agent.labels import LabelError, Selector
 
 from . import _values as v
 from ._schema import (
+    Deprecated,
     Enum,
     Invalid,
     ListOf,
@@ -286,7 +288,47 @@ HEADER_OPS = Obj({
 HEADERS = Obj({"request": HEADER_OPS, "response": HEADER_OPS})
 PERCENT = Obj({"value": Req(Scalar((int, float), "a number", v.in_range(0, 100)))})
 
-_PERCENT_OLD = "the integer percent field is deprecated upstream; use percentage: {value: N}"
+
+def _percentage(value: object) -> str:
+    return f"percentage: {{value: {value}}}"
+
+
+def _mirror_percentage(value: object) -> str:
+    return f"mirrorPercentage: {{value: {value}}}"
+
+
+# Istio's Delay still reads its integer percent when percentage is not given (TranslateFault in
+# pilot/pkg/networking/core/route/route.go). Abort's percent is gone from the API (its proto reserves
+# field 1, "percent"): Istio ignores it, so we refuse it rather than read it otherwise than Istio.
+DELAY_PERCENT = Deprecated(integer(0, 100), _percentage, unless=("percentage",))
+_ABORT_PERCENT = "percent was removed from Istio's abort, which ignores it; write percentage: {value: N}"
+# HTTPRoute's mirror_percent (JSON name mirrorPercent; the protobuf JSON reader takes either spelling,
+# the JSON name winning when both are given) is read when mirrorPercentage is not given (Istio's
+# mirrorPercent in route.go). Istio warns about it too: 'use "mirrorPercentage" instead'.
+MIRROR_PERCENT = Deprecated(integer(0, 100), _mirror_percentage, unless=("mirrorPercentage",))
+MIRROR_PERCENT_PROTO_NAME = Deprecated(integer(0, 100), _mirror_percentage,
+                                       unless=("mirrorPercentage", "mirrorPercent"))
+
+
+def fault_percent(part: Mapping[str, Any]) -> float:
+    """The share of requests (0-100) a validated fault ``delay`` or ``abort`` applies to, as Istio reads
+    it: percentage.value, else a delay's deprecated integer percent, else 0 (none). The one reading of
+    these fields; they are stored as written."""
+    if "percentage" in part:
+        return float(part["percentage"]["value"])
+    return float(part.get("percent", 0))
+
+
+def mirror_percent(route: Mapping[str, Any]) -> float:
+    """The share of requests (0-100) a validated HTTP route mirrors, as Istio reads it:
+    mirrorPercentage.value, else the deprecated mirrorPercent, else mirror_percent, else 100 (all)."""
+    if "mirrorPercentage" in route:
+        return float(route["mirrorPercentage"]["value"])
+    for name in ("mirrorPercent", "mirror_percent"):
+        if name in route:
+            return float(route[name])
+    return 100.0
+
 
 def _weights(obj: Mapping[str, Any], path: str) -> None:
     routes = obj.get("route") or []
@@ -338,21 +380,22 @@ HTTP_ROUTE = Obj({
         "retryOn": string(v.retry_on, "a comma-separated list of retry conditions"),
     }, unsupported={"retryRemoteLocalities": _UNSET}),
     "fault": Obj({
-        "delay": Obj({"fixedDelay": Req(DURATION), "percentage": PERCENT},
-                     unsupported={"percent": _PERCENT_OLD, "exponentialDelay": _UNSET}),
+        "delay": Obj({"fixedDelay": Req(DURATION), "percentage": PERCENT, "percent": DELAY_PERCENT},
+                     unsupported={"exponentialDelay": _UNSET}),
         "abort": Obj({"httpStatus": Req(integer(100, 599)), "percentage": PERCENT},
-                     unsupported={"percent": _PERCENT_OLD, "grpcStatus": _UNSET, "http2Error": _UNSET}),
+                     unsupported={"percent": _ABORT_PERCENT, "grpcStatus": _UNSET, "http2Error": _UNSET}),
     }, rules=(at_least_one_of("delay", "abort"),)),
     "mirror": DESTINATION,
     "mirrorPercentage": PERCENT,
+    "mirrorPercent": MIRROR_PERCENT,
+    "mirror_percent": MIRROR_PERCENT_PROTO_NAME,
     "headers": HEADERS,
 }, unsupported={
     "delegate": Unsupported("delegating to another VirtualService is not supported"),
     "corsPolicy": Unsupported("CORS policies are not supported"),
     "mirrors": "only one mirror is supported; use mirror and mirrorPercentage",
-    "mirrorPercent": "deprecated upstream; use mirrorPercentage: {value: N}",
-    "mirror_percent": "deprecated upstream; use mirrorPercentage: {value: N}",
-}, rules=(_weights, requires("mirrorPercentage", "mirror"), exactly_one_of("route", "redirect", "directResponse"),
+}, rules=(_weights, requires("mirrorPercentage", "mirror"), requires("mirrorPercent", "mirror"),
+          requires("mirror_percent", "mirror"), exactly_one_of("route", "redirect", "directResponse"),
           _local_answer_alone))
 
 VS_SPEC = Obj({

@@ -122,13 +122,15 @@ def validate(doc: object, where: str) -> Resource:
     if not isinstance(api_version, str) or api_version not in info.api_versions:
         raise ResourceError(f"{where}: apiVersion: {show(api_version)} is not supported for {kind}; "
                             f"supported: {', '.join(info.api_versions)}")
+    notes: list[str] = []
     try:
-        walk(info.schema, doc, "")
+        walk(info.schema, doc, "", notes)
     except Invalid as e:
         raise ResourceError(f"{where}: {e.path}: {e.message}") from None
     meta = doc["metadata"]
-    return Resource(api_version=api_version, kind=kind, namespace=meta.get("namespace", "default"),
-                    name=meta["name"], body=doc, where=base)
+    namespace, name = meta.get("namespace", "default"), meta["name"]
+    return Resource(api_version=api_version, kind=kind, namespace=namespace, name=name, body=doc, where=base,
+                    warnings=tuple(f"{kind} {namespace}/{name}: {note}" for note in notes))
 
 
 def _parse(text: str, source: str) -> list[Resource]:

@@ -37,6 +37,8 @@ class Resource:
     name: str
     body: dict = field(hash=False, repr=False)
     where: str = field(default="", compare=False)  # "policies.yaml: document 2", for messages
+    # One line each, naming the resource: deprecated fields it uses, and how they are read.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def key(self) -> tuple[str, str, str]:

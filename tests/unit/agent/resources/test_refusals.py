@@ -6,7 +6,8 @@ without touching this file: for every `Obj` reachable in every kind's document, 
 refused as unsupported; for every scalar and every map key, hostile values (braces and percent signs,
 which once went through ``str.format``, huge numbers, wrong types). Each document is built to reach
 exactly that place: the keys on the path, and in the target object only the required fields before
-the one left out, filled with values a small generator finds valid.
+the one left out, filled with values a small generator finds valid. `Deprecated` fields are checked
+the other way round: in a complete valid document, each gives one warning naming its path.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pytest
 from agent.resources import ResourceError, validate
 from agent.resources._kinds import KIND_INFO
 from agent.resources._schema import (
+    Deprecated,
     Enum,
     Invalid,
     ListOf,
@@ -71,7 +73,7 @@ def _places() -> Iterator[Place]:
         yield Place(kind, steps, node)
         if isinstance(node, Obj):
             for name, spec in node.fields.items():
-                child = spec.node if isinstance(spec, Required) else spec
+                child = spec.node if isinstance(spec, Required | Deprecated) else spec
                 yield from visit(kind, (*steps, Step("field", node, name)), child)
         elif isinstance(node, ListOf):
             yield from visit(kind, (*steps, Step("item", node)), node.item)
@@ -113,7 +115,7 @@ def complete(obj: Obj, given: dict) -> dict:
     base = {name: sample(spec.node) for name, spec in obj.fields.items()
             if isinstance(spec, Required) and name not in given} | given
     optional = [name for name, spec in obj.fields.items()
-                if not isinstance(spec, Required) and name not in base]
+                if not isinstance(spec, Required | Deprecated) and name not in base]
     for n in range(3):
         for extra in itertools.combinations(optional, n):
             value = base | {name: sample(obj.fields[name]) for name in extra}
@@ -168,6 +170,8 @@ REQUIRED = [(p, name) for p in PLACES if isinstance(p.node, Obj)
 ENUMS = [p for p in PLACES if isinstance(p.node, Enum)]
 SCALARS = [p for p in PLACES if isinstance(p.node, Scalar)]
 MAPS = [p for p in PLACES if isinstance(p.node, MapOf)]
+DEPRECATED = [(p, name) for p in PLACES if isinstance(p.node, Obj)
+              for name, spec in p.node.fields.items() if isinstance(spec, Deprecated)]
 
 HOSTILE: tuple[Any, ...] = (
     "{value}", "{supported}", "{}", "{0}", "%s", "%(x)s", "%", "", " ", "\n", "a\nb", "x" * 10_000,
@@ -183,6 +187,7 @@ def _id(item) -> str:
 
 def test_the_tables_have_cases_of_every_sort():
     assert len(UNSUPPORTED) > 50 and len(REQUIRED) > 30 and len(ENUMS) > 10 and len(SCALARS) > 50
+    assert {name for _, name in DEPRECATED} == {"percent", "mirrorPercent", "mirror_percent"}
 
 
 @pytest.mark.parametrize("case", UNSUPPORTED, ids=_id)
@@ -231,3 +236,15 @@ def test_every_map_refuses_hostile_keys_in_one_line(place):
     for value in HOSTILE:
         refused(document(place, {sample(place.node.key): value}))
 
+
+@pytest.mark.parametrize("case", DEPRECATED, ids=_id)
+def test_every_deprecated_field_is_accepted_with_one_warning(case):
+    place, name = case
+    spec = place.node.fields[name]
+    value = sample(spec.node)
+    doc = document(place, complete(place.node, {name: value}), whole=True)
+    res = validate(doc, "t.yaml: document 1")
+    lines = [w for w in res.warnings if f".{name}:" in w]
+    assert len(lines) == 1, res.warnings
+    assert lines[0].startswith(f"{place.kind} default/") and "deprecated" in lines[0], lines[0]
+    assert spec.read_as(value) in lines[0]
