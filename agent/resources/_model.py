@@ -39,6 +39,7 @@ class Resource:
     where: str = field(default="", compare=False)  # "policies.yaml: document 2", for messages
     # One line each, naming the resource: deprecated fields it uses, and how they are read.
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    size: int = field(default=0, compare=False)  # about how many bytes the body takes as JSON
 
     @property
     def key(self) -> tuple[str, str, str]:
