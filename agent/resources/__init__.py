@@ -22,7 +22,7 @@ from ._limits import (
     parse_size,
 )
 from ._load import KINDS, check_apply_size, load_paths, parse_documents, validate
-from ._model import Resource, ResourceError, audit_requested
+from ._model import Resource, ResourceError, audit_requested, namespace_warning
 from ._values import parse_duration, port_number
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "format_size",
     "load_paths",
     "mirror_percent",
+    "namespace_warning",
     "parse_documents",
     "parse_duration",
     "parse_size",

@@ -589,6 +589,13 @@ _SET_BY_CLUSTER = "set by the cluster, not by users; remove it"
 class KindInfo:
     api_versions: tuple[str, ...]
     schema: Obj  # the whole document, apiVersion to spec
+    # For a kind that acts on the endpoints of its own namespace: what happens while that namespace
+    # has none ("the policy applies to endpoints created there later"); "" for kinds consulted from
+    # any namespace (VirtualService, DestinationRule and ServiceEntry are exported to all by default).
+    in_empty_namespace: str = ""
+    # A namespace where the kind acts mesh-wide instead (Istio's root namespace, istio-system).
+    mesh_wide_namespace: str = ""
+
 
 def _annotations(allowed: tuple[str, ...]):
     def rule(obj: Mapping[str, Any], path: str) -> None:
@@ -631,18 +638,25 @@ _ISTIO_NET = ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networki
 _ISTIO_SEC = ("security.istio.io/v1", "security.istio.io/v1beta1")
 _POLICY_ANNOTATIONS = (AUDIT_ANNOTATION,)
 
+_LATER = "the policy applies to endpoints created there later"
+_ISTIO_ROOT = "istio-system"  # Istio's default rootNamespace
+
 KIND_INFO: dict[str, KindInfo] = {
-    "Service": KindInfo(("v1",), _document(SERVICE_SPEC, name_check=v.dns1035_label)),
+    "Service": KindInfo(("v1",), _document(SERVICE_SPEC, name_check=v.dns1035_label),
+                        in_empty_namespace="the service has no backends until endpoints are created there"),
     "CiliumNetworkPolicy": KindInfo(("cilium.io/v2",), _document(
         CNP_SPEC, annotations=_POLICY_ANNOTATIONS,
         # Upstream takes one rule in spec, a list in specs, or both.
         fields={"spec": CNP_SPEC, "specs": ListOf(CNP_SPEC, non_empty=True)},
         rules=(at_least_one_of("spec", "specs"),),
-    )),
-    "NetworkPolicy": KindInfo(("networking.k8s.io/v1",), _document(NP_SPEC, annotations=_POLICY_ANNOTATIONS)),
+    ), in_empty_namespace=_LATER),
+    "NetworkPolicy": KindInfo(("networking.k8s.io/v1",), _document(NP_SPEC, annotations=_POLICY_ANNOTATIONS),
+                              in_empty_namespace=_LATER),
     "VirtualService": KindInfo(_ISTIO_NET, _document(VS_SPEC)),
     "DestinationRule": KindInfo(_ISTIO_NET, _document(DR_SPEC)),
     "ServiceEntry": KindInfo(_ISTIO_NET, _document(SE_SPEC)),
-    "PeerAuthentication": KindInfo(_ISTIO_SEC, _document(PA_SPEC)),
-    "AuthorizationPolicy": KindInfo(_ISTIO_SEC, _document(AP_SPEC)),
+    "PeerAuthentication": KindInfo(_ISTIO_SEC, _document(PA_SPEC), in_empty_namespace=_LATER,
+                                   mesh_wide_namespace=_ISTIO_ROOT),
+    "AuthorizationPolicy": KindInfo(_ISTIO_SEC, _document(AP_SPEC), in_empty_namespace=_LATER,
+                                    mesh_wide_namespace=_ISTIO_ROOT),
 }
