@@ -337,7 +337,8 @@ def limit_options(f):
     return click.option(
         "--max-bytes", type=SizeType(), default=MAX_BYTES_DEFAULT, show_default=True,
         envvar="MESHAGENT_APPLY_MAX_BYTES",
-        help="Most YAML one command reads, all files together (env MESHAGENT_APPLY_MAX_BYTES).",
+        help="Most one command carries: the YAML it reads, and its documents as JSON, each all files "
+             "together (env MESHAGENT_APPLY_MAX_BYTES).",
     )(f)
 
 
@@ -369,11 +370,11 @@ def apply(target: Target, paths: tuple[str, ...], max_bytes: int, max_document_b
     """Create or update resources from YAML (all or nothing).
 
     Before any other check the input is held to limits, each refused with one line: at most
-    --max-bytes of YAML read (8MiB, all files together); each document at most --max-document-bytes
-    (3MiB) as JSON with its aliases expanded; and aliases may not make more of a document than
-    Kubernetes' YAML decoder allows (99% of its nodes, less above 400,000 nodes). The agent checks
-    document sizes again against its own MESHAGENT_APPLY_MAX_DOCUMENT_BYTES and
-    MESHAGENT_APPLY_MAX_BYTES.
+    --max-bytes (8MiB) of YAML read, all files together, and as much of documents as JSON; each
+    document at most --max-document-bytes (3MiB) as JSON with its aliases expanded; and aliases may
+    not make more of a document than Kubernetes' YAML decoder allows (99% of its nodes, less above
+    400,000 nodes). The agent checks the documents' sizes again against its own
+    MESHAGENT_APPLY_MAX_DOCUMENT_BYTES and MESHAGENT_APPLY_MAX_BYTES.
 
     Warnings (a deprecated field and how it is read, a namespace with no endpoints on the node yet)
     are printed as "Warning: ..." on stderr; they do not change the exit code.

@@ -2,8 +2,9 @@
 
 Three limits, each refused with one line naming the limit and how to raise it:
 
-- ``max_bytes``: the YAML one apply reads, all its files together (8 MiB). Each file is read with
-  at most the remaining budget plus one byte, so a 60 MB file costs 8 MiB of reading, not 60 MB.
+- ``max_bytes``: what one apply carries (8 MiB): the YAML it reads, all its files together, and
+  its documents as JSON, all together (aliases make the second larger than the first). Each file
+  is read with at most the remaining budget plus one byte, so a 60 MB file costs 8 MiB of reading.
 - ``max_document_bytes``: one document's size as JSON with its aliases expanded (3 MiB, the request
   body limit of kube-apiserver, `MaxRequestBodyBytes`: twice etcd's 1.5 MiB request limit, because
   JSON is larger than the protobuf etcd stores). Counted while the YAML is composed, from the node
@@ -28,6 +29,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 
 from ._model import ResourceError
 
@@ -141,9 +143,16 @@ def json_size(value: object, limit: int) -> int:
     return total
 
 
+def str_size(text: str) -> int:
+    """Exactly how many bytes ``text`` takes as a JSON string (``json.dumps``, ASCII)."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return len(text) + 2
+    return len(encode_basestring_ascii(text))  # escapes: \n, \" and \uXXXX
+
+
 def _scalar_size(v: object) -> int:
     if isinstance(v, str):
-        return len(v) + 2
+        return str_size(v)
     if v is None or isinstance(v, bool):
         return 5
     if isinstance(v, int):  # str() of a very long int raises (int_max_str_digits); its length will do

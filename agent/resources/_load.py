@@ -22,7 +22,7 @@ from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
 from ._kinds import KIND_INFO
-from ._limits import Limits, allowed_alias_ratio, excessive_aliasing, json_size
+from ._limits import Limits, allowed_alias_ratio, excessive_aliasing, json_size, str_size
 from ._model import Resource, ResourceError
 from ._schema import Invalid, describe, key_text, show, walk
 
@@ -96,7 +96,7 @@ class _CountingComposer(Composer):
             return super().compose_node(parent, index)
         node = super().compose_node(parent, index)
         if isinstance(node, ScalarNode):
-            own = len(node.value) + 2
+            own = str_size(node.value)
             nodes, size = 1, own
         elif isinstance(node, SequenceNode):
             own = 2 + 2 * len(node.value)
@@ -259,10 +259,19 @@ def validate(doc: object, where: str, limits: Limits | None = None) -> Resource:
                     warnings=tuple(f"{kind} {namespace}/{name}: {note}" for note in notes), size=size)
 
 
-def _parse(text: str, source: str, limits: Limits) -> list[Resource]:
+def _parse(text: str, source: str, limits: Limits, carried: int = 0) -> tuple[list[Resource], int]:
+    """The text's resources, and what the apply carries with them as JSON (``carried`` before)."""
     docs = _load_yaml(text, source, limits)
+    resources = []
     # Documents are numbered as the user counts them, empty ones included.
-    return [validate(doc, f"{source}: document {i}", limits) for i, doc in enumerate(docs, 1) if doc is not None]
+    for i, doc in enumerate(docs, 1):
+        if doc is not None:
+            r = validate(doc, f"{source}: document {i}", limits)
+            carried += r.size
+            if carried > limits.max_bytes:  # each document fits, but aliases can make many of them large
+                raise limits.too_many_bytes(f"{r.where}: with the documents before it, this apply is, as JSON,")
+            resources.append(r)
+    return resources, carried
 
 
 def _check_unique(resources: Iterable[Resource]) -> None:
@@ -279,7 +288,7 @@ def parse_documents(text: str, source: str, limits: Limits | None = None) -> lis
     limits = limits or Limits()
     if len(text) > limits.max_bytes:  # in characters: the text was decoded already
         raise limits.too_many_bytes(f"{source}: the text is")
-    resources = _parse(text, source, limits)
+    resources, _ = _parse(text, source, limits)
     _check_unique(resources)
     return resources
 
@@ -317,14 +326,15 @@ def _read(path: str, budget: int, limits: Limits, first: bool) -> tuple[str, int
 def load_paths(paths: list[str], limits: Limits | None = None) -> list[Resource]:
     """Files, or directories of *.yaml/*.yml files (not recursive, in name order), every document
     validated. Raises ResourceError on the first problem, so a caller applies all or nothing.
-    ``limits`` (default `Limits()`) bound the bytes read, all files together, and each document."""
+    ``limits`` (default `Limits()`) bound each document, and what the apply carries: the bytes read
+    and the documents as JSON, each all files together."""
     limits = limits or Limits()
     files: list[str] = []
     for path in paths:
         files.extend(_files(path))
     resources: list[Resource] = []
     read: set[str] = set()
-    budget = limits.max_bytes
+    budget, carried = limits.max_bytes, 0
     for f in files:
         real = os.path.realpath(f)
         if real in read:  # `-f dir -f dir/x.yaml` names one file twice: read it once
@@ -332,13 +342,14 @@ def load_paths(paths: list[str], limits: Limits | None = None) -> list[Resource]
         text, size = _read(f, budget, limits, first=not read)
         read.add(real)
         budget -= size
-        resources.extend(_parse(text, f, limits))
+        parsed, carried = _parse(text, f, limits, carried)
+        resources.extend(parsed)
     _check_unique(resources)
     return resources
 
 
 def check_apply_size(resources: Iterable[Resource], limits: Limits) -> None:
     """The documents of one apply, as JSON, fit in ``limits.max_bytes`` (the agent's check of what
-    reaches it through the API; the CLI counts the YAML it reads instead)."""
+    reaches it through the API; `load_paths` checks the same as it goes)."""
     if sum(r.size for r in resources) > limits.max_bytes:
         raise limits.too_many_bytes("this apply's documents are, as JSON,")

@@ -149,6 +149,16 @@ def test_document_limit_counts_each_document_alone():
     assert len(resources) == 2
 
 
+def test_documents_that_each_fit_may_not_add_up_past_the_apply_limit():
+    docs = [big_annotations(aliases=150).replace("name: web", f"name: web{i}") for i in range(6)]
+    text = "---\n".join(docs)
+    assert len(text) < 100_000  # each document about 1.5 MB as JSON
+    message = one_line(text, source="many.yaml")
+    assert message == ("many.yaml: document 6: with the documents before it, this apply is, as JSON, larger than "
+                       "8 MiB, the most one apply may carry; to raise the limit, set MESHAGENT_APPLY_MAX_BYTES")
+    assert len(parse_documents("---\n".join(docs[:5]), "five.yaml")) == 5
+
+
 def test_oversized_text_and_files(tmp_path):
     assert "the text is larger than 8 MiB, the most one apply may carry" in one_line("#" * (MAX_BYTES + 1))
     big = tmp_path / "big.yaml"
@@ -220,6 +230,11 @@ def test_shared_and_cyclic_values_are_measured_in_bounded_steps():
 def test_json_size_is_close_to_json_dumps(value):
     actual = len(json.dumps(value))
     assert actual - 4 <= json_size(value, 10**9) <= actual * 1.3 + 10
+
+
+@pytest.mark.parametrize("text", ["", "x", "é" * 1000, "😀", 'say "hi"', "back\\slash", "a\nb\tc", "\x00" * 100])
+def test_a_string_is_counted_as_json_escapes_it(text):
+    assert json_size(text, 10**9) == len(json.dumps(text))
 
 
 def test_the_documents_of_one_apply_together(monkeypatch):
