@@ -146,16 +146,23 @@ class Agent:
 
     def apply(self, documents: Sequence[tuple[object, str]]) -> dict:
         """Validate every (body, where) document, check the store as it would be after the apply,
-        then write it all and reconcile; or refuse with nothing changed."""
+        then write it all and reconcile; or refuse with nothing changed. Each document, and all of
+        them together, is held to the apply limits first (the agent's environment can raise them).
+        ``warnings``: one line per deprecated field read, and per resource whose namespace has no
+        endpoint on this node yet."""
+        from agent.resources import Limits, check_apply_size, namespace_warning
+
+        limits = Limits.from_env()
         resources, seen = [], set()
         for body, where in documents:
-            res = validate(body, where)
+            res = validate(body, where, limits)
             if res.key in seen:
                 raise UserError(f"{where}: {res.kind} {res.namespace}/{res.name} appears twice")
             seen.add(res.key)
             resources.append(res)
         if not resources:
             raise UserError("nothing to apply: no documents given")
+        check_apply_size(resources, limits)
         with self.lock:
             candidate = {kind: {(b["metadata"].get("namespace", "default"), b["metadata"]["name"]): b
                                 for b in bodies}
@@ -177,8 +184,11 @@ class Agent:
                 if action != "unchanged":
                     self.store.put(key, res.body)
                 results.append({"kind": res.kind, "namespace": res.namespace, "name": res.name, "action": action})
+            in_use = {rec.namespace for rec in self.endpoints.records()}
+            warnings = [line for res in resources
+                        for line in (*res.warnings, namespace_warning(res, in_use, self.cfg.node_name)) if line]
             self.reconcile()
-        return {"results": results}
+        return {"results": results, "warnings": warnings}
 
     def delete(self, targets: Sequence[tuple[str, str, str]]) -> dict:
         """Delete (kind, namespace, name) resources; a missing one is reported, not an error."""

@@ -192,6 +192,22 @@ class DurationType(click.ParamType):
         return seconds
 
 
+class SizeType(click.ParamType):
+    """``8MiB``, ``512KiB``, ``4M`` (10^6), ``8388608`` -> bytes: agent.resources.parse_size."""
+
+    name = "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        from agent.resources import parse_size
+
+        try:
+            return parse_size(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
 class PortProtoType(click.ParamType):
     """``80/tcp``, ``53/udp``, ``80`` (TCP), ``icmp`` or ``8/icmp`` (the ICMP type) -> (port, "TCP")."""
 
@@ -214,6 +230,10 @@ class PortProtoType(click.ParamType):
 
 LABELS = LabelsType()
 CONFIG_HELP = "Node config (default /etc/meshagent/agent.yaml)."
+# The apply limits' defaults, as agent/resources/_limits.py has them (a unit test keeps them equal;
+# the CLI does not import agent.resources until a file is read).
+MAX_BYTES_DEFAULT = "8MiB"
+MAX_DOCUMENT_BYTES_DEFAULT = "3MiB"
 VERDICTS = ("FORWARDED", "DROPPED", "REDIRECTED", "AUDIT")
 IPV4 = IPv4Type()
 
@@ -306,11 +326,29 @@ def status(target: Target, output: str) -> None:
         raise click.ClickException(out.not_ready_reason(result))
 
 
-def _documents(paths: tuple[str, ...]) -> list[dict]:
-    """Read and validate the YAML files locally, so bad input fails before the agent is asked."""
-    from agent.resources import load_paths
+def limit_options(f):
+    """--max-bytes and --max-document-bytes, for the commands that read YAML files."""
+    f = click.option(
+        "--max-document-bytes", type=SizeType(), default=MAX_DOCUMENT_BYTES_DEFAULT, show_default=True,
+        envvar="MESHAGENT_APPLY_MAX_DOCUMENT_BYTES",
+        help="Largest one document may be, as JSON with its YAML aliases expanded "
+             "(env MESHAGENT_APPLY_MAX_DOCUMENT_BYTES; the agent reads that variable from its own environment).",
+    )(f)
+    return click.option(
+        "--max-bytes", type=SizeType(), default=MAX_BYTES_DEFAULT, show_default=True,
+        envvar="MESHAGENT_APPLY_MAX_BYTES",
+        help="Most one command carries: the YAML it reads, and its documents as JSON, each all files "
+             "together (env MESHAGENT_APPLY_MAX_BYTES).",
+    )(f)
 
-    resources = load_paths(list(paths))
+
+def _documents(paths: tuple[str, ...], max_bytes: int, max_document_bytes: int) -> list[dict]:
+    """Read and validate the YAML files locally, so bad input fails before the agent is asked."""
+    from agent.resources import MAX_BYTES_ENV, MAX_DOCUMENT_BYTES_ENV, Limits, load_paths
+
+    limits = Limits(max_bytes, max_document_bytes, raise_bytes=f"use --max-bytes or {MAX_BYTES_ENV}",
+                    raise_document_bytes=f"use --max-document-bytes or {MAX_DOCUMENT_BYTES_ENV}")
+    resources = load_paths(list(paths), limits)
     if not resources:
         raise click.ClickException(f"no resources found in {', '.join(paths)}")
     return [
@@ -322,14 +360,29 @@ def _documents(paths: tuple[str, ...]) -> list[dict]:
 @cli.command(epilog=examples(
     "meshagent apply -f examples/web.yaml",
     "meshagent apply -f policies/ -f services.yaml",
+    "meshagent apply -f big-policy.yaml --max-document-bytes 6MiB",
 ))
 @click.option("-f", "--filename", "paths", multiple=True, required=True, metavar="FILE|DIR",
               help="YAML file, or directory of .yaml/.yml files (repeatable).")
+@limit_options
 @pass_target
-def apply(target: Target, paths: tuple[str, ...]) -> None:
-    """Create or update resources from YAML (all or nothing)."""
-    documents = _documents(paths)
+def apply(target: Target, paths: tuple[str, ...], max_bytes: int, max_document_bytes: int) -> None:
+    """Create or update resources from YAML (all or nothing).
+
+    Before any other check the input is held to limits, each refused with one line: at most
+    --max-bytes (8MiB) of YAML read, all files together, and as much of documents as JSON; each
+    document at most --max-document-bytes (3MiB) as JSON with its aliases expanded; and aliases may
+    not make more of a document than Kubernetes' YAML decoder allows (99% of its nodes, less above
+    400,000 nodes). The agent checks the documents' sizes again against its own
+    MESHAGENT_APPLY_MAX_DOCUMENT_BYTES and MESHAGENT_APPLY_MAX_BYTES.
+
+    Warnings (a deprecated field and how it is read, a namespace with no endpoints on the node yet)
+    are printed as "Warning: ..." on stderr; they do not change the exit code.
+    """
+    documents = _documents(paths, max_bytes, max_document_bytes)
     result = target.client().call("apply", documents=documents)
+    for line in out.warning_lines(result.get("warnings") or []):
+        click.echo(line, err=True)
     for line in out.applied_lines(result.get("results") or []):
         click.echo(line)
 
@@ -356,14 +409,18 @@ def _kind_arg(value: str, allow_all: bool) -> str:
 @click.option("-n", "--namespace", metavar="NS", default="default", show_default=True,
               help="Namespace of NAME.")
 @click.option("--ignore-not-found", is_flag=True, help="Exit 0 even if a resource does not exist.")
+@limit_options
 @pass_target
 def delete(target: Target, kind: str | None, name: str | None, paths: tuple[str, ...], namespace: str,
-           ignore_not_found: bool) -> None:
-    """Delete resources, by file (-f) or as KIND NAME."""
+           ignore_not_found: bool, max_bytes: int, max_document_bytes: int) -> None:
+    """Delete resources, by file (-f) or as KIND NAME.
+
+    Files are read as `apply` reads them, with the same limits.
+    """
     if paths and kind:
         raise click.UsageError("give either -f FILE or KIND NAME, not both")
     if paths:
-        args: dict[str, Any] = {"documents": _documents(paths)}
+        args: dict[str, Any] = {"documents": _documents(paths, max_bytes, max_document_bytes)}
     elif kind and name:
         args = {"kind": _kind_arg(kind, allow_all=False), "namespace": namespace, "name": name}
     else:

@@ -195,6 +195,11 @@ def applied_lines(results: Iterable[Mapping[str, Any]]) -> list[str]:
     return [f"{resource_ref(r['kind'], r['name'])} {r['action']}" for r in results]
 
 
+def warning_lines(warnings: Iterable[str]) -> list[str]:
+    """The agent's warnings on an apply, as kubectl prints server warnings: ``Warning: <line>``."""
+    return [f"Warning: {w}" for w in warnings]
+
+
 def resources_table(items: Sequence[Mapping[str, Any]], with_kind: bool = False) -> str:
     columns = (["kind"] if with_kind else []) + ["namespace", "name", "apiVersion"]
     return table([c.upper() for c in columns], ([i.get(c) for c in columns] for i in items))

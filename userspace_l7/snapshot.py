@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from agent.resources import ResourceError, parse_duration, validate
+from agent.resources import ResourceError, fault_percent, mirror_percent, parse_duration, validate
 from agent.resources.hosts import entry_host, service_for_host
 
 __all__ = [
@@ -670,10 +670,6 @@ def _destination(d: Mapping[str, Any], weight: int, route_headers: Mapping[str, 
                        (d.get("port") or {}).get("number"), weight, dh.then(rh), dsh.then(rsh))
 
 
-def _percent(d: Mapping[str, Any] | None, default: float) -> float:
-    return float(d["value"]) if d else default
-
-
 def _build_vs(r, resolver: _HostResolver) -> VirtualService:
     spec, ns = r.body["spec"], r.namespace
     routes = []
@@ -708,9 +704,9 @@ def _build_vs(r, resolver: _HostResolver) -> VirtualService:
             delay, abort = f.get("delay") or {}, f.get("abort") or {}
             fault = Fault(
                 delay=parse_duration(delay["fixedDelay"]) if delay else 0.0,
-                delay_percent=_percent(delay.get("percentage"), 0.0),
+                delay_percent=fault_percent(delay),  # Istio's reading, deprecated integer percent included
                 abort_status=abort.get("httpStatus", 0),
-                abort_percent=_percent(abort.get("percentage"), 0.0),
+                abort_percent=fault_percent(abort),
             )
         mirror = _destination(h["mirror"], 100, None, None, ns, resolver) if "mirror" in h else None
         rewrite = h.get("rewrite") or {}
@@ -723,7 +719,7 @@ def _build_vs(r, resolver: _HostResolver) -> VirtualService:
             retries=RetryPolicy.build(h.get("retries")),
             fault=fault,
             mirror=mirror,
-            mirror_percent=_percent(h.get("mirrorPercentage"), 100.0),
+            mirror_percent=mirror_percent(h),  # mirrorPercentage, else the deprecated mirrorPercent
             rewrite_uri=rewrite.get("uri"),
             rewrite_authority=rewrite.get("authority"),
             redirect=HttpRedirect(rd.get("uri"), rd.get("authority"), rd.get("port"), rd.get("scheme"),

@@ -2,8 +2,10 @@
 
 The tables follow the upstream CRDs (Kubernetes, Cilium, Istio) field for field, minus what meshagent
 does not implement. Upstream fields we leave out are listed in ``unsupported=`` where a user is likely
-to write them, so the error says "not supported" rather than suggesting a typo. Everything else that
-is not in a table is an unknown field. Nothing is ever silently ignored (SPEC §4).
+to write them, so the error says "not supported" rather than suggesting a typo: an `Unsupported`
+reason is followed by the supported fields, a plain string is the whole message. Everything else that
+is not in a table is an unknown field. Nothing is ever silently ignored (SPEC §4). Fields upstream
+deprecated but still reads are `Deprecated`: accepted, with a warning saying how they are read.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from agent.labels import LabelError, Selector
 
 from . import _values as v
 from ._schema import (
+    Deprecated,
     Enum,
     Invalid,
     ListOf,
@@ -25,11 +28,14 @@ from ._schema import (
     Obj,
     Required,
     Scalar,
+    Unsupported,
     at_least_one_of,
     at_most_one_of,
     exactly_one_of,
     join,
+    key_text,
     requires,
+    show,
     unique,
 )
 
@@ -132,7 +138,7 @@ SERVICE_SPEC = Obj({
         "protocol": Enum(PROTOCOLS),
         "appProtocol": NONEMPTY_STR,
     }, unsupported={
-        "nodePort": "node ports are not supported (only ClusterIP services); supported: {supported}",
+        "nodePort": Unsupported("node ports are not supported (only ClusterIP services)"),
     })),
     "clusterIP": string(v.cluster_ip, "an IPv4 address or None"),
     "type": Enum(("ClusterIP",), unsupported=("NodePort", "LoadBalancer", "ExternalName")),
@@ -187,9 +193,10 @@ def _cnp_rule(peer: str) -> Obj:
             raise Invalid(join(path, "icmps"), "icmps cannot be combined with toPorts in one rule "
                           "(as in Cilium); write two rules")
 
-    other = dict.fromkeys((f"{peer}Requires", f"{peer}Groups", f"{peer}Nodes", "authentication"), "")
+    other: dict[str, Unsupported | str] = dict.fromkeys(
+        (f"{peer}Requires", f"{peer}Groups", f"{peer}Nodes", "authentication"), Unsupported())
     if peer == "to":
-        other["toFQDNs"] = "DNS-based policy (toFQDNs) is not supported; supported: {supported}"
+        other["toFQDNs"] = Unsupported("DNS-based policy (toFQDNs) is not supported")
         other["toServices"] = "toServices is not supported; use toEndpoints with the service's selector"
     return Obj({
         peers[0]: ListOf(SELECTOR),
@@ -198,7 +205,7 @@ def _cnp_rule(peer: str) -> Obj:
         peers[3]: ListOf(Enum(ENTITIES)),
         "toPorts": ListOf(CNP_PORT_RULE),
         "icmps": ListOf(ICMP_RULE),
-    }, unsupported={k: m or "not supported; supported: {supported}" for k, m in other.items()},
+    }, unsupported=other,
         rules=(one_peer_kind, icmps_alone))
 
 
@@ -211,8 +218,8 @@ CNP_SPEC = Obj({
     "egressDeny": ListOf(_cnp_rule("to")),
 }, unsupported={
     "nodeSelector": "host policies (nodeSelector) are not supported; use endpointSelector",
-    "enableDefaultDeny": "",
-    "labels": "",
+    "enableDefaultDeny": Unsupported(),
+    "labels": Unsupported(),
 })
 
 # --- networking.k8s.io/v1 NetworkPolicy ------------------------------------------------------------
@@ -242,7 +249,7 @@ NP_SPEC = Obj({
 
 # --- networking.istio.io VirtualService ------------------------------------------------------------
 
-_UNSET = "not supported; supported: {supported}"
+_UNSET = Unsupported()
 
 REGEX = string(v.regex, "a regular expression")
 _MATCH_FIELDS = {"exact": STR, "prefix": STR, "regex": REGEX}
@@ -250,7 +257,7 @@ STRING_MATCH = Obj(_MATCH_FIELDS, rules=(exactly_one_of("exact", "prefix", "rege
 # In headers and queryParams an empty match ({}) tests that the header or parameter is present.
 PRESENCE_MATCH = Obj(_MATCH_FIELDS, rules=(at_most_one_of("exact", "prefix", "regex"),))
 QUERY_MATCH = Obj({"exact": STR, "regex": REGEX}, unsupported={
-    "prefix": "prefix is not supported for query parameters (as in Istio); supported: {supported}",
+    "prefix": Unsupported("prefix is not supported for query parameters (as in Istio)"),
 }, rules=(at_most_one_of("exact", "regex"),))
 
 HTTP_MATCH = Obj({
@@ -280,7 +287,47 @@ HEADER_OPS = Obj({
 })
 HEADERS = Obj({"request": HEADER_OPS, "response": HEADER_OPS})
 PERCENT = Obj({"value": Req(Scalar((int, float), "a number", v.in_range(0, 100)))})
-_PERCENT_OLD = "the integer percent field is deprecated upstream; use percentage: {value: N}"
+
+
+def _percentage(value: object) -> str:
+    return f"percentage: {{value: {value}}}"
+
+
+def _mirror_percentage(value: object) -> str:
+    return f"mirrorPercentage: {{value: {value}}}"
+
+
+# Istio's Delay still reads its integer percent when percentage is not given (TranslateFault in
+# pilot/pkg/networking/core/route/route.go). Abort's percent is gone from the API (its proto reserves
+# field 1, "percent"): Istio ignores it, so we refuse it rather than read it otherwise than Istio.
+DELAY_PERCENT = Deprecated(integer(0, 100), _percentage, unless=("percentage",))
+_ABORT_PERCENT = "percent was removed from Istio's abort, which ignores it; write percentage: {value: N}"
+# HTTPRoute's mirror_percent (JSON name mirrorPercent; the protobuf JSON reader takes either spelling,
+# the JSON name winning when both are given) is read when mirrorPercentage is not given (Istio's
+# mirrorPercent in route.go). Istio warns about it too: 'use "mirrorPercentage" instead'.
+MIRROR_PERCENT = Deprecated(integer(0, 100), _mirror_percentage, unless=("mirrorPercentage",))
+MIRROR_PERCENT_PROTO_NAME = Deprecated(integer(0, 100), _mirror_percentage,
+                                       unless=("mirrorPercentage", "mirrorPercent"))
+
+
+def fault_percent(part: Mapping[str, Any]) -> float:
+    """The share of requests (0-100) a validated fault ``delay`` or ``abort`` applies to, as Istio reads
+    it: percentage.value, else a delay's deprecated integer percent, else 0 (none). The one reading of
+    these fields; they are stored as written."""
+    if "percentage" in part:
+        return float(part["percentage"]["value"])
+    return float(part.get("percent", 0))
+
+
+def mirror_percent(route: Mapping[str, Any]) -> float:
+    """The share of requests (0-100) a validated HTTP route mirrors, as Istio reads it:
+    mirrorPercentage.value, else the deprecated mirrorPercent, else mirror_percent, else 100 (all)."""
+    if "mirrorPercentage" in route:
+        return float(route["mirrorPercentage"]["value"])
+    for name in ("mirrorPercent", "mirror_percent"):
+        if name in route:
+            return float(route[name])
+    return 100.0
 
 
 def _weights(obj: Mapping[str, Any], path: str) -> None:
@@ -310,7 +357,7 @@ HTTP_REDIRECT = Obj({
 }, unsupported={"derivePort": _UNSET}, rules=(at_least_one_of("uri", "authority", "port", "scheme"),))
 DIRECT_RESPONSE = Obj({
     "status": Req(integer(200, 599)),
-    "body": Obj({"string": STR}, unsupported={"bytes": "only a string body is supported; supported: {supported}"},
+    "body": Obj({"string": STR}, unsupported={"bytes": Unsupported("only a string body is supported")},
                 rules=(exactly_one_of("string"),)),
 })
 
@@ -324,30 +371,31 @@ HTTP_ROUTE = Obj({
         "weight": integer(0, 100),
         "headers": HEADERS,
     }), non_empty=True),
-    "rewrite": Obj({"uri": STR, "authority": HOST}, unsupported={"uriRegexRewrite": ""},
+    "rewrite": Obj({"uri": STR, "authority": HOST}, unsupported={"uriRegexRewrite": _UNSET},
                    rules=(at_least_one_of("uri", "authority"),)),
     "timeout": DURATION,
     "retries": Obj({
         "attempts": integer(0, 2**31 - 1),
         "perTryTimeout": DURATION,
         "retryOn": string(v.retry_on, "a comma-separated list of retry conditions"),
-    }, unsupported={"retryRemoteLocalities": ""}),
+    }, unsupported={"retryRemoteLocalities": _UNSET}),
     "fault": Obj({
-        "delay": Obj({"fixedDelay": Req(DURATION), "percentage": PERCENT},
-                     unsupported={"percent": _PERCENT_OLD, "exponentialDelay": ""}),
+        "delay": Obj({"fixedDelay": Req(DURATION), "percentage": PERCENT, "percent": DELAY_PERCENT},
+                     unsupported={"exponentialDelay": _UNSET}),
         "abort": Obj({"httpStatus": Req(integer(100, 599)), "percentage": PERCENT},
-                     unsupported={"percent": _PERCENT_OLD, "grpcStatus": "", "http2Error": ""}),
+                     unsupported={"percent": _ABORT_PERCENT, "grpcStatus": _UNSET, "http2Error": _UNSET}),
     }, rules=(at_least_one_of("delay", "abort"),)),
     "mirror": DESTINATION,
     "mirrorPercentage": PERCENT,
+    "mirrorPercent": MIRROR_PERCENT,
+    "mirror_percent": MIRROR_PERCENT_PROTO_NAME,
     "headers": HEADERS,
 }, unsupported={
-    "delegate": "delegating to another VirtualService is not supported; supported: {supported}",
-    "corsPolicy": "CORS policies are not supported; supported: {supported}",
+    "delegate": Unsupported("delegating to another VirtualService is not supported"),
+    "corsPolicy": Unsupported("CORS policies are not supported"),
     "mirrors": "only one mirror is supported; use mirror and mirrorPercentage",
-    "mirrorPercent": "deprecated upstream; use mirrorPercentage: {value: N}",
-    "mirror_percent": "deprecated upstream; use mirrorPercentage: {value: N}",
-}, rules=(_weights, requires("mirrorPercentage", "mirror"), exactly_one_of("route", "redirect", "directResponse"),
+}, rules=(_weights, requires("mirrorPercentage", "mirror"), requires("mirrorPercent", "mirror"),
+          requires("mirror_percent", "mirror"), exactly_one_of("route", "redirect", "directResponse"),
           _local_answer_alone))
 
 VS_SPEC = Obj({
@@ -356,8 +404,8 @@ VS_SPEC = Obj({
     "http": Req(ListOf(HTTP_ROUTE, non_empty=True)),
     "exportTo": EXPORT_TO,
 }, unsupported={
-    "tcp": "TCP routes are not supported; supported: {supported}",
-    "tls": "TLS routes are not supported; supported: {supported}",
+    "tcp": Unsupported("TCP routes are not supported"),
+    "tls": Unsupported("TLS routes are not supported"),
 })
 
 # --- networking.istio.io DestinationRule -----------------------------------------------------------
@@ -382,7 +430,7 @@ _POLICY_FIELDS = {
             "httpQueryParameterName": NONEMPTY_STR,
             "minimumRingSize": integer(1, 1 << 23),
         }, unsupported={
-            "httpCookie": "hashing on a cookie is not supported yet; supported: {supported}",
+            "httpCookie": Unsupported("hashing on a cookie is not supported yet"),
             "ringHash": _UNSET, "maglev": _UNSET,
         }, rules=(_one_hash_key,)),
     }, unsupported=dict.fromkeys(("localityLbSetting", "warmupDurationSecs"), _UNSET),
@@ -411,7 +459,7 @@ _POLICY_FIELDS = {
         "mode": Req(Enum(("ISTIO_MUTUAL", "DISABLE"), unsupported=("SIMPLE", "MUTUAL"))),
     }, unsupported=dict.fromkeys(
         ("clientCertificate", "privateKey", "caCertificates", "credentialName", "subjectAltNames", "sni",
-         "insecureSkipVerify"), "only mode ISTIO_MUTUAL or DISABLE is supported; supported: {supported}")),
+         "insecureSkipVerify"), Unsupported("only mode ISTIO_MUTUAL or DISABLE is supported"))),
 }
 # A port's settings: the four fields again, for one service port (portLevelSettings).
 PORT_TRAFFIC_POLICY = Obj({"port": Req(Obj({"number": Req(PORT_INT)})), **_POLICY_FIELDS})
@@ -482,7 +530,7 @@ AP_SPEC = Obj({
         }, rules=(at_least_one_of("values", "notValues"),))),
     })),
 }, unsupported={
-    "provider": "CUSTOM authorization providers are not supported; supported: {supported}",
+    "provider": Unsupported("CUSTOM authorization providers are not supported"),
     "targetRef": "targetRef is not supported; use selector",
     "targetRefs": "targetRefs is not supported; use selector",
 })
@@ -541,6 +589,12 @@ _SET_BY_CLUSTER = "set by the cluster, not by users; remove it"
 class KindInfo:
     api_versions: tuple[str, ...]
     schema: Obj  # the whole document, apiVersion to spec
+    # For a kind that acts on the endpoints of its own namespace: what happens while that namespace
+    # has none ("the policy applies to endpoints created there later"); "" for kinds consulted from
+    # any namespace (VirtualService, DestinationRule and ServiceEntry are exported to all by default).
+    in_empty_namespace: str = ""
+    # A namespace where the kind acts mesh-wide instead (Istio's root namespace, istio-system).
+    mesh_wide_namespace: str = ""
 
 
 def _annotations(allowed: tuple[str, ...]):
@@ -548,12 +602,12 @@ def _annotations(allowed: tuple[str, ...]):
         for key, value in (obj.get("annotations") or {}).items():
             if not key.startswith(_OURS):
                 continue
-            where = f"{join(path, 'annotations')}[{key}]"
+            where = f"{join(path, 'annotations')}[{key_text(key)}]"
             if key not in allowed:
                 ok = ", ".join(allowed) or "none for this kind"
                 raise Invalid(where, f"unknown meshagent annotation; supported: {ok}")
             if key == AUDIT_ANNOTATION and value not in ("true", "false"):
-                raise Invalid(where, f"{value!r}: write 'true' or 'false'")
+                raise Invalid(where, f"{show(value)}: write 'true' or 'false'")
 
     return rule
 
@@ -584,18 +638,25 @@ _ISTIO_NET = ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networki
 _ISTIO_SEC = ("security.istio.io/v1", "security.istio.io/v1beta1")
 _POLICY_ANNOTATIONS = (AUDIT_ANNOTATION,)
 
+_LATER = "the policy applies to endpoints created there later"
+_ISTIO_ROOT = "istio-system"  # Istio's default rootNamespace
+
 KIND_INFO: dict[str, KindInfo] = {
-    "Service": KindInfo(("v1",), _document(SERVICE_SPEC, name_check=v.dns1035_label)),
+    "Service": KindInfo(("v1",), _document(SERVICE_SPEC, name_check=v.dns1035_label),
+                        in_empty_namespace="the service has no backends until endpoints are created there"),
     "CiliumNetworkPolicy": KindInfo(("cilium.io/v2",), _document(
         CNP_SPEC, annotations=_POLICY_ANNOTATIONS,
         # Upstream takes one rule in spec, a list in specs, or both.
         fields={"spec": CNP_SPEC, "specs": ListOf(CNP_SPEC, non_empty=True)},
         rules=(at_least_one_of("spec", "specs"),),
-    )),
-    "NetworkPolicy": KindInfo(("networking.k8s.io/v1",), _document(NP_SPEC, annotations=_POLICY_ANNOTATIONS)),
+    ), in_empty_namespace=_LATER),
+    "NetworkPolicy": KindInfo(("networking.k8s.io/v1",), _document(NP_SPEC, annotations=_POLICY_ANNOTATIONS),
+                              in_empty_namespace=_LATER),
     "VirtualService": KindInfo(_ISTIO_NET, _document(VS_SPEC)),
     "DestinationRule": KindInfo(_ISTIO_NET, _document(DR_SPEC)),
     "ServiceEntry": KindInfo(_ISTIO_NET, _document(SE_SPEC)),
-    "PeerAuthentication": KindInfo(_ISTIO_SEC, _document(PA_SPEC)),
-    "AuthorizationPolicy": KindInfo(_ISTIO_SEC, _document(AP_SPEC)),
+    "PeerAuthentication": KindInfo(_ISTIO_SEC, _document(PA_SPEC), in_empty_namespace=_LATER,
+                                   mesh_wide_namespace=_ISTIO_ROOT),
+    "AuthorizationPolicy": KindInfo(_ISTIO_SEC, _document(AP_SPEC), in_empty_namespace=_LATER,
+                                    mesh_wide_namespace=_ISTIO_ROOT),
 }

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from agent.errors import MeshError
 
-from ._kinds import AUDIT_ANNOTATION
+from ._kinds import AUDIT_ANNOTATION, KIND_INFO
 
 
 class ResourceError(MeshError, ValueError):
@@ -37,6 +38,9 @@ class Resource:
     name: str
     body: dict = field(hash=False, repr=False)
     where: str = field(default="", compare=False)  # "policies.yaml: document 2", for messages
+    # One line each, naming the resource: deprecated fields it uses, and how they are read.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+    size: int = field(default=0, compare=False)  # about how many bytes the body takes as JSON
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -52,3 +56,15 @@ class Resource:
 
     def describe(self) -> str:
         return f"{self.kind} {self.namespace}/{self.name}"
+
+
+def namespace_warning(resource: Resource, namespaces_in_use: Collection[str], node: str) -> str | None:
+    """One line if ``resource`` acts on the endpoints of its namespace and ``node`` has none there
+    (``namespaces_in_use``: the namespaces of its endpoints). kubectl would refuse a namespace that
+    does not exist; there are no Namespace objects here, so the apply goes ahead and says so."""
+    info = KIND_INFO.get(resource.kind)
+    if info is None or not info.in_empty_namespace or resource.namespace in namespaces_in_use \
+            or resource.namespace == info.mesh_wide_namespace:
+        return None
+    return (f"{resource.describe()}: namespace {resource.namespace} has no endpoints on node {node} yet; "
+            f"{info.in_empty_namespace}")

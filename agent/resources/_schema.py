@@ -7,6 +7,11 @@ object's fields have passed, so a rule may rely on their types.
 
 Errors are raised as `Invalid(path, message)`, where path is the user's view of the field
 (``spec.ingress[0].toPorts[0].ports[1].port``); `agent.resources` adds the file and document.
+Messages are plain text, never format strings: table text and user values are joined with f-strings
+only, so braces in either (``use percentage: {value: N}``) are just characters.
+
+A field upstream deprecated but still reads (`Deprecated`) is accepted; the walker then adds a note
+to the ``notes`` list it is given, which the caller turns into a warning.
 """
 
 from __future__ import annotations
@@ -66,16 +71,38 @@ class Required:
     node: Node
 
 
+@dataclass(frozen=True)
+class Deprecated:
+    """Marks a field of an `Obj` that upstream deprecated but still reads: accepted, checked against
+    ``node``, and noted. ``read_as(value)`` says what it means in today's fields (``percentage:
+    {value: 100}``); ``unless`` names newer fields that win over it when given too, as upstream reads
+    them. Deprecated fields are not listed among the supported ones."""
+
+    node: Node
+    read_as: Callable[[Any], str]
+    unless: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """Why a field upstream has is refused here, followed by the object's supported fields
+    ("``why``; supported: a, b, c"). Where the list would not help, the table gives a plain string
+    instead, used as the whole message."""
+
+    why: str = "not supported"
+
+
 Rule = Callable[[Mapping[str, Any], str], None]  # (the object, its path); raises Invalid
+FieldSpec = Node | Required | Deprecated
 
 
 @dataclass(frozen=True, eq=False)
 class Obj(Node):
     """A mapping with known fields; any other key is an error naming the supported ones."""
 
-    fields: Mapping[str, Node | Required]
-    # Fields upstream has and we do not: key -> message ("{supported}" is replaced by the field list).
-    unsupported: Mapping[str, str] = field(default_factory=dict)
+    fields: Mapping[str, FieldSpec]
+    # Fields upstream has and we do not: key -> an `Unsupported` reason, or the whole message.
+    unsupported: Mapping[str, Unsupported | str] = field(default_factory=dict)
     rules: tuple[Rule, ...] = ()
 
 
@@ -129,27 +156,42 @@ def _is(value: object, types: tuple[type, ...]) -> bool:
 
 
 def supported(obj: Obj) -> str:
-    return ", ".join(obj.fields)
+    return ", ".join(name for name, spec in obj.fields.items() if not isinstance(spec, Deprecated))
 
 
-def walk(node: Node, value: Any, path: str) -> None:
-    """Check ``value`` against ``node``; raise Invalid at the first problem, in document order."""
+def refusal(obj: Obj, key: str) -> str | None:
+    """The message for a field ``obj`` knowingly refuses, or None if it is not one of them."""
+    reason = obj.unsupported.get(key)
+    if isinstance(reason, Unsupported):
+        return f"{reason.why}; supported: {supported(obj)}"
+    return reason
+
+
+def _node(spec: FieldSpec) -> Node:
+    return spec.node if isinstance(spec, Required | Deprecated) else spec
+
+
+def walk(node: Node, value: Any, path: str, notes: list[str] | None = None) -> None:
+    """Check ``value`` against ``node``; raise Invalid at the first problem, in document order.
+    Deprecated fields met on the way add a line each to ``notes`` (a path, then what it means)."""
+    if notes is None:
+        notes = []
     if isinstance(node, Obj):
-        _walk_obj(node, value, path)
+        _walk_obj(node, value, path, notes)
     elif isinstance(node, ListOf):
         if not isinstance(value, list):
             raise Invalid(path, f"expected a list, got {describe(value)}")
         if node.non_empty and not value:
             raise Invalid(path, "must not be empty")
         for i, item in enumerate(value):
-            walk(node.item, item, f"{path}[{i}]")
+            walk(node.item, item, f"{path}[{i}]", notes)
     elif isinstance(node, MapOf):
         if not isinstance(value, dict):
             raise Invalid(path, f"expected a mapping, got {describe(value)}")
         for key, item in value.items():
             where = f"{path}[{key_text(key)}]"
-            walk(node.key, key, where)
-            walk(node.value, item, where)
+            walk(node.key, key, where, notes)
+            walk(node.value, item, where, notes)
     elif isinstance(node, Enum):
         if not isinstance(value, str) or value not in node.values:
             what = f"{show(value)} is not supported" if value in node.unsupported else f"unknown value {show(value)}"
@@ -169,22 +211,29 @@ def walk(node: Node, value: Any, path: str) -> None:
         raise TypeError(f"not a schema node: {node!r}")
 
 
-def _walk_obj(node: Obj, value: Any, path: str) -> None:
+def _walk_obj(node: Obj, value: Any, path: str, notes: list[str]) -> None:
     if not isinstance(value, dict):
         raise Invalid(path, f"expected a mapping, got {describe(value)}")
     for key, item in value.items():
         spec = node.fields.get(key) if isinstance(key, str) else None
         if spec is None:
-            reason = node.unsupported.get(key) if isinstance(key, str) else None
-            if reason is None:
-                reason = "unknown field; supported: {supported}"
-            raise Invalid(join(path, key), reason.format(supported=supported(node)))
-        walk(spec.node if isinstance(spec, Required) else spec, item, join(path, key))
+            reason = refusal(node, key) if isinstance(key, str) else None
+            raise Invalid(join(path, key), reason or f"unknown field; supported: {supported(node)}")
+        walk(_node(spec), item, join(path, key), notes)
+        if isinstance(spec, Deprecated):
+            notes.append(_deprecation(spec, value, item, join(path, key)))
     for name, spec in node.fields.items():
         if isinstance(spec, Required) and name not in value:
             raise Invalid(join(path, name), "required field missing")
     for rule in node.rules:
         rule(value, path)
+
+
+def _deprecation(spec: Deprecated, obj: Mapping[str, Any], value: Any, path: str) -> str:
+    newer = [name for name in spec.unless if name in obj]
+    if newer:
+        return f"{path}: deprecated upstream, and ignored: {newer[0]} is given too and wins, as upstream reads them"
+    return f"{path}: deprecated upstream; read as {spec.read_as(value)}, as upstream reads it; write that instead"
 
 
 # Rule builders for the common cross-field constraints. Each returns a Rule.

@@ -75,9 +75,17 @@ def export_to(value: str) -> None:
             raise ValueError(f"{show(value)}: exportTo takes '.', '*' or a namespace name") from None
 
 
+# agent.labels quotes a bad label whole; longer than this it cannot be valid, so say so here, shortly.
+_MAX_LABEL_KEY = 253 + 1 + 63  # prefix/name
+_MAX_LABEL_VALUE = 63
+
+
 def label_key(key: str) -> None:
     if "\n" in key:  # agent.labels matches with `$`, which also accepts a trailing newline
         raise ValueError(f"invalid label key {show(key)}: contains a line break")
+    if len(key) > _MAX_LABEL_KEY:
+        raise ValueError(f"invalid label key {show(key)}: {len(key)} characters; at most a 253-character "
+                         "prefix, '/' and a 63-character name")
     source, colon, _ = key.partition(":")
     if colon and "/" not in source:
         # Cilium users write source prefixes (k8s:app, reserved:host); we only have Kubernetes labels.
@@ -90,6 +98,8 @@ def label_key(key: str) -> None:
 def label_value(value: str) -> None:
     if "\n" in value:
         raise ValueError(f"invalid label value {show(value)}: contains a line break")
+    if len(value) > _MAX_LABEL_VALUE:
+        raise ValueError(f"invalid label value {show(value)}: {len(value)} characters; at most 63")
     check_value(value)
 
 
@@ -100,7 +110,8 @@ def cidr(text: str) -> ipaddress.IPv4Network:
     """An IPv4 CIDR with the prefix written out and no host bits set (Kubernetes and Cilium's rule)."""
     addr, slash, prefix = text.partition("/")
     if not slash or not re.fullmatch(r"[0-9]{1,2}", prefix):
-        raise ValueError(f"{show(text)} is not a CIDR: write ADDRESS/PREFIX, e.g. 10.0.0.0/8 or {addr}/32")
+        example = f"{addr}/32" if len(addr) <= 15 else "10.0.0.1/32"  # the user's address, if it could be one
+        raise ValueError(f"{show(text)} is not a CIDR: write ADDRESS/PREFIX, e.g. 10.0.0.0/8 or {example}")
     try:
         net = ipaddress.ip_network(text, strict=True)
     except ValueError as e:
@@ -265,6 +276,8 @@ def when_key(key: str) -> None:
 
 
 def icmp_type(value: int | str) -> None:
+    if isinstance(value, str) and len(value) > 40:  # no name is this long; icmp.py would quote it whole
+        raise ValueError(f"unknown ICMP type {show(value)}; supported: 0-255 or a name such as EchoRequest")
     icmp_type_number(value)
 
 

@@ -272,6 +272,73 @@ def test_apply_bad_file_fails_before_asking_the_agent(agent, resources, tmp_path
     assert agent.requests == []
 
 
+def test_apply_prints_warnings_on_stderr_and_exits_0(agent, resources, tmp_path):
+    path = tmp_path / "web.yaml"
+    path.write_text(CNP)
+    agent.reply("apply", {"results": [
+        {"kind": "CiliumNetworkPolicy", "namespace": "default", "name": "allow-web", "action": "created"},
+    ], "warnings": ["CiliumNetworkPolicy default/allow-web: namespace default has no endpoints on node n1 yet; "
+                    "the policy applies to endpoints created there later"]})
+    result = run(agent, "apply", "-f", str(path))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == ["ciliumnetworkpolicy.cilium.io/allow-web created"]
+    assert result.stderr.splitlines() == [
+        "Warning: CiliumNetworkPolicy default/allow-web: namespace default has no endpoints on node n1 yet; "
+        "the policy applies to endpoints created there later"]
+
+
+BOMB = CNP + "  egress: &a [{toEntities: [world]}, {toEntities: [host]}]\n" + "".join(
+    f"  egressDeny{i}: &b{i} [" + ", ".join([f"*{'a' if i == 0 else f'b{i - 1}'}"] * 10) + "]\n" for i in range(12))
+
+
+@pytest.mark.parametrize("args,env,text,needle", [
+    (["--max-bytes", "1KiB"], {}, CNP + "#" * 2000 + "\n",
+     "the file is larger than 1 KiB, the most one apply may carry; to raise the limit, use --max-bytes or "
+     "MESHAGENT_APPLY_MAX_BYTES"),
+    ([], {"MESHAGENT_APPLY_MAX_BYTES": "1KiB"}, CNP + "#" * 2000 + "\n", "larger than 1 KiB"),
+    (["--max-document-bytes", "100"], {}, CNP,
+     "), the most one document may be; to raise the limit, use --max-document-bytes or "
+     "MESHAGENT_APPLY_MAX_DOCUMENT_BYTES"),
+    ([], {"MESHAGENT_APPLY_MAX_DOCUMENT_BYTES": "100"}, CNP,
+     "document 1: the document is larger than 100 bytes as JSON with its aliases expanded (by line "),
+    ([], {}, BOMB, "document 1: excessive aliasing at line"),
+])
+@pytest.mark.parametrize("command", ["apply", "delete"])
+def test_limits_refuse_before_asking_the_agent(agent, resources, tmp_path, monkeypatch, command, args, env,
+                                               text, needle):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    path = tmp_path / "big.yaml"
+    path.write_text(text)
+    result = run(agent, command, "-f", str(path), *args)
+    assert_one_line_error(result)
+    assert needle in result.stderr
+    assert agent.requests == []
+
+
+def test_raising_a_limit_lets_the_file_through(agent, resources, tmp_path, monkeypatch):
+    monkeypatch.setenv("MESHAGENT_APPLY_MAX_BYTES", "1KiB")
+    path = tmp_path / "big.yaml"
+    path.write_text(CNP + "#" * 2000 + "\n")
+    agent.reply("apply", {"results": [], "warnings": []})
+    result = run(agent, "apply", "-f", str(path), "--max-bytes", "3KiB")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize("size", ["lots", "0", "-1", "8XiB"])
+def test_a_bad_size_is_a_usage_error(size):
+    result = CliRunner().invoke(cli, ["apply", "-f", "x.yaml", "--max-bytes", size])
+    assert result.exit_code == 2 and "--max-bytes" in result.output
+
+
+def test_the_cli_defaults_are_the_limits_of_agent_resources(resources):
+    from cli.main import MAX_BYTES_DEFAULT, MAX_DOCUMENT_BYTES_DEFAULT
+
+    assert resources.parse_size(MAX_BYTES_DEFAULT) == resources.MAX_BYTES
+    assert resources.parse_size(MAX_DOCUMENT_BYTES_DEFAULT) == resources.MAX_DOCUMENT_BYTES
+
+
 def test_apply_missing_file_is_exit_1(agent, resources, tmp_path):
     result = run(agent, "apply", "-f", str(tmp_path / "nope.yaml"))
     assert_one_line_error(result)

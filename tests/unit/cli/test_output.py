@@ -111,6 +111,12 @@ def test_applied_lines():
     assert out.applied_lines(results) == ["networkpolicy.networking.k8s.io/deny configured"]
 
 
+def test_warning_lines_like_kubectl():
+    assert out.warning_lines(["NetworkPolicy prod/deny-all: namespace prod has no endpoints on node n1 yet"]) == [
+        "Warning: NetworkPolicy prod/deny-all: namespace prod has no endpoints on node n1 yet"]
+    assert out.warning_lines([]) == []
+
+
 def test_identities_and_endpoints_tables():
     ids = out.identities_table([{"id": 1, "labels": {"reserved:host": ""}, "reserved": True}])
     assert ids.splitlines()[1].split() == ["1", "reserved:host"]
