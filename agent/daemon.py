@@ -41,7 +41,7 @@ from agent.node_config import NodeConfig, NodeConfigError, load
 from agent.policy.compiler import compile_policies
 from agent.policy.trace import parse_protocol, resolve_side, trace
 from agent.reconcile import POLICY_KINDS, Computed, Sync, compute, flow_context, node_tables, policy_inputs
-from agent.resources import KINDS, validate
+from agent.resources import KINDS, Limits, check_apply_size, namespace_warning, validate
 from agent.services import check_services
 from agent.state import (
     DesiredState,
@@ -150,8 +150,6 @@ class Agent:
         them together, is held to the apply limits first (the agent's environment can raise them).
         ``warnings``: one line per deprecated field read, and per resource whose namespace has no
         endpoint on this node yet."""
-        from agent.resources import Limits, check_apply_size, namespace_warning
-
         limits = Limits.from_env()
         resources, seen = [], set()
         for body, where in documents:
