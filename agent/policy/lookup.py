@@ -1,21 +1,45 @@
-"""The datapath's policy decision in Python: `policy_can_access` of bpf/lib/policy.h, step for step.
+"""The datapath's policy decision in Python: `policy_can_access` and `policy_can_access_proxied` of
+bpf/lib/policy.h, step for step.
 
-`meshagent policy trace` runs it over the entries read back from the kernel's policy map, and the
-unit tests run it over the compiler's output. Keep the two in step.
+The decision is written once (`decide`, `decide_proxied`) over a *longest match* function, the one
+thing that differs between its users:
+
+- `meshagent policy trace` and the unit tests look up a dict of entries (`lookup`, with
+  `longest_match`, which walks the prefixes the way the LPM trie would);
+- the L7 processor asks the kernel's own trie with a full-length key (userspace_l7/policy_check.py),
+  so it decides on exactly the entries the TC programs see.
+
+A longest match function takes (ep_id, direction, identity, proto, port) and returns the most
+specific entry for that one identity as (match type, entry), or None; the match type is Cilium's
+name for what the entry's key pins down (`match_name`). Keep this module in step with policy.h.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
 
 from agent.policy.portrange import MAX_PORT, PORT_BITS, port_mask
-from agent.policy.types import ANY_IDENTITY, ANY_PROTO, Action, Enforcement, PolicyEntry, PolicyKey
+from agent.policy.types import (
+    ANY_IDENTITY,
+    ANY_PROTO,
+    EGRESS,
+    INGRESS,
+    Action,
+    Enforcement,
+    PolicyEntry,
+    PolicyKey,
+)
 
-__all__ = ["ALLOWED", "AUDIT", "DENIED", "Verdict", "longest_match", "lookup", "match_name"]
+__all__ = ["ALLOWED", "AUDIT", "DENIED", "LongestMatch", "Party", "Verdict", "decide", "decide_proxied",
+           "longest_match", "lookup", "match_name"]
 
 ALLOWED, DENIED, AUDIT = "ALLOWED", "DENIED", "AUDIT"
 _MASKS = [(prefix, port_mask(prefix)) for prefix in range(PORT_BITS, -1, -1)]  # longest first
+
+# (ep_id, direction, identity, proto, port) -> (match type, entry) of the most specific entry, or None
+LongestMatch = Callable[[int, int, int, int, int], "tuple[str, PolicyEntry] | None"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +47,18 @@ class Verdict:
     verdict: str  # ALLOWED | DENIED | AUDIT (an audit verdict passes)
     rule_id: int  # the deciding entry's rule, the default-deny rule, or 0 when not enforced
     match: str  # Cilium's policy-verdict match type: L3-L4 | L3-Only | L4-Only | all | none
+    # DENIED/AUDIT because nothing matched (the kernel's DROP_POLICY), not a deny entry (DROP_POLICY_DENY)
+    default_deny: bool = field(default=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Party:
+    """One side of a proxied flow, as the kernel's endpoint_info gives it: the endpoint, its identity and
+    its enforcement in the direction that is looked at (egress for the client, ingress for the backend)."""
+
+    ep_id: int
+    identity: int
+    enforcement: Enforcement
 
 
 def match_name(key: PolicyKey) -> str:
@@ -51,6 +87,55 @@ def longest_match(
     return (key, entry) if entry is not None else None
 
 
+def _dict_match(entries: Mapping[PolicyKey, PolicyEntry], ep_id: int, direction: int, identity: int, proto: int,
+                port: int) -> tuple[str, PolicyEntry] | None:
+    hit = longest_match(entries, ep_id, direction, identity, proto, port)
+    return (match_name(hit[0]), hit[1]) if hit is not None else None
+
+
+def decide(longest: LongestMatch, enf: Enforcement | None, ep_id: int, direction: int, identity: int, proto: int,
+           port: int) -> Verdict:
+    """`policy_can_access`: decide a new flow of endpoint ``ep_id`` in ``direction`` with peer ``identity``.
+
+    ``enf``: the endpoint's enforcement in that direction (None: not enforced). ``port`` is the
+    destination port of the flow's original direction, the ICMP type for ICMP, 0 for protocols
+    without ports. Same order as the kernel: a non-audit deny (the peer's own identity first, then
+    ANY_IDENTITY), an allow (same order), an audit deny, then default deny.
+    """
+    if enf is None or not enf.enforced:
+        return Verdict(ALLOWED, 0, "none")
+    found = [m for m in (longest(ep_id, direction, identity, proto, port),
+                         longest(ep_id, direction, ANY_IDENTITY, proto, port)) if m is not None]
+    for match, entry in found:
+        if entry.action == Action.DENY and not entry.audit:
+            return Verdict(DENIED, entry.rule_id, match)
+    for match, entry in found:
+        if entry.action == Action.ALLOW:
+            return Verdict(ALLOWED, entry.rule_id, match)
+    if found:  # only audit denies matched
+        match, entry = found[0]
+        return Verdict(AUDIT, entry.rule_id, match)
+    return Verdict(AUDIT if enf.audit else DENIED, enf.rule_id, "none", default_deny=True)
+
+
+def decide_proxied(longest: LongestMatch, client: Party, backend: Party, proto: int, port: int) -> tuple[Verdict, int]:
+    """`policy_can_access_proxied`: a flow the L7 processor opens to ``backend`` for ``client``, both
+    endpoints of this node. Both sides must admit it, as if the client had connected to the backend
+    itself: the client's egress policy towards the backend's identity, then the backend's ingress
+    policy from the client's identity; a flow both deny is the client's.
+
+    Returns (the verdict of the side that decided, EGRESS if the client's egress policy decided it,
+    INGRESS if the backend's ingress policy did), as the kernel reports it.
+    """
+    out = decide(longest, client.enforcement, client.ep_id, EGRESS, backend.identity, proto, port)
+    if out.verdict == DENIED:
+        return out, EGRESS
+    into = decide(longest, backend.enforcement, backend.ep_id, INGRESS, client.identity, proto, port)
+    if into.verdict == ALLOWED and out.verdict == AUDIT:
+        return out, EGRESS  # the backend allows it; only the client's audit mode let it out
+    return into, INGRESS
+
+
 def lookup(
     entries: Mapping[PolicyKey, PolicyEntry],
     enforcement: Mapping[tuple[int, int], Enforcement],
@@ -60,29 +145,9 @@ def lookup(
     proto: int,
     port: int,
 ) -> Verdict:
-    """Decide a new flow of endpoint ``ep_id`` in ``direction`` with peer ``identity``.
-
-    ``port`` is the destination port of the flow's original direction, the ICMP type for ICMP, 0
-    for protocols without ports. Same order as the kernel: a non-audit deny (the peer's own
-    identity first, then ANY_IDENTITY), an allow (same order), an audit deny, then default deny.
-    """
+    """`decide` over a dict of policy-map entries and the enforcement of each (ep_id, direction)."""
     if not 0 <= port <= MAX_PORT:
         raise ValueError(f"port {port} is out of range 0-{MAX_PORT}")
-    enf = enforcement.get((ep_id, direction))
-    if enf is None or not enf.enforced:
-        return Verdict(ALLOWED, 0, "none")
+    return decide(partial(_dict_match, entries), enforcement.get((ep_id, direction)), ep_id, direction, identity,
+                  proto, port)
 
-    l3 = longest_match(entries, ep_id, direction, identity, proto, port)
-    anyone = longest_match(entries, ep_id, direction, ANY_IDENTITY, proto, port)
-    found = [m for m in (l3, anyone) if m is not None]
-
-    for key, entry in found:
-        if entry.action == Action.DENY and not entry.audit:
-            return Verdict(DENIED, entry.rule_id, match_name(key))
-    for key, entry in found:
-        if entry.action == Action.ALLOW:
-            return Verdict(ALLOWED, entry.rule_id, match_name(key))
-    if found:  # only audit denies matched
-        key, entry = found[0]
-        return Verdict(AUDIT, entry.rule_id, match_name(key))
-    return Verdict(AUDIT if enf.audit else DENIED, enf.rule_id, "none")
