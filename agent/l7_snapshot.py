@@ -57,12 +57,13 @@ def l7_config(views: Iterable[ServiceView], vs_bodies: list[dict], dr_bodies: li
               labels_by_ip: dict[str, dict], cluster_domain: str, clients: Iterable[EndpointRecord] = ()) -> dict:
     """The JSON snapshot userspace_l7.snapshot.L7Config.from_dict reads. ``clients``: this node's
     endpoints, by the endpoint id the datapath names for each redirected connection (the processor's
-    sourceLabels matches and the source_workload of its flows and metrics)."""
+    sourceLabels matches and the source_workload of its flows and metrics; by address, the backends whose
+    policy the processor checks before it connects: userspace_l7/policy_check.py)."""
     return {
         "cluster_domain": cluster_domain,
         "services": [_service_config(v, labels_by_ip) for v in views],
         "virtual_services": vs_bodies,
         "destination_rules": dr_bodies,
-        "clients": {str(c.ep_id): {"workload": c.name, "namespace": c.namespace, "labels": dict(c.labels)}
-                    for c in clients},
+        "clients": {str(c.ep_id): {"workload": c.name, "namespace": c.namespace, "labels": dict(c.labels),
+                                   "ip": c.ip} for c in clients},
     }

@@ -23,7 +23,9 @@ File format (JSON object; keys not listed are errors)::
                       "labels": {"app": "reviews", "version": "v1"}}]
       }],
       "virtual_services": [<VirtualService document as applied, apiVersion..spec>],
-      "destination_rules": [<DestinationRule document as applied>]
+      "destination_rules": [<DestinationRule document as applied>],
+      "clients": {"7": {"workload": "productpage", "namespace": "default",   # this node's endpoints by
+                        "labels": {"app": "productpage"}, "ip": "10.200.0.4"}}  # ep_id (optional)
     }
 
 The agent should replace the file atomically (write a temporary file, then rename it): the processor
@@ -450,11 +452,13 @@ def _fail(where: str, message: str) -> SnapshotError:
 class Client:
     """An endpoint of this node as a client of the processor, by its endpoint id (the datapath
     names it for each redirected connection): for sourceLabels/sourceNamespace matches and the
-    source_workload of flows and istio_* metrics."""
+    source_workload of flows and istio_* metrics. Its address names it as a backend too: the fast
+    policy check (policy_check.py) finds a backend's endpoint by it."""
 
     workload: str
     namespace: str
     labels: Mapping[str, str]
+    ip: str | None = None
 
 
 @dataclass(frozen=True)
@@ -469,12 +473,18 @@ class L7Config:
     policies: Mapping[tuple[str, str], tuple[Mapping | None, Mapping[str, Mapping | None]]]
     clusters: Mapping[ClusterKey, Cluster] = field(compare=False, repr=False)
     clients: Mapping[int, Client] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
+    endpoints_by_ip: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}), compare=False,
+                                               repr=False)  # this node's endpoints: address -> ep_id
 
     # -- lookups used per request (cheap dict gets) --
 
     def service_at(self, host: str) -> Service | None:
         """The service a destination IP or host name (no port) names, or None."""
         return self.by_vip.get(host) or self.by_host.get(host) or self.by_host.get(host.rstrip("."))
+
+    def endpoint_at(self, ip: str) -> int | None:
+        """The endpoint id of this node's endpoint at ``ip``, or None."""
+        return self.endpoints_by_ip.get(ip)
 
     def cluster(self, service: Service, port: int | None, subset: str) -> Cluster | None:
         """Backends and policy of (service, port, subset); None when the subset or port is unknown."""
@@ -555,11 +565,13 @@ class L7Config:
                                             port_policy(top, subset_policies[subset], sp.port))
         return cls(domain, MappingProxyType(services), MappingProxyType(by_vip), MappingProxyType(by_host),
                    MappingProxyType(vs_for), MappingProxyType(subsets), MappingProxyType(policies),
-                   MappingProxyType(clusters), MappingProxyType(clients))
+                   MappingProxyType(clusters), MappingProxyType(clients),
+                   MappingProxyType({c.ip: ep_id for ep_id, c in clients.items() if c.ip}))
 
 
 def _build_clients(d: Any) -> dict[int, Client]:
-    """``{"<ep_id>": {"workload": ..., "namespace": ..., "labels": {...}}}`` (agent/l7_snapshot.py)."""
+    """``{"<ep_id>": {"workload": ..., "namespace": ..., "labels": {...}, "ip": ...}}`` (agent/l7_snapshot.py;
+    ``ip`` optional)."""
     if not isinstance(d, Mapping):
         raise _fail("clients", "must be an object of endpoint id -> client")
     out: dict[int, Client] = {}
@@ -567,8 +579,8 @@ def _build_clients(d: Any) -> dict[int, Client]:
         where = f"clients[{key!r}]"
         if not str(key).isdigit() or not 0 < int(key) < 1 << 16:
             raise _fail(where, "the key must be an endpoint id (1 .. 65535)")
-        if not isinstance(c, Mapping) or set(c) - {"workload", "namespace", "labels"}:
-            raise _fail(where, "must be an object with workload, namespace and labels")
+        if not isinstance(c, Mapping) or set(c) - {"workload", "namespace", "labels", "ip"}:
+            raise _fail(where, "must be an object with workload, namespace, labels and ip")
         labels = c.get("labels") or {}
         if not isinstance(labels, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
                                                       for k, v in labels.items()):
@@ -576,7 +588,13 @@ def _build_clients(d: Any) -> dict[int, Client]:
         workload, namespace = c.get("workload"), c.get("namespace", "default")
         if not isinstance(workload, str) or not workload or not isinstance(namespace, str):
             raise _fail(where, "workload and namespace must be non-empty strings")
-        out[int(key)] = Client(workload, namespace, MappingProxyType(dict(labels)))
+        ip = c.get("ip")
+        if ip is not None:
+            try:
+                ip = str(ipaddress.IPv4Address(ip))
+            except (ValueError, TypeError):
+                raise _fail(where, f"ip {ip!r} is not an IPv4 address") from None
+        out[int(key)] = Client(workload, namespace, MappingProxyType(dict(labels)), ip)
     return out
 
 
