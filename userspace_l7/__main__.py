@@ -1,7 +1,8 @@
 """Run the L7 processor.
 
 usage: python -m userspace_l7 --config FILE --listen HOST:PORT [--workers N] [--flows PATH]
-                              [--metrics HOST:PORT] [--header-timeout SECONDS] [--node-name NAME]
+                              [--metrics HOST:PORT] [--header-timeout SECONDS] [--request-timeout SECONDS]
+                              [--max-connections-per-endpoint N] [--node-name NAME] [--bpffs DIR]
 
 examples:
     python -m userspace_l7 --config /run/meshagent/l7.json --listen 127.0.0.1:15001
@@ -12,7 +13,9 @@ With --workers N > 1 the parent starts N worker processes that share the listeni
 SO_REUSEPORT; worker i serves metrics on the metrics port + i. A worker that dies after serving a
 while is started again; one that dies at once (a bad config, a taken port) is not, and the parent
 exits when none is left (the agent supervises the parent). Workers die with the parent. SIGTERM
-stops every worker; SIGHUP re-reads the config at once (it is also polled every second).
+stops every worker; SIGHUP re-reads the config at once (it is also polled every second). Every
+process raises its RLIMIT_NOFILE soft limit to the hard limit, and each worker shares its
+descriptors out per client endpoint (userspace_l7/admission.py).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import subprocess
 import sys
 import time
 
+from .admission import raise_nofile
 from .server import Options, serve
 from .snapshot import SnapshotError
 
@@ -45,13 +49,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="worker processes on SO_REUSEPORT (default 1)")
     p.add_argument("--flows", help="file or unix socket to write L7 flows to (JSON lines)")
     p.add_argument("--metrics", type=_addr, help="HOST:PORT for Prometheus /metrics")
-    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a request head may take")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a request's head may take from its first byte (408 after; default 10)")
+    p.add_argument("--request-timeout", type=float, default=30.0,
+                   help="seconds a whole request, head and body, may take from its first byte (408 after; default 30)")
     p.add_argument("--idle-timeout", type=float, default=60.0, help="seconds an idle client connection is kept")
+    p.add_argument("--max-connections-per-endpoint", type=int, default=0,
+                   help="client connections one endpoint may hold in each worker (default 0: a share of the "
+                   "worker's file descriptors, see userspace_l7/admission.py)")
     p.add_argument("--node-name", default="", help="node_name in flows")
     p.add_argument("--bpffs", help="the node's bpffs directory: learn each connection's original "
                    "destination and client identity from the datapath (connections it did not "
                    "redirect are closed)")
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    # Tests and the bench on loopback: name client endpoints by source address (origdst.SourceAddressResolver).
+    p.add_argument("--clients-by-source", help=argparse.SUPPRESS)
     return p
 
 
@@ -119,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         print("error: --workers must be at least 1", file=sys.stderr)
         return 2
+    if min(args.header_timeout, args.request_timeout, args.idle_timeout) <= 0 or args.max_connections_per_endpoint < 0:
+        print("error: timeouts must be positive and --max-connections-per-endpoint at least 0", file=sys.stderr)
+        return 2
+    raise_nofile()  # workers inherit it
     if args.workers > 1:
         return _supervise(args, argv)
     try:
@@ -126,15 +142,22 @@ def main(argv: list[str] | None = None) -> int:
         runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio still works
         runner = asyncio.run
-    options = Options(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout, node_name=args.node_name)
+    options = Options(header_timeout=args.header_timeout, request_timeout=args.request_timeout,
+                      idle_timeout=args.idle_timeout, node_name=args.node_name,
+                      max_connections_per_endpoint=args.max_connections_per_endpoint)
     try:
-        resolver = None
+        resolver, policy = None, None
         if args.bpffs:
             from .origdst import KernelOriginalDstResolver
+            from .policy_check import KernelPolicy
 
-            resolver = KernelOriginalDstResolver(args.bpffs)
+            resolver, policy = KernelOriginalDstResolver(args.bpffs), KernelPolicy(args.bpffs)
+        elif args.clients_by_source:
+            from .origdst import SourceAddressResolver
+
+            resolver = SourceAddressResolver.parse(args.clients_by_source)
         runner(serve(args.config, *args.listen, flows_path=args.flows, metrics_addr=args.metrics,
-                     reuse_port=args.reuse_port, resolver=resolver, options=options))
+                     reuse_port=args.reuse_port, resolver=resolver, options=options, policy=policy))
     except SnapshotError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

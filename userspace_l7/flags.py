@@ -20,7 +20,8 @@ The flags, with Envoy's meaning and where the processor sets them:
           flag, or alone on a retriable response of the backend's, which is forwarded)
     FI    fault injection abort (the abort's status)
     DI    fault injection delay (on whatever answer follows the delay)
-    DC    downstream connection termination: the client went away before its answer was written
+    DC    downstream connection termination: the client closed its connection (or its sending side, as
+          Envoy takes an HTTP/1 client's FIN) before its answer was written
     DPE   downstream protocol error: a malformed or oversized request (400, 405, 413, 431, 501)
 
 and three that stand for answers Envoy makes with no flag of its own (documented deviations):

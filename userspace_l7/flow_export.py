@@ -13,17 +13,24 @@ A record, in Hubble's field names (SPEC §6)::
      "destination": {"namespace": "default", "service": "reviews.default.svc.cluster.local",
                      "workload": "reviews-v2", "address": "10.200.0.2:9080"},
      "l7": {"type": "RESPONSE", "latency_ns": 1234567,
-            "http": {"method": "GET", "url": "/reviews/1", "code": 200, "protocol": "HTTP/1.1"}},
+            "http": {"method": "GET", "url": "/reviews/1", "code": 200, "response_flags": "-",
+                     "protocol": "HTTP/1.1"}},
      "route": "default.reviews.0", "subset": "v2"}
 
-IP.destination and l4 destination_port are the backend that answered (as Hubble shows a request
-through Cilium's proxy); requests answered locally (fault abort, no route, 504) have verdict
-FORWARDED, the client's original destination there, and no destination.address; a request the
-processor refused as malformed is verdict DROPPED.
+``l7.http.response_flags`` is Envoy's response flags string (flags.py; "-" when none): Hubble has no
+such field, and next to the status it qualifies is where it reads. IP.destination and l4
+destination_port are the backend that answered (as Hubble shows a request through Cilium's proxy);
+requests answered locally (fault abort, no route, 504) have verdict FORWARDED, the client's original
+destination there, and no destination.address. Verdict DROPPED: a request the processor refused as
+malformed or too slow (DPE, SI), a connection refused over its endpoint's share (OM), a request the
+kernel's policy denies (UAEX, with the backend it was for as the destination and, as the kernel's
+drop flows carry them, ``drop_reason_desc``, ``traffic_direction`` and ``policy: {"rule_id": N}``:
+top-level keys a record may add, its ``extra``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
@@ -33,11 +40,13 @@ from typing import Any
 
 __all__ = ["FlowSink", "flow_line", "flow_record"]
 
-# (time_ns, latency_ns, method, url, code, src_ip, src_port, dst_ip, dst_port, route, subset,
-#  service_fqdn, namespace, upstream "ip:port", destination_workload, source_workload, verdict)
+# (time_ns, latency_ns, method, url, code, response_flags, src_ip, src_port, dst_ip, dst_port, route, subset,
+#  service_fqdn, namespace, upstream "ip:port", destination_workload, source_workload, verdict, extra)
+# extra: "" or a JSON object's members ('"k":v,...') added at the record's top level.
 FlowTuple = tuple
-# Its last twelve fields, from src_ip: what the requests of one connection to one route and backend share.
-# The server builds that tuple once and queues (time_ns, latency_ns, method, url, code, shared) per request.
+# Its last thirteen fields, from src_ip: what the requests of one connection to one route and backend share.
+# The server builds that tuple once and queues (time_ns, latency_ns, method, url, code, flags, shared) per
+# request.
 FlowShared = tuple
 
 
@@ -52,14 +61,15 @@ def _iso(ns: int) -> str:
 
 
 def flow_record(t: FlowTuple, node_name: str = "") -> dict[str, Any]:
-    (ts, latency, method, url, code, src_ip, src_port, dst_ip, dst_port, route, subset, service, namespace,
-     upstream, dst_workload, src_workload, verdict) = t
+    (ts, latency, method, url, code, response_flags, src_ip, src_port, dst_ip, dst_port, route, subset, service,
+     namespace, upstream, dst_workload, src_workload, verdict, extra) = t
     rec: dict[str, Any] = {
         "time": _iso(ts), "Type": "L7", "verdict": verdict, "node_name": node_name,
         "IP": {"source": src_ip, "destination": dst_ip},
         "l4": {"TCP": {"source_port": src_port, "destination_port": dst_port}},
         "l7": {"type": "RESPONSE", "latency_ns": latency,
-               "http": {"method": method, "url": url, "code": code, "protocol": "HTTP/1.1"}},
+               "http": {"method": method, "url": url, "code": code, "response_flags": response_flags,
+                        "protocol": "HTTP/1.1"}},
         "route": route, "subset": subset,
     }
     if src_workload and src_workload != "unknown":
@@ -70,18 +80,22 @@ def flow_record(t: FlowTuple, node_name: str = "") -> dict[str, Any]:
             dest["address"] = upstream
             dest["workload"] = dst_workload
         rec["destination"] = dest
+    if extra:
+        rec.update(json.loads("{" + extra + "}"))
     return rec
 
 
 def flow_line(t: FlowTuple, node_json: str) -> str:
     """`flow_record` as one JSON line, formatted directly (several times cheaper than json.dumps of the
     dict; `tests/unit/userspace_l7/test_flow_export.py` checks both give the same object)."""
-    return _line(t[0], t[1], t[2], t[3], t[4], t[6], _shared_parts(t[5:], node_json))
+    return _line(t[0], t[1], t[2], t[3], t[4], t[5], t[7], _shared_parts(t[6:], node_json))
 
 
-def _line(ts: int, latency: int, method: str, url: str, code: int, src_port: int, parts: tuple[str, str, str]) -> str:
+def _line(ts: int, latency: int, method: str, url: str, code: int, response_flags: str, src_port: int,
+          parts: tuple[str, str, str]) -> str:
+    # response_flags: flags.py's strings, capitals and commas: nothing to escape
     return (f'{{"time":"{_iso(ts)}{parts[0]}{int(src_port)}{parts[1]}{int(latency)},"http":{{"method":{_str(method)},'
-            f'"url":{_str(url)},"code":{int(code)}{parts[2]}')
+            f'"url":{_str(url)},"code":{int(code)},"response_flags":"{response_flags}"{parts[2]}')
 
 
 # The fixed fragments of the lines of one (source, destination, route) combination: flows repeat them.
@@ -90,10 +104,10 @@ _MAX_PARTS = 4096
 
 
 def _shared_parts(shared: FlowShared, node_json: str) -> tuple[str, str, str]:
-    src_ip, _, dst_ip, dst_port, route, subset, service, namespace, upstream, dst_workload, src_workload, verdict = \
-        shared
+    (src_ip, _, dst_ip, dst_port, route, subset, service, namespace, upstream, dst_workload, src_workload, verdict,
+     extra) = shared
     key = (node_json, verdict, src_ip, dst_ip, dst_port, route, subset, service, namespace, upstream, dst_workload,
-           src_workload)  # no source port: the connections of one client share the fragments
+           src_workload, extra)  # no source port: the connections of one client share the fragments
     parts = _parts.get(key)
     if parts is None:
         parts = _line_parts(key)
@@ -102,13 +116,15 @@ def _shared_parts(shared: FlowShared, node_json: str) -> tuple[str, str, str]:
 
 def _line_parts(key: tuple) -> tuple[str, str, str]:
     (node_json, verdict, src_ip, dst_ip, dst_port, route, subset, service, namespace, upstream, dst_workload,
-     src_workload) = key
+     src_workload, more) = key
     extra = ""
     if src_workload and src_workload != "unknown":
         extra = f',"source":{{"workload":{_str(src_workload)}}}'
     if service:
         addr = f',"address":{_str(upstream)},"workload":{_str(dst_workload)}' if upstream else ""
         extra += f',"destination":{{"namespace":{_str(namespace)},"service":{_str(service)}{addr}}}'
+    if more:
+        extra += "," + more
     parts = (f'","Type":"L7","verdict":"{verdict}","node_name":{node_json},'
              f'"IP":{{"source":{_str(src_ip)},"destination":{_str(dst_ip)}}},"l4":{{"TCP":{{"source_port":',
              f',"destination_port":{int(dst_port)}}}}},"l7":{{"type":"RESPONSE","latency_ns":',
@@ -121,7 +137,7 @@ def _line_parts(key: tuple) -> tuple[str, str, str]:
 
 class FlowSink:
     """Flows queued in memory and written in batches by `flush` (the server's timer). ``pending`` is a plain
-    list the hot path appends (time_ns, latency_ns, method, url, code, FlowShared) tuples to, with no call;
+    list the hot path appends (time_ns, latency_ns, method, url, code, flags, FlowShared) tuples to, with no call;
     between two flushes it holds one interval's requests. A flush keeps the newest ``max_pending`` of them
     and counts the rest as ``dropped``."""
 
@@ -140,7 +156,7 @@ class FlowSink:
         return self._dropped + max(0, len(self.pending) - self.max_pending)
 
     def add(self, t: FlowTuple) -> None:
-        self.pending.append((t[0], t[1], t[2], t[3], t[4], t[5:]))
+        self.pending.append((t[0], t[1], t[2], t[3], t[4], t[5], t[6:]))
 
     def flush(self) -> None:
         """Write everything pending; on a write error the batch is dropped (flows are best effort)."""
@@ -153,11 +169,11 @@ class FlowSink:
         node = _str(self.node_name)
         parts_of: dict[int, tuple[tuple[str, str, str], int]] = {}  # id(shared) -> fragments, source port
         lines = []
-        for ts, latency, method, url, code, shared in items:
+        for ts, latency, method, url, code, response_flags, shared in items:
             p = parts_of.get(id(shared))  # ids are stable: ``items`` holds every shared tuple until the end
             if p is None:
                 p = parts_of[id(shared)] = (_shared_parts(shared, node), shared[1])
-            lines.append(_line(ts, latency, method, url, code, p[1], p[0]))
+            lines.append(_line(ts, latency, method, url, code, response_flags, p[1], p[0]))
         data = "".join(lines).encode()
         try:
             self._write(data)

@@ -7,14 +7,15 @@ tuple and a `prometheus_client` collector turns them into metric families when /
 Names and labels follow Istio's standard metrics so existing dashboards work:
 ``istio_requests_total``, ``istio_request_duration_milliseconds`` (histogram, Istio's buckets) with
 Istio's standard labels (`REQUEST_LABELS`: reporter, source and destination workload, namespace and
-app, destination version and service, request protocol, response_code, connection_security_policy);
+app, destination version and service, request protocol, response_code, response_flags (Envoy's, "-"
+when none: userspace_l7/flags.py), connection_security_policy);
 ``istio_tcp_connections_opened_total`` (upstream connections opened) with `TCP_LABELS`.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, HistogramMetricFamily
 
@@ -24,13 +25,13 @@ __all__ = ["BUCKETS_MS", "L7Metrics", "observe"]
 BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 600000,
               1800000, 3600000)
 # What `_Records` in server.py builds once per connection, route and backend, in this order; a request's
-# row adds response_code and connection_security_policy. reporter is "waypoint", as Istio ambient's
+# row adds response_code, response_flags and connection_security_policy. reporter is "waypoint", as Istio ambient's
 # L7 proxy reports: one shared per-node proxy, not a sidecar at either end.
 DESTINATION_LABELS = ["destination_workload", "destination_workload_namespace", "destination_app",
                       "destination_version", "destination_service", "destination_service_name",
                       "destination_service_namespace"]
 REQUEST_LABELS = ["reporter", "source_workload", "source_workload_namespace", "source_app", *DESTINATION_LABELS,
-                  "request_protocol", "response_code", "connection_security_policy"]
+                  "request_protocol", "response_code", "response_flags", "connection_security_policy"]
 TCP_LABELS = ["reporter", "source_workload", *DESTINATION_LABELS, "connection_security_policy"]
 REPORTER = "waypoint"
 
@@ -47,6 +48,8 @@ class L7Metrics:
         # label tuple -> [count, sum_ms, per-bucket counts (not cumulative) ..., +Inf count]
         self._requests: dict[tuple[str, ...], list] = {}
         self._tcp: dict[tuple[str, ...], int] = {}
+        # the processor's own meshagent_l7_* families (connection limits, accept errors), built at scrape time
+        self.processor: Callable[[], Iterable] | None = None
 
     def request(self, labels: tuple[str, ...], duration_ms: float) -> None:
         observe(self.row(labels), duration_ms)
@@ -81,6 +84,8 @@ class L7Metrics:
         yield total
         yield hist
         yield tcp
+        if self.processor is not None:
+            yield from self.processor()
 
     def registry(self) -> CollectorRegistry:
         reg = CollectorRegistry()

@@ -43,15 +43,15 @@ from agent.datapath.libbpf import libbpf
 from agent.datapath.maps import L7ClientKeyC, L7OrigDstC, be32_to_ip, ip_to_be32
 
 __all__ = ["KernelOriginalDstResolver", "MARK_MAGIC_IDENTITY", "MARK_MAGIC_MASK", "MARK_IDENTITY_MASK",
-           "MARK_MAGIC_PROXY_EGRESS", "MARK_EP_ID_MASK", "OriginalDst", "OriginalDstResolver", "endpoint_of_mark",
-           "identity_of_mark", "upstream_mark"]
+           "MARK_MAGIC_PROXY_EGRESS", "MARK_EP_ID_MASK", "OriginalDst", "OriginalDstResolver", "SourceAddressResolver",
+           "endpoint_of_mark", "identity_of_mark", "upstream_mark"]
 
 
 @dataclass(frozen=True, slots=True)
 class OriginalDst:
     """Where a redirected connection was going, and who sent it: what a resolver gives the server."""
 
-    ip: str
+    ip: str  # "": not known (route by the Host header)
     port: int
     source_workload: str = "unknown"
     source_principal: str = ""  # spiffe://... once mTLS lands
@@ -199,3 +199,34 @@ class KernelOriginalDstResolver:
         except OSError:
             return None
         return decode(value, self._names) if value is not None else None
+
+
+class SourceAddressResolver:
+    """Names the client endpoint of a connection by its source address alone, from a fixed table
+    (``{"127.0.0.2": 7}``), with no kernel: for tests and the bench on loopback, where there is no
+    redirect (the original destination stays unknown: requests are routed by their Host header, and
+    no identity or mark is given). Never for a real node: the source address is the peer's word."""
+
+    required = False
+
+    def __init__(self, endpoints: Mapping[str, int]) -> None:
+        self.endpoints = dict(endpoints)
+
+    @classmethod
+    def parse(cls, text: str) -> SourceAddressResolver:
+        """``"127.0.0.2=7,127.0.0.3=8"``."""
+        table = {}
+        for item in filter(None, (p.strip() for p in text.split(","))):
+            ip, sep, ep_id = item.partition("=")
+            if not sep or not ep_id.isdigit() or not 0 < int(ep_id) <= MARK_EP_ID_MASK:
+                raise ValueError(f"{item!r}: write IP=EP_ID (1 .. {MARK_EP_ID_MASK})")
+            table[ip.strip()] = int(ep_id)
+        return cls(table)
+
+    def resolve(self, sock: socket.socket) -> OriginalDst | None:
+        try:
+            ip = sock.getpeername()[0]
+        except OSError:
+            return None
+        ep_id = self.endpoints.get(ip)
+        return OriginalDst("", 0, source_ep_id=ep_id) if ep_id is not None else None

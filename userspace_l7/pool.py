@@ -153,6 +153,9 @@ class BackendPool:
                  on_open: Callable[[Address, int], None] | None = None, mark: int = 0) -> None:
         self.loop, self.address, self.limits, self.on_open = loop, address, limits, on_open
         self.mark = mark  # SO_MARK of every connection of this pool (invariant 6)
+        # policy_check.PolicyGate generation at which the kernel's policy admitted this (address, mark):
+        # while it is current, a request to this pool skips the policy check
+        self.admitted = 0
         self.idle: list[UpstreamConnection] = []  # LIFO: the warmest connection first
         self.open = 0  # open + connecting (invariant 3)
         self._waiters: deque[asyncio.Future] = deque()

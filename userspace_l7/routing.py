@@ -21,6 +21,7 @@ import random
 from bisect import bisect_right
 from urllib.parse import parse_qsl
 
+from . import flags
 from .http1 import Request
 from .snapshot import (
     DEFAULT_RETRIES,
@@ -46,7 +47,7 @@ class RouteDecision:
 
     __slots__ = ("status", "reason", "service", "route_name", "subset", "cluster", "path", "authority",
                  "timeout", "retries", "delay", "request_headers", "response_headers", "mirror", "local_headers",
-                 "local_body")
+                 "local_body", "flags")
 
     def __init__(self, status: int = 0, reason: str = "", service: Service | None = None, route_name: str = "",
                  subset: str = "", cluster: Cluster | None = None, path: str = "/", authority: str | None = None,
@@ -69,6 +70,7 @@ class RouteDecision:
         self.mirror = mirror
         self.local_headers: tuple[tuple[str, str], ...] = ()  # of a local answer (a redirect's Location)
         self.local_body: bytes | None = None  # of a local answer; None: ``reason`` as text
+        self.flags = flags.NONE  # Envoy's response flags of the decision itself: NR, NC, FI, DI (flags.py)
 
     def __repr__(self) -> str:
         if self.status:
@@ -99,12 +101,13 @@ def route(config: L7Config, head: Request, original_dst: tuple[str, int], rng: r
     host, port = original_dst
     service = config.service_at(host)
     if service is None:
-        return RouteDecision(404, f"no service at {host}", path=head.target)
+        return _no_route(RouteDecision(404, f"no service at {host}", path=head.target))
     vs = config.vs_for.get(service.key)
     if vs is None:
         cluster = config.cluster(service, port, "")
         if cluster is None:
-            return RouteDecision(404, f"service {service.fqdn} has no port {port}", service, path=head.target)
+            return _no_route(RouteDecision(404, f"service {service.fqdn} has no port {port}", service,
+                                           path=head.target))
         return RouteDecision(0, "", service, "default", "", cluster, head.target)
 
     target = head.target
@@ -113,7 +116,7 @@ def route(config: L7Config, head: Request, original_dst: tuple[str, int], rng: r
         if not r.matches or any(_matches(m, head, target, port, headers, client) for m in r.matches):
             break
     else:
-        return RouteDecision(404, "route not found", service, path=target)
+        return _no_route(RouteDecision(404, "route not found", service, path=target))
 
     if r.direct is not None:  # Istio directResponse
         decision = RouteDecision(r.direct[0], "direct response", service, r.name, path=target)
@@ -134,14 +137,22 @@ def route(config: L7Config, head: Request, original_dst: tuple[str, int], rng: r
     decision.cluster = cluster = _cluster(config, dest, port)
     if cluster is None:
         decision.status, decision.reason = 503, f"no cluster for {dest.host} subset {dest.subset or '-'}"
+        decision.flags = flags.NC
     fault = r.fault
     if fault is not None:
         if fault.delay_percent and rng.random() * 100 < fault.delay_percent:
             decision.delay = fault.delay
+            decision.flags = flags.join(decision.flags, flags.DI)
         if fault.abort_percent and rng.random() * 100 < fault.abort_percent:
             decision.status, decision.reason = fault.abort_status, "fault filter abort"
+            decision.flags = flags.join(flags.DI if decision.delay else flags.NONE, flags.FI)  # the abort wins
     if r.mirror is not None and (r.mirror_percent >= 100 or rng.random() * 100 < r.mirror_percent):
         decision.mirror = _cluster(config, r.mirror, port)
+    return decision
+
+
+def _no_route(decision: RouteDecision) -> RouteDecision:
+    decision.flags = flags.NR
     return decision
 
 

@@ -32,6 +32,19 @@ plugged in (the kernel-side redirect: origdst.KernelOriginalDstResolver) and oth
 request's Host header.
 When the resolver names the client's identity, upstream connections for that client carry it as
 their SO_MARK (origdst.upstream_mark) and are pooled apart from every other identity's.
+
+Bounds, each in a module of its own and met once per connection or per pool, not per request:
+
+- accepting: `listener.Listener` accepts (no create_server: out of descriptors it backs off and
+  closes nothing), `Proxy.accept` resolves the client and asks `admission.Admission` for a slot of
+  its endpoint's share; a refused connection gets a 503 (flags.OM) and is closed;
+- a request that trickles in: the connection's timers (`ClientConnection`) answer 408 (flags.SI);
+- the kernel's policy: before an upstream flow is dialled, `policy_check.PolicyGate` decides it as
+  bpf/policy.c would; a denial is a 403 (flags.UAEX), an allow is remembered by the pool
+  (BackendPool.admitted) until the policy revision moves.
+
+Every answer records Envoy's response flags (flags.py) in its flow and in the response_flags label
+of its istio_* samples.
 """
 
 from __future__ import annotations
@@ -40,15 +53,21 @@ import asyncio
 import contextlib
 import os
 import random
+import resource
 import signal
+import socket
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import parse_qsl
 
-from . import origdst, tunnel
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from . import flags, origdst, tunnel
+from .admission import ENDPOINT, UNKNOWN, Admission, Limits
 from .balancer import ClusterState, ClusterStates
 from .flow_export import FlowSink
 from .http1 import (
@@ -62,7 +81,9 @@ from .http1 import (
     Response,
 )
 from .istio_metrics import REPORTER, L7Metrics, observe
-from .origdst import OriginalDstResolver
+from .listener import Listener, bind
+from .origdst import OriginalDst, OriginalDstResolver
+from .policy_check import OPEN, Denial, KernelPolicy, OpenGate, PolicyGate
 from .pool import BackendPool, PoolOverflow, Pools, UpstreamConnection, UpstreamError
 from .routecache import RouteCache
 from .routing import RouteDecision, should_retry
@@ -73,12 +94,19 @@ __all__ = ["Options", "Proxy", "serve"]
 
 @dataclass(frozen=True)
 class Options:
-    header_timeout: float = 10.0  # a request head must arrive within this once it has started
+    # Envoy's request_headers_timeout: a request's head must be in this long after its first byte (408)
+    header_timeout: float = 10.0
+    # Envoy's request_timeout: the whole request, head and body, must be in this long after its first byte
+    # (408). Envoy leaves it off because it cannot stream a request that never ends; this processor buffers
+    # every body whole (for retries), the case Envoy's docs ask to set it for. 30 s: a 16 MiB body (the
+    # largest it takes) at 0.5 MB/s, far below any node-local link, and three header timeouts.
+    request_timeout: float = 30.0
     idle_timeout: float = 60.0  # a keep-alive client connection with no request is closed after this
     max_pipelined: int = 16  # requests queued per client connection before we stop reading
     flush_interval: float = 0.25
     max_mirrors: int = 64  # mirrored requests in flight per worker; more are skipped
     node_name: str = ""
+    max_connections_per_endpoint: int = 0  # per worker; 0: admission.Limits.from_nofile's share
 
 
 _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))  # always sent with a Content-Length
@@ -136,14 +164,24 @@ def hash_key(hash_by: tuple[str, str] | None, conn: ClientConnection, head: Requ
     return conn.peer[0] or None  # source_ip: the client's address (the redirect keeps it)
 
 
+_UNRESOLVED = object()  # a ClientConnection made by loop.create_server asks the resolver itself
+
+
 class ClientConnection(asyncio.Protocol):
-    """One downstream connection: reads requests, serves them in order, keeps the connection alive."""
+    """One downstream connection: reads requests, serves them in order, keeps the connection alive.
+
+    Timers (one lazy handle, `_arm`): ``idle`` between requests (idle_timeout); once a request has
+    started and is not all in, ``header`` until its head is complete (header_timeout, Envoy's
+    request_headers_timeout) and then ``request`` until its last byte (request_timeout, Envoy's
+    request_timeout), both counted from the request's first byte; none while it is served. A
+    request that misses either is answered 408 (flags.SI) and the connection closed."""
 
     __slots__ = ("proxy", "transport", "reader", "queue", "busy", "closing", "peer", "local", "dst", "mark",
                  "_cur", "_body", "_timer", "_timer_kind", "_deadline", "_paused", "_serving", "rec", "exchange",
-                 "original", "client_id")
+                 "original", "client_id", "gone", "bucket", "made", "_origin", "_request_deadline", "_expired")
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: Proxy, origin: tuple[OriginalDst | None, int] | object = _UNRESOLVED,
+                 bucket: int | None = None) -> None:
         self.proxy = proxy
         self.reader = RequestReader(sink=self)
         self.queue: deque[tuple[Request, bytes]] = deque()
@@ -154,37 +192,42 @@ class ClientConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_kind = ""
         self._deadline = 0.0
+        self._request_deadline = 0.0
+        self._expired = ""  # a request timer that fired while an earlier response was being written
         self._paused = False
         self._serving = False  # `_serve_queued` is on the stack
         self.rec: _Records | None = None  # the last request's record labels: the next one likely shares them
         self.exchange: Exchange | None = None  # the fast path's, made on first use
         self.original: tuple[str, int] | None = None  # the original destination's (ip, port), when resolved
         self.client_id: int | None = None  # the client's endpoint id, when the datapath named it
+        self.dst: OriginalDst | None = None
+        self.mark = 0  # SO_MARK of upstream connections: the client's identity, when known
+        self._origin = origin  # (OriginalDst or None, upstream mark) from `Proxy.resolve`, or _UNRESOLVED
+        self.bucket = bucket  # the admission bucket this connection holds a slot of (admission.py), or None
+        self.made = False
+        self.gone = False  # the client closed (or half-closed) while one of its requests was served (flags.DC)
 
     # -- asyncio callbacks --
 
     def connection_made(self, transport: asyncio.Transport) -> None:
+        self.made = True
         self.transport = transport
         self.peer = transport.get_extra_info("peername") or ("", 0)
         self.local = transport.get_extra_info("sockname") or ("", 0)
-        self.dst = None
-        self.mark = 0  # SO_MARK of upstream connections: the client's identity, when known
-        resolver = self.proxy.resolver
-        if resolver is not None:
-            dst = self.dst = resolver.resolve(transport.get_extra_info("socket"))
-            if dst is not None:
+        origin, self._origin = self._origin, None
+        if origin is _UNRESOLVED:
+            origin = self.proxy.resolve(transport.get_extra_info("socket"))
+        if origin is None:  # never forward a connection without the identity it must carry
+            self.closing = True
+            transport.abort()
+            return
+        dst, self.mark = origin
+        self.dst = dst
+        if dst is not None:
+            if dst.ip:
                 self.original = (dst.ip, dst.port)
-                self.client_id = dst.source_ep_id
-            try:
-                if dst is not None and dst.source_identity:
-                    self.mark = origdst.upstream_mark(dst.source_identity, dst.source_ep_id)
-                elif dst is None and getattr(resolver, "required", False):
-                    raise ValueError("not redirected by the datapath")
-            except ValueError:  # never forward a connection without the identity it must carry
-                self.closing = True
-                transport.abort()
-                return
-        self._arm("idle")
+            self.client_id = dst.source_ep_id
+        self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -194,7 +237,6 @@ class ClientConnection(asyncio.Protocol):
             if len(self.reader.upgraded) > UPGRADE_HOLD_LIMIT:
                 self.transport.pause_reading()  # tunnel.splice resumes it
             return
-        starts = self._cur is None and self._timer_kind == "idle"
         queue = self.queue
         queued = len(queue)
         try:
@@ -203,10 +245,12 @@ class ClientConnection(asyncio.Protocol):
             while len(queue) > queued:  # a chunk with an error is refused whole: nothing in it is served
                 queue.pop()
             self._refuse(e)
-        # A request has started and its head is not all in: it gets header_timeout, not idle_timeout. (A
-        # head that arrived whole needs no timer: re-arming one per request would cost a TimerHandle.)
-        if starts and self._timer_kind == "idle" and self.reader.in_head:
-            self._arm("header")
+        # A request that has started and is not all in gets its deadlines. (One that arrived whole needs
+        # no timer: re-arming one per request would cost a TimerHandle.)
+        kind = self._timer_kind
+        if kind != "header" and kind != "request" and not self.closing and (
+                self._cur is not None or self.reader.in_head):
+            self._begin_request()
         if queue and not self.busy:  # served once the whole chunk is read
             self._serve_queued()
 
@@ -220,14 +264,26 @@ class ClientConnection(asyncio.Protocol):
             self.closing = True
             if not self.busy:
                 self.transport.close()
+            else:
+                self.gone = True  # as Envoy takes an HTTP/1 client's FIN: gone before its answer (flags.DC)
         return True  # keep our side open until queued responses are written
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.busy:
+            self.gone = True
         self.closing = True
         self._timer_kind = ""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self.release()
+
+    def release(self) -> None:
+        """Give back this connection's admission slot (once): the connection is gone, or a tunnel that
+        owns its transport now has closed."""
+        if self.bucket is not None:
+            self.proxy.admission.release(self.bucket)
+            self.bucket = None
 
     def write(self, data: bytes) -> None:
         # The client may have gone while we waited upstream; asyncio would log every such write.
@@ -238,7 +294,11 @@ class ClientConnection(asyncio.Protocol):
 
     def head(self, req: Request) -> None:
         self._cur = req
-        self._timer_kind = ""  # the head is in: no header timeout any more
+        if self._timer_kind == "header":  # the head is in: the rest of the request has until request_timeout
+            self._timer_kind = "request"
+            self._deadline = self._request_deadline
+        else:
+            self._timer_kind = ""  # it came in one chunk: no header timer was needed
         if req.expect_continue:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
@@ -252,6 +312,8 @@ class ClientConnection(asyncio.Protocol):
         queue = self.queue
         queue.append((self._cur, b"".join(parts) if parts else b""))
         self._cur = None
+        if self._timer_kind == "request":  # all in: no timer while it is served
+            self._timer_kind = ""
         if len(queue) >= self.proxy.options.max_pipelined and not self._paused:
             self._paused = True
             self.transport.pause_reading()
@@ -263,21 +325,33 @@ class ClientConnection(asyncio.Protocol):
         if not self.busy and not self.queue:
             self.transport.write(_local_response(e.status_hint, str(e), False))
             self.transport.close()
-            self.proxy.record_refused(self, e.status_hint)
+            self.proxy.record_refused(self, e.status_hint, flags.DPE, None, "L7_PROTOCOL_ERROR")
 
     # -- timers --
     # One lazy timer per connection: re-arming only moves a deadline, so a keep-alive request costs
     # no TimerHandle; when the timer fires early it re-schedules itself at the current deadline.
 
-    def _arm(self, kind: str) -> None:
-        opts = self.proxy.options
-        self._deadline = self.proxy.loop.time() + (opts.header_timeout if kind == "header" else opts.idle_timeout)
+    def _arm(self, kind: str, deadline: float) -> None:
+        self._deadline = deadline
         self._timer_kind = kind
         timer = self._timer
-        if timer is None or self._deadline < timer.when():  # only an earlier deadline needs a new handle
+        if timer is None or deadline < timer.when():  # only an earlier deadline needs a new handle
             if timer is not None:
                 timer.cancel()
-            self._timer = self.proxy.loop.call_at(self._deadline, self._timer_fired)
+            self._timer = self.proxy.loop.call_at(deadline, self._timer_fired)
+
+    def _arm_idle(self) -> None:
+        self._arm("idle", self.proxy.loop.time() + self.proxy.options.idle_timeout)
+
+    def _begin_request(self) -> None:
+        """A request is under way and not all in: its deadlines count from now (its first chunk)."""
+        opts = self.proxy.options
+        now = self.proxy.loop.time()
+        self._request_deadline = now + opts.request_timeout
+        if self.reader.in_head:
+            self._arm("header", min(now + opts.header_timeout, self._request_deadline))
+        else:
+            self._arm("request", self._request_deadline)
 
     def _cancel_timer(self) -> None:
         self._timer_kind = ""
@@ -285,16 +359,31 @@ class ClientConnection(asyncio.Protocol):
     def _timer_fired(self) -> None:
         self._timer = None
         kind = self._timer_kind
-        if not kind or self.busy or self.closing:
+        if not kind or self.closing:
             return
         if self.proxy.loop.time() < self._deadline:
             self._timer = self.proxy.loop.call_at(self._deadline, self._timer_fired)
             return
         self._timer_kind = ""
+        if kind == "idle":
+            if not self.busy:
+                self.closing = True
+                self.transport.close()
+            return
+        if self.busy:  # an earlier request's response is on its way: the 408 follows it (`done`)
+            self._expired = kind
+            self.transport.pause_reading()
+            return
+        self._timed_out(kind)
+
+    def _timed_out(self, kind: str) -> None:
+        """The request under way missed its header or request timeout: 408, and the connection closes."""
         self.closing = True
-        if kind == "header":
-            self.transport.write(_local_response(408, "request header read timeout", False))
+        self.queue.clear()
+        self.transport.write(_local_response(408, "request header read timeout" if kind == "header"
+                                             else "request timeout", False))
         self.transport.close()
+        self.proxy.record_refused(self, 408, flags.SI, self._cur, "L7_REQUEST_TIMEOUT")
 
     # -- serving --
     # One request at a time, in order: `busy` from `Proxy.serve` until the path serving it calls `done`.
@@ -321,12 +410,17 @@ class ClientConnection(asyncio.Protocol):
         if not self.busy:
             if self.closing:
                 self.transport.close()
-            elif self._cur is None:
-                self._arm("idle")
+            elif self._cur is None and self._timer_kind != "header":
+                self._arm_idle()
 
     def done(self, keep: bool) -> None:
         """The request being served is answered; ``keep``: the connection stays open for more."""
         self.busy = False
+        if self._expired:  # the next request ran out of time meanwhile
+            kind, self._expired = self._expired, ""
+            if not self.closing:
+                self._timed_out(kind)
+                return
         if not keep:
             self.closing = True
             self.queue.clear()
@@ -337,8 +431,8 @@ class ClientConnection(asyncio.Protocol):
             self._serve_queued()
         elif self.closing:  # what `_serve_queued` does with nothing queued, without its loop
             self.transport.close()
-        elif self._cur is None:
-            self._arm("idle")
+        elif self._cur is None and self._timer_kind != "header":
+            self._arm_idle()
 
     def spliced(self) -> None:
         """The transport belongs to a tunnel now (tunnel.splice): no more HTTP, timers or callbacks."""
@@ -420,7 +514,7 @@ class Exchange:
     yet seen stay in the reader for it."""
 
     __slots__ = ("proxy", "conn", "req", "body", "d", "dst_ip", "dst_port", "t0", "state", "backend", "pool", "up",
-                 "status", "pending", "chunked", "no_body", "keep", "_broken")
+                 "status", "pending", "chunked", "no_body", "keep", "flags", "_broken")
 
     def __init__(self, proxy: Proxy, conn: ClientConnection) -> None:
         # One per client connection, reused by its requests (one at a time): `start` begins each.
@@ -438,6 +532,7 @@ class Exchange:
         self.status = 0  # non-zero once the response head is accepted
         self.pending = b""  # bytes held back to go out with the next ones
         self.chunked = self.no_body = self.keep = False
+        self.flags = flags.NONE
         up.reader.sink = self
         up.on_broken = self._broken
 
@@ -492,6 +587,7 @@ class Exchange:
             self.pool.discard(self._give_up())  # the response is cut: the client must see the connection close
             if self.pending:
                 self.conn.write(self.pending)
+            self.flags = flags.UC
             self._done(False)
         except Exception as e:
             self._bug(e)
@@ -507,7 +603,7 @@ class Exchange:
 
     def _done(self, keep: bool) -> None:
         self.proxy._record(self.conn, self.req, self.d, self.status, self.backend, self.dst_ip, self.dst_port,
-                           time.perf_counter_ns() - self.t0)
+                           time.perf_counter_ns() - self.t0, self.flags)
         self.conn.done(keep)
 
     def _hand_over(self, resp: Response | None) -> None:
@@ -522,13 +618,17 @@ class Exchange:
         self.conn.internal_error(e)
 
 
-def source_labels(conn: ClientConnection) -> tuple[str, str, str]:
-    """The client's workload, namespace and app for metrics: from the agent's config (agent/l7_snapshot.py)
+def client_labels(config: L7Config, dst: OriginalDst | None) -> tuple[str, str, str]:
+    """A client's workload, namespace and app for metrics: from the agent's config (agent/l7_snapshot.py)
     when the datapath named the client's endpoint, else what the resolver said."""
-    client = conn.proxy.config.clients.get(conn.client_id) if conn.client_id else None
+    client = config.clients.get(dst.source_ep_id) if dst is not None and dst.source_ep_id else None
     if client is not None:
         return client.workload, client.namespace, client.labels.get("app", "unknown")
-    return (conn.dst.source_workload if conn.dst is not None else "unknown"), "unknown", "unknown"
+    return (dst.source_workload if dst is not None else "unknown"), "unknown", "unknown"
+
+
+def source_labels(conn: ClientConnection) -> tuple[str, str, str]:
+    return client_labels(conn.proxy.config, conn.dst)
 
 
 def destination_labels(svc: Service | None, backend: UpstreamHost | None) -> tuple[str, ...]:
@@ -541,6 +641,15 @@ def destination_labels(svc: Service | None, backend: UpstreamHost | None) -> tup
             svc.namespace if svc is not None else "unknown")
 
 
+def _drop_extra(reason: str, denial: Denial | None = None) -> str:
+    """The extra top-level members of a DROPPED flow (flow_export.py): why, and for a policy denial who
+    decided, as the kernel's drop flows say it."""
+    if denial is None:
+        return f'"drop_reason_desc":"{reason}"' if reason else ""
+    return (f'"drop_reason_desc":"{denial.reason}","traffic_direction":"{denial.direction_name}",'
+            f'"policy_match_type":"{denial.match}","policy":{{"rule_id":{int(denial.rule_id)}}}')
+
+
 class _Records:
     """What the flows and metric samples of one connection's requests to one route, backend and original
     destination share, built once: per request only the counters, a timestamp and a queued tuple remain."""
@@ -548,7 +657,7 @@ class _Records:
     __slots__ = ("d", "backend", "dst_ip", "dst_port", "flow", "labels", "rows")
 
     def __init__(self, conn: ClientConnection, d: RouteDecision, backend: UpstreamHost | None, dst_ip: str,
-                 dst_port: int) -> None:
+                 dst_port: int, denial: Denial | None = None) -> None:
         self.d, self.backend, self.dst_ip, self.dst_port = d, backend, dst_ip, dst_port
         svc = d.service
         service, namespace = (svc.fqdn, svc.namespace) if svc is not None else ("", "")
@@ -557,22 +666,32 @@ class _Records:
             dst_workload, upstream = backend.workload, f"{backend.ip}:{backend.port}"
             # As Hubble shows a request through Cilium's proxy: to the backend that answered (its
             # service is in destination.service), so IP.destination and destination.* name one endpoint.
+            # A request the policy denies names the backend it was for.
             flow_ip, flow_port = backend.ip, backend.port
         else:
             dst_workload, upstream = "unknown", ""
             flow_ip, flow_port = dst_ip, dst_port  # answered here: where the client sent it
         peer = conn.peer
         self.flow = (peer[0], peer[1], flow_ip, flow_port, d.route_name, d.subset, service, namespace, upstream,
-                     dst_workload, src_workload, "FORWARDED")  # flow_export.FlowShared
-        # istio_metrics.REQUEST_LABELS, but for response code and security policy
+                     dst_workload, src_workload, "FORWARDED" if denial is None else "DROPPED",
+                     _drop_extra("", denial))  # flow_export.FlowShared
+        # istio_metrics.REQUEST_LABELS, but for response code, flags and security policy
         self.labels = (REPORTER, src_workload, src_ns, src_app, *destination_labels(svc, backend), "http")
-        self.rows: dict[int, list] = {}  # status -> L7Metrics.row
+        self.rows: dict[int | tuple[int, str], list] = {}  # status, or (status, flags) -> L7Metrics.row
+
+
+_FORBIDDEN = (_local_response(403, "", True, body=b"RBAC: access denied"),  # Envoy's RBAC answer, as is
+              _local_response(403, "", False, body=b"RBAC: access denied"))
+_OVERLOADED = _local_response(503, "overloaded: this client endpoint holds its share of the L7 processor's "
+                              "connections", False)
+REFUSAL_FLOWS_PER_S = 10  # connections refused over a cap, per client endpoint and second, reported as flows
 
 
 class Proxy:
     def __init__(self, config: L7Config, *, config_path: str | None = None, flows: FlowSink | None = None,
                  metrics: L7Metrics | None = None, resolver: OriginalDstResolver | None = None,
-                 options: Options = Options(), rng: random.Random | None = None) -> None:
+                 options: Options = Options(), rng: random.Random | None = None,
+                 policy: KernelPolicy | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         self.config = config
         self.config_path = config_path
@@ -585,9 +704,16 @@ class Proxy:
         self.clusters = ClusterStates(self.rng, self.loop.time)
         self.pools = Pools(self.loop, self._upstream_opened)
         self.routes = RouteCache(self.rng)
+        # The kernel's policy, asked before an upstream flow is dialled (policy_check.py); OPEN: no kernel.
+        self.gate: PolicyGate | OpenGate = PolicyGate(policy, config.endpoint_at) if policy is not None else OPEN
+        self.admission = Admission(Limits.from_nofile(resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                                                      options.max_connections_per_endpoint))
+        self.listener: Listener | None = None  # set by `serve`, for its counters
+        self._refusal_flows: dict[int, list[int]] = {}  # client -> [second, flows]: refusals reported as flows
         self._mirrors = 0
         # (backend address, client mark) -> istio_metrics.TCP_LABELS
         self._opened_labels: dict[tuple[tuple[str, int], int], tuple[str, ...]] = {}
+        self.metrics.processor = self._processor_metrics
         self._tick_handle = self.loop.call_later(options.flush_interval, self._tick)
 
     # -- control path --
@@ -609,11 +735,13 @@ class Proxy:
             print(f"l7: keeping the previous config: {e}", file=sys.stderr)
             return False
         self.config = new  # requests in flight finish on the snapshot they started with
+        self.gate.invalidate(new.endpoint_at)  # which backends are this node's endpoints may have changed
         self.pools.retain(b.address for c in new.clusters.values() for b in c.backends)
         return True
 
     def _tick(self) -> None:
         self.flows.flush()
+        self.gate.refresh()  # one map read: the kernel's policy revision
         self._tick_handle = self.loop.call_later(self.options.flush_interval, self._tick)
 
     def close(self) -> None:
@@ -634,6 +762,117 @@ class Proxy:
         if labels is not None:
             self.metrics.connection_opened(labels)
 
+    # -- accepting --
+
+    def resolve(self, sock: socket.socket | None) -> tuple[OriginalDst | None, int] | None:
+        """Where a connection was going and who sent it (the resolver), with the SO_MARK its upstream
+        connections carry; None: refuse it (the datapath did not redirect it, or it names an identity no
+        mark can carry: never forward a connection without the identity it must carry)."""
+        resolver = self.resolver
+        if resolver is None:
+            return _ANONYMOUS
+        dst = resolver.resolve(sock)
+        if dst is None:
+            return None if getattr(resolver, "required", False) else _ANONYMOUS
+        try:
+            return dst, (origdst.upstream_mark(dst.source_identity, dst.source_ep_id) if dst.source_identity else 0)
+        except ValueError:
+            return None
+
+    def accept(self, sock: socket.socket) -> None:
+        """A connection the listener accepted: who sent it, whether its endpoint has room (admission.py),
+        then a ClientConnection for it."""
+        origin = self.resolve(sock)
+        if origin is None:
+            sock.close()
+            return
+        dst = origin[0]
+        client = (dst.source_ep_id or UNKNOWN) if dst is not None else UNKNOWN
+        why = self.admission.admit(client)
+        if why is not None:
+            self._refuse_connection(sock, dst, client, why)
+            return
+        self.loop.create_task(self._attach(sock, origin, client))
+
+    async def _attach(self, sock: socket.socket, origin: tuple[OriginalDst | None, int], client: int) -> None:
+        made: list[ClientConnection] = []
+
+        def protocol() -> ClientConnection:
+            made.append(ClientConnection(self, origin, client))
+            return made[0]
+
+        try:
+            await self.loop.connect_accepted_socket(protocol, sock)
+        except Exception:  # the client went already (or the loop is closing): no protocol holds the slot
+            if not made or not made[0].made:
+                self.admission.release(client)
+            sock.close()
+
+    def _refuse_connection(self, sock: socket.socket, dst: OriginalDst | None, client: int, why: str) -> None:
+        """A connection over its endpoint's share (or the worker's): a short 503 (flags.OM), closed at once,
+        counted (Admission.refused) and, a few per second and endpoint, reported as a DROPPED flow."""
+        peer = None
+        try:
+            sock.setblocking(False)
+            sock.send(_OVERLOADED)
+            peer = sock.getpeername()
+        except OSError:
+            pass
+        local = _sockname(sock)
+        sock.close()
+        second = int(self.loop.time())
+        seen = self._refusal_flows.get(client)
+        if seen is None or seen[0] != second:
+            if len(self._refusal_flows) > 4096:
+                self._refusal_flows.clear()
+            seen = self._refusal_flows[client] = [second, 0]
+        if seen[1] >= REFUSAL_FLOWS_PER_S or peer is None:
+            return
+        seen[1] += 1
+        limits = self.admission.limits
+        cap = limits.per_endpoint if why == ENDPOINT else limits.per_worker
+        dst_ip, dst_port = (dst.ip, dst.port) if dst is not None and dst.ip else local
+        self.flows.add((time.time_ns(), 0, "", "", 503, flags.OM, peer[0], peer[1], dst_ip, dst_port, "", "", "", "",
+                        "", "unknown", client_labels(self.config, dst)[0], "DROPPED",
+                        _drop_extra("L7_CONNECTION_LIMIT") + f',"Summary":"connection refused: {why} {cap} '
+                        f'(per worker)"'))
+
+    def _processor_metrics(self) -> Iterator:
+        """meshagent_l7_* families of this worker, for istio_metrics' collector."""
+        refused = CounterMetricFamily("meshagent_l7_connections_refused",
+                                      "Client connections the L7 processor refused over a connection limit",
+                                      labels=["source_workload", "source_workload_namespace", "reason"])
+        for (client, why), n in list(self.admission.refused.items()):
+            workload, namespace = _client_names(self.config, client)
+            refused.add_metric([workload, namespace, why], n)
+        yield refused
+        limit = GaugeMetricFamily("meshagent_l7_connection_limit",
+                                  "Client connections one worker of the L7 processor admits", labels=["scope"])
+        limit.add_metric(["endpoint"], self.admission.limits.per_endpoint)
+        limit.add_metric(["worker"], self.admission.limits.per_worker)
+        yield limit
+        held = GaugeMetricFamily("meshagent_l7_client_connections", "Client connections this worker holds")
+        held.add_metric([], self.admission.total)
+        yield held
+        errors = CounterMetricFamily("meshagent_l7_accept_errors", "accept() failures of the L7 processor's "
+                                     "listener (it pauses accepting after EMFILE and the like)", labels=["errno"])
+        for name, n in list((self.listener.errors if self.listener is not None else {}).items()):
+            errors.add_metric([name], n)
+        yield errors
+
+    # -- the policy check --
+
+    def _check(self, conn: ClientConnection, backend: UpstreamHost, pool: BackendPool) -> Denial | None:
+        """The kernel's verdict on ``conn``'s client connecting to ``backend`` (policy_check.py); an
+        allow is remembered by the pool until the gate's generation moves."""
+        gate = self.gate
+        dst = conn.dst
+        denial = gate.check(conn.client_id, dst.source_identity if dst is not None else None, backend.ip,
+                            backend.port)
+        if denial is None:
+            pool.admitted = gate.generation
+        return denial
+
     # -- the request path --
 
     def serve(self, conn: ClientConnection, head: Request, body: bytes) -> None:
@@ -650,7 +889,7 @@ class Proxy:
         if d.status:
             keep = head.keep_alive and not conn.closing
             conn.write(_local_response(d.status, d.reason, keep, d.local_headers, d.local_body))
-            self._record(conn, head, d, d.status, None, dst_ip, dst_port, time.perf_counter_ns() - t0)
+            self._record(conn, head, d, d.status, None, dst_ip, dst_port, time.perf_counter_ns() - t0, d.flags)
             conn.done(keep)
             return
         if d.timeout or d.retries.per_try_timeout:
@@ -662,6 +901,15 @@ class Proxy:
         if backend is not None:
             self._label_backend(d, backend, conn)
             pool = self.pools.get(backend.address, d.cluster.policy.pool, conn.mark)
+            if pool.admitted != self.gate.generation:
+                denial = self._check(conn, backend, pool)
+                if denial is not None:
+                    keep = head.keep_alive and not conn.closing
+                    conn.write(_FORBIDDEN[not keep])
+                    self._record(conn, head, d, 403, backend, dst_ip, dst_port, time.perf_counter_ns() - t0,
+                                 flags.UAEX, denial)
+                    conn.done(keep)
+                    return
             up = pool.try_acquire()
         if up is None:  # no healthy backend (a 503 there), or a connection to open or wait for
             self.loop.create_task(self._slow(conn, head, body, d, dst_ip, dst_port, t0, (backend, None)))
@@ -682,15 +930,17 @@ class Proxy:
             keep = head.keep_alive and not conn.closing
             if d.delay:
                 await asyncio.sleep(d.delay)
-            backend = None
+            backend, denial = None, None
             if d.status:
-                status = d.status
+                status, why = d.status, d.flags
                 conn.write(_local_response(status, d.reason, keep, d.local_headers, d.local_body))
             else:
                 if d.mirror is not None and self._mirrors < self.options.max_mirrors:
-                    self._mirror(d, head, body, conn.mark)
-                status, backend, keep = await self._forward(conn, head, body, d, keep, first)
-            self._record(conn, head, d, status, backend, dst_ip, dst_port, time.perf_counter_ns() - t0)
+                    self._mirror(d, head, body, conn)
+                status, backend, keep, why, denial = await self._forward(conn, head, body, d, keep, first)
+                if d.delay:
+                    why = flags.join(d.flags, why)
+            self._record(conn, head, d, status, backend, dst_ip, dst_port, time.perf_counter_ns() - t0, why, denial)
         except Exception as e:
             conn.internal_error(e)
             return
@@ -713,11 +963,11 @@ class Proxy:
         framing = b"content-length: %d\r\n\r\n" % len(body) if body or method in _BODY_METHODS else b"\r\n"
         return b"".join((f"{method} {d.path} HTTP/1.1\r\n".encode("latin-1"), fields, extra, framing, body))
 
-    async def _forward(self, conn: ClientConnection, head: Request, body: bytes, d: RouteDecision,
-                       keep: bool, first: tuple | None = None) -> tuple[int, UpstreamHost | None, bool]:
+    async def _forward(self, conn: ClientConnection, head: Request, body: bytes, d: RouteDecision, keep: bool,
+                       first: tuple | None = None) -> tuple[int, UpstreamHost | None, bool, str, Denial | None]:
         """Try the cluster's backends under the retry policy; stream the response that ends it.
-        Returns (status, backend that answered or None, keep the client connection). ``first``: as
-        for `_slow`."""
+        Returns (status, backend that answered (or the one the policy denied) or None, keep the client
+        connection, response flags, the policy's denial or None). ``first``: as for `_slow`."""
         loop = self.loop
         state = self.clusters.get(d.cluster)
         key = hash_key(state.hash_by, conn, head)
@@ -726,7 +976,7 @@ class Proxy:
         deadline = loop.time() + d.timeout if d.timeout else None
         data = self._request_bytes(head, body, d)
         tried: list[UpstreamHost] = []
-        status, reason = 503, "no healthy upstream"
+        status, reason, why = 503, "no healthy upstream", flags.UH
         failure = ""
         for attempt in range(retries.attempts + 1):
             sent = None
@@ -736,7 +986,7 @@ class Proxy:
             else:
                 backend = state.pick(tried, key)
             if backend is None:
-                status, reason = 503, "no healthy upstream"
+                status, reason, why = 503, "no healthy upstream", flags.UH
                 break
             tried.append(backend)
             self._label_backend(d, backend, conn)
@@ -745,6 +995,11 @@ class Proxy:
                 per_try = loop.time() + retries.per_try_timeout
                 attempt_deadline = per_try if deadline is None else min(per_try, deadline)
             pool = self.pools.get(backend.address, limits, conn.mark)
+            if sent is None and pool.admitted != self.gate.generation:
+                denial = self._check(conn, backend, pool)
+                if denial is not None:
+                    conn.write(_FORBIDDEN[not keep])
+                    return 403, backend, keep, flags.UAEX, denial
             if sent is None:
                 state.started(backend)
             try:
@@ -752,30 +1007,40 @@ class Proxy:
                     up, resp = await self._exchange(pool, data, head.method, sent)
             except TimeoutError:  # _exchange has discarded the connection
                 state.finished(backend, failed=True)
+                status, reason, why, failure = 504, "upstream request timeout", flags.UT, "timeout"
                 if deadline is not None and loop.time() >= deadline:
-                    status, reason = 504, "upstream request timeout"
-                    break
-                status, reason, failure = 504, "upstream request timeout", "timeout"
+                    break  # the route's timeout: no retry after it
             except UpstreamError as e:
                 state.finished(backend, failed=True)
                 status, reason, failure = 503, f"upstream connect error or disconnect/reset before headers: {e}", \
                     e.kind
+                why = flags.UF if e.kind == "connect" else flags.UC
+                if e.kind == "connect":  # a policy change the timer has not seen yet drops SYNs silently
+                    self.gate.refresh()
+                    denial = self._check(conn, backend, pool) if pool.admitted != self.gate.generation else None
+                    if denial is not None:
+                        conn.write(_FORBIDDEN[not keep])
+                        return 403, backend, keep, flags.UAEX, denial
             except PoolOverflow as e:
                 state.finished(backend, None)  # not the backend's fault: outlier detection ignores it
-                status, reason = 503, f"upstream overflow: {e}"
+                status, reason, why = 503, f"upstream overflow: {e}", flags.UO
                 break
             else:
                 state.finished(backend, resp.status)
-                if attempt < retries.attempts and should_retry(retries, resp.status):
+                retriable = should_retry(retries, resp.status)
+                if attempt < retries.attempts and retriable:
                     pool.discard(up)  # cheaper than draining a body we will not use
                     status, reason = resp.status, ""
                     continue
-                keep = await self._respond(conn, pool, up, resp, d, head, keep, deadline)
-                return resp.status, backend, keep
+                keep, cut = await self._respond(conn, pool, up, resp, d, head, keep, deadline)
+                exhausted = flags.URX if retriable and retries.attempts else flags.NONE  # retriable, none left
+                return resp.status, backend, keep, flags.join(exhausted, cut), None
             if attempt >= retries.attempts or not should_retry(retries, failure=failure):
+                if attempt >= retries.attempts and retries.attempts and should_retry(retries, failure=failure):
+                    why = flags.join(why, flags.URX)  # the retries ran out, not the retry policy
                 break
         conn.write(_local_response(status, reason or "upstream error", keep))
-        return status, None, keep
+        return status, None, keep, why, None
 
     async def _exchange(self, pool, data: bytes, method: str,
                         sent: tuple | None = None) -> tuple[UpstreamConnection, Response]:
@@ -809,8 +1074,9 @@ class Proxy:
         raise UpstreamError("reset", "upstream closed the connection", False)
 
     async def _respond(self, conn: ClientConnection, pool, up: UpstreamConnection, resp: Response,
-                       d: RouteDecision, head: Request, keep: bool, deadline: float | None) -> bool:
-        """Write the upstream response to the client, streaming the body; returns keep-alive."""
+                       d: RouteDecision, head: Request, keep: bool, deadline: float | None) -> tuple[bool, str]:
+        """Write the upstream response to the client, streaming the body; returns (keep-alive, flags: UC
+        if the backend broke mid-body, UT if the route's timeout struck then, else none)."""
         pending, chunked, no_body, keep = response_head(resp, d, head, keep)
         write = conn.write
         try:
@@ -824,17 +1090,17 @@ class Proxy:
                         if pending:
                             data, pending = pending + data, b""
                         write(data)
-        except (UpstreamError, TimeoutError):
+        except (UpstreamError, TimeoutError) as e:
             pool.discard(up)
             if pending:
                 write(pending)
-            return False  # the response is cut: the client must see the connection close
+            return False, flags.UT if isinstance(e, TimeoutError) else flags.UC  # cut: the client sees the close
         if chunked:
             pending += b"0\r\n\r\n"
         if pending:
             write(pending)
         pool.release(up)
-        return keep
+        return keep, flags.NONE
 
     async def _tunnel(self, conn: ClientConnection, head: Request, body: bytes, d: RouteDecision, dst_ip: str,
                       dst_port: int, t0: int) -> None:
@@ -842,7 +1108,7 @@ class Proxy:
         header on a connection of its own; a 101 splices the two connections (tunnel.py), any other
         answer is forwarded and the client connection closes (its bytes after the request are not
         HTTP). Retries, mirrors and pooling do not apply to it."""
-        status, backend, up, pool, state = 503, None, None, None, None
+        status, backend, up, pool, state, why, denial = 503, None, None, None, None, d.flags, None
         try:
             if d.delay:
                 await asyncio.sleep(d.delay)
@@ -852,11 +1118,18 @@ class Proxy:
             else:
                 state = self.clusters.get(d.cluster)
                 backend = state.pick(key=hash_key(state.hash_by, conn, head))
-                if backend is None:
-                    conn.write(_local_response(503, "no healthy upstream", False))
-                else:
+                if backend is not None:
                     self._label_backend(d, backend, conn)
                     pool = self.pools.get(backend.address, d.cluster.policy.pool, conn.mark)
+                    if pool.admitted != self.gate.generation:
+                        denial = self._check(conn, backend, pool)
+                if backend is None:
+                    why = flags.join(why, flags.UH)
+                    conn.write(_local_response(503, "no healthy upstream", False))
+                elif denial is not None:
+                    status, why = 403, flags.join(why, flags.UAEX)
+                    conn.write(_FORBIDDEN[1])
+                else:
                     state.started(backend)
                     upgrade = next((v for k, v in head.headers if k == "upgrade"), "")
                     extra = f"connection: upgrade\r\nupgrade: {upgrade}\r\n".encode("latin-1")
@@ -867,13 +1140,15 @@ class Proxy:
                             resp = await up.next_event()
                     except TimeoutError:
                         state.finished(backend, failed=True)
-                        status = 504
+                        status, why = 504, flags.join(why, flags.UT)
                         conn.write(_local_response(504, "upstream request timeout", False))
                     except PoolOverflow as e:
                         state.finished(backend, None)  # not the backend's fault
+                        why = flags.join(why, flags.UO)
                         conn.write(_local_response(503, f"upstream overflow: {e}", False))
                     except UpstreamError as e:
                         state.finished(backend, failed=True)
+                        why = flags.join(why, flags.UF if e.kind == "connect" else flags.UC)
                         conn.write(_local_response(503, f"upstream connect error or disconnect/reset before "
                                                         f"headers: {e}", False))
                     else:
@@ -884,14 +1159,19 @@ class Proxy:
                             client_rest, conn.reader.upgraded = conn.reader.upgraded or b"", b""
                             upstream_rest, up.reader.upgraded = up.reader.upgraded or b"", b""
                             spliced_up, spliced_pool, up = up, pool, None  # the tunnel owns it now
-                            tunnel.splice(conn.transport, spliced_up.transport, client_rest, upstream_rest,
-                                          lambda: spliced_pool.discard(spliced_up),
+
+                            def closed(conn=conn, pool=spliced_pool, up=spliced_up) -> None:
+                                pool.discard(up)
+                                conn.release()  # its admission slot: the tunnel had its transport
+
+                            tunnel.splice(conn.transport, spliced_up.transport, client_rest, upstream_rest, closed,
                                           d.cluster.policy.pool.idle_timeout)
                             conn.spliced()
                         else:  # refused (400, 426...): an ordinary response, and the connection closes
-                            await self._respond(conn, pool, up, resp, d, head, False, None)
+                            _, cut = await self._respond(conn, pool, up, resp, d, head, False, None)
+                            why = flags.join(why, cut)
                             up = None
-            self._record(conn, head, d, status, backend, dst_ip, dst_port, time.perf_counter_ns() - t0)
+            self._record(conn, head, d, status, backend, dst_ip, dst_port, time.perf_counter_ns() - t0, why, denial)
         except Exception as e:
             conn.internal_error(e)
             return
@@ -901,18 +1181,20 @@ class Proxy:
         if status != 101:
             conn.done(False)
 
-    def _mirror(self, d: RouteDecision, head: Request, body: bytes, mark: int = 0) -> None:
+    def _mirror(self, d: RouteDecision, head: Request, body: bytes, conn: ClientConnection) -> None:
         cluster = d.mirror
         state = self.clusters.get(cluster)
         backend = state.pick()
         if backend is None:
             return
+        pool = self.pools.get(backend.address, cluster.policy.pool, conn.mark)
+        if pool.admitted != self.gate.generation and self._check(conn, backend, pool) is not None:
+            return  # the client may not reach the mirror: a shadow copy is not worth a 403 or a silent drop
         host = d.authority or head.host or cluster.service.fqdn
         name, _, port = host.partition(":")
         data = self._request_bytes(head, body, d, f"{name}-shadow" + (f":{port}" if port else ""))
         self._mirrors += 1
-        self.loop.create_task(self._send_mirror(self.pools.get(backend.address, cluster.policy.pool, mark), data,
-                                                head.method))
+        self.loop.create_task(self._send_mirror(pool, data, head.method))
 
     async def _send_mirror(self, pool, data: bytes, method: str) -> None:
         """Fire and forget: the mirror's response is read and dropped; failures are ignored."""
@@ -932,35 +1214,68 @@ class Proxy:
     # -- records --
 
     def _record(self, conn: ClientConnection, head: Request, d: RouteDecision, status: int,
-                backend: UpstreamHost | None, dst_ip: str, dst_port: int, latency_ns: int) -> None:
-        rec = conn.rec
-        if rec is None or rec.d is not d or rec.backend is not backend or rec.dst_port != dst_port \
-                or rec.dst_ip != dst_ip:
-            rec = conn.rec = _Records(conn, d, backend, dst_ip, dst_port)
-        self.flows.pending.append((time.time_ns(), latency_ns, head.method, head.target, status, rec.flow))
-        row = rec.rows.get(status)
+                backend: UpstreamHost | None, dst_ip: str, dst_port: int, latency_ns: int, why: str = flags.NONE,
+                denial: Denial | None = None) -> None:
+        """One flow and one metric sample for a request answered with ``status`` and response flags ``why``."""
+        if conn.gone:
+            why = flags.join(why, flags.DC)
+        if denial is not None:  # DROPPED, naming the rule: not the connection's usual records
+            rec = _Records(conn, d, backend, dst_ip, dst_port, denial)
+        else:
+            rec = conn.rec
+            if rec is None or rec.d is not d or rec.backend is not backend or rec.dst_port != dst_port \
+                    or rec.dst_ip != dst_ip:
+                rec = conn.rec = _Records(conn, d, backend, dst_ip, dst_port)
+        self.flows.pending.append((time.time_ns(), latency_ns, head.method, head.target, status, why, rec.flow))
+        key = status if why is flags.NONE else (status, why)
+        row = rec.rows.get(key)
         if row is None:
-            row = rec.rows[status] = self.metrics.row(rec.labels + (str(status), "none"))
+            row = rec.rows[key] = self.metrics.row(rec.labels + (str(status), why, "none"))
         observe(row, latency_ns / 1e6)
 
-    def record_refused(self, conn: ClientConnection, status: int) -> None:
-        self.flows.add((time.time_ns(), 0, "", "", status, conn.peer[0], conn.peer[1], conn.local[0], conn.local[1],
-                        "", "", "", "", "", "unknown", "unknown", "DROPPED"))
+    def record_refused(self, conn: ClientConnection, status: int, why: str, head: Request | None = None,
+                       reason: str = "") -> None:
+        """A request the processor refused before routing it (malformed: DPE; too slow: SI): a DROPPED
+        flow to where the client sent it, and a metric sample with no destination."""
+        dst_ip, dst_port = conn.original or conn.local
+        src_workload, src_ns, src_app = source_labels(conn)
+        self.flows.add((time.time_ns(), 0, head.method if head else "", head.target if head else "", status, why,
+                        conn.peer[0], conn.peer[1], dst_ip, dst_port, "", "", "", "", "", "unknown", src_workload,
+                        "DROPPED", _drop_extra(reason)))
+        observe(self.metrics.row((REPORTER, src_workload, src_ns, src_app, *destination_labels(None, None), "http",
+                                  str(status), why, "none")), 0.0)
+
+
+def _client_names(config: L7Config, client: int) -> tuple[str, str]:
+    known = config.clients.get(client) if client != UNKNOWN else None
+    return (known.workload, known.namespace) if known is not None else ("unknown", "unknown")
+
+
+def _sockname(sock: socket.socket) -> tuple[str, int]:
+    try:
+        return sock.getsockname()[:2]
+    except OSError:
+        return "", 0
+
+
+_ANONYMOUS = (None, 0)  # `Proxy.resolve` without a resolver: route by the Host header, no mark
 
 
 async def serve(config_path: str, host: str, port: int, *, flows_path: str | None = None,
                 metrics_addr: tuple[str, int] | None = None, reuse_port: bool = False,
                 resolver: OriginalDstResolver | None = None, options: Options = Options(),
-                reload_interval: float = 1.0, ready: asyncio.Event | None = None) -> None:
+                reload_interval: float = 1.0, ready: asyncio.Event | None = None,
+                policy: KernelPolicy | None = None) -> None:
     """Run one worker until SIGTERM/SIGINT: bind, serve, poll the config file for changes (SIGHUP
-    reloads at once)."""
+    reloads at once). ``policy``: the node's pinned policy maps, for the check before each new
+    upstream flow (policy_check.py)."""
     loop = asyncio.get_running_loop()
     metrics = L7Metrics()
     proxy = Proxy(load_file(config_path), config_path=config_path,
                   flows=FlowSink(flows_path, node_name=options.node_name), metrics=metrics,
-                  resolver=resolver, options=options)
-    server = await loop.create_server(lambda: ClientConnection(proxy), host, port, reuse_port=reuse_port or None,
-                                      backlog=1024)
+                  resolver=resolver, options=options, policy=policy)
+    listener = proxy.listener = Listener(loop, bind(host, port, reuse_port), proxy.accept)
+    listener.start()
     if metrics_addr is not None:
         from prometheus_client import start_http_server
         start_http_server(metrics_addr[1], metrics_addr[0], registry=metrics.registry())
@@ -968,7 +1283,7 @@ async def serve(config_path: str, host: str, port: int, *, flows_path: str | Non
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: proxy.reload(force=True))
-    bound = server.sockets[0].getsockname()  # printed once signals are handled: "ready" for supervisors
+    bound = listener.sock.getsockname()  # printed once signals are handled: "ready" for supervisors
     # One write(2) per line: the lines of several workers sharing stderr never interleave.
     os.write(2, f"l7: listening on {bound[0]}:{bound[1]} (pid {os.getpid()})\n".encode())
 
@@ -984,5 +1299,5 @@ async def serve(config_path: str, host: str, port: int, *, flows_path: str | Non
         await stop.wait()
     finally:
         poller.cancel()
-        server.close()
+        listener.close()
         proxy.close()

@@ -6,7 +6,7 @@ from userspace_l7.istio_metrics import REQUEST_LABELS, L7Metrics
 def test_metrics_export_istio_names():
     m = L7Metrics()
     dest = ("reviews-v2", "default", "reviews", "v2", "reviews.default.svc.cluster.local", "reviews", "default")
-    labels = ("waypoint", "productpage", "default", "productpage", *dest, "http", "200", "none")
+    labels = ("waypoint", "productpage", "default", "productpage", *dest, "http", "200", "UF", "none")
     assert len(labels) == len(REQUEST_LABELS)
     m.request(labels, 0.7)
     m.request(labels, 12.0)
