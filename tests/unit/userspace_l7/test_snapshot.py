@@ -93,6 +93,7 @@ def test_durations_and_regexes_are_compiled_once():
     ({"clients": {"3": {"workload": "a", "color": "red"}}}, "must be an object with workload"),
     ({"clients": {"3": {"workload": "a", "labels": {"app": 1}}}}, "labels must map strings to strings"),
     ({"clients": {"3": {"workload": ""}}}, "workload and namespace must be non-empty"),
+    ({"clients": {"3": {"workload": "a", "ip": "10.0.0.300"}}}, "ip '10.0.0.300' is not an IPv4 address"),
     ({"virtual_services": [vs("r", ["reviews"], [{"match": [{"sourceLabels": {"app": "a b"}}],
                                                   "route": [{"destination": {"host": "reviews"}}]}])]}, "sourceLabels"),
 ])
@@ -114,6 +115,12 @@ def test_clients_by_endpoint_id():
                                               "labels": {"app": "productpage"}}}})
     assert c.clients[7].workload == "productpage" and c.clients[7].namespace == "shop"
     assert dict(c.clients[7].labels) == {"app": "productpage"}
+
+
+def test_clients_name_this_nodes_endpoints_by_address():
+    c = L7Config.from_dict({"clients": {"7": {"workload": "reviews", "ip": "10.200.0.7"}, "8": {"workload": "old"}}})
+    assert c.endpoint_at("10.200.0.7") == 7 and c.clients[7].ip == "10.200.0.7"
+    assert c.endpoint_at("10.200.0.8") is None  # no address given: not found by one
 
 
 def test_consistent_hash_policy():
