@@ -335,6 +335,8 @@ class Agent:
             flows_path=os.path.join(self.cfg.state_dir, f"l7-flows-{self.cfg.node_name}.sock"),
             metrics_addr=self.cfg.l7_metrics_addr, node_name=self.cfg.node_name, on_flow=self._on_l7_flow,
             bpffs_dir=self.cfg.bpffs_dir, workers=self.cfg.l7_workers,
+            max_connections_per_endpoint=self.cfg.l7_max_connections_per_endpoint,
+            request_headers_timeout=self.cfg.l7_request_headers_timeout, request_timeout=self.cfg.l7_request_timeout,
         )
         self.l7.start()
 

@@ -41,9 +41,11 @@ def _start_time(pid: int) -> int | None:
     return int(stat.rpartition(")")[2].split()[19])
 
 
-def running_processor(pid_path: str, listen: str | None = None, workers: int | None = None) -> int | None:
+def running_processor(pid_path: str, listen: str | None = None, workers: int | None = None,
+                      args: list[str] | None = None) -> int | None:
     """The PID of the processor recorded in ``pid_path`` if it still runs (same start time, our
-    command line, and listening on ``listen`` with ``workers`` workers when given); None otherwise."""
+    command line, and listening on ``listen`` with ``workers`` workers when given, and started with
+    exactly ``args`` after ``-m userspace_l7`` when given); None otherwise."""
     try:
         pid, started = (int(x) for x in open(pid_path).read().split())
         cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
@@ -55,6 +57,12 @@ def running_processor(pid_path: str, listen: str | None = None, workers: int | N
         return None
     if workers is not None and _workers_of(cmdline) != workers:
         return None
+    if args is not None:
+        given = cmdline[cmdline.index(b"userspace_l7") + 1:]
+        if given and not given[-1]:
+            given = given[:-1]  # /proc/PID/cmdline ends with a NUL
+        if given != [a.encode() for a in args]:
+            return None
     return pid
 
 
@@ -103,9 +111,14 @@ class L7Supervisor:
 
     def __init__(self, config_path: str, listen: str, flows_path: str, metrics_addr: str, node_name: str,
                  on_flow: Callable[[dict], None], bpffs_dir: str | None = None, pid_path: str | None = None,
-                 log_path: str | None = None, workers: int = 1):
+                 log_path: str | None = None, workers: int = 1, max_connections_per_endpoint: int = 0,
+                 request_headers_timeout: float = 10.0, request_timeout: float = 30.0):
         self.config_path = config_path
         self.workers = workers  # worker i serves metrics on metrics_addr's port + i
+        # node_config's l7_max_connections_per_endpoint, l7_request_headers_timeout, l7_request_timeout
+        self.max_connections_per_endpoint = max_connections_per_endpoint
+        self.request_headers_timeout = request_headers_timeout
+        self.request_timeout = request_timeout
         self.listen = listen
         self.flows_path = flows_path
         self.metrics_addr = metrics_addr
@@ -129,22 +142,30 @@ class L7Supervisor:
         self._server.listen(4)
         threading.Thread(target=self._accept_flows, name="l7-flows", daemon=True).start()
         stale = running_processor(self.pid_path)
-        if stale is not None and running_processor(self.pid_path, self.listen, self.workers) is None:
-            log.warning("L7 processor %d does not listen on %s with %d workers; replacing it", stale, self.listen,
-                        self.workers)
+        if stale is not None and running_processor(self.pid_path, args=self._args()) is None:
+            log.warning("L7 processor %d runs with other settings than %s; replacing it", stale,
+                        " ".join(self._args()))
             stop_processor(self.pid_path)
-        self._pid = running_processor(self.pid_path, self.listen, self.workers)
+        self._pid = running_processor(self.pid_path, args=self._args())
         self.adopted = self._pid is not None
         if self.adopted:
             log.info("adopted the running L7 processor, pid %d", self._pid)
         threading.Thread(target=self._supervise, name="l7-supervisor", daemon=True).start()
 
-    def _spawn(self) -> int:
-        cmd = [sys.executable, "-m", "userspace_l7", "--config", self.config_path, "--listen", self.listen,
-               "--flows", self.flows_path, "--metrics", self.metrics_addr, "--node-name", self.node_name,
-               "--workers", str(self.workers)]
+    def _args(self) -> list[str]:
+        """The processor's arguments (after ``-m userspace_l7``): a running one is adopted only if it was
+        started with these, so a changed node setting takes effect at the agent's next start."""
+        args = ["--config", self.config_path, "--listen", self.listen, "--flows", self.flows_path,
+                "--metrics", self.metrics_addr, "--node-name", self.node_name, "--workers", str(self.workers),
+                "--max-connections-per-endpoint", str(self.max_connections_per_endpoint),
+                "--header-timeout", f"{self.request_headers_timeout:g}",
+                "--request-timeout", f"{self.request_timeout:g}"]
         if self.bpffs_dir:
-            cmd += ["--bpffs", self.bpffs_dir]
+            args += ["--bpffs", self.bpffs_dir]
+        return args
+
+    def _spawn(self) -> int:
+        cmd = [sys.executable, "-m", "userspace_l7", *self._args()]
         with os.fdopen(open_private(self.log_path), "ab") as out:  # not the agent's stdout: it outlives it
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
         # Reap it when it exits so it does not linger as a zombie under a live agent.

@@ -48,6 +48,14 @@ class NodeConfig:
     policy_enforcement: str = "default"
     socket_fastpath: bool = True  # sk_msg redirect between same-node sockets (bpf/lib/sockmap.h)
     l7_workers: int = 1  # L7 processor worker processes (SO_REUSEPORT): one CPU's worth each
+    # Client connections one endpoint may hold in each L7 worker; 0: a share of the worker's file
+    # descriptors, (RLIMIT_NOFILE - 64) / 2 / 8 (userspace_l7/admission.py)
+    l7_max_connections_per_endpoint: int = 0
+    # Seconds a request's head (Envoy's request_headers_timeout) and the whole request, head and body
+    # (Envoy's request_timeout), may take from its first byte before the processor answers 408
+    # (userspace_l7/server.py Options says why 10 and 30)
+    l7_request_headers_timeout: float = 10.0
+    l7_request_timeout: float = 30.0
     source: str = "<defaults>"
 
     @property
@@ -68,9 +76,11 @@ class NodeConfig:
 _KEYS = (
     "node_name", "node_ip", "pod_cidr", "service_cidr", "trust_domain", "cluster_domain", "store", "state_dir",
     "bpffs_dir", "cgroup", "api_socket", "metrics_addr", "l7_metrics_addr", "l7_ports", "policy_enforcement",
-    "socket_fastpath", "l7_workers",
+    "socket_fastpath", "l7_workers", "l7_max_connections_per_endpoint", "l7_request_headers_timeout",
+    "l7_request_timeout",
 )
 MAX_L7_WORKERS = 64
+MAX_L7_TIMEOUT_S = 3600.0
 
 
 def default_node_name() -> str:
@@ -137,7 +147,23 @@ def from_dict(raw: dict, source: str = "<defaults>") -> NodeConfig:
         policy_enforcement=get("policy_enforcement", "default"),
         socket_fastpath=get("socket_fastpath", True),
         l7_workers=get("l7_workers", 1),
+        l7_max_connections_per_endpoint=get("l7_max_connections_per_endpoint", 0),
+        l7_request_headers_timeout=10.0 if raw.get("l7_request_headers_timeout") is None
+        else raw["l7_request_headers_timeout"],
+        l7_request_timeout=30.0 if raw.get("l7_request_timeout") is None else raw["l7_request_timeout"],
     )
+    if isinstance(cfg["l7_max_connections_per_endpoint"], bool) or cfg["l7_max_connections_per_endpoint"] < 0:
+        raise NodeConfigError(f"{source}: l7_max_connections_per_endpoint {cfg['l7_max_connections_per_endpoint']!r} "
+                              "must be a whole number, 0 for a share of the L7 processor's file descriptors")
+    for key in ("l7_request_headers_timeout", "l7_request_timeout"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_L7_TIMEOUT_S:
+            raise NodeConfigError(f"{source}: {key} {value!r} must be a number of seconds above 0 and at most "
+                                  f"{MAX_L7_TIMEOUT_S:.0f}")
+        cfg[key] = float(value)
+    if cfg["l7_request_headers_timeout"] > cfg["l7_request_timeout"]:
+        raise NodeConfigError(f"{source}: l7_request_headers_timeout {cfg['l7_request_headers_timeout']:g} is longer "
+                              f"than l7_request_timeout {cfg['l7_request_timeout']:g}, which bounds the head too")
     if isinstance(cfg["l7_workers"], bool) or not 1 <= cfg["l7_workers"] <= MAX_L7_WORKERS:
         raise NodeConfigError(f"{source}: l7_workers {cfg['l7_workers']!r} must be a whole number from 1 to "
                           f"{MAX_L7_WORKERS} (worker processes of the L7 processor, about one per CPU it may use)")

@@ -28,6 +28,9 @@ def test_adopts_only_the_recorded_process(tmp_path):
         assert running_processor(str(pidfile), "10.200.0.1:15999") is None  # listens elsewhere
         assert running_processor(str(pidfile), "10.200.0.1:15001", workers=1) == proc.pid  # no --workers: 1
         assert running_processor(str(pidfile), "10.200.0.1:15001", workers=2) is None  # l7_workers changed
+        assert running_processor(str(pidfile), args=["--listen", "10.200.0.1:15001"]) == proc.pid
+        # a node setting changed (e.g. l7_request_timeout): the agent replaces it rather than adopt it
+        assert running_processor(str(pidfile), args=["--listen", "10.200.0.1:15001", "--request-timeout", "5"]) is None
         pidfile.write_text(f"{proc.pid} {_start_time(proc.pid) + 1}\n")  # a recycled PID
         assert running_processor(str(pidfile)) is None
     finally:
@@ -69,3 +72,15 @@ def test_worker_metrics_addresses():
 
     sup = L7Supervisor("/tmp/l7.json", "10.200.0.1:15001", "/tmp/f.sock", "127.0.0.1:9963", "n1", print, workers=3)
     assert sup.metrics_addrs() == ["127.0.0.1:9963", "127.0.0.1:9964", "127.0.0.1:9965"]
+
+
+def test_the_processor_gets_the_node_settings():
+    from agent.l7_supervisor import L7Supervisor
+
+    sup = L7Supervisor("/run/l7.json", "10.200.0.1:15001", "/run/f.sock", "127.0.0.1:15020", "n1", lambda f: None,
+                       bpffs_dir="/sys/fs/bpf/x", max_connections_per_endpoint=300, request_headers_timeout=5.0,
+                       request_timeout=12.5)
+    args = sup._args()
+    for flag, value in (("--max-connections-per-endpoint", "300"), ("--header-timeout", "5"),
+                        ("--request-timeout", "12.5"), ("--bpffs", "/sys/fs/bpf/x")):
+        assert args[args.index(flag) + 1] == value

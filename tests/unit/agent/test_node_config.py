@@ -11,6 +11,16 @@ def test_defaults():
     assert cfg.l7_workers == 1 and from_dict({"l7_workers": 4}).l7_workers == 4
 
 
+def test_l7_processor_bounds():
+    cfg = from_dict({"node_name": "n1"})
+    assert cfg.l7_max_connections_per_endpoint == 0  # a share of the processor's descriptors
+    assert (cfg.l7_request_headers_timeout, cfg.l7_request_timeout) == (10.0, 30.0)
+    cfg = from_dict({"l7_max_connections_per_endpoint": 500, "l7_request_headers_timeout": 5,
+                     "l7_request_timeout": 12.5})
+    assert cfg.l7_max_connections_per_endpoint == 500
+    assert (cfg.l7_request_headers_timeout, cfg.l7_request_timeout) == (5.0, 12.5)
+
+
 @pytest.mark.parametrize("raw,needle", [
     ({"pod_cidrr": "10.0.0.0/24"}, "pod_cidrr"),
     ({"pod_cidr": "10.0.0.1/24"}, "pod_cidr"),
@@ -29,6 +39,12 @@ def test_defaults():
     ({"l7_workers": 65}, "l7_workers"),
     ({"l7_workers": "2"}, "l7_workers"),
     ({"l7_workers": True}, "l7_workers"),
+    ({"l7_max_connections_per_endpoint": -1}, "l7_max_connections_per_endpoint"),
+    ({"l7_max_connections_per_endpoint": "10"}, "l7_max_connections_per_endpoint"),
+    ({"l7_request_timeout": 0}, "l7_request_timeout"),
+    ({"l7_request_timeout": "30s"}, "l7_request_timeout"),
+    ({"l7_request_headers_timeout": True}, "l7_request_headers_timeout"),
+    ({"l7_request_headers_timeout": 40}, "longer than l7_request_timeout"),
 ])
 def test_bad_config(raw, needle):
     with pytest.raises(NodeConfigError) as e:
