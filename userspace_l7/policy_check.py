@@ -92,6 +92,7 @@ class KernelPolicy:
         self.bpffs_dir = bpffs_dir
         self._fds: dict[str, int] = {}
         self._lib = libbpf()
+        self._revision = -1
 
     def _fd(self, name: str) -> int:
         fd = self._fds.get(name)
@@ -104,9 +105,23 @@ class KernelPolicy:
         return fd
 
     def revision(self) -> int:
-        value, zero = DatapathConfigC(), ct.c_uint32(0)
-        if self._lib.bpf_map_lookup_elem(self._fd("config"), ct.byref(zero), ct.byref(value)) != 0:
-            return -1
+        """The policy revision. The config pin is opened afresh each time (three syscalls, on the proxy's
+        timer): an agent may replace it (agent/datapath/tc.py retires a config map of an older layout),
+        and the processor outlives agents. When the revision moves, the other maps are opened again
+        at their next use, in case they were replaced too."""
+        path = os.path.join(self.bpffs_dir, "config").encode()
+        fd = self._lib.bpf_obj_get(path)
+        if fd < 0:
+            raise OSError(-fd, f"cannot open the pinned map {path.decode()}: {os.strerror(-fd)}")
+        try:
+            value, zero = DatapathConfigC(), ct.c_uint32(0)
+            if self._lib.bpf_map_lookup_elem(fd, ct.byref(zero), ct.byref(value)) != 0:
+                return -1
+        finally:
+            os.close(fd)
+        if value.policy_revision != self._revision:
+            self._revision = value.policy_revision
+            self.close()
         return value.policy_revision
 
     def endpoint(self, ep_id: int) -> EndpointInfoC | None:
