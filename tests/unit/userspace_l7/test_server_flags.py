@@ -4,6 +4,7 @@ sockets on loopback, the processor as a subprocess (test_server.py's harness).""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -118,3 +119,49 @@ def test_malformed_request_is_dpe_and_a_client_gone_is_dc(backends, start):
     gone = next(r for r in got if r["l7"]["http"]["url"] == "/slow?gone")
     assert gone["l7"]["http"]["response_flags"] == "DC"
     assert counted(metrics(l7), 400, "DPE") == 1
+
+
+@contextlib.contextmanager
+def blackhole():
+    """A port whose SYNs go unanswered: a listener that never accepts, its accept queue full."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    port = srv.getsockname()[1]
+    fill = []
+    try:
+        for _ in range(3):
+            s = socket.socket()
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(("127.0.0.1", port))
+            fill.append(s)
+        yield port
+    finally:
+        for s in fill:
+            s.close()
+        srv.close()
+
+
+def test_a_connect_without_answer_is_uf_after_the_connect_timeout(backends, start):
+    """What a silently dropped SYN looks like (a policy change the processor has not seen yet, a backend
+    gone): 503 UF once DestinationRule connectTimeout has passed, for each attempt the retry policy
+    makes (Istio's default: 2 retries on connect-failure, then UF,URX)."""
+    with blackhole() as port:
+        config = l7_config(backends, [vs(
+            case("once", {"retries": {"attempts": 0}, "route": [{"destination": {"host": "dead"}}]}),
+            case("retried", {"route": [{"destination": {"host": "dead"}}]}),
+        )], [dr()])
+        config["services"].append({"name": "dead", "namespace": "default", "vip": "10.96.0.12",
+                                   "ports": [{"port": 80, "target_port": port}],
+                                   "backends": [{"ip": "127.0.0.1", "labels": {"app": "dead"}}]})
+        config["destination_rules"].append({
+            "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+            "metadata": {"name": "dead", "namespace": "default"},
+            "spec": {"host": "dead", "trafficPolicy": {"connectionPool": {"tcp": {"connectTimeout": "300ms"}}}}})
+        l7 = start(config)
+        for name in ("once", "retried"):
+            r, body = l7.get(f"/{name}", {"x-case": name})
+            assert r.status == 503 and b"upstream connect error" in body, (name, r.status, body)
+    got = {rec["l7"]["http"]["url"]: rec["l7"]["http"]["response_flags"] for rec in records(l7, 2)}
+    assert got == {"/once": "UF", "/retried": "UF,URX"}, got
