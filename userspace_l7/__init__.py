@@ -12,6 +12,10 @@ Layout, one job per module:
 - ``pool``          upstream keep-alive connection pool (asyncio);
 - ``tunnel``        upgraded connections (WebSocket and other Upgrades) spliced after the backend's 101;
 - ``origdst``       where a redirected connection was going and who sent it, from the datapath's map;
+- ``admission``     each client endpoint's share of a worker's file descriptors (sans-IO);
+- ``listener``      the listening socket and its accept loop, which backs off when out of descriptors;
+- ``policy_check``  the kernel's policy verdict on an upstream flow, asked before it is dialled;
+- ``flags``         Envoy's response flags, the one table of why an answer is what it is;
 - ``flow_export``   L7 flow records, batched to a file or the agent's unix socket;
 - ``istio_metrics`` istio_* metrics, aggregated in plain dicts and exported at scrape time;
 - ``server``        the only module that runs the proxy on asyncio/uvloop; ``__main__`` is its CLI.
