@@ -24,10 +24,18 @@ Per configuration and round:
 CPUs: wrk/loadgen, the backend and this harness on one CPU, the proxy under test alone on the
 others (the last CPU of a 2-CPU machine); BENCH_L7_CPUS="LOAD:PROXY,..." or "none" to change it.
 
+Fairness (with the processor; BENCH_L7_FAIRNESS=0 turns it off): a second processor that names client
+endpoints by source address (the hidden --clients-by-source: 127.0.0.1 is the polite endpoint, wrk,
+127.0.0.2 the neighbour), each round measured twice in shuffled order: wrk's requests/s alone, and
+while the neighbour holds as many idle connections as its share allows (userspace_l7/admission.py:
+the processor's own default, read from its meshagent_l7_connection_limit, or BENCH_L7_FAIR_CAP) and
+one more, which is refused. The paired ratio, neighbour/alone, is the target (>= 0.9).
+
 Environment: BENCH_ROUNDS (run.py; 5), BENCH_L7_SECONDS (wrk, 5), BENCH_L7_CONNECTIONS (32),
 BENCH_L7_LAT_SECONDS (loadgen, 5, after 1 s of warm-up), BENCH_L7_RATE (requests/s for the latency
 runs; default half of haproxy's peak), BENCH_L7_WORKERS (processor workers, 1), BENCH_L7_CONFIGS
-(comma list), BENCH_L7_CPUS, BENCH_SEED.
+(comma list), BENCH_L7_CPUS, BENCH_L7_FAIRNESS (1), BENCH_L7_FAIR_CAP (0: the processor's own share),
+BENCH_SEED.
 
 `python -m bench.l7` runs this part alone and prints its Markdown; `make bench` (bench/run.py)
 runs it after the L4 part and writes both into bench/results/latest.{json,md}.
@@ -90,6 +98,8 @@ class Settings:
     load_cpu: int | None  # wrk/loadgen, backend, harness; None: no pinning
     proxy_cpus: tuple[int, ...]  # the proxy under test
     seed: int
+    fairness: bool = True  # the polite endpoint beside a neighbour at its connection share
+    fair_cap: int = 0  # the neighbour's share; 0: the processor's default (admission.py)
 
     @classmethod
     def from_env(cls, rounds: int) -> Settings:
@@ -124,6 +134,8 @@ class Settings:
             load_cpu=load_cpu,
             proxy_cpus=proxy_cpus,
             seed=int(os.environ.get("BENCH_SEED") or time.time_ns() % 1_000_000),
+            fairness=os.environ.get("BENCH_L7_FAIRNESS", "1") != "0" and "processor" in configs,
+            fair_cap=int(_env_float("BENCH_L7_FAIR_CAP", 0)),
         )
 
     def on_load(self, cmd: list[str]) -> list[str]:
@@ -197,6 +209,11 @@ def processor_cfg(backend_port: int) -> dict:
         }],
         "virtual_services": [vs],
     }
+
+
+POLITE, NEIGHBOUR = "127.0.0.1", "127.0.0.2"  # the fairness run's two client endpoints, by source address
+FAIR_CLIENTS = {"1": {"workload": "polite", "namespace": "default", "labels": {"app": "polite"}},
+                "2": {"workload": "neighbour", "namespace": "default", "labels": {"app": "neighbour"}}}
 
 
 class FlowReader:
@@ -359,6 +376,9 @@ class Bench:
         self.metrics_port = 0
         self.notes: dict[str, Any] = {}
         self.retries_left = 2 * s.rounds  # keeps a run on a busy machine within its time budget
+        self.fair: Target | None = None  # the fairness run's processor
+        self.fair_metrics_port = 0
+        self.fair_cap = 0
 
     def _start(self, name: str, cmd: list[str]) -> tuple[subprocess.Popen, Path]:
         log_path = self.tmp / f"{name}.log"
@@ -404,6 +424,23 @@ class Bench:
                 proc, log_path = self._start("processor", self.s.on_proxy(cmd))
                 wait_http("processor", port, proc, log_path)
                 self.targets[config] = Target(config, port, proc)
+                if self.s.fairness:
+                    self._start_fair(backend_port, flows_path)
+
+    def _start_fair(self, backend_port: int, flows_path: Path) -> None:
+        """The fairness run's processor: the same config with two client endpoints named by source address."""
+        port, self.fair_metrics_port = _free_port(), _free_port()
+        cfg = self._write("l7-fair.json", json.dumps({**processor_cfg(backend_port), "clients": FAIR_CLIENTS},
+                                                     indent=2) + "\n")
+        cmd = [sys.executable, "-m", "userspace_l7", "--config", str(cfg), "--listen", f"{HOST}:{port}",
+               "--workers", "1", "--flows", str(flows_path), "--metrics", f"{HOST}:{self.fair_metrics_port}",
+               "--node-name", "bench", "--clients-by-source", f"{POLITE}=1,{NEIGHBOUR}=2"]
+        if self.s.fair_cap:
+            cmd += ["--max-connections-per-endpoint", str(self.s.fair_cap)]
+        proc, log_path = self._start("processor-fair", self.s.on_proxy(cmd))
+        wait_http("processor (fairness run)", port, proc, log_path)
+        self.fair = Target("processor", port, proc)
+        self.fair_cap = int(self._fair_metric('meshagent_l7_connection_limit{scope="endpoint"}'))
 
     # -- measuring --
 
@@ -431,7 +468,7 @@ class Bench:
     def other_pids(self, with_proxies: bool) -> list[int]:
         """Our servers: the backend and (when the proxies' CPUs are counted) every proxy."""
         pids = [self.backend.pid]
-        for t in self.targets.values() if with_proxies else ():
+        for t in [*self.targets.values(), *([self.fair] if self.fair else [])] if with_proxies else ():
             pids += self.proxy_pids(t)
         return pids
 
@@ -496,6 +533,71 @@ class Bench:
             sample["retried"] += low.get("retried", 0)
         return sample
 
+    # -- fairness --
+
+    def _fair_metric(self, prefix: str) -> float:
+        """The value of the fairness processor's sample whose line starts with ``prefix`` (0 if none)."""
+        c = http.client.HTTPConnection(HOST, self.fair_metrics_port, timeout=5)
+        try:
+            c.request("GET", "/metrics")
+            text = c.getresponse().read().decode()
+        finally:
+            c.close()
+        return sum(float(line.rpartition(" ")[2]) for line in text.splitlines() if line.startswith(prefix))
+
+    def _await_held(self, n: int, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while self._fair_metric("meshagent_l7_client_connections") != n:
+            if time.monotonic() > deadline:
+                raise harness.BenchError(f"the fairness processor never held {n} connections ({what})")
+            time.sleep(0.05)
+
+    def neighbour(self) -> list[socket.socket]:
+        """The neighbour's connections: its whole share, idle, and one more that the processor refuses."""
+        refused = self._fair_metric('meshagent_l7_connections_refused_total{reason="endpoint_limit",'
+                                    'source_workload="neighbour"')
+        socks = []
+        try:
+            for _ in range(self.fair_cap + 1):
+                s = socket.socket()
+                socks.append(s)
+                s.bind((NEIGHBOUR, 0))
+                s.connect((HOST, self.fair.port))
+        except OSError:
+            for s in socks:
+                s.close()
+            raise
+        self._await_held(self.fair_cap, "the neighbour's share")
+        deadline = time.monotonic() + 30
+        while self._fair_metric('meshagent_l7_connections_refused_total{reason="endpoint_limit",'
+                                'source_workload="neighbour"') <= refused:
+            if time.monotonic() > deadline:
+                raise harness.BenchError("the neighbour's connection over its share was not refused")
+            time.sleep(0.05)
+        return socks
+
+    def fair_round(self) -> dict[str, dict[str, float]]:
+        """wrk from the polite endpoint alone and beside the neighbour at its share, in shuffled order."""
+        out: dict[str, dict[str, float]] = {}
+        order = ["alone", "neighbour"]
+        random.Random(self.s.seed + len(self.notes.get("fair_orders", []))).shuffle(order)
+        self.notes.setdefault("fair_orders", []).append(order)
+        for which in order:
+            socks = self.neighbour() if which == "neighbour" else []
+            try:
+                sample = self.wrk(self.fair, self.s.wrk_seconds)
+                if sample["interference"] > MAX_INTERFERENCE and self.retries_left > 0:
+                    self.retries_left -= 1
+                    log(f"l7 fairness {which}: {sample['interference']:.2f} CPUs of other work meanwhile, again")
+                    sample = {**self.wrk(self.fair, self.s.wrk_seconds), "retried": 1}
+            finally:
+                for s in socks:
+                    s.close()
+            if socks:
+                self._await_held(0, "after the neighbour left")
+            out[which] = sample
+        return out
+
     def processor_counts(self) -> dict[str, Any]:
         """Flows received and istio_requests_total: both must grow with the requests served."""
         out: dict[str, Any] = {}
@@ -543,6 +645,7 @@ def summarise(samples: dict[str, list[dict | None]]) -> tuple[dict, dict, list[d
         ("processor - direct p99_ms", "processor", "direct", "p99_ms", diff),
         ("processor - haproxy low_p50_ms", "processor", "haproxy", "low_p50_ms", diff),
         ("processor - haproxy low_p99_ms", "processor", "haproxy", "low_p99_ms", diff),
+        ("processor beside a neighbour at its share/alone rps", "fair_neighbour", "fair_alone", "rps", ratio),
     ]
     ratios = {}
     for key, num, den, metric, op in comparisons:
@@ -559,6 +662,8 @@ def summarise(samples: dict[str, list[dict | None]]) -> tuple[dict, dict, list[d
         target("requests per CPU-second vs haproxy", "processor/haproxy req_per_cpu_s", lambda v: v >= 1.0,
                ">= 1.0x"),
         target("p99 vs haproxy at the same rate", "processor - haproxy p99_ms", lambda v: v <= 0.5, "<= 0.5 ms"),
+        target("requests/s beside an endpoint holding its connection share", "processor beside a neighbour at "
+               "its share/alone rps", lambda v: v >= 0.9, ">= 0.9x"),
     ]
     return summary, ratios, targets
 
@@ -620,6 +725,16 @@ def markdown(result: dict) -> str:
             f"| {_fmt(m.get('p999_ms'), 3)} | {_fmt(m.get('fixed_achieved'))} | {_fmt(m.get('lat_interference'), 2)} |"
             + (f" {_fmt(m.get('low_p50_ms'), 3)} | {_fmt(m.get('low_p99_ms'), 3)} |" if low else "")
         )
+    fair = result["summary"].get("fair_alone"), result["summary"].get("fair_neighbour")
+    if any(fair):
+        lines += ["", f"Fairness (a second processor naming endpoints by source address): wrk from one endpoint "
+                  f"alone, and beside another endpoint that holds its whole share of idle connections "
+                  f"({result['notes'].get('fair_cap', '?')}, and one more refused):", "",
+                  "| polite endpoint | peak req/s | proxy CPU µs/req | interference |", "|---|---|---|---|"]
+        for name, m in zip(("alone", "beside the neighbour"), fair, strict=True):
+            m = m or {}
+            lines.append(f"| {name} | {_fmt(m.get('rps'))} | {_fmt(m.get('cpu_us_per_req'), 1)} "
+                         f"| {_fmt(m.get('interference'), 2)} |")
     lines += ["", "Paired per round (x/y: ratio; x - y: difference):", "",
               "| comparison | median (min–max) |", "|---|---|"]
     for key, stat in result["ratios"].items():
@@ -720,6 +835,20 @@ def run(rounds: int, out: Path | None) -> dict:
                        if low_rate else "")
                 log(f"l7 round {round_no}/{s.rounds} {config:9} {sample['rps']:8,.0f} req/s{cpu}  "
                     f"@{rate:,.0f}/s: p50 {sample['p50_ms']:.3f} ms p99 {sample['p99_ms']:.3f} ms{low}")
+            if bench.fair is not None:
+                try:
+                    pair = bench.fair_round()
+                except Exception as e:  # one bad sample does not end the run
+                    log(f"l7 round {round_no}/{s.rounds} fairness: FAILED: {e}")
+                    pair = {}
+                samples.setdefault("fair_alone", []).append(pair.get("alone"))
+                samples.setdefault("fair_neighbour", []).append(pair.get("neighbour"))
+                if pair:
+                    log(f"l7 round {round_no}/{s.rounds} fairness: {pair['alone']['rps']:8,.0f} req/s alone, "
+                        f"{pair['neighbour']['rps']:8,.0f} beside {bench.fair_cap} idle connections of another "
+                        f"endpoint ({pair['neighbour']['rps'] / pair['alone']['rps']:.3f}x)")
+        if bench.fair is not None:
+            bench.notes["fair_cap"] = bench.fair_cap
         if "processor" in bench.targets:
             bench.notes["processor_counts"] = bench.processor_counts()
     except harness.BenchError as e:
