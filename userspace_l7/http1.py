@@ -213,7 +213,7 @@ class _Reader:
     """The httptools callbacks and the limits, shared by requests and responses."""
 
     __slots__ = ("max_head", "max_headers", "max_target", "max_body", "sink", "_parser", "_events", "state",
-                 "_error", "_in_head", "_head_fed", "_last", "_target", "_reason", "_parts", "_drop", "_body_size",
+                 "_error", "in_head", "_head_fed", "_last", "_target", "_reason", "_parts", "_drop", "_body_size",
                  "_content_length", "_te", "_host", "_expect", "_head_request", "upgraded")
 
     _parser_class: type = httptools.HttpRequestParser
@@ -226,18 +226,13 @@ class _Reader:
         self._events: deque = deque()
         self.state = IDLE
         self._error: ProtocolError | None = None
-        self._in_head = False  # between message begin and headers complete
+        self.in_head = False  # a message has started and its head is not complete yet (read it freely)
         self._head_fed = 0  # raw bytes fed while a head was incomplete
         self._last: Request | Response | None = None  # the last head pushed to the sink
         self._head_request = False  # a response to HEAD: it ends with its head
         self.upgraded: bytes | None = None  # after an upgrade: the bytes that followed the message
         self.on_message_begin()
-        self._in_head = False
-
-    @property
-    def in_head(self) -> bool:
-        """A message has started and its head is not complete yet."""
-        return self._in_head
+        self.in_head = False
 
     def _to(self, what: str) -> None:
         try:
@@ -250,7 +245,7 @@ class _Reader:
     # checked once it is complete (until then the raw-byte count in `receive_data` bounds it).
 
     def on_message_begin(self) -> None:
-        self._in_head = True
+        self.in_head = True
         self._target = b""
         self._reason = b""
         self._parts: list[bytes] = []  # b"lowercase-name: ", value, b"\r\n" per field, as forwarded
@@ -317,7 +312,7 @@ class _Reader:
         return fwd
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self.in_head = False
         self._head_fed = 0
         parts = self._parts
         if self._drop:
@@ -386,7 +381,7 @@ class _Reader:
         if not data:
             self._eof()
             return
-        if self._in_head or self.state in (IDLE, DONE):
+        if self.in_head or self.state in (IDLE, DONE):
             self._head_fed += len(data)
         try:
             self._parser.feed_data(data)
@@ -405,7 +400,7 @@ class _Reader:
         except httptools.HttpParserError as e:
             self._fail(RemoteProtocolError(f"malformed HTTP: {e}", 400))
         # A head that never ends (one endless header line) fires no callback: count raw bytes.
-        if self._in_head and self._head_fed > self.max_head + self.max_target:
+        if self.in_head and self._head_fed > self.max_head + self.max_target:
             self._fail(RemoteProtocolError(f"message head larger than {self.max_head} bytes", 431))
 
     def _fail(self, error: ProtocolError) -> None:
@@ -432,7 +427,7 @@ class _Reader:
         self._error = RemoteProtocolError("connection was upgraded; no more HTTP/1.1 on it", 400)
 
     def _eof(self) -> None:
-        if self.state in (IDLE, DONE) and not self._in_head:
+        if self.state in (IDLE, DONE) and not self.in_head:
             self._to("closed")
             self._events.append(ConnectionClosed)
             return
@@ -498,7 +493,7 @@ class ResponseReader(_Reader):
         # End the message here and start a fresh parser for the next response.
         self._head_request = False
         self._to("end")
-        self._in_head = False
+        self.in_head = False
         self._parser = self._parser_class(self)
         if self.sink is None:
             self._events.append(EndOfMessage)

@@ -247,10 +247,10 @@ class ClientConnection(asyncio.Protocol):
             self._refuse(e)
         # A request that has started and is not all in gets its deadlines. (One that arrived whole needs
         # no timer: re-arming one per request would cost a TimerHandle.)
-        kind = self._timer_kind
-        if kind != "header" and kind != "request" and not self.closing and (
-                self._cur is not None or self.reader.in_head):
-            self._begin_request()
+        if self._cur is not None or self.reader.in_head:
+            kind = self._timer_kind
+            if kind != "header" and kind != "request" and not self.closing:
+                self._begin_request()
         if queue and not self.busy:  # served once the whole chunk is read
             self._serve_queued()
 
@@ -1227,7 +1227,7 @@ class Proxy:
                     or rec.dst_ip != dst_ip:
                 rec = conn.rec = _Records(conn, d, backend, dst_ip, dst_port)
         self.flows.pending.append((time.time_ns(), latency_ns, head.method, head.target, status, why, rec.flow))
-        key = status if why is flags.NONE else (status, why)
+        key = status if why is _NO_FLAGS else (status, why)
         row = rec.rows.get(key)
         if row is None:
             row = rec.rows[key] = self.metrics.row(rec.labels + (str(status), why, "none"))
@@ -1259,6 +1259,7 @@ def _sockname(sock: socket.socket) -> tuple[str, int]:
 
 
 _ANONYMOUS = (None, 0)  # `Proxy.resolve` without a resolver: route by the Host header, no mark
+_NO_FLAGS = flags.NONE
 
 
 async def serve(config_path: str, host: str, port: int, *, flows_path: str | None = None,
