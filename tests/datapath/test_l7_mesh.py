@@ -442,3 +442,48 @@ spec:
         node.cli("delete", "CiliumNetworkPolicy", "nosy-elsewhere", check=False)
         for ep in (allowed, denied):
             node.cli("endpoint", "delete", ep["name"], check=False)
+
+
+# Opens N connections to HOST:80 and holds them, idle, until stdin closes; prints how many connected.
+HOG = r"""
+import socket, sys
+host, n = sys.argv[1], int(sys.argv[2])
+held, failed = [], 0
+for _ in range(n):
+    s = socket.socket()
+    s.settimeout(10)
+    try:
+        s.connect((host, 80))
+        held.append(s)
+    except OSError:
+        s.close()
+        failed += 1
+print(len(held), failed, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_thousands_of_connections_from_one_endpoint_do_not_starve_another(node, mesh):
+    """The issue's denial of service, with the default share: one endpoint opens 3,000 connections to
+    the service (each worker admits (RLIMIT_NOFILE - 64) / 2 / 8 of them and refuses the rest at once);
+    another endpoint's requests are served as ever meanwhile."""
+    eps, proxy = mesh
+    hog_ep = node.add_endpoint("hog", "role=hog")
+    hog = node.spawn([*node.in_ep(hog_ep), PY, "-c", HOG, "shop", "3000"], stdin=subprocess.PIPE)
+    try:
+        opened, failed = map(int, hog.stdout.readline().split())
+        assert opened + failed == 3000, (opened, failed)
+        got = requests(node, eps["client"], proxy, 50)
+        assert sum(v for k, v in got.items() if k.startswith("200:")) == 50, got
+        texts = [node.ns(["curl", "-s", f"http://{host}:{port}/metrics"]).stdout
+                 for host, port in [_worker_metrics(node, i) for i in range(2)]]
+        limit = sum(float(line.rsplit(" ", 1)[1]) for text in texts for line in text.splitlines()
+                    if line.startswith('meshagent_l7_connection_limit{scope="endpoint"}'))
+        refused = sum(float(line.rsplit(" ", 1)[1]) for text in texts for line in text.splitlines()
+                      if line.startswith("meshagent_l7_connections_refused_total{")
+                      and f'source_workload="{hog_ep["name"]}"' in line)
+        assert 0 < limit < 3000 and refused >= 3000 - limit, (limit, refused)
+    finally:
+        hog.stdin.close()
+        hog.wait(30)
+        node.cli("endpoint", "delete", hog_ep["name"], check=False)
