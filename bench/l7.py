@@ -747,7 +747,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {t['target']} | {t['measure']} | {t['goal']} | {med} | {met} |")
     for key, rate in (("fixed_unfinished", result["rate"]), ("low_fixed_unfinished", low)):
         # Over capacity: its peak (wrk, same round) was below the rate, or requests were left unanswered.
-        overloaded = [c for c, m in result["summary"].items() if rate and (
+        overloaded = [c for c, m in result["summary"].items() if c in s["configs"] and rate and (
             (m.get(key) and m[key]["max"] > 0) or (m.get("rps") and m["rps"]["median"] < rate))]
         if overloaded:
             lines += ["", f"Over capacity at {rate:,.0f} req/s (median peak below that rate, or requests unanswered "
