@@ -178,7 +178,31 @@ def enrich_l7_flow(record: dict[str, Any], ctx: FlowContext) -> dict[str, Any]:
         ref = ctx.endpoints_by_ip.get(ip) if ip else None
         side = _endpoint_side(ctx, ip, ref.identity if ref else 0, False, 0) if ref else {}
         flow[key] = {**extra, **side}
+    rule_id = (record.get("policy") or {}).get("rule_id")
+    if isinstance(rule_id, int) and rule_id:  # the processor's policy check denied the upstream flow
+        _attach_rule(flow, rule_id, ctx)
     return flow
+
+
+def _attach_rule(flow: dict[str, Any], rule_id: int, ctx: FlowContext) -> None:
+    """The rule that decided ``flow`` (by the id the datapath or the L7 processor reported), and,
+    as Hubble does, which policy allowed or denied it in its direction."""
+    rule = ctx.rules.get(rule_id)
+    if rule is None:  # rules changed between the decision and now
+        flow["policy"] = {"rule_id": rule_id, "description": "unknown rule"}
+        return
+    flow["policy"] = {
+        "rule_id": rule.rule_id, "name": rule.policy, "kind": rule.kind, "path": rule.path,
+        "description": rule.describe(),
+    }
+    attribution = {"FORWARDED": "allowed_by", "AUDIT": "allowed_by", "REDIRECTED": "allowed_by",
+                   "DROPPED": "denied_by"}.get(flow.get("verdict", ""))
+    direction = flow.get("traffic_direction")
+    if attribution and direction in ("INGRESS", "EGRESS"):
+        namespace, name = _split_policy(rule.policy)
+        flow[f"{direction.lower()}_{attribution}"] = [
+            {"name": name, "namespace": namespace, "kind": rule.kind, "path": rule.path}
+        ]
 
 
 def _l4(ev: FlowEventC) -> tuple[dict[str, Any], str, int | None]:
@@ -249,24 +273,7 @@ def decode_event(ev: FlowEventC, ctx: FlowContext) -> dict[str, Any]:
     flow["Summary"] = summary
 
     if ev.rule_id:
-        rule = ctx.rules.get(ev.rule_id)
-        if rule is None:  # rules changed between the decision and now
-            flow["policy"] = {"rule_id": ev.rule_id, "description": "unknown rule"}
-        else:
-            flow["policy"] = {
-                "rule_id": rule.rule_id, "name": rule.policy, "kind": rule.kind, "path": rule.path,
-                "description": rule.describe(),
-            }
-            attribution = None
-            if ev.verdict in (VERDICT_FORWARDED, VERDICT_AUDIT, VERDICT_REDIRECTED):
-                attribution = "allowed_by"
-            elif ev.verdict == VERDICT_DROPPED:
-                attribution = "denied_by"
-            if attribution and ev.dir in DIRECTIONS:
-                namespace, name = _split_policy(rule.policy)
-                flow[f"{direction.lower()}_{attribution}"] = [
-                    {"name": name, "namespace": namespace, "kind": rule.kind, "path": rule.path}
-                ]
+        _attach_rule(flow, ev.rule_id, ctx)
     return flow
 
 
@@ -610,8 +617,10 @@ def policy_verdict_key(flow: Mapping[str, Any]) -> tuple[str, str] | None:
     if direction not in ("INGRESS", "EGRESS"):
         return None
     event = flow.get("event_type")
+    # A drop for policy: the kernel's, or the L7 processor's own check before it dials (same reasons).
     if event == EVENT_TYPES[EVENT_FLOW_NEW] or (
-        event == EVENT_TYPES[EVENT_DROP] and flow.get("drop_reason_desc") in POLICY_DROP_REASONS
+        event in (EVENT_TYPES[EVENT_DROP], "l7") and flow.get("verdict") == "DROPPED"
+        and flow.get("drop_reason_desc") in POLICY_DROP_REASONS
     ):
         return direction.lower(), flow.get("policy_match_type") or "none"
     return None

@@ -72,8 +72,8 @@ class AgentCollector:
         yield nbytes
 
     def _l7_metrics(self):
-        """The L7 processor's istio_* metrics, re-exported so one scrape of the node sees all: its
-        workers' samples summed (counters and histograms both add up)."""
+        """The L7 processor's istio_* and meshagent_l7_* metrics, re-exported so one scrape of the node
+        sees all: its workers' samples summed (counters and histograms both add up)."""
         l7 = self.agent.l7
         if l7 is None or l7.pid() is None:
             return
@@ -84,17 +84,18 @@ class AgentCollector:
                     texts.append(resp.read().decode())
             except OSError:
                 continue  # a worker restarting: this scrape goes without its part
-        yield from merge_families(texts, prefix="istio_")
+        yield from merge_families(texts, prefixes=("istio_", "meshagent_l7_"))
 
 
-def merge_families(texts: list[str], prefix: str) -> list[Metric]:
-    """The metric families named ``prefix``* of several Prometheus texts, with the values of equal
-    samples (same name and labels) added: several processes' counters and histograms as one."""
+def merge_families(texts: list[str], prefixes: tuple[str, ...]) -> list[Metric]:
+    """The metric families whose names start with one of ``prefixes`` of several Prometheus texts,
+    with the values of equal samples (same name and labels) added: several processes' counters and
+    histograms as one. (Gauges add up too: each worker's connections and limits are its own.)"""
     families: dict[str, Metric] = {}
     values: dict[str, dict[tuple, float]] = {}
     for text in texts:
         for family in text_string_to_metric_families(text):
-            if not family.name.startswith(prefix):
+            if not family.name.startswith(prefixes):
                 continue
             if family.name not in families:
                 families[family.name] = Metric(family.name, family.documentation, family.type)

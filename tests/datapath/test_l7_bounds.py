@@ -187,3 +187,6 @@ def test_an_endpoint_over_its_share_is_refused_and_another_is_served(node, mesh)
     refused = [line for line in text.splitlines() if line.startswith("meshagent_l7_connections_refused_total{")
                and f'source_workload="{mesh["hog"]["name"]}"' in line]
     assert refused and float(refused[0].rsplit(" ", 1)[1]) >= 15, text[-2000:]
+    node_scrape = node.ns(["curl", "-s", f"http://{node.config['metrics_addr']}/metrics"]).stdout
+    assert any(line.startswith("meshagent_l7_connections_refused_total{") and mesh["hog"]["name"] in line
+               for line in node_scrape.splitlines()), "the node's one scrape carries the processor's counts"

@@ -23,7 +23,7 @@ python_gc_objects_collected_total{generation="0"} 7.0
 def test_workers_metrics_add_up_and_others_are_left_out():
     class Collector:
         def collect(self):
-            return merge_families([WORKER.replace("N", "2"), WORKER.replace("N", "3")], prefix="istio_")
+            return merge_families([WORKER.replace("N", "2"), WORKER.replace("N", "3")], prefixes=("istio_",))
 
     registry = CollectorRegistry()
     registry.register(Collector())

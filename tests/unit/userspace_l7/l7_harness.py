@@ -211,7 +211,7 @@ def five_sigma(count: int, n: int, p: float) -> bool:
     return abs(count - n * p) <= 5 * math.sqrt(n * p * (1 - p))
 
 
-def _raw(port: int, data: bytes, timeout: float = 3.0) -> bytes:
+def _raw(port: int, data: bytes, timeout: float = 10.0) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         with contextlib.suppress(OSError):
             s.sendall(data)
