@@ -334,5 +334,7 @@ def _l7_summary(l7: Mapping[str, Any]) -> str:
     request = f"{http.get('method', '?')} {http.get('url', '?')}"
     if l7.get("type") == "RESPONSE":
         latency = f" {int(l7['latency_ns']) // 1_000_000}ms" if l7.get("latency_ns") is not None else ""
-        return f"({proto} {http.get('code', '?')}{latency} ({request}))"
+        flags = http.get("response_flags")
+        flags = f" {flags}" if flags and flags != "-" else ""  # Envoy's: the processor answered itself
+        return f"({proto} {http.get('code', '?')}{latency}{flags} ({request}))"
     return f"({proto} {request})"

@@ -13,6 +13,7 @@ down() {
         meshagent delete -f examples/l4-policy.yaml >/dev/null 2>&1
         meshagent delete -f examples/services.yaml >/dev/null 2>&1
         meshagent delete -f examples/l7-split.yaml >/dev/null 2>&1
+        meshagent delete -f examples/l7-policy.yaml >/dev/null 2>&1
     fi
     for f in $RUN/shop-*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null; rm -f "$f"; done
     if [ -f $RUN/agent.pid ]; then
@@ -93,6 +94,15 @@ for _ in range(200):
     conn.request('GET', '/items')
     r = conn.getresponse(); body = r.read().decode(); counts[body if r.status == 200 else 'HTTP %d' % r.status] += 1
 print('200 requests to http://shop/items: ' + ', '.join('%s %d (%.0f%%)' % (k, n, n / 2) for k, n in sorted(counts.items())))"
+
+step "L7 and L4 policy: shop admits only the frontend (examples/l7-policy.yaml)"
+meshagent apply -f examples/l7-policy.yaml
+for who in frontend intruder; do
+    meshagent exec demo-$who -- curl -s -o /dev/null -w "$who -> http://shop/items: HTTP %{http_code} in %{time_total}s\n" \
+        --max-time 15 http://shop/items
+done
+sleep 0.5
+meshagent flows --type l7 --verdict DROPPED --last 1
 
 step "same-node sockets skip TCP (sockhash + sk_msg): meshagent status"
 meshagent status | grep -E "L7 processor|Socket fast path"

@@ -35,3 +35,13 @@ def test_l7_routing_example_routes_as_its_comments_say():
     assert route(config, req("/", host="store"), dst, rng).subset == "v1"
     assert route(config, req("/", host="store", headers={"x-beta": "1"}), dst, rng).route_name == "beta"
     assert config.cluster(config.services[("default", "store")], 80, "").policy.hash_by == ("header", "x-user")
+
+
+def test_node_config_example_loads_with_every_key():
+    from agent.node_config import _KEYS, load
+
+    path = EXAMPLES / "node" / "agent.yaml"
+    load(str(path))
+    import yaml
+
+    assert set(yaml.safe_load(path.read_text())) == set(_KEYS) - {"node_ip"}, "every key but node_ip is shown"
