@@ -428,6 +428,7 @@ OPS: dict[str, Op] = {
     "endpoint_delete": op(lambda agent, a: agent.endpoint_delete(a.name),
                           name=required(NAME)),
     "identity_list": op(lambda agent, a: agent.identity_list()),
+    "node_list": op(lambda agent, a: agent.node_list()),
     "policy_trace": op(
         lambda agent, a: agent.policy_trace(a.from_labels, a.to_labels, a.from_namespace, a.to_namespace,
                                             a.protocol, a.dport),

@@ -36,8 +36,17 @@ from agent.errors import MeshError, UserError
 from agent.flows import FlowBuffer, FlowContext, FlowCounters, FlowFilter, decode_event, enrich_l7_flow
 from agent.identity import IdentityAllocator
 from agent.l7_supervisor import L7Supervisor
-from agent.node import NodeLock, enable_forwarding, fence_service_cidr, local_ipv4_addresses, router_ip, set_router_ip
+from agent.node import (
+    NodeError,
+    NodeLock,
+    enable_forwarding,
+    fence_service_cidr,
+    local_ipv4_addresses,
+    router_ip,
+    set_router_ip,
+)
 from agent.node_config import NodeConfig, NodeConfigError, load
+from agent.node_registry import NodeClaimError, NodeRegistry, detect_node_ip
 from agent.policy.compiler import compile_policies
 from agent.policy.trace import parse_protocol, resolve_side, trace
 from agent.reconcile import POLICY_KINDS, Computed, Sync, compute, flow_context, node_tables, policy_inputs
@@ -75,6 +84,8 @@ class Agent:
         self.endpoints = EndpointManager(cfg, self.store, self.identities, reconcile=self.reconcile,
                                          attach=self.datapath.attach)
         self.resolver = DnsResolver()  # ServiceEntry names with resolution DNS
+        self.nodes = NodeRegistry(cfg, self.store, cfg.node_ip or detect_node_ip(cfg))
+        self.last_reconcile = 0.0  # when the datapath last took the store's state (status: age of the sync)
         self.router_ip = router_ip(cfg.pod_cidr)
         self.sync: Sync | None = None
         self.computed: Computed | None = None
@@ -92,6 +103,10 @@ class Agent:
     # ---- bring-up --------------------------------------------------------------------------------
 
     def start(self) -> None:
+        try:
+            self.nodes.register()
+        except NodeClaimError as e:
+            raise NodeError(str(e)) from None
         enable_forwarding()
         fence_service_cidr(self.cfg.service_cidr)
         set_router_ip(self.cfg.pod_cidr)
@@ -138,6 +153,7 @@ class Agent:
         computed = compute(desired)
         stats = self.sync.apply(computed.tables)
         self.computed = computed
+        self.last_reconcile = time.time()
         self.flow_ctx = flow_context(desired, computed, self.flow_ctx.boot_offset_ns)
         if "l7_snapshot" in stats.tables and self.l7 is not None:
             self.l7.reload()  # every worker at once, rather than each at its next poll of the file
@@ -325,7 +341,21 @@ class Agent:
                              "workers": self.cfg.l7_workers,
                              "listen": f"{self.router_ip}:{self.cfg.l7_ports.outbound}"},
             "socket_fastpath": self.sockets.fastpath_summary() if self.sync else None,
+            "node_ip": self.nodes.record.node_ip,
+            "pod_cidr": self.cfg.pod_cidr,
+            "store_status": self.store_status(),
+            "last_sync_age_s": round(time.time() - self.last_reconcile, 1) if self.last_reconcile else None,
+            "peers": [n for n in self.nodes.list() if not n["self"]],
         }
+
+    def store_status(self) -> dict:
+        status = getattr(self.store, "status", None)
+        if status is not None:
+            return status()
+        return {"backend": "dir", "url": self.cfg.store, "connected": True, "error": ""}
+
+    def node_list(self) -> dict:
+        return {"items": self.nodes.list()}
 
     # ---- the L7 processor --------------------------------------------------------------------------
 
@@ -367,6 +397,8 @@ class Agent:
                 if self.store.generation() != self._store_generation or self.resolver.due():
                     with self.lock:
                         self.reconcile()
+                if self.nodes.due():
+                    self.nodes.heartbeat()
                 if time.monotonic() >= next_gc:
                     self.ct_gc()
                     next_gc = time.monotonic() + CT_GC_INTERVAL_S

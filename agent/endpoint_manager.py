@@ -39,6 +39,12 @@ def valid_name(name: object) -> bool:
         name[0].isalnum()
 
 
+def netns_name(node: str, name: str) -> str:
+    """The network namespace made for endpoint ``name`` of ``node``: named after both, so two nodes
+    on one machine can each have an endpoint `web` (`meshagent exec` finds it from the record)."""
+    return f"{node}-{name}"
+
+
 def check_name(what: str, name: object) -> None:
     if not valid_name(name):
         raise UserError(f"invalid {what} {name!r}: {NAME_RULE}")
@@ -113,9 +119,9 @@ class EndpointManager:
         except LabelError as e:
             raise UserError(str(e)) from None
         everyone = self.all_records()
-        for rec in everyone:
-            if rec.name == name:
-                raise UserError(f"endpoint {name} already exists (node {rec.node}); delete it first")
+        for rec in everyone:  # names are per node, as pod names are per namespace
+            if rec.name == name and rec.node == self.cfg.node_name:
+                raise UserError(f"endpoint {name} already exists on node {rec.node}; delete it first")
         ip = self._pick_ip(ip, {r.ip for r in everyone})
         used_ids = {r.ep_id for r in everyone if r.node == self.cfg.node_name}
         ep_id = next(i for i in range(1, 65535) if i not in used_ids)
@@ -126,14 +132,14 @@ class EndpointManager:
         rec = ep.EndpointRecord(
             name=name, node=self.cfg.node_name, namespace=namespace, serviceaccount=serviceaccount,
             labels=dict(labels), ip=ip, ep_id=ep_id, identity=identity,
-            netns=netns or f"/run/netns/{name}", netns_owned=netns is None,
+            netns=netns or f"/run/netns/{netns_name(self.cfg.node_name, name)}", netns_owned=netns is None,
             ifname=ep.host_ifname(self.cfg.node_name, name),
             peer_ifname="eth0", cgroup=os.path.join(self.cfg.cgroup, f"ep-{name}"),
         )
         created_ns = False
         try:
             if netns is None:
-                ep.create_netns(name)
+                ep.create_netns(netns_name(self.cfg.node_name, name))
                 created_ns = True
             ep.create_cgroup(rec.cgroup)
             idx = ep.plumb(rec)

@@ -164,3 +164,48 @@ def teardown(cfg: NodeConfig, endpoints: bool = False) -> list[str]:
         if os.path.exists(lock.path):
             os.unlink(lock.path)
     return done
+
+
+# ---- routes to other nodes' pod CIDRs (direct routing, no tunnel) ---------------------------------
+
+# The routes this agent writes carry their own protocol number (as Cilium and BIRD mark theirs), so a
+# restarted agent finds, adopts and removes exactly its own and never touches anyone else's.
+RTPROT_MESHAGENT = 201
+
+
+def pod_routes() -> dict[str, str]:
+    """This namespace's routes written by meshagent: pod CIDR -> the node IP it is routed via."""
+    from pyroute2 import IPRoute
+
+    out = {}
+    with IPRoute() as ipr:
+        for msg in ipr.get_routes(family=2):
+            if msg.get("proto") != RTPROT_MESHAGENT or msg.get_attr("RTA_GATEWAY") is None:
+                continue
+            out[f"{msg.get_attr('RTA_DST')}/{msg['dst_len']}"] = msg.get_attr("RTA_GATEWAY")
+    return out
+
+
+def set_pod_route(cidr: str, via: str) -> None:
+    """Route ``cidr`` (another node's pods) via ``via`` (that node's IP on the underlay)."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with IPRoute() as ipr:
+        try:
+            ipr.route("replace", dst=cidr, gateway=via, proto=RTPROT_MESHAGENT)
+        except NetlinkError as e:
+            raise NodeError(f"cannot route {cidr} via {via}: {os.strerror(e.code)} (is {via} on a connected "
+                            "network of this node? node_ip must be reachable directly: no tunnel)") from None
+
+
+def delete_pod_route(cidr: str) -> None:
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with IPRoute() as ipr:
+        try:
+            ipr.route("del", dst=cidr, proto=RTPROT_MESHAGENT)
+        except NetlinkError as e:
+            if e.code not in (errno.ESRCH, errno.ENOENT):
+                raise

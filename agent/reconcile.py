@@ -22,6 +22,7 @@ Who writes what. Every table below is written here and nowhere else:
     policy           (ep, dir, identity, proto, port) -> verdict        policy.h   policy_map
     endpoints        host-side ifindex -> endpoint_info                 common.h   endpoints, endpoints_hi
     endpoints_by_id  ep_id -> endpoint_info (the L7 processor's marks)  common.h   endpoints_by_id
+    routes           other nodes' pod CIDRs -> their node IPs           the node's routing table (proto 201)
     datapath_config  the L7 processor's address, for TC                 common.h   config_map (proxy_*)
     endpoint_netns   netns cookie -> (ep_id, identity)                  netns.h    endpoint_netns
     lb_services      (VIP, port, proto) -> backends, flags              lb.h       lb_services, lb_backends
@@ -67,6 +68,7 @@ from agent.files import DIR_MODE, FILE_MODE, PUBLIC_DIR_MODE, PUBLIC_FILE_MODE, 
 from agent.flows import EndpointRef, FlowContext
 from agent.l7_snapshot import l7_config, l7_services
 from agent.labels import security_labels
+from agent.node import delete_pod_route, pod_routes, set_pod_route
 from agent.policy.compiler import PolicyInput, compile_policies
 from agent.policy.types import EGRESS, INGRESS, EndpointInfo, Enforcement, IdentityInfo, RuleInfo
 from agent.services import ServicePlan, ServiceView, hosts_file, plan_services
@@ -75,7 +77,7 @@ from agent.state import DesiredState
 POLICY_KINDS = ("CiliumNetworkPolicy", "NetworkPolicy")
 
 # Additions and updates go in this order; removals in the reverse one.
-TABLE_ORDER = ("vips", "node_files", "l7_snapshot", "ipcache", "policy", "endpoints", "endpoints_by_id",
+TABLE_ORDER = ("vips", "node_files", "l7_snapshot", "ipcache", "policy", "endpoints", "endpoints_by_id", "routes",
                "datapath_config", "endpoint_netns", "lb_services", "lb_config", "fastpath_config", "hosts_files")
 # A change to one of these makes established flows re-check policy (a policy revision bump).
 POLICY_TABLES = frozenset({"ipcache", "policy", "endpoints", "endpoints_by_id"})
@@ -114,8 +116,15 @@ def compute(desired: DesiredState) -> Computed:
         mode=node.policy_mode, cidr_identities=desired.cidr_identities,
     )
     ipcache: dict[str, int] = dict(compiled.cidr_identities)
-    for ip in desired.remote_node_ips:
-        ipcache[f"{ip}/32"] = ids.REMOTE_NODE
+    routes = {}
+    for peer in desired.remote_nodes:
+        # Traffic another node sends itself (its L7 processor, its host) comes from its node IP or
+        # its own pod CIDR address: both are that node, as Cilium's remote-node identity means.
+        for ip in (peer.node_ip, peer.router_ip):
+            if ip != "0.0.0.0":
+                ipcache[f"{ip}/32"] = ids.REMOTE_NODE
+        if peer.node_ip != "0.0.0.0" and peer.pod_cidr != node.pod_cidr:
+            routes[peer.pod_cidr] = peer.node_ip
     for ip in (*node.local_ips, node.router_ip):
         ipcache[f"{ip}/32"] = ids.HOST
     for rec in desired.endpoints:
@@ -156,6 +165,7 @@ def compute(desired: DesiredState) -> Computed:
         "policy": dict(compiled.entries),
         "endpoints": endpoints,
         "endpoints_by_id": by_id,
+        "routes": routes,
         "datapath_config": {PROXY: proxy},
         "endpoint_netns": netns,
         "lb_services": lb_services(plan),
@@ -401,6 +411,23 @@ class ProxyTable(_Table):
 
     def delete(self, key, old) -> None:
         self.dp.set_proxy(None)
+
+
+class RoutesTable(_Table):
+    """Routes to the other nodes' pod CIDRs via their node IPs (direct routing); only the routes
+    marked with meshagent's protocol number are read, written and removed (agent/node.py)."""
+
+    name = "routes"
+    kernel = False
+
+    def read(self) -> dict:
+        return pod_routes()
+
+    def write(self, key, value, old) -> None:
+        set_pod_route(key, value)
+
+    def delete(self, key, old) -> None:
+        delete_pod_route(key)
 
 
 class EndpointNetnsTable(_Table):

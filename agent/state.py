@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from agent.endpoint import EndpointRecord
+from agent.node_registry import NodeRecord, read_nodes
 from agent.services import entry_dns_names
 
 log = logging.getLogger("meshagent.state")
@@ -54,7 +55,7 @@ class DesiredState:
     identities: Mapping[int, Mapping[str, str]]  # allocated label-set identities
     resources: Mapping[str, tuple[dict, ...]]  # kind -> bodies, ordered by namespace/name
     vips: Mapping[str, str]  # recorded VIP allocations: owner ("ns/name" or "ns/entry/host") -> VIP
-    remote_node_ips: tuple[str, ...] = ()
+    remote_nodes: tuple[NodeRecord, ...] = ()  # every other node of the store
     cidr_identities: Mapping[str, int] = field(default_factory=dict)  # the previous round's numbers
     resolved: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # ServiceEntry DNS names
 
@@ -85,8 +86,7 @@ def read_desired(store, facts: NodeFacts, identities: Mapping[int, Mapping[str, 
                  resolver: DnsResolver | None = None) -> DesiredState:
     endpoints = tuple(EndpointRecord.from_dict(v) for v in store.list("endpoints").values())
     resources = read_resources(store)
-    remote = tuple(sorted(n["node_ip"] for k, n in store.list("nodes").items()
-                          if k.rsplit("/", 1)[-1] != facts.name and n.get("node_ip")))
+    remote = tuple(rec for name, rec in sorted(read_nodes(store).items()) if name != facts.name)
     resolved: dict[str, tuple[str, ...]] = {}
     if resolver is not None:
         resolver.new_round()
@@ -95,7 +95,7 @@ def read_desired(store, facts: NodeFacts, identities: Mapping[int, Mapping[str, 
                 resolved[name] = resolver(name)
     return DesiredState(
         node=facts, endpoints=endpoints, identities=identities, resources=resources, vips=read_vips(store),
-        remote_node_ips=remote, cidr_identities=load_cidr_identities(facts.cidr_identities_path),
+        remote_nodes=remote, cidr_identities=load_cidr_identities(facts.cidr_identities_path),
         resolved=resolved,
     )
 

@@ -596,6 +596,20 @@ def service_list(target: Target, output: str) -> None:
     emit(items, output, out.auto_table)
 
 
+@cli.group(epilog=examples("meshagent node list", "meshagent --node n2 node list -o json"))
+def node() -> None:
+    """The nodes of the mesh (every node that shares this node's store)."""
+
+
+@node.command("list", epilog=examples("meshagent node list", "meshagent node list -o json"))
+@output_option()
+@pass_target
+def node_list(target: Target, output: str) -> None:
+    """List every node with its node IP, pod CIDR and health (alive while its heartbeat is fresh)."""
+    items = target.client().call("node_list").get("items") or []
+    emit(items, output, out.auto_table)
+
+
 # ---- flows -------------------------------------------------------------------------------------
 
 

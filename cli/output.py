@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, tzinfo
 from typing import Any
@@ -146,11 +147,33 @@ def status_text(status: Mapping[str, Any]) -> str:
         ("Lost flow events", status.get("lost_events")),
         ("L7 processor", _l7_processor(status.get("l7_processor"))),
         ("Socket fast path", _fastpath(status.get("socket_fastpath"))),
-        ("Store", status.get("store")),
+        ("Node IP, pod CIDR", f"{status.get('node_ip', '-')}, {status.get('pod_cidr', '-')}"),
+        ("Store", _store(status.get("store"), status.get("store_status"), status.get("last_sync_age_s"))),
+        ("Peers", _peers(status.get("peers"))),
         ("BPF filesystem", status.get("bpffs_dir")),
         ("API socket", status.get("api_socket")),
     ]
     return key_values(pairs)
+
+
+def _store(url: Any, st: Mapping[str, Any] | None, sync_age: Any) -> str:
+    """``etcd://10.0.0.1:2379: connected, datapath synced 0.4s ago`` or ``...: unreachable since 12:03:04 (...)``."""
+    if not st:
+        return str(url or "-")
+    if st.get("connected", True):
+        state = "connected"
+    else:
+        since = st.get("since")
+        when = time.strftime("%H:%M:%S", time.localtime(since)) if isinstance(since, int | float) else "?"
+        state = f"unreachable since {when}" + (f" ({st['error']})" if st.get("error") else "")
+    synced = f", datapath synced {sync_age}s ago" if sync_age is not None else ""
+    return f"{st.get('url', url)}: {state}{synced}"
+
+
+def _peers(peers: Any) -> str:
+    if not peers:
+        return "none"
+    return ", ".join(f"{p.get('name')} ({p.get('node_ip')}, {p.get('health')})" for p in peers)
 
 
 def _l7_processor(l7: Mapping[str, Any] | None) -> str:

@@ -113,9 +113,14 @@ class Node:
         return json.loads(self.cli("endpoint", "add", f"{self.tag}-{name}", "--labels", labels, *extra,
                                    "-o", "json").stdout)
 
+    def netns_of(self, ep: dict | str) -> str:
+        """The endpoint's namespace name: from its record, else as the agent names it (node-name)."""
+        if isinstance(ep, dict) and ep.get("netns"):
+            return Path(ep["netns"]).name
+        return f"{self.name}-{ep['name'] if isinstance(ep, dict) else ep}"
+
     def in_ep(self, ep: dict | str) -> list[str]:
-        name = ep["name"] if isinstance(ep, dict) else ep
-        return ["ip", "netns", "exec", name]
+        return ["ip", "netns", "exec", self.netns_of(ep)]
 
     def spawn(self, cmd: list[str], stdin: int | None = None) -> subprocess.Popen:
         proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -154,8 +159,8 @@ class Node:
         store = self.tmp / "store" / "endpoints" / self.name
         if store.is_dir():
             for f in store.glob("*.json"):
-                subprocess.run(["ip", "netns", "del", f.stem], capture_output=True)
-        for path in Path("/run/netns").glob(f"{self.tag}-*"):
+                subprocess.run(["ip", "netns", "del", self.netns_of(f.stem)], capture_output=True)
+        for path in [*Path("/run/netns").glob(f"{self.tag}-*"), *Path("/run/netns").glob(f"{self.name}-*")]:
             subprocess.run(["ip", "netns", "del", path.name], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
         shutil.rmtree(self.config["bpffs_dir"], ignore_errors=True)

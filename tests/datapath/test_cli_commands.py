@@ -45,6 +45,7 @@ COMMANDS: dict[tuple[str, ...], tuple[list[str], int]] = {
     # A connection attempt from a to b, so that `flows` has something to show.
     ("exec",): (["{a}", "--", "bash", "-c", "echo inside; exec 3<>/dev/tcp/{b_ip}/80 || true"], 0),
     ("identity", "list"): (["-o", "json"], 0),
+    ("node", "list"): (["-o", "json"], 0),
     ("service", "list"): (["-o", "json"], 0),
     ("flows",): (["--last", "5"], 0),
     ("policy", "trace"): (["--from-label", "app=cli-a", "--to-label", "app=cli-b", "--dport", "80/tcp"], 0),

@@ -104,7 +104,7 @@ def test_an_endpoint_gone_while_the_agent_was_down_leaves_no_map_entries(node_fa
     gone = node.add_endpoint("gone", "app=gone")
     assert len(_pinned_entries(node, "endpoint_netns")) == 2
     node.stop_agent()
-    subprocess.run(["ip", "netns", "del", gone["name"]], check=True)
+    subprocess.run(["ip", "netns", "del", node.netns_of(gone)], check=True)
     node.start_agent()
     assert [e["name"] for e in node.cli_json("endpoint", "list")] == [keep["name"]]
     entries = _pinned_entries(node, "endpoint_netns")

@@ -11,7 +11,10 @@ from agent import identity as ids
 from agent.datapath import maps
 from agent.endpoint import EndpointRecord
 from agent.reconcile import POLICY_TABLES, TABLE_ORDER, Sync, compute
+from agent.node_registry import NodeRecord
 from agent.state import DesiredState, NodeFacts
+
+PEER = NodeRecord(name="n2", node_ip="192.0.2.2", pod_cidr="10.201.0.0/24", node_id="id-2", l7_ports={}, started=0)
 
 
 def record(name: str, ep_id: int, identity: int, ip: str, node: str = "n1", **kw) -> EndpointRecord:
@@ -34,7 +37,7 @@ def desired(*local: tuple[EndpointRecord, int], remote: tuple[EndpointRecord, ..
     node = facts(ifindex={r.name: idx for r, idx in local}, netns_cookies=cookies or {})
     everyone = (*(r for r, _ in local), *remote)
     return DesiredState(node=node, endpoints=everyone, identities={r.identity: r.labels for r in everyone},
-                        resources=resources or {}, vips=vips or {}, remote_node_ips=("192.0.2.2",))
+                        resources=resources or {}, vips=vips or {}, remote_nodes=(PEER,))
 
 
 WEB = record("web", 3, 1001, "10.200.0.5")
@@ -55,7 +58,12 @@ def test_ipcache_names_every_endpoint_the_nodes_and_the_router():
     ipcache = compute(desired((WEB, 17), remote=(remote,))).tables["ipcache"]
     assert ipcache["10.200.0.5/32"] == 1001 and ipcache["10.201.0.5/32"] == 1003
     assert ipcache["192.0.2.1/32"] == ids.HOST and ipcache["10.200.0.1/32"] == ids.HOST
-    assert ipcache["192.0.2.2/32"] == ids.REMOTE_NODE
+    assert ipcache["192.0.2.2/32"] == ids.REMOTE_NODE and ipcache["10.201.0.1/32"] == ids.REMOTE_NODE
+
+
+def test_routes_go_to_each_other_nodes_pod_cidr_via_its_node_ip():
+    tables = compute(desired((WEB, 17))).tables
+    assert tables["routes"] == {"10.201.0.0/24": "192.0.2.2"}
 
 
 def test_an_endpoint_not_plumbed_yet_has_no_entries():
