@@ -10,8 +10,8 @@ import pytest
 from agent import identity as ids
 from agent.datapath import maps
 from agent.endpoint import EndpointRecord
-from agent.reconcile import POLICY_TABLES, TABLE_ORDER, Sync, compute
 from agent.node_registry import NodeRecord
+from agent.reconcile import POLICY_TABLES, TABLE_ORDER, Sync, compute
 from agent.state import DesiredState, NodeFacts
 
 PEER = NodeRecord(name="n2", node_ip="192.0.2.2", pod_cidr="10.201.0.0/24", node_id="id-2", l7_ports={}, started=0)
