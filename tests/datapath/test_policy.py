@@ -217,7 +217,7 @@ def test_cidr_rule(node, world, clean_policies):
         for cmd in (["ip", "addr", "add", "172.30.9.2/24", "dev", "eth0"], ["ip", "link", "set", "eth0", "up"],
                     ["ip", "link", "set", "lo", "up"], ["ip", "route", "add", node.pod_cidr, "via", "172.30.9.1"]):
             subprocess.run(["ip", "netns", "exec", ext, *cmd], check=True)
-        outside = {"name": ext}
+        outside = {"name": ext, "netns": f"/run/netns/{ext}"}  # not an endpoint: its own namespace
         node.apply("""
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
