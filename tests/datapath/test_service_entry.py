@@ -189,7 +189,7 @@ def test_service_list_shows_vip_ports_backends_and_mode(node, client):
 
 def test_host_resolves_inside_endpoints_and_reaches_the_outside_through_the_processor(node, client):
     vip = entry_row(node)["vip"]
-    hosts = Path(f"/etc/netns/{client['name']}/hosts").read_text()
+    hosts = Path(f"/etc/netns/{node.netns_of(client)}/hosts").read_text()
     assert f"{vip}\t{HOST}" in hosts
     code, body = curl(node, client, "/hello")
     assert code == 200, body
@@ -395,7 +395,7 @@ def test_deleting_the_entry_removes_name_vip_and_routing(node, client):
     items = node.cli_json("service", "list")
     items = items["items"] if isinstance(items, dict) else items
     assert all(s["name"] != HOST for s in items)
-    assert HOST not in Path(f"/etc/netns/{client['name']}/hosts").read_text()
+    assert HOST not in Path(f"/etc/netns/{node.netns_of(client)}/hosts").read_text()
     # The VIP no longer goes anywhere: the service CIDR's unreachable route refuses it at once.
     proc = node.ns([*node.in_ep(client), "curl", "-s", "-m", "3", f"http://{vip}/"], check=False)
     assert proc.returncode != 0

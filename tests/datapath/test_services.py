@@ -149,7 +149,7 @@ def test_deleting_the_service_stops_translation(node, svc):
     node.cli("delete", "Service", "web")
     answers = connect(node, svc["client"], vip, n=2)
     assert all(a[0] == "FAIL" for a in answers), answers
-    assert Path(f"/etc/netns/{svc['client']['name']}/hosts").read_text().count("web.default") == 0
+    assert Path(f"/etc/netns/{node.netns_of(svc['client'])}/hosts").read_text().count("web.default") == 0
 
 
 def test_same_node_connections_take_the_socket_fast_path(node, svc):

@@ -37,5 +37,5 @@ def test_state_files_are_private(node):
              if (os.path.isdir(p) and m != 0o700) or (not os.path.isdir(p) and m != 0o600)}
     assert not loose, loose
     assert stat.S_IMODE(os.stat(node.config["api_socket"]).st_mode) == 0o600
-    hosts = f"/etc/netns/{web['name']}/hosts"
+    hosts = f"/etc/netns/{node.netns_of(web)}/hosts"
     assert stat.S_IMODE(os.stat(hosts).st_mode) == 0o644, "processes in the endpoint read it as any user"
