@@ -17,6 +17,7 @@ exceptions: conntrack GC here, and the L7 processor's own l7_origdst cleanup).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -61,7 +62,7 @@ from agent.state import (
     read_resources,
     read_vips,
 )
-from agent.store import open_store
+from agent.store import StoreError, open_store
 
 log = logging.getLogger("meshagent")
 
@@ -86,6 +87,7 @@ class Agent:
         self.resolver = DnsResolver()  # ServiceEntry names with resolution DNS
         self.nodes = NodeRegistry(cfg, self.store, cfg.node_ip or detect_node_ip(cfg))
         self.last_reconcile = 0.0  # when the datapath last took the store's state (status: age of the sync)
+        self._registered = False
         self.router_ip = router_ip(cfg.pod_cidr)
         self.sync: Sync | None = None
         self.computed: Computed | None = None
@@ -103,10 +105,7 @@ class Agent:
     # ---- bring-up --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        try:
-            self.nodes.register()
-        except NodeClaimError as e:
-            raise NodeError(str(e)) from None
+        self.register_node()
         enable_forwarding()
         fence_service_cidr(self.cfg.service_cidr)
         set_router_ip(self.cfg.pod_cidr)
@@ -125,6 +124,21 @@ class Agent:
             self.endpoints.adopt()
             self.reconcile()
         self.datapath.open_events(self._on_event)
+
+    def register_node(self) -> bool:
+        """Write this node's record; another node's claim on its name or pod CIDR stops the agent.
+        A store that cannot be reached now is retried from the periodic loop (the datapath keeps
+        enforcing what it holds meanwhile)."""
+        try:
+            self.nodes.register()
+        except NodeClaimError as e:
+            raise NodeError(str(e)) from None
+        except StoreError as e:
+            log.warning("not registered in the store yet, retrying: %s", e)
+            self._registered = False
+            return False
+        self._registered = True
+        return True
 
     # ---- the reconcile path ----------------------------------------------------------------------
 
@@ -397,8 +411,11 @@ class Agent:
                 if self.store.generation() != self._store_generation or self.resolver.due():
                     with self.lock:
                         self.reconcile()
-                if self.nodes.due():
-                    self.nodes.heartbeat()
+                if not self._registered:
+                    self.register_node()
+                elif self.nodes.due():
+                    with contextlib.suppress(StoreError):  # unreachable: `status` says so; retried
+                        self.nodes.heartbeat()
                 if time.monotonic() >= next_gc:
                     self.ct_gc()
                     next_gc = time.monotonic() + CT_GC_INTERVAL_S
