@@ -240,10 +240,10 @@ class Lab:
     """N nodes on one machine. ``with Lab(nodes=3, store="etcd") as lab:`` brings it up and always
     takes it down; ``Lab.attach(name)`` finds a lab that another process (`python -m lab up`) made."""
 
-    def __init__(self, spec: LabSpec | None = None, **kw):
+    def __init__(self, spec: LabSpec | None = None, workdir: str | None = None, **kw):
         self.spec = spec or LabSpec(**kw)
         self.name = self.spec.name
-        self.workdir = os.path.join(tempfile.gettempdir(), f"meshagent-lab-{self.name}")
+        self.workdir = workdir or default_workdir(self.name)
         self.state_path = os.path.join(STATE_ROOT, f"{self.name}.json")
         self.underlay_ns = f"{self.name}-ul"
         self.etcd_ip = self.spec.etcd_ip
@@ -308,7 +308,7 @@ class Lab:
             raise LabError(f"lab {name} is not up (no {path})") from None
         except (OSError, ValueError) as e:
             raise LabError(f"{path}: cannot read the lab's state: {e}") from None
-        lab = cls(LabSpec(**state["spec"]))
+        lab = cls(LabSpec(**state["spec"]), workdir=state["workdir"])
         lab.phase = state.get("phase", "planned")
         lab.etcd = Proc.from_dict(state["etcd"].get("proc"))
         lab.etcd_server_tls = _certs(state["etcd"].get("server_tls"))
@@ -516,7 +516,7 @@ class Lab:
         step("etcd", self.stop_etcd)
         for ns in (*(n.netns for n in self.nodes), self.underlay_ns):
             step(f"namespace {ns}", net.delete_netns, ns)
-        step("leftover processes", lambda: procs.kill(procs.pids_mentioning(self.workdir)))
+        step("leftover processes", lambda: procs.kill(procs.pids_mentioning(self.workdir + os.sep)))
         for node in self.nodes:
             if os.path.exists(node.api_socket) and not _answers(node.api_socket):
                 step(node.api_socket, os.unlink, node.api_socket)
@@ -546,6 +546,17 @@ class Lab:
                 SocketDatapath(node.bpffs_dir).detach()  # the socket programs at the cgroup root
             shutil.rmtree(node.bpffs_dir, ignore_errors=True)
         _remove_cgroup(node.cgroup)
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def default_workdir(name: str) -> str:
+    return os.path.join(tempfile.gettempdir(), f"meshagent-lab-{name}")
 
 
 def _certs(d: dict | None) -> CertFiles | None:
@@ -597,15 +608,46 @@ def _exit_on_signal(signum, frame):
 
 
 def down_by_name(name: str) -> list[str] | None:
-    """Take lab ``name`` down from its state file; None if there is no such lab. Without a state
-    file a crashed `up` left at most its directory and processes using it: those go."""
+    """Take lab ``name`` down from its state file; None if there is no such lab.
+
+    `up` writes the state file before it makes anything, so only a state file removed by hand leaves
+    a lab without one: then whatever carries the lab's name goes (its directory and the processes
+    using it, namespaces <name>-ul and <name>-n<i> with their endpoints, pins, cgroups)."""
     try:
         return Lab.attach(name).down()
     except LabError:
         pass
-    workdir = os.path.join(tempfile.gettempdir(), f"meshagent-lab-{name}")
-    if not os.path.exists(workdir):
+    workdir = default_workdir(name)
+    node_ns = re.compile(rf"^{re.escape(name)}-(ul|n\d+)$")
+    namespaces = sorted(n for n in _listdir(net.NETNS_DIR) if node_ns.match(n))
+    pins = os.path.join(PIN_ROOT, name)
+    cgroups = [os.path.join(CGROUP_ROOT, n) for n in _listdir(CGROUP_ROOT) if n.startswith(f"meshagent-lab-{name}-")]
+    if not (os.path.exists(workdir) or namespaces or os.path.isdir(pins) or cgroups):
         return None
-    procs.kill(procs.pids_mentioning(workdir))
+    problems = []
+    sockets = []
+    for config in Path(workdir).glob("n*/agent.yaml"):
+        with contextlib.suppress(OSError, yaml.YAMLError, AttributeError):
+            sockets.append(yaml.safe_load(config.read_text()).get("api_socket"))
+    for pid in procs.pids_mentioning(workdir + os.sep):  # agents, their L7 processors, etcd
+        Proc.of(pid).stop(timeout=10)
+    for sock in sockets:
+        if sock and os.path.exists(sock) and not _answers(sock):
+            os.unlink(sock)
+    for ns in namespaces:
+        for ep_ns in net.veth_peer_namespaces(ns, skip=(NODE_IF,)) if ns.endswith(tuple("0123456789")) else []:
+            net.delete_netns(ep_ns)
+        net.delete_netns(ns)
+    if os.path.isdir(pins):
+        from agent.datapath.sockets import SocketDatapath
+        for node_pins in os.scandir(pins):
+            with contextlib.suppress(Exception):
+                SocketDatapath(node_pins.path).detach()
+        shutil.rmtree(pins, ignore_errors=True)
+    for cg in cgroups:
+        try:
+            _remove_cgroup(cg)
+        except OSError as e:
+            problems.append(f"{cg}: {e}")
     shutil.rmtree(workdir, ignore_errors=True)
-    return []
+    return problems

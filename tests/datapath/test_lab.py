@@ -78,7 +78,7 @@ def assert_nothing_left(made: dict) -> None:
     assert not progs, f"BPF programs left: {progs}"
     root_links = {link["ifname"] for link in json.loads(net.run("ip", "-j", "link", "show"))}
     assert not root_links & set(made["links"]), "links left in the root namespace"
-    assert not any(lab_module.procs.pids_mentioning(p) for p in made["paths"][:1]), "processes using the lab's dir"
+    assert not lab_module.procs.pids_mentioning(made["paths"][0] + os.sep), "processes using the lab's directory"
 
 
 # ---- one lab of three nodes for the module ---------------------------------------------------------
@@ -224,6 +224,20 @@ def test_down_after_a_crashed_up_still_cleans_up():
     assert down.stdout.strip() == f"lab {spec.name} removed"
     assert_nothing_left(made)
     assert lab_cli("down", "--name", spec.name).stdout.strip() == f"lab {spec.name} is not up"
+
+
+def test_down_without_the_state_file_removes_what_carries_the_lab_s_name():
+    """The state file removed by hand: `down` still finds the lab by its names, and `up` works again."""
+    spec = make_spec(nodes=1)
+    lab = Lab(spec).up()
+    lab.node(1).add_endpoint(f"{spec.name}-ep", "app=lab-lost")
+    made = inventory(lab)
+    os.unlink(lab.state_path)
+    down = lab_cli("down", "--name", spec.name)
+    assert down.returncode == 0 and down.stdout.strip() == f"lab {spec.name} removed", down.stderr
+    assert_nothing_left(made)
+    with Lab(spec) as again:
+        assert again.node(1).ready()
 
 
 def test_an_up_whose_agents_fail_removes_what_it_made():
