@@ -534,7 +534,8 @@ class Lab:
     def _teardown_node(self, node: LabNode) -> None:
         """The product's own teardown, then whatever it could not remove (it needs the store)."""
         if os.path.exists(node.config_path) and net.exists(node.netns):
-            node.ns([*MESHAGENT, "teardown", "--config", node.config_path, "--endpoints"], check=False, cwd=REPO)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # a store that does not answer
+                node.ns([*MESHAGENT, "teardown", "--config", node.config_path, "--endpoints"], check=False, cwd=REPO)
         # Belt and braces, none of it through the store.
         from agent.l7_supervisor import processor_pid_path, stop_processor
         stop_processor(processor_pid_path(node.state_dir, node.name))
@@ -617,6 +618,9 @@ def down_by_name(name: str) -> list[str] | None:
         return Lab.attach(name).down()
     except LabError:
         pass
+    state_path = os.path.join(STATE_ROOT, f"{name}.json")
+    if os.path.exists(state_path):  # unreadable: `up` crashed between creating and writing it
+        os.unlink(state_path)
     workdir = default_workdir(name)
     node_ns = re.compile(rf"^{re.escape(name)}-(ul|n\d+)$")
     namespaces = sorted(n for n in _listdir(net.NETNS_DIR) if node_ns.match(n))

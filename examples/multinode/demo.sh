@@ -10,7 +10,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 STORE=${STORE:-etcd}
-export MESHAGENT_LAB=demo  # the lab's name: namespaces demo-ul, demo-n1..3; nodes n1..n3
+export MESHAGENT_LAB=mdemo  # the lab's name: namespaces mdemo-ul, mdemo-n1..3; nodes n1..n3
 RUN=/run/meshagent-demo-multinode
 POLICY=examples/multinode/policy.yaml
 
@@ -45,7 +45,7 @@ if ! lab up --nodes 3 --store "$STORE" 2> "$RUN/up.err"; then
         exit 1
     fi
 fi
-UNDERLAY_NS=demo-ul
+UNDERLAY_NS=$MESHAGENT_LAB-ul
 
 step "the nodes (meshagent --node n1 node list)"
 if meshagent --node n1 node list 2> "$RUN/node-list.err"; then :; else
@@ -91,11 +91,11 @@ meshagent --node n3 get CiliumNetworkPolicy
 step "across nodes: can n1 reach the pods of n2 ($WEB2_IP) and n3 ($WEB3_IP)?"
 for target in "$WEB2_IP via 192.168.77.12" "$WEB3_IP via 192.168.77.13"; do
     set -- $target
-    if route=$(ip -n demo-n1 route get "$1" 2>&1) && grep -q "via $3" <<< "$route"; then
+    if route=$(ip -n "$MESHAGENT_LAB-n1" route get "$1" 2>&1) && grep -q "via $3" <<< "$route"; then
         echo "n1: $route" | head -1
     else
         echo "n1: no route to $1 ($route)"
-        note "The underlay is up (n1 reaches n2's node IP: $(nsenter --net=/run/netns/demo-n1 ping -c1 -W1 192.168.77.12 >/dev/null 2>&1 && echo yes || echo no); etcd on 192.168.77.1 in netns $UNDERLAY_NS),"
+        note "The underlay is up (n1 reaches n2's node IP: $(nsenter --net="/run/netns/$MESHAGENT_LAB-n1" ping -c1 -W1 192.168.77.12 >/dev/null 2>&1 && echo yes || echo no); etcd on 192.168.77.1 in netns $UNDERLAY_NS),"
         note "but routes to other nodes' pod CIDRs via their node IPs come with the agents' cross-node part."
         note "Once it lands this demo goes on: client -> web on n2 and n3 allowed, intruder -> web dropped,"
         note "and meshagent --node n2 flows shows both, cross-node. Stopping here; cleaning up."
