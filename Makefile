@@ -7,8 +7,11 @@ KVER := $(shell uname -r)
 # Debian packages: BCC and its kernel-header fallback, netlink/tc tools, and what tests and benches use.
 DEB_PACKAGES := python3-bpfcc python3-venv python3-dev linux-headers-amd64 iproute2 iptables nftables \
 	bpftool util-linux procps curl netcat-openbsd iperf3 wrk haproxy gcc make
+# The node lab and the VMs (lab/, vagrant/): etcd for the store, its CA, ping; Vagrant to validate the VMs.
+DEB_PACKAGES += etcd-server etcd-client python3-cryptography iputils-ping vagrant
 
-.PHONY: install deps kernel-headers venv demo demo-down test test-unit bench lint clean
+.PHONY: install deps kernel-headers venv demo demo-down demo-multinode demo-multinode-down vagrant-validate \
+	test test-unit bench lint clean
 
 install: deps kernel-headers venv
 	@ln -sfn $(VENV)/bin/meshagent /usr/local/bin/meshagent
@@ -48,7 +51,19 @@ demo: install
 demo-down: install
 	@bash examples/demo.sh down
 
-test: install
+# Three nodes on this machine (lab/, etcd in the underlay): endpoints, a policy, cross-node traffic.
+demo-multinode: install
+	@PY=$(PY) bash examples/multinode/demo.sh
+
+demo-multinode-down: install
+	@PY=$(PY) bash examples/multinode/demo.sh down
+
+# The Vagrant VMs cannot boot here: check their Vagrantfile and provisioning script instead.
+vagrant-validate: deps
+	cd vagrant && vagrant validate --ignore-provider
+	bash -n vagrant/provision.sh
+
+test: install vagrant-validate
 	$(PY) -m pytest tests -v -p no:cacheprovider
 
 test-unit: install
@@ -58,7 +73,7 @@ bench: install
 	$(PY) -m bench.run
 
 lint: venv
-	$(VENV)/bin/ruff check agent cli tests bench userspace_l7
+	$(VENV)/bin/ruff check agent cli tests bench userspace_l7 lab
 
 clean:
 	rm -rf $(VENV) bench/bin

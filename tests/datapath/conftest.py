@@ -220,3 +220,7 @@ def tc_datapath():
         shutil.rmtree(datapath.bpffs_dir, ignore_errors=True)
         with contextlib.suppress(OSError):
             os.rmdir("/sys/fs/bpf/meshagent-test")
+
+
+# Multi-node tests: `lab` (three nodes) and `lab_factory`, from the node lab (lab/).
+from tests.datapath.lab_fixtures import lab, lab_factory  # noqa: E402, F401
