@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from agent.datapath.build import cgroup2_root
 from agent.errors import MeshError
 
 DEFAULT_CONFIG_PATH = "/etc/meshagent/agent.yaml"
@@ -140,7 +141,7 @@ def from_dict(raw: dict, source: str = "<defaults>") -> NodeConfig:
         store=get("store", "dir:///var/lib/meshagent/store"),
         state_dir=get("state_dir", "/var/lib/meshagent"),
         bpffs_dir=get("bpffs_dir", f"/sys/fs/bpf/meshagent/{name}"),
-        cgroup=get("cgroup", f"/sys/fs/cgroup/unified/meshagent-{name}"),
+        cgroup=get("cgroup", f"{cgroup2_root()}/meshagent-{name}"),
         api_socket=get("api_socket", default_api_socket(name)),
         metrics_addr=get("metrics_addr", "127.0.0.1:9962"),
         l7_metrics_addr=get("l7_metrics_addr", "127.0.0.1:15020"),

@@ -17,13 +17,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from agent.datapath.build import cgroup2_root
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "bench"
 RR_SOURCE = BENCH_DIR / "rr.c"
 RR_BIN = BENCH_DIR / "bin" / "rr"
 RESULTS_DIR = BENCH_DIR / "results"
 BPFFS_DIR = Path("/sys/fs/bpf/meshagent-bench")
-CGROUP_DIR = Path("/sys/fs/cgroup/unified/meshagent-bench")
+CGROUP_DIR = Path(cgroup2_root()) / "meshagent-bench"
 
 
 class BenchError(RuntimeError):

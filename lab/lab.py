@@ -41,6 +41,7 @@ from pathlib import Path
 
 import yaml
 
+from agent.datapath.build import cgroup2_root
 from lab import etcd, net, node_config, procs
 from lab.errors import LabError
 from lab.pki import CertFiles, Pki
@@ -50,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 MESHAGENT = [sys.executable, "-m", "cli.main"]  # this checkout's CLI, run from REPO
 STATE_ROOT = "/run/meshagent-lab"
 PIN_ROOT = "/sys/fs/bpf/meshagent-lab"
-CGROUP_ROOT = "/sys/fs/cgroup/unified"  # cgroup v2 on these machines (agent.datapath.sockets.CGROUP_ROOT)
+CGROUP_ROOT = cgroup2_root()  # as the agent finds it (agent.datapath.build)
 SOCKET_DIR = "/run/meshagent"  # the CLI's --node NAME looks for NAME.sock here
 BRIDGE, NODE_IF = "br0", "eth0"
 AGENT_READY_TIMEOUT = 180.0  # several agents compiling their programs at once on 2 cores
@@ -538,6 +539,7 @@ class Lab:
                 node.ns([*MESHAGENT, "teardown", "--config", node.config_path, "--endpoints"], check=False, cwd=REPO)
         # Belt and braces, none of it through the store.
         from agent.l7_supervisor import processor_pid_path, stop_processor
+
         stop_processor(processor_pid_path(node.state_dir, node.name))
         for ep_ns in net.veth_peer_namespaces(node.netns, skip=(NODE_IF,)):
             net.delete_netns(ep_ns)

@@ -71,3 +71,18 @@ def _is_bpffs(path: str) -> bool:
     with open("/proc/self/mounts") as mounts:
         points = [line.split()[1] for line in mounts if line.split()[2] == "bpf"]
     return any(real == p or real.startswith(p.rstrip("/") + "/") for p in points)
+
+
+def cgroup2_root(mounts: str = "/proc/self/mounts") -> str:
+    """Where cgroup v2 is mounted: /sys/fs/cgroup/unified on these machines (v1 controllers beside
+    it, KERNEL-NOTES.md), /sys/fs/cgroup on a pure v2 system such as Debian 12's default. The socket
+    programs attach at its root; an endpoint's cgroup lives below it."""
+    try:
+        with open(mounts) as f:
+            points = [line.split()[1] for line in f if len(line.split()) > 2 and line.split()[2] == "cgroup2"]
+    except OSError:
+        points = []
+    for preferred in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+        if preferred in points:
+            return preferred
+    return points[0] if points else "/sys/fs/cgroup/unified"

@@ -18,7 +18,7 @@ Use (the agent's side):
 
     dp = SocketDatapath("/sys/fs/bpf/meshagent/n1")
     dp.load()                       # compile, re-open pinned maps, adopt the services they hold
-    dp.attach()                     # at /sys/fs/cgroup/unified, replacing a predecessor's copies
+    dp.attach()                     # at the cgroup v2 root, replacing a predecessor's copies
     dp.set_endpoint_netns(netns_cookie("/run/netns/web-1"), ep_id=3, identity=1003)
     # lb_services / lb_backends are written by agent.reconcile.ServiceTable (bpf/lib/lb.h's protocol)
     dp.set_proxy("10.200.0.1", 15001)  # LB_F_L7 services go to the L7 processor from now on
@@ -47,7 +47,14 @@ from dataclasses import dataclass
 from functools import cache
 
 from agent.datapath.btf import member_offset
-from agent.datapath.build import DatapathError, bpf_cflags, check_kernel_headers, ensure_bpffs, import_bcc
+from agent.datapath.build import (
+    DatapathError,
+    bpf_cflags,
+    cgroup2_root,
+    check_kernel_headers,
+    ensure_bpffs,
+    import_bcc,
+)
 from agent.datapath.libbpf import AttachOpts, ProgInfo, libbpf, map_info
 from agent.datapath.maps import (
     SOCKET_LAYOUTS,
@@ -64,7 +71,7 @@ from agent.datapath.maps import (
 )
 from agent.datapath.source import program_source
 
-CGROUP_ROOT = "/sys/fs/cgroup/unified"
+CGROUP_ROOT = cgroup2_root()  # the cgroup v2 root where the socket hooks attach
 
 # Program -> attach type (enum bpf_attach_type, uapi/linux/bpf.h; the values bcc.BPFAttachType has).
 PROGRAMS = {

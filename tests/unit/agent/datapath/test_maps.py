@@ -77,3 +77,14 @@ def test_endpoint_info_flags():
     info = maps.endpoint_info_to_c("10.0.0.2", 300, 4, Enforcement(True, False, 11), Enforcement(True, True, 12))
     assert info.flags == 0x1 | 0x2 | 0x8
     assert (info.deny_rule_ingress, info.deny_rule_egress, info.ep_id) == (11, 12, 4)
+
+
+def test_cgroup2_root_is_found_where_it_is_mounted(tmp_path):
+    from agent.datapath.build import cgroup2_root
+
+    hybrid = tmp_path / "hybrid"
+    hybrid.write_text("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n")
+    pure = tmp_path / "pure"
+    pure.write_text("cgroup2 /sys/fs/cgroup cgroup2 rw,nsdelegate 0 0\n")
+    assert cgroup2_root(str(hybrid)) == "/sys/fs/cgroup/unified"  # these machines
+    assert cgroup2_root(str(pure)) == "/sys/fs/cgroup"  # Debian 12's default (the Vagrant VMs)
