@@ -27,29 +27,6 @@ export DEBIAN_FRONTEND=noninteractive
 step "installing meshagent (make install)"
 make install
 
-# The agent attaches its socket programs at /sys/fs/cgroup/unified, where cgroup v2 is on the hybrid
-# machines it was built on. Debian 12 mounts cgroup v2 at /sys/fs/cgroup itself: mount the same
-# hierarchy at /sys/fs/cgroup/unified too (a mount unit, so it is there after a reboot).
-if [ "$(stat -fc %T /sys/fs/cgroup)" = cgroup2fs ] && ! mountpoint -q /sys/fs/cgroup/unified; then
-    step "cgroup v2 also at /sys/fs/cgroup/unified"
-    cat > /etc/systemd/system/sys-fs-cgroup-unified.mount <<'UNIT'
-[Unit]
-Description=cgroup v2 hierarchy also at /sys/fs/cgroup/unified (meshagent's cgroup root)
-DefaultDependencies=no
-Before=meshagent-agent.service
-
-[Mount]
-What=cgroup2
-Where=/sys/fs/cgroup/unified
-Type=cgroup2
-
-[Install]
-WantedBy=multi-user.target
-UNIT
-    systemctl daemon-reload
-    systemctl enable --now sys-fs-cgroup-unified.mount
-fi
-
 etcd_addr=$("$PY" -m lab.node_config address --index "$ETCD_INDEX" --underlay "$UNDERLAY")
 node_addr=$("$PY" -m lab.node_config address --index "$INDEX" --underlay "$UNDERLAY")
 read -r ETCD_IP _ <<< "$etcd_addr"
