@@ -176,10 +176,11 @@ def classify(exc: BaseException) -> _Failure:
     chain = list(_causes(exc))
     for e in chain:
         if isinstance(e, ssl.SSLCertVerificationError):
-            return _Failure("tls", f"certificate verify failed: {e.verify_message}")
+            return _Failure("tls", f"certificate verify failed: etcd's certificate is not trusted by store_ca: "
+                                   f"{e.verify_message}")
     for e in chain:
         if isinstance(e, ssl.SSLError):
-            return _Failure("tls", (e.reason or str(e)).lower().replace("_", " "))
+            return _Failure("tls", _tls_reason(e))
     for e in chain:
         if isinstance(e, requests.exceptions.ConnectTimeout):
             return _Failure("unreachable", f"no connection within {CONNECT_TIMEOUT_S:g} s")
@@ -207,6 +208,15 @@ def classify(exc: BaseException) -> _Failure:
     return _Failure("etcd", str(detail or exc).strip().splitlines()[0] if str(detail or exc).strip() else repr(exc))
 
 
+def _tls_reason(e: ssl.SSLError) -> str:
+    code = (getattr(e, "reason", None) or "").upper()
+    if isinstance(e, ssl.SSLEOFError) or "EOF" in code:
+        return "etcd ended the handshake: it may require a client certificate (store_cert, store_key)"
+    if "ALERT" in code:  # etcd's alert about our certificate: bad, unknown CA, required, expired
+        return f"etcd refused the client certificate, or its absence: {code.lower().replace('_', ' ')}"
+    return (code or str(e)).lower().replace("_", " ")
+
+
 def _hhmmss(epoch: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(epoch))
 
@@ -232,9 +242,14 @@ class EtcdStore:
             raise StoreError(f"{self.name}: store_cert and store_key go together; set both or neither")
         self._tls = {"verify": ca if ca else True, "cert": (cert, key) if cert and key else None}
         protocol = "https" if (ca or cert) else "http"
+        self._plain = protocol == "http"
         self._clients = [Etcd3Client(host=h, port=p, protocol=protocol, ca_cert=ca, cert_cert=cert, cert_key=key,
                                      timeout=(CONNECT_TIMEOUT_S, REQUEST_TIMEOUT_S), api_path="/v3/")
                          for h, p in self.endpoints]
+        for c in self._clients:
+            # requests lets REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE override a session's CA (etcd3gw sets only
+            # session.verify), and would send etcd's traffic through HTTP(S)_PROXY: neither applies
+            c.session.trust_env = False
         self._current = 0  # the endpoint that answered last
         node = node_name or "node"
         self._cache_path = os.path.join(state_dir, f"store-cache-{node}.json") if state_dir else None
@@ -264,8 +279,8 @@ class EtcdStore:
                 raise self._error_for(f, write=False) from None
             if not self._load_cache(f.reason):
                 where = f" in {self._cache_path}" if self._cache_path else " (no state_dir to keep one in)"
-                raise StoreError(f"{self.name}: unreachable ({f.reason}), and there is no cached state{where} to "
-                                 "start from; check that etcd runs and the node reaches it") from None
+                raise StoreError(f"{self.name}: unreachable ({self._hint(f.reason)}), and there is no cached "
+                                 f"state{where} to start from; check that etcd runs and the node reaches it") from None
             need_full = True
         if self._connected:
             try:
@@ -327,8 +342,8 @@ class EtcdStore:
         if f.kind == "unreachable":
             with self._state_lock:
                 since = self._since
-            return StoreError(f"{self.name}: unreachable since {_hhmmss(since)} ({f.reason}); {not_made}"
-                              "check that etcd runs and the node reaches it")
+            return StoreError(f"{self.name}: unreachable since {_hhmmss(since)} ({self._hint(f.reason)}); "
+                              f"{not_made}check that etcd runs and the node reaches it")
         if f.kind == "timeout":
             maybe = "the change may or may not have been made; " if write else ""
             return StoreError(f"{self.name}: {f.reason}; {maybe}check etcd's health (etcdctl endpoint health)")
@@ -345,6 +360,12 @@ class EtcdStore:
             return StoreError(f"{self.name}: refused ({f.reason}); {not_made}check the node's credentials "
                               "(store_cert, store_key) and its permissions in etcd")
         return StoreError(f"{self.name}: etcd answered: {f.reason}; {not_made}".rstrip("; "))
+
+    def _hint(self, reason: str) -> str:
+        """An etcd that serves TLS resets a plain HTTP connection: say so when we spoke plain HTTP."""
+        if self._plain and reason == "connection reset":
+            return f"{reason}: if etcd serves TLS, set store_ca, store_cert and store_key"
+        return reason
 
     def _set_connected(self) -> None:
         with self._state_lock:
@@ -553,6 +574,7 @@ class EtcdStore:
 
     def _watch_session(self) -> requests.Session:
         session = requests.Session()
+        session.trust_env = False  # as the clients' sessions
         session.verify = self._tls["verify"]
         if self._tls["cert"]:
             session.cert = self._tls["cert"]
