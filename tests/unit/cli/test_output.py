@@ -227,7 +227,8 @@ def test_l7_answer_made_by_the_processor_shows_its_response_flag():
     line = out.format_flow(flow(Type="L7", event_type="l7", verdict="DROPPED", drop_reason_desc="POLICY_DENIED",
                                 policy={"name": "default/shop-frontend-only", "path": "default-deny"},
                                 l7={"type": "RESPONSE", "latency_ns": 0, "http": http}), UTC)
-    assert "(HTTP/1.1 403 0ms UAEX (GET /items))" in line and line.endswith("by default/shop-frontend-only default-deny")
+    assert "(HTTP/1.1 403 0ms UAEX (GET /items))" in line
+    assert line.endswith("by default/shop-frontend-only default-deny")
     forwarded = {"method": "GET", "url": "/", "code": 200, "response_flags": "-"}
     assert "200 0ms (GET /)" in out.format_flow(flow(Type="L7", event_type="l7", l7={
         "type": "RESPONSE", "latency_ns": 0, "http": forwarded}), UTC)
