@@ -377,6 +377,10 @@ class EtcdStore:
                 self._connected, self._since, self._error = True, now, ""
 
     def _set_disconnected(self, reason: str) -> None:
+        """A request found etcd unreachable. The watch is made again too: only a watch that etcd
+        confirms (or a message on it) says connected again, and a stream to a hung etcd would
+        otherwise look alive until its idle timeout."""
+        self._kick_watch()
         with self._state_lock:
             self._error = reason
             if self._connected:
@@ -648,7 +652,7 @@ class EtcdStore:
             self._mirror.caught_up(max(int((ev.get("kv") or {}).get("mod_revision", 0)) for ev in events))
         elif revision:
             self._mirror.caught_up(revision)  # a progress notice: everything up to it was sent
-        self._synced()
+        self._set_connected()
         return created
 
     def _kick_watch(self) -> None:
@@ -732,7 +736,6 @@ class EtcdStore:
             except _Failure as f:
                 if f.kind in ("unreachable", "timeout"):
                     self._set_disconnected(f.reason)
-                    self._kick_watch()  # a hung etcd: the watch notices only at its idle timeout
                 else:
                     log.warning("%s: keeping the lease alive: %s", self.name, f.reason)
             except Exception:
@@ -799,8 +802,9 @@ class EtcdStore:
         self._resume.set()
         self._dirty.set()
         self._kick_watch()
-        for t in self._threads:
-            t.join(JOIN_TIMEOUT_S)
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        for t in self._threads:  # a thread still in a request ends with it (daemon threads)
+            t.join(max(0.0, deadline - time.monotonic()))
         if revoke and self._lease_id is not None:
             with contextlib.suppress(_Failure):
                 lease = self._lease_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import stat
 import threading
 import time
@@ -106,6 +107,25 @@ def test_etcd_away_reads_answer_writes_fail_at_once_and_it_reconnects(etcd_serve
     assert store.status()["error"] == "" and other.list("a") == {}
     store.put("a/b", {"ok": 1})
     assert other.get("a/b") == {"ok": 1} or eventually(lambda: other.get("a/b"), "the write lands")
+
+
+def test_a_hung_etcd_bounds_every_call(etcd_server, stores):
+    """etcd stopped with SIGSTOP: connections are accepted and never answered."""
+    store = stores.etcd(etcd_server.url, lease_ttl=TTL)
+    store.put("nodes/n1", {"v": 1})
+    os.kill(etcd_server.proc.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(StoreError) as e:
+            guarded(lambda: store.put("nodes/n1", {"v": 2}), "a write to a hung etcd")
+        assert "no answer within 5 s; the change may or may not have been made" in str(e.value)
+        assert "\n" not in str(e.value)
+        assert guarded(lambda: store.get("nodes/n1"), "a read") == {"v": 1}
+        eventually(lambda: not store.status()["connected"], "status says unreachable")
+    finally:
+        os.kill(etcd_server.proc.pid, signal.SIGCONT)
+    eventually(lambda: store.status()["connected"], "the store reconnects", timeout=30)
+    store.put("nodes/n1", {"v": 3})
+    assert store.get("nodes/n1") == {"v": 3}
 
 
 def test_the_cache_serves_a_store_opened_while_etcd_is_down(etcd_server, stores, tmp_path):
