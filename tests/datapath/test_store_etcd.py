@@ -4,8 +4,10 @@ line meanwhile, and follows etcd again once it is back (SPEC §8)."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -40,14 +42,15 @@ spec:
 
 
 @pytest.fixture
-def etcd_node(tmp_path):
+def etcd_node():
     """A node whose agent keeps its state in an etcd running on the node namespace's loopback."""
     tag = uuid.uuid4().hex[:6]
+    workdir = Path(tempfile.mkdtemp(prefix="meshagent-etcd-"))
     node = None
     server = None
     try:
         node = Node(tag, next(_subnets), extra={"store_lease_ttl": 5})
-        server = EtcdServer(tmp_path, netns=node.netns)
+        server = EtcdServer(workdir, netns=node.netns)
         node.config["store"] = server.url
         node.config_path.write_text(yaml.safe_dump(node.config))
         server.start()
@@ -60,6 +63,7 @@ def etcd_node(tmp_path):
             node.cleanup()
         if server is not None:
             server.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def tcp_ok(node, src, dst) -> bool:

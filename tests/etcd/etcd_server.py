@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +28,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 START_TIMEOUT_S = 30.0
+
+
+def scratch_dir() -> Path:
+    """A temporary directory; whoever makes one removes it (shutil.rmtree), also on failure."""
+    return Path(tempfile.mkdtemp(prefix="meshagent-store-test-"))
 
 
 def free_port() -> int:
@@ -41,6 +47,7 @@ class EtcdServer:
         signed by that CA (--client-cert-auth). ``netns``: run etcd on the loopback of that network
         namespace (a node's, for an agent there); the test then asks it through curl inside it."""
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.netns = netns
         self.data_dir = workdir / "etcd-data"
         self.log_path = workdir / "etcd.log"

@@ -128,8 +128,8 @@ def test_a_hung_etcd_bounds_every_call(etcd_server, stores):
     assert store.get("nodes/n1") == {"v": 3}
 
 
-def test_the_cache_serves_a_store_opened_while_etcd_is_down(etcd_server, stores, tmp_path):
-    state = tmp_path / "state"
+def test_the_cache_serves_a_store_opened_while_etcd_is_down(etcd_server, stores, workdir):
+    state = workdir / "state"
     first = stores.etcd(etcd_server.url, state_dir=str(state), node_name="n1")
     first.put("resources/Service/default/web", {"spec": {"ports": [80]}})
     first.put("endpoints/n1/web-1", {"ip": "10.200.0.2"})
@@ -151,13 +151,13 @@ def test_the_cache_serves_a_store_opened_while_etcd_is_down(etcd_server, stores,
     eventually(lambda: again.get("endpoints/n1/web-1") is None, "the store follows etcd again")
 
 
-def test_no_cache_and_no_etcd_is_one_line(tmp_path):
+def test_no_cache_and_no_etcd_is_one_line(workdir):
     port = free_port()
     with pytest.raises(StoreError) as e:
-        guarded(lambda: _open(f"etcd://127.0.0.1:{port}", state_dir=str(tmp_path), node_name="n1"), "open")
+        guarded(lambda: _open(f"etcd://127.0.0.1:{port}", state_dir=str(workdir), node_name="n1"), "open")
     message = str(e.value)
     assert "unreachable (connection refused)" in message and "no cached state" in message
-    assert str(tmp_path / "store-cache-n1.json") in message and "\n" not in message
+    assert str(workdir / "store-cache-n1.json") in message and "\n" not in message
 
 
 def _open(url, **kw):
@@ -166,8 +166,8 @@ def _open(url, **kw):
     return EtcdStore(url, **kw)
 
 
-def test_owned_keys_vanish_once_the_node_stops_keeping_its_lease(etcd_server, stores, tmp_path):
-    node = stores.etcd(etcd_server.url, lease_ttl=TTL, state_dir=str(tmp_path / "n1"), node_name="n1")
+def test_owned_keys_vanish_once_the_node_stops_keeping_its_lease(etcd_server, stores, workdir):
+    node = stores.etcd(etcd_server.url, lease_ttl=TTL, state_dir=str(workdir / "n1"), node_name="n1")
     node.put("nodes/n1", {"node_ip": "192.168.77.11"}, owned=True)
     node.create("heartbeats/n1", {"at": 1}, owned=True)
     node.put("resources/Service/default/web", {"spec": {}})
@@ -180,8 +180,8 @@ def test_owned_keys_vanish_once_the_node_stops_keeping_its_lease(etcd_server, st
     assert watcher.get("resources/Service/default/web") == {"spec": {}}  # not owned: stays
 
 
-def test_a_store_reopened_within_the_ttl_adopts_the_lease_and_keeps_the_keys(etcd_server, stores, tmp_path):
-    state = str(tmp_path / "n1")
+def test_a_store_reopened_within_the_ttl_adopts_the_lease_and_keeps_the_keys(etcd_server, stores, workdir):
+    state = str(workdir / "n1")
     node = stores.etcd(etcd_server.url, lease_ttl=TTL, state_dir=state, node_name="n1")
     node.put("nodes/n1", {"node_ip": "192.168.77.11"}, owned=True)
     lease = node.status()["lease"]["id"]
@@ -196,8 +196,8 @@ def test_a_store_reopened_within_the_ttl_adopts_the_lease_and_keeps_the_keys(etc
     eventually(lambda: f"{PREFIX}nodes/n1" in etcd_server.keys(PREFIX), "n1's key is put again")
 
 
-def test_a_lost_lease_is_replaced_and_owned_keys_are_put_again(etcd_server, stores, tmp_path):
-    node = stores.etcd(etcd_server.url, lease_ttl=TTL, state_dir=str(tmp_path / "n1"), node_name="n1")
+def test_a_lost_lease_is_replaced_and_owned_keys_are_put_again(etcd_server, stores, workdir):
+    node = stores.etcd(etcd_server.url, lease_ttl=TTL, state_dir=str(workdir / "n1"), node_name="n1")
     node.put("nodes/n1", {"node_ip": "192.168.77.11"}, owned=True)
     node.put("nodes/n1-extra", {"x": 1}, owned=True)
     node.put("nodes/n1-extra", {"x": 2})  # not owned any more: not put again

@@ -3,19 +3,20 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
 from agent.store import StoreError
-from tests.etcd.etcd_server import EtcdServer, Pki, eventually
+from tests.etcd.etcd_server import EtcdServer, Pki, eventually, scratch_dir
 
 pytestmark = pytest.mark.etcd
 
 
 @pytest.fixture(scope="module")
-def tls(tmp_path_factory):
-    work = tmp_path_factory.mktemp("etcd-tls")
+def tls():
+    work = scratch_dir()
     pki, other = Pki(work / "pki"), Pki(work / "other", "another-ca")
     server_cert, server_key = pki.issue("etcd-server", server=True)
     node_cert, node_key = pki.issue("node1")
@@ -27,6 +28,7 @@ def tls(tmp_path_factory):
         yield server, files
     finally:
         server.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _open(stores, server, ca: Path | None, cert: Path | None, key: Path | None):
@@ -76,9 +78,9 @@ def test_plain_http_to_a_tls_etcd_is_one_line(tls, stores):
                               "store_ca, store_cert and store_key)") and "\n" not in message
 
 
-def test_a_missing_certificate_file_is_one_line(tls, stores, tmp_path):
+def test_a_missing_certificate_file_is_one_line(tls, stores, workdir):
     server, f = tls
     with pytest.raises(StoreError) as e:
-        _open(stores, server, tmp_path / "nope.pem", f["cert"], f["key"])
-    missing = tmp_path / "nope.pem"
+        _open(stores, server, workdir / "nope.pem", f["cert"], f["key"])
+    missing = workdir / "nope.pem"
     assert str(e.value) == f"etcd store {server.url}: store_ca {missing}: no such file; check the node config"
