@@ -313,8 +313,8 @@ class EtcdStore:
             index = (self._current + i) % n
             try:
                 result = fn(self._clients[index])
-            except (etcd3gw_errors.Etcd3Exception, requests.exceptions.RequestException, ValueError) as e:
-                failure = classify(e)
+            except (etcd3gw_errors.Etcd3Exception, requests.exceptions.RequestException, ValueError, KeyError) as e:
+                failure = classify(e)  # (ValueError, KeyError: an answer that is not what the call expects)
                 if failure.kind != "unreachable":
                     raise failure from None
                 continue
@@ -440,10 +440,16 @@ class EtcdStore:
                     raise self._error_for(f, write=True) from None
         raise AssertionError("unreachable")
 
+    def _owning(self, owned: bool):
+        """Owned writes hold the lease lock until they are recorded, so a new lease's re-put of the
+        owned keys cannot miss them (or bind them to the lease that was lost)."""
+        return self._lease_lock if owned else contextlib.nullcontext()
+
     def put(self, key: str, value: dict, *, owned: bool = False) -> None:
         check_value(check_key(key), value)
-        resp = self._write(lambda lease: {"success": [self._put_op(key, value, lease)]}, owned)
-        self._after_put({key: value}, resp, owned)
+        with self._owning(owned):
+            resp = self._write(lambda lease: {"success": [self._put_op(key, value, lease)]}, owned)
+            self._after_put({key: value}, resp, owned)
 
     def put_all(self, items: dict[str, dict]) -> None:
         """Every item in one transaction: all or none. At most MAX_TXN_OPS items."""
@@ -465,12 +471,13 @@ class EtcdStore:
         compare = [{"key": _b64(self.prefix + k), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
                    for k in items]
         failure = [{"request_range": {"key": _b64(self.prefix + k)}} for k in items]
-        resp = self._write(lambda lease: {"compare": compare, "success": [self._put_op(k, v, lease)
-                                                                           for k, v in items.items()],
-                                          "failure": failure}, owned)
-        if resp.get("succeeded"):
-            self._after_put(items, resp, owned)
-            return True
+        with self._owning(owned):
+            resp = self._write(lambda lease: {"compare": compare, "success": [self._put_op(k, v, lease)
+                                                                               for k, v in items.items()],
+                                              "failure": failure}, owned)
+            if resp.get("succeeded"):
+                self._after_put(items, resp, owned)
+                return True
         revision = int(resp["header"]["revision"])
         found: dict[str, Change] = {}
         for r in resp.get("responses", []):
@@ -486,13 +493,13 @@ class EtcdStore:
 
     def delete(self, key: str) -> bool:
         check_key(key)
-        resp = self._txn({"success": [{"request_delete_range": {"key": _b64(self.prefix + key)}}]})
+        with self._owning(key in self._owned):  # (a new lease's re-put must not bring it back)
+            resp = self._txn({"success": [{"request_delete_range": {"key": _b64(self.prefix + key)}}]})
+            self._owned.pop(key, None)
         deleted = int(resp.get("responses", [{}])[0].get("response_delete_range", {}).get("deleted", 0))
         revision = int(resp["header"]["revision"])
         if (deleted or self._mirror.get(key) is not None) and self._mirror.forget(key, revision):
             self._dirty.set()  # (not deleted: gone already, and the watch has not told us yet)
-        with self._lease_lock:
-            self._owned.pop(key, None)
         return bool(deleted)
 
     def _check_items(self, items: dict[str, dict]) -> None:
@@ -505,8 +512,10 @@ class EtcdStore:
 
     def _after_put(self, items: dict[str, dict], resp: dict, owned: bool) -> None:
         revision = int(resp["header"]["revision"])
-        lease = (self._lease_id or 0) if owned else 0
+        lease = (self._lease_id or 0) if owned else 0  # (owned: the caller holds the lease lock)
         self._applied([Change(k, revision, v, lease) for k, v in items.items()])
+        if not owned and not any(k in self._owned for k in items):
+            return  # (no need to wait for the lease lock)
         with self._lease_lock:
             for k, v in items.items():
                 if owned:
