@@ -10,19 +10,23 @@ then a watch on the prefix from the next revision. The watch is our own small lo
 gateway's streaming /v3/watch (etcd3gw's Watcher drops compaction and cancellation silently):
 
     open ---range read---> mirror @R ---watch from R+1---> events applied in revision order
-      stream ends or breaks:  watch again from the mirror's revision + 1 (at once, then backoff);
-                              connected: false only while no watch can be made
+      stream ends or breaks:  watch again from the mirror's revision + 1 (at once, then with backoff
+                              while it fails); etcd sends every change since, nothing is lost
+      idle for WATCH_IDLE_S:  watch again (a silently dead connection cannot look alive for longer)
       compaction past it:     full range read (replace the mirror), watch again
       another cluster, or a revision lower than ours (etcd restored): full range read
+
+`connected` turns false when a request or a watch finds etcd unreachable (a failed request also
+breaks the watch, so a hung etcd is noticed), and true again when etcd confirms a new watch.
 
 So the agent keeps enforcing its last known state while etcd is away, and a write followed by a read
 sees the write (our own writes go into the mirror at once, ordered by revision: mirror.py).
 
 Writes are one etcd transaction each (put_all and create_all too: all or none). A transaction holds
 at most MAX_TXN_OPS (128, etcd's default --max-txn-ops) writes: more are refused, never split, so a
-multi-key write is never half-applied; `meshagent apply` of more than 128 resources at once must be
-split by the user (the error says so). etcd also refuses a request above --max-request-bytes
-(1.5 MiB by default); that error is reported the same way.
+multi-key write is never half-applied (an apply through put_all of more than 128 resources must be
+split by the user; the error says so). etcd also refuses a request above --max-request-bytes (1.5
+MiB by default); that error is a one-line StoreError too.
 
 Lease. One lease per store, granted at open with ``lease_ttl`` seconds and kept alive from a thread
 every ttl/3. Writes with owned=True are bound to it: the keys vanish when the node is gone for
