@@ -133,9 +133,11 @@ def test_the_cache_serves_a_store_opened_while_etcd_is_down(etcd_server, stores,
     first = stores.etcd(etcd_server.url, state_dir=str(state), node_name="n1")
     first.put("resources/Service/default/web", {"spec": {"ports": [80]}})
     first.put("endpoints/n1/web-1", {"ip": "10.200.0.2"})
+    cache = state / "store-cache-n1.json"
+    eventually(lambda: cache.exists() and "endpoints/n1/web-1" in cache.read_text(),
+               "the cache follows changes while the store runs")
     synced = first.status()["last_sync"]
     first.close()
-    cache = state / "store-cache-n1.json"
     assert stat.S_IMODE(os.stat(cache).st_mode) == 0o600
     etcd_server.stop()
     again = stores.etcd(etcd_server.url, state_dir=str(state), node_name="n1")
