@@ -4,11 +4,12 @@ VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 KVER := $(shell uname -r)
 
-# Debian packages: BCC and its kernel-header fallback, netlink/tc tools, and what tests and benches use.
+# Debian packages: BCC and its kernel-header fallback, netlink/tc tools, what tests and benches use,
+# and etcd (3.4: the multi-node store, and the store tests start their own).
 DEB_PACKAGES := python3-bpfcc python3-venv python3-dev linux-headers-amd64 iproute2 iptables nftables \
-	bpftool util-linux procps curl netcat-openbsd iperf3 wrk haproxy gcc make
-# The node lab and the VMs (lab/, vagrant/): etcd for the store, its CA, ping; Vagrant to validate the VMs.
-DEB_PACKAGES += etcd-server etcd-client python3-cryptography iputils-ping vagrant
+	bpftool util-linux procps curl netcat-openbsd iperf3 wrk haproxy gcc make etcd-server etcd-client
+# The node lab and the VMs (lab/, vagrant/): its CA, ping; Vagrant to validate the VMs.
+DEB_PACKAGES += python3-cryptography iputils-ping vagrant
 
 .PHONY: install deps kernel-headers venv demo demo-down demo-multinode demo-multinode-down vagrant-validate \
 	test test-unit bench lint clean
@@ -42,7 +43,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml | deps
 	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
-	@$(PY) -c 'import bcc, pyroute2, click, yaml, prometheus_client, scapy' 
+	@$(PY) -c 'import bcc, pyroute2, click, yaml, prometheus_client, scapy, etcd3gw, cryptography'
 	@touch $@
 
 demo: install

@@ -77,7 +77,7 @@ CT_F_CLOSED = 0x7  # bpf/lib/conntrack.h: FIN either way, or RST
 class Agent:
     def __init__(self, cfg: NodeConfig):
         self.cfg = cfg
-        self.store = open_store(cfg.store)
+        self.store = open_store(cfg.store, cfg)
         self.identities = IdentityAllocator(self.store)
         self.lock = threading.RLock()
         self.datapath = TcDatapath(cfg.bpffs_dir)
@@ -459,7 +459,12 @@ def run_agent(config_path: str | None) -> int:
     from agent.api import ApiServer
     from agent.metrics import start_metrics
 
-    agent = Agent(cfg)
+    try:
+        agent = Agent(cfg)  # opens the store: an unreachable etcd with no cached state is one line
+    except MeshError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        lock.release()
+        return 1
     stop = agent.stopping
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -486,4 +491,5 @@ def run_agent(config_path: str | None) -> int:
             agent.l7.stop()
         if api:
             api.stop()
+        agent.store.close()  # the etcd store's lease outlives it by store_lease_ttl
         lock.release()

@@ -110,8 +110,11 @@ def local_ipv4_addresses(pod_cidr: str) -> list[str]:
 
 
 def node_endpoints(cfg: NodeConfig) -> list[ep.EndpointRecord]:
-    store = open_store(cfg.store)
-    return [ep.EndpointRecord.from_dict(v) for v in store.list(f"endpoints/{cfg.node_name}").values()]
+    store = open_store(cfg.store, cfg)
+    try:
+        return [ep.EndpointRecord.from_dict(v) for v in store.list(f"endpoints/{cfg.node_name}").values()]
+    finally:
+        store.close()
 
 
 def teardown(cfg: NodeConfig, endpoints: bool = False) -> list[str]:
@@ -123,11 +126,12 @@ def teardown(cfg: NodeConfig, endpoints: bool = False) -> list[str]:
     lock = NodeLock(cfg)
     lock.acquire()  # refuses while an agent runs
     done: list[str] = []
+    store = None
     try:
         pid = stop_processor(processor_pid_path(cfg.state_dir, cfg.node_name))
         if pid is not None:
             done.append(f"stopped the L7 processor (pid {pid})")
-        store = open_store(cfg.store)
+        store = open_store(cfg.store, cfg)
         for rec in node_endpoints(cfg):
             ep.detach_programs(rec.ifname)
             done.append(f"detached programs from {rec.ifname} ({rec.name})")
@@ -160,6 +164,8 @@ def teardown(cfg: NodeConfig, endpoints: bool = False) -> list[str]:
                 os.unlink(path)
                 done.append(f"removed {path}")
     finally:
+        if store is not None:
+            store.close()
         lock.release()
         if os.path.exists(lock.path):
             os.unlink(lock.path)

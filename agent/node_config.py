@@ -57,6 +57,14 @@ class NodeConfig:
     # (userspace_l7/server.py Options says why 10 and 30)
     l7_request_headers_timeout: float = 10.0
     l7_request_timeout: float = 30.0
+    # The etcd store's TLS (https to its gateway): the CA that signed etcd's certificate, and this
+    # node's client certificate and key (etcd's --client-cert-auth). Paths; None: plain HTTP.
+    store_ca: str | None = None
+    store_cert: str | None = None
+    store_key: str | None = None
+    # Seconds the node's etcd lease outlives its last keepalive: the node's owned keys vanish that
+    # long after it dies (agent/store/etcd.py); as Cilium's --kvstore-lease-ttl
+    store_lease_ttl: int = 30
     source: str = "<defaults>"
 
     @property
@@ -78,10 +86,13 @@ _KEYS = (
     "node_name", "node_ip", "pod_cidr", "service_cidr", "trust_domain", "cluster_domain", "store", "state_dir",
     "bpffs_dir", "cgroup", "api_socket", "metrics_addr", "l7_metrics_addr", "l7_ports", "policy_enforcement",
     "socket_fastpath", "l7_workers", "l7_max_connections_per_endpoint", "l7_request_headers_timeout",
-    "l7_request_timeout",
+    "l7_request_timeout", "store_ca", "store_cert", "store_key", "store_lease_ttl",
 )
 MAX_L7_WORKERS = 64
 MAX_L7_TIMEOUT_S = 3600.0
+# etcd raises a shorter TTL to its own minimum (1.5 election timeouts, 2 s by default); keepalives go
+# every third of it. A day at most, as Cilium's lease TTL.
+STORE_LEASE_TTL_RANGE = (3, 86400)
 
 
 def default_node_name() -> str:
@@ -152,6 +163,10 @@ def from_dict(raw: dict, source: str = "<defaults>") -> NodeConfig:
         l7_request_headers_timeout=10.0 if raw.get("l7_request_headers_timeout") is None
         else raw["l7_request_headers_timeout"],
         l7_request_timeout=30.0 if raw.get("l7_request_timeout") is None else raw["l7_request_timeout"],
+        store_ca=raw.get("store_ca"),
+        store_cert=raw.get("store_cert"),
+        store_key=raw.get("store_key"),
+        store_lease_ttl=30 if raw.get("store_lease_ttl") is None else raw["store_lease_ttl"],
     )
     if isinstance(cfg["l7_max_connections_per_endpoint"], bool) or cfg["l7_max_connections_per_endpoint"] < 0:
         raise NodeConfigError(f"{source}: l7_max_connections_per_endpoint {cfg['l7_max_connections_per_endpoint']!r} "
@@ -186,6 +201,7 @@ def from_dict(raw: dict, source: str = "<defaults>") -> NodeConfig:
         )
     if not (cfg["store"].startswith("dir://") or cfg["store"].startswith("etcd://")):
         raise NodeConfigError(f"{source}: store {cfg['store']!r}: use dir:///PATH or etcd://HOST:PORT[,HOST:PORT]")
+    _check_store_keys(cfg, source)
     for key, ports in (("metrics_addr", 1), ("l7_metrics_addr", cfg["l7_workers"])):
         host, sep, port = cfg[key].rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65536 - ports:
@@ -201,3 +217,23 @@ def from_dict(raw: dict, source: str = "<defaults>") -> NodeConfig:
         if not isinstance(value, int) or not 0 < value < 65536:
             raise NodeConfigError(f"{source}: l7_ports.{key} {value!r} is not a port number")
     return NodeConfig(**cfg, l7_ports=L7Ports(**l7), source=source)
+
+
+def _check_store_keys(cfg: dict, source: str) -> None:
+    """store_ca/store_cert/store_key (absolute paths, for an etcd store; cert and key together) and
+    store_lease_ttl (whole seconds in STORE_LEASE_TTL_RANGE)."""
+    tls = [key for key in ("store_ca", "store_cert", "store_key") if cfg[key] is not None]
+    for key in tls:
+        if not isinstance(cfg[key], str) or not os.path.isabs(cfg[key]):
+            raise NodeConfigError(f"{source}: {key} {cfg[key]!r} must be an absolute path to a PEM file")
+    if tls and not cfg["store"].startswith("etcd://"):
+        raise NodeConfigError(f"{source}: {tls[0]} is set but store {cfg['store']!r} is not etcd://; TLS applies to "
+                              "the etcd store only")
+    if (cfg["store_cert"] is None) != (cfg["store_key"] is None):
+        raise NodeConfigError(f"{source}: store_cert and store_key go together (the node's client certificate and "
+                              "its key); set both or neither")
+    low, high = STORE_LEASE_TTL_RANGE
+    ttl = cfg["store_lease_ttl"]
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or not low <= ttl <= high:
+        raise NodeConfigError(f"{source}: store_lease_ttl {ttl!r} must be a whole number of seconds from {low} to "
+                              f"{high} (how long the node's keys outlive it in etcd)")

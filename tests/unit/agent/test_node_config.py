@@ -11,6 +11,18 @@ def test_defaults():
     assert cfg.l7_workers == 1 and from_dict({"l7_workers": 4}).l7_workers == 4
 
 
+def test_store_keys():
+    cfg = from_dict({"node_name": "n1"})
+    assert (cfg.store_ca, cfg.store_cert, cfg.store_key, cfg.store_lease_ttl) == (None, None, None, 30)
+    cfg = from_dict({"store": "etcd://192.168.77.1:2379", "store_ca": "/etc/meshagent/etcd/ca.pem",
+                     "store_cert": "/etc/meshagent/etcd/n1.pem", "store_key": "/etc/meshagent/etcd/n1-key.pem",
+                     "store_lease_ttl": 5})
+    assert cfg.store_ca == "/etc/meshagent/etcd/ca.pem" and cfg.store_key.endswith("n1-key.pem")
+    assert cfg.store_lease_ttl == 5
+    assert from_dict({"store": "etcd://e", "store_ca": "/ca.pem"}).store_cert is None  # server check only
+    assert from_dict({"store_lease_ttl": None}).store_lease_ttl == 30
+
+
 def test_l7_processor_bounds():
     cfg = from_dict({"node_name": "n1"})
     assert cfg.l7_max_connections_per_endpoint == 0  # a share of the processor's descriptors
@@ -45,6 +57,16 @@ def test_l7_processor_bounds():
     ({"l7_request_timeout": "30s"}, "l7_request_timeout"),
     ({"l7_request_headers_timeout": True}, "l7_request_headers_timeout"),
     ({"l7_request_headers_timeout": 40}, "longer than l7_request_timeout"),
+    ({"store": "etcd://e:2379", "store_ca": "ca.pem"}, "store_ca 'ca.pem' must be an absolute path"),
+    ({"store": "etcd://e:2379", "store_key": 5, "store_cert": "/c.pem"}, "store_key 5 must be an absolute path"),
+    ({"store": "etcd://e:2379", "store_cert": "/c.pem"}, "store_cert and store_key go together"),
+    ({"store": "etcd://e:2379", "store_key": "/k.pem"}, "store_cert and store_key go together"),
+    ({"store_ca": "/ca.pem"}, "store_ca is set but store 'dir:///var/lib/meshagent/store' is not etcd://"),
+    ({"store_lease_ttl": 2}, "store_lease_ttl 2 must be a whole number of seconds from 3 to 86400"),
+    ({"store_lease_ttl": 86401}, "store_lease_ttl"),
+    ({"store_lease_ttl": 30.5}, "store_lease_ttl"),
+    ({"store_lease_ttl": "30"}, "store_lease_ttl"),
+    ({"store_lease_ttl": True}, "store_lease_ttl"),
 ])
 def test_bad_config(raw, needle):
     with pytest.raises(NodeConfigError) as e:
