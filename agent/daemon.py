@@ -191,6 +191,7 @@ class Agent:
         if not resources:
             raise UserError("nothing to apply: no documents given")
         check_apply_size(resources, limits)
+        self.require_store("the apply")
         with self.lock:
             candidate = {kind: {(b["metadata"].get("namespace", "default"), b["metadata"]["name"]): b
                                 for b in bodies}
@@ -204,23 +205,36 @@ class Agent:
                            cluster_domain=self.cfg.cluster_domain)
             compile_policies(policy_inputs(bodies), [], [], mode=self.cfg.policy_enforcement,
                              cidr_identities=load_cidr_identities(self.facts().cidr_identities_path))
-            results = []
+            results, writes = [], {}
             for res in resources:
                 key = f"resources/{res.kind}/{res.namespace}/{res.name}"
                 old = self.store.get(key)
                 action = "created" if old is None else ("unchanged" if old == res.body else "configured")
                 if action != "unchanged":
-                    self.store.put(key, res.body)
+                    writes[key] = res.body
                 results.append({"kind": res.kind, "namespace": res.namespace, "name": res.name, "action": action})
+            if writes:
+                self.store.put_all(writes)  # all or none: a store that fails mid-apply changes nothing
             in_use = {rec.namespace for rec in self.endpoints.records()}
             warnings = [line for res in resources
                         for line in (*res.warnings, namespace_warning(res, in_use, self.cfg.node_name)) if line]
             self.reconcile()
         return {"results": results, "warnings": warnings}
 
+    def require_store(self, what: str) -> None:
+        """Refuse a change before its first write when the store is known to be away, so that a change
+        of several keys is not half made (each write would fail anyway, one line naming the store)."""
+        st = self.store.status()
+        if not st.get("connected", True):
+            since = time.strftime("%H:%M:%S", time.localtime(st["since"])) if st.get("since") else "?"
+            raise StoreError(f"{st.get('url', self.cfg.store)}: unreachable since {since}"
+                             + (f" ({st['error']})" if st.get("error") else "")
+                             + f"; {what} was not made: retry once the store is back")
+
     def delete(self, targets: Sequence[tuple[str, str, str]]) -> dict:
         """Delete (kind, namespace, name) resources; a missing one is reported, not an error."""
         results = []
+        self.require_store("the deletion")
         with self.lock:
             for kind, ns, name in targets:
                 if kind not in KINDS:
@@ -255,10 +269,12 @@ class Agent:
 
     def endpoint_add(self, name: str, labels: dict, namespace: str = "default", serviceaccount: str = "default",
                      netns: str | None = None, ip: str | None = None) -> dict:
+        self.require_store("the endpoint")
         with self.lock:
             return self.endpoints.add(name, labels, namespace, serviceaccount, netns, ip)
 
     def endpoint_delete(self, name: str) -> dict:
+        self.require_store("the deletion")
         with self.lock:
             return self.endpoints.delete(name)
 
@@ -363,10 +379,7 @@ class Agent:
         }
 
     def store_status(self) -> dict:
-        status = getattr(self.store, "status", None)
-        if status is not None:
-            return status()
-        return {"backend": "dir", "url": self.cfg.store, "connected": True, "error": ""}
+        return self.store.status()
 
     def node_list(self) -> dict:
         return {"items": self.nodes.list()}

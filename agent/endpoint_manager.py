@@ -17,6 +17,7 @@ A failed add is rolled back completely (record, plumbing, identity) and the maps
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -28,6 +29,7 @@ from agent.errors import UserError
 from agent.identity import IdentityAllocator
 from agent.labels import LabelError, check_key, check_value, security_labels
 from agent.node_config import NodeConfig
+from agent.store import StoreError
 
 log = logging.getLogger("meshagent.endpoints")
 
@@ -145,20 +147,22 @@ class EndpointManager:
             idx = ep.plumb(rec)
             self.ifindex[name] = idx
             self.netns_cookies[name] = netns_cookie(rec.netns)
-            self.store.put(self._key(name), rec.to_dict())
+            self.store.put(self._key(name), rec.to_dict(), owned=True)  # gone with this node's lease
             # Maps first, programs second: the programs find the endpoint when they start.
             self._reconcile()
             self._attach(idx)
         except Exception:
             self.ifindex.pop(name, None)
             self.netns_cookies.pop(name, None)
-            self.store.delete(self._key(name))
+            with contextlib.suppress(StoreError):  # the store may be why the add failed: unplumb anyway
+                self.store.delete(self._key(name))
             ep.unplumb(rec)
             if created_ns:
                 ep.delete_netns(rec.netns)
             ep.remove_cgroup(rec.cgroup)
-            self._release_identity(sec)
-            self._reconcile()
+            with contextlib.suppress(StoreError):
+                self._release_identity(sec)
+                self._reconcile()
             raise
         return self.view(rec)
 

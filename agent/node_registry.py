@@ -169,8 +169,5 @@ class NodeRegistry:
 
 
 def _put_owned(store, key: str, value: dict) -> None:
-    """A write owned by this node: bound to its lease where the store has one."""
-    try:
-        store.put(key, value, owned=True)
-    except TypeError:  # a store without ownership (the directory store before leases)
-        store.put(key, value)
+    """A write owned by this node: bound to its lease (etcd), gone when the node is."""
+    store.put(key, value, owned=True)
