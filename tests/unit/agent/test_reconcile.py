@@ -166,3 +166,15 @@ def test_a_table_check_refuses_before_anything_is_written():
 def test_a_table_outside_the_order_is_refused():
     with pytest.raises(ValueError, match="TABLE_ORDER"):
         Sync([Recorder("mystery", [])])
+
+
+def test_every_computed_table_has_its_writer_and_every_writer_a_place():
+    """compute() and node_tables() name the same tables, all in TABLE_ORDER: a table computed with no
+    writer would be silently left alone by Sync."""
+    from unittest import mock
+
+    from agent.reconcile import node_tables
+
+    with mock.patch("agent.reconcile.pod_routes", return_value={}):
+        tables = node_tables(mock.MagicMock(), mock.MagicMock(), mock.MagicMock())
+    assert {t.name for t in tables} == set(compute(desired((WEB, 17))).tables) == set(TABLE_ORDER)
