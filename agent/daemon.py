@@ -37,6 +37,7 @@ from agent.errors import MeshError, UserError
 from agent.flows import FlowBuffer, FlowContext, FlowCounters, FlowFilter, decode_event, enrich_l7_flow
 from agent.identity import IdentityAllocator
 from agent.l7_supervisor import L7Supervisor
+from agent.labels import security_labels
 from agent.node import (
     NodeError,
     NodeLock,
@@ -49,7 +50,8 @@ from agent.node import (
 from agent.node_config import NodeConfig, NodeConfigError, load
 from agent.node_registry import NodeClaimError, NodeRegistry, detect_node_ip
 from agent.policy.compiler import compile_policies
-from agent.policy.trace import parse_protocol, resolve_side, trace
+from agent.policy.trace import Decider, enforcement_of, parse_protocol, resolve_side, trace
+from agent.policy.types import EndpointInfo, IdentityInfo
 from agent.reconcile import POLICY_KINDS, Computed, Sync, compute, flow_context, node_tables, policy_inputs
 from agent.resources import KINDS, Limits, check_apply_size, namespace_warning, validate
 from agent.services import check_services
@@ -324,18 +326,41 @@ class Agent:
 
     def policy_trace(self, from_labels: dict, to_labels: dict, from_namespace: str | None,
                      to_namespace: str | None, protocol: str | None, dport: object) -> dict:
+        """Each side's own policy decides its direction: this node's endpoints from the kernel's maps as
+        they are now, another node's from the store, compiled for it as its agent compiles it."""
         proto, port = parse_protocol(protocol, dport)
-        local, identities = self.endpoints.records(), self.identities.all()
-        src = resolve_side(from_labels, from_namespace, local, identities, "--from-label")
-        dst = resolve_side(to_labels, to_namespace, local, identities, "--to-label")
-        infos = {}
+        desired = self.desired()
+        local = list(desired.local_endpoints)
+        everyone = local + [r for r in desired.endpoints if r.node != self.cfg.node_name]
+        src = resolve_side(from_labels, from_namespace, everyone, desired.identities, "--from-label")
+        dst = resolve_side(to_labels, to_namespace, everyone, desired.identities, "--to-label")
+        deciders = {}
+        kernel_policy = None
         for side in (src, dst):
-            idx = self.endpoints.ifindex.get(side.endpoint.name) if side.endpoint else None
-            blob = self.datapath.read_endpoint(idx) if idx is not None else None
-            if blob is not None:
-                infos[side.endpoint.name] = blob
-        # The maps as the kernel holds them right now, not as the agent meant to write them.
-        return trace(src, dst, proto, port, self.sync.read("policy"), infos, self.flow_ctx.rules)
+            rec = side.endpoint
+            if rec is None or (rec.node, rec.name) in deciders:
+                continue
+            if rec.node == self.cfg.node_name:
+                idx = self.endpoints.ifindex.get(rec.name)
+                blob = self.datapath.read_endpoint(idx) if idx is not None else None
+                if blob is None:
+                    continue
+                if kernel_policy is None:
+                    kernel_policy = self.sync.read("policy")
+                deciders[(rec.node, rec.name)] = Decider(kernel_policy, enforcement_of(rec, blob), self.flow_ctx.rules,
+                                                         f"kernel of node {rec.node}")
+            else:
+                compiled = compile_policies(
+                    policy_inputs(desired.resources),
+                    [IdentityInfo(id=i, labels=dict(lbls)) for i, lbls in sorted(desired.identities.items())],
+                    [EndpointInfo(ep_id=rec.ep_id, name=rec.name, namespace=rec.namespace, ip=rec.ip,
+                                  identity=rec.identity,
+                                  labels=security_labels(rec.labels, rec.namespace, rec.serviceaccount))],
+                    mode=self.cfg.policy_enforcement, cidr_identities=desired.cidr_identities)
+                deciders[(rec.node, rec.name)] = Decider(
+                    compiled.entries, compiled.enforcement, compiled.rules,
+                    f"computed from the store (node {rec.node} enforces it)")
+        return trace(src, dst, proto, port, deciders)
 
     def bpf_ct_list(self) -> dict:
         return {"items": bpf_listing.ct_entries(self.datapath.table("ct_map"))}

@@ -572,8 +572,8 @@ def node_tables(tc, sockets, store) -> list[Table]:
     return [
         VipRecords(store), Files("node_files"), Files("l7_snapshot"),
         IpcacheTable(tc), PolicyTable(tc), EndpointTable(tc), EndpointByIdTable(tc), RoutesTable(),
-        ProxyTable("datapath_config", tc), EndpointNetnsTable(sockets), ServiceTable(sockets), ProxyTable("lb_config", sockets),
-        FastpathConfigTable(sockets), Files("hosts_files", public=True),
+        ProxyTable("datapath_config", tc), EndpointNetnsTable(sockets), ServiceTable(sockets),
+        ProxyTable("lb_config", sockets), FastpathConfigTable(sockets), Files("hosts_files", public=True),
     ]
 
 

@@ -246,12 +246,14 @@ def identities_table(items: Sequence[Mapping[str, Any]]) -> str:
 def trace_text(result: Mapping[str, Any]) -> str:
     steps = result.get("steps") or []
     rows = (
-        [s.get("direction"), s.get("endpoint"), s.get("identity"), s.get("peer_identity"), s.get("verdict"),
-         s.get("match"), _rule(s)]
+        [s.get("direction"), s.get("endpoint"), s.get("node", "-"), s.get("identity"), s.get("peer_identity"),
+         s.get("verdict"), s.get("match"), _rule(s)]
         for s in steps
     )
-    text = table(["DIRECTION", "ENDPOINT", "IDENTITY", "PEER", "VERDICT", "MATCH", "DECIDED BY"], rows)
-    return f"{text}\n\nFinal verdict: {result.get('verdict', '?')}"
+    text = table(["DIRECTION", "ENDPOINT", "NODE", "IDENTITY", "PEER", "VERDICT", "MATCH", "DECIDED BY"], rows)
+    sources = sorted({s["source"] for s in steps if s.get("source")})
+    read = f"\nRead from: {'; '.join(sources)}" if sources else ""
+    return f"{text}\n\nFinal verdict: {result.get('verdict', '?')}{read}"
 
 
 def _rule(step: Mapping[str, Any]) -> str:

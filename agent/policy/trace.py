@@ -1,9 +1,10 @@
 """`meshagent policy trace`: which verdict the datapath would give, and which rule decides it.
 
-Pure: the caller reads the kernel's policy map and endpoint table (so the trace shows what the
-kernel holds right now, not what the agent meant to write) and hands them in. Each side is a local
-endpoint (its own policy decides its direction) or just an identity (a peer on another node, or a
-reserved one such as world).
+Pure: the caller hands in, for each endpoint side, what decides its direction (`Decider`): for an
+endpoint of this node the kernel's policy map and endpoint table as they are right now (not what
+the agent meant to write); for an endpoint of another node the entries compiled from the store for
+it, which is what that node's agent writes into its own kernel. A side that is no endpoint is just
+an identity (a reserved one such as world, or a label set no endpoint carries).
 """
 
 from __future__ import annotations
@@ -33,14 +34,36 @@ RESERVED_BY_NAME = {"world": ids.WORLD, "host": ids.HOST, "remote-node": ids.REM
 
 @dataclass(frozen=True)
 class Side:
-    endpoint: EndpointRecord | None  # a local endpoint, whose own policy decides its direction
+    endpoint: EndpointRecord | None  # an endpoint (of any node), whose own policy decides its direction
     identity: int
 
 
-def resolve_side(labels: Mapping[str, str], namespace: str | None, local: Sequence[EndpointRecord],
+@dataclass(frozen=True)
+class Decider:
+    """What decides one endpoint's direction, and where it was read."""
+
+    policy: Mapping[PolicyKey, PolicyEntry]
+    enforcement: Mapping[tuple[int, int], Enforcement]  # (ep_id, direction)
+    rules: Mapping[int, RuleInfo]
+    source: str  # "kernel of node n1", "computed from the store (node n2 enforces it)"
+
+
+def enforcement_of(rec: EndpointRecord, blob: bytes) -> dict[tuple[int, int], Enforcement]:
+    """An endpoint's enforcement flags as the kernel's endpoint_info bytes hold them."""
+    info = maps.EndpointInfoC.from_buffer_copy(blob)
+    return {
+        (rec.ep_id, d): Enforcement(
+            enforced=bool(info.flags & maps.EP_F_ENFORCE[d]), audit=bool(info.flags & maps.EP_F_AUDIT[d]),
+            rule_id=info.deny_rule_ingress if d == INGRESS else info.deny_rule_egress)
+        for d in (INGRESS, EGRESS)
+    }
+
+
+def resolve_side(labels: Mapping[str, str], namespace: str | None, endpoints: Sequence[EndpointRecord],
                  identities: Mapping[int, Mapping[str, str]], flag: str) -> Side:
-    """The local endpoint, else the identity, that carries ``labels`` (and ``namespace`` if given)."""
-    for rec in local:
+    """The endpoint (this node's first, as ``endpoints`` is ordered), else the identity, that carries
+    ``labels`` (and ``namespace`` if given)."""
+    for rec in endpoints:
         sec = security_labels(rec.labels, rec.namespace, rec.serviceaccount)
         if all(sec.get(k) == v for k, v in labels.items()) and namespace in (None, rec.namespace):
             return Side(rec, rec.identity)
@@ -69,34 +92,25 @@ def parse_protocol(name: str | None, dport: object) -> tuple[int, int]:
     return PROTO_NUMBERS[proto_name], port
 
 
-def trace(src: Side, dst: Side, proto: int, port: int, policy: Mapping[PolicyKey, PolicyEntry],
-          endpoint_info: Mapping[str, bytes], rules: Mapping[int, RuleInfo]) -> dict:
-    """The verdict of ``src`` -> ``dst`` on ``proto``/``port``: egress at the source if it is a local
-    endpoint, ingress at the destination if it is one. ``endpoint_info``: the kernel's
-    endpoint_info bytes of each local endpoint by name."""
+def trace(src: Side, dst: Side, proto: int, port: int, deciders: Mapping[tuple[str, str], Decider]) -> dict:
+    """The verdict of ``src`` -> ``dst`` on ``proto``/``port``: egress at the source if it is an
+    endpoint, ingress at the destination if it is one. ``deciders``: by (node, endpoint name)."""
     steps = []
     for direction, here, peer in ((EGRESS, src, dst), (INGRESS, dst, src)):
         rec = here.endpoint
-        blob = endpoint_info.get(rec.name) if rec is not None else None
-        if blob is None:
+        decider = deciders.get((rec.node, rec.name)) if rec is not None else None
+        if decider is None:
             continue
-        info = maps.EndpointInfoC.from_buffer_copy(blob)
-        enforcement = {
-            (rec.ep_id, d): Enforcement(
-                enforced=bool(info.flags & maps.EP_F_ENFORCE[d]), audit=bool(info.flags & maps.EP_F_AUDIT[d]),
-                rule_id=info.deny_rule_ingress if d == INGRESS else info.deny_rule_egress)
-            for d in (INGRESS, EGRESS)
-        }
-        v = lookup(policy, enforcement, rec.ep_id, direction, peer.identity, proto, port)
-        rule = rules.get(v.rule_id)
+        v = lookup(decider.policy, decider.enforcement, rec.ep_id, direction, peer.identity, proto, port)
+        rule = decider.rules.get(v.rule_id)
         steps.append({
-            "direction": DIRECTION_NAMES[direction], "endpoint": rec.name, "identity": rec.identity,
-            "peer_identity": peer.identity, "verdict": v.verdict, "rule_id": v.rule_id,
+            "direction": DIRECTION_NAMES[direction], "endpoint": rec.name, "node": rec.node,
+            "identity": rec.identity, "peer_identity": peer.identity, "verdict": v.verdict, "rule_id": v.rule_id,
             "rule": rule.describe() if rule else ("no policy selects the endpoint" if not v.rule_id else "?"),
-            "match": v.match,
+            "match": v.match, "source": decider.source,
         })
     if not steps:
-        raise UserError("neither side is an endpoint of this node: nothing here decides this traffic")
+        raise UserError("neither side is an endpoint: no endpoint's policy decides this traffic")
     verdicts = [s["verdict"] for s in steps]
     final = "DENIED" if "DENIED" in verdicts else ("AUDIT" if "AUDIT" in verdicts else "ALLOWED")
     return {"verdict": final, "steps": steps}

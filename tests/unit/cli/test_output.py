@@ -129,11 +129,12 @@ def test_trace_text_ends_with_final_verdict():
     text = out.trace_text({"verdict": "ALLOWED", "steps": [
         {"direction": "ingress", "endpoint": "web-1", "identity": 2, "peer_identity": 1, "verdict": "ALLOWED",
          "rule_id": 4, "rule": "CiliumNetworkPolicy default/allow-web spec.ingress[0] (allow)",
-         "match": "L3-L4"},
+         "match": "L3-L4", "node": "n2", "source": "computed from the store (node n2 enforces it)"},
     ]})
-    assert text.splitlines()[0].split()[:3] == ["DIRECTION", "ENDPOINT", "IDENTITY"]
+    assert text.splitlines()[0].split()[:4] == ["DIRECTION", "ENDPOINT", "NODE", "IDENTITY"]
     assert "rule 4: CiliumNetworkPolicy default/allow-web" in text
-    assert text.splitlines()[-1] == "Final verdict: ALLOWED"
+    assert text.splitlines()[-2:] == ["Final verdict: ALLOWED",
+                                      "Read from: computed from the store (node n2 enforces it)"]
 
 
 # ---- flows ---------------------------------------------------------------------------------------
