@@ -38,8 +38,9 @@ BENCH_MN_BUDGET_S (2400: the build-up stops there and reports the largest size r
 BENCH_MN_MIN_FREE_MB (3000: the build-up stops when MemAvailable falls below it), BENCH_MN_PARTS
 (rr,endpoints,policy,rss).
 
-`python -m bench.multinode` runs this part alone and prints its Markdown; it writes no results file
-(BENCH_MN_JSON=PATH writes its raw results there). Everything it makes (two labs with their
+`python -m bench.multinode` runs this part alone and prints its Markdown; it writes no results file.
+latest.json keeps the summaries of the propagation phases, not their thousands of per-key samples;
+BENCH_MN_JSON=PATH writes the whole result, samples included, to PATH. Everything it makes (two labs with their
 namespaces, agents, etcd, pins and cgroups; the rr servers; the fake records' lease) is removed at
 the end, also on failure, Ctrl-C or SIGTERM: the labs' down(), processes by PID.
 """
@@ -1112,7 +1113,20 @@ def run(rounds: int) -> dict[str, Any]:
         harness.log("multinode: cleaning up")
         janitor.run_all()
     result["targets"] = targets(result)
-    return result
+    if os.environ.get("BENCH_MN_JSON"):  # every sample, e.g. to render or study them again
+        Path(os.environ["BENCH_MN_JSON"]).write_text(json.dumps(result, indent=1) + "\n")
+    return without_samples(result)
+
+
+def without_samples(result: dict) -> dict:
+    """The result as latest.json keeps it: the propagation phases' per-key samples (thousands) left
+    out, their summaries kept; the rr rounds' samples stay, as in the other parts."""
+    def strip(value: Any, key: str = "") -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v, k) for k, v in value.items() if not (k == "samples" and key != "rr")}
+        return value
+
+    return strip(result)
 
 
 # ---- summary and Markdown --------------------------------------------------------------------------------
@@ -1288,7 +1302,4 @@ def markdown(result: dict) -> str:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    part = run(int(harness.env_float("BENCH_ROUNDS", 5)))
-    if os.environ.get("BENCH_MN_JSON"):  # the raw results too, e.g. to render them again
-        Path(os.environ["BENCH_MN_JSON"]).write_text(json.dumps(part, indent=1) + "\n")
-    print(markdown(part))
+    print(markdown(run(int(harness.env_float("BENCH_ROUNDS", 5)))))
