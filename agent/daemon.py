@@ -443,7 +443,13 @@ class Agent:
 
     def periodic(self) -> None:
         next_gc = time.monotonic() + CT_GC_INTERVAL_S
-        while not self.stopping.wait(0.5):
+        changed = self.store.changed
+        while not self.stopping.is_set():
+            # Wake on the store's news (a watch event), else every half second to poll and tick.
+            changed.wait(0.5)
+            changed.clear()
+            if self.stopping.is_set():
+                break
             try:
                 # DNS answers of ServiceEntry names age out: re-resolve without waiting for a change.
                 if self.store.generation() != self._store_generation or self.resolver.due():

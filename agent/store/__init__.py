@@ -26,6 +26,9 @@ on both):
     put_all(items)                    several writes at once (`meshagent apply`): all or none
     generation() -> int               changes whenever a key outside heartbeats/ changes, by
                                       anyone: the agent's periodic loop reconciles when it moves
+    changed                           a threading.Event set when generation() moves (etcd: on the
+                                      watch's news; dir: on this process's writes, others' are
+                                      polled): the agent's loop wakes on it instead of waiting
     status() -> dict                  {"backend": "etcd"|"dir", "url", "connected": bool, "since":
                                       epoch of the last change of connected, "last_sync": epoch of
                                       the last time reads were known current, "revision": int,

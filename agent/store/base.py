@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from typing import Any, Protocol
 
 from agent.errors import MeshError
@@ -83,6 +84,8 @@ def status_record(backend: str, url: str, *, connected: bool, since: float, last
 
 class Store(Protocol):
     """The interface both backends implement; agent/store/__init__.py says what each call means."""
+
+    changed: threading.Event
 
     def get(self, key: str) -> dict | None: ...
 

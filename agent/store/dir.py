@@ -14,6 +14,7 @@ import fcntl
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +52,8 @@ class DirStore:
         self._gen_path = self.root / ".generation"
         self._opened = time.time()
         self._warned: set[tuple[str, int]] = set()  # (key, mtime) of corrupt files already reported
+        # Set when this process moves generation(); other processes' writes are found by polling it.
+        self.changed = threading.Event()
 
     @classmethod
     def from_url(cls, url: str) -> DirStore:
@@ -200,6 +203,7 @@ class DirStore:
     def _bump(self, keys: list[str]) -> None:
         """Called with the lock held, after writing ``keys``."""
         if any(moves_generation(k) for k in keys):
+            self.changed.set()
             write_atomic(str(self._gen_path), str(self.generation() + 1))
 
     def status(self) -> dict:

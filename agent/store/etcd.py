@@ -270,6 +270,7 @@ class EtcdStore:
         self._resume = threading.Event()  # cleared while a test holds the watch (_pause_watch)
         self._resume.set()
         self._dirty = threading.Event()
+        self.changed = threading.Event()  # set when generation() moves: the agent wakes on it
         self._watch_lock = threading.Lock()
         self._watch_resp: requests.Response | None = None
         self._closed = False
@@ -424,6 +425,7 @@ class EtcdStore:
     def _applied(self, changes: list[Change]) -> None:
         if self._mirror.apply(changes):
             self._dirty.set()  # the cache follows changes outside heartbeats/
+            self.changed.set()
 
     def _write(self, txn_for: Callable[[int], dict], owned: bool) -> dict:
         """Run the transaction ``txn_for(lease)``; owned writes hold the lease lock, so a new lease
@@ -554,6 +556,7 @@ class EtcdStore:
         changes = [c for c in (self._change(kv) for kv in resp.get("kvs", [])) if c is not None]
         if self._mirror.replace(changes, int(header["revision"]), str(header.get("cluster_id", ""))):
             self._dirty.set()
+            self.changed.set()
         self._synced()
         log.info("%s: read %d keys at revision %s", self.name, len(changes), header["revision"])
 
@@ -662,6 +665,7 @@ class EtcdStore:
                        if c is not None]
             if self._mirror.apply(changes, watched=True):
                 self._dirty.set()
+                self.changed.set()
             self._mirror.caught_up(max(int((ev.get("kv") or {}).get("mod_revision", 0)) for ev in events))
         elif revision:
             self._mirror.caught_up(revision)  # a progress notice: everything up to it was sent

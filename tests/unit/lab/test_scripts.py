@@ -16,6 +16,7 @@ def test_script_parses(script):
     assert out.returncode == 0, out.stderr
 
 
-def test_the_demo_policy_validates():
+def test_the_demo_resources_validate():
     resources = load_paths([str(REPO / "examples" / "multinode")])
-    assert [(r.kind, r.name) for r in resources] == [("CiliumNetworkPolicy", "web-from-client")]
+    assert sorted((r.kind, r.name) for r in resources) == [("CiliumNetworkPolicy", "web-from-client"),
+                                                            ("Service", "web")]
