@@ -21,7 +21,8 @@ same tests on the lab's etcd.
 For tests that share one lab, `Workloads` (fixture `workloads(lab)` in a test module, see
 tests/datapath/test_multinode.py) makes endpoints, resources and servers and removes them at the
 test's end, also when it fails; `eventually` polls with a deadline; `connects` tries one TCP
-connection from an endpoint.
+connection from an endpoint; `reconfigured(node, key=value)` runs a node's agent on another config
+for a while, and `refused_start(node)` starts one that must refuse (its output).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import Lab, LabError, LabNode, LabSpec
+from lab import Lab, LabError, LabNode, LabSpec, node_config
 
 LAB_STORE = os.environ.get("MESHAGENT_TEST_STORE", "dir")
 TEST_POD_BASE = 150
@@ -166,3 +167,43 @@ class Workloads:
         if problems:
             raise LabError("; ".join(problems))
 
+
+
+def write_config(node: LabNode, **overrides) -> None:
+    """The node's config as the lab writes it, with ``overrides`` (a None value removes the key)."""
+    settings = {k: v for k, v in {**node.settings(), **overrides}.items() if v is not None}
+    node_config.write(node.config_path, settings, origin=f"the node lab ({node.lab.name})")
+
+
+@contextlib.contextmanager
+def reconfigured(node: LabNode, **overrides):
+    """Stop the node's agent and write its config with ``overrides``; at the end (also on failure)
+    stop whatever agent runs, write the lab's config again and start the agent on it."""
+    node.stop_agent()
+    write_config(node, **overrides)
+    try:
+        yield node
+    finally:
+        node.stop_agent()
+        write_config(node)
+        node.start_agent()
+
+
+def refused_start(node: LabNode) -> str:
+    """Start the node's agent, which must exit instead of becoming ready: what it wrote (its log
+    from this start on)."""
+    start = os.path.getsize(node.log_path) if os.path.exists(node.log_path) else 0
+    with pytest.raises(LabError, match="the agent exited"):
+        node.start_agent()
+    with open(node.log_path) as f:
+        f.seek(start)
+        return f.read()
+
+
+def one_error_line(output: str) -> str:
+    """The one `Error: ...` line of an agent's output, which must be its last line, with no
+    traceback anywhere."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error: ")]
+    assert "Traceback" not in output and len(errors) == 1 and lines[-1] == errors[0], output
+    return errors[0]
