@@ -398,7 +398,9 @@ class Lab:
         if self.spec.tls:
             self._phase("pki")
             pki = Pki(os.path.join(self.workdir, "pki"), f"meshagent-lab-{self.name}")
-            self.etcd_server_tls = pki.issue("etcd", server_ips=(self.etcd_ip,), client=False)
+            # Client auth too: etcd's gRPC gateway (the HTTP/JSON API the agents use) dials etcd's own
+            # gRPC port with this certificate, and --client-cert-auth refuses it without (etcd #9785).
+            self.etcd_server_tls = pki.issue("etcd", server_ips=(self.etcd_ip,), client=True)
             self.etcd_client_tls = pki.issue("lab-admin")
             for node in self.nodes:
                 node.store_tls = pki.issue(node.name)
