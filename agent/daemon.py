@@ -229,7 +229,9 @@ class Agent:
         st = self.store.status()
         if not st.get("connected", True):
             since = time.strftime("%H:%M:%S", time.localtime(st["since"])) if st.get("since") else "?"
-            raise StoreError(f"{st.get('url', self.cfg.store)}: unreachable since {since}"
+            # Named as the store names itself in its own errors ("etcd store URL").
+            store = f"{st.get('backend', 'dir')} store {st.get('url', self.cfg.store)}"
+            raise StoreError(f"{store}: unreachable since {since}"
                              + (f" ({st['error']})" if st.get("error") else "")
                              + f"; {what} was not made: retry once the store is back")
 

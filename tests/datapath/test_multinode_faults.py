@@ -249,8 +249,8 @@ def test_every_node_keeps_enforcing_while_etcd_is_away_and_resyncs_when_it_is_ba
     for refused in (n1.apply(policy, check=False), n3.cli("endpoint", "add", f"new-{t}", "--labels", "app=new",
                                                           check=False)):
         assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
-        assert re.match(rf"Error: {re.escape(flab.store_url)}: unreachable since \d\d:\d\d:\d\d ", refused.stderr), \
-            refused.stderr
+        pattern = rf"Error: etcd store {re.escape(flab.store_url)}: unreachable since \d\d:\d\d:\d\d "
+        assert re.match(pattern, refused.stderr), refused.stderr
     assert not os.path.exists(f"/run/netns/{n3.name}-new-{t}")
     assert f"new-{t}" not in {e["name"] for e in n3.cli_json("endpoint", "list")}
     assert enforcing(pairs) == []
