@@ -77,13 +77,17 @@ meshagent --node n1 policy trace --from-label role=intruder --to-label app=web -
 step "a Service whose backends are on n2 and n3 (examples/multinode/service.yaml), called from n1"
 meshagent --node n1 apply -f examples/multinode/service.yaml || exit 1
 meshagent --node n1 service list
+admitted() {  # new connections from the client that node $1 admitted to web so far
+    meshagent --node "$1" flows --from-label app=client --to-label app=web --verdict FORWARDED -o json |
+        "$PY" -c 'import json,sys; print(sum(1 for l in sys.stdin if json.loads(l).get("event_type") == "flow-new"))'
+}
+before_n2=$(admitted n2); before_n3=$(admitted n3)
 meshagent --node n1 exec client -- sh -c 'n=0; for i in $(seq 20); do
     curl -s -o /dev/null --max-time 5 http://web/ && n=$((n+1)); done; echo "20 requests to http://web/ from n1: $n answered"'
 sleep 0.5
-for n in 2 3; do  # new connections each backend's node admitted from the client
-    count=$(meshagent --node n$n flows --from-label app=client --to-label app=web --verdict FORWARDED -o json |
-        "$PY" -c 'import json,sys; print(sum(1 for l in sys.stdin if json.loads(l).get("event_type") == "flow-new"))')
-    echo "web on n$n took $count of the client's connections"
+for n in 2 3; do
+    count=$(( $(admitted n$n) - before_n$n ))
+    echo "web on n$n took $count of them"
 done
 sleep 0.5
 step "flows on n2, where web decided (meshagent --node n2 flows --to-label app=web --port 80 --last 6)"
