@@ -774,11 +774,10 @@ def compile_policies(
     universe: dict[int, Mapping[str, str]] = {
         i.id: i.labels for i in identities if not ids.is_reserved(i.id) and i.id < ids.CIDR_BASE
     }
-    cluster = endpoints if cluster_endpoints is None else cluster_endpoints
-    for ep in (*endpoints, *cluster):
+    for ep in endpoints:
         universe.setdefault(ep.identity, ep.labels)
     resolver = _Resolver(universe, cidrs)
-    named_index = _named_port_index(cluster)
+    named_index = _named_port_index(endpoints if cluster_endpoints is None else cluster_endpoints)
 
     out = CompiledPolicy(cidr_identities={str(net): n for net, n in sorted(cidrs.items())}, rules=rules)
     buckets: dict[tuple[int, int, int], dict[_Port, _Candidate]] = {}
