@@ -103,7 +103,7 @@ def _end_port(obj: Mapping[str, Any], path: str) -> None:
     if "port" not in obj:
         raise Invalid(join(path, "endPort"), "endPort needs port (the start of the range)")
     if v.is_port_name(obj["port"]):  # Kubernetes: endPort "may not be specified when port is non-numeric"
-        raise Invalid(join(path, "endPort"), f"endPort needs a numeric port: the named port {obj['port']!r} "
+        raise Invalid(join(path, "endPort"), f"endPort needs a numeric port: the named port {show(obj['port'])} "
                       "cannot start a range")
     start, end = v.port_number(obj["port"]), v.port_number(obj["endPort"])
     if end < start:
