@@ -81,6 +81,7 @@ MAX_HANDLERS = 64
 MAX_NAME = 253  # a DNS subdomain, the longest Kubernetes name; endpoint names are checked to 63 by the agent
 MAX_LABEL_TEXT = 317  # a label key: a 253-char prefix, "/", a 63-char name (values are at most 63)
 MAX_LABELS = 64  # per label set; a pod carries a handful, and every label is a map key the agent compares
+MAX_PORTS = 128  # named ports per endpoint; a pod names a handful (the agent checks each: agent/named_ports.py)
 MAX_TEXT = 4096  # a path (PATH_MAX) or a document's "where"
 MAX_DOCUMENTS = 10_000  # per apply/delete: a few thousand resources backed up with `get all` and applied back
 MAX_FLOWS_LAST = 2**31 - 1  # any count (the flow buffer holds fewer); a machine integer
@@ -348,6 +349,9 @@ LABELS = MapOf(Str(MAX_LABEL_TEXT), Str(MAX_LABEL_TEXT), MAX_LABELS)
 DOCUMENTS = ListOf(Obj({"body": required(AnyObject()), "where": optional(TEXT)}), MAX_DOCUMENTS)
 PORT = Either((Int(0, 65535), Str(5)))  # 80, or "80" as the CLI's flags give it
 PROTOCOL = Enum(("TCP", "UDP", "ICMP", "SCTP"), ignore_case=True)
+# An endpoint's named ports, as a pod's container ports: [{"name": "http", "port": 80, "protocol": "TCP"}].
+NAMED_PORTS = ListOf(Obj({"name": required(Str(15)), "port": required(Int(1, 65535)),
+                          "protocol": optional(Enum(("TCP", "UDP", "SCTP"), ignore_case=True))}), MAX_PORTS)
 LABEL_FILTERS = Either((Str(2 * MAX_LABEL_TEXT + 1), ListOf(Str(2 * MAX_LABEL_TEXT + 1), MAX_LABELS)))  # K=V
 FLOW_FILTERS = Obj({
     "from_label": optional(LABEL_FILTERS),
@@ -419,9 +423,11 @@ OPS: dict[str, Op] = {
               kind=optional(Enum(("all", *KINDS)))),
     "service_list": op(lambda agent, a: agent.service_list()),
     "endpoint_add": op(
-        lambda agent, a: agent.endpoint_add(a.name, a.labels, a.namespace, a.serviceaccount, a.netns, a.ip),
+        lambda agent, a: agent.endpoint_add(a.name, a.labels, a.namespace, a.serviceaccount, a.netns, a.ip,
+                                            a.ports),
         name=required(NAME), labels=optional(LABELS, {}), namespace=optional(NAME, "default"),
-        serviceaccount=optional(NAME, "default"), netns=optional(TEXT), ip=optional(ADDRESS)),
+        serviceaccount=optional(NAME, "default"), netns=optional(TEXT), ip=optional(ADDRESS),
+        ports=optional(NAMED_PORTS, [])),
     "endpoint_list": op(lambda agent, a: agent.endpoint_list()),
     "endpoint_get": op(lambda agent, a: agent.endpoint_get(a.name),
                        name=required(NAME)),

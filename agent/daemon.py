@@ -38,6 +38,7 @@ from agent.flows import FlowBuffer, FlowContext, FlowCounters, FlowFilter, decod
 from agent.identity import IdentityAllocator
 from agent.l7_supervisor import L7Supervisor
 from agent.labels import security_labels
+from agent.named_ports import ports_of
 from agent.node import (
     NodeError,
     NodeLock,
@@ -52,7 +53,16 @@ from agent.node_registry import NodeClaimError, NodeRegistry, detect_node_ip
 from agent.policy.compiler import compile_policies
 from agent.policy.trace import Decider, enforcement_of, parse_protocol, resolve_side, trace
 from agent.policy.types import EndpointInfo, IdentityInfo
-from agent.reconcile import POLICY_KINDS, Computed, Sync, compute, flow_context, node_tables, policy_inputs
+from agent.reconcile import (
+    POLICY_KINDS,
+    Computed,
+    Sync,
+    compute,
+    flow_context,
+    named_port_endpoints,
+    node_tables,
+    policy_inputs,
+)
 from agent.resources import KINDS, Limits, check_apply_size, namespace_warning, validate
 from agent.services import check_services
 from agent.state import (
@@ -272,10 +282,10 @@ class Agent:
     # ---- endpoints and identities ----------------------------------------------------------------
 
     def endpoint_add(self, name: str, labels: dict, namespace: str = "default", serviceaccount: str = "default",
-                     netns: str | None = None, ip: str | None = None) -> dict:
+                     netns: str | None = None, ip: str | None = None, ports: list | None = None) -> dict:
         self.require_store("the endpoint")
         with self.lock:
-            return self.endpoints.add(name, labels, namespace, serviceaccount, netns, ip)
+            return self.endpoints.add(name, labels, namespace, serviceaccount, netns, ip, ports)
 
     def endpoint_delete(self, name: str) -> dict:
         self.require_store("the deletion")
@@ -357,8 +367,10 @@ class Agent:
                     [IdentityInfo(id=i, labels=dict(lbls)) for i, lbls in sorted(desired.identities.items())],
                     [EndpointInfo(ep_id=rec.ep_id, name=rec.name, namespace=rec.namespace, ip=rec.ip,
                                   identity=rec.identity,
-                                  labels=security_labels(rec.labels, rec.namespace, rec.serviceaccount))],
-                    mode=self.cfg.policy_enforcement, cidr_identities=desired.cidr_identities)
+                                  labels=security_labels(rec.labels, rec.namespace, rec.serviceaccount),
+                                  ports=ports_of(rec.ports))],
+                    mode=self.cfg.policy_enforcement, cidr_identities=desired.cidr_identities,
+                    cluster_endpoints=named_port_endpoints(desired.endpoints))
                 deciders[(rec.node, rec.name)] = Decider(
                     compiled.entries, compiled.enforcement, compiled.rules,
                     f"computed from the store (node {rec.node} enforces it)")

@@ -52,6 +52,9 @@ class EndpointRecord:
     mac: str = ""
     host_mac: str = ""
     extra: dict = field(default_factory=dict)
+    # Named ports, as a pod's container ports: [{"name", "port", "protocol"}] (agent/named_ports.py).
+    # Records stored before endpoints had ports read as none.
+    ports: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)

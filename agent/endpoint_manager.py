@@ -28,6 +28,7 @@ from agent.datapath.sockets import netns_cookie
 from agent.errors import UserError
 from agent.identity import IdentityAllocator
 from agent.labels import LabelError, check_key, check_value, security_labels
+from agent.named_ports import check_ports
 from agent.node_config import NodeConfig
 from agent.store import StoreError
 
@@ -110,7 +111,7 @@ class EndpointManager:
             self.netns_cookies[rec.name] = netns_cookie(rec.netns)
 
     def add(self, name: str, labels: dict, namespace: str = "default", serviceaccount: str = "default",
-            netns: str | None = None, ip: str | None = None) -> dict:
+            netns: str | None = None, ip: str | None = None, ports: list | None = None) -> dict:
         check_name("endpoint name", name)
         check_name("namespace", namespace)
         check_name("serviceaccount", serviceaccount)
@@ -120,6 +121,7 @@ class EndpointManager:
                 check_value(v)
         except LabelError as e:
             raise UserError(str(e)) from None
+        named = [p.to_dict() for p in check_ports(ports or [])]  # PortSpecError: the request's, one line
         everyone = self.all_records()
         for rec in everyone:  # names are per node, as pod names are per namespace
             if rec.name == name and rec.node == self.cfg.node_name:
@@ -133,7 +135,7 @@ class EndpointManager:
         identity = self.identities.allocate(sec)
         rec = ep.EndpointRecord(
             name=name, node=self.cfg.node_name, namespace=namespace, serviceaccount=serviceaccount,
-            labels=dict(labels), ip=ip, ep_id=ep_id, identity=identity,
+            labels=dict(labels), ip=ip, ep_id=ep_id, identity=identity, ports=named,
             netns=netns or f"/run/netns/{netns_name(self.cfg.node_name, name)}", netns_owned=netns is None,
             ifname=ep.host_ifname(self.cfg.node_name, name),
             peer_ifname="eth0", cgroup=os.path.join(self.cfg.cgroup, f"ep-{name}"),

@@ -68,6 +68,7 @@ from agent.files import DIR_MODE, FILE_MODE, PUBLIC_DIR_MODE, PUBLIC_FILE_MODE, 
 from agent.flows import EndpointRef, FlowContext
 from agent.l7_snapshot import l7_config, l7_services
 from agent.labels import security_labels
+from agent.named_ports import ports_of
 from agent.node import delete_pod_route, pod_routes, set_pod_route
 from agent.policy.compiler import PolicyInput, compile_policies
 from agent.policy.types import EGRESS, INGRESS, EndpointInfo, Enforcement, IdentityInfo, RuleInfo
@@ -87,6 +88,13 @@ FASTPATH = "fastpath"  # the one key of fastpath_config
 
 def policy_inputs(resources: Mapping[str, Sequence[dict]]) -> list[PolicyInput]:
     return [PolicyInput.from_body(kind, body) for kind in POLICY_KINDS for body in resources.get(kind, ())]
+
+
+def named_port_endpoints(records: Sequence[EndpointRecord]) -> list[EndpointInfo]:
+    """The endpoints of every node that name ports, against which egress rules' named ports resolve.
+    Compiled on every reconcile, so an endpoint that comes or goes changes what they resolve to."""
+    return [EndpointInfo(ep_id=rec.ep_id, name=rec.name, namespace=rec.namespace, ip=rec.ip, identity=rec.identity,
+                         labels={}, ports=ports) for rec in records if (ports := ports_of(rec.ports))]
 
 
 # ---- compute: pure -------------------------------------------------------------------------------
@@ -112,8 +120,10 @@ def compute(desired: DesiredState) -> Computed:
         policy_inputs(desired.resources),
         [IdentityInfo(id=i, labels=dict(lbls)) for i, lbls in sorted(desired.identities.items())],
         [EndpointInfo(ep_id=rec.ep_id, name=rec.name, namespace=rec.namespace, ip=rec.ip, identity=rec.identity,
-                      labels=security_labels(rec.labels, rec.namespace, rec.serviceaccount)) for rec in local],
+                      labels=security_labels(rec.labels, rec.namespace, rec.serviceaccount),
+                      ports=ports_of(rec.ports)) for rec in local],
         mode=node.policy_mode, cidr_identities=desired.cidr_identities,
+        cluster_endpoints=named_port_endpoints(desired.endpoints),
     )
     ipcache: dict[str, int] = dict(compiled.cidr_identities)
     routes = {}

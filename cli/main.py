@@ -37,6 +37,7 @@ from agent import __version__, node_config
 from agent.client import AgentClient
 from agent.errors import MeshError
 from agent.labels import LabelError, parse_labels
+from agent.named_ports import NamedPort, PortSpecError, check_ports, parse_port_spec
 from cli import output as out
 
 
@@ -226,6 +227,20 @@ class PortProtoType(click.ParamType):
         if proto != "ICMP" and not 1 <= port <= 65535:
             self.fail(f"{value!r}: the port must be 1-65535", param, ctx)
         return port, proto
+
+
+class NamedPortType(click.ParamType):
+    """``http=8080``, ``dns=53/udp`` -> NamedPort, as a pod's container port (agent/named_ports.py)."""
+
+    name = "NAME=PORT[/PROTO]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> NamedPort:
+        if isinstance(value, NamedPort):
+            return value
+        try:
+            return parse_port_spec(str(value))
+        except PortSpecError as e:
+            self.fail(str(e), param, ctx)
 
 
 LABELS = LabelsType()
@@ -492,6 +507,7 @@ def endpoint() -> None:
     "meshagent endpoint add client --labels app=client",
     "meshagent endpoint add web-1 --labels app=web,version=v1 --namespace shop --serviceaccount web",
     "meshagent endpoint add db --labels app=db --netns /run/netns/db --ip 10.200.0.50",
+    "meshagent endpoint add x-b --namespace x --labels pod=b --port serve-80-tcp=80 --port serve-81-udp=81/UDP",
 ))
 @click.argument("name")
 @click.option("--labels", "labels", type=LABELS, required=True, help="The endpoint's labels.")
@@ -500,14 +516,21 @@ def endpoint() -> None:
               help="Its service account (its SPIFFE identity).")
 @click.option("--netns", metavar="PATH", help="Attach this existing network namespace instead of making one.")
 @click.option("--ip", type=IPV4, help="Address from the node's pod CIDR (default: the next free one).")
+@click.option("--port", "ports", type=NamedPortType(), multiple=True,
+              help="A named port, as a pod's container port (PROTO: TCP, UDP or SCTP; default TCP); "
+                   "policies may then say `port: NAME`. Repeatable.")
 @output_option()
 @pass_target
 def endpoint_add(target: Target, name: str, labels: dict, namespace: str, serviceaccount: str,
-                 netns: str | None, ip: str | None, output: str) -> None:
+                 netns: str | None, ip: str | None, ports: tuple[NamedPort, ...], output: str) -> None:
     """Create endpoint NAME (a network namespace plugged into the node); print its IP and identity."""
+    try:
+        checked = check_ports(ports)  # a name or a port/protocol given twice
+    except PortSpecError as e:
+        raise click.BadParameter(str(e), param_hint="'--port'") from None
     result = target.client().call(
         "endpoint_add", name=name, labels=labels, namespace=namespace, serviceaccount=serviceaccount,
-        netns=netns, ip=ip,
+        netns=netns, ip=ip, ports=[p.to_dict() for p in checked],
     )
     emit(result, output, lambda ep: out.endpoints_table([ep]))
 

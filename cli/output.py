@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from agent.identity import RESERVED
+from agent.named_ports import ports_text
 from agent.policy.icmp import ICMP_TYPE_NAMES
 
 OUTPUT_FORMATS = ("table", "json", "yaml")
@@ -230,10 +231,10 @@ def resources_table(items: Sequence[Mapping[str, Any]], with_kind: bool = False)
 
 def endpoints_table(items: Sequence[Mapping[str, Any]]) -> str:
     return table(
-        ["ID", "NAME", "NAMESPACE", "IP", "IDENTITY", "STATE", "LABELS"],
+        ["ID", "NAME", "NAMESPACE", "IP", "IDENTITY", "STATE", "LABELS", "PORTS"],
         (
             [e.get("ep_id"), e.get("name"), e.get("namespace"), e.get("ip"), e.get("identity"),
-             e.get("state"), labels_text(e.get("labels") or {})]
+             e.get("state"), labels_text(e.get("labels") or {}), ports_text(e.get("ports"))]
             for e in items
         ),
     )
@@ -251,9 +252,12 @@ def trace_text(result: Mapping[str, Any]) -> str:
         for s in steps
     )
     text = table(["DIRECTION", "ENDPOINT", "NODE", "IDENTITY", "PEER", "VERDICT", "MATCH", "DECIDED BY"], rows)
+    named = [f"  {s.get('direction')} at {s.get('endpoint')}: {line}"
+             for s in steps for line in s.get("named_ports") or ()]
+    names = "\n\nNamed ports:\n" + "\n".join(named) if named else ""
     sources = sorted({s["source"] for s in steps if s.get("source")})
     read = f"\nRead from: {'; '.join(sources)}" if sources else ""
-    return f"{text}\n\nFinal verdict: {result.get('verdict', '?')}{read}"
+    return f"{text}{names}\n\nFinal verdict: {result.get('verdict', '?')}{read}"
 
 
 def _rule(step: Mapping[str, Any]) -> str:

@@ -13,15 +13,20 @@ I/O. The steps, in order:
    beats an audit deny (see `_flatten`). The datapath then only combines the peer's own
    identity with ANY_IDENTITY (bpf/lib/policy.h, mirrored by agent/policy/lookup.py).
 
-Semantic problems the resource schema cannot catch (named ports, IPv6 CIDRs, an except outside
-its CIDR, unknown entities, …) raise PolicyCompileError with a one-line message naming the policy
-and the field path.
+Named ports (`port: http`) are resolved in step 4, per endpoint, as Kubernetes resolves them per
+pod: an ingress rule's name against the selected endpoint's own ports, an egress rule's name
+against the ports of each endpoint its peers select (see `_named_entries`).
+
+Semantic problems the resource schema cannot catch (a named port starting a range, IPv6 CIDRs, an
+except outside its CIDR, unknown entities, …) raise PolicyCompileError with a one-line message
+naming the policy and the field path.
 """
 
 from __future__ import annotations
 
 import bisect
 import ipaddress
+import re
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +36,7 @@ from typing import Any
 from agent import identity as ids
 from agent.errors import MeshError
 from agent.labels import NAMESPACE_LABEL, NAMESPACE_NAME_LABEL, LabelError, Selector
+from agent.named_ports import policy_port_name
 from agent.policy.icmp import icmp_type_number
 from agent.policy.portrange import MAX_PORT, PORT_BITS, port_mask, range_to_prefixes
 from agent.policy.types import (
@@ -38,6 +44,7 @@ from agent.policy.types import (
     ANY_PROTO,
     EGRESS,
     INGRESS,
+    PROTO_NAMES,
     PROTO_NUMBERS,
     Action,
     CompiledPolicy,
@@ -143,6 +150,14 @@ _Peer = _LabelPeer | _CidrPeer | _EntityPeer
 _ANYONE = _EntityPeer("all")
 
 
+@dataclass(frozen=True)
+class _Named:
+    """A port given by name (``port: http``) for one protocol: a number only per endpoint."""
+
+    proto: int
+    name: str
+
+
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: the policy body is a dict
 class _Rule:
     policy: PolicyInput
@@ -151,6 +166,7 @@ class _Rule:
     action: Action
     peers: tuple[_Peer, ...]  # empty: the rule matches nothing
     ports: tuple[tuple[int, int, int], ...]  # (proto, port, prefix); _ALL_PORTS = any traffic
+    named: tuple[_Named, ...] = ()  # ports by name, besides ``ports`` (which is then empty or numeric)
 
 
 @dataclass(frozen=True, eq=False)
@@ -242,22 +258,41 @@ class _Parser:
             out.append(ex)
         return _CidrPeer(net, tuple(out))
 
+    def _port_name(self, path: str, value: Any) -> str | None:
+        """The port name ``value`` gives, or None for a number. CiliumNetworkPolicy compares names
+        in any case (Cilium lowercases them), NetworkPolicy takes Kubernetes' lowercase names."""
+        if not isinstance(value, str):
+            return None
+        if re.fullmatch(r"\s*\d+\s*-\s*\d+\s*", value):
+            raise self.error(path, f"{value!r}: write a port range as port and endPort")
+        try:
+            return policy_port_name(value, ignore_case=self.policy.kind == CNP)
+        except ValueError as e:
+            raise self.error(path, str(e)) from None
+
     def _port_number(self, path: str, value: Any) -> int:
         if value is None:
             return 0
         if isinstance(value, bool):
             raise self.error(path, f"invalid port {value!r}")
         if isinstance(value, str):
-            if "-" in value:
-                raise self.error(path, f"{value!r}: write a port range as port and endPort")
-            if not value.strip().isdigit():
-                raise self.error(path, f"named port {value!r} is not supported: use a number")
+            if self._port_name(path, value) is not None:
+                raise self.error(path, f"{value!r}: a port range needs numbers (a named port cannot be one)")
             value = int(value)
         if not isinstance(value, int) or not 0 <= value <= MAX_PORT:
             raise self.error(path, f"port {value!r} is out of range 0-{MAX_PORT}")
         return value
 
-    def _port_blocks(self, path: str, protos: Sequence[int], port: Any, end_port: Any) -> list[tuple]:
+    def _port_blocks(self, path: str, protos: Sequence[int], port: Any, end_port: Any) -> list:
+        """(proto, port, prefix) blocks for a number or range, a _Named per protocol for a name."""
+        name = self._port_name(f"{path}.port", port)
+        if name is not None:
+            if end_port is not None:  # Kubernetes: endPort "may not be specified when port is non-numeric"
+                raise self.error(f"{path}.endPort", f"endPort needs a numeric port: the named port {name!r} "
+                                 "cannot start a range")
+            if _ICMP in protos:
+                raise self.error(f"{path}.port", f"named port {name!r} needs protocol TCP, UDP, SCTP or ANY")
+            return [_Named(proto, name) for proto in protos]
         first = self._port_number(f"{path}.port", port)
         if end_port is None:
             blocks = [(first, PORT_BITS)] if first else [(0, 0)]
@@ -348,10 +383,12 @@ class _Parser:
         has_ports = _present(rule.get("toPorts")) or _present(rule.get("icmps"))
         if not has_peers and not has_ports:
             return _Rule(self.policy, path, direction, action, (), ())
+        numeric, named = _split_ports(ports)
         return _Rule(
             self.policy, path, direction, action,
             tuple(peers) if has_peers else (_ANYONE,),  # ports only: from/to anyone
-            tuple(dict.fromkeys(ports)) if has_ports else (_ALL_PORTS,),  # peers only: all traffic
+            numeric if has_ports else (_ALL_PORTS,),  # peers only: all traffic
+            named,
         )
 
     def _cnp_port_rule(self, path: str, port_rule: Mapping) -> list[tuple]:
@@ -431,9 +468,10 @@ class _Parser:
                 raise self.error(f"{ipath}.protocol", f"{name!r}: supported: TCP, UDP, SCTP")
             ports += self._port_blocks(ipath, (PROTO_NUMBERS[name],), item.get("port"), item.get("endPort"))
         # Kubernetes: an empty or missing from/to matches every peer, empty or missing ports every port.
+        numeric, named = _split_ports(ports)
         return _Rule(
             self.policy, path, direction, Action.ALLOW,
-            tuple(peers) or (_ANYONE,), tuple(dict.fromkeys(ports)) or (_ALL_PORTS,),
+            tuple(peers) or (_ANYONE,), numeric or (() if named else (_ALL_PORTS,)), named,
         )
 
     def _np_peer(self, path: str, peer: Mapping) -> _Peer:
@@ -451,6 +489,20 @@ class _Parser:
             return _LabelPeer(self._scoped(pods))
         namespaces = self._selector(f"{path}.namespaceSelector", peer["namespaceSelector"] or {})
         return _LabelPeer(pods, namespaces)
+
+
+def _split_ports(specs: Sequence) -> tuple[tuple[tuple[int, int, int], ...], tuple[_Named, ...]]:
+    """A rule's port list as (numeric blocks, named ports), each without repeats, in order."""
+    named = tuple(dict.fromkeys(s for s in specs if isinstance(s, _Named)))
+    return tuple(dict.fromkeys(s for s in specs if not isinstance(s, _Named))), named
+
+
+def _named_summary(named: Sequence[_Named]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """RuleInfo.named_ports: each name once, with the protocols the rule asks for it on."""
+    out: dict[str, list[str]] = {}
+    for n in named:
+        out.setdefault(n.name, []).append(PROTO_NAMES[n.proto])
+    return tuple((name, tuple(protos)) for name, protos in out.items())
 
 
 _LABEL_SOURCES = ("k8s:", "any:")
@@ -665,12 +717,15 @@ def compile_policies(
     *,
     mode: str = "default",
     cidr_identities: Mapping[str, int] | None = None,
+    cluster_endpoints: Sequence[EndpointInfo] | None = None,
 ) -> CompiledPolicy:
     """The policy map, enforcement flags and rule table for this node's endpoints.
 
     ``identities``: every identity of the cluster (peers resolve against them). ``endpoints``: the
     local endpoints. ``mode``: policy_enforcement (default | always | never). ``cidr_identities``:
-    the previous result's numbers, kept stable for prefixes still in use.
+    the previous result's numbers, kept stable for prefixes still in use. ``cluster_endpoints``:
+    the endpoints of every node (this one's too) that name ports, against which egress rules'
+    named ports resolve (default: ``endpoints``); only their identities and ports are read.
     Raises PolicyCompileError for a policy that cannot be enforced as written.
     """
     if mode not in MODES:
@@ -710,7 +765,7 @@ def compile_policies(
             number = numbers[_rule_name(r.policy, r.path)]
             rules[number] = RuleInfo(
                 number, r.policy.ref, r.policy.kind, r.path, "allow" if r.action == Action.ALLOW else "deny",
-                r.policy.audit,
+                r.policy.audit, _named_summary(r.named),
             )
             order[r] = len(order)
     if mode == "always":
@@ -722,6 +777,7 @@ def compile_policies(
     for ep in endpoints:
         universe.setdefault(ep.identity, ep.labels)
     resolver = _Resolver(universe, cidrs)
+    named_index = _named_port_index(endpoints if cluster_endpoints is None else cluster_endpoints)
 
     out = CompiledPolicy(cidr_identities={str(net): n for net, n in sorted(cidrs.items())}, rules=rules)
     buckets: dict[tuple[int, int, int], dict[_Port, _Candidate]] = {}
@@ -736,7 +792,7 @@ def compile_policies(
                 for rule in subject.rules:
                     if rule.direction != direction:
                         continue
-                    _expand(rule, ep.ep_id, resolver, numbers, order[rule], buckets)
+                    _expand(rule, ep, resolver, numbers, order[rule], buckets, named_index)
 
     for (ep_id, direction, peer), bucket in sorted(buckets.items()):
         for (proto, port, prefix), entry in sorted(_flatten(bucket).items()):
@@ -757,13 +813,54 @@ def _enforcement(enforcing: Sequence[_Subject], mode: str, numbers: Mapping[str,
     )
 
 
+# (port name, protocol number) -> identity -> the numbers endpoints of that identity give the name
+_NamedIndex = Mapping[tuple[str, int], Mapping[int, frozenset[int]]]
+
+
+def _named_port_index(endpoints: Sequence[EndpointInfo]) -> _NamedIndex:
+    index: dict[tuple[str, int], dict[int, set[int]]] = {}
+    for ep in endpoints:
+        for p in ep.ports:
+            index.setdefault((p.name, PROTO_NUMBERS[p.protocol]), {}).setdefault(ep.identity, set()).add(p.port)
+    return {key: {ident: frozenset(nums) for ident, nums in by_id.items()} for key, by_id in index.items()}
+
+
+def _named_entries(rule: _Rule, ep: EndpointInfo, peers: set[int], index: _NamedIndex) -> set[tuple[int, _Port]]:
+    """(peer identity, port block) for each named port of ``rule`` that resolves, as Kubernetes
+    resolves a named port against the pod the traffic goes to:
+
+    - ingress: against ``ep``'s own ports (the endpoint the rule protects); an endpoint without the
+      name, or with it on another protocol, gets nothing from it and stays under default deny;
+    - egress: against the endpoints of each peer identity, every endpoint of the cluster for a
+      rule open to any peer. Only endpoints name ports: a CIDR, ipBlock or entity peer such as
+      world gets nothing from a named port (Cilium resolves them for endpoints only, too).
+
+    Endpoints of one identity that give one name different numbers: each number is allowed for
+    that identity, so each endpoint is reachable on its own number (the map is keyed by identity,
+    so the others of the identity are too). Cilium instead leaves such a name unresolved for the
+    identity (ErrDuplicateNamedPorts, which it expects only during label-scheme upgrades); a
+    NetworkPolicy user expects every pod reachable on its own port, as Kubernetes gives it.
+    """
+    out: set[tuple[int, _Port]] = set()
+    for named in rule.named:
+        if rule.direction == INGRESS:
+            own = [p.port for p in ep.ports if p.name == named.name and PROTO_NUMBERS[p.protocol] == named.proto]
+            out |= {(peer, (named.proto, number, PORT_BITS)) for peer in peers for number in own}
+            continue
+        for identity, numbers in index.get((named.name, named.proto), {}).items():
+            if identity in peers or ANY_IDENTITY in peers:
+                out |= {(identity, (named.proto, number, PORT_BITS)) for number in numbers}
+    return out
+
+
 def _expand(
     rule: _Rule,
-    ep_id: int,
+    ep: EndpointInfo,
     resolver: _Resolver,
     numbers: Mapping[str, int],
     order: int,
     buckets: dict[tuple[int, int, int], dict[_Port, _Candidate]],
+    named_index: _NamedIndex,
 ) -> None:
     audit = rule.policy.audit
     if rule.action == Action.ALLOW:
@@ -775,9 +872,11 @@ def _expand(
     peers: set[int] = set()
     for peer in rule.peers:
         peers |= resolver.resolve(peer)
-    for peer in peers:
-        bucket = buckets.setdefault((ep_id, rule.direction, peer), {})
-        for port in rule.ports:
-            current = bucket.get(port)
-            if current is None or candidate.beats(current):
-                bucket[port] = candidate
+    pairs = [(peer, port) for peer in peers for port in rule.ports]
+    if rule.named:
+        pairs += sorted(_named_entries(rule, ep, peers, named_index))
+    for peer, port in pairs:
+        bucket = buckets.setdefault((ep.ep_id, rule.direction, peer), {})
+        current = bucket.get(port)
+        if current is None or candidate.beats(current):
+            bucket[port] = candidate

@@ -5,6 +5,9 @@ endpoint of this node the kernel's policy map and endpoint table as they are rig
 the agent meant to write); for an endpoint of another node the entries compiled from the store for
 it, which is what that node's agent writes into its own kernel. A side that is no endpoint is just
 an identity (a reserved one such as world, or a label set no endpoint carries).
+
+A rule that names ports (`port: http`) got its numbers from the endpoint the traffic goes to; each
+step says what the names resolved to there (`explain_named_ports`), or that they did not.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from agent.datapath import maps
 from agent.endpoint import EndpointRecord
 from agent.errors import UserError
 from agent.labels import security_labels
+from agent.named_ports import ports_of
 from agent.policy.lookup import lookup
 from agent.policy.types import (
     DIRECTION_NAMES,
@@ -92,6 +96,45 @@ def parse_protocol(name: str | None, dport: object) -> tuple[int, int]:
     return PROTO_NUMBERS[proto_name], port
 
 
+def _direction_of(path: str) -> int | None:
+    """INGRESS or EGRESS for a rule's path ("spec.ingress[0]", "specs[1].egressDeny[0]")."""
+    section = path.rsplit(".", 1)[-1].split("[", 1)[0]
+    if section.startswith("ingress"):
+        return INGRESS
+    return EGRESS if section.startswith("egress") else None
+
+
+def explain_named_ports(rule: RuleInfo | None, rules: Mapping[int, RuleInfo], direction: int,
+                        target: EndpointRecord | None) -> list[str]:
+    """How the port names of the rule that decided resolved on ``target``, the endpoint the traffic
+    goes to (for ingress the deciding endpoint itself, for egress its peer). When default deny
+    decided, the named-port rules of the policy that put the endpoint under it in this direction
+    are explained: a name that resolved to nothing is often why nothing matched."""
+    if rule is None:
+        return []
+    if rule.action == "default-deny":
+        named = [r for r in rules.values() if r.named_ports and r.policy == rule.policy and r.kind == rule.kind
+                 and _direction_of(r.path) == direction]
+    else:
+        named = [rule] if rule.named_ports else []
+    out = []
+    for r in sorted(named, key=lambda r: r.path):
+        for name, protos in r.named_ports:
+            wanted = "/".join(protos)
+            if target is None:
+                out.append(f"port {name} ({r.path}) resolves on endpoints only: the destination is none, no entry")
+                continue
+            same = [p for p in ports_of(target.ports) if p.name == name]
+            hits = [p for p in same if p.protocol in protos]
+            out += [f"port {name} resolved to {p.port}/{p.protocol} on {target.name} ({r.path})" for p in hits]
+            if same and not hits:
+                given = ", ".join(f"{p.port}/{p.protocol}" for p in same)
+                out.append(f"port {name} of {target.name} is {given}, the rule asks for {wanted} ({r.path}): no entry")
+            elif not same:
+                out.append(f"{target.name} has no port named {name} ({wanted}) ({r.path}): no entry")
+    return out
+
+
 def trace(src: Side, dst: Side, proto: int, port: int, deciders: Mapping[tuple[str, str], Decider]) -> dict:
     """The verdict of ``src`` -> ``dst`` on ``proto``/``port``: egress at the source if it is an
     endpoint, ingress at the destination if it is one. ``deciders``: by (node, endpoint name)."""
@@ -108,6 +151,7 @@ def trace(src: Side, dst: Side, proto: int, port: int, deciders: Mapping[tuple[s
             "identity": rec.identity, "peer_identity": peer.identity, "verdict": v.verdict, "rule_id": v.rule_id,
             "rule": rule.describe() if rule else ("no policy selects the endpoint" if not v.rule_id else "?"),
             "match": v.match, "source": decider.source,
+            "named_ports": explain_named_ports(rule, decider.rules, direction, dst.endpoint),
         })
     if not steps:
         raise UserError("neither side is an endpoint: no endpoint's policy decides this traffic")

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from agent.named_ports import NamedPort
+
 # Directions as the datapath numbers them (bpf/lib/common.h: DIR_INGRESS / DIR_EGRESS).
 INGRESS = 0
 EGRESS = 1
@@ -67,6 +69,9 @@ class RuleInfo:
     path: str  # where in the policy: "spec.ingress[0]", "spec.egressDeny[1]", or "default-deny"
     action: str  # "allow" | "deny" | "default-deny"
     audit: bool = False
+    # The port names the rule gives, each with the protocols it asks for: (("http", ("TCP",)),).
+    # `policy trace` explains their resolution on the endpoint the traffic goes to.
+    named_ports: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def describe(self) -> str:
         if self.action == "default-deny":
@@ -88,6 +93,7 @@ class EndpointInfo:
     ip: str
     identity: int
     labels: dict[str, str]  # security labels (agent.labels.security_labels)
+    ports: tuple[NamedPort, ...] = ()  # its named ports (agent.named_ports.ports_of its record)
 
 
 @dataclass

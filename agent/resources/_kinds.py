@@ -58,6 +58,9 @@ def integer(lo: int, hi: int = 2**32 - 1) -> Scalar:  # default bound: Istio's u
 
 PORT = Scalar((int, str), "a port number", v.port)  # 80 or "80"
 PORT_INT = Scalar((int,), "a port number", v.port)  # Kubernetes/Istio int32 port fields
+# A policy's port: also a name, which each endpoint's own ports resolve (agent/named_ports.py).
+NP_PORT_VALUE = Scalar((int, str), "a port number or name", v.np_port)
+CNP_PORT_VALUE = Scalar((int, str), "a port number or name", v.cnp_port)
 CIDR = string(v.cidr, "a CIDR")
 IP_OR_CIDR = string(v.ip_or_cidr, "an IP address or CIDR")
 DURATION = string(v.duration, "a duration such as 1s")
@@ -99,6 +102,9 @@ def _end_port(obj: Mapping[str, Any], path: str) -> None:
         return
     if "port" not in obj:
         raise Invalid(join(path, "endPort"), "endPort needs port (the start of the range)")
+    if v.is_port_name(obj["port"]):  # Kubernetes: endPort "may not be specified when port is non-numeric"
+        raise Invalid(join(path, "endPort"), f"endPort needs a numeric port: the named port {show(obj['port'])} "
+                      "cannot start a range")
     start, end = v.port_number(obj["port"]), v.port_number(obj["endPort"])
     if end < start:
         raise Invalid(join(path, "endPort"), f"endPort {end} is lower than port {start}")
@@ -153,7 +159,7 @@ _L7 = "L7 rules in CiliumNetworkPolicy are not supported; use an Istio Authoriza
 
 CNP_PORT_RULE = Obj({
     "ports": Req(ListOf(Obj({
-        "port": PORT,
+        "port": CNP_PORT_VALUE,
         "endPort": PORT_INT,
         "protocol": Enum(("TCP", "UDP", "SCTP", "ICMP", "ANY"), unsupported=("ICMPv6", "VRRP", "IGMP")),
     }, rules=(_end_port,)), non_empty=True)),
@@ -238,7 +244,7 @@ NP_PEER = Obj({
     "namespaceSelector": SELECTOR,
     "ipBlock": Obj({"cidr": Req(CIDR), "except": ListOf(CIDR)}, rules=(_except_inside,)),
 }, rules=(_np_peer,))
-NP_PORT = Obj({"protocol": Enum(PROTOCOLS), "port": PORT, "endPort": PORT_INT}, rules=(_end_port,))
+NP_PORT = Obj({"protocol": Enum(PROTOCOLS), "port": NP_PORT_VALUE, "endPort": PORT_INT}, rules=(_end_port,))
 
 NP_SPEC = Obj({
     "podSelector": Req(SELECTOR),

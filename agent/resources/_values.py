@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 
 from agent.labels import check_key, check_value
+from agent.named_ports import policy_port_name
 from agent.policy.icmp import icmp_type_number
 
 from ._schema import show
@@ -178,6 +179,30 @@ def port_number(value: int | str) -> int:
 
 def port(value: int | str) -> None:
     port_number(value)
+
+
+def _policy_port(value: int | str, ignore_case: bool) -> None:
+    """A policy's port: a number as `port` takes it, or a port name, resolved per endpoint."""
+    if isinstance(value, str) and not re.fullmatch(r"[0-9]{1,5}", value) and _SERVICE_NAME.fullmatch(value):
+        policy_port_name(value, ignore_case)
+    else:
+        port_number(value)
+
+
+def np_port(value: int | str) -> None:
+    """NetworkPolicy ports[].port: a number or a Kubernetes port name (lowercase)."""
+    _policy_port(value, ignore_case=False)
+
+
+def cnp_port(value: int | str) -> None:
+    """CiliumNetworkPolicy toPorts[].ports[].port: a number or a port name in any case (Cilium
+    lowercases names)."""
+    _policy_port(value, ignore_case=True)
+
+
+def is_port_name(value: object) -> bool:
+    """Whether a policy's port value is a name rather than a number."""
+    return isinstance(value, str) and not re.fullmatch(r"[0-9]{1,5}", value) and bool(_SERVICE_NAME.fullmatch(value))
 
 
 # --- Istio values ----------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ spec:
 COMMANDS: dict[tuple[str, ...], tuple[list[str], int]] = {
     ("version",): ([], 0),
     ("status",): (["-o", "json"], 0),
-    ("endpoint", "add"): (["{c}", "--labels", "app=cli-c"], 0),
+    ("endpoint", "add"): (["{c}", "--labels", "app=cli-c", "--port", "http=80"], 0),
     ("endpoint", "list"): (["-o", "json"], 0),
     ("apply",): (["-f", "{file}"], 0),
     ("get",): (["CiliumNetworkPolicy", "-o", "json"], 0),

@@ -292,6 +292,47 @@ spec:
         assert trace(node, f"app=cli-{t}", f"app=ok-{t}", "8080/tcp")["verdict"] == "ALLOWED", node.name
 
 
+def test_named_ports_resolve_against_endpoints_of_other_nodes(elab, work):
+    """An egress rule's `port: http` on n1 takes each peer's own number, the peers on n2 and n3; their
+    ingress rule takes their own (examples/named-ports.yaml, across nodes)."""
+    n1, n2, n3 = elab.nodes
+    t = f"np-{tag()}"
+    client = work.endpoint(n1, f"cli-{t}", f"app=cli-{t}")
+    web2 = work.endpoint(n2, f"web2-{t}", f"app=web-{t},on=n2", "--port", "http=8080")
+    web3 = work.endpoint(n3, f"web3-{t}", f"app=web-{t},on=n3", "--port", "http=9090")
+    for ep in (web2, web3):
+        for port in (8080, 9090):
+            work.serve(ep, port)
+    work.apply(n1, f"""
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: out-{t}, namespace: default}}
+spec:
+  podSelector: {{matchLabels: {{app: cli-{t}}}}}
+  policyTypes: [Egress]
+  egress: [{{to: [{{podSelector: {{matchLabels: {{app: web-{t}}}}}}}], ports: [{{port: http}}]}}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: in-{t}, namespace: default}}
+spec:
+  podSelector: {{matchLabels: {{app: web-{t}}}}}
+  ingress: [{{from: [{{podSelector: {{matchLabels: {{app: cli-{t}}}}}}}], ports: [{{port: http}}]}}]
+""")
+    eventually(lambda: trace(n1, f"app=cli-{t}", "on=n3", "8080/tcp")["verdict"] == "DENIED",
+               "the egress policy in n1's kernel")
+    eventually(lambda: trace(n3, f"app=cli-{t}", "on=n3", "8080/tcp")["verdict"] == "DENIED",
+               "the ingress policy in n3's kernel")
+    assert connects(client, web2["ip"], 8080) and connects(client, web3["ip"], 9090)
+    assert not connects(client, web2["ip"], 9090, timeout=2)
+    assert not connects(client, web3["ip"], 8080, timeout=2)
+    ok = trace(n1, f"app=cli-{t}", "on=n3", "9090/tcp")
+    assert ok["verdict"] == "ALLOWED"
+    for step in ok["steps"]:  # n1 reads its kernel for the egress, computes n3's ingress from the store
+        assert step["named_ports"] == [f"port http resolved to 9090/TCP on {web3['name']} "
+                                       f"(spec.{step['direction']}[0])"], step
+
+
 # ---- services across nodes ------------------------------------------------------------------------
 
 NAMED_SERVER = """

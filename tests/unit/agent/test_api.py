@@ -263,6 +263,16 @@ def test_malformed_request(server, line):
      "endpoint_add: argument labels: more than 64 entries"),
     ("endpoint_add", {"name": "a", "labels": {"k": ["v"]}}, "endpoint_add: argument labels['k']: expected a string"),
     ("endpoint_add", {"name": "a", "netns": "/" * 5000}, "endpoint_add: argument netns: longer than 4096"),
+    ("endpoint_add", {"name": "a", "ports": [{"name": "http", "port": 0}]},
+     "endpoint_add: argument ports[0].port: 0 is out of range 1-65535"),
+    ("endpoint_add", {"name": "a", "ports": [{"name": "http", "port": 80, "protocol": "ICMP"}]},
+     "endpoint_add: argument ports[0].protocol: 'ICMP' is not one of TCP, UDP, SCTP"),
+    ("endpoint_add", {"name": "a", "ports": [{"name": "x" * 16, "port": 80}]},
+     "endpoint_add: argument ports[0].name: longer than 15 characters"),
+    ("endpoint_add", {"name": "a", "ports": [{"name": "http", "port": 80, "hostPort": 80}]},
+     "endpoint_add: argument ports[0].hostPort: unknown field"),
+    ("endpoint_add", {"name": "a", "ports": [{"name": "p", "port": 80}] * 129},
+     "endpoint_add: argument ports: more than 128 items"),
     ("apply", {"documents": [{"body": {}}] * 10_001}, "apply: argument documents: more than 10000 items"),
     ("apply", {"documents": [{"body": {}}, {"where": "w"}]}, "apply: argument documents[1].body: missing"),
     ("apply", {"documents": [{"body": {}, "spec": {}}]}, "apply: argument documents[0].spec: unknown field"),
@@ -316,8 +326,12 @@ def test_requests_as_the_cli_sends_them():
         return agent.method_calls[0]
 
     assert call("endpoint_add", name="web-1", labels={"app": "web"}, namespace="shop", serviceaccount="default",
-                netns=None, ip=None) == ("endpoint_add", ("web-1", {"app": "web"}, "shop", "default", None, None), {})
-    assert call("endpoint_add", name="web-1")[1] == ("web-1", {}, "default", "default", None, None)
+                netns=None, ip=None, ports=[{"name": "http", "port": 80, "protocol": "TCP"}]) == (
+        "endpoint_add", ("web-1", {"app": "web"}, "shop", "default", None, None,
+                         [{"name": "http", "port": 80, "protocol": "TCP"}]), {})
+    assert call("endpoint_add", name="web-1")[1] == ("web-1", {}, "default", "default", None, None, [])
+    assert call("endpoint_add", name="web-1", ports=[{"name": "dns", "port": 53}])[1][-1] == [
+        {"name": "dns", "port": 53, "protocol": None}]  # the agent defaults it (agent/named_ports.py)
     assert call("delete", kind="Service", namespace="shop", name="web") == \
         ("delete", ([("Service", "shop", "web")],), {})
     assert call("delete", documents=[{"where": "f.yaml: document 1", "body": {"kind": "Service"}}, {"body": {}}]) == \

@@ -93,6 +93,33 @@ def test_services_get_vips_records_and_hosts_files():
     assert compute(desired((WEB, 17), resources={"Service": (svc,)})).tables == computed.tables
 
 
+def test_named_ports_resolve_against_local_and_remote_records_on_every_compute():
+    """compute() runs on every reconcile: the policy follows endpoints as they come and go, and
+    egress names resolve against every node's endpoints. A record stored before endpoints had
+    ports (no "ports" key) reads as none."""
+    np = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+          "metadata": {"name": "np", "namespace": "default"},
+          "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"],
+                   "ingress": [{"ports": [{"port": "http"}]}], "egress": [{"ports": [{"port": "http"}]}]}}
+    web = EndpointRecord.from_dict({**WEB.to_dict(), "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]})
+    old = {k: v for k, v in DB.to_dict().items() if k != "ports"}
+    assert EndpointRecord.from_dict(old).ports == []
+    far = EndpointRecord.from_dict({**record("far", 1, 1003, "10.201.0.5", node="n2").to_dict(),
+                                    "ports": [{"name": "http", "port": 7070, "protocol": "TCP"}]})
+
+    def keys(*local, remote=()):
+        policy = compute(desired(*local, remote=remote, resources={"NetworkPolicy": (np,)})).tables["policy"]
+        return {(k.ep_id, k.direction, k.identity, k.port) for k in policy}
+
+    assert keys((web, 17), (EndpointRecord.from_dict(old), 18)) == {
+        (3, 0, 0, 8080),  # web's ingress: its own http, from anyone
+        (3, 1, 1001, 8080), (4, 1, 1001, 8080),  # egress of both: to web's identity on web's http
+    }
+    with_far = keys((web, 17), (EndpointRecord.from_dict(old), 18), remote=(far,))
+    assert (4, 1, 1003, 7070) in with_far and (3, 1, 1003, 7070) in with_far  # a remote endpoint came
+    assert not any(k[0] == 4 and k[1] == 0 for k in with_far)  # db names no http: default deny, no entry
+
+
 def test_the_cluster_domain_names_services_not_the_trust_domain():
     svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
            "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}}

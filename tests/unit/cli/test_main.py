@@ -460,7 +460,7 @@ def test_endpoint_add_sends_labels_and_prints_ip_and_identity(agent):
     assert result.exit_code == 0, result.output
     assert agent.args("endpoint_add") == {
         "name": "web-1", "labels": {"app": "web", "tier": "fe"}, "namespace": "default",
-        "serviceaccount": "default", "netns": None, "ip": "10.200.0.12",
+        "serviceaccount": "default", "netns": None, "ip": "10.200.0.12", "ports": [],
     }
     header, row = result.stdout.splitlines()
     assert {"NAME", "IP", "IDENTITY"} <= set(header.split())
@@ -477,6 +477,18 @@ def test_endpoint_add_options(agent):
     assert json.loads(result.stdout) == ENDPOINT
 
 
+def test_endpoint_add_named_ports(agent):
+    agent.reply("endpoint_add", {**ENDPOINT, "ports": [{"name": "http", "port": 8080, "protocol": "TCP"},
+                                                       {"name": "dns", "port": 53, "protocol": "UDP"}]})
+    result = run(agent, "endpoint", "add", "web-1", "--labels", "app=web", "--port", "http=8080",
+                 "--port", "dns=53/udp")
+    assert result.exit_code == 0, result.output
+    assert agent.args("endpoint_add")["ports"] == [{"name": "http", "port": 8080, "protocol": "TCP"},
+                                                   {"name": "dns", "port": 53, "protocol": "UDP"}]
+    header, row = result.stdout.splitlines()
+    assert header.split()[-1] == "PORTS" and row.split()[-1] == "http=8080/TCP,dns=53/UDP"
+
+
 @pytest.mark.parametrize("argv", [
     ["--labels", "app"], ["--labels", "=web"], ["--labels", "app=we b"], ["--labels", ""],
     ["--labels", "app=web", "--ip", "10.200.0.300"], ["--labels", "app=web", "--ip", "web"], [],
@@ -484,6 +496,23 @@ def test_endpoint_add_options(agent):
 def test_endpoint_add_bad_input_is_usage_error(agent, argv):
     result = run(agent, "endpoint", "add", "web-1", *argv)
     assert result.exit_code == 2, result.output
+    assert agent.requests == []
+
+
+@pytest.mark.parametrize(("ports", "message"), [
+    (["http"], "write NAME=PORT[/PROTO]"),
+    (["Http=80"], "port name 'Http' is invalid"),
+    (["http=0"], "0 is not a port number 1-65535"),
+    (["http=65536"], "65536 is not a port number 1-65535"),
+    (["http=80/icmp"], "protocol 'icmp' is not one of TCP, UDP, SCTP"),
+    (["http=80", "http=81"], "port name http is given twice"),
+    (["http=80", "web=80/TCP"], "port 80/TCP is given twice, as http and web"),
+])
+def test_endpoint_add_bad_port_is_usage_error(agent, ports, message):
+    argv = [arg for p in ports for arg in ("--port", p)]
+    result = run(agent, "endpoint", "add", "web-1", "--labels", "app=web", *argv)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "'--port'" in result.stderr
     assert agent.requests == []
 
 

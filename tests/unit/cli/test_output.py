@@ -122,7 +122,10 @@ def test_identities_and_endpoints_tables():
     assert ids.splitlines()[1].split() == ["1", "reserved:host"]
     eps = out.endpoints_table([{"ep_id": 3, "name": "web-1", "namespace": "default", "ip": "10.200.0.12",
                                 "identity": 23456, "labels": {"app": "web"}}])
-    assert eps.splitlines()[1].split() == ["3", "web-1", "default", "10.200.0.12", "23456", "-", "app=web"]
+    assert eps.splitlines()[1].split() == ["3", "web-1", "default", "10.200.0.12", "23456", "-", "app=web", "-"]
+    eps = out.endpoints_table([{"ep_id": 3, "name": "web-1", "ports": [{"name": "http", "port": 80, "protocol": "TCP"},
+                                                                      {"name": "m", "port": 9090}]}])
+    assert eps.splitlines()[0].split()[-1] == "PORTS" and eps.splitlines()[1].split()[-1] == "http=80/TCP,m=9090/TCP"
 
 
 def test_trace_text_ends_with_final_verdict():
@@ -135,6 +138,16 @@ def test_trace_text_ends_with_final_verdict():
     assert "rule 4: CiliumNetworkPolicy default/allow-web" in text
     assert text.splitlines()[-2:] == ["Final verdict: ALLOWED",
                                       "Read from: computed from the store (node n2 enforces it)"]
+
+
+def test_trace_text_shows_named_port_resolution():
+    text = out.trace_text({"verdict": "ALLOWED", "steps": [
+        {"direction": "ingress", "endpoint": "x-b", "identity": 2, "peer_identity": 1, "verdict": "ALLOWED",
+         "rule_id": 4, "rule": "NetworkPolicy x/np spec.ingress[0] (allow)", "match": "L3-L4",
+         "named_ports": ["port serve-81-tcp resolved to 81/TCP on x-b (spec.ingress[0])"]},
+    ]})
+    assert "Named ports:\n  ingress at x-b: port serve-81-tcp resolved to 81/TCP on x-b (spec.ingress[0])" in text
+    assert text.splitlines()[-1] == "Final verdict: ALLOWED"
 
 
 # ---- flows ---------------------------------------------------------------------------------------

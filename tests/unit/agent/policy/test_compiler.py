@@ -586,8 +586,14 @@ def test_cidr_identities_stay_stable_across_recompiles():
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("ingress: [{toPorts: [{ports: [{port: http}]}]}]",
-         "spec.ingress[0].toPorts[0].ports[0].port: named port"),
+        ("ingress: [{toPorts: [{ports: [{port: http, endPort: 90}]}]}]",
+         "spec.ingress[0].toPorts[0].ports[0].endPort: endPort needs a numeric port"),
+        ("ingress: [{toPorts: [{ports: [{port: '80', endPort: http}]}]}]",
+         "spec.ingress[0].toPorts[0].ports[0].endPort: 'http': a port range needs numbers"),
+        ("ingress: [{toPorts: [{ports: [{port: web_http}]}]}]",
+         "spec.ingress[0].toPorts[0].ports[0].port: 'web_http' is neither a port number nor a port name"),
+        ("ingress: [{toPorts: [{ports: [{port: http, protocol: ICMP}]}]}]",
+         "named port 'http' needs protocol TCP, UDP, SCTP or ANY"),
         ("egress: [{toCIDR: ['2001:db8::/32']}]", "spec.egress[0].toCIDR[0]: 2001:db8::/32: IPv6"),
         ("egress: [{toCIDRSet: [{cidr: 10.0.0.0/16, except: [10.1.0.0/24]}]}]", "is not inside cidr"),
         ("egress: [{toEntities: [everything]}]", "unknown entity 'everything'"),
@@ -611,8 +617,11 @@ def test_np_errors():
     with pytest.raises(PolicyCompileError, match="ipBlock cannot be combined"):
         compile_(np_("bad", "podSelector: {}\n"
                             "ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}]}]"))
-    with pytest.raises(PolicyCompileError, match="named port"):
-        compile_(np_("bad", "podSelector: {}\ningress: [{ports: [{port: http}]}]"))
+    with pytest.raises(PolicyCompileError, match=r"spec.ingress\[0\].ports\[0\].endPort: endPort needs a numeric"):
+        compile_(np_("bad", "podSelector: {}\ningress: [{ports: [{port: http, endPort: 90}]}]"))
+    # Kubernetes' port names are lowercase; Cilium's compare in any case (below, in test_named_ports.py).
+    with pytest.raises(PolicyCompileError, match="'Http' is neither a port number nor a port name"):
+        compile_(np_("bad", "podSelector: {}\ningress: [{ports: [{port: Http}]}]"))
 
 
 def test_compiles_without_identities_or_endpoints():

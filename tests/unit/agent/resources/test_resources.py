@@ -583,8 +583,13 @@ SVC_BASE = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports
     # ports
     (edit(GOOD_CNP, 'port: "80"', 'port: "0"'), "spec.ingress[0].toPorts[0].ports[0].port: port 0 is out of range"),
     (edit(GOOD_CNP, 'port: "80"', "port: 70000"), "port 70000 is out of range 1-65535"),
-    (edit(GOOD_CNP, 'port: "80"', "port: http"),
-     "spec.ingress[0].toPorts[0].ports[0].port: named ports are not supported ('http'); write the port number"),
+    (edit(GOOD_CNP, 'port: "80"', "port: http, endPort: 90"),
+     "spec.ingress[0].toPorts[0].ports[0].endPort: endPort needs a numeric port: the named port 'http' cannot start"),
+    (edit(GOOD_CNP, 'port: "80"', "port: http--web"),
+     "spec.ingress[0].toPorts[0].ports[0].port: 'http--web' is neither a port number nor a port name "
+     "(a port name has no '--' and no '-' at either end)"),
+    (edit(GOOD_CNP, 'port: "80"', "port: a-very-long-port-name"),
+     "'a-very-long-port-name' is neither a port number nor a port name (a port name has 1-15 characters)"),
     (edit(GOOD_CNP, 'port: "80"', 'port: "9000", endPort: 8000'),
      "spec.ingress[0].toPorts[0].ports[0].endPort: endPort 8000 is lower than port 9000"),
     (edit(GOOD_CNP, 'port: "80"', "endPort: 8000"), "endPort needs port"),
@@ -625,7 +630,10 @@ SVC_BASE = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports
     # NetworkPolicy
     (edit(NETWORK_POLICY, "    - namespaceSelector:", "      namespaceSelector:"),
      "spec.ingress[0].from[0].ipBlock: ipBlock cannot be combined with podSelector or namespaceSelector"),
-    (edit(NETWORK_POLICY, "port: 6379", "port: redis"), "spec.ingress[0].ports[0].port: named ports are not supported"),
+    (edit(NETWORK_POLICY, "port: 6379", "port: Redis"),
+     "spec.ingress[0].ports[0].port: 'Redis' is neither a port number nor a port name (a port name has only a-z"),
+    (edit(NETWORK_POLICY, "port: 32000", "port: redis"),
+     "spec.egress[0].ports[0].endPort: endPort needs a numeric port: the named port 'redis' cannot start a range"),
     (edit(NETWORK_POLICY, "endPort: 32768", "endPort: 31000"),
      "spec.egress[0].ports[0].endPort: endPort 31000 is lower"),
     (edit(NETWORK_POLICY, "  - Egress", "  - egress"), "spec.policyTypes[1]: unknown value 'egress'"),
@@ -701,6 +709,14 @@ SVC_BASE = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports
 ])
 def test_bad_input(text, expected):
     assert expected in error(text)
+
+
+def test_policy_ports_may_be_names():
+    """Kubernetes and Cilium resolve a port name per endpoint; elsewhere (Service targetPort,
+    AuthorizationPolicy ports) names stay refused, above."""
+    one(edit(GOOD_CNP, 'port: "80"', "port: serve-80-tcp"))
+    one(edit(GOOD_CNP, 'port: "80"', "port: HTTP"))  # Cilium compares names in any case
+    one(edit(NETWORK_POLICY, "port: 6379", "port: redis"))
 
 
 def test_duplicate_resource_in_one_apply(tmp_path):
