@@ -756,9 +756,9 @@ spec:
   endpointSelector: {matchLabels: {pod: a}}
   ingress:
   - fromEndpoints:
-    - matchLabels: {k8s:io.cilium.k8s.namespace.labels.team: blue}
+    - matchLabels: {io.cilium.k8s.namespace.labels.team: blue}
       # Without a namespace key Cilium keeps a selector in the policy's own namespace.
-      matchExpressions: [{key: k8s:io.kubernetes.pod.namespace, operator: Exists}]
+      matchExpressions: [{key: io.kubernetes.pod.namespace, operator: Exists}]
 """)
     case.validate(case.reachability().expect_all_ingress("x/a", False), "TCP", 80)
     case.label_namespace("z", {"team": "blue"})
