@@ -35,8 +35,12 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from tests.datapath.conftest import Node
 
 NAMESPACES = ("x", "y", "z")
 POD_NAMES = ("a", "b", "c")
@@ -299,7 +303,7 @@ class Cluster:
     ``missing`` names the features of issue 14 the agent does not have yet, each with the agent's
     own error, so a case that needs one fails saying which (and the others still run)."""
 
-    node: object
+    node: Node
     pods: dict[str, Pod] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)
     servers: Servers | None = None
@@ -311,7 +315,7 @@ class Cluster:
     # -- building
 
     @classmethod
-    def build(cls, node) -> Cluster:
+    def build(cls, node: Node) -> Cluster:
         c = cls(node)
         try:
             c._build()
@@ -449,7 +453,7 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def cluster_on(node) -> Iterator[Cluster]:
+def cluster_on(node: Node) -> Iterator[Cluster]:
     c = Cluster.build(node)
     try:
         yield c
