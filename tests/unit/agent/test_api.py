@@ -318,6 +318,10 @@ def test_requests_as_the_cli_sends_them():
     assert call("endpoint_add", name="web-1", labels={"app": "web"}, namespace="shop", serviceaccount="default",
                 netns=None, ip=None) == ("endpoint_add", ("web-1", {"app": "web"}, "shop", "default", None, None), {})
     assert call("endpoint_add", name="web-1")[1] == ("web-1", {}, "default", "default", None, None)
+    assert call("endpoint_label", name="web-1", labels={"v": "2"}, remove=["canary"]) == \
+        ("endpoint_label", ("web-1", {"v": "2"}, ["canary"]), {})
+    assert call("endpoint_label", name="web-1")[1] == ("web-1", {}, [])
+    assert call("delete", kind="Namespace", namespace=None, name="x")[1] == ([("Namespace", "default", "x")],)
     assert call("delete", kind="Service", namespace="shop", name="web") == \
         ("delete", ([("Service", "shop", "web")],), {})
     assert call("delete", documents=[{"where": "f.yaml: document 1", "body": {"kind": "Service"}}, {"body": {}}]) == \
