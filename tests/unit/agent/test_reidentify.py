@@ -205,3 +205,12 @@ def test_an_endpoint_added_into_a_labelled_namespace_gets_its_labels(tmp_path):
     assert read_namespace_labels(m.store, "y") is None
     m.add("a", pod="a")
     assert not m.em.reidentify(m.desired()), "already the identity of its namespace's labels"
+
+
+@pytest.mark.parametrize("key", ["io.kubernetes.pod.namespace", "io.cilium.k8s.policy.serviceaccount",
+                                 "io.cilium.k8s.namespace.labels.team"])
+def test_endpoint_add_refuses_the_agents_own_labels_before_anything_is_made(tmp_path, key):
+    m = Manager(tmp_path)
+    with pytest.raises(UserError, match="is set by the agent"):
+        m.em.add("a", {key: "x"}, namespace="x")
+    assert m.store.list("endpoints") == {} and m.identities.all() == {}
