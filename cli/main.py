@@ -401,6 +401,7 @@ def _kind_arg(value: str, allow_all: bool) -> str:
     "meshagent delete -f examples/web.yaml",
     "meshagent delete cnp allow-web",
     "meshagent delete virtualservice reviews -n shop",
+    "meshagent delete namespace payments",
 ))
 @click.argument("kind", required=False)
 @click.argument("name", required=False)
@@ -442,6 +443,7 @@ def delete(target: Target, kind: str | None, name: str | None, paths: tuple[str,
 @cli.command(epilog=examples(
     "meshagent get cnp                    # every CiliumNetworkPolicy, all namespaces",
     "meshagent get svc web -n shop -o yaml",
+    "meshagent get ns                     # Namespaces (cluster-scoped) and their labels",
     "meshagent get all -o yaml > backup.yaml && meshagent apply -f backup.yaml",
 ))
 @click.argument("kind")
@@ -553,7 +555,7 @@ class LabelChangeType(click.ParamType):
     "meshagent endpoint label web-1 tier=backend canary-  # set one, remove another",
 ))
 @click.argument("name")
-@click.argument("changes", nargs=-1, required=True, type=LabelChangeType())
+@click.argument("changes", nargs=-1, required=True, type=LabelChangeType(), metavar="KEY=VALUE|KEY-...")
 @output_option()
 @pass_target
 def endpoint_label(target: Target, name: str, changes: tuple[tuple[str, str, str], ...], output: str) -> None:
