@@ -433,6 +433,9 @@ OPS: dict[str, Op] = {
                        name=required(NAME)),
     "endpoint_delete": op(lambda agent, a: agent.endpoint_delete(a.name),
                           name=required(NAME)),
+    "endpoint_label": op(lambda agent, a: agent.endpoint_label(a.name, a.labels, a.remove),  # kubectl label
+                         name=required(NAME), labels=optional(LABELS, {}),
+                         remove=optional(ListOf(Str(MAX_LABEL_TEXT), MAX_LABELS), [])),
     "identity_list": op(lambda agent, a: agent.identity_list()),
     "node_list": op(lambda agent, a: agent.node_list()),
     "policy_trace": op(

@@ -37,7 +37,6 @@ from agent.errors import MeshError, UserError
 from agent.flows import FlowBuffer, FlowContext, FlowCounters, FlowFilter, decode_event, enrich_l7_flow
 from agent.identity import IdentityAllocator
 from agent.l7_supervisor import L7Supervisor
-from agent.labels import security_labels
 from agent.named_ports import ports_of
 from agent.node import (
     NodeError,
@@ -63,7 +62,16 @@ from agent.reconcile import (
     node_tables,
     policy_inputs,
 )
-from agent.resources import KINDS, Limits, check_apply_size, namespace_warning, validate
+from agent.resources import (
+    KINDS,
+    Limits,
+    check_apply_size,
+    cluster_scoped,
+    namespace_warning,
+    parse_store_key,
+    store_key,
+    validate,
+)
 from agent.services import check_services
 from agent.state import (
     DesiredState,
@@ -173,9 +181,14 @@ class Agent:
         return read_desired(self.store, self.facts(), self.identities.all(), self.resolver)
 
     def reconcile(self) -> None:
-        """Store -> desired state -> computed tables -> incremental writes. Caller holds self.lock."""
+        """Store -> desired state -> computed tables -> incremental writes. Caller holds self.lock.
+        Endpoints whose security labels changed get their new identities first (a store write:
+        EndpointManager.reidentify says why), and the state is read again."""
         self._store_generation = self.store.generation()
         desired = self.desired()
+        if self.endpoints.reidentify(desired):
+            self._store_generation = self.store.generation()
+            desired = self.desired()
         computed = compute(desired)
         stats = self.sync.apply(computed.tables)
         self.computed = computed
@@ -205,8 +218,8 @@ class Agent:
         check_apply_size(resources, limits)
         self.require_store("the apply")
         with self.lock:
-            candidate = {kind: {(b["metadata"].get("namespace", "default"), b["metadata"]["name"]): b
-                                for b in bodies}
+            candidate = {kind: {("" if cluster_scoped(kind) else b["metadata"].get("namespace", "default"),
+                                 b["metadata"]["name"]): b for b in bodies}
                          for kind, bodies in read_resources(self.store, tuple(KINDS)).items()}
             for res in resources:
                 candidate.setdefault(res.kind, {})[(res.namespace, res.name)] = res.body
@@ -219,7 +232,7 @@ class Agent:
                              cidr_identities=load_cidr_identities(self.facts().cidr_identities_path))
             results, writes = [], {}
             for res in resources:
-                key = f"resources/{res.kind}/{res.namespace}/{res.name}"
+                key = res.store_key
                 old = self.store.get(key)
                 action = "created" if old is None else ("unchanged" if old == res.body else "configured")
                 if action != "unchanged":
@@ -253,10 +266,12 @@ class Agent:
             for kind, ns, name in targets:
                 if kind not in KINDS:
                     raise UserError(f"unknown kind {kind!r}; supported: {', '.join(sorted(KINDS))}")
-                if not (valid_name(ns) and valid_name(name)):
+                if cluster_scoped(kind):
+                    ns = ""  # as kubectl, a namespace given with a cluster-scoped kind is ignored
+                if not ((valid_name(ns) or cluster_scoped(kind)) and valid_name(name)):
                     results.append({"kind": kind, "namespace": ns, "name": name, "action": "not found"})
                     continue
-                gone = self.store.delete(f"resources/{kind}/{ns}/{name}")
+                gone = self.store.delete(store_key(kind, ns, name))
                 results.append({"kind": kind, "namespace": ns, "name": name,
                                 "action": "deleted" if gone else "not found"})
             self.reconcile()
@@ -271,7 +286,7 @@ class Agent:
         prefix = "resources" if kind in (None, "all") else f"resources/{kind}"
         items = []
         for key, body in self.store.list(prefix).items():
-            _, k, ns, name = key.split("/")
+            k, ns, name = parse_store_key(key)
             items.append({"kind": k, "apiVersion": body.get("apiVersion"), "namespace": ns, "name": name,
                           "body": body})
         return {"items": items}
@@ -286,6 +301,11 @@ class Agent:
         self.require_store("the endpoint")
         with self.lock:
             return self.endpoints.add(name, labels, namespace, serviceaccount, netns, ip, ports)
+
+    def endpoint_label(self, name: str, labels: dict, remove: list) -> dict:
+        self.require_store("the relabelling")
+        with self.lock:
+            return self.endpoints.label(name, labels, remove)
 
     def endpoint_delete(self, name: str) -> dict:
         self.require_store("the deletion")
@@ -344,8 +364,9 @@ class Agent:
         desired = self.desired()
         local = list(desired.local_endpoints)
         everyone = local + [r for r in desired.endpoints if r.node != self.cfg.node_name]
-        src = resolve_side(from_labels, from_namespace, everyone, desired.identities, "--from-label")
-        dst = resolve_side(to_labels, to_namespace, everyone, desired.identities, "--to-label")
+        namespaces = desired.namespaces
+        src = resolve_side(from_labels, from_namespace, everyone, desired.identities, "--from-label", namespaces)
+        dst = resolve_side(to_labels, to_namespace, everyone, desired.identities, "--to-label", namespaces)
         deciders = {}
         kernel_policy = None
         for side in (src, dst):
@@ -367,7 +388,7 @@ class Agent:
                     [IdentityInfo(id=i, labels=dict(lbls)) for i, lbls in sorted(desired.identities.items())],
                     [EndpointInfo(ep_id=rec.ep_id, name=rec.name, namespace=rec.namespace, ip=rec.ip,
                                   identity=rec.identity,
-                                  labels=security_labels(rec.labels, rec.namespace, rec.serviceaccount),
+                                  labels=desired.security_labels(rec, namespaces),
                                   ports=ports_of(rec.ports))],
                     mode=self.cfg.policy_enforcement, cidr_identities=desired.cidr_identities,
                     cluster_endpoints=named_port_endpoints(desired.endpoints))

@@ -11,6 +11,8 @@ States of an endpoint, as `endpoint list` shows them:
     ready  --agent stops--> ready     the pinned datapath keeps enforcing
     (restart) adopt: plumbing found -> ready; namespace gone -> forgotten (record, veth, cgroup go)
     ready  --delete--> (none)
+    ready  --label / its Namespace relabelled--> ready   record updated with the identity of its new
+                                                         security labels; the maps follow
 
 A failed add is rolled back completely (record, plumbing, identity) and the maps recomputed.
 """
@@ -18,6 +20,7 @@ A failed add is rolled back completely (record, plumbing, identity) and the maps
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -27,9 +30,10 @@ from agent import endpoint as ep
 from agent.datapath.sockets import netns_cookie
 from agent.errors import UserError
 from agent.identity import IdentityAllocator
-from agent.labels import LabelError, check_key, check_value, security_labels
+from agent.labels import LabelError, check_key, check_value, reserved_key, security_labels
 from agent.named_ports import check_ports
 from agent.node_config import NodeConfig
+from agent.state import DesiredState, read_namespace_labels
 from agent.store import StoreError
 
 log = logging.getLogger("meshagent.endpoints")
@@ -53,6 +57,20 @@ def check_name(what: str, name: object) -> None:
         raise UserError(f"invalid {what} {name!r}: {NAME_RULE}")
 
 
+def check_labels(labels: dict) -> None:
+    """User labels of an endpoint: valid Kubernetes labels, none the agent sets itself."""
+    try:
+        for k, v in labels.items():
+            check_key(k)
+            check_value(v)
+    except LabelError as e:
+        raise UserError(str(e)) from None
+    for k in labels:
+        if reserved_key(k):
+            raise UserError(f"label {k!r} is set by the agent (from --namespace, --serviceaccount and the "
+                            "Namespace resource's labels); use those instead")
+
+
 class EndpointManager:
     """This node's endpoints. Callers hold the agent's lock; ``reconcile`` recomputes the maps and
     ``attach`` puts the TC programs on a host-side veth."""
@@ -66,6 +84,9 @@ class EndpointManager:
         self._attach = attach
         self.ifindex: dict[str, int] = {}  # endpoint name -> host-side ifindex, once plumbed and attached
         self.netns_cookies: dict[str, int] = {}  # endpoint name -> its network namespace's cookie
+        # Identities this node's endpoints left while another endpoint (maybe another node's, not yet
+        # re-identified) still had them: released once no endpoint has them (`reidentify`).
+        self._retired: set[int] = set()
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -115,12 +136,7 @@ class EndpointManager:
         check_name("endpoint name", name)
         check_name("namespace", namespace)
         check_name("serviceaccount", serviceaccount)
-        try:
-            for k, v in labels.items():
-                check_key(k)
-                check_value(v)
-        except LabelError as e:
-            raise UserError(str(e)) from None
+        check_labels(labels)
         named = [p.to_dict() for p in check_ports(ports or [])]  # PortSpecError: the request's, one line
         everyone = self.all_records()
         for rec in everyone:  # names are per node, as pod names are per namespace
@@ -131,7 +147,7 @@ class EndpointManager:
         ep_id = next(i for i in range(1, 65535) if i not in used_ids)
         if netns is not None and not os.path.exists(netns):
             raise UserError(f"--netns {netns}: no such network namespace file")
-        sec = security_labels(labels, namespace, serviceaccount)
+        sec = security_labels(labels, namespace, serviceaccount, read_namespace_labels(self.store, namespace))
         identity = self.identities.allocate(sec)
         rec = ep.EndpointRecord(
             name=name, node=self.cfg.node_name, namespace=namespace, serviceaccount=serviceaccount,
@@ -163,10 +179,68 @@ class EndpointManager:
                 ep.delete_netns(rec.netns)
             ep.remove_cgroup(rec.cgroup)
             with contextlib.suppress(StoreError):
-                self._release_identity(sec)
+                self._release_identity(identity)
                 self._reconcile()
             raise
         return self.view(rec)
+
+    def label(self, name: str, set_labels: dict, remove: list) -> dict:
+        """Relabel endpoint ``name`` as `kubectl label` does: ``set_labels`` set or overwrite,
+        ``remove`` keys go (a key it does not have is no error). It gets the identity of its new
+        security labels in the same write as its labels, and the maps follow."""
+        rec = self.find(name)
+        check_labels(set_labels)
+        for k in remove:
+            try:
+                check_key(k)
+            except LabelError as e:
+                raise UserError(str(e)) from None
+        both = sorted(set(set_labels) & set(remove))
+        if both:
+            raise UserError(f"label {both[0]!r} is both set and removed; give it once")
+        labels = {k: v for k, v in rec.labels.items() if k not in remove} | dict(set_labels)
+        if labels != rec.labels:
+            sec = security_labels(labels, rec.namespace, rec.serviceaccount,
+                                  read_namespace_labels(self.store, rec.namespace))
+            self._reidentify(rec, sec, labels)
+            self._reconcile()
+        return self.view(self.find(name))
+
+    def reidentify(self, desired: DesiredState) -> bool:
+        """Give each of this node's endpoints whose security labels changed (its Namespace applied,
+        relabelled or deleted) the identity of its new label set; release identities no endpoint
+        has any more. Returns whether it wrote anything (the caller reads the store again).
+
+        A store write on the reconcile path, before the pure compute: an identity is a number the
+        cluster agrees on through the store (allocated there, by every node alike), and an endpoint's
+        record is its node's to write (bound to its lease). So each node re-identifies its own
+        endpoints, the store's watch carries the new numbers to the others, and compute only ever
+        reads identities. A store that refuses is logged and retried on the next reconcile; the
+        datapath meanwhile keeps what it has."""
+        wrote = False
+        try:
+            for rec, sec in desired.stale_identities():
+                self._reidentify(rec, sec, rec.labels)
+                wrote = True
+            # Another node's endpoints may have held an identity when this node's left it: release
+            # it once the store shows none do (`_release_identity` asks the store itself).
+            for number in sorted(self._retired - {r.identity for r in desired.endpoints}):
+                wrote |= self._release_identity(number)
+        except StoreError as e:
+            log.warning("re-identifying endpoints failed, retrying at the next reconcile: %s", e)
+        return wrote
+
+    def _reidentify(self, rec: ep.EndpointRecord, sec: dict, labels: dict) -> None:
+        """Store ``rec`` with ``labels`` and the identity of ``sec``; release its old identity if no
+        endpoint has it any more."""
+        old = rec.identity
+        identity = self.identities.allocate(sec)
+        rec = dataclasses.replace(rec, labels=dict(labels), identity=identity)
+        self.store.put(self._key(rec.name), rec.to_dict(), owned=True)
+        if identity != old:
+            log.info("endpoint %s: identity %d -> %d", rec.name, old, identity)
+            self._retired.add(old)
+            self._release_identity(old)
 
     def delete(self, name: str) -> dict:
         rec = self.find(name)
@@ -184,11 +258,17 @@ class EndpointManager:
             ep.delete_netns(rec.netns)
         ep.remove_cgroup(rec.cgroup)
         self.store.delete(self._key(rec.name))
-        self._release_identity(security_labels(rec.labels, rec.namespace, rec.serviceaccount))
+        self._release_identity(rec.identity)
 
-    def _release_identity(self, sec: dict) -> None:
-        if not any(security_labels(r.labels, r.namespace, r.serviceaccount) == sec for r in self.all_records()):
-            self.identities.release(sec)
+    def _release_identity(self, number: int) -> bool:
+        """Release identity ``number`` if no endpoint of any node has it; whether it did."""
+        if any(r.identity == number for r in self.all_records()):
+            return False
+        labels = self.identities.labels_of(number)
+        if labels is not None:
+            self.identities.release(labels)
+        self._retired.discard(number)
+        return labels is not None
 
     def _pick_ip(self, ip: str | None, used: set[str]) -> str:
         net = self.cfg.pod_network

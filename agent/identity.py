@@ -82,6 +82,10 @@ class IdentityAllocator:
         raise StoreError(f"no free identity numbers left ({span} label sets in use); delete endpoints "
                          "whose label sets are no longer needed")
 
+    def labels_of(self, number: int) -> dict[str, str] | None:
+        rec = self.store.get(f"identities/by-id/{number}")
+        return rec["labels"] if rec else None
+
     def release(self, labels: dict[str, str]) -> None:
         """Forget a label set's identity (the caller checked no endpoint uses it any more). The
         by-labels record goes first: until by-id/N goes too, no other label set can take N."""

@@ -1,10 +1,16 @@
 """Labels and Kubernetes label selectors (matchLabels / matchExpressions), as pure functions.
 
-An endpoint's *security labels* are its user labels plus two labels the agent adds, as Cilium does,
-so that policies can scope by namespace and service account:
+An endpoint's *security labels* are its user labels plus the labels the agent adds, as Cilium does,
+so that policies can scope by namespace, namespace labels and service account:
 
     io.kubernetes.pod.namespace=<namespace>
     io.cilium.k8s.policy.serviceaccount=<serviceaccount>
+    io.cilium.k8s.namespace.labels.<key>=<value>       each label of the endpoint's Namespace resource
+    io.cilium.k8s.namespace.labels.kubernetes.io/metadata.name=<namespace>   always, as Kubernetes
+                                                        labels every namespace with its name
+
+A namespace with no Namespace resource has only that implicit name label, as Kubernetes' own
+namespaces do before anyone labels them.
 """
 
 from __future__ import annotations
@@ -19,6 +25,11 @@ NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
 SERVICEACCOUNT_LABEL = "io.cilium.k8s.policy.serviceaccount"
 # Kubernetes labels every namespace with its own name; namespaceSelector matches on it.
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+# Cilium's prefix for the labels of an endpoint's namespace among its security labels
+# (k8sConst.PodNamespaceMetaLabelsPrefix).
+NAMESPACE_LABELS_PREFIX = "io.cilium.k8s.namespace.labels."
+# Labels the agent sets on every endpoint: a user may not set them on an endpoint.
+RESERVED_KEYS = (NAMESPACE_LABEL, SERVICEACCOUNT_LABEL)
 
 Labels = Mapping[str, str]
 
@@ -32,7 +43,12 @@ class LabelError(MeshError, ValueError):
 
 
 def check_key(key: str) -> None:
-    if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
+    # A namespace label among security labels keeps its own key after Cilium's prefix, so the whole
+    # may be longer than a Kubernetes key: check the namespace's key itself.
+    plain = key
+    if isinstance(key, str) and key.startswith(NAMESPACE_LABELS_PREFIX) and len(key) > len(NAMESPACE_LABELS_PREFIX):
+        plain = key[len(NAMESPACE_LABELS_PREFIX):]
+    if not isinstance(plain, str) or not _KEY_RE.fullmatch(plain):
         raise LabelError(
             f"invalid label key {key!r}: use [prefix/]name, name of up to 63 chars of [A-Za-z0-9-_.]"
         )
@@ -66,10 +82,31 @@ def format_labels(labels: Labels) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
-def security_labels(labels: Labels, namespace: str, serviceaccount: str) -> dict[str, str]:
+def reserved_key(key: str) -> bool:
+    """Whether ``key`` is one the agent sets on every endpoint (the namespace, the service account,
+    the namespace's labels), which a user cannot set on an endpoint."""
+    return key in RESERVED_KEYS or key.startswith(NAMESPACE_LABELS_PREFIX)
+
+
+def security_labels(labels: Labels, namespace: str, serviceaccount: str,
+                    namespace_labels: Labels | None = None) -> dict[str, str]:
+    """The labels an endpoint's identity is derived from (module doc). ``namespace_labels``: the
+    labels of its Namespace resource, None if there is none."""
     out = dict(labels)
+    for key, value in (namespace_labels or {}).items():
+        out[NAMESPACE_LABELS_PREFIX + key] = value
+    out[NAMESPACE_LABELS_PREFIX + NAMESPACE_NAME_LABEL] = namespace
     out[NAMESPACE_LABEL] = namespace
     out[SERVICEACCOUNT_LABEL] = serviceaccount
+    return out
+
+
+def namespace_labels_of(labels: Labels) -> dict[str, str]:
+    """The labels of an endpoint's namespace, from its security labels: what a NetworkPolicy
+    namespaceSelector matches. The implicit name label is there whatever the identity's age."""
+    out = {k[len(NAMESPACE_LABELS_PREFIX):]: v for k, v in labels.items() if k.startswith(NAMESPACE_LABELS_PREFIX)}
+    if NAMESPACE_LABEL in labels:
+        out.setdefault(NAMESPACE_NAME_LABEL, labels[NAMESPACE_LABEL])
     return out
 
 
@@ -108,6 +145,9 @@ class Selector:
 
     def constrains(self, key: str) -> bool:
         return any(r.key == key for r in self.requirements)
+
+    def constrains_prefix(self, prefix: str) -> bool:
+        return any(r.key.startswith(prefix) for r in self.requirements)
 
     @classmethod
     def from_dict(cls, spec: Mapping | None) -> Selector:

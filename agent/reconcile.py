@@ -40,7 +40,9 @@ Writers that stay outside, and why:
 - `l7_pending`, `lb_revnat`, `fastpath_socks`, `fastpath_flows`, `events`, `metrics_map`,
   `lost_events`, `fastpath_metrics`: written by the kernel programs alone; the agent only reads.
 - The store's `endpoints/*`, `identities/*` and `resources/*`: the inputs of the desired state,
-  written by requests (agent.endpoint_manager, agent.identity, Agent.apply/delete).
+  written by requests (agent.endpoint_manager, agent.identity, Agent.apply/delete), and by
+  `EndpointManager.reidentify` before compute when a local endpoint's security labels changed (its
+  Namespace relabelled): identities are the cluster's, agreed through the store, not a table.
 - Veths, namespaces, cgroups and TC filters: plumbing, not table contents (agent.endpoint_manager).
 """
 
@@ -67,7 +69,6 @@ from agent.endpoint import EndpointRecord
 from agent.files import DIR_MODE, FILE_MODE, PUBLIC_DIR_MODE, PUBLIC_FILE_MODE, write_text_if_changed
 from agent.flows import EndpointRef, FlowContext
 from agent.l7_snapshot import l7_config, l7_services
-from agent.labels import security_labels
 from agent.named_ports import ports_of
 from agent.node import delete_pod_route, pod_routes, set_pod_route
 from agent.policy.compiler import PolicyInput, compile_policies
@@ -116,11 +117,12 @@ def compute(desired: DesiredState) -> Computed:
     service tables."""
     node = desired.node
     local = [rec for rec in desired.local_endpoints if rec.name in node.ifindex]  # plumbed and attached
+    namespaces = desired.namespaces
     compiled = compile_policies(
         policy_inputs(desired.resources),
         [IdentityInfo(id=i, labels=dict(lbls)) for i, lbls in sorted(desired.identities.items())],
         [EndpointInfo(ep_id=rec.ep_id, name=rec.name, namespace=rec.namespace, ip=rec.ip, identity=rec.identity,
-                      labels=security_labels(rec.labels, rec.namespace, rec.serviceaccount),
+                      labels=desired.security_labels(rec, namespaces),
                       ports=ports_of(rec.ports)) for rec in local],
         mode=node.policy_mode, cidr_identities=desired.cidr_identities,
         cluster_endpoints=named_port_endpoints(desired.endpoints),
@@ -229,9 +231,9 @@ def hosts_path(rec: EndpointRecord) -> str | None:
     return f"/etc/netns/{rec.netns.rsplit('/', 1)[1]}/hosts"
 
 
-def endpoint_ref(rec: EndpointRecord) -> EndpointRef:
-    return EndpointRef(name=rec.name, namespace=rec.namespace,
-                       labels=security_labels(rec.labels, rec.namespace, rec.serviceaccount), identity=rec.identity)
+def endpoint_ref(rec: EndpointRecord, labels: Mapping[str, str]) -> EndpointRef:
+    """``labels``: its security labels (`DesiredState.security_labels`)."""
+    return EndpointRef(name=rec.name, namespace=rec.namespace, labels=dict(labels), identity=rec.identity)
 
 
 def flow_context(desired: DesiredState, computed: Computed, boot_offset_ns: int) -> FlowContext:
@@ -239,11 +241,13 @@ def flow_context(desired: DesiredState, computed: Computed, boot_offset_ns: int)
     labels: dict[int, Mapping[str, str]] = {i: dict(lbls) for i, lbls in desired.identities.items()}
     for prefix, cid in computed.cidr_identities.items():
         labels[cid] = {f"cidr:{prefix}": ""}
+    namespaces = desired.namespaces
+    refs = {(r.node, r.name): endpoint_ref(r, desired.security_labels(r, namespaces)) for r in desired.endpoints}
     return FlowContext(
         node_name=desired.node.name,
-        endpoints_by_ip={r.ip: endpoint_ref(r) for r in desired.endpoints},
+        endpoints_by_ip={r.ip: refs[(r.node, r.name)] for r in desired.endpoints},
         identity_labels=labels, rules=dict(computed.rules), boot_offset_ns=boot_offset_ns,
-        endpoints_by_id={r.ep_id: endpoint_ref(r) for r in desired.local_endpoints
+        endpoints_by_id={r.ep_id: refs[(r.node, r.name)] for r in desired.local_endpoints
                          if r.name in desired.node.ifindex},
     )
 

@@ -5,6 +5,10 @@ store holds (endpoints of every node, identities, resources, recorded VIP alloca
 what the agent itself knows about its node (`NodeFacts`: interfaces it plumbed, namespace cookies,
 the addresses of the node), resolves the DNS names ServiceEntries need, and returns a
 `DesiredState` that `agent.reconcile.compute` turns into table contents without any I/O.
+
+Namespace resources are read here too: their labels are part of every endpoint's security labels
+(`DesiredState.security_labels`), so a relabelled namespace changes the identity its endpoints
+should have (`DesiredState.stale_identities`, which the agent acts on before computing).
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from agent.endpoint import EndpointRecord
+from agent.labels import security_labels
 from agent.node_registry import NodeRecord, read_nodes
+from agent.resources import store_key
 from agent.services import entry_dns_names
 
 log = logging.getLogger("meshagent.state")
 
 RESOURCE_KINDS_READ = ("CiliumNetworkPolicy", "NetworkPolicy", "Service", "ServiceEntry", "VirtualService",
-                       "DestinationRule")
+                       "DestinationRule", "Namespace")
 VIP_PREFIX = "services/vips/"
 
 
@@ -66,6 +72,35 @@ class DesiredState:
     def local_endpoints(self) -> tuple[EndpointRecord, ...]:
         return tuple(e for e in self.endpoints if e.node == self.node.name)
 
+    @property
+    def namespaces(self) -> dict[str, Mapping[str, str]]:
+        """Namespace name -> the labels of its Namespace resource (only those that exist)."""
+        return namespace_labels(self.kind("Namespace"))
+
+    def security_labels(self, rec: EndpointRecord, namespaces: Mapping[str, Mapping[str, str]] | None = None
+                        ) -> dict[str, str]:
+        """``rec``'s security labels as of this state (its namespace's labels included).
+        ``namespaces``: `self.namespaces`, when the caller already has it."""
+        ns = self.namespaces if namespaces is None else namespaces
+        return security_labels(rec.labels, rec.namespace, rec.serviceaccount, ns.get(rec.namespace))
+
+    def stale_identities(self) -> list[tuple[EndpointRecord, dict[str, str]]]:
+        """This node's endpoints whose identity is not (or no longer) that of their security labels,
+        each with the labels it should have: a Namespace relabelled, applied or deleted, or an
+        endpoint stored by an older agent. Only this node's: each agent re-identifies its own."""
+        ns = self.namespaces
+        out = []
+        for rec in self.local_endpoints:
+            want = self.security_labels(rec, ns)
+            if dict(self.identities.get(rec.identity) or {}) != want:
+                out.append((rec, want))
+        return out
+
+
+def namespace_labels(bodies: tuple[dict, ...]) -> dict[str, Mapping[str, str]]:
+    """Namespace resources (validated bodies) -> name -> labels."""
+    return {b["metadata"]["name"]: dict(b["metadata"].get("labels") or {}) for b in bodies}
+
 
 def _ns_name(body: dict) -> tuple[str, str]:
     meta = body.get("metadata") or {}
@@ -75,6 +110,13 @@ def _ns_name(body: dict) -> tuple[str, str]:
 def read_resources(store, kinds: tuple[str, ...] = RESOURCE_KINDS_READ) -> dict[str, tuple[dict, ...]]:
     """The stored resources of ``kinds``, each kind ordered by namespace/name."""
     return {kind: tuple(sorted(store.list(f"resources/{kind}").values(), key=_ns_name)) for kind in kinds}
+
+
+def read_namespace_labels(store, name: str) -> dict[str, str] | None:
+    """The labels of Namespace ``name``, None if there is no such resource (an endpoint being added
+    gets its identity from them before the next reconcile)."""
+    body = store.get(store_key("Namespace", "", name))
+    return dict(body["metadata"].get("labels") or {}) if body else None
 
 
 def read_vips(store) -> dict[str, str]:

@@ -36,7 +36,7 @@ import click
 from agent import __version__, node_config
 from agent.client import AgentClient
 from agent.errors import MeshError
-from agent.labels import LabelError, parse_labels
+from agent.labels import LabelError, check_key, check_value, parse_labels
 from agent.named_ports import NamedPort, PortSpecError, check_ports, parse_port_spec
 from cli import output as out
 
@@ -416,6 +416,7 @@ def _kind_arg(value: str, allow_all: bool) -> str:
     "meshagent delete -f examples/web.yaml",
     "meshagent delete cnp allow-web",
     "meshagent delete virtualservice reviews -n shop",
+    "meshagent delete namespace payments",
 ))
 @click.argument("kind", required=False)
 @click.argument("name", required=False)
@@ -446,8 +447,8 @@ def delete(target: Target, kind: str | None, name: str | None, paths: tuple[str,
         if r.get("action") == "not found":
             missing += 1
             if not ignore_not_found:
-                click.echo(f"Error: {out.resource_ref(r['kind'], r['name'])} not found in namespace "
-                           f"{r.get('namespace')}", err=True)
+                where = f" in namespace {r['namespace']}" if r.get("namespace") else ""
+                click.echo(f"Error: {out.resource_ref(r['kind'], r['name'])} not found{where}", err=True)
         else:
             click.echo(f"{out.resource_ref(r['kind'], r['name'])} {r.get('action')}")
     if missing and not ignore_not_found:
@@ -457,6 +458,7 @@ def delete(target: Target, kind: str | None, name: str | None, paths: tuple[str,
 @cli.command(epilog=examples(
     "meshagent get cnp                    # every CiliumNetworkPolicy, all namespaces",
     "meshagent get svc web -n shop -o yaml",
+    "meshagent get ns                     # Namespaces (cluster-scoped) and their labels",
     "meshagent get all -o yaml > backup.yaml && meshagent apply -f backup.yaml",
 ))
 @click.argument("kind")
@@ -469,7 +471,7 @@ def get(target: Target, kind: str, name: str | None, namespace: str | None, outp
 
     KIND takes kubectl's names: service/svc, ciliumnetworkpolicy/cnp, networkpolicy/netpol,
     virtualservice/vs, destinationrule/dr, peerauthentication/pa, authorizationpolicy/ap,
-    serviceentry/se, all. `-o yaml` prints documents that `meshagent apply -f` takes back.
+    serviceentry/se, namespace/ns, all. `-o yaml` prints documents that `meshagent apply -f` takes back.
     """
     kind = _kind_arg(kind, allow_all=True)
     items = target.client().call("get", kind=kind).get("items") or []
@@ -487,6 +489,8 @@ def get(target: Target, kind: str, name: str | None, namespace: str | None, outp
     elif output == "json":
         click.echo(out.as_json(bodies[0] if name and len(bodies) == 1 else
                                {"apiVersion": "v1", "kind": "List", "items": bodies}))
+    elif kind == "Namespace":
+        click.echo(out.namespaces_table(items))
     else:
         click.echo(out.resources_table(items, with_kind=kind == "all"))
 
@@ -497,10 +501,11 @@ def get(target: Target, kind: str, name: str | None, namespace: str | None, outp
 @cli.group(epilog=examples(
     "meshagent endpoint add web-1 --labels app=web,tier=frontend",
     "meshagent endpoint list -o json",
+    "meshagent endpoint label web-1 version=v2",
     "meshagent endpoint delete web-1",
 ))
 def endpoint() -> None:
-    """Create, list and delete the node's endpoints (workloads)."""
+    """Create, list, relabel and delete the node's endpoints (workloads)."""
 
 
 @endpoint.command("add", epilog=examples(
@@ -542,6 +547,51 @@ def endpoint_list(target: Target, output: str) -> None:
     """List the node's endpoints."""
     items = target.client().call("endpoint_list").get("items") or []
     emit(items, output, out.endpoints_table)
+
+
+class LabelChangeType(click.ParamType):
+    """kubectl label's arguments: ``KEY=VALUE`` sets or overwrites, ``KEY-`` removes ->
+    ("set", key, value) or ("remove", key, "")."""
+
+    name = "KEY=VALUE|KEY-"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple:
+        if isinstance(value, tuple):
+            return value
+        text = str(value)
+        try:
+            if "=" not in text and text.endswith("-"):
+                check_key(text[:-1])
+                return ("remove", text[:-1], "")
+            key, sep, val = text.partition("=")
+            if not sep:
+                self.fail(f"{text!r}: expected KEY=VALUE to set a label or KEY- to remove one", param, ctx)
+            check_key(key)
+            check_value(val)
+        except LabelError as e:
+            self.fail(str(e), param, ctx)
+        return ("set", key, val)
+
+
+@endpoint.command("label", epilog=examples(
+    "meshagent endpoint label web-1 version=v2            # set or overwrite",
+    "meshagent endpoint label web-1 tier=backend canary-  # set one, remove another",
+))
+@click.argument("name")
+@click.argument("changes", nargs=-1, required=True, type=LabelChangeType(), metavar="KEY=VALUE|KEY-...")
+@output_option()
+@pass_target
+def endpoint_label(target: Target, name: str, changes: tuple[tuple[str, str, str], ...], output: str) -> None:
+    """Relabel endpoint NAME, as `kubectl label` does: it gets the identity of its new labels and
+    policy follows (established flows re-checked)."""
+    keys = [key for _, key, _ in changes]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise click.UsageError(f"label {twice[0]!r} is given more than once")
+    labels = {key: val for op, key, val in changes if op == "set"}
+    remove = [key for op, key, _ in changes if op == "remove"]
+    result = target.client().call("endpoint_label", name=name, labels=labels, remove=remove)
+    emit(result, output, lambda ep: out.endpoints_table([ep]))
 
 
 @endpoint.command("delete", epilog=examples("meshagent endpoint delete web-1"))

@@ -46,6 +46,7 @@ KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "PeerAuthentication": ("security.istio.io", ("peerauthentication", "peerauthentications", "pa")),
     "AuthorizationPolicy": ("security.istio.io", ("authorizationpolicy", "authorizationpolicies", "ap")),
     "ServiceEntry": ("networking.istio.io", ("serviceentry", "serviceentries", "se")),
+    "Namespace": ("", ("namespace", "namespaces", "ns")),
 }
 
 
@@ -227,6 +228,12 @@ def warning_lines(warnings: Iterable[str]) -> list[str]:
 def resources_table(items: Sequence[Mapping[str, Any]], with_kind: bool = False) -> str:
     columns = (["kind"] if with_kind else []) + ["namespace", "name", "apiVersion"]
     return table([c.upper() for c in columns], ([i.get(c) for c in columns] for i in items))
+
+
+def namespaces_table(items: Sequence[Mapping[str, Any]]) -> str:
+    """`get Namespace`: cluster-scoped, so its name and labels (as `kubectl get ns --show-labels`)."""
+    return table(["NAME", "LABELS"], ([i.get("name"), labels_text(((i.get("body") or {}).get("metadata") or {})
+                                                                   .get("labels") or {})] for i in items))
 
 
 def endpoints_table(items: Sequence[Mapping[str, Any]]) -> str:

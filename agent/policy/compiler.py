@@ -35,7 +35,7 @@ from typing import Any
 
 from agent import identity as ids
 from agent.errors import MeshError
-from agent.labels import NAMESPACE_LABEL, NAMESPACE_NAME_LABEL, LabelError, Selector
+from agent.labels import NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX, LabelError, Selector, namespace_labels_of
 from agent.named_ports import policy_port_name
 from agent.policy.icmp import icmp_type_number
 from agent.policy.portrange import MAX_PORT, PORT_BITS, port_mask, range_to_prefixes
@@ -129,7 +129,8 @@ class PolicyInput:
 @dataclass(frozen=True)
 class _LabelPeer:
     """Endpoints by labels. ``namespaces`` (NetworkPolicy namespaceSelector) matches the labels of
-    the endpoint's namespace, which has the one label kubernetes.io/metadata.name=<name>."""
+    the endpoint's namespace: its Namespace resource's labels and kubernetes.io/metadata.name=<name>,
+    carried in its security labels as io.cilium.k8s.namespace.labels.* (agent.labels)."""
 
     selector: Selector
     namespaces: Selector | None = None
@@ -347,8 +348,9 @@ class _Parser:
         field = f"{peer}Endpoints"
         for i, sel in enumerate(self._list(f"{path}.{field}", rule.get(field))):
             selector = self._selector(f"{path}.{field}[{i}]", sel or {})
-            # An empty or namespace-free selector in a namespaced policy means "in this namespace".
-            if not selector.constrains(NAMESPACE_LABEL):
+            # An empty or namespace-free selector in a namespaced policy means "in this namespace";
+            # one on namespace labels selects across namespaces (Cilium's getEndpointSelector).
+            if not selector.constrains(NAMESPACE_LABEL) and not selector.constrains_prefix(NAMESPACE_LABELS_PREFIX):
                 selector = self._scoped(selector)
             peers.append(_LabelPeer(selector))
         field = f"{peer}CIDR"
@@ -592,8 +594,7 @@ class _Resolver:
                 if not peer.selector.matches(labels):
                     continue
                 if peer.namespaces is not None:
-                    ns = labels.get(NAMESPACE_LABEL)
-                    if ns is None or not peer.namespaces.matches({NAMESPACE_NAME_LABEL: ns}):
+                    if NAMESPACE_LABEL not in labels or not peer.namespaces.matches(namespace_labels_of(labels)):
                         continue
                 out.add(number)
             return out

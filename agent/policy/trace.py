@@ -64,11 +64,12 @@ def enforcement_of(rec: EndpointRecord, blob: bytes) -> dict[tuple[int, int], En
 
 
 def resolve_side(labels: Mapping[str, str], namespace: str | None, endpoints: Sequence[EndpointRecord],
-                 identities: Mapping[int, Mapping[str, str]], flag: str) -> Side:
+                 identities: Mapping[int, Mapping[str, str]], flag: str,
+                 namespaces: Mapping[str, Mapping[str, str]] | None = None) -> Side:
     """The endpoint (this node's first, as ``endpoints`` is ordered), else the identity, that carries
-    ``labels`` (and ``namespace`` if given)."""
+    ``labels`` (and ``namespace`` if given). ``namespaces``: the labels of the Namespace resources."""
     for rec in endpoints:
-        sec = security_labels(rec.labels, rec.namespace, rec.serviceaccount)
+        sec = security_labels(rec.labels, rec.namespace, rec.serviceaccount, (namespaces or {}).get(rec.namespace))
         if all(sec.get(k) == v for k, v in labels.items()) and namespace in (None, rec.namespace):
             return Side(rec, rec.identity)
     for ident, lbls in identities.items():

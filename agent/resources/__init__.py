@@ -22,7 +22,15 @@ from ._limits import (
     parse_size,
 )
 from ._load import KINDS, check_apply_size, load_paths, parse_documents, validate
-from ._model import Resource, ResourceError, audit_requested, namespace_warning
+from ._model import (
+    Resource,
+    ResourceError,
+    audit_requested,
+    cluster_scoped,
+    namespace_warning,
+    parse_store_key,
+    store_key,
+)
 from ._values import parse_duration, port_number
 
 __all__ = [
@@ -36,6 +44,7 @@ __all__ = [
     "ResourceError",
     "audit_requested",
     "check_apply_size",
+    "cluster_scoped",
     "fault_percent",
     "format_size",
     "load_paths",
@@ -44,6 +53,8 @@ __all__ = [
     "parse_documents",
     "parse_duration",
     "parse_size",
+    "parse_store_key",
     "port_number",
+    "store_key",
     "validate",
 ]

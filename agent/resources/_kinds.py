@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.labels import LabelError, Selector
+from agent.labels import NAMESPACE_NAME_LABEL, LabelError, Selector
 
 from . import _values as v
 from ._schema import (
@@ -601,6 +601,8 @@ class KindInfo:
     in_empty_namespace: str = ""
     # A namespace where the kind acts mesh-wide instead (Istio's root namespace, istio-system).
     mesh_wide_namespace: str = ""
+    # Cluster-scoped (v1 Namespace): no metadata.namespace; stored and named by its name alone.
+    cluster_scoped: bool = False
 
 
 def _annotations(allowed: tuple[str, ...]):
@@ -619,26 +621,50 @@ def _annotations(allowed: tuple[str, ...]):
 
 
 def _document(spec: Node, *, name_check=v.dns_subdomain, annotations: tuple[str, ...] = (),
-              fields: Mapping[str, Node | Required] | None = None, rules: tuple = ()) -> Obj:
+              fields: Mapping[str, Node | Required] | None = None, rules: tuple = (),
+              cluster_scoped: str = "", metadata_rules: tuple = (), refused: Mapping[str, str] | None = None) -> Obj:
     """The whole document of a kind. ``annotations``: the meshagent.io/ keys this kind understands
-    (any other meshagent.io/ key is an error); ``fields`` replaces the default ``spec`` field."""
+    (any other meshagent.io/ key is an error); ``fields`` replaces the default ``spec`` field.
+    ``cluster_scoped``: the kind has no namespace; the message refusing metadata.namespace.
+    ``refused``: more top-level fields refused, each with its whole message."""
+    namespace: dict[str, Node] = {} if cluster_scoped else {"namespace": string(v.dns_label, "a namespace name")}
     metadata = Obj({
         "name": Req(string(name_check, "a name")),
-        "namespace": string(v.dns_label, "a namespace name"),
+        **namespace,
         "labels": LABELS,
         "annotations": MapOf(string(v.label_key, "an annotation key"), STR),
     }, unsupported=dict.fromkeys(
         ("uid", "resourceVersion", "creationTimestamp", "generation", "managedFields", "selfLink",
          "deletionTimestamp", "deletionGracePeriodSeconds", "ownerReferences"), _SET_BY_CLUSTER
-    ) | {"generateName": "generateName is not supported; give a name"},
-        rules=(_annotations(annotations),))
+    ) | {"generateName": "generateName is not supported; give a name"}
+      | ({"namespace": cluster_scoped} if cluster_scoped else {}),
+        rules=(_annotations(annotations), *metadata_rules))
     return Obj({
         "apiVersion": Req(STR),
         "kind": Req(STR),
         "metadata": Req(metadata),
-        **(fields or {"spec": Req(spec)}),
-    }, unsupported={"status": "status is " + _SET_BY_CLUSTER}, rules=rules)
+        **(fields if fields is not None else {"spec": Req(spec)}),
+    }, unsupported={"status": "status is " + _SET_BY_CLUSTER, **(refused or {})}, rules=rules)
 
+
+# --- v1 Namespace ----------------------------------------------------------------------------------
+
+def _namespace_name_label(obj: Mapping[str, Any], path: str) -> None:
+    # Kubernetes sets this label to the name itself; another value would make a selector on it lie.
+    labels = obj.get("labels") or {}
+    if NAMESPACE_NAME_LABEL in labels and labels[NAMESPACE_NAME_LABEL] != obj["name"]:
+        raise Invalid(f"{join(path, 'labels')}[{NAMESPACE_NAME_LABEL}]",
+                      f"{show(labels[NAMESPACE_NAME_LABEL])}: Kubernetes sets this label to the namespace's "
+                      f"name ({obj['name']}); remove it or give the name")
+
+
+# A Namespace is its name and labels: its spec (finalizers) and status are the cluster's.
+NAMESPACE_DOCUMENT = _document(
+    Obj({}), name_check=v.dns_label, fields={},
+    cluster_scoped="a Namespace is cluster-scoped: remove metadata.namespace",
+    metadata_rules=(_namespace_name_label,),
+    refused={"spec": "spec is not supported: a Namespace here is its name and labels (metadata.labels)"},
+)
 
 _ISTIO_NET = ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3")
 _ISTIO_SEC = ("security.istio.io/v1", "security.istio.io/v1beta1")
@@ -665,4 +691,5 @@ KIND_INFO: dict[str, KindInfo] = {
                                    mesh_wide_namespace=_ISTIO_ROOT),
     "AuthorizationPolicy": KindInfo(_ISTIO_SEC, _document(AP_SPEC), in_empty_namespace=_LATER,
                                     mesh_wide_namespace=_ISTIO_ROOT),
+    "Namespace": KindInfo(("v1",), NAMESPACE_DOCUMENT, cluster_scoped=True),
 }

@@ -220,7 +220,9 @@ def _context(doc: dict) -> str:
     parts = [key_text(kind)] if isinstance(kind, str) and kind else []
     if isinstance(name, str) and name:
         ns = namespace if isinstance(namespace, str) and namespace else "default"
-        parts.append(f"{key_text(ns)}/{key_text(name)}")
+        info = KIND_INFO.get(kind) if isinstance(kind, str) else None
+        parts.append(key_text(name) if info is not None and info.cluster_scoped and not namespace
+                     else f"{key_text(ns)}/{key_text(name)}")
     return f" ({' '.join(parts)})" if parts else ""
 
 
@@ -254,7 +256,7 @@ def validate(doc: object, where: str, limits: Limits | None = None) -> Resource:
     except Invalid as e:
         raise ResourceError(f"{where}: {e.path}: {e.message}") from None
     meta = doc["metadata"]
-    namespace, name = meta.get("namespace", "default"), meta["name"]
+    namespace, name = "" if info.cluster_scoped else meta.get("namespace", "default"), meta["name"]
     return Resource(api_version=api_version, kind=kind, namespace=namespace, name=name, body=doc, where=base,
                     warnings=tuple(f"{kind} {namespace}/{name}: {note}" for note in notes), size=size)
 

@@ -34,7 +34,7 @@ class Resource:
 
     api_version: str  # as written, e.g. "cilium.io/v2"
     kind: str
-    namespace: str  # metadata.namespace, or "default"
+    namespace: str  # metadata.namespace, or "default"; "" for a cluster-scoped kind (Namespace)
     name: str
     body: dict = field(hash=False, repr=False)
     where: str = field(default="", compare=False)  # "policies.yaml: document 2", for messages
@@ -54,14 +54,38 @@ class Resource:
     def audit(self) -> bool:
         return audit_requested(self.body)
 
+    @property
+    def store_key(self) -> str:
+        return store_key(self.kind, self.namespace, self.name)
+
     def describe(self) -> str:
-        return f"{self.kind} {self.namespace}/{self.name}"
+        return f"{self.kind} {self.namespace}/{self.name}" if self.namespace else f"{self.kind} {self.name}"
+
+
+def cluster_scoped(kind: str) -> bool:
+    info = KIND_INFO.get(kind)
+    return info is not None and info.cluster_scoped
+
+
+def store_key(kind: str, namespace: str, name: str) -> str:
+    """Where a resource lives in the store: resources/KIND/NAMESPACE/NAME, or resources/KIND/NAME for
+    a cluster-scoped kind (whose namespace is ignored)."""
+    return f"resources/{kind}/{name}" if cluster_scoped(kind) else f"resources/{kind}/{namespace}/{name}"
+
+
+def parse_store_key(key: str) -> tuple[str, str, str]:
+    """resources/KIND/[NAMESPACE/]NAME -> (kind, namespace, name); namespace "" if cluster-scoped."""
+    parts = key.split("/")
+    if len(parts) == 3:
+        return parts[1], "", parts[2]
+    return parts[1], parts[2], parts[3]
 
 
 def namespace_warning(resource: Resource, namespaces_in_use: Collection[str], node: str) -> str | None:
     """One line if ``resource`` acts on the endpoints of its namespace and ``node`` has none there
     (``namespaces_in_use``: the namespaces of its endpoints). kubectl would refuse a namespace that
-    does not exist; there are no Namespace objects here, so the apply goes ahead and says so."""
+    does not exist; here a namespace need not have a Namespace resource (it then has Kubernetes'
+    implicit name label only), so the apply goes ahead and says so."""
     info = KIND_INFO.get(resource.kind)
     if info is None or not info.in_empty_namespace or resource.namespace in namespaces_in_use \
             or resource.namespace == info.mesh_wide_namespace:

@@ -40,6 +40,7 @@ COMMANDS: dict[tuple[str, ...], tuple[list[str], int]] = {
     ("status",): (["-o", "json"], 0),
     ("endpoint", "add"): (["{c}", "--labels", "app=cli-c", "--port", "http=80"], 0),
     ("endpoint", "list"): (["-o", "json"], 0),
+    ("endpoint", "label"): (["{c}", "tier=cli"], 0),
     ("apply",): (["-f", "{file}"], 0),
     ("get",): (["CiliumNetworkPolicy", "-o", "json"], 0),
     # A connection attempt from a to b, so that `flows` has something to show.

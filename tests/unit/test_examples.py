@@ -9,7 +9,34 @@ EXAMPLES = REPO / "examples"
 
 def test_examples_validate():
     kinds = {r.kind for r in load_paths([str(EXAMPLES)])}
-    assert {"CiliumNetworkPolicy", "NetworkPolicy", "Service", "VirtualService", "DestinationRule"} <= kinds
+    assert {"CiliumNetworkPolicy", "NetworkPolicy", "Service", "VirtualService", "DestinationRule",
+            "Namespace"} <= kinds
+
+
+def test_namespaces_example_selects_as_its_comments_say():
+    """storefront's pods reach payments' api on 8443, unlabelled namespaces do not; tier=gold on 9090."""
+    from agent.labels import security_labels
+    from agent.policy.compiler import PolicyInput, compile_policies
+    from agent.policy.lookup import lookup
+    from agent.policy.types import INGRESS, EndpointInfo, IdentityInfo
+    from agent.state import namespace_labels
+
+    resources = load_paths([str(EXAMPLES / "namespaces.yaml")])
+    ns = namespace_labels(tuple(r.body for r in resources if r.kind == "Namespace"))
+    labels = {
+        300: security_labels({"app": "api"}, "payments", "default", ns.get("payments")),
+        301: security_labels({"app": "checkout"}, "shop", "default", ns.get("shop")),
+        302: security_labels({"app": "checkout"}, "default", "default", ns.get("default")),
+    }
+    c = compile_policies([PolicyInput.from_body(r.kind, r.body) for r in resources if r.kind != "Namespace"],
+                         [IdentityInfo(i, lb) for i, lb in labels.items()],
+                         [EndpointInfo(1, "api", "payments", "10.200.0.9", 300, labels[300])])
+
+    def verdict(peer: int, port: int) -> str:
+        return lookup(c.entries, c.enforcement, 1, INGRESS, peer, 6, port).verdict
+
+    assert (verdict(301, 8443), verdict(302, 8443), verdict(301, 9090)) == ("ALLOWED", "DENIED", "DENIED")
+    assert verdict(300, 9090) == "ALLOWED" and verdict(300, 8443) == "DENIED"
 
 
 def test_l7_routing_example_routes_as_its_comments_say():

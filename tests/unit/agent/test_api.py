@@ -332,6 +332,10 @@ def test_requests_as_the_cli_sends_them():
     assert call("endpoint_add", name="web-1")[1] == ("web-1", {}, "default", "default", None, None, [])
     assert call("endpoint_add", name="web-1", ports=[{"name": "dns", "port": 53}])[1][-1] == [
         {"name": "dns", "port": 53, "protocol": None}]  # the agent defaults it (agent/named_ports.py)
+    assert call("endpoint_label", name="web-1", labels={"v": "2"}, remove=["canary"]) == \
+        ("endpoint_label", ("web-1", {"v": "2"}, ["canary"]), {})
+    assert call("endpoint_label", name="web-1")[1] == ("web-1", {}, [])
+    assert call("delete", kind="Namespace", namespace=None, name="x")[1] == ([("Namespace", "default", "x")],)
     assert call("delete", kind="Service", namespace="shop", name="web") == \
         ("delete", ([("Service", "shop", "web")],), {})
     assert call("delete", documents=[{"where": "f.yaml: document 1", "body": {"kind": "Service"}}, {"body": {}}]) == \

@@ -411,7 +411,7 @@ def test_valid_examples_of_every_kind(name):
 def test_every_kind_and_version_is_covered():
     assert set(KINDS) == {
         "Service", "CiliumNetworkPolicy", "NetworkPolicy", "VirtualService", "DestinationRule",
-        "ServiceEntry", "PeerAuthentication", "AuthorizationPolicy",
+        "ServiceEntry", "PeerAuthentication", "AuthorizationPolicy", "Namespace",
     }
     assert KINDS["VirtualService"] == (
         "networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3")
