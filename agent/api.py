@@ -436,6 +436,7 @@ OPS: dict[str, Op] = {
         to_namespace=optional(NAME), protocol=optional(PROTOCOL), dport=optional(PORT)),
     "bpf_ct_list": op(lambda agent, a: agent.bpf_ct_list()),
     "bpf_ipcache_list": op(lambda agent, a: agent.bpf_ipcache_list()),
+    "bpf_ipblock_list": op(lambda agent, a: agent.bpf_ipblock_list()),
     "bpf_policy_list": op(lambda agent, a: agent.bpf_policy_list()),
     "bpf_fastpath_list": op(lambda agent, a: agent.bpf_fastpath_list()),
     "flows": stream_op(_flows,  # the buffered flows, then with follow every new one until the client goes

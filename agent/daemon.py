@@ -335,7 +335,7 @@ class Agent:
         src = resolve_side(from_labels, from_namespace, everyone, desired.identities, "--from-label")
         dst = resolve_side(to_labels, to_namespace, everyone, desired.identities, "--to-label")
         deciders = {}
-        kernel_policy = None
+        kernel_policy, kernel_ipblocks = None, {}
         for side in (src, dst):
             rec = side.endpoint
             if rec is None or (rec.node, rec.name) in deciders:
@@ -347,8 +347,9 @@ class Agent:
                     continue
                 if kernel_policy is None:
                     kernel_policy = self.sync.read("policy")
+                    kernel_ipblocks = self.sync.read("ipblock_cidrs")
                 deciders[(rec.node, rec.name)] = Decider(kernel_policy, enforcement_of(rec, blob), self.flow_ctx.rules,
-                                                         f"kernel of node {rec.node}")
+                                                         f"kernel of node {rec.node}", kernel_ipblocks)
             else:
                 compiled = compile_policies(
                     policy_inputs(desired.resources),
@@ -359,7 +360,7 @@ class Agent:
                     mode=self.cfg.policy_enforcement, cidr_identities=desired.cidr_identities)
                 deciders[(rec.node, rec.name)] = Decider(
                     compiled.entries, compiled.enforcement, compiled.rules,
-                    f"computed from the store (node {rec.node} enforces it)")
+                    f"computed from the store (node {rec.node} enforces it)", compiled.ipblock_cidrs)
         return trace(src, dst, proto, port, deciders)
 
     def bpf_ct_list(self) -> dict:
@@ -370,7 +371,11 @@ class Agent:
 
     def bpf_policy_list(self) -> dict:
         names = {r.ep_id: r.name for r in self.endpoints.records()}
-        return {"items": bpf_listing.policy_entries(self.sync.read("policy"), names, self.flow_ctx.rules)}
+        return {"items": bpf_listing.policy_entries(self.sync.read("policy"), names, self.flow_ctx.rules,
+                                                    self.sync.read("ipblock_cidrs"))}
+
+    def bpf_ipblock_list(self) -> dict:
+        return {"items": bpf_listing.ipblock_entries(self.sync.read("ipblock_cidrs"))}
 
     def bpf_fastpath_list(self) -> dict:
         return {"items": bpf_listing.fastpath_sockets(self.sockets)}

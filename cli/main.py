@@ -743,6 +743,11 @@ def bpf_ipcache() -> None:
     """The IP-to-identity map."""
 
 
+@bpf.group("ipblock", epilog=examples("meshagent bpf ipblock list"))
+def bpf_ipblock() -> None:
+    """The NetworkPolicy ipBlock prefixes, matched by address (pods included)."""
+
+
 @bpf.group("policy", epilog=examples("meshagent bpf policy list"))
 def bpf_policy() -> None:
     """The policy map (what the kernel enforces)."""
@@ -756,6 +761,7 @@ def bpf_fastpath() -> None:
 _map_command(bpf_ct, "ct", "bpf_ct_list", "connection-tracking entries")
 _map_command(bpf_fastpath, "fastpath", "bpf_fastpath_list", "sockets on the socket fast path")
 _map_command(bpf_ipcache, "ipcache", "bpf_ipcache_list", "prefixes and their identities")
+_map_command(bpf_ipblock, "ipblock", "bpf_ipblock_list", "ipBlock prefixes and their CIDR identities")
 _map_command(bpf_policy, "policy", "bpf_policy_list", "policy map entries per endpoint")
 
 

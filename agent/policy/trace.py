@@ -4,13 +4,15 @@ Pure: the caller hands in, for each endpoint side, what decides its direction (`
 endpoint of this node the kernel's policy map and endpoint table as they are right now (not what
 the agent meant to write); for an endpoint of another node the entries compiled from the store for
 it, which is what that node's agent writes into its own kernel. A side that is no endpoint is just
-an identity (a reserved one such as world, or a label set no endpoint carries).
+an identity (a reserved one such as world, or a label set no endpoint carries). An endpoint side
+has its address too, which NetworkPolicy ipBlocks of the other side match (by address, as the
+kernel does: agent/policy/lookup.py), and a step that an ipBlock allowed by address names it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent import identity as ids
 from agent.datapath import maps
@@ -37,6 +39,10 @@ class Side:
     endpoint: EndpointRecord | None  # an endpoint (of any node), whose own policy decides its direction
     identity: int
 
+    @property
+    def ip(self) -> str | None:
+        return self.endpoint.ip if self.endpoint is not None else None
+
 
 @dataclass(frozen=True)
 class Decider:
@@ -46,6 +52,7 @@ class Decider:
     enforcement: Mapping[tuple[int, int], Enforcement]  # (ep_id, direction)
     rules: Mapping[int, RuleInfo]
     source: str  # "kernel of node n1", "computed from the store (node n2 enforces it)"
+    ipblock_cidrs: Mapping[str, int] = field(default_factory=dict)  # the node's ipblock_cidrs trie
 
 
 def enforcement_of(rec: EndpointRecord, blob: bytes) -> dict[tuple[int, int], Enforcement]:
@@ -101,14 +108,19 @@ def trace(src: Side, dst: Side, proto: int, port: int, deciders: Mapping[tuple[s
         decider = deciders.get((rec.node, rec.name)) if rec is not None else None
         if decider is None:
             continue
-        v = lookup(decider.policy, decider.enforcement, rec.ep_id, direction, peer.identity, proto, port)
+        v = lookup(decider.policy, decider.enforcement, rec.ep_id, direction, peer.identity, proto, port,
+                   peer.ip, decider.ipblock_cidrs)
         rule = decider.rules.get(v.rule_id)
-        steps.append({
+        step = {
             "direction": DIRECTION_NAMES[direction], "endpoint": rec.name, "node": rec.node,
             "identity": rec.identity, "peer_identity": peer.identity, "verdict": v.verdict, "rule_id": v.rule_id,
             "rule": rule.describe() if rule else ("no policy selects the endpoint" if not v.rule_id else "?"),
             "match": v.match, "source": decider.source,
-        })
+        }
+        if v.by_address:  # which ipBlock prefix holds the peer's address (the kernel's ipblock_cidrs)
+            prefix = next((p for p, n in decider.ipblock_cidrs.items() if n == v.by_address), "?")
+            step["by_address"] = {"address": peer.ip, "prefix": prefix}
+        steps.append(step)
     if not steps:
         raise UserError("neither side is an endpoint: no endpoint's policy decides this traffic")
     verdicts = [s["verdict"] for s in steps]

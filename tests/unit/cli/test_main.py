@@ -696,7 +696,8 @@ def test_policy_trace_usage_errors(agent, argv):
 
 
 @pytest.mark.parametrize("group,op", [("ct", "bpf_ct_list"), ("ipcache", "bpf_ipcache_list"),
-                                      ("policy", "bpf_policy_list"), ("fastpath", "bpf_fastpath_list")])
+                                      ("ipblock", "bpf_ipblock_list"), ("policy", "bpf_policy_list"),
+                                      ("fastpath", "bpf_fastpath_list")])
 def test_bpf_lists_use_first_item_keys_as_columns(agent, group, op):
     items = [{"prefix": "10.200.0.12/32", "identity": 23456}, {"prefix": "0.0.0.0/0", "identity": 2}]
     agent.reply(op, {"items": items})
