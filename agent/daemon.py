@@ -50,7 +50,7 @@ from agent.node import (
 from agent.node_config import NodeConfig, NodeConfigError, load
 from agent.node_registry import NodeClaimError, NodeRegistry, detect_node_ip
 from agent.policy.compiler import compile_policies
-from agent.policy.trace import Decider, enforcement_of, parse_protocol, resolve_side, trace
+from agent.policy.trace import Decider, enforcement_of, parse_protocol, resolve_address, resolve_side, trace
 from agent.policy.types import EndpointInfo, IdentityInfo
 from agent.reconcile import POLICY_KINDS, Computed, Sync, compute, flow_context, node_tables, policy_inputs
 from agent.resources import KINDS, Limits, check_apply_size, namespace_warning, validate
@@ -325,15 +325,23 @@ class Agent:
     # ---- policy trace and the raw maps -----------------------------------------------------------
 
     def policy_trace(self, from_labels: dict, to_labels: dict, from_namespace: str | None,
-                     to_namespace: str | None, protocol: str | None, dport: object) -> dict:
+                     to_namespace: str | None, protocol: str | None, dport: object,
+                     from_ip: str | None = None, to_ip: str | None = None) -> dict:
         """Each side's own policy decides its direction: this node's endpoints from the kernel's maps as
-        they are now, another node's from the store, compiled for it as its agent compiles it."""
+        they are now, another node's from the store, compiled for it as its agent compiles it. A side
+        given by address is the endpoint that has it, else what this node's ipcache says of it."""
         proto, port = parse_protocol(protocol, dport)
         desired = self.desired()
         local = list(desired.local_endpoints)
         everyone = local + [r for r in desired.endpoints if r.node != self.cfg.node_name]
-        src = resolve_side(from_labels, from_namespace, everyone, desired.identities, "--from-label")
-        dst = resolve_side(to_labels, to_namespace, everyone, desired.identities, "--to-label")
+        sides = []
+        for labels, namespace, ip, flag in ((from_labels, from_namespace, from_ip, "--from"),
+                                            (to_labels, to_namespace, to_ip, "--to")):
+            if ip:
+                sides.append(resolve_address(ip, everyone, self.sync.read("ipcache"), f"{flag}-ip"))
+            else:
+                sides.append(resolve_side(labels, namespace, everyone, desired.identities, f"{flag}-label"))
+        src, dst = sides
         deciders = {}
         kernel_policy, kernel_ipblocks = None, {}
         for side in (src, dst):

@@ -11,6 +11,7 @@ kernel does: agent/policy/lookup.py), and a step that an ipBlock allowed by addr
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ from agent.datapath import maps
 from agent.endpoint import EndpointRecord
 from agent.errors import UserError
 from agent.labels import security_labels
-from agent.policy.lookup import lookup
+from agent.policy.lookup import address_match, lookup
 from agent.policy.types import (
     DIRECTION_NAMES,
     EGRESS,
@@ -38,10 +39,7 @@ RESERVED_BY_NAME = {"world": ids.WORLD, "host": ids.HOST, "remote-node": ids.REM
 class Side:
     endpoint: EndpointRecord | None  # an endpoint (of any node), whose own policy decides its direction
     identity: int
-
-    @property
-    def ip(self) -> str | None:
-        return self.endpoint.ip if self.endpoint is not None else None
+    ip: str | None = None  # its address, if known: the other side's ipBlocks match it
 
 
 @dataclass(frozen=True)
@@ -73,7 +71,7 @@ def resolve_side(labels: Mapping[str, str], namespace: str | None, endpoints: Se
     for rec in endpoints:
         sec = security_labels(rec.labels, rec.namespace, rec.serviceaccount)
         if all(sec.get(k) == v for k, v in labels.items()) and namespace in (None, rec.namespace):
-            return Side(rec, rec.identity)
+            return Side(rec, rec.identity, rec.ip)
     for ident, lbls in identities.items():
         if all(lbls.get(k) == v for k, v in labels.items()) and namespace in (
                 None, lbls.get("io.kubernetes.pod.namespace")):
@@ -81,6 +79,19 @@ def resolve_side(labels: Mapping[str, str], namespace: str | None, endpoints: Se
     if labels.get("reserved") in RESERVED_BY_NAME:
         return Side(None, RESERVED_BY_NAME[labels["reserved"]])
     raise UserError(f"{flag}: no endpoint or identity has the labels {dict(labels)} (see `meshagent identity list`)")
+
+
+def resolve_address(ip: str, endpoints: Sequence[EndpointRecord], ipcache: Mapping[str, int], flag: str) -> Side:
+    """The endpoint (this node's first) that has address ``ip``, else the identity ``ipcache`` (the
+    node's prefix -> identity trie) gives it, world if none."""
+    try:
+        addr = str(ipaddress.IPv4Address(str(ip).strip()))
+    except ValueError:
+        raise UserError(f"{flag}: {ip!r} is not an IPv4 address") from None
+    for rec in endpoints:
+        if rec.ip == addr:
+            return Side(rec, rec.identity, addr)
+    return Side(None, address_match(ipcache, addr) or ids.WORLD, addr)
 
 
 def parse_protocol(name: str | None, dport: object) -> tuple[int, int]:

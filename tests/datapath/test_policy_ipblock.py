@@ -81,6 +81,16 @@ def test_np_egress_ipblock_allows_every_pod_but_the_except(node, pods, clean_pol
     text = node.cli("policy", "trace", "--from-label", "role=client", "--to-label", "app=a", "--dport", "80").stdout
     assert f"peer address {pods['a']['ip']} in 0.0.0.0/4" in text
     assert trace(node, "role=client", "app=b")["verdict"] == "DENIED"
+    # By address: an endpoint's address is that endpoint; another one is what the ipcache says of it.
+    by_ip = node.cli_json("policy", "trace", "--from-label", "role=client", "--to-ip", pods["b"]["ip"], "--dport", "80")
+    assert by_ip["verdict"] == "DENIED" and by_ip["steps"][-1]["endpoint"] == pods["b"]["name"]
+    outside = node.cli_json("policy", "trace", "--from-label", "role=client", "--to-ip", "10.9.9.9", "--dport", "80")
+    assert outside["verdict"] == "ALLOWED" and "spec.egress[0].to[1].ipBlock" in outside["steps"][0]["rule"]
+    far = node.cli_json("policy", "trace", "--from-label", "role=client", "--to-ip", "192.0.2.1", "--dport", "80")
+    assert far["verdict"] == "DENIED"
+    bad = node.cli("policy", "trace", "--from-label", "role=client", "--to-ip", "10.0.0.300", "--dport", "80",
+                   check=False)
+    assert bad.returncode == 2 and "10.0.0.300" in bad.stderr
 
     listed = {row["prefix"] for row in node.cli_json("bpf", "ipblock", "list")}
     assert listed == {"0.0.0.0/4", f"{pods['b']['ip']}/32"}
