@@ -337,6 +337,8 @@ class Agent:
         sides = []
         for labels, namespace, ip, flag in ((from_labels, from_namespace, from_ip, "--from"),
                                             (to_labels, to_namespace, to_ip, "--to")):
+            if ip and (labels or namespace):
+                raise UserError(f"{flag}-ip names the side alone: give it without {flag}-label or {flag}-namespace")
             if ip:
                 sides.append(resolve_address(ip, everyone, self.sync.read("ipcache"), f"{flag}-ip"))
             else:
