@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.client import AgentClient, AgentError
+
 NETTOOL = str(Path(__file__).with_name("nettool.py"))
 PY = sys.executable
 
@@ -91,6 +93,11 @@ def test_np_egress_ipblock_allows_every_pod_but_the_except(node, pods, clean_pol
     bad = node.cli("policy", "trace", "--from-label", "role=client", "--to-ip", "10.0.0.300", "--dport", "80",
                    check=False)
     assert bad.returncode == 2 and "10.0.0.300" in bad.stderr
+    client = AgentClient(node.config["api_socket"])  # what the CLI refuses, the API refuses too
+    for args, message in (({"to_ip": "10.0.0.300"}, "--to-ip: '10.0.0.300' is not an IPv4 address"),
+                          ({"to_ip": pods["a"]["ip"], "to_labels": {"app": "a"}}, "--to-ip names the side alone")):
+        with pytest.raises(AgentError, match=message):
+            client.call("policy_trace", from_labels={"role": "client"}, dport=80, **args)
 
     listed = {row["prefix"] for row in node.cli_json("bpf", "ipblock", "list")}
     assert listed == {"0.0.0.0/4", f"{pods['b']['ip']}/32"}
