@@ -440,11 +440,13 @@ OPS: dict[str, Op] = {
     "node_list": op(lambda agent, a: agent.node_list()),
     "policy_trace": op(
         lambda agent, a: agent.policy_trace(a.from_labels, a.to_labels, a.from_namespace, a.to_namespace,
-                                            a.protocol, a.dport),
+                                            a.protocol, a.dport, from_ip=a.from_ip, to_ip=a.to_ip),
         from_labels=optional(LABELS, {}), to_labels=optional(LABELS, {}), from_namespace=optional(NAME),
-        to_namespace=optional(NAME), protocol=optional(PROTOCOL), dport=optional(PORT)),
+        to_namespace=optional(NAME), protocol=optional(PROTOCOL), dport=optional(PORT),
+        from_ip=optional(ADDRESS), to_ip=optional(ADDRESS)),
     "bpf_ct_list": op(lambda agent, a: agent.bpf_ct_list()),
     "bpf_ipcache_list": op(lambda agent, a: agent.bpf_ipcache_list()),
+    "bpf_ipblock_list": op(lambda agent, a: agent.bpf_ipblock_list()),
     "bpf_policy_list": op(lambda agent, a: agent.bpf_policy_list()),
     "bpf_fastpath_list": op(lambda agent, a: agent.bpf_fastpath_list()),
     "flows": stream_op(_flows,  # the buffered flows, then with follow every new one until the client goes

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from agent.datapath import clock, maps
-from agent.policy.types import DIRECTION_NAMES, PROTO_NAMES, PolicyEntry, PolicyKey, RuleInfo
+from agent.policy.types import BY_ADDRESS, DIRECTION_NAMES, PROTO_NAMES, PolicyEntry, PolicyKey, RuleInfo
 
 
 def ct_entries(ct_map) -> list[dict]:
@@ -26,8 +26,10 @@ def ct_entries(ct_map) -> list[dict]:
 
 
 def policy_entries(policy: Mapping[PolicyKey, PolicyEntry], endpoint_names: Mapping[int, str],
-                   rules: Mapping[int, RuleInfo]) -> list[dict]:
-    """The policy map's entries with the endpoint's name, the port range and the rule that wrote each."""
+                   rules: Mapping[int, RuleInfo], ipblock_cidrs: Mapping[str, int] | None = None) -> list[dict]:
+    """The policy map's entries with the endpoint's name, the port range and the rule that wrote each.
+    A by-address entry's identity reads ``address in PREFIX`` (its ipblock_cidrs prefix)."""
+    prefixes = {n: p for p, n in (ipblock_cidrs or {}).items()}
     items = []
     for key, entry in sorted(policy.items()):
         rule = rules.get(entry.rule_id)
@@ -36,12 +38,24 @@ def policy_entries(policy: Mapping[PolicyKey, PolicyEntry], endpoint_names: Mapp
             f"{key.port}-{key.port + (1 << (16 - key.port_prefix)) - 1}")
         items.append({
             "endpoint": endpoint_names.get(key.ep_id, key.ep_id), "direction": DIRECTION_NAMES[key.direction],
-            "identity": "any" if key.identity == 0 else key.identity,
+            "identity": "any" if key.identity == 0 else _identity(key.identity, prefixes),
             "proto": "any" if key.proto == 0 else PROTO_NAMES.get(key.proto, key.proto), "ports": ports,
             "action": entry.action.name.lower(), "audit": entry.audit, "rule_id": entry.rule_id,
             "rule": rule.describe() if rule else "",
         })
     return items
+
+
+def _identity(identity: int, prefixes: Mapping[int, str]) -> int | str:
+    if not identity & BY_ADDRESS:
+        return identity
+    cidr_identity = identity & ~BY_ADDRESS
+    return f"address in {prefixes.get(cidr_identity, cidr_identity)}"
+
+
+def ipblock_entries(ipblock_cidrs: Mapping[str, int]) -> list[dict]:
+    """The ipblock_cidrs trie: the NetworkPolicy ipBlock prefixes peers' addresses are looked up in."""
+    return [{"prefix": p, "identity": n} for p, n in sorted(ipblock_cidrs.items())]
 
 
 def fastpath_sockets(sockets) -> list[dict]:

@@ -50,7 +50,7 @@ from agent.node import (
 from agent.node_config import NodeConfig, NodeConfigError, load
 from agent.node_registry import NodeClaimError, NodeRegistry, detect_node_ip
 from agent.policy.compiler import compile_policies
-from agent.policy.trace import Decider, enforcement_of, parse_protocol, resolve_side, trace
+from agent.policy.trace import Decider, enforcement_of, parse_protocol, resolve_address, resolve_side, trace
 from agent.policy.types import EndpointInfo, IdentityInfo
 from agent.reconcile import (
     POLICY_KINDS,
@@ -357,18 +357,29 @@ class Agent:
     # ---- policy trace and the raw maps -----------------------------------------------------------
 
     def policy_trace(self, from_labels: dict, to_labels: dict, from_namespace: str | None,
-                     to_namespace: str | None, protocol: str | None, dport: object) -> dict:
+                     to_namespace: str | None, protocol: str | None, dport: object,
+                     from_ip: str | None = None, to_ip: str | None = None) -> dict:
         """Each side's own policy decides its direction: this node's endpoints from the kernel's maps as
-        they are now, another node's from the store, compiled for it as its agent compiles it."""
+        they are now, another node's from the store, compiled for it as its agent compiles it. A side
+        given by address is the endpoint that has it, else what this node's ipcache says of it."""
         proto, port = parse_protocol(protocol, dport)
         desired = self.desired()
         local = list(desired.local_endpoints)
         everyone = local + [r for r in desired.endpoints if r.node != self.cfg.node_name]
         namespaces = desired.namespaces
-        src = resolve_side(from_labels, from_namespace, everyone, desired.identities, "--from-label", namespaces)
-        dst = resolve_side(to_labels, to_namespace, everyone, desired.identities, "--to-label", namespaces)
+        sides = []
+        for labels, namespace, ip, flag in ((from_labels, from_namespace, from_ip, "--from"),
+                                            (to_labels, to_namespace, to_ip, "--to")):
+            if ip and (labels or namespace):
+                raise UserError(f"{flag}-ip names the side alone: give it without {flag}-label or {flag}-namespace")
+            if ip:
+                sides.append(resolve_address(ip, everyone, self.sync.read("ipcache"), f"{flag}-ip"))
+            else:
+                sides.append(resolve_side(labels, namespace, everyone, desired.identities, f"{flag}-label",
+                                           namespaces))
+        src, dst = sides
         deciders = {}
-        kernel_policy = None
+        kernel_policy, kernel_ipblocks = None, {}
         for side in (src, dst):
             rec = side.endpoint
             if rec is None or (rec.node, rec.name) in deciders:
@@ -380,8 +391,9 @@ class Agent:
                     continue
                 if kernel_policy is None:
                     kernel_policy = self.sync.read("policy")
+                    kernel_ipblocks = self.sync.read("ipblock_cidrs")
                 deciders[(rec.node, rec.name)] = Decider(kernel_policy, enforcement_of(rec, blob), self.flow_ctx.rules,
-                                                         f"kernel of node {rec.node}")
+                                                         f"kernel of node {rec.node}", kernel_ipblocks)
             else:
                 compiled = compile_policies(
                     policy_inputs(desired.resources),
@@ -394,7 +406,7 @@ class Agent:
                     cluster_endpoints=named_port_endpoints(desired.endpoints))
                 deciders[(rec.node, rec.name)] = Decider(
                     compiled.entries, compiled.enforcement, compiled.rules,
-                    f"computed from the store (node {rec.node} enforces it)")
+                    f"computed from the store (node {rec.node} enforces it)", compiled.ipblock_cidrs)
         return trace(src, dst, proto, port, deciders)
 
     def bpf_ct_list(self) -> dict:
@@ -405,7 +417,11 @@ class Agent:
 
     def bpf_policy_list(self) -> dict:
         names = {r.ep_id: r.name for r in self.endpoints.records()}
-        return {"items": bpf_listing.policy_entries(self.sync.read("policy"), names, self.flow_ctx.rules)}
+        return {"items": bpf_listing.policy_entries(self.sync.read("policy"), names, self.flow_ctx.rules,
+                                                    self.sync.read("ipblock_cidrs"))}
+
+    def bpf_ipblock_list(self) -> dict:
+        return {"items": bpf_listing.ipblock_entries(self.sync.read("ipblock_cidrs"))}
 
     def bpf_fastpath_list(self) -> dict:
         return {"items": bpf_listing.fastpath_sockets(self.sockets)}

@@ -19,6 +19,7 @@ Who writes what. Every table below is written here and nowhere else:
     node_files       node-local CIDR identity numbers                   state_dir/cidr-identities-NODE.json
     l7_snapshot      the L7 processor's config snapshot                 state_dir/l7-NODE.json
     ipcache          prefix -> identity                                 ipcache.h  ipcache
+    ipblock_cidrs    NetworkPolicy ipBlock prefix -> CIDR identity      ipcache.h  ipblock_cidrs
     policy           (ep, dir, identity, proto, port) -> verdict        policy.h   policy_map
     endpoints        host-side ifindex -> endpoint_info                 common.h   endpoints, endpoints_hi
     endpoints_by_id  ep_id -> endpoint_info (the L7 processor's marks)  common.h   endpoints_by_id
@@ -79,10 +80,11 @@ from agent.state import DesiredState
 POLICY_KINDS = ("CiliumNetworkPolicy", "NetworkPolicy")
 
 # Additions and updates go in this order; removals in the reverse one.
-TABLE_ORDER = ("vips", "node_files", "l7_snapshot", "ipcache", "policy", "endpoints", "endpoints_by_id", "routes",
-               "datapath_config", "endpoint_netns", "lb_services", "lb_config", "fastpath_config", "hosts_files")
+TABLE_ORDER = ("vips", "node_files", "l7_snapshot", "ipcache", "ipblock_cidrs", "policy", "endpoints",
+               "endpoints_by_id", "routes", "datapath_config", "endpoint_netns", "lb_services", "lb_config",
+               "fastpath_config", "hosts_files")
 # A change to one of these makes established flows re-check policy (a policy revision bump).
-POLICY_TABLES = frozenset({"ipcache", "policy", "endpoints", "endpoints_by_id"})
+POLICY_TABLES = frozenset({"ipcache", "ipblock_cidrs", "policy", "endpoints", "endpoints_by_id"})
 PROXY = "proxy"  # the one key of datapath_config and lb_config
 FASTPATH = "fastpath"  # the one key of fastpath_config
 
@@ -174,6 +176,7 @@ def compute(desired: DesiredState) -> Computed:
         "node_files": node_files,
         "l7_snapshot": l7_snapshot,
         "ipcache": ipcache,
+        "ipblock_cidrs": dict(compiled.ipblock_cidrs),
         "policy": dict(compiled.entries),
         "endpoints": endpoints,
         "endpoints_by_id": by_id,
@@ -345,10 +348,11 @@ class _Table:
 
 
 class IpcacheTable(_Table):
-    name = "ipcache"
+    """An LPM trie of prefix -> identity: the ipcache, or ipblock_cidrs (same key and value)."""
 
-    def __init__(self, tc):
-        self.map = tc.table("ipcache")
+    def __init__(self, tc, name: str = "ipcache"):
+        self.name = name
+        self.map = tc.table(name)
 
     def read(self) -> dict:
         return {maps.ipcache_key_from_c(k): v.identity for k, v in self.map.items()}
@@ -585,7 +589,8 @@ def node_tables(tc, sockets, store) -> list[Table]:
     """Every table of the module doc, bound to the node's two datapaths and its store."""
     return [
         VipRecords(store), Files("node_files"), Files("l7_snapshot"),
-        IpcacheTable(tc), PolicyTable(tc), EndpointTable(tc), EndpointByIdTable(tc), RoutesTable(),
+        IpcacheTable(tc), IpcacheTable(tc, "ipblock_cidrs"), PolicyTable(tc), EndpointTable(tc),
+        EndpointByIdTable(tc), RoutesTable(),
         ProxyTable("datapath_config", tc), EndpointNetnsTable(sockets), ServiceTable(sockets),
         ProxyTable("lb_config", sockets), FastpathConfigTable(sockets), Files("hosts_files", public=True),
     ]

@@ -112,7 +112,7 @@ static __always_inline int policy_new_flow(struct __sk_buff *skb, struct datapat
 			*ct_flags = CT_F_REDIRECT;
 			return 0;
 		}
-		policy_can_access(ep, dir, *remote, p->proto, p->policy_port, res);
+		policy_can_access(ep, dir, *remote, p->daddr, p->proto, p->policy_port, res);
 	} else {
 		err = ingress_remote(skb, p->saddr, remote, client, ct_flags);
 		if (err) {
@@ -120,7 +120,10 @@ static __always_inline int policy_new_flow(struct __sk_buff *skb, struct datapat
 			return err;
 		}
 		if (!*client) {
-			policy_can_access(ep, dir, *remote, p->proto, p->policy_port, res);
+			/* An identity-only proxy mark: the packet's address is the proxy's, not the
+			 * peer's, so no ipBlock can match it by address. */
+			policy_can_access(ep, dir, *remote, (*ct_flags & CT_F_PROXY_ID) ? 0 : p->saddr, p->proto,
+					  p->policy_port, res);
 		} else if (policy_can_access_proxied(*client, ep, p->proto, p->policy_port, res) == DIR_EGRESS &&
 			   res->verdict == VERDICT_DROPPED) {
 			/* Reported as the client's egress drop, as a direct connection's would be:
@@ -160,7 +163,7 @@ static __always_inline int policy_recheck(struct endpoint_info *ep, struct ct_en
 {
 	struct endpoint_info *client = 0;
 	struct policy_result res = {};
-	__u32 remote;
+	__u32 remote, addr = 0;
 	__u8 by_client = 0;
 
 	if (ct->flags & CT_F_REDIRECT)
@@ -177,11 +180,13 @@ static __always_inline int policy_recheck(struct endpoint_info *ep, struct ct_en
 		remote = client->identity;
 		by_client = policy_can_access_proxied(client, ep, orig->proto, ct_policy_port(orig), &res) == DIR_EGRESS;
 	} else {
-		if (ct->flags & CT_F_PROXY_ID)
-			remote = ct->remote_identity;
-		else
-			remote = ipcache_lookup_identity(orig->dir == DIR_EGRESS ? orig->daddr : orig->saddr);
-		policy_can_access(ep, orig->dir, remote, orig->proto, ct_policy_port(orig), &res);
+		if (ct->flags & CT_F_PROXY_ID) {
+			remote = ct->remote_identity; /* an identity-only mark: no peer address */
+		} else {
+			addr = orig->dir == DIR_EGRESS ? orig->daddr : orig->saddr;
+			remote = ipcache_lookup_identity(addr);
+		}
+		policy_can_access(ep, orig->dir, remote, addr, orig->proto, ct_policy_port(orig), &res);
 	}
 	if (res.verdict == VERDICT_DROPPED) {
 		ct_delete(orig);

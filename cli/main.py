@@ -760,29 +760,39 @@ def policy() -> None:
     "meshagent policy trace --from-label app=client --to-label app=web --dport 80/tcp",
     "meshagent policy trace --from-label app=a --from-namespace shop --to-label app=db --dport 5432",
     "meshagent policy trace --from-label app=client --to-label reserved=world --dport 53/udp",
+    "meshagent policy trace --from-label app=client --to-ip 192.0.2.10 --dport 443",
 ))
-@click.option("--from-label", "from_labels", type=LABELS, multiple=True, required=True,
-              help="Labels of the source (repeatable).")
-@click.option("--to-label", "to_labels", type=LABELS, multiple=True, required=True,
-              help="Labels of the destination (repeatable).")
+@click.option("--from-label", "from_labels", type=LABELS, multiple=True,
+              help="Labels of the source (repeatable); or --from-ip.")
+@click.option("--to-label", "to_labels", type=LABELS, multiple=True,
+              help="Labels of the destination (repeatable); or --to-ip.")
+@click.option("--from-ip", type=IPV4, help="Address of the source: an endpoint's, or one outside the cluster.")
+@click.option("--to-ip", type=IPV4, help="Address of the destination (ipBlocks and CIDR rules match it).")
 @click.option("--from-namespace", metavar="NS", help="Namespace of the source (default: any).")
 @click.option("--to-namespace", metavar="NS", help="Namespace of the destination (default: any).")
 @click.option("--dport", type=PortProtoType(), required=True, help="Destination port and protocol.")
 @output_option()
 @pass_target
 def policy_trace(target: Target, from_labels: tuple[dict, ...], to_labels: tuple[dict, ...],
-                 from_namespace: str | None, to_namespace: str | None, dport: tuple[int, str],
-                 output: str) -> None:
+                 from_ip: str | None, to_ip: str | None, from_namespace: str | None, to_namespace: str | None,
+                 dport: tuple[int, str], output: str) -> None:
     """Which verdict the datapath gives a new connection, and which rule decided it.
 
-    Exits 0 whatever the verdict.
+    Each side is given by labels or by address. Exits 0 whatever the verdict.
     """
+    for side, labels, ip, namespace in (("from", from_labels, from_ip, from_namespace),
+                                        ("to", to_labels, to_ip, to_namespace)):
+        if bool(labels) == bool(ip):
+            raise click.UsageError(f"give --{side}-label or --{side}-ip (one of them)")
+        if ip and namespace:
+            raise click.UsageError(f"--{side}-namespace goes with --{side}-label, not --{side}-ip")
     port, protocol = dport
+    by_address = {k: v for k, v in (("from_ip", from_ip), ("to_ip", to_ip)) if v}
     result = target.client().call(
         "policy_trace",
         from_labels={k: v for labels in from_labels for k, v in labels.items()},
         to_labels={k: v for labels in to_labels for k, v in labels.items()},
-        from_namespace=from_namespace, to_namespace=to_namespace, dport=port, protocol=protocol,
+        from_namespace=from_namespace, to_namespace=to_namespace, dport=port, protocol=protocol, **by_address,
     )
     emit(result, output, out.trace_text)
 
@@ -816,6 +826,11 @@ def bpf_ipcache() -> None:
     """The IP-to-identity map."""
 
 
+@bpf.group("ipblock", epilog=examples("meshagent bpf ipblock list"))
+def bpf_ipblock() -> None:
+    """The NetworkPolicy ipBlock prefixes, matched by address (pods included)."""
+
+
 @bpf.group("policy", epilog=examples("meshagent bpf policy list"))
 def bpf_policy() -> None:
     """The policy map (what the kernel enforces)."""
@@ -829,6 +844,7 @@ def bpf_fastpath() -> None:
 _map_command(bpf_ct, "ct", "bpf_ct_list", "connection-tracking entries")
 _map_command(bpf_fastpath, "fastpath", "bpf_fastpath_list", "sockets on the socket fast path")
 _map_command(bpf_ipcache, "ipcache", "bpf_ipcache_list", "prefixes and their identities")
+_map_command(bpf_ipblock, "ipblock", "bpf_ipblock_list", "ipBlock prefixes and their CIDR identities")
 _map_command(bpf_policy, "policy", "bpf_policy_list", "policy map entries per endpoint")
 
 

@@ -269,6 +269,9 @@ def trace_text(result: Mapping[str, Any]) -> str:
 
 def _rule(step: Mapping[str, Any]) -> str:
     rule = step.get("rule") or "-"
+    by_address = step.get("by_address")  # a NetworkPolicy ipBlock matched the peer's address
+    if by_address:
+        rule += f", peer address {by_address.get('address')} in {by_address.get('prefix')}"
     return f"rule {step['rule_id']}: {rule}" if step.get("rule_id") else rule
 
 

@@ -20,7 +20,9 @@ What is looked at, and where it comes from:
   is not decided by this node's datapath at all (the mark does not cross nodes; a ServiceEntry's
   upstream leaves from the node's address): nothing is denied here either, as the kernel denies
   nothing. An identity-only client (MARK_MAGIC_IDENTITY) meets the backend's ingress policy alone;
-- the entries: the pinned LPM trie ``policy``, one lookup per (endpoint, direction, identity).
+- the entries: the pinned LPM trie ``policy``, one lookup per (endpoint, direction, identity);
+- NetworkPolicy ipBlocks: each side's address in the pinned LPM trie ``ipblock_cidrs`` (a flow
+  no entry of the peer's identity allows may be allowed by an ipBlock holding the peer's address).
 
 Caching: a decision holds for one *generation*, which moves when the kernel's policy revision moves
 (``config``: the agent bumps it after every change to the policy map, the ipcache or the endpoint
@@ -47,9 +49,12 @@ from agent.datapath.maps import (
     POLICY_F_AUDIT,
     DatapathConfigC,
     EndpointInfoC,
+    IpcacheEntryC,
+    IpcacheKeyC,
     PolicyEntryC,
     PolicyKeyC,
     be32_to_ip,
+    ip_to_be32,
 )
 from agent.datapath.reasons import MATCH_TYPES, reason_name
 from agent.policy.lookup import DENIED, LongestMatch, Party, Verdict, decide, decide_proxied
@@ -145,6 +150,18 @@ class KernelPolicy:
         return MATCH_TYPES.get(value.match, "none"), PolicyEntry(action, bool(value.flags & POLICY_F_AUDIT),
                                                                   value.rule_id)
 
+    def ipblock(self, ip: str) -> int | None:
+        """The ipblock_cidrs trie's CIDR identity for ``ip`` (agent.policy.lookup.AddressMatch), or None.
+        An agent older than that map pinned none: then no ipBlock matches by address there either."""
+        try:
+            fd = self._fd("ipblock_cidrs")
+        except OSError:
+            return None
+        key, value = IpcacheKeyC(prefixlen=32, addr=ip_to_be32(ip)), IpcacheEntryC()
+        if self._lib.bpf_map_lookup_elem(fd, ct.byref(key), ct.byref(value)) != 0:
+            return None
+        return value.identity
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
@@ -154,7 +171,7 @@ class KernelPolicy:
 class PolicyGate:
     """Decides proxied flows per (client, backend address) and remembers the decisions for a generation.
 
-    ``kernel``: a `KernelPolicy` (or a stand-in with ``revision``, ``endpoint`` and ``longest``).
+    ``kernel``: a `KernelPolicy` (or a stand-in with ``revision``, ``endpoint``, ``longest`` and ``ipblock``).
     ``local_endpoint``: backend IP -> its endpoint id on this node, or None (from the snapshot).
     """
 
@@ -213,13 +230,14 @@ class PolicyGate:
             if backend is None or be32_to_ip(backend.ip) != ip:
                 return None  # the snapshot and the kernel disagree for now: let the kernel decide the SYN
             longest: LongestMatch = kernel.longest
-            into = Party(backend_ep, backend.identity, enforcement_of(backend, INGRESS))
+            into = Party(backend_ep, backend.identity, enforcement_of(backend, INGRESS), ip)
             if client_ep:
                 client = kernel.endpoint(client_ep)
                 if client is None:
                     return None  # the client left: the kernel drops its marked SYN (DROP_NO_ENDPOINT)
-                verdict, direction = decide_proxied(longest, Party(client_ep, client.identity,
-                                                                   enforcement_of(client, EGRESS)), into, TCP, port)
+                verdict, direction = decide_proxied(
+                    longest, Party(client_ep, client.identity, enforcement_of(client, EGRESS), be32_to_ip(client.ip)),
+                    into, TCP, port, kernel.ipblock)
             elif client_identity:
                 verdict, direction = decide(longest, into.enforcement, backend_ep, INGRESS, client_identity, TCP,
                                             port), INGRESS

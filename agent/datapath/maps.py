@@ -135,7 +135,7 @@ class MetricsValueC(ct.Structure):
 LAYOUTS = {
     "endpoint_info": (EndpointInfoC, "endpoints", "Leaf"),
     "datapath_config": (DatapathConfigC, "config_map", "Leaf"),
-    "ipcache_key": (IpcacheKeyC, "ipcache", "Key"),
+    "ipcache_key": (IpcacheKeyC, "ipcache", "Key"),  # ipblock_cidrs has the same key and value
     "ipcache_entry": (IpcacheEntryC, "ipcache", "Leaf"),
     "policy_key": (PolicyKeyC, "policy_map", "Key"),
     "policy_entry": (PolicyEntryC, "policy_map", "Leaf"),

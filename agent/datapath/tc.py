@@ -59,6 +59,8 @@ class TcDatapath:
             raise DatapathError(f"cannot load bpf/policy.c: {e}") from None
         for ours, table, side in maps.LAYOUTS.values():
             maps.check_layout(ours, getattr(self.bpf[table], side))
+        for ours, side in ((maps.IpcacheKeyC, "Key"), (maps.IpcacheEntryC, "Leaf")):
+            maps.check_layout(ours, getattr(self.bpf["ipblock_cidrs"], side))  # the ipcache's structs
         if revision is not None:
             self.bpf["config_map"][0] = maps.DatapathConfigC(policy_revision=revision)
         for name, fn in self.functions.items():

@@ -17,6 +17,15 @@ Named ports (`port: http`) are resolved in step 4, per endpoint, as Kubernetes r
 pod: an ingress rule's name against the selected endpoint's own ports, an egress rule's name
 against the ports of each endpoint its peers select (see `_named_entries`).
 
+CIDR rules and ipBlocks. A CIDR peer resolves to the CIDR identities of the prefixes inside it, which
+the ipcache gives addresses that have no identity of their own: in the ipcache an endpoint's /32
+shadows every prefix holding it, so a CiliumNetworkPolicy toCIDR/fromCIDR never matches a pod
+(Cilium's meaning). Kubernetes matches a NetworkPolicy ipBlock by address, pods included, so an
+ipBlock also gets *by-address* entries: keyed BY_ADDRESS | the CIDR identity of each ipBlock prefix
+it covers (its except carved out, as for the ipcache), looked up by the kernel with the identity
+the peer's address has in `ipblock_cidrs` (the ipBlock prefixes alone). Each ipBlock is a rule of
+its own named by its path (``spec.egress[0].to[1].ipBlock``), so flows and policy trace name it.
+
 Semantic problems the resource schema cannot catch (a named port starting a range, IPv6 CIDRs, an
 except outside its CIDR, unknown entities, …) raise PolicyCompileError with a one-line message
 naming the policy and the field path.
@@ -29,7 +38,7 @@ import ipaddress
 import re
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Network
 from typing import Any
 
@@ -42,6 +51,7 @@ from agent.policy.portrange import MAX_PORT, PORT_BITS, port_mask, range_to_pref
 from agent.policy.types import (
     ANY_IDENTITY,
     ANY_PROTO,
+    BY_ADDRESS,
     EGRESS,
     INGRESS,
     PROTO_NAMES,
@@ -140,6 +150,7 @@ class _LabelPeer:
 class _CidrPeer:
     cidr: IPv4Network
     excepts: tuple[IPv4Network, ...] = ()
+    by_address: bool = False  # a NetworkPolicy ipBlock: matches endpoints by their address too
 
 
 @dataclass(frozen=True)
@@ -249,7 +260,7 @@ class _Parser:
             raise self.error(path, f"{text}: IPv6 is not supported (the datapath is IPv4-only)")
         return net
 
-    def _cidr_peer(self, path: str, cidr: Any, excepts: Any) -> _CidrPeer:
+    def _cidr_peer(self, path: str, cidr: Any, excepts: Any, by_address: bool = False) -> _CidrPeer:
         net = self._network(f"{path}.cidr", cidr)
         out = []
         for i, text in enumerate(self._list(f"{path}.except", excepts)):
@@ -257,7 +268,7 @@ class _Parser:
             if not ex.subnet_of(net):
                 raise self.error(f"{path}.except[{i}]", f"{ex} is not inside cidr {net}")
             out.append(ex)
-        return _CidrPeer(net, tuple(out))
+        return _CidrPeer(net, tuple(out), by_address)
 
     def _port_name(self, path: str, value: Any) -> str | None:
         """The port name ``value`` gives, or None for a number. CiliumNetworkPolicy compares names
@@ -452,7 +463,7 @@ class _Parser:
                 continue  # Kubernetes ignores rules of a direction policyTypes does not name
             for i, rule in enumerate(self._list(f"spec.{section}", spec.get(section))):
                 rpath = f"spec.{section}[{i}]"
-                rules.append(self._np_rule(rpath, self._mapping(rpath, rule), direction))
+                rules += _split_ipblocks(self._np_rule(rpath, self._mapping(rpath, rule), direction))
         return _Subject(self.policy, selector, frozenset(enforces), tuple(rules))
 
     def _np_rule(self, path: str, rule: Mapping, direction: int) -> _Rule:
@@ -483,7 +494,7 @@ class _Parser:
             block = self._mapping(f"{path}.ipBlock", peer["ipBlock"])
             if "cidr" not in block:
                 raise self.error(f"{path}.ipBlock.cidr", "required")
-            return self._cidr_peer(f"{path}.ipBlock", block["cidr"], block.get("except"))
+            return self._cidr_peer(f"{path}.ipBlock", block["cidr"], block.get("except"), by_address=True)
         if "podSelector" not in peer and "namespaceSelector" not in peer:
             raise self.error(path, "a peer needs podSelector, namespaceSelector or ipBlock")
         pods = self._selector(f"{path}.podSelector", peer.get("podSelector") or {})
@@ -505,6 +516,21 @@ def _named_summary(named: Sequence[_Named]) -> tuple[tuple[str, tuple[str, ...]]
     for n in named:
         out.setdefault(n.name, []).append(PROTO_NAMES[n.proto])
     return tuple((name, tuple(protos)) for name, protos in out.items())
+
+
+def _split_ipblocks(rule: _Rule) -> list[_Rule]:
+    """A NetworkPolicy rule's ipBlock peers as rules of their own, named by their path
+    (``spec.egress[0].to[1].ipBlock``), so that a flow and policy trace say which ipBlock decided;
+    the rule's other peers stay under its own path. ``rule.peers`` holds one peer per from/to item,
+    in order."""
+    field = "from" if rule.direction == INGRESS else "to"
+    blocks = [(i, p) for i, p in enumerate(rule.peers) if isinstance(p, _CidrPeer) and p.by_address]
+    if not blocks:
+        return [rule]
+    others = tuple(p for p in rule.peers if not (isinstance(p, _CidrPeer) and p.by_address))
+    out = [replace(rule, peers=others)] if others else []
+    out += [replace(rule, path=f"{rule.path}.{field}[{i}].ipBlock", peers=(peer,)) for i, peer in blocks]
+    return out
 
 
 _LABEL_SOURCES = ("k8s:", "any:")
@@ -570,21 +596,49 @@ def _allocate_cidr_identities(
     return out
 
 
-class _Resolver:
-    """Peers to identity numbers, over the identities of the cluster and the CIDR identities."""
+class _Prefixes:
+    """Prefixes and their CIDR identities, as an LPM trie over them answers for an address."""
 
-    def __init__(self, identities: Mapping[int, Mapping[str, str]], cidrs: Mapping[IPv4Network, int]):
-        self.identities = identities
-        self.cidrs = cidrs
-        self._cache: dict[_Peer, frozenset[int]] = {}
-        # Mentioned prefixes sorted by first address: the prefixes inside a CIDR are one slice of
-        # this list (found by bisection), so resolving N CIDR peers costs O(N log N), not O(N^2).
+    def __init__(self, cidrs: Mapping[IPv4Network, int]):
+        # Sorted by first address: the prefixes inside a CIDR are one slice of this list (found by
+        # bisection), so resolving N CIDR peers costs O(N log N), not O(N^2).
         self._by_start = sorted((int(net.network_address), net.prefixlen, n) for net, n in cidrs.items())
         self._starts = [start for start, _, _ in self._by_start]
 
+    def covered(self, peer: _CidrPeer) -> set[int]:
+        """The identities an address of ``peer`` can get from the trie: an address has the identity
+        of the most specific prefix holding it, so these are the prefixes inside the CIDR, except
+        those inside an except block."""
+        return {
+            number for start, plen, number in self._inside(peer.cidr)
+            if not any(_contains(ex, start, plen) for ex in peer.excepts)
+        }
+
+    def _inside(self, cidr: IPv4Network) -> list[tuple[int, int, int]]:
+        lo, hi = int(cidr.network_address), int(cidr.broadcast_address)
+        first = bisect.bisect_left(self._starts, lo)
+        last = bisect.bisect_right(self._starts, hi)
+        return [e for e in self._by_start[first:last] if e[1] >= cidr.prefixlen]
+
+
+class _Resolver:
+    """Peers to identity numbers, over the identities of the cluster and the CIDR identities."""
+
+    def __init__(self, identities: Mapping[int, Mapping[str, str]], cidrs: Mapping[IPv4Network, int],
+                 ipblocks: Mapping[IPv4Network, int]):
+        self.identities = identities
+        self.cidrs = cidrs
+        self._cache: dict[_Peer, frozenset[int]] = {}
+        self._ipcache = _Prefixes(cidrs)  # every mentioned prefix, as the ipcache holds them
+        self._ipblocks = _Prefixes(ipblocks)  # the ipBlock prefixes alone, as ipblock_cidrs holds them
+
     def resolve(self, peer: _Peer) -> frozenset[int]:
+        """The peer's identities, and for an ipBlock the by-address keys of the prefixes it covers."""
         if peer not in self._cache:
-            self._cache[peer] = frozenset(self._resolve(peer))
+            out = self._resolve(peer)
+            if isinstance(peer, _CidrPeer) and peer.by_address:
+                out |= {BY_ADDRESS | n for n in self._ipblocks.covered(peer)}
+            self._cache[peer] = frozenset(out)
         return self._cache[peer]
 
     def _resolve(self, peer: _Peer) -> set[int]:
@@ -599,13 +653,8 @@ class _Resolver:
                 out.add(number)
             return out
         if isinstance(peer, _CidrPeer):
-            # The ipcache is an LPM over the prefixes policies mention: an address of this CIDR has
-            # the identity of the most specific mentioned prefix holding it, so the peer is every
-            # mentioned prefix inside the CIDR, except those inside an except block.
-            out = {
-                number for start, plen, number in self._inside(peer.cidr)
-                if not any(_contains(ex, start, plen) for ex in peer.excepts)
-            }
+            # The ipcache is an LPM over the prefixes policies mention (and endpoints' /32s).
+            out = self._ipcache.covered(peer)
             if peer.cidr.prefixlen == 0:
                 out.add(ids.WORLD)  # addresses in no mentioned prefix
             return out
@@ -619,13 +668,6 @@ class _Resolver:
         if entity in _RESERVED_ENTITIES:
             return {_RESERVED_ENTITIES[entity]}
         return set()
-
-
-    def _inside(self, cidr: IPv4Network) -> list[tuple[int, int, int]]:
-        lo, hi = int(cidr.network_address), int(cidr.broadcast_address)
-        first = bisect.bisect_left(self._starts, lo)
-        last = bisect.bisect_right(self._starts, hi)
-        return [e for e in self._by_start[first:last] if e[1] >= cidr.prefixlen]
 
 
 def _contains(outer: IPv4Network, start: int, prefixlen: int) -> bool:
@@ -743,13 +785,18 @@ def compile_policies(
         subjects += _Parser(policy).parse()
 
     prefixes: set[IPv4Network] = set()
+    block_prefixes: set[IPv4Network] = set()
     for subject in subjects:
         for rule in subject.rules:
             for peer in rule.peers:
                 if isinstance(peer, _CidrPeer):
                     prefixes.add(peer.cidr)
                     prefixes.update(peer.excepts)
+                    if peer.by_address:
+                        block_prefixes.add(peer.cidr)
+                        block_prefixes.update(peer.excepts)
     cidrs = _allocate_cidr_identities(prefixes, cidr_identities or {})
+    ipblocks = {net: cidrs[net] for net in block_prefixes}
 
     # Rule table: every rule and one default-deny per policy, whatever this node selects, so that
     # every node numbers them alike.
@@ -777,10 +824,11 @@ def compile_policies(
     }
     for ep in endpoints:
         universe.setdefault(ep.identity, ep.labels)
-    resolver = _Resolver(universe, cidrs)
+    resolver = _Resolver(universe, cidrs, ipblocks)
     named_index = _named_port_index(endpoints if cluster_endpoints is None else cluster_endpoints)
 
-    out = CompiledPolicy(cidr_identities={str(net): n for net, n in sorted(cidrs.items())}, rules=rules)
+    out = CompiledPolicy(cidr_identities={str(net): n for net, n in sorted(cidrs.items())}, rules=rules,
+                         ipblock_cidrs={str(net): n for net, n in sorted(ipblocks.items())})
     buckets: dict[tuple[int, int, int], dict[_Port, _Candidate]] = {}
     for ep in sorted(endpoints, key=lambda e: e.ep_id):
         selecting = [s for s in subjects if s.selector.matches(ep.labels)]

@@ -4,7 +4,9 @@ Pure: the caller hands in, for each endpoint side, what decides its direction (`
 endpoint of this node the kernel's policy map and endpoint table as they are right now (not what
 the agent meant to write); for an endpoint of another node the entries compiled from the store for
 it, which is what that node's agent writes into its own kernel. A side that is no endpoint is just
-an identity (a reserved one such as world, or a label set no endpoint carries).
+an identity (a reserved one such as world, or a label set no endpoint carries). An endpoint side
+has its address too, which NetworkPolicy ipBlocks of the other side match (by address, as the
+kernel does: agent/policy/lookup.py), and a step that an ipBlock allowed by address names it.
 
 A rule that names ports (`port: http`) got its numbers from the endpoint the traffic goes to; each
 step says what the names resolved to there (`explain_named_ports`), or that they did not.
@@ -12,8 +14,9 @@ step says what the names resolved to there (`explain_named_ports`), or that they
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent import identity as ids
 from agent.datapath import maps
@@ -21,7 +24,7 @@ from agent.endpoint import EndpointRecord
 from agent.errors import UserError
 from agent.labels import security_labels
 from agent.named_ports import ports_of
-from agent.policy.lookup import lookup
+from agent.policy.lookup import address_match, lookup
 from agent.policy.types import (
     DIRECTION_NAMES,
     EGRESS,
@@ -40,6 +43,7 @@ RESERVED_BY_NAME = {"world": ids.WORLD, "host": ids.HOST, "remote-node": ids.REM
 class Side:
     endpoint: EndpointRecord | None  # an endpoint (of any node), whose own policy decides its direction
     identity: int
+    ip: str | None = None  # its address, if known: the other side's ipBlocks match it
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class Decider:
     enforcement: Mapping[tuple[int, int], Enforcement]  # (ep_id, direction)
     rules: Mapping[int, RuleInfo]
     source: str  # "kernel of node n1", "computed from the store (node n2 enforces it)"
+    ipblock_cidrs: Mapping[str, int] = field(default_factory=dict)  # the node's ipblock_cidrs trie
 
 
 def enforcement_of(rec: EndpointRecord, blob: bytes) -> dict[tuple[int, int], Enforcement]:
@@ -71,7 +76,7 @@ def resolve_side(labels: Mapping[str, str], namespace: str | None, endpoints: Se
     for rec in endpoints:
         sec = security_labels(rec.labels, rec.namespace, rec.serviceaccount, (namespaces or {}).get(rec.namespace))
         if all(sec.get(k) == v for k, v in labels.items()) and namespace in (None, rec.namespace):
-            return Side(rec, rec.identity)
+            return Side(rec, rec.identity, rec.ip)
     for ident, lbls in identities.items():
         if all(lbls.get(k) == v for k, v in labels.items()) and namespace in (
                 None, lbls.get("io.kubernetes.pod.namespace")):
@@ -79,6 +84,19 @@ def resolve_side(labels: Mapping[str, str], namespace: str | None, endpoints: Se
     if labels.get("reserved") in RESERVED_BY_NAME:
         return Side(None, RESERVED_BY_NAME[labels["reserved"]])
     raise UserError(f"{flag}: no endpoint or identity has the labels {dict(labels)} (see `meshagent identity list`)")
+
+
+def resolve_address(ip: str, endpoints: Sequence[EndpointRecord], ipcache: Mapping[str, int], flag: str) -> Side:
+    """The endpoint (this node's first) that has address ``ip``, else the identity ``ipcache`` (the
+    node's prefix -> identity trie) gives it, world if none."""
+    try:
+        addr = str(ipaddress.IPv4Address(str(ip).strip()))
+    except ValueError:
+        raise UserError(f"{flag}: {ip!r} is not an IPv4 address") from None
+    for rec in endpoints:
+        if rec.ip == addr:
+            return Side(rec, rec.identity, addr)
+    return Side(None, address_match(ipcache, addr) or ids.WORLD, addr)
 
 
 def parse_protocol(name: str | None, dport: object) -> tuple[int, int]:
@@ -145,15 +163,20 @@ def trace(src: Side, dst: Side, proto: int, port: int, deciders: Mapping[tuple[s
         decider = deciders.get((rec.node, rec.name)) if rec is not None else None
         if decider is None:
             continue
-        v = lookup(decider.policy, decider.enforcement, rec.ep_id, direction, peer.identity, proto, port)
+        v = lookup(decider.policy, decider.enforcement, rec.ep_id, direction, peer.identity, proto, port,
+                   peer.ip, decider.ipblock_cidrs)
         rule = decider.rules.get(v.rule_id)
-        steps.append({
+        step = {
             "direction": DIRECTION_NAMES[direction], "endpoint": rec.name, "node": rec.node,
             "identity": rec.identity, "peer_identity": peer.identity, "verdict": v.verdict, "rule_id": v.rule_id,
             "rule": rule.describe() if rule else ("no policy selects the endpoint" if not v.rule_id else "?"),
             "match": v.match, "source": decider.source,
             "named_ports": explain_named_ports(rule, decider.rules, direction, dst.endpoint),
-        })
+        }
+        if v.by_address:  # which ipBlock prefix holds the peer's address (the kernel's ipblock_cidrs)
+            prefix = next((p for p, n in decider.ipblock_cidrs.items() if n == v.by_address), "?")
+            step["by_address"] = {"address": peer.ip, "prefix": prefix}
+        steps.append(step)
     if not steps:
         raise UserError("neither side is an endpoint: no endpoint's policy decides this traffic")
     verdicts = [s["verdict"] for s in steps]

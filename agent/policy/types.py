@@ -17,6 +17,11 @@ EGRESS = 1
 DIRECTION_NAMES = {INGRESS: "ingress", EGRESS: "egress"}
 
 ANY_IDENTITY = 0  # policy key identity that matches every peer
+# Policy key identity bit of a by-address entry (bpf/lib/policy.h POLICY_BY_ADDRESS): BY_ADDRESS | the
+# CIDR identity of an ipBlock prefix holds a NetworkPolicy ipBlock's allow for a peer matched by its
+# address (an endpoint, the host, a remote node), apart from the entries CIDR rules write for the
+# prefix's own identity (which the ipcache gives addresses outside the cluster).
+BY_ADDRESS = 0x80000000
 ANY_PROTO = 0  # policy key protocol that matches every protocol (the port is then wildcarded too)
 
 PROTO_NUMBERS = {"TCP": 6, "UDP": 17, "ICMP": 1, "SCTP": 132}
@@ -102,3 +107,5 @@ class CompiledPolicy:
     enforcement: dict[tuple[int, int], Enforcement] = field(default_factory=dict)  # (ep_id, direction)
     rules: dict[int, RuleInfo] = field(default_factory=dict)
     cidr_identities: dict[str, int] = field(default_factory=dict)  # "10.0.0.0/8" -> local CIDR identity
+    # The prefixes NetworkPolicy ipBlocks name -> their CIDR identities: bpf/lib/ipcache.h ipblock_cidrs
+    ipblock_cidrs: dict[str, int] = field(default_factory=dict)

@@ -52,6 +52,7 @@ COMMANDS: dict[tuple[str, ...], tuple[list[str], int]] = {
     ("policy", "trace"): (["--from-label", "app=cli-a", "--to-label", "app=cli-b", "--dport", "80/tcp"], 0),
     ("bpf", "ct", "list"): (["-o", "json"], 0),
     ("bpf", "ipcache", "list"): (["-o", "json"], 0),
+    ("bpf", "ipblock", "list"): (["-o", "json"], 0),
     ("bpf", "policy", "list"): (["-o", "json"], 0),
     ("bpf", "fastpath", "list"): (["-o", "json"], 0),
     ("bpf", "dump"): ([], 0),

@@ -16,7 +16,17 @@ from scapy.all import IP, TCP, Ether
 from agent.datapath import maps
 from agent.datapath.reasons import reason_name
 from agent.datapath.testrun import run_skb
-from agent.policy.types import ANY_IDENTITY, ANY_PROTO, EGRESS, INGRESS, Action, Enforcement, PolicyEntry, PolicyKey
+from agent.policy.types import (
+    ANY_IDENTITY,
+    ANY_PROTO,
+    BY_ADDRESS,
+    EGRESS,
+    INGRESS,
+    Action,
+    Enforcement,
+    PolicyEntry,
+    PolicyKey,
+)
 from userspace_l7 import origdst
 from userspace_l7.policy_check import KernelPolicy, PolicyGate
 
@@ -33,14 +43,20 @@ def enforcement(rng: random.Random, rule_id: int) -> Enforcement:
     return rng.choice([Enforcement(False), Enforcement(True, False, rule_id), Enforcement(True, True, rule_id)])
 
 
+# NetworkPolicy ipBlocks (ipblock_cidrs): a block holding both endpoints' addresses, and the client's own /32.
+BLOCK, CLIENT_BLOCK = 1 << 24, (1 << 24) + 1
+IPBLOCKS = {"10.0.0.0/24": BLOCK, f"{CLIENT_IP}/32": CLIENT_BLOCK}
+
+
 def entries(rng: random.Random, ep_id: int, direction: int, peer: int) -> dict[PolicyKey, PolicyEntry]:
-    """A few entries of one endpoint and direction: for the peer or anyone, TCP or any protocol, port 80,
-    the block 64..127 or any port; allow or deny, some audited."""
+    """A few entries of one endpoint and direction: for the peer, anyone or an ipBlock holding the peer's
+    address, TCP or any protocol, port 80, the block 64..127 or any port; allow or deny, some audited."""
     out = {}
     for _ in range(rng.randrange(0, 4)):
         proto = rng.choice([6, 6, ANY_PROTO])
         port, prefix = rng.choice([(80, 16), (64, 10), (0, 0)]) if proto else (0, 0)
-        key = PolicyKey(ep_id, direction, rng.choice([peer, ANY_IDENTITY]), proto, port, prefix)
+        identity = rng.choice([peer, ANY_IDENTITY, BY_ADDRESS | BLOCK, BY_ADDRESS | CLIENT_BLOCK])
+        key = PolicyKey(ep_id, direction, identity, proto, port, prefix)
         out[key] = PolicyEntry(rng.choice([Action.ALLOW, Action.DENY]), rng.random() < 0.2, rng.randrange(100, 999))
     return out
 
@@ -48,6 +64,8 @@ def entries(rng: random.Random, ep_id: int, direction: int, peer: int) -> dict[P
 def test_the_check_decides_as_to_container_does(tc_datapath):
     dp = tc_datapath
     dp.table("ipcache")[maps.ipcache_key_to_c(f"{ROUTER_IP}/32")] = maps.IpcacheEntryC(identity=IDENTITY_HOST)
+    for prefix, identity in IPBLOCKS.items():
+        dp.table("ipblock_cidrs")[maps.ipcache_key_to_c(prefix)] = maps.IpcacheEntryC(identity=identity)
     kernel = KernelPolicy(dp.bpffs_dir)
     rng = random.Random(20260113)
     policy = dp.table("policy_map")

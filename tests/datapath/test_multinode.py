@@ -3,8 +3,9 @@
 Identities agree on every node, also when agents allocate at the same moment; an endpoint of one
 node is in every node's ipcache while it exists; policy by labels holds across nodes in both
 directions, with Cilium's and Kubernetes' policy kinds, and the dropping node's flow and every
-node's `policy trace` say so; endpoint names are per node; a Service balances over backends on
-other nodes. Faults (a dead agent, etcd away, TLS, bad claims and values) are in
+node's `policy trace` say so; NetworkPolicy ipBlocks match other nodes' pods by address; named
+ports resolve against other nodes' endpoints; endpoint names are per node; a Service balances over
+backends on other nodes. Faults (a dead agent, etcd away, TLS, bad claims and values) are in
 test_multinode_faults.py.
 
 One lab for the module; each test removes what it made (`Workloads`), also when it fails.
@@ -331,6 +332,61 @@ spec:
     for step in ok["steps"]:  # n1 reads its kernel for the egress, computes n3's ingress from the store
         assert step["named_ports"] == [f"port http resolved to 9090/TCP on {web3['name']} "
                                        f"(spec.{step['direction']}[0])"], step
+
+
+def test_networkpolicy_ipblocks_match_endpoints_of_other_nodes_by_address(elab, work):
+    """Kubernetes' ipBlock: addresses, pods of other nodes included (their /32s have identities in every
+    ipcache, which a CiliumNetworkPolicy CIDR rule would leave unmatched). The client's egress on n1
+    and the server's ingress on n2 each match the other side's address."""
+    n1, n2, n3 = elab.nodes
+    t = f"ipb-{tag()}"
+    client = work.endpoint(n1, f"cli-{t}", f"app=cli-{t}")
+    other = work.endpoint(n1, f"oth-{t}", f"app=oth-{t}")
+    ok = work.endpoint(n2, f"ok-{t}", f"app=ok-{t}")
+    no = work.endpoint(n3, f"no-{t}", f"app=no-{t}")
+    for ep in (ok, no):
+        work.serve(ep, 8080)
+        eventually(lambda ep=ep: connects(client, ep["ip"], 8080), f"the client -> {ep['name']} before the policy")
+    work.apply(n3, f"""
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: out-{t}, namespace: default}}
+spec:
+  podSelector: {{matchLabels: {{app: cli-{t}}}}}
+  policyTypes: [Egress]
+  egress: [{{to: [{{ipBlock: {{cidr: 10.0.0.0/8, except: [{no['ip']}/32]}}}}]}}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: in-{t}, namespace: default}}
+spec:
+  podSelector: {{matchLabels: {{app: ok-{t}}}}}
+  ingress: [{{from: [{{ipBlock: {{cidr: {client['ip']}/32}}}}], ports: [{{port: 8080}}]}}]
+""")
+    for node in (n1, n2):
+        eventually(lambda node=node: trace(node, f"app=oth-{t}", f"app=ok-{t}", "8080/tcp")["verdict"] == "DENIED",
+                   f"the policies in {node.name}'s kernel")
+    eventually(lambda: trace(n1, f"app=cli-{t}", f"app=no-{t}", "8080/tcp")["verdict"] == "DENIED",
+               "the except in n1's kernel")
+    assert connects(client, ok["ip"], 8080)
+    assert not connects(client, no["ip"], 8080, timeout=2)
+    assert not connects(other, ok["ip"], 8080, timeout=2)
+
+    allowed = eventually(lambda: [f for f in n2.flows("--from-ip", client["ip"], "--to-ip", ok["ip"], "--verdict",
+                                                      "FORWARDED") if f["event_type"] == "flow-new"],
+                         "the allowed flow on n2")[-1]
+    assert allowed["policy"]["path"] == "spec.ingress[0].from[0].ipBlock", allowed["policy"]
+    flow = eventually(lambda: dropped(n1, client, no), "the DROPPED flow on n1")[-1]
+    assert flow["traffic_direction"] == "EGRESS" and flow["policy"]["name"] == f"default/out-{t}"
+    for node in elab.nodes:  # every node's trace: n1's and n2's kernels, or computed from the store
+        assert trace(node, f"app=cli-{t}", f"app=no-{t}", "8080/tcp")["verdict"] == "DENIED", node.name
+        assert trace(node, f"app=oth-{t}", f"app=ok-{t}", "8080/tcp")["verdict"] == "DENIED", node.name
+        good = trace(node, f"app=cli-{t}", f"app=ok-{t}", "8080/tcp")
+        assert good["verdict"] == "ALLOWED", node.name
+        steps = {s["direction"]: s for s in good["steps"]}
+        assert steps["egress"]["by_address"] == {"address": ok["ip"], "prefix": "10.0.0.0/8"}, node.name
+        assert steps["ingress"]["by_address"] == {"address": client["ip"], "prefix": f"{client['ip']}/32"}
+        assert "spec.ingress[0].from[0].ipBlock" in steps["ingress"]["rule"]
 
 
 # ---- services across nodes ------------------------------------------------------------------------

@@ -72,3 +72,35 @@ def test_node_config_example_loads_with_every_key():
     import yaml
 
     assert set(yaml.safe_load(path.read_text())) == set(_KEYS) - {"node_ip"}, "every key but node_ip is shown"
+
+
+def test_ipblock_example_means_what_its_comments_say():
+    """NetworkPolicy ipBlocks match pods by address; the CiliumNetworkPolicy's CIDR matches none."""
+    from agent import identity as ids
+    from agent.labels import security_labels
+    from agent.policy.compiler import PolicyInput, compile_policies
+    from agent.policy.lookup import address_match, lookup
+    from agent.policy.types import EGRESS, INGRESS, EndpointInfo, IdentityInfo
+
+    pods = {"client": ({"role": "client"}, "10.200.0.20", 1001), "db": ({"app": "db"}, "10.200.0.53", 1002),
+            "other": ({"app": "other"}, "10.200.0.30", 1003), "batch": ({"role": "batch"}, "10.200.0.40", 1004)}
+    eps = [EndpointInfo(i, name, "default", ip, ident, security_labels(lbls, "default", "default"))
+           for i, (name, (lbls, ip, ident)) in enumerate(pods.items(), 1)]
+    c = compile_policies([PolicyInput.from_body(r.kind, r.body) for r in load_paths([str(EXAMPLES / "ipblock.yaml")])],
+                         [IdentityInfo(e.identity, e.labels) for e in eps], eps)
+    ipcache = {**c.cidr_identities, **{f"{e.ip}/32": e.identity for e in eps}}
+    ep_id = {e.name: e.ep_id for e in eps}
+
+    def decide(src: str, direction: int, peer: str, port: int) -> str:
+        ip = pods[peer][1] if peer in pods else peer
+        identity = address_match(ipcache, ip) or ids.WORLD
+        return lookup(c.entries, c.enforcement, ep_id[src], direction, identity, 6, port, ip, c.ipblock_cidrs).verdict
+
+    assert decide("client", EGRESS, "other", 80) == "ALLOWED"  # a pod, by its address
+    assert decide("client", EGRESS, "10.8.1.5", 80) == "ALLOWED"
+    assert decide("client", EGRESS, "db", 5432) == "DENIED"  # the except
+    assert decide("client", EGRESS, "192.0.2.1", 80) == "DENIED"
+    assert decide("db", INGRESS, "client", 5432) == "ALLOWED"  # 10.200.0.20/32
+    assert decide("db", INGRESS, "other", 5432) == "DENIED"
+    assert decide("batch", EGRESS, "10.8.1.5", 80) == "ALLOWED"  # outside the cluster
+    assert decide("batch", EGRESS, "other", 80) == "DENIED"  # Cilium: a pod is not matched by its address

@@ -345,6 +345,8 @@ def test_requests_as_the_cli_sends_them():
     assert call("policy_trace", from_labels={"app": "a"}, to_labels={"reserved": "world"}, from_namespace=None,
                 to_namespace=None, dport=53, protocol="UDP")[1] == \
         ({"app": "a"}, {"reserved": "world"}, None, None, "UDP", 53)
+    assert call("policy_trace", from_labels={"app": "a"}, to_ip="192.0.2.9")[2] == \
+        {"from_ip": None, "to_ip": "192.0.2.9"}
     method, (flt, last, follow, _send, _alive), _ = call(
         "flows", last=None, since_s=None, follow=False,
         filters={"from_label": ["app=web"], "to_label": [], "from_ip": None, "to_ip": "10.0.0.0/8", "port": 80,

@@ -61,6 +61,25 @@ def test_ipcache_names_every_endpoint_the_nodes_and_the_router():
     assert ipcache["192.0.2.2/32"] == ids.REMOTE_NODE and ipcache["10.201.0.1/32"] == ids.REMOTE_NODE
 
 
+def test_ipblock_prefixes_go_to_their_own_trie_and_never_an_endpoint():
+    """A NetworkPolicy ipBlock's prefixes (its except too) fill ipblock_cidrs with the CIDR identities the
+    ipcache knows them by; an endpoint's /32 stays the endpoint's in the ipcache and is never in
+    ipblock_cidrs, so the endpoint's address falls into the ipBlock's prefixes there. A CNP's CIDRs
+    stay in the ipcache alone, and a change of the trie is a policy change (established flows re-check)."""
+    np_ = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+           "metadata": {"name": "out", "namespace": "default"},
+           "spec": {"podSelector": {}, "policyTypes": ["Egress"],
+                    "egress": [{"to": [{"ipBlock": {"cidr": "10.200.0.0/16", "except": ["10.200.0.6/32"]}}]}]}}
+    cnp = {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+           "metadata": {"name": "cidr", "namespace": "default"},
+           "spec": {"endpointSelector": {}, "egress": [{"toCIDR": ["192.0.2.0/24"]}]}}
+    computed = compute(desired((WEB, 17), (DB, 18), resources={"NetworkPolicy": (np_,), "CiliumNetworkPolicy": (cnp,)}))
+    cidrs, tables = computed.cidr_identities, computed.tables
+    assert tables["ipblock_cidrs"] == {"10.200.0.0/16": cidrs["10.200.0.0/16"], "10.200.0.6/32": cidrs["10.200.0.6/32"]}
+    assert tables["ipcache"]["10.200.0.6/32"] == 1002 and tables["ipcache"]["192.0.2.0/24"] == cidrs["192.0.2.0/24"]
+    assert "ipblock_cidrs" in POLICY_TABLES
+
+
 def test_routes_go_to_each_other_nodes_pod_cidr_via_its_node_ip():
     tables = compute(desired((WEB, 17))).tables
     assert tables["routes"] == {"10.201.0.0/24": "192.0.2.2"}

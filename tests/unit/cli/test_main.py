@@ -712,8 +712,30 @@ def test_policy_trace_dport_forms(agent, dport, port, proto):
     assert (agent.args("policy_trace")["dport"], agent.args("policy_trace")["protocol"]) == (port, proto)
 
 
+def test_policy_trace_by_address(agent):
+    agent.reply("policy_trace", TRACE)
+    result = run(agent, "policy", "trace", "--from-label", "app=client", "--to-ip", "192.0.2.10", "--dport", "443")
+    assert result.exit_code == 0, result.output
+    args = agent.args("policy_trace")
+    assert (args["from_labels"], args["to_labels"], args["to_ip"], "from_ip" in args) == (
+        {"app": "client"}, {}, "192.0.2.10", False)
+
+
+def test_policy_trace_names_the_ipblock_that_matched_the_address(agent):
+    step = {**TRACE["steps"][0], "verdict": "ALLOWED", "rule_id": 7,
+            "rule": "NetworkPolicy default/out spec.egress[0].to[0].ipBlock (allow)",
+            "by_address": {"address": "10.200.0.9", "prefix": "10.0.0.0/8"}}
+    agent.reply("policy_trace", {"verdict": "ALLOWED", "steps": [step]})
+    result = run(agent, "policy", "trace", "--from-label", "app=client", "--to-label", "app=web", "--dport", "80")
+    assert "spec.egress[0].to[0].ipBlock (allow), peer address 10.200.0.9 in 10.0.0.0/8" in result.stdout
+
+
 @pytest.mark.parametrize("argv", [
     ["--from-label", "a=b", "--to-label", "c=d", "--dport", "80/sctp"],
+    ["--from-label", "a=b", "--to-ip", "10.0.0.300", "--dport", "80"],
+    ["--from-label", "a=b", "--from-ip", "10.0.0.1", "--to-label", "c=d", "--dport", "80"],
+    ["--from-label", "a=b", "--dport", "80"],
+    ["--from-label", "a=b", "--to-ip", "10.0.0.1", "--to-namespace", "x", "--dport", "80"],
     ["--from-label", "a=b", "--to-label", "c=d", "--dport", "0/tcp"],
     ["--from-label", "a=b", "--to-label", "c=d", "--dport", "99999"],
     ["--from-label", "a", "--to-label", "c=d", "--dport", "80"],
@@ -725,7 +747,8 @@ def test_policy_trace_usage_errors(agent, argv):
 
 
 @pytest.mark.parametrize("group,op", [("ct", "bpf_ct_list"), ("ipcache", "bpf_ipcache_list"),
-                                      ("policy", "bpf_policy_list"), ("fastpath", "bpf_fastpath_list")])
+                                      ("ipblock", "bpf_ipblock_list"), ("policy", "bpf_policy_list"),
+                                      ("fastpath", "bpf_fastpath_list")])
 def test_bpf_lists_use_first_item_keys_as_columns(agent, group, op):
     items = [{"prefix": "10.200.0.12/32", "identity": 23456}, {"prefix": "0.0.0.0/0", "identity": 2}]
     agent.reply(op, {"items": items})

@@ -3,9 +3,10 @@ the decision is agent/policy/lookup.py's `decide_proxied`, as bpf/lib/policy.h d
 
 from __future__ import annotations
 
+from agent import identity as ids
 from agent.datapath import maps
-from agent.policy.lookup import ALLOWED, AUDIT, Party, decide_proxied, longest_match, match_name
-from agent.policy.types import ANY_IDENTITY, EGRESS, INGRESS, Action, Enforcement, PolicyEntry, PolicyKey
+from agent.policy.lookup import ALLOWED, AUDIT, Party, address_match, decide_proxied, longest_match, match_name
+from agent.policy.types import ANY_IDENTITY, BY_ADDRESS, EGRESS, INGRESS, Action, Enforcement, PolicyEntry, PolicyKey
 from userspace_l7.policy_check import (
     POLICY_DENIED,
     POLICY_DENIED_CLIENT_EGRESS,
@@ -25,6 +26,7 @@ class FakeKernel:
 
     def __init__(self, entries=None, client_egress=OFF, backend_ingress=OFF):
         self.entries: dict[PolicyKey, PolicyEntry] = dict(entries or {})
+        self.ipblocks: dict[str, int] = {}  # ipblock_cidrs
         self.rev = 7
         self.lookups = 0
         self.set_endpoints(client_egress, backend_ingress)
@@ -46,6 +48,10 @@ class FakeKernel:
         self.lookups += 1
         hit = longest_match(self.entries, ep_id, direction, identity, proto, port)
         return (match_name(hit[0]), hit[1]) if hit else None
+
+    def ipblock(self, ip):
+        self.lookups += 1
+        return address_match(self.ipblocks, ip)
 
 
 def gate(kernel):
@@ -124,3 +130,19 @@ def test_decisions_last_until_the_revision_moves():
     assert g.refresh() and g.generation == gen + 2
     g.invalidate({}.get)  # a new snapshot: nothing is a local endpoint any more
     assert g.check(CLIENT, CLIENT_ID, BACKEND_IP, PORT) is None
+
+
+def test_networkpolicy_ipblocks_match_both_sides_by_address():
+    """The processor's check looks each side's address up in ipblock_cidrs, as policy_can_access_proxied
+    does: the client's egress by the backend's address, the backend's ingress by the client's."""
+    block = ids.CIDR_BASE + 3
+    k = FakeKernel(client_egress=ON, backend_ingress=ON)
+    k.ipblocks = {"10.200.0.0/24": block}
+    k.entries.update(allow(CLIENT, EGRESS, BY_ADDRESS | block, 31))
+    assert gate(k).check(CLIENT, CLIENT_ID, BACKEND_IP, PORT) == Denial(90, INGRESS, POLICY_DENIED, "none")
+    k.entries.update(allow(BACKEND, INGRESS, BY_ADDRESS | block, 32))
+    assert gate(k).check(CLIENT, CLIENT_ID, BACKEND_IP, PORT) is None
+    # an identity-only client has no address here: no ipBlock matches it
+    assert gate(k).check(None, 4242, BACKEND_IP, PORT) == Denial(90, INGRESS, POLICY_DENIED, "none")
+    k.ipblocks = {}
+    assert gate(k).check(CLIENT, CLIENT_ID, BACKEND_IP, PORT).rule_id == 90

@@ -171,6 +171,9 @@ class FakeKernel:
         hit = longest_match(self.entries, *key)
         return (match_name(hit[0]), hit[1]) if hit else None
 
+    def ipblock(self, ip):
+        return None  # no NetworkPolicy ipBlock
+
 
 def test_a_flow_the_policy_denies_is_answered_403_before_dialling(backends, tmp_path):
     class Resolver:  # the datapath's word: which endpoint sent each connection (no identity: no SO_MARK here)

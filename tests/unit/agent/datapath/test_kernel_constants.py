@@ -79,7 +79,14 @@ def test_reserved_identities():
         "IDENTITY_HOST": identity.HOST,
         "IDENTITY_WORLD": identity.WORLD,
         "IDENTITY_REMOTE_NODE": identity.REMOTE_NODE,
+        "IDENTITY_CIDR_BASE": identity.CIDR_BASE,
     }
+
+
+def test_by_address_key_bit():
+    """policy_lookup_by_address keys an ipBlock's by-address entries with this bit; the compiler writes them."""
+    assert defines("policy.h", "POLICY_BY_ADDRESS") == {"POLICY_BY_ADDRESS": types.BY_ADDRESS}
+    assert types.BY_ADDRESS > identity.CIDR_BASE and types.BY_ADDRESS & identity.CIDR_BASE == 0
 
 
 def test_conntrack_closed_flags():

@@ -18,6 +18,8 @@ from agent import identity as ids
 from agent.labels import security_labels
 from agent.policy.compiler import (
     ALWAYS_RULE_ID,
+    CNP,
+    NP,
     PolicyCompileError,
     PolicyInput,
     compile_policies,
@@ -28,6 +30,7 @@ from agent.policy.portrange import MAX_PORT, block_range, prefix_covers, range_t
 from agent.policy.types import (
     ANY_IDENTITY,
     ANY_PROTO,
+    BY_ADDRESS,
     EGRESS,
     INGRESS,
     Action,
@@ -474,6 +477,155 @@ def test_np_empty_rules():
     assert c.enforcement[(EP_WEB, INGRESS)].rule_id == rule_id(c, "prod/allow-all-in", "default-deny")
 
 
+# ---- NetworkPolicy ipBlock: by address, pods included -------------------------------------------
+# Kubernetes matches an ipBlock by address; Cilium's CIDR rules (CiliumNetworkPolicy) never match an
+# address that has an identity of its own. WEB is 10.200.0.10, DB 10.200.0.11; CLIENT gets
+# 10.200.0.12 here (an endpoint of another node: its address is all a peer rule sees of it).
+
+WEB_IP, DB_IP, CLIENT_IP = "10.200.0.10", "10.200.0.11", "10.200.0.12"
+
+
+def by_addr(c: CompiledPolicy, ep: int, direction: int, peer: int, ip: str, proto: int = TCP,
+            port: int = 80) -> Seen:
+    """The kernel's decision for a peer with an identity of its own at address ``ip``."""
+    v = lookup(c.entries, c.enforcement, ep, direction, peer, proto, port, ip, c.ipblock_cidrs)
+    return Seen(v.verdict, v.rule_id, v.match)
+
+
+WEB_EGRESS_BLOCK = np_("web-out", """
+podSelector: {matchLabels: {app: web}}
+policyTypes: [Egress]
+egress:
+- to:
+  - podSelector: {matchLabels: {app: nothing}}
+  - ipBlock: {cidr: 0.0.0.0/4, except: [10.200.0.11/32]}
+""")
+
+
+def test_np_ipblock_matches_endpoints_by_address():
+    c = compile_(WEB_EGRESS_BLOCK)
+    block = rule_id(c, "prod/web-out", "spec.egress[0].to[1].ipBlock")
+    assert c.rules[block].describe() == "NetworkPolicy prod/web-out spec.egress[0].to[1].ipBlock (allow)"
+    assert rule_id(c, "prod/web-out", "spec.egress[0]")  # the rule's other peers keep its own path
+    default = rule_id(c, "prod/web-out", "default-deny")
+    assert by_addr(c, EP_WEB, EGRESS, CLIENT, CLIENT_IP) == ("ALLOWED", block, "L3-Only")
+    assert by_addr(c, EP_WEB, EGRESS, DB, DB_IP) == ("DENIED", default, "none")  # the except
+    assert by_addr(c, EP_WEB, EGRESS, ids.HOST, "10.200.0.1").verdict == "ALLOWED"  # addresses are addresses
+    assert by_addr(c, EP_WEB, EGRESS, CLIENT, "192.0.2.1").verdict == "DENIED"  # outside the cidr
+    # Without its address, an endpoint's identity alone matches no ipBlock (Cilium's meaning).
+    assert verdict(c, EP_WEB, EGRESS, CLIENT).verdict == "DENIED"
+    # Addresses outside the cluster still match through the ipcache's CIDR identities.
+    assert verdict(c, EP_WEB, EGRESS, ipcache(c, "10.9.9.9")) == ("ALLOWED", block, "L3-Only")
+    assert verdict(c, EP_WEB, EGRESS, ipcache(c, DB_IP)).verdict == "DENIED"
+    # The second trie holds the ipBlock's prefixes, the except carved out as its own prefix.
+    assert c.ipblock_cidrs == {"0.0.0.0/4": c.cidr_identities["0.0.0.0/4"],
+                               "10.200.0.11/32": c.cidr_identities["10.200.0.11/32"]}
+    by_address_keys = {k for k in c.entries if k.identity & BY_ADDRESS}
+    assert {k.identity for k in by_address_keys} == {BY_ADDRESS | c.cidr_identities["0.0.0.0/4"]}
+    assert all(k.ep_id == EP_WEB and k.direction == EGRESS for k in by_address_keys)
+
+
+def test_np_ipblock_ingress_from_one_pod_with_ports():
+    c = compile_(np_("db-in", """
+podSelector: {matchLabels: {app: db}}
+ingress:
+- from: [{ipBlock: {cidr: 10.200.0.10/32}}]
+  ports: [{port: 5432}]
+"""))
+    block = rule_id(c, "prod/db-in", "spec.ingress[0].from[0].ipBlock")
+    assert not [r for r in c.rules.values() if r.path == "spec.ingress[0]"], "no rule is left without peers"
+    assert by_addr(c, EP_DB, INGRESS, WEB, WEB_IP, TCP, 5432) == ("ALLOWED", block, "L3-L4")
+    assert by_addr(c, EP_DB, INGRESS, WEB, WEB_IP, TCP, 5433).verdict == "DENIED"
+    assert by_addr(c, EP_DB, INGRESS, WEB, WEB_IP, UDP, 5432).verdict == "DENIED"
+    assert by_addr(c, EP_DB, INGRESS, CLIENT, CLIENT_IP, TCP, 5432).verdict == "DENIED"
+
+
+def test_cnp_cidr_keeps_ciliums_meaning():
+    cnp_block = cnp("web-out", """
+endpointSelector: {matchLabels: {app: web}}
+egress:
+- toCIDRSet: [{cidr: 0.0.0.0/4, except: [10.200.0.11/32]}]
+""")
+    c = compile_(cnp_block)
+    assert c.ipblock_cidrs == {} and not [k for k in c.entries if k.identity & BY_ADDRESS]
+    assert by_addr(c, EP_WEB, EGRESS, CLIENT, CLIENT_IP).verdict == "DENIED"
+    assert verdict(c, EP_WEB, EGRESS, ipcache(c, "10.9.9.9")).verdict == "ALLOWED"
+    # Next to a NetworkPolicy naming the same prefixes, the CNP still matches no endpoint.
+    np_db = np_("db-out", """
+podSelector: {matchLabels: {app: db}}
+policyTypes: [Egress]
+egress: [{to: [{ipBlock: {cidr: 0.0.0.0/4, except: [10.200.0.11/32]}}]}]
+""")
+    c = compile_(cnp_block, np_db)
+    assert by_addr(c, EP_WEB, EGRESS, CLIENT, CLIENT_IP).verdict == "DENIED"
+    assert by_addr(c, EP_DB, EGRESS, CLIENT, CLIENT_IP).verdict == "ALLOWED"
+
+
+def test_ipblock_and_cnp_denies():
+    np_all = np_("web-out", """
+podSelector: {matchLabels: {app: web}}
+policyTypes: [Egress]
+egress: [{to: [{ipBlock: {cidr: 10.200.0.0/16}}]}]
+""")
+    # A deny of the peer's own identity beats the ipBlock's allow by address.
+    c = compile_(np_all, cnp("no-db", """
+endpointSelector: {matchLabels: {app: web}}
+egressDeny: [{toEndpoints: [{matchLabels: {app: db}}]}]
+"""))
+    no_db = rule_id(c, "prod/no-db", "spec.egressDeny[0]")
+    assert by_addr(c, EP_WEB, EGRESS, DB, DB_IP) == ("DENIED", no_db, "L3-Only")
+    assert by_addr(c, EP_WEB, EGRESS, CLIENT, CLIENT_IP).verdict == "ALLOWED"
+    # A CNP deny of the same CIDR is Cilium's: it denies addresses outside the cluster, not endpoints.
+    c = compile_(np_all, cnp("no-net", """
+endpointSelector: {matchLabels: {app: web}}
+egressDeny: [{toCIDR: [10.200.0.0/16]}]
+"""))
+    assert verdict(c, EP_WEB, EGRESS, ipcache(c, "10.200.9.9")).verdict == "DENIED"
+    assert by_addr(c, EP_WEB, EGRESS, CLIENT, CLIENT_IP).verdict == "ALLOWED"
+    # An audit deny yields to the ipBlock's allow, as to any allow.
+    c = compile_(np_all, cnp("audit-db", """
+endpointSelector: {matchLabels: {app: web}}
+egressDeny: [{toEndpoints: [{matchLabels: {app: db}}]}]
+""", audit=True))
+    assert by_addr(c, EP_WEB, EGRESS, DB, DB_IP).verdict == "ALLOWED"
+
+
+def test_ipblock_everything_and_narrower_cnp_allow():
+    """0.0.0.0/0 matches every address; a narrower CNP allow of a prefix the ipBlock covers (one key of
+    the same CIDR identity) does not hide the ipBlock from endpoints: their entries are apart."""
+    c = compile_(np_("web-out", """
+podSelector: {matchLabels: {app: web}}
+policyTypes: [Egress]
+egress: [{to: [{ipBlock: {cidr: 0.0.0.0/0}}]}]
+"""), cnp("web-cidr", """
+endpointSelector: {matchLabels: {app: web}}
+egress: [{toCIDR: [0.0.0.0/0], toPorts: [{ports: [{port: "80", protocol: TCP}]}]}]
+"""))
+    for peer, ip in ((DB, DB_IP), (ids.HOST, "10.200.0.1"), (ids.REMOTE_NODE, "192.0.2.9")):
+        assert by_addr(c, EP_WEB, EGRESS, peer, ip, UDP, 53).verdict == "ALLOWED"
+        assert by_addr(c, EP_WEB, EGRESS, peer, ip, TCP, 80).verdict == "ALLOWED"
+    assert verdict(c, EP_WEB, EGRESS, ids.WORLD, UDP, 53).verdict == "ALLOWED"
+
+
+def test_ipblock_rules_split_by_peer():
+    c = compile_(np_("web-in", """
+podSelector: {matchLabels: {app: web}}
+ingress:
+- from:
+  - ipBlock: {cidr: 10.200.0.11/32}
+  - podSelector: {matchLabels: {app: client}}
+  - ipBlock: {cidr: 10.200.0.12/32}
+"""))
+    paths = sorted(r.path for r in c.rules.values() if r.policy == "prod/web-in")
+    assert paths == ["default-deny", "spec.ingress[0]", "spec.ingress[0].from[0].ipBlock",
+                     "spec.ingress[0].from[2].ipBlock"]
+    assert by_addr(c, EP_WEB, INGRESS, DB, DB_IP).rule_id == rule_id(c, "prod/web-in",
+                                                                   "spec.ingress[0].from[0].ipBlock")
+    assert by_addr(c, EP_WEB, INGRESS, CLIENT, CLIENT_IP).rule_id == rule_id(c, "prod/web-in", "spec.ingress[0]")
+    assert by_addr(c, EP_WEB, INGRESS, DEV_CLIENT, CLIENT_IP).rule_id == rule_id(
+        c, "prod/web-in", "spec.ingress[0].from[2].ipBlock")
+
+
 # ---- audit and modes ---------------------------------------------------------------------------
 
 
@@ -798,6 +950,136 @@ def test_lookup_agrees_with_naive_evaluation(generated):
                 reference = _reference(generated, direction, probe, proto, ports)
                 for port, (expected, rules) in zip(ports, reference, strict=True):
                     got = lookup(c.entries, c.enforcement, EP_WEB, direction, identity, proto, port)
+                    where = (direction, probe, identity, proto, port, got)
+                    assert got.verdict == expected, where
+                    assert paths.get(got.rule_id) in rules, where
+
+
+# ---- randomized: NetworkPolicy and CiliumNetworkPolicy together, peers with addresses ----------
+# Endpoints have addresses inside the generated CIDRs: an NP ipBlock matches them by address, a CNP
+# CIDR rule never does. Addresses outside the cluster get their identity from the ipcache.
+
+ADDRESSED_PEERS = (("ep", DB, "10.1.2.3"), ("ep", CLIENT, "10.1.9.9"), ("ep", ids.HOST, "10.9.9.9"),
+                   ("ep", DEV_CLIENT, "8.8.4.4"),
+                   ("ip", None, "10.1.2.4"), ("ip", None, "10.1.9.8"), ("ip", None, "8.8.8.8"))
+np_peer_st = st.one_of(
+    st.sampled_from(["db", "client"]).map(lambda app: ("app", app)),
+    st.sampled_from(CIDRS).map(lambda c: ("ipblock", c)),
+)
+np_port_st = st.one_of(
+    st.tuples(st.sampled_from(["TCP", "UDP"]), st.integers(1, 64), st.none()),
+    st.tuples(st.sampled_from(["TCP", "UDP"]), st.integers(1, 64), st.integers(0, 40)).map(
+        lambda t: (t[0], t[1], t[1] + t[2])),
+)
+np_rule_st = st.fixed_dictionaries({
+    "section": st.sampled_from(["ingress", "egress"]),
+    "peers": st.lists(np_peer_st, max_size=3),
+    "ports": st.lists(np_port_st, max_size=2),
+})
+np_policy_st = st.fixed_dictionaries({
+    "kind": st.just(NP),
+    "audit": st.booleans(),
+    "rules": st.lists(np_rule_st, max_size=3),
+    "empty_sections": st.sets(st.sampled_from(["ingress", "egress"]), max_size=1),
+})
+
+
+def _render_np(name: str, pol: dict) -> PolicyInput:
+    spec: dict = {"podSelector": {"matchLabels": {"app": "web"}}}
+    types = set(pol["empty_sections"]) | {r["section"] for r in pol["rules"]}
+    spec["policyTypes"] = [t.capitalize() for t in sorted(types)] or ["Ingress"]
+    for section in pol["empty_sections"]:
+        spec[section] = []
+    for rule in pol["rules"]:
+        field = "from" if rule["section"] == "ingress" else "to"
+        body: dict = {}
+        for kind, value in rule["peers"]:
+            if kind == "app":
+                body.setdefault(field, []).append({"podSelector": {"matchLabels": {"app": value}}})
+            else:
+                body.setdefault(field, []).append({"ipBlock": {"cidr": value[0], "except": list(value[1])}})
+        if rule["ports"]:
+            body["ports"] = [{"protocol": proto, "port": port, **({"endPort": end} if end is not None else {})}
+                             for proto, port, end in rule["ports"]]
+        spec.setdefault(rule["section"], []).append(body)
+    doc = {"apiVersion": "networking.k8s.io/v1", "kind": NP, "metadata": {"name": name, "namespace": "prod"},
+           "spec": spec}
+    return PolicyInput(NP, "prod", name, doc, pol["audit"])
+
+
+def _np_enforces(pol: dict, wanted: str) -> bool:
+    types = set(pol["empty_sections"]) | {r["section"] for r in pol["rules"]}
+    return wanted in types or (not types and wanted == "ingress")
+
+
+def _addressed_matches(kind: str, peer: tuple, probe: tuple) -> bool:
+    what, identity, ip = probe
+    if kind == NP:
+        if peer[0] == "ipblock":
+            return _in_cidr(ip, *peer[1])  # by address, endpoints included
+        return what == "ep" and identity == APPS[peer[1]]
+    return _peer_matches(peer, ("ip", ip) if what == "ip" else ("id", identity))
+
+
+def _reference_addressed(generated: list[dict], direction: int, probe: tuple, proto: int, port: int):
+    wanted = "ingress" if direction == INGRESS else "egress"
+    enforcing = [i for i, p in enumerate(generated)
+                 if (_np_enforces(p, wanted) if p["kind"] == NP else
+                     wanted in p["empty_sections"] or any(r["section"].startswith(wanted) for r in p["rules"]))]
+    if not enforcing:
+        return "ALLOWED", {None}
+    hits: dict[str, set] = {"deny": set(), "allow": set(), "audit": set()}
+    for i, pol in enumerate(generated):
+        counters: dict[str, int] = {}
+        for rule in pol["rules"]:
+            n = counters[rule["section"]] = counters.get(rule["section"], -1) + 1
+            if not rule["section"].startswith(wanted) or (pol["kind"] == NP and not _np_enforces(pol, wanted)):
+                continue
+            if pol["kind"] != NP and not (rule["peers"] or rule["ports"]):
+                continue
+            if rule["ports"] and not any(_port_matches(x, proto, port) for x in rule["ports"]):
+                continue
+            path = f"spec.{rule['section']}[{n}]"
+            if not rule["peers"]:
+                matched = {path}
+            elif pol["kind"] == NP:  # each ipBlock is a rule of its own, named by its path
+                field = "from" if wanted == "ingress" else "to"
+                matched = {f"{path}.{field}[{j}].ipBlock" if peer[0] == "ipblock" else path
+                           for j, peer in enumerate(rule["peers"]) if _addressed_matches(NP, peer, probe)}
+            else:
+                matched = {path} if any(_addressed_matches(CNP, p, probe) for p in rule["peers"]) else set()
+            kind = ("audit" if pol["audit"] else "deny") if rule["section"].endswith("Deny") else "allow"
+            hits[kind] |= {(f"p{i}", m) for m in matched}
+    for outcome, kind in (("DENIED", "deny"), ("ALLOWED", "allow"), ("AUDIT", "audit")):
+        if hits[kind]:
+            return outcome, hits[kind]
+    first = enforcing[0]
+    return ("AUDIT" if all(generated[i]["audit"] for i in enforcing) else "DENIED"), {(f"p{first}", "default-deny")}
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(np_policy_st, policy_st.map(lambda p: {**p, "kind": CNP})), min_size=1, max_size=3))
+def test_ipblock_by_address_agrees_with_naive_evaluation(generated):
+    inputs = [(_render_np if p["kind"] == NP else _render)(f"p{i}", p) for i, p in enumerate(generated)]
+    c = compile_policies(inputs, IDENTITIES, ENDPOINTS[:1])
+    paths = {r.rule_id: (r.policy.split("/")[1], r.path) for r in c.rules.values()}
+    edges = {0, MAX_PORT}
+    for pol in generated:
+        for rule in pol["rules"]:
+            for _, first, last in rule["ports"]:
+                for start, prefix in range_to_prefixes(first, first if last is None else last):
+                    low, high = block_range(start, prefix)
+                    edges |= {max(low - 1, 0), low, high, min(high + 1, MAX_PORT)}
+    for direction in (INGRESS, EGRESS):
+        for probe in ADDRESSED_PEERS:
+            what, identity, ip = probe
+            if what == "ip":
+                identity = ipcache(c, ip)
+            for proto in (TCP, UDP):
+                for port in sorted(edges):
+                    expected, rules = _reference_addressed(generated, direction, probe, proto, port)
+                    got = lookup(c.entries, c.enforcement, EP_WEB, direction, identity, proto, port, ip,
+                                 c.ipblock_cidrs)
                     where = (direction, probe, identity, proto, port, got)
                     assert got.verdict == expected, where
                     assert paths.get(got.rule_id) in rules, where

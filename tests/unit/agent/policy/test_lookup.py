@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from agent.policy.lookup import Verdict, longest_match, lookup, match_name
+from agent import identity as ids
+from agent.policy.lookup import Verdict, address_match, by_address_applies, longest_match, lookup, match_name
 from agent.policy.types import (
     ANY_IDENTITY,
     ANY_PROTO,
+    BY_ADDRESS,
     EGRESS,
     INGRESS,
     Action,
@@ -102,6 +104,52 @@ def test_match_names():
     assert match_name(key(proto=ANY_PROTO, prefix=0)) == "L3-Only"
     assert match_name(key(identity=ANY_IDENTITY)) == "L4-Only"
     assert match_name(key(identity=ANY_IDENTITY, proto=ANY_PROTO, prefix=0)) == "all"
+
+
+# ---- NetworkPolicy ipBlocks by address (policy_lookup_by_address) ---------------------------------
+BLOCK, CARVED = ids.CIDR_BASE + 1, ids.CIDR_BASE + 2  # CIDR identities of an ipBlock and its except
+IPBLOCKS = {"10.0.0.0/8": BLOCK, "10.0.0.9/32": CARVED}  # the ipblock_cidrs trie
+
+
+def by_addr(entries, ip, identity=PEER, proto=TCP, port=80, ipblocks=IPBLOCKS):
+    return lookup(entries, ENFORCED, EP, INGRESS, identity, proto, port, ip, ipblocks)
+
+
+def test_address_match_is_longest_prefix():
+    assert address_match(IPBLOCKS, "10.1.2.3") == BLOCK
+    assert address_match(IPBLOCKS, "10.0.0.9") == CARVED
+    assert address_match(IPBLOCKS, "192.0.2.1") is None
+    assert address_match({"0.0.0.0/0": 5}, "192.0.2.1") == 5
+
+
+def test_by_address_allow_of_the_peers_address():
+    entries = {key(identity=BY_ADDRESS | BLOCK, port=80): allow(7)}
+    v = by_addr(entries, "10.1.2.3")
+    assert v == Verdict("ALLOWED", 7, "L3-L4") and v.by_address == BLOCK
+    assert by_addr(entries, "10.0.0.9") == Verdict("DENIED", 99, "none")  # the except's own prefix
+    assert by_addr(entries, "192.0.2.1") == Verdict("DENIED", 99, "none")
+    assert by_addr(entries, "10.1.2.3", port=81).verdict == "DENIED"
+    assert check(entries).verdict == "DENIED", "no address, no by-address match"
+    assert by_addr(entries, "10.1.2.3", ipblocks={}).verdict == "DENIED", "an empty trie matches nothing"
+
+
+def test_by_address_comes_after_denies_and_own_allows_before_audit():
+    by_address = {key(identity=BY_ADDRESS | BLOCK, proto=ANY_PROTO, prefix=0): allow(7)}
+    assert by_addr({**by_address, key(port=80): deny(1)}, "10.1.2.3") == Verdict("DENIED", 1, "L3-L4")
+    assert by_addr({**by_address, key(identity=ANY_IDENTITY, port=80): deny(2)}, "10.1.2.3").rule_id == 2
+    assert by_addr({**by_address, key(port=80): allow(3)}, "10.1.2.3").rule_id == 3
+    assert by_addr({**by_address, key(port=80): deny(4, audit=True)}, "10.1.2.3") == Verdict("ALLOWED", 7, "L3-Only")
+    # A by-address deny is never written; were it there, it would not deny.
+    assert by_addr({key(identity=BY_ADDRESS | BLOCK, port=80): deny(8)}, "10.1.2.3").rule_id == 99
+
+
+def test_by_address_only_for_peers_with_an_identity_of_their_own():
+    """World and CIDR identities came from the address already: their own entries hold the ipBlocks."""
+    entries = {key(identity=BY_ADDRESS | BLOCK, port=80): allow(7)}
+    for identity in (ids.HOST, ids.REMOTE_NODE, 300, ids.CIDR_BASE - 1):
+        assert by_address_applies(identity) and by_addr(entries, "10.1.2.3", identity).verdict == "ALLOWED"
+    for identity in (ids.WORLD, ids.CIDR_BASE, BLOCK):
+        assert not by_address_applies(identity) and by_addr(entries, "10.1.2.3", identity).verdict == "DENIED"
 
 
 def test_port_out_of_range():
