@@ -14,7 +14,9 @@ down() {
         meshagent delete -f examples/services.yaml >/dev/null 2>&1
         meshagent delete -f examples/l7-split.yaml >/dev/null 2>&1
         meshagent delete -f examples/l7-policy.yaml >/dev/null 2>&1
+        meshagent delete -f examples/namespaces.yaml >/dev/null 2>&1
     fi
+    if [ -f $RUN/api.pid ]; then kill "$(cat $RUN/api.pid)" 2>/dev/null; rm -f $RUN/api.pid; fi
     for f in $RUN/shop-*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null; rm -f "$f"; done
     if [ -f $RUN/agent.pid ]; then
         pid=$(cat $RUN/agent.pid); kill "$pid" 2>/dev/null
@@ -103,6 +105,29 @@ for who in frontend intruder; do
 done
 sleep 0.5
 meshagent flows --type l7 --verdict DROPPED --last 1
+
+step "Kubernetes NetworkPolicy: Namespace labels and a named port (examples/namespaces.yaml)"
+meshagent endpoint add demo-api --namespace payments --labels app=api --port https=8443
+meshagent endpoint add demo-checkout --namespace shop --labels app=checkout
+meshagent endpoint list | grep -E "^NAME|demo-api|demo-checkout"
+API=$(meshagent endpoint list -o json | python3 -c 'import json,sys; print([e["ip"] for e in json.load(sys.stdin) if e["name"]=="demo-api"][0])')
+meshagent exec demo-api -- python3 -m http.server 8443 --bind 0.0.0.0 >/dev/null 2>&1 &
+echo $! > $RUN/api.pid
+meshagent apply -f examples/namespaces.yaml
+meshagent get namespace
+api_from() {  # $1: endpoint; prints what it got from the payments API
+    meshagent exec "$1" -- curl -s -o /dev/null -w "$1 -> payments/api:8443: HTTP %{http_code}\n" --max-time 2 \
+        "http://$API:8443/" || echo "$1 -> payments/api:8443: connection timed out: dropped by policy"
+}
+for _ in $(seq 50); do meshagent exec demo-checkout -- curl -s -o /dev/null --max-time 1 "http://$API:8443/" && break; sleep 0.2; done
+api_from demo-checkout   # namespace shop is labelled team=storefront
+api_from demo-frontend   # namespace default has no such label
+echo "relabelling namespace shop (team=storefront -> team=outlet): its endpoints get a new identity"
+printf 'apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {team: outlet}}\n' > $RUN/shop-outlet.yaml
+meshagent apply -f $RUN/shop-outlet.yaml
+sleep 1
+api_from demo-checkout
+meshagent flows --to-label app=api --verdict DROPPED --last 1
 
 step "same-node sockets skip TCP (sockhash + sk_msg): meshagent status"
 meshagent status | grep -E "L7 processor|Socket fast path"
