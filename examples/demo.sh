@@ -109,7 +109,6 @@ meshagent flows --type l7 --verdict DROPPED --last 1
 step "Kubernetes NetworkPolicy: Namespace labels and a named port (examples/namespaces.yaml)"
 meshagent endpoint add demo-api --namespace payments --labels app=api --port https=8443
 meshagent endpoint add demo-checkout --namespace shop --labels app=checkout
-meshagent endpoint list | grep -E "^NAME|demo-api|demo-checkout"
 API=$(meshagent endpoint list -o json | python3 -c 'import json,sys; print([e["ip"] for e in json.load(sys.stdin) if e["name"]=="demo-api"][0])')
 meshagent exec demo-api -- python3 -m http.server 8443 --bind 0.0.0.0 >/dev/null 2>&1 &
 echo $! > $RUN/api.pid
@@ -126,6 +125,7 @@ echo "relabelling namespace shop (team=storefront -> team=outlet): its endpoints
 printf 'apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {team: outlet}}\n' > $RUN/shop-outlet.yaml
 meshagent apply -f $RUN/shop-outlet.yaml
 sleep 1
+meshagent endpoint list | grep -E "IDENTITY|demo-checkout"
 api_from demo-checkout
 meshagent flows --to-label app=api --verdict DROPPED --last 1
 
