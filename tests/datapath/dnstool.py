@@ -1,8 +1,10 @@
 """DNS helpers the DNS tests run as processes, inside endpoints or namespaces (python -m ... or path).
 
-    python dnstool.py serve ADDR PORT ANSWER_IP         a dnslib server, UDP and TCP: A queries get
-                                                        ANSWER_IP, TXT queries "<client ip> <udp|tcp>";
-                                                        prints "ready" once both listen
+    python dnstool.py serve ADDR PORT ANSWER_IP [NAME...]
+                                                        a dnslib server, UDP and TCP: A queries get
+                                                        ANSWER_IP (ttl 30), TXT queries "<client ip>
+                                                        <udp|tcp>"; with NAMEs, only those names, the
+                                                        others NXDOMAIN; prints "ready" once both listen
     python dnstool.py query MODE SERVER PORT NAME QTYPE [--hold]
                                                         one query; MODE: udp (sendto), udp-connected,
                                                         tcp, udp6 (an AF_INET6 socket, IPv4-mapped
@@ -13,6 +15,8 @@
     python dnstool.py gai NAME [NAME...]                socket.getaddrinfo (glibc) of each name, IPv4:
                                                         one JSON line, name -> addresses or the error
     python dnstool.py gai-reverse ADDR [ADDR...]        socket.gethostbyaddr of each address
+    python dnstool.py gai-loop                          getaddrinfo of each name read from stdin, one
+                                                        JSON line each (a long-running process)
 
 Only the test's own servers are ever queried: the kernel redirect sends every port-53 query of an
 endpoint to the node's DNS proxy, whatever SERVER says.
@@ -29,15 +33,19 @@ import time
 SO_COOKIE = 57
 
 
-def serve(addr: str, port: int, answer_ip: str) -> None:
-    from dnslib import QTYPE, RR, TXT, A
+def serve(addr: str, port: int, answer_ip: str, only: list[str]) -> None:
+    from dnslib import QTYPE, RCODE, RR, TXT, A
     from dnslib.server import BaseResolver, DNSLogger, DNSServer
+
+    names = {n.rstrip(".").lower() for n in only}
 
     class Resolver(BaseResolver):
         def resolve(self, request, handler):
             reply = request.reply()
             q = request.q
-            if q.qtype == QTYPE.A:
+            if names and str(q.qname).rstrip(".").lower() not in names:
+                reply.header.rcode = RCODE.NXDOMAIN
+            elif q.qtype == QTYPE.A:
                 reply.add_answer(RR(q.qname, QTYPE.A, rdata=A(answer_ip), ttl=30))
             elif q.qtype == QTYPE.TXT:
                 text = f"{handler.client_address[0]} {handler.protocol}"
@@ -113,6 +121,13 @@ def gai(names: list[str]) -> None:
     print(json.dumps(out), flush=True)
 
 
+def gai_loop() -> None:
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip():
+            gai([line.strip()])
+
+
 def gai_reverse(addrs: list[str]) -> None:
     out = {}
     for addr in addrs:
@@ -126,13 +141,15 @@ def gai_reverse(addrs: list[str]) -> None:
 def main(argv: list[str]) -> None:
     cmd, args = argv[0], argv[1:]
     if cmd == "serve":
-        serve(args[0], int(args[1]), args[2])
+        serve(args[0], int(args[1]), args[2], args[3:])
     elif cmd == "query":
         hold = "--hold" in args
         args = [a for a in args if a != "--hold"]
         query(args[0], args[1], int(args[2]), args[3], args[4], hold)
     elif cmd == "gai":
         gai(args)
+    elif cmd == "gai-loop":
+        gai_loop()
     elif cmd == "gai-reverse":
         gai_reverse(args)
     else:
