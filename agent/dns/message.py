@@ -178,10 +178,10 @@ def upstream_query(query: Query, qid: int) -> bytes:
 
 
 def forwarded_reply(query: Query, upstream: DNSRecord, age: int = 0) -> DNSRecord:
-    """An upstream's answer given to ``query``: its ID, its question as spelt, TTLs less ``age``
-    seconds (time spent in the cache), the upstream's OPT replaced by ours."""
+    """An upstream's answer given to ``query``: its ID, its question as spelt, not authoritative (we
+    pass it on), TTLs less ``age`` seconds (time spent in the cache), the upstream's OPT replaced by ours."""
     h = upstream.header
-    reply = DNSRecord(DNSHeader(id=query.id, qr=1, opcode=OPCODE.QUERY, aa=h.aa, rd=query.record.header.rd, ra=1,
+    reply = DNSRecord(DNSHeader(id=query.id, qr=1, opcode=OPCODE.QUERY, aa=0, rd=query.record.header.rd, ra=1,
                                 rcode=h.rcode), q=query.record.q)
     asked = query.record.q.qname
     for section, add in ((upstream.rr, reply.add_answer), (upstream.auth, reply.add_auth),
