@@ -2,9 +2,9 @@
 fixture) with its DNS proxy, the kernel's redirect (bpf/lib/dns.h), real resolvers (glibc's
 getaddrinfo, dnslib over UDP and TCP) in processes started every way an endpoint's are.
 
-    node netns   the agent; the "outside world's" DNS server (tests/datapath/dnstool.py serve) on the
-                 node's loopback, 127.0.0.1:UPSTREAM_PORT, the node's dns_upstreams: it knows
-                 EXTERNAL alone and answers the rest NXDOMAIN
+    node netns   the agent; the "outside world's" DNS server (tests/dnsserver.py) on the node's
+                 loopback, 127.0.0.1:UPSTREAM_PORT, the node's dns_upstreams: it knows EXTERNAL
+                 alone and answers the rest NXDOMAIN
     client       role=client, namespace default
     web          app=web, namespace default, behind Service web
     cart         app=cart, namespace shop, behind Service cart
@@ -96,8 +96,8 @@ class Mesh:
 @pytest.fixture(scope="module")
 def mesh(node_factory):
     node = node_factory(start=False, extra={"dns_upstreams": [f"127.0.0.1:{UPSTREAM_PORT}"]})
-    upstream = node.spawn(["nsenter", f"--net=/run/netns/{node.netns}", PY, DNSTOOL, "serve", "127.0.0.1",
-                           str(UPSTREAM_PORT), EXTERNAL_IP, EXTERNAL])
+    upstream = node.spawn(["nsenter", f"--net=/run/netns/{node.netns}", PY, "-m", "tests.dnsserver", "--port",
+                           str(UPSTREAM_PORT), "--record", f"{EXTERNAL}={EXTERNAL_IP}:60"])
     assert upstream.stdout.readline().strip() == "ready", upstream.stderr.read()
     node.start_agent()
     eps = {
