@@ -68,6 +68,7 @@ log = logging.getLogger("meshagent.dns")
 MAX_PENDING = 4096  # questions in progress (waiting on an upstream or on the policy hook)
 MAX_INFLIGHT = 256  # distinct questions asked upstream at once (each holds a socket)
 MAX_TCP_CLIENTS = 256
+UDP_RCVBUF = 1 << 20  # bytes of questions the kernel holds for us (up to net.core.rmem_max)
 TCP_IDLE_TIMEOUT_S = 10.0  # for the next question on an open connection (RFC 7766 suggests seconds)
 TCP_IO_TIMEOUT_S = 5.0  # for a started question to arrive whole, and for an answer to be taken
 OBSERVE_TIMEOUT_S = 1.0  # the longest an answer waits for hook.observed (the hook bounds itself too)
@@ -269,6 +270,7 @@ class DnsProxy:
         self._socks = [udp, tcp]
         try:
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)  # a burst waits; more is dropped
             udp.bind((self.host, self.port))
             if self.port == 0:
                 self.port = udp.getsockname()[1]
