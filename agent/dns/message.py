@@ -234,7 +234,11 @@ def parse_upstream(data: bytes, qid: int, query: Query) -> DNSRecord | None:
         reply = DNSRecord.parse(bytes(data))
     except Exception:  # dnslib's DNSError, and struct/index/unicode errors on odd input
         return None
-    if reply.header.id != qid or not reply.header.qr or len(reply.questions) != 1:
+    if reply.header.id != qid or not reply.header.qr:
+        return None
+    if reply.header.tc and not reply.questions:
+        return reply  # some servers truncate to the bare header: it says "ask over TCP", nothing else
+    if len(reply.questions) != 1:
         return None
     q = reply.questions[0]
     if q.qtype != query.qtype_num or q.qname != query.record.q.qname:
