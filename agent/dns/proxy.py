@@ -46,6 +46,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
+import uvloop
 from dnslib import RCODE
 
 from agent.dns.cache import DnsCache, WireCache
@@ -265,21 +266,17 @@ class DnsProxy:
         return self.host, self.port
 
     def start(self) -> None:
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socks = [udp, tcp]
-        try:
-            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)  # a burst waits; more is dropped
-            udp.bind((self.host, self.port))
-            if self.port == 0:
-                self.port = udp.getsockname()[1]
-            tcp.bind((self.host, self.port))
-            tcp.listen(128)
-        except OSError as e:
-            self._close_socks()
-            raise DnsProxyError(f"DNS proxy cannot listen on {self.host}:{self.port} (UDP and TCP): {e.strerror}; "
-                                "set dns_proxy_port to a free port, or dns_proxy: false") from None
+        # Port 0 (tests): the first free UDP port whose TCP twin is free too; a few tries.
+        for attempt in range(10 if self.port == 0 else 1):
+            try:
+                self._socks = self._bind(self.port)
+                break
+            except OSError as e:
+                if attempt == 9 or self.port != 0:
+                    raise DnsProxyError(
+                        f"DNS proxy cannot listen on {self.host}:{self.port} (UDP and TCP): {e.strerror}; "
+                        "set dns_proxy_port to a free port, or dns_proxy: false") from None
+        self.port = self._socks[0].getsockname()[1]
         for s in self._socks:
             s.setblocking(False)
         self._thread = threading.Thread(target=self._run, name="dns-proxy", daemon=True)
@@ -288,9 +285,22 @@ class DnsProxy:
         if self._start_error is not None:
             raise DnsProxyError(f"DNS proxy failed to start: {self._start_error}")
 
-    def _run(self) -> None:
-        import uvloop
+    def _bind(self, port: int) -> list[socket.socket]:
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)  # a burst waits; more is dropped
+            udp.bind((self.host, port))
+            tcp.bind((self.host, udp.getsockname()[1]))
+            tcp.listen(128)
+        except OSError:
+            udp.close()
+            tcp.close()
+            raise
+        return [udp, tcp]
 
+    def _run(self) -> None:
         loop = uvloop.new_event_loop()
         self._loop = loop
         asyncio.set_event_loop(loop)
