@@ -340,7 +340,10 @@ class DnsProxy:
             s.close()
 
     def update(self, snapshot: DnsSnapshot) -> None:
-        """Answer from ``snapshot`` from now on (called by the agent after each reconcile)."""
+        """Answer from ``snapshot`` from now on (called by the agent after each reconcile). The same
+        names and clients as now change nothing, so the kept answers stay."""
+        if snapshot == self._snap:
+            return
         loop = self._loop
         if loop is not None and loop.is_running():
             loop.call_soon_threadsafe(self._swap, snapshot)
