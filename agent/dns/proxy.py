@@ -428,12 +428,15 @@ class DnsProxy:
         if hit is None:
             return None
         meta: DnsAnswer = hit.meta
-        if not self._hook.check(client, meta.qname, meta.qtype).allowed:
-            return None  # the slow path refuses it and says why
-        if meta.ips:
-            fast = self._observed_fast
-            if fast is None or not fast(client, meta.qname, meta.ips, meta.ttl):
-                return None  # the slow path waits for the hook
+        try:
+            if not self._hook.check(client, meta.qname, meta.qtype).allowed:
+                return None  # the slow path refuses it and says why
+            if meta.ips:
+                fast = self._observed_fast
+                if fast is None or not fast(client, meta.qname, meta.ips, meta.ttl):
+                    return None  # the slow path waits for the hook
+        except Exception:
+            return None  # the slow path asks again, and answers SERVFAIL if the hook fails there too
         c = self.counters
         c.requests[meta.qtype] = c.requests.get(meta.qtype, 0) + 1
         rcode = RCODE_NAMES.get(meta.rcode) or str(meta.rcode)

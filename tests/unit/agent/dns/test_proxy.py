@@ -264,9 +264,12 @@ def test_a_failing_hook_costs_an_answer_not_the_proxy(upstream):
                 raise RuntimeError("bug")
             return ALLOWED
 
-    with running([Upstream("127.0.0.1", upstream.port)], hook=Broken()) as p:
+    hook = Broken()
+    with running([Upstream("127.0.0.1", upstream.port)], hook=hook) as p:
         assert ask(p, "boom.example.test").header.rcode == RCODE.SERVFAIL
         assert addresses(ask(p, "web")) == ["10.96.0.10"]
+        hook.check = lambda *a: 1 / 0  # now also for a kept answer (the fast path)
+        assert ask(p, "web").header.rcode == RCODE.SERVFAIL
 
 
 # ---- flows ---------------------------------------------------------------------------------------
