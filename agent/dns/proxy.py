@@ -76,7 +76,7 @@ OBSERVE_TIMEOUT_S = 1.0  # the longest an answer waits for hook.observed (the ho
 OBSERVE_THREADS = 4
 EVENT_FLUSH_S = 0.05  # events go to the agent in batches, as often as the ring buffer is drained
 EVENT_BATCH_MAX = 4096
-RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
+RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED", 16: "BADVERS"}
 
 
 class DnsProxyError(MeshError):
