@@ -73,10 +73,18 @@ class UpstreamServer:
         self.delay = 0.0  # seconds before each answer
         self.lock = threading.Lock()
         resolver = _Resolver(self)
-        self.udp = DNSServer(resolver, address=host, port=port, logger=QUIET, handler=_Handler)
-        self.port = self.udp.server.server_address[1]
+        for attempt in range(10 if port == 0 else 1):  # port 0: a free UDP port whose TCP twin is free too
+            self.udp = DNSServer(resolver, address=host, port=port, logger=QUIET, handler=_Handler)
+            self.port = self.udp.server.server_address[1]
+            try:
+                self.tcp = DNSServer(resolver, address=host, port=self.port, tcp=True, logger=QUIET,
+                                     handler=_Handler)
+                break
+            except OSError:
+                self.udp.server.server_close()
+                if attempt == 9 or port != 0:
+                    raise
         self.host = host
-        self.tcp = DNSServer(resolver, address=host, port=self.port, tcp=True, logger=QUIET, handler=_Handler)
 
     def asked(self, name: str, qtype: str = "A") -> int:
         with self.lock:

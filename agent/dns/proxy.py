@@ -46,6 +46,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
+import uvloop
 from dnslib import RCODE
 
 from agent.dns.cache import DnsCache, WireCache
@@ -75,7 +76,7 @@ OBSERVE_TIMEOUT_S = 1.0  # the longest an answer waits for hook.observed (the ho
 OBSERVE_THREADS = 4
 EVENT_FLUSH_S = 0.05  # events go to the agent in batches, as often as the ring buffer is drained
 EVENT_BATCH_MAX = 4096
-RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
+RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED", 16: "BADVERS"}
 
 
 class DnsProxyError(MeshError):
@@ -265,21 +266,17 @@ class DnsProxy:
         return self.host, self.port
 
     def start(self) -> None:
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socks = [udp, tcp]
-        try:
-            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)  # a burst waits; more is dropped
-            udp.bind((self.host, self.port))
-            if self.port == 0:
-                self.port = udp.getsockname()[1]
-            tcp.bind((self.host, self.port))
-            tcp.listen(128)
-        except OSError as e:
-            self._close_socks()
-            raise DnsProxyError(f"DNS proxy cannot listen on {self.host}:{self.port} (UDP and TCP): {e.strerror}; "
-                                "set dns_proxy_port to a free port, or dns_proxy: false") from None
+        # Port 0 (tests): the first free UDP port whose TCP twin is free too; a few tries.
+        for attempt in range(10 if self.port == 0 else 1):
+            try:
+                self._socks = self._bind(self.port)
+                break
+            except OSError as e:
+                if attempt == 9 or self.port != 0:
+                    raise DnsProxyError(
+                        f"DNS proxy cannot listen on {self.host}:{self.port} (UDP and TCP): {e.strerror}; "
+                        "set dns_proxy_port to a free port, or dns_proxy: false") from None
+        self.port = self._socks[0].getsockname()[1]
         for s in self._socks:
             s.setblocking(False)
         self._thread = threading.Thread(target=self._run, name="dns-proxy", daemon=True)
@@ -288,9 +285,22 @@ class DnsProxy:
         if self._start_error is not None:
             raise DnsProxyError(f"DNS proxy failed to start: {self._start_error}")
 
-    def _run(self) -> None:
-        import uvloop
+    def _bind(self, port: int) -> list[socket.socket]:
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)  # a burst waits; more is dropped
+            udp.bind((self.host, port))
+            tcp.bind((self.host, udp.getsockname()[1]))
+            tcp.listen(128)
+        except OSError:
+            udp.close()
+            tcp.close()
+            raise
+        return [udp, tcp]
 
+    def _run(self) -> None:
         loop = uvloop.new_event_loop()
         self._loop = loop
         asyncio.set_event_loop(loop)
@@ -330,7 +340,10 @@ class DnsProxy:
             s.close()
 
     def update(self, snapshot: DnsSnapshot) -> None:
-        """Answer from ``snapshot`` from now on (called by the agent after each reconcile)."""
+        """Answer from ``snapshot`` from now on (called by the agent after each reconcile). The same
+        names and clients as now change nothing, so the kept answers stay."""
+        if snapshot == self._snap:
+            return
         loop = self._loop
         if loop is not None and loop.is_running():
             loop.call_soon_threadsafe(self._swap, snapshot)
@@ -415,12 +428,15 @@ class DnsProxy:
         if hit is None:
             return None
         meta: DnsAnswer = hit.meta
-        if not self._hook.check(client, meta.qname, meta.qtype).allowed:
-            return None  # the slow path refuses it and says why
-        if meta.ips:
-            fast = self._observed_fast
-            if fast is None or not fast(client, meta.qname, meta.ips, meta.ttl):
-                return None  # the slow path waits for the hook
+        try:
+            if not self._hook.check(client, meta.qname, meta.qtype).allowed:
+                return None  # the slow path refuses it and says why
+            if meta.ips:
+                fast = self._observed_fast
+                if fast is None or not fast(client, meta.qname, meta.ips, meta.ttl):
+                    return None  # the slow path waits for the hook
+        except Exception:
+            return None  # the slow path asks again, and answers SERVFAIL if the hook fails there too
         c = self.counters
         c.requests[meta.qtype] = c.requests.get(meta.qtype, 0) + 1
         rcode = RCODE_NAMES.get(meta.rcode) or str(meta.rcode)

@@ -110,6 +110,15 @@ def test_other_opcodes_and_classes_are_notimp():
     assert _error(rejected(wire(chaos))).header.rcode == RCODE.NOTIMP
 
 
+def test_an_edns_version_we_do_not_speak_is_badvers():
+    q = DNSRecord.question("a.test")
+    q.add_ar(EDNS0(version=1, udp_len=1232))
+    r = rejected(wire(q))
+    reply = _error(r)
+    assert r.reason == "badvers" and r.rcode == 16
+    assert reply.header.rcode == 0 and reply.ar[0].edns_rcode == 1 and reply.ar[0].edns_ver == 0
+
+
 def test_zone_transfers_are_refused():
     assert _error(rejected(query("cluster.local", "AXFR"))).header.rcode == RCODE.REFUSED
 

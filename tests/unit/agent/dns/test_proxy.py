@@ -162,6 +162,14 @@ def test_reverse_lookups(proxy):
     assert ask(proxy, "99.0.96.10.in-addr.arpa", "PTR").header.rcode == RCODE.NXDOMAIN
 
 
+def test_the_same_snapshot_keeps_the_kept_answers(proxy):
+    ask(proxy, "web")
+    wait_for(lambda: len(proxy.wire) == 1)
+    proxy.update(snapshot())  # equal to the one it has: a reconcile that changed nothing here
+    time.sleep(0.1)
+    assert len(proxy.wire) == 1
+
+
 def test_a_new_snapshot_changes_the_answers(proxy):
     assert addresses(ask(proxy, "web")) == ["10.96.0.10"]  # now kept on the fast path
     proxy.update(snapshot(MeshZone.build("cluster.local", [ZoneService("web", "default", "10.96.0.99")])))
@@ -256,9 +264,12 @@ def test_a_failing_hook_costs_an_answer_not_the_proxy(upstream):
                 raise RuntimeError("bug")
             return ALLOWED
 
-    with running([Upstream("127.0.0.1", upstream.port)], hook=Broken()) as p:
+    hook = Broken()
+    with running([Upstream("127.0.0.1", upstream.port)], hook=hook) as p:
         assert ask(p, "boom.example.test").header.rcode == RCODE.SERVFAIL
         assert addresses(ask(p, "web")) == ["10.96.0.10"]
+        hook.check = lambda *a: 1 / 0  # now also for a kept answer (the fast path)
+        assert ask(p, "web").header.rcode == RCODE.SERVFAIL
 
 
 # ---- flows ---------------------------------------------------------------------------------------
