@@ -101,6 +101,7 @@ def test_attach_types_match_bcc():
         "sock6_recvmsg": bcc.BPFAttachType.CGROUP_UDP6_RECVMSG,
         "sock6_getpeername": bcc.BPFAttachType.CGROUP_INET6_GETPEERNAME,
         "sock_ops": bcc.BPFAttachType.CGROUP_SOCK_OPS,
+        "sock_release": bcc.BPFAttachType.CGROUP_INET_SOCK_RELEASE,
     }
     assert sockets.PROGRAMS == expected
 
@@ -108,7 +109,8 @@ def test_attach_types_match_bcc():
 def test_every_program_is_defined_in_redirect_c():
     text = (BPF / "redirect.c").read_text()
     for name, attach_type in sockets.PROGRAMS.items():
-        ctx = "bpf_sock_ops \\*skops" if attach_type == sockets.BPF_CGROUP_SOCK_OPS else "bpf_sock_addr \\*ctx"
+        ctx = {sockets.BPF_CGROUP_SOCK_OPS: "bpf_sock_ops \\*skops",
+               sockets.BPF_CGROUP_INET_SOCK_RELEASE: "bpf_sock \\*sk"}.get(attach_type, "bpf_sock_addr \\*ctx")
         assert re.search(rf"^int {name}\(struct {ctx}\)", text, re.M), name
 
 
@@ -122,6 +124,15 @@ def test_l7_encodings():
     assert raw[6:8] == (3).to_bytes(2, "little") and raw[8:12] == (0x123456).to_bytes(4, "little")
     cfg = maps.LbConfigC(proxy_ip=sockets.ip_to_be32("10.200.0.1"), proxy_port=socket.htons(15001))
     assert bytes(cfg) == socket.inet_aton("10.200.0.1") + (15001).to_bytes(2, "big") + b"\0\0"
+
+
+def test_dns_encodings():
+    """dns_origdst's value as user_ip4/user_port hold an address; datapath_config's dns_port."""
+    value = maps.DnsOrigDstC(addr=sockets.ip_to_be32("192.0.2.53"), port=socket.htons(53))
+    assert bytes(value) == socket.inet_aton("192.0.2.53") + (53).to_bytes(2, "big") + b"\0\0"
+    cfg = maps.DatapathConfigC(policy_revision=7, proxy_ip=sockets.ip_to_be32("10.200.0.1"),
+                               proxy_port=socket.htons(15001), dns_port=socket.htons(15053))
+    assert bytes(cfg)[8:] == (15001).to_bytes(2, "big") + (15053).to_bytes(2, "big")
 
 
 def test_lb_flags_match_header():
@@ -307,3 +318,50 @@ def test_fastpath_needs_every_kernel_offset(monkeypatch):
     del offsets[("sk_psock", "msg_tot_len")]  # an older kernel (6.1 has none): no queue length to bound
     assert "-DFP_UNSUPPORTED=1" in sockets.fastpath_kernel_cflags()
     assert not sockets.fastpath_supported()
+
+
+# ---- the DNS proxy's port in the TC datapath's global config ------------------------------------------
+
+
+class FakeConfigMap:
+    """config_map as BCC shows it: one element, read and written whole."""
+
+    def __init__(self):
+        self.value = maps.DatapathConfigC(policy_revision=41)
+
+    def __getitem__(self, index):
+        return maps.DatapathConfigC.from_buffer_copy(bytes(self.value))
+
+    def __setitem__(self, index, value):
+        self.value = maps.DatapathConfigC.from_buffer_copy(bytes(value))
+
+
+def _tc_with_fake_config():
+    from agent.datapath.tc import TcDatapath
+
+    tc = TcDatapath("/nonexistent")
+    tc.bpf = {"config_map": FakeConfigMap()}
+    return tc
+
+
+def test_dns_port_is_written_beside_the_proxy_and_the_revision():
+    tc = _tc_with_fake_config()
+    tc.set_proxy("10.200.0.1", 15001)
+    tc.set_dns_port(15053)
+    cfg = tc.bpf["config_map"][0]
+    assert (cfg.policy_revision, tc.proxy(), tc.dns_port()) == (41, ("10.200.0.1", 15001), 15053)
+    assert cfg.dns_port == socket.htons(15053), "network order, as the hooks compare it with user_port"
+    tc.bump_policy_revision()
+    tc.set_proxy("10.200.0.1", 15002)
+    assert tc.dns_port() == 15053, "each writer keeps the other fields"
+    tc.set_dns_port(0)
+    assert tc.dns_port() == 0 and tc.proxy() == ("10.200.0.1", 15002)
+
+
+@pytest.mark.parametrize("port", [-1, 65536, True, "53", 53.0, None])
+def test_bad_dns_ports_are_refused_and_change_nothing(port):
+    tc = _tc_with_fake_config()
+    tc.set_dns_port(15053)
+    with pytest.raises(ValueError, match="DNS proxy port .* is not in 0..65535"):
+        tc.set_dns_port(port)
+    assert tc.dns_port() == 15053
