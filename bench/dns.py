@@ -1,16 +1,21 @@
 """`make bench`, DNS part: the node's DNS proxy (agent/dns/) vs dnsmasq on the same load (SPEC §9).
 
-One node namespace `mb-dns` holds everything; the servers under test answer on its loopback:
+A real agent runs a node in namespace `mb-dns` (pod CIDR 10.251.0.0/24) with a client endpoint,
+whose namespace runs the load generator, and a Service `web` in namespace `default`. Every server
+under test listens on the node's router address (the agent's address in its pod CIDR, on the
+node's loopback), so every query takes the same path: the client's veth, the agent's TC programs,
+the node's loopback:
 
-    echo      bench/dnsload's no-op UDP echo: the floor, what the load generator and the kernel cost
-    dnsmasq   Debian's dnsmasq 2.90 as the equivalent node-local cache: the mesh name as a
-              --host-record, --server to the same upstream, cache on (10,000 entries)
-    proxy     the real agent (`meshagent agent`, its DNS proxy on, dns_proxy_port) with a Service
-              `web` in namespace `default`: the proxy answers its full name from the mesh zone and
-              forwards everything else to the same upstream
+    echo      bench/dnsload's no-op UDP echo (port 5300): the floor, what the generator, the
+              kernel and the path cost
+    dnsmasq   Debian's dnsmasq 2.90 as the equivalent node-local cache (port 5353): the Service's
+              name as a --host-record with the VIP the agent gave it, --server to the same upstream,
+              cache on (10,000 entries)
+    proxy     the agent's own DNS proxy (dns_proxy_port 15053, dns_upstreams the same upstream): the
+              Service's name from the mesh zone, everything else forwarded and cached
 
-The upstream (the "world") is a second dnsmasq on 198.18.0.53 in the same namespace, authoritative
-for api.example.test (TTL 3600) and for every name under uniq.example.test.
+The upstream (the "world") is a second dnsmasq on 198.18.0.53 on the node's loopback,
+authoritative for api.example.test (TTL 3600) and for every name under uniq.example.test.
 
 Query kinds, each sent by bench/dnsload (C, one UDP socket, A queries):
 
@@ -63,9 +68,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from bench import harness
 from bench.l7 import cpu_seconds, cpus_time, own_cpu, proc_tree
-from bench.topology import NS_PREFIX, add_netns
+from bench.topology import NS_PREFIX, add_netns, delete_netns
 
 REPO = harness.REPO
 DNSLOAD_SOURCE = harness.BENCH_DIR / "dnsload.c"
@@ -80,8 +87,8 @@ EXTERNAL_NAME = "api.example.test"
 EXTERNAL_IP = "198.18.0.10"
 UNIQUE_ZONE = "uniq.example.test"  # dnsload -u asks q<N>.uniq.example.test
 UPSTREAM_IP = "198.18.0.53"  # on the node namespace's loopback
+POD_CIDR, CLIENT_IP = "10.251.0.0/24", "10.251.0.10"  # the load generator runs in the client endpoint
 UPSTREAM_TTL = 3600
-LOCAL_ADDR = "127.0.0.1"  # dnsmasq and the echo listen here
 DNSMASQ_PORT, ECHO_PORT = 5353, 5300
 PROXY_PORT = 15053  # dns_proxy_port (the default)
 MAX_INTERFERENCE = 0.1
@@ -169,13 +176,13 @@ def _setns(fd: int) -> None:
         raise OSError(err, f"setns: {os.strerror(err)}")
 
 
-def ask(addr: str, port: int, name: str, timeout: float = 2.0) -> list[str]:
-    """The A records the server at addr:port (in the bench's namespace) answers for ``name``; a
+def ask(netns: str, addr: str, port: int, name: str, timeout: float = 2.0) -> list[str]:
+    """The A records the server at addr:port answers for ``name``, asked from namespace ``netns``; a
     socket keeps the namespace it was made in, so only this thread switches, and back at once."""
     from dnslib import QTYPE, DNSRecord
 
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{NETNS}", os.O_RDONLY)
+    target = os.open(f"/run/netns/{netns}", os.O_RDONLY)
     try:
         _setns(target)
         try:
@@ -217,6 +224,85 @@ class Server:
     addr: str
     port: int
     proc: subprocess.Popen  # for the proxy: the agent
+    own_pid: bool = False  # count this process only, not its children (the agent's L7 processor)
+
+
+class AgentNode:
+    """The real agent in namespace mb-dns (its DNS proxy on, forwarding to the upstream), a client
+    endpoint whose namespace runs the load generator, and a Service whose name the proxy answers."""
+
+    def __init__(self, janitor: harness.Janitor, tmp: Path) -> None:
+        self.janitor, self.dir = janitor, tmp / "agent"
+        self.dir.mkdir()
+        self.config = {
+            "node_name": NETNS,
+            "pod_cidr": POD_CIDR,
+            "store": f"dir://{self.dir}/store",
+            "state_dir": str(self.dir / "state"),
+            "bpffs_dir": str(harness.BPFFS_DIR / "dns"),
+            "cgroup": str(harness.CGROUP_DIR / "dns"),
+            "api_socket": str(self.dir / "api.sock"),
+            "metrics_addr": "127.0.0.1:9962",  # in the node's own namespace
+        }
+        from agent import node_config
+
+        if "dns_upstreams" in node_config._KEYS:  # before the proxy the agent refuses the key
+            self.config.update(dns_proxy=True, dns_proxy_port=PROXY_PORT, dns_upstreams=[UPSTREAM_IP])
+        self.config_path = self.dir / "agent.yaml"
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        self.log_path = self.dir / "agent.log"
+        self.proc: subprocess.Popen | None = None
+
+    def cli(self, *args: str) -> str:
+        return harness.run([*MESHAGENT, "--socket", self.config["api_socket"], *args], cwd=REPO, timeout=90).stdout
+
+    def start(self) -> None:
+        self.janitor.push("tear down the DNS bench's agent", self.teardown)
+        log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed by the janitor
+        self.janitor.push("close the agent's log", log_file.close)
+        self.proc = subprocess.Popen(harness.in_netns(NETNS, [*MESHAGENT, "agent", "--config", str(self.config_path)]),
+                                     cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def build(self, timeout: float = 180) -> tuple[str, str, str | None]:
+        """Wait until ready, then the client endpoint and the Service: (the client's namespace, the
+        node's router address, the DNS proxy's host:port or None without one)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise harness.BenchError(f"agent exited ({self.proc.returncode}): {_tail(self.log_path)}")
+            status = harness.run([*MESHAGENT, "--socket", self.config["api_socket"], "status", "-o", "json"],
+                                 cwd=REPO, check=False, timeout=30)
+            if status.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                raise harness.BenchError(f"agent not ready after {timeout:.0f}s: {_tail(self.log_path)}")
+            time.sleep(0.3)
+        ep = json.loads(self.cli("endpoint", "add", f"{NETNS}-c", "--labels", "app=bench-dns-client",
+                                 "--ip", CLIENT_IP, "-o", "json"))
+        service = self.dir / "service.yaml"
+        service.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Service", "metadata": {"name": SERVICE, "namespace": NAMESPACE},
+            "spec": {"selector": {"app": SERVICE}, "ports": [{"port": 80, "protocol": "TCP"}]}}))
+        self.cli("apply", "-f", str(service))
+        info = json.loads(self.cli("status", "-o", "json"))
+        router = info["l7_processor"]["listen"].rpartition(":")[0]
+        dns = info.get("dns_proxy")
+        return Path(ep["netns"]).name, router, dns["listen"] if dns else None
+
+    def vip(self, name: str) -> str:
+        for svc in json.loads(self.cli("service", "list", "-o", "json")):
+            if svc.get("name") == name and svc.get("namespace", NAMESPACE) == NAMESPACE:
+                return svc.get("vip") or svc.get("cluster_ip") or svc["clusterIP"]
+        raise harness.BenchError(f"the agent has no Service {NAMESPACE}/{name}")
+
+    def teardown(self) -> None:
+        if self.proc is not None:
+            harness.stop_process(self.proc, grace=20)
+        harness.run(harness.in_netns(NETNS, [*MESHAGENT, "teardown", "--config", str(self.config_path),
+                                             "--endpoints"]), cwd=REPO, check=False)
+        delete_netns(f"{NETNS}-c")  # if the agent's teardown could not
+        shutil.rmtree(self.config["bpffs_dir"], ignore_errors=True)
+        harness.remove_cgroup_tree(Path(self.config["cgroup"]))
 
 
 # ---- the bench -----------------------------------------------------------------------------------
@@ -230,6 +316,9 @@ class Bench:
         self.notes: dict[str, Any] = {}
         self.retries_left = 2 * s.rounds
         self.vip = ""
+        self.agent: AgentNode | None = None
+        self.client_netns = ""  # the client endpoint's namespace: dnsload runs there
+        self.router_ip = ""  # the node's address in its pod CIDR: every server under test listens on it
         self.skipped: dict[str, str] = {}  # servers that could not be set up, and why
 
     def _start(self, name: str, cmd: list[str]) -> tuple[subprocess.Popen, Path]:
@@ -241,13 +330,14 @@ class Bench:
         return proc, log_path
 
     def _wait_answer(self, what: str, proc: subprocess.Popen, log_path: Path, addr: str, port: int,
-                     name: str, want: str | None, timeout: float = 20) -> None:
+                     name: str, want: str | None, timeout: float = 20, netns: str = "") -> None:
+        """Ask from the client endpoint (or ``netns``) until the answer is ``want``."""
         deadline, last = time.monotonic() + timeout, ""
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise harness.BenchError(f"{what} exited ({proc.returncode}): {_tail(log_path)}")
             try:
-                got = ask(addr, port, name, timeout=1.0)
+                got = ask(netns or self.client_netns, addr, port, name, timeout=1.0)
                 if want is None or got == [want]:
                     return
                 last = f"answered {got}"
@@ -275,48 +365,49 @@ class Bench:
             [f"--host-record={EXTERNAL_NAME},{EXTERNAL_IP}", f"--address=/{UNIQUE_ZONE}/198.18.0.20",
              f"--local-ttl={UPSTREAM_TTL}", "--cache-size=0"], self.s.on_load)
         self._wait_answer("the upstream dnsmasq", self.upstream, log_path, UPSTREAM_IP, 53, EXTERNAL_NAME,
-                          EXTERNAL_IP)
+                          EXTERNAL_IP, netns=NETNS)
+        self.agent = AgentNode(self.janitor, self.tmp)
+        self.agent.start()
+        self.client_netns, self.router_ip, proxy_listen = self.agent.build()
+        self.vip = self.agent.vip(SERVICE)
+        self.notes["service"] = f"{MESH_NAME} -> {self.vip}"
         if "proxy" in self.s.configs:
-            try:
-                self.start_agent()  # first: its BCC compile overlaps the rest
-            except harness.BenchError as e:
-                self.skipped["proxy"] = str(e)
+            if proxy_listen is None:
+                self.skipped["proxy"] = "the agent has no DNS proxy in this checkout (agent/dns/proxy.py)"
+            else:
+                host, _, port = proxy_listen.rpartition(":")
+                self.servers["proxy"] = Server("proxy", host, int(port), self.agent.proc, own_pid=True)
+                self._wait_answer("the agent's DNS proxy", self.agent.proc, self.agent.log_path, host, int(port),
+                                  MESH_NAME, self.vip)
         if "echo" in self.s.configs:
             proc, log_path = self._start("echo", self.s.on_server(
-                [str(DNSLOAD_BIN), "echo", LOCAL_ADDR, str(ECHO_PORT)]))
-            self.servers["echo"] = Server("echo", LOCAL_ADDR, ECHO_PORT, proc)
-        if "proxy" in self.s.configs and "proxy" not in self.skipped:
-            try:
-                self.finish_agent()  # the Service's VIP is what dnsmasq answers for the mesh name too
-            except harness.BenchError as e:
-                self.skipped["proxy"] = str(e)
+                [str(DNSLOAD_BIN), "echo", self.router_ip, str(ECHO_PORT)]))
+            self.servers["echo"] = Server("echo", self.router_ip, ECHO_PORT, proc)
         if "dnsmasq" in self.s.configs:
-            vip = self.vip or "10.96.0.10"
             proc, log_path = self.dnsmasq(
-                "dnsmasq", LOCAL_ADDR, DNSMASQ_PORT,
-                [f"--host-record={MESH_NAME},{vip}", f"--server={UPSTREAM_IP}", "--cache-size=10000",
+                "dnsmasq", self.router_ip, DNSMASQ_PORT,
+                [f"--host-record={MESH_NAME},{self.vip}", f"--server={UPSTREAM_IP}", "--cache-size=10000",
                  "--local-ttl=30"], self.s.on_server)
-            self._wait_answer("dnsmasq", proc, log_path, LOCAL_ADDR, DNSMASQ_PORT, MESH_NAME, vip)
-            self.servers["dnsmasq"] = Server("dnsmasq", LOCAL_ADDR, DNSMASQ_PORT, proc)
-
-    # -- the agent (filled in with the proxy) --
-
-    def start_agent(self) -> None:
-        raise harness.BenchError("the agent has no DNS proxy in this checkout (agent/dns/proxy.py)")
-
-    def finish_agent(self) -> None:
-        pass
+            self._wait_answer("dnsmasq", proc, log_path, self.router_ip, DNSMASQ_PORT, MESH_NAME, self.vip)
+            self.servers["dnsmasq"] = Server("dnsmasq", self.router_ip, DNSMASQ_PORT, proc)
+        # Every thread of the agent goes to the server CPU (its BCC compile ran on the load CPU).
+        # Its L7 processor, a process of its own started meanwhile, stays on the load CPU, idle.
+        if self.s.server_cpu is not None:
+            harness.run(["taskset", "-a", "-p", "-c", str(self.s.server_cpu), str(self.agent.proc.pid)])
 
     # -- measuring --
 
     def server_pids(self, srv: Server) -> list[int]:
-        return proc_tree(srv.proc.pid)
+        return [srv.proc.pid] if srv.own_pid else proc_tree(srv.proc.pid)
 
     def our_pids(self) -> list[int]:
-        pids = [self.upstream.pid] if self.upstream else []
+        """Every process of this bench: the servers, the upstream, the agent and its L7 processor."""
+        pids = {self.upstream.pid} if self.upstream else set()
         for srv in self.servers.values():
-            pids += self.server_pids(srv)
-        return pids
+            pids.update(self.server_pids(srv))
+        if self.agent is not None and self.agent.proc is not None:
+            pids.update(proc_tree(self.agent.proc.pid))
+        return sorted(pids)
 
     def _timed(self, srv: Server, cmd: list[str], timeout: float) -> tuple[dict, float, float, float, float]:
         """Run dnsload; returns its result, wall seconds, the server's CPU seconds, its busiest
@@ -327,7 +418,7 @@ class Bench:
         cpus = None if self.s.load_cpu is None else {self.s.load_cpu, self.s.server_cpu}
         m0, o0 = cpus_time(cpus), own_cpu() + cpu_seconds(self.our_pids())
         t0, p0, w0 = thread_cpu(pids), cpu_seconds(pids), time.monotonic()
-        out = harness.run(self.s.on_load(harness.in_netns(NETNS, cmd)), timeout=timeout).stdout
+        out = harness.run(self.s.on_load(harness.in_netns(self.client_netns, cmd)), timeout=timeout).stdout
         wall = time.monotonic() - w0
         p1, t1 = cpu_seconds(pids), thread_cpu(pids)
         m1, o1 = cpus_time(cpus), own_cpu() + cpu_seconds(self.our_pids())
