@@ -608,9 +608,13 @@ def preflight() -> None:
 
 
 def remove_leftovers() -> None:
-    if os.path.exists(f"/run/netns/{NETNS}"):
-        log(f"dns: removing netns {NETNS} left by an earlier run")
-        harness.run(["ip", "netns", "del", NETNS], check=False)
+    """What a run killed outright left: our exact names only."""
+    for name in (f"{NETNS}-c", NETNS):
+        if os.path.exists(f"/run/netns/{name}"):
+            log(f"dns: removing netns {name} left by an earlier run")
+            delete_netns(name)
+    shutil.rmtree(harness.BPFFS_DIR / "dns", ignore_errors=True)
+    harness.remove_cgroup_tree(harness.CGROUP_DIR / "dns")
 
 
 def run(rounds: int) -> dict:
