@@ -309,7 +309,9 @@ def format_flow(flow: Mapping[str, Any], tz: tzinfo | None = None) -> str:
     parts = [_observation_point(flow, verdict), verdict]
     if verdict in ("DROPPED", "AUDIT") and flow.get("drop_reason_desc"):
         parts.append(f"({flow['drop_reason_desc']})")
-    if flow.get("l7"):
+    if (flow.get("l7") or {}).get("dns") is not None:
+        parts.append(f"({flow.get('Summary') or 'DNS'})")  # the agent's, as Hubble prints it (flows.dns_summary)
+    elif flow.get("l7"):
         parts.append(_l7_summary(flow["l7"]))
     elif verdict not in ("DROPPED", "AUDIT"):
         parts.append(_l4_summary(flow.get("l4") or {}))
@@ -342,7 +344,8 @@ def _observation_point(flow: Mapping[str, Any], verdict: str) -> str:
     l7 = flow.get("l7")
     if l7 or flow.get("Type") == "L7":
         kind = (l7 or {}).get("type")
-        return {"REQUEST": "http-request", "RESPONSE": "http-response"}.get(kind, "l7")
+        proto = "dns" if (l7 or {}).get("dns") is not None else "http"
+        return {"REQUEST": f"{proto}-request", "RESPONSE": f"{proto}-response"}.get(kind, "l7")
     if flow.get("event_type") == "flow-end":
         return "flow-end"
     if verdict == "REDIRECTED":
