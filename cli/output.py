@@ -149,6 +149,7 @@ def status_text(status: Mapping[str, Any]) -> str:
         ("Lost flow events", status.get("lost_events")),
         ("L7 processor", _l7_processor(status.get("l7_processor"))),
         ("Socket fast path", _fastpath(status.get("socket_fastpath"))),
+        ("DNS proxy", _dns_proxy(status.get("dns_proxy"))),
         ("Node IP, pod CIDR", f"{status.get('node_ip', '-')}, {status.get('pod_cidr', '-')}"),
         ("Store", _store(status.get("store"), status.get("store_status"), status.get("last_sync_age_s"))),
         ("Peers", _peers(status.get("peers"))),
@@ -185,6 +186,13 @@ def _l7_processor(l7: Mapping[str, Any] | None) -> str:
     workers = l7.get("workers", 1)
     return (f"{state} on {l7.get('listen', '-')}, {workers} worker{'s' if workers != 1 else ''}, "
             f"{l7.get('restarts', 0)} restarts")
+
+
+def _dns_proxy(dns: Mapping[str, Any] | None) -> str:
+    """``10.200.0.1:15053 (UDP, TCP), forwarding to 10.0.0.2:53``."""
+    if not dns:
+        return "off (dns_proxy: false)"
+    return f"{dns.get('listen', '-')} (UDP, TCP), forwarding to {', '.join(dns.get('upstreams') or ['-'])}"
 
 
 def _fastpath(fp: Mapping[str, Any] | None) -> str:

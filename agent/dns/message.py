@@ -178,10 +178,10 @@ def upstream_query(query: Query, qid: int) -> bytes:
 
 
 def forwarded_reply(query: Query, upstream: DNSRecord, age: int = 0) -> DNSRecord:
-    """An upstream's answer given to ``query``: its ID, its question as spelt, TTLs less ``age``
-    seconds (time spent in the cache), the upstream's OPT replaced by ours."""
+    """An upstream's answer given to ``query``: its ID, its question as spelt, not authoritative (we
+    pass it on), TTLs less ``age`` seconds (time spent in the cache), the upstream's OPT replaced by ours."""
     h = upstream.header
-    reply = DNSRecord(DNSHeader(id=query.id, qr=1, opcode=OPCODE.QUERY, aa=h.aa, rd=query.record.header.rd, ra=1,
+    reply = DNSRecord(DNSHeader(id=query.id, qr=1, opcode=OPCODE.QUERY, aa=0, rd=query.record.header.rd, ra=1,
                                 rcode=h.rcode), q=query.record.q)
     asked = query.record.q.qname
     for section, add in ((upstream.rr, reply.add_answer), (upstream.auth, reply.add_auth),
@@ -234,7 +234,11 @@ def parse_upstream(data: bytes, qid: int, query: Query) -> DNSRecord | None:
         reply = DNSRecord.parse(bytes(data))
     except Exception:  # dnslib's DNSError, and struct/index/unicode errors on odd input
         return None
-    if reply.header.id != qid or not reply.header.qr or len(reply.questions) != 1:
+    if reply.header.id != qid or not reply.header.qr:
+        return None
+    if reply.header.tc and not reply.questions:
+        return reply  # some servers truncate to the bare header: it says "ask over TCP", nothing else
+    if len(reply.questions) != 1:
         return None
     q = reply.questions[0]
     if q.qtype != query.qtype_num or q.qname != query.record.q.qname:
