@@ -87,6 +87,7 @@ DEFAULT_RECORDS = {("api.example.test", "A"): ([API_IP], DEFAULT_TTL),
                    ("evil.example.test", "A"): ([EVIL_IP], DEFAULT_TTL)}
 _RDATA = {"A": A, "AAAA": AAAA, "CNAME": CNAME, "TXT": TXT}
 _MAX_CNAME_CHAIN = 8
+SEND_TIMEOUT_S = 2.0
 _UDP_LIMIT = 512  # RFC 1035, unless the query's EDNS OPT says more
 
 
@@ -188,6 +189,16 @@ class DnsZone:
             if len(packed) > limit:
                 packed = reply.truncate().pack()
         return packed
+
+
+def _send_all(sock: socket.socket, data: bytes) -> None:
+    """Small test payloads: a send that blocks briefly is simplest; a peer that never reads costs its
+    connection (socket.timeout is an OSError), never the server thread."""
+    sock.settimeout(SEND_TIMEOUT_S)
+    try:
+        sock.sendall(data)
+    finally:
+        sock.setblocking(False)
 
 
 class _Conn:
@@ -311,18 +322,14 @@ class Outside:
             if not data:
                 self._drop(conn)
             elif conn.kind == "echo":
-                sock.setblocking(True)  # small test payloads: a blocking send is simplest and short
-                sock.sendall(data)
-                sock.setblocking(False)
+                _send_all(sock, data)
             else:
                 conn.buf += data
                 while len(conn.buf) >= 2 and len(conn.buf) >= 2 + (n := struct.unpack("!H", conn.buf[:2])[0]):
                     msg, conn.buf = conn.buf[2:2 + n], conn.buf[2 + n:]
                     reply = self.zone.answer(msg, "tcp", conn.peer)
                     if reply is not None:
-                        sock.setblocking(True)
-                        sock.sendall(struct.pack("!H", len(reply)) + reply)
-                        sock.setblocking(False)
+                        _send_all(sock, struct.pack("!H", len(reply)) + reply)
 
     def _drop(self, conn: _Conn) -> None:
         with contextlib.suppress(KeyError, ValueError):
