@@ -10,6 +10,9 @@ DEB_PACKAGES := python3-bpfcc python3-venv python3-dev linux-headers-amd64 iprou
 	bpftool util-linux procps curl netcat-openbsd iperf3 wrk haproxy gcc make etcd-server etcd-client
 # The node lab and the VMs (lab/, vagrant/): its CA, ping; Vagrant to validate the VMs.
 DEB_PACKAGES += python3-cryptography iputils-ping vagrant
+# DNS (issue 12): dnsmasq without a system service (nothing takes port 53), the tests' outside
+# world upstream and the bench's baseline.
+DEB_PACKAGES += dnsmasq-base
 
 .PHONY: install deps kernel-headers venv demo demo-down demo-multinode demo-multinode-down vagrant-validate \
 	test test-unit bench lint clean
@@ -43,7 +46,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml | deps
 	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
-	@$(PY) -c 'import bcc, pyroute2, click, yaml, prometheus_client, scapy, etcd3gw, cryptography'
+	@$(PY) -c 'import bcc, pyroute2, click, yaml, prometheus_client, scapy, etcd3gw, cryptography, dnslib'
 	@touch $@
 
 demo: install

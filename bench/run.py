@@ -1,9 +1,9 @@
 """`make bench`: L4 policy overhead, meshagent vs no agent vs iptables (SPEC §9, first comparison),
 then the socket fast path vs plain loopback (bench/fastpath.py), then the L7 processor vs haproxy
 (bench/l7.py), then the multi-node part on the node lab (bench/multinode.py: endpoint and policy
-propagation, agent memory with 10,000 remote endpoints, cross-node RR/CRR). BENCH_ONLY=l4,
-fastpath, l7 or multinode runs one part; the other parts' sections of bench/results/latest.json
-are then kept from the previous run.
+propagation, agent memory with 10,000 remote endpoints, cross-node RR/CRR), then the node's DNS
+proxy vs dnsmasq (bench/dns.py). BENCH_ONLY=l4, fastpath, l7, multinode or dns runs one part; the
+other parts' sections of bench/results/latest.json are then kept from the previous run.
 
 Every configuration is its own "node": a network namespace with two endpoints (a: client, b:
 server) plumbed by agent/endpoint.py itself (bench/topology.py: a veth per endpoint, /32 routes,
@@ -103,7 +103,7 @@ TAGS = {"none": "none", "noop": "noop", "agent-10": "ag10", "agent-1k": "ag1k", 
 # ---- settings ------------------------------------------------------------------------------------
 
 
-PARTS = ("l4", "fastpath", "l7", "multinode")  # BENCH_ONLY
+PARTS = ("l4", "fastpath", "l7", "multinode", "dns")  # BENCH_ONLY
 
 
 @dataclass(frozen=True)
@@ -531,7 +531,7 @@ def summarise(samples: dict[str, list[dict | None]]) -> tuple[dict, dict, list[d
 
 
 def markdown(result: dict) -> str:
-    """Every section present: L4 (the top-level keys), fast path, L7, multi-node (their own keys)."""
+    """Every section present: L4 (the top-level keys), fast path, L7, multi-node, DNS (their own keys)."""
     parts = [markdown_l4(result)] if "summary" in result else []
     if "fastpath" in result:
         from bench import fastpath
@@ -545,6 +545,10 @@ def markdown(result: dict) -> str:
         from bench import multinode
 
         parts.append(multinode.markdown(result["multinode"]))
+    if "dns" in result:
+        from bench import dns
+
+        parts.append(dns.markdown(result["dns"]))
     return "\n".join(parts)
 
 
@@ -668,9 +672,9 @@ def main() -> int:
     if only:  # keep the sections of the parts not run from the previous results
         with contextlib.suppress(OSError, ValueError):
             previous = json.loads((RESULTS_DIR / "latest.json").read_text())
-            own = {"l7": ("l7",), "fastpath": ("fastpath",), "multinode": ("multinode",)}.get(only)
+            own = {"l7": ("l7",), "fastpath": ("fastpath",), "multinode": ("multinode",), "dns": ("dns",)}.get(only)
             result = {k: v for k, v in previous.items()
-                      if (k not in own if own else k in ("l7", "fastpath", "multinode"))}
+                      if (k not in own if own else k in ("l7", "fastpath", "multinode", "dns"))}
     rounds = int(env_float("BENCH_ROUNDS", 5))
     if only in ("", "l4"):
         result.update(run_l4())
@@ -686,6 +690,10 @@ def main() -> int:
         from bench import multinode
 
         result["multinode"] = multinode.run(rounds)
+    if only in ("", "dns"):
+        from bench import dns
+
+        result["dns"] = dns.run(rounds)
     print()
     print(write_results(result))
     log(f"wrote {RESULTS_DIR.relative_to(REPO)}/latest.json and latest.md")

@@ -224,3 +224,6 @@ def tc_datapath():
 
 # Multi-node tests: `lab` (three nodes) and `lab_factory`, from the node lab (lab/).
 from tests.datapath.lab_fixtures import lab, lab_factory  # noqa: E402, F401
+
+# The outside world (a DNS server, echo servers; a namespace outside the mesh): `outside`, `outside_factory`.
+from tests.datapath.outside import outside, outside_factory  # noqa: E402, F401
