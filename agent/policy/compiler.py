@@ -996,7 +996,7 @@ def _fqdn_prefixes(subjects: Sequence[_Subject], endpoints: Sequence[EndpointInf
                             chosen.update(IPv4Network(f"{ip}/32") for ip in ips)
                     nets[(ep.ep_id, peer)] = frozenset(chosen)
                     for net in chosen:
-                        labels.setdefault(net, set()).add(str(peer.selector))
+                        labels.setdefault(net, set()).add(peer.selector.match_name or peer.selector.match_pattern)
     return nets, labels
 
 

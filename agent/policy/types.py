@@ -114,6 +114,7 @@ class CompiledPolicy:
     # by the DNS proxy's policy hook, and the toFQDNs selectors of its egress rules (with their rules).
     dns: dict[int, DnsPolicy] = field(default_factory=dict)
     fqdn_selectors: dict[int, tuple[DnsRule, ...]] = field(default_factory=dict)
-    # The /32 prefixes that toFQDNs selectors gave CIDR identities -> the selectors ("matchName: x"),
-    # which label those identities in flows as Cilium's fqdn:<pattern> labels do.
+    # The /32 prefixes that toFQDNs selectors gave CIDR identities -> the names or patterns that chose
+    # them ("api.example.com.", "*.example.com."), which label those identities in flows as Cilium's
+    # fqdn:<pattern> labels do.
     fqdn_prefixes: dict[str, tuple[str, ...]] = field(default_factory=dict)

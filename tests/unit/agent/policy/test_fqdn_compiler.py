@@ -77,7 +77,7 @@ def egress(c: CompiledPolicy, ep: int, ip: str, port: int, proto: int = TCP) -> 
 def test_tofqdns_allows_the_cached_addresses_of_the_selected_name_only():
     c = compile_(FQDN_POLICY, fqdn=CACHE)
     assert set(c.fqdn_prefixes) == {"192.0.2.10/32", "192.0.2.11/32"}  # evil's address is selected by nothing
-    assert c.fqdn_prefixes["192.0.2.10/32"] == ("matchName: api.example.test.",)
+    assert c.fqdn_prefixes["192.0.2.10/32"] == ("api.example.test.",)
     for ip in ("192.0.2.10", "192.0.2.11"):
         assert c.cidr_identities[f"{ip}/32"] >= ids.CIDR_BASE
         assert egress(c, EP_CLIENT, ip, 443) == "ALLOWED"
