@@ -359,7 +359,7 @@ FLOW_FILTERS = Obj({
     "from_ip": optional(ADDRESS),
     "to_ip": optional(ADDRESS),
     "port": optional(PORT),
-    "protocol": optional(PROTOCOL),
+    "protocol": optional(Enum(("TCP", "UDP", "ICMP", "SCTP", "DNS"), ignore_case=True)),  # DNS: l7.dns flows
     "verdict": optional(Enum(tuple(VERDICTS.values()), ignore_case=True)),
     "type": optional(Enum(("l4", "l7", "l3_l4"), ignore_case=True)),
     "since_ns": optional(Int(0, 2**63 - 1)),

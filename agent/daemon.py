@@ -6,13 +6,15 @@
     reconcile         desired state -> tables -> writes          agent/reconcile.py (+ agent/state.py)
     L7Supervisor      the shared L7 processor's process          agent/l7_supervisor.py
     FlowBuffer        decoded flows for `meshagent flows`        agent/flows.py
+    DnsProxy          the node's DNS server for its endpoints    agent/dns/proxy.py
 
-Threads (no asyncio in the agent): the main thread waits for signals and runs periodic work
-(store changes, DNS re-resolution, conntrack GC); one thread drains the BPF ring buffer into the
-flow buffer; the API answers on the Unix socket with a thread per connection (agent/api.py);
-prometheus-client serves /metrics. Every state change takes `Agent.lock` and ends in
-`Agent.reconcile()`, the one path that writes the datapath (agent/reconcile.py lists the
-exceptions: conntrack GC here, and the L7 processor's own l7_origdst cleanup).
+Threads: the main thread waits for signals and runs periodic work (store changes, DNS
+re-resolution, conntrack GC); one thread drains the BPF ring buffer into the flow buffer; the API
+answers on the Unix socket with a thread per connection (agent/api.py); prometheus-client serves
+/metrics; the DNS proxy runs its own asyncio loop in a thread (agent/dns/proxy.py says why).
+Every state change takes `Agent.lock` and ends in `Agent.reconcile()`, the one path that writes
+the datapath (agent/reconcile.py lists the exceptions: conntrack GC here, and the L7 processor's
+own l7_origdst cleanup).
 """
 
 from __future__ import annotations
@@ -32,9 +34,12 @@ from agent import identity as ids
 from agent.datapath import clock, maps
 from agent.datapath.sockets import CGROUP_ROOT, SocketDatapath, current_netns_cookie, fastpath_supported
 from agent.datapath.tc import PROGRAMS, TcDatapath
+from agent.dns.proxy import DnsEvent, DnsPolicyHook, DnsProxy
+from agent.dns.snapshot import dns_snapshot
+from agent.dns.upstream import Upstreams, parse_upstream_address, resolv_conf_upstreams
 from agent.endpoint_manager import EndpointManager, valid_name
 from agent.errors import MeshError, UserError
-from agent.flows import FlowBuffer, FlowContext, FlowCounters, FlowFilter, decode_event, enrich_l7_flow
+from agent.flows import FlowBuffer, FlowContext, FlowCounters, FlowFilter, decode_event, dns_flow, enrich_l7_flow
 from agent.identity import IdentityAllocator
 from agent.l7_supervisor import L7Supervisor
 from agent.named_ports import ports_of
@@ -112,6 +117,10 @@ class Agent:
         self.sync: Sync | None = None
         self.computed: Computed | None = None
         self.l7: L7Supervisor | None = None
+        self.dns: DnsProxy | None = None
+        self.dns_hook: DnsPolicyHook | None = None  # None: every name may be looked up
+        self._dns_snapshot = None
+        self._host_ips: frozenset[str] = frozenset()
         self.flows = FlowBuffer()
         self.counters = FlowCounters()
         self.flow_ctx = FlowContext(node_name=cfg.node_name, endpoints_by_ip={}, identity_labels={}, rules={},
@@ -194,6 +203,10 @@ class Agent:
         self.computed = computed
         self.last_reconcile = time.time()
         self.flow_ctx = flow_context(desired, computed, self.flow_ctx.boot_offset_ns)
+        self._host_ips = frozenset((*desired.node.local_ips, desired.node.router_ip))
+        self._dns_snapshot = dns_snapshot(desired, computed.services)
+        if self.dns is not None:
+            self.dns.update(self._dns_snapshot)
         if "l7_snapshot" in stats.tables and self.l7 is not None:
             self.l7.reload()  # every worker at once, rather than each at its next poll of the file
 
@@ -447,6 +460,8 @@ class Agent:
                              "workers": self.cfg.l7_workers,
                              "listen": f"{self.router_ip}:{self.cfg.l7_ports.outbound}"},
             "socket_fastpath": self.sockets.fastpath_summary() if self.sync else None,
+            "dns_proxy": {"listen": f"{self.dns.host}:{self.dns.port}",
+                          "upstreams": [str(u) for u in self.dns.upstreams.servers]} if self.dns else None,
             "node_ip": self.nodes.record.node_ip,
             "pod_cidr": self.cfg.pod_cidr,
             "store_status": self.store_status(),
@@ -472,6 +487,29 @@ class Agent:
             request_headers_timeout=self.cfg.l7_request_headers_timeout, request_timeout=self.cfg.l7_request_timeout,
         )
         self.l7.start()
+
+    # ---- the DNS proxy ----------------------------------------------------------------------------
+
+    def start_dns(self) -> None:
+        """Serve DNS to the endpoints on the node's pod_cidr address (where the kernel sends their port
+        53 traffic), when the node config has dns_proxy on."""
+        if not self.cfg.dns_proxy:
+            return
+        servers = [parse_upstream_address(u) for u in self.cfg.dns_upstreams] or resolv_conf_upstreams()
+        proxy = DnsProxy(self.router_ip, self.cfg.dns_proxy_port, Upstreams(servers), self._dns_snapshot,
+                         hook=self.dns_hook, on_event=self._on_dns_event)
+        proxy.start()
+        with self.lock:  # from here on every reconcile hands the proxy its snapshot
+            self.dns = proxy
+            proxy.update(self._dns_snapshot)
+        log.info("DNS proxy on %s:%d (UDP, TCP), forwarding to %s", proxy.host, proxy.port,
+                 ", ".join(map(str, servers)))
+
+    def _on_dns_event(self, event: DnsEvent) -> None:
+        server_identity = ids.HOST if event.server[0] in self._host_ips else ids.WORLD
+        flow = dns_flow(event, self.flow_ctx, server_identity)
+        self.flows.add(flow)
+        self.counters.observe(flow)
 
     def _on_l7_flow(self, record: dict) -> None:
         flow = enrich_l7_flow(record, self.flow_ctx)
@@ -570,6 +608,7 @@ def run_agent(config_path: str | None) -> int:
         api.start()
         start_metrics(agent)
         agent.start_l7()
+        agent.start_dns()
         threading.Thread(target=agent.poll_events, name="events", daemon=True).start()
         agent.ready = True
         log.info("agent ready: node %s, %d endpoints, API %s", cfg.node_name, len(agent.endpoints.ifindex),
@@ -584,6 +623,8 @@ def run_agent(config_path: str | None) -> int:
         stop.set()
         if agent.l7:
             agent.l7.stop()
+        if agent.dns:
+            agent.dns.stop()
         if api:
             api.stop()
         agent.store.close()  # the etcd store's lease outlives it by store_lease_ttl

@@ -23,7 +23,7 @@ from typing import Any
 
 from agent.datapath.maps import FlowEventC, be32_to_ip
 from agent.datapath.reasons import DROP_REASONS, EVENT_TYPES, MATCH_TYPES, POLICY_DROP_REASONS, VERDICTS, reason_name
-from agent.identity import CIDR_BASE, RESERVED, WORLD
+from agent.identity import CIDR_BASE, HOST, RESERVED, WORLD
 from agent.labels import LabelError, check_key, check_value
 from agent.policy.types import EGRESS, INGRESS, RuleInfo
 
@@ -277,9 +277,73 @@ def decode_event(ev: FlowEventC, ctx: FlowContext) -> dict[str, Any]:
     return flow
 
 
+# ---- DNS flows (the node's DNS proxy, agent/dns/proxy.py) ------------------------------------------
+
+# Hubble's names of DNS rcodes in a flow's Summary (hubble/pkg/printer).
+DNS_RCODE_TEXT = {1: "Format Error", 2: "Server Failure", 3: "Non-Existent Domain", 4: "Not Implemented",
+                  5: "Refused"}
+
+
+def dns_summary(l7_type: str, query: str, qtypes: list[str], rcode: int, ips: list[str], cnames: list[str],
+                ttl: int) -> str:
+    """Hubble's Summary of a DNS flow: ``DNS Answer "10.96.0.10" TTL: 30 (Proxy web.default.svc.cluster.local. A)``."""
+    types = ",".join(qtypes)
+    if l7_type == "REQUEST":
+        return f"DNS Query {query} {types}"
+    answer = f"RCode: {DNS_RCODE_TEXT.get(rcode, rcode)}" if rcode else f'"{",".join([*ips, *cnames])}"'
+    return f"DNS Answer {answer} TTL: {ttl} (Proxy {query} {types})"
+
+
+def dns_flow(ev: Any, ctx: FlowContext, server_identity: int = HOST) -> dict[str, Any]:
+    """One question the DNS proxy answered or refused (``ev``: agent.dns.proxy.DnsEvent) as Hubble shows
+    a proxied DNS flow: Type L7, ``l7.dns`` with the query, answer addresses, TTL, rcode and types.
+    An answer is a RESPONSE from the resolver the client asked (``server_identity``: the node's, 1,
+    unless it is an endpoint's) to the client, is_reply; a question refused by the client's DNS rules
+    is a DROPPED REQUEST from the client, with the deciding rule."""
+    verdict = ev.verdict
+    l7_type = "RESPONSE" if verdict.allowed else "REQUEST"
+    client_ip, (server_ip, server_port) = ev.client.ip, ev.server
+    client_ref = ctx.endpoints_by_ip.get(client_ip)
+    client_side = _endpoint_side(ctx, client_ip, client_ref.identity if client_ref else ev.client.identity,
+                                 False, 0)
+    server_ref = ctx.endpoints_by_ip.get(server_ip)
+    server_side = _endpoint_side(ctx, server_ip, server_ref.identity if server_ref else server_identity, False, 0)
+    qtypes, ips, cnames = [ev.qtype], list(ev.ips), list(ev.cnames)
+    ports = {"source_port": ev.client_port, "destination_port": server_port}
+    if l7_type == "RESPONSE":
+        src, dst, ip = server_side, client_side, {"source": server_ip, "destination": client_ip}
+        ports = {"source_port": server_port, "destination_port": ev.client_port}
+    else:
+        src, dst, ip = client_side, server_side, {"source": client_ip, "destination": server_ip}
+    flow: dict[str, Any] = {"time": format_time(ev.time_ns), "verdict": "FORWARDED" if verdict.allowed else "DROPPED"}
+    if not verdict.allowed:
+        flow["drop_reason_desc"] = "POLICY_DENIED"
+    flow.update({
+        "IP": {**ip, "ipVersion": "IPv4"},
+        "l4": {ev.protocol: ports},
+        "source": src,
+        "destination": dst,
+        "Type": TYPE_L7,
+        "node_name": ctx.node_name,
+        "event_type": "l7",
+        "traffic_direction": "EGRESS",
+        "is_reply": verdict.allowed,
+        "l7": {"type": l7_type, "latency_ns": ev.latency_ns,
+               "dns": {"query": ev.qname, "ips": ips, "ttl": ev.ttl, "cnames": cnames, "observation_source": "proxy",
+                       "rcode": ev.rcode, "qtypes": qtypes, "rrtypes": list(ev.rrtypes)}},
+        "Summary": dns_summary(l7_type, ev.qname, qtypes, ev.rcode, ips, cnames, ev.ttl),
+    })
+    if verdict.rule_id:
+        _attach_rule(flow, verdict.rule_id, ctx)
+    elif verdict.description:
+        flow["policy"] = {"description": verdict.description}
+    return flow
+
+
 # ---- filters -------------------------------------------------------------------------------------
 
 _PROTOCOL_L4_KEYS = {"tcp": "TCP", "udp": "UDP", "icmp": "ICMPv4", "sctp": "SCTP"}
+_PROTOCOL_L7_KEYS = {"dns": "dns"}  # as Hubble's --protocol: an L7 protocol matches flows that carry it
 _TYPES = {"l4": TYPE_L4, "l7": TYPE_L7, "l3_l4": TYPE_L4}
 _PORT_KEYS = ("TCP", "UDP", "SCTP")
 
@@ -344,7 +408,7 @@ class FlowFilter:
     from_ip: str | None = None  # address or CIDR
     to_ip: str | None = None
     port: int | None = None  # source or destination port
-    protocol: str | None = None  # tcp | udp | icmp | sctp
+    protocol: str | None = None  # tcp | udp | icmp | sctp | dns
     verdict: str | None = None  # FORWARDED | DROPPED | REDIRECTED | AUDIT
     type: str | None = None  # "L3_L4" | "L7" (from_args takes l4 / l7)
     since_ns: int | None = None  # epoch ns; flows at or after it
@@ -361,8 +425,9 @@ class FlowFilter:
             isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535
         ):
             raise ValueError(f"--port {self.port!r}: expected a port number 0-65535")
-        if self.protocol is not None and self.protocol not in _PROTOCOL_L4_KEYS:
-            raise ValueError(f"--protocol {self.protocol!r}: expected one of tcp, udp, icmp, sctp")
+        if self.protocol is not None and self.protocol not in _PROTOCOL_L4_KEYS and \
+                self.protocol not in _PROTOCOL_L7_KEYS:
+            raise ValueError(f"--protocol {self.protocol!r}: expected one of tcp, udp, icmp, sctp, dns")
         if self.verdict is not None and self.verdict not in VERDICTS.values():
             raise ValueError(f"--verdict {self.verdict!r}: expected one of {', '.join(VERDICTS.values())}")
         if self.type is not None and self.type not in (TYPE_L4, TYPE_L7):
@@ -446,8 +511,13 @@ class FlowFilter:
                 return False
         l4 = flow.get("l4")
         l4 = l4 if isinstance(l4, Mapping) else {}
-        if self.protocol is not None and _PROTOCOL_L4_KEYS[self.protocol] not in l4:
-            return False
+        if self.protocol is not None:
+            if self.protocol in _PROTOCOL_L7_KEYS:
+                l7 = flow.get("l7")
+                if not isinstance(l7, Mapping) or _PROTOCOL_L7_KEYS[self.protocol] not in l7:
+                    return False
+            elif _PROTOCOL_L4_KEYS[self.protocol] not in l4:
+                return False
         if self.port is not None:
             ports = [l4[k] for k in _PORT_KEYS if isinstance(l4.get(k), Mapping)]
             if not any(self.port in (p.get("source_port"), p.get("destination_port")) for p in ports):

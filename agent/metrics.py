@@ -58,6 +58,7 @@ class AgentCollector:
         lost.add_metric([], a.datapath.lost_events())
         yield lost
         yield from self._fastpath_metrics()
+        yield from self._dns_metrics()
         yield from self._l7_metrics()
 
     def _fastpath_metrics(self):
@@ -70,6 +71,40 @@ class AgentCollector:
             nbytes.add_metric([outcome], c["bytes"])
         yield msgs
         yield nbytes
+
+    def _dns_metrics(self):
+        """The DNS proxy's counts (agent/dns/proxy.py DnsCounters), named as Cilium's DNS proxy and
+        ztunnel's name theirs."""
+        dns = getattr(self.agent, "dns", None)  # None: dns_proxy off
+        if dns is None:
+            return
+        c = dns.counters.snapshot()
+        requests = CounterMetricFamily("meshagent_dns_requests", "DNS questions from endpoints, by query type",
+                                       labels=["qtype"])
+        for qtype, n in sorted(c["requests"].items()):
+            requests.add_metric([qtype], n)
+        responses = CounterMetricFamily("meshagent_dns_responses", "DNS answers given, by rcode", labels=["rcode"])
+        for rcode, n in sorted(c["responses"].items()):
+            responses.add_metric([rcode], n)
+        errors = CounterMetricFamily("meshagent_dns_upstream_errors",
+                                     "Failed questions to upstream resolvers, by reason", labels=["reason"])
+        for reason, n in sorted(dict(dns.upstreams.errors).items()):
+            errors.add_metric([reason], n)
+        dropped = CounterMetricFamily("meshagent_dns_dropped", "DNS messages not answered, by reason",
+                                      labels=["reason"])
+        for reason, n in sorted(c["dropped"].items()):
+            dropped.add_metric([reason], n)
+        hits = CounterMetricFamily("meshagent_dns_cache_hits", "Forwarded names answered from the cache")
+        hits.add_metric([], c["cache_hits"])
+        misses = CounterMetricFamily("meshagent_dns_cache_misses", "Forwarded names asked upstream")
+        misses.add_metric([], c["cache_misses"])
+        unknown = CounterMetricFamily("meshagent_dns_unknown_clients",
+                                      "DNS questions refused: their source is no endpoint of this node")
+        unknown.add_metric([], c["unknown_clients"])
+        refused = CounterMetricFamily("meshagent_dns_policy_refused",
+                                      "DNS questions refused by the asking endpoint's DNS rules")
+        refused.add_metric([], c["policy_refused"])
+        yield from (requests, responses, errors, dropped, hits, misses, unknown, refused)
 
     def _l7_metrics(self):
         """The L7 processor's istio_* and meshagent_l7_* metrics, re-exported so one scrape of the node

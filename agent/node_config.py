@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from agent.datapath.build import cgroup2_root
+from agent.dns.upstream import parse_upstream_address
 from agent.errors import MeshError
 
 DEFAULT_CONFIG_PATH = "/etc/meshagent/agent.yaml"
@@ -65,6 +66,15 @@ class NodeConfig:
     # Seconds the node's etcd lease outlives its last keepalive: the node's owned keys vanish that
     # long after it dies (agent/store/etcd.py); as Cilium's --kvstore-lease-ttl
     store_lease_ttl: int = 30
+    # The node's DNS proxy (agent/dns/): every DNS query of an endpoint goes to it, on the node's
+    # address in pod_cidr (as the L7 processor) and dns_proxy_port (ztunnel's), UDP and TCP. It
+    # forwards what the mesh does not answer to dns_upstreams (IP[:PORT]); empty: the nameservers
+    # of the node's /etc/resolv.conf. tofqdns_min_ttl: the least seconds an address a toFQDNs
+    # policy allowed stays allowed after the answer that gave it (Cilium's --tofqdns-min-ttl).
+    dns_proxy: bool = True
+    dns_proxy_port: int = 15053
+    dns_upstreams: tuple[str, ...] = ()
+    tofqdns_min_ttl: int = 3600
     source: str = "<defaults>"
 
     @property
@@ -86,13 +96,16 @@ _KEYS = (
     "node_name", "node_ip", "pod_cidr", "service_cidr", "trust_domain", "cluster_domain", "store", "state_dir",
     "bpffs_dir", "cgroup", "api_socket", "metrics_addr", "l7_metrics_addr", "l7_ports", "policy_enforcement",
     "socket_fastpath", "l7_workers", "l7_max_connections_per_endpoint", "l7_request_headers_timeout",
-    "l7_request_timeout", "store_ca", "store_cert", "store_key", "store_lease_ttl",
+    "l7_request_timeout", "store_ca", "store_cert", "store_key", "store_lease_ttl", "dns_proxy", "dns_proxy_port",
+    "dns_upstreams", "tofqdns_min_ttl",
 )
 MAX_L7_WORKERS = 64
 MAX_L7_TIMEOUT_S = 3600.0
 # etcd raises a shorter TTL to its own minimum (1.5 election timeouts, 2 s by default); keepalives go
 # every third of it. A day at most, as Cilium's lease TTL.
 STORE_LEASE_TTL_RANGE = (3, 86400)
+MAX_TOFQDNS_MIN_TTL = 86400  # a day: Cilium's own example values stay well below it
+MAX_DNS_UPSTREAMS = 8
 
 
 def default_node_name() -> str:
@@ -167,6 +180,10 @@ def from_dict(raw: dict, source: str = "<defaults>") -> NodeConfig:
         store_cert=raw.get("store_cert"),
         store_key=raw.get("store_key"),
         store_lease_ttl=30 if raw.get("store_lease_ttl") is None else raw["store_lease_ttl"],
+        dns_proxy=get("dns_proxy", True),
+        dns_proxy_port=15053 if raw.get("dns_proxy_port") is None else raw["dns_proxy_port"],
+        dns_upstreams=raw.get("dns_upstreams") or (),
+        tofqdns_min_ttl=3600 if raw.get("tofqdns_min_ttl") is None else raw["tofqdns_min_ttl"],
     )
     if isinstance(cfg["l7_max_connections_per_endpoint"], bool) or cfg["l7_max_connections_per_endpoint"] < 0:
         raise NodeConfigError(f"{source}: l7_max_connections_per_endpoint {cfg['l7_max_connections_per_endpoint']!r} "
@@ -202,6 +219,7 @@ def from_dict(raw: dict, source: str = "<defaults>") -> NodeConfig:
     if not (cfg["store"].startswith("dir://") or cfg["store"].startswith("etcd://")):
         raise NodeConfigError(f"{source}: store {cfg['store']!r}: use dir:///PATH or etcd://HOST:PORT[,HOST:PORT]")
     _check_store_keys(cfg, source)
+    _check_dns_keys(cfg, raw.get("l7_ports") or {}, source)
     for key, ports in (("metrics_addr", 1), ("l7_metrics_addr", cfg["l7_workers"])):
         host, sep, port = cfg[key].rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65536 - ports:
@@ -237,3 +255,32 @@ def _check_store_keys(cfg: dict, source: str) -> None:
     if isinstance(ttl, bool) or not isinstance(ttl, int) or not low <= ttl <= high:
         raise NodeConfigError(f"{source}: store_lease_ttl {ttl!r} must be a whole number of seconds from {low} to "
                               f"{high} (how long the node's keys outlive it in etcd)")
+
+
+def _check_dns_keys(cfg: dict, l7_ports: object, source: str) -> None:
+    """dns_proxy_port (a port the L7 processor does not use on the same address), dns_upstreams
+    (IP[:PORT] each) and tofqdns_min_ttl (whole seconds)."""
+    port = cfg["dns_proxy_port"]
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise NodeConfigError(f"{source}: dns_proxy_port {port!r} is not a port number (1-65535)")
+    l7 = {**{f.name: f.default for f in fields(L7Ports)}, **(l7_ports if isinstance(l7_ports, dict) else {})}
+    for key, value in l7.items():
+        if value == port:
+            raise NodeConfigError(f"{source}: dns_proxy_port {port} is also l7_ports.{key}; both listen on the "
+                                  "node's pod_cidr address: pick another port")
+    upstreams = cfg["dns_upstreams"]
+    if isinstance(upstreams, str):
+        upstreams = [upstreams]  # one resolver given without a list
+    if not isinstance(upstreams, list | tuple) or len(upstreams) > MAX_DNS_UPSTREAMS:
+        raise NodeConfigError(f"{source}: dns_upstreams must be a list of at most {MAX_DNS_UPSTREAMS} resolver "
+                              "addresses (IP or IP:PORT)")
+    for value in upstreams:
+        try:
+            parse_upstream_address(value)
+        except ValueError as e:
+            raise NodeConfigError(f"{source}: dns_upstreams: {e}") from None
+    cfg["dns_upstreams"] = tuple(str(v).strip() for v in upstreams)
+    ttl = cfg["tofqdns_min_ttl"]
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 <= ttl <= MAX_TOFQDNS_MIN_TTL:
+        raise NodeConfigError(f"{source}: tofqdns_min_ttl {ttl!r} must be a whole number of seconds from 0 to "
+                              f"{MAX_TOFQDNS_MIN_TTL} (0: the TTLs of the answers as they are)")

@@ -691,6 +691,7 @@ def node_list(target: Target, output: str) -> None:
     "meshagent flows --follow --verdict DROPPED",
     "meshagent flows --since 5m --to-label app=web --port 80 --protocol tcp",
     "meshagent flows --type l7 -o json | jq .l7.http.code",
+    "meshagent flows --protocol dns --last 20",
 ))
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new flows until interrupted.")
 @click.option("--last", type=click.IntRange(min=1), metavar="N", help="The last N matching flows.")
@@ -702,12 +703,12 @@ def node_list(target: Target, output: str) -> None:
 @click.option("--from-ip", type=IPv4Type(cidr=True), help="Source address or CIDR.")
 @click.option("--to-ip", type=IPv4Type(cidr=True), help="Destination address or CIDR.")
 @click.option("--port", type=click.IntRange(1, 65535), metavar="PORT", help="Source or destination port.")
-@click.option("--protocol", type=click.Choice(["tcp", "udp", "icmp"], case_sensitive=False),
-              metavar="tcp|udp|icmp", help="L4 protocol.")
+@click.option("--protocol", type=click.Choice(["tcp", "udp", "icmp", "dns"], case_sensitive=False),
+              metavar="tcp|udp|icmp|dns", help="L4 protocol, or dns: the DNS proxy's flows (l7.dns).")
 @click.option("--verdict", type=click.Choice(VERDICTS, case_sensitive=False), metavar="|".join(VERDICTS),
               help="Only flows with this verdict.")
 @click.option("--type", "type_", type=click.Choice(["l4", "l7"], case_sensitive=False), metavar="l4|l7",
-              help="Only L3/L4 (datapath) or L7 (HTTP) flows.")
+              help="Only L3/L4 (datapath) or L7 (HTTP, DNS) flows.")
 @output_option("table", "json", "compact")
 @pass_target
 def flows(target: Target, follow: bool, last: int | None, since: float | None, from_label: tuple[list, ...],

@@ -149,6 +149,7 @@ def status_text(status: Mapping[str, Any]) -> str:
         ("Lost flow events", status.get("lost_events")),
         ("L7 processor", _l7_processor(status.get("l7_processor"))),
         ("Socket fast path", _fastpath(status.get("socket_fastpath"))),
+        ("DNS proxy", _dns_proxy(status.get("dns_proxy"))),
         ("Node IP, pod CIDR", f"{status.get('node_ip', '-')}, {status.get('pod_cidr', '-')}"),
         ("Store", _store(status.get("store"), status.get("store_status"), status.get("last_sync_age_s"))),
         ("Peers", _peers(status.get("peers"))),
@@ -185,6 +186,13 @@ def _l7_processor(l7: Mapping[str, Any] | None) -> str:
     workers = l7.get("workers", 1)
     return (f"{state} on {l7.get('listen', '-')}, {workers} worker{'s' if workers != 1 else ''}, "
             f"{l7.get('restarts', 0)} restarts")
+
+
+def _dns_proxy(dns: Mapping[str, Any] | None) -> str:
+    """``10.200.0.1:15053 (UDP, TCP), forwarding to 10.0.0.2:53``."""
+    if not dns:
+        return "off (dns_proxy: false)"
+    return f"{dns.get('listen', '-')} (UDP, TCP), forwarding to {', '.join(dns.get('upstreams') or ['-'])}"
 
 
 def _fastpath(fp: Mapping[str, Any] | None) -> str:
@@ -309,7 +317,9 @@ def format_flow(flow: Mapping[str, Any], tz: tzinfo | None = None) -> str:
     parts = [_observation_point(flow, verdict), verdict]
     if verdict in ("DROPPED", "AUDIT") and flow.get("drop_reason_desc"):
         parts.append(f"({flow['drop_reason_desc']})")
-    if flow.get("l7"):
+    if (flow.get("l7") or {}).get("dns") is not None:
+        parts.append(f"({flow.get('Summary') or 'DNS'})")  # the agent's, as Hubble prints it (flows.dns_summary)
+    elif flow.get("l7"):
         parts.append(_l7_summary(flow["l7"]))
     elif verdict not in ("DROPPED", "AUDIT"):
         parts.append(_l4_summary(flow.get("l4") or {}))
@@ -342,7 +352,8 @@ def _observation_point(flow: Mapping[str, Any], verdict: str) -> str:
     l7 = flow.get("l7")
     if l7 or flow.get("Type") == "L7":
         kind = (l7 or {}).get("type")
-        return {"REQUEST": "http-request", "RESPONSE": "http-response"}.get(kind, "l7")
+        proto = "dns" if (l7 or {}).get("dns") is not None else "http"
+        return {"REQUEST": f"{proto}-request", "RESPONSE": f"{proto}-response"}.get(kind, "l7")
     if flow.get("event_type") == "flow-end":
         return "flow-end"
     if verdict == "REDIRECTED":

@@ -1,0 +1,542 @@
+"""`DnsProxy`: the node's DNS server for its endpoints, on UDP and TCP.
+
+Every question goes through the same steps:
+
+    parse          garbage: dropped (header unreadable) or FORMERR; other opcodes NOTIMP (message.py)
+    asking client  the endpoint of this node whose address sent it; any other source: REFUSED
+    policy         hook.check(endpoint, name, type): a name outside the endpoint's DNS rules is
+                   REFUSED, with a DROPPED DNS flow naming the rule
+    zone           the mesh's own names (zone.py), answered with authority
+    cache          upstream answers within their TTLs (cache.py)
+    upstream       the node's resolvers, UPSTREAM_TIMEOUT_S in all, else SERVFAIL (upstream.py);
+                   questions asked at once for the same name and type share one upstream query
+    observe        hook.observed(endpoint, name, IPs, TTL) before the answer leaves, so that policy
+                   allowing those IPs (toFQDNs) is in the datapath when the client connects
+    answer         a DNS flow (Hubble's schema, through ``on_flow``) and the counters
+
+The fast path: an answer built once is kept as bytes (cache.WireCache), keyed by the query's bytes
+after its ID, so a stub resolver that asks the same question again is answered with one dict
+lookup, the policy check and a flow, no parsing. It is used only while the answer would read the
+same (the zone unchanged, the TTL not a second lower).
+
+Threads: one asyncio loop (uvloop) in a thread of its own. Forwarding has many questions waiting on
+upstreams at once, each with a deadline, and TCP clients each with their own timeouts: timers and
+sockets that asyncio multiplexes with no thread per question. The agent's other threads only call
+`update()` (which hands the new snapshot to the loop) and read counters. ``hook.observed`` may
+block, so it runs in a small thread pool, never on the loop; a hook may offer
+``observed_fast(endpoint, name, IPs, TTL) -> bool``, called on the loop, which must not block and
+returns True when nothing is left to wait for (then no thread is used).
+
+Bounds: at most MAX_PENDING questions in progress (beyond: dropped, counted), MAX_INFLIGHT distinct
+upstream questions (beyond: SERVFAIL at once), MAX_TCP_CLIENTS TCP connections (beyond: closed at
+once), and on each TCP connection TCP_IDLE_TIMEOUT_S for the next question to start and
+TCP_IO_TIMEOUT_S for it to arrive whole or for its answer to be taken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from dnslib import RCODE
+
+from agent.dns.cache import DnsCache, WireCache
+from agent.dns.message import (
+    Query,
+    Rejection,
+    answer_ips,
+    forwarded_reply,
+    parse_query,
+    query_error,
+    to_wire,
+    zone_reply,
+)
+from agent.dns.upstream import UpstreamError, Upstreams
+from agent.dns.zone import MeshZone
+from agent.errors import MeshError
+
+log = logging.getLogger("meshagent.dns")
+
+MAX_PENDING = 4096  # questions in progress (waiting on an upstream or on the policy hook)
+MAX_INFLIGHT = 256  # distinct questions asked upstream at once (each holds a socket)
+MAX_TCP_CLIENTS = 256
+TCP_IDLE_TIMEOUT_S = 10.0  # for the next question on an open connection (RFC 7766 suggests seconds)
+TCP_IO_TIMEOUT_S = 5.0  # for a started question to arrive whole, and for an answer to be taken
+OBSERVE_TIMEOUT_S = 1.0  # the longest an answer waits for hook.observed (the hook bounds itself too)
+OBSERVE_THREADS = 4
+RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
+
+
+class DnsProxyError(MeshError):
+    """The DNS proxy cannot run as configured (its address is taken or not on this node)."""
+
+    culprit = "node"
+
+
+@dataclass(frozen=True)
+class DnsClient:
+    """The endpoint that asked: one of this node's endpoints, found by the query's source address."""
+
+    name: str
+    namespace: str
+    ip: str
+    ep_id: int = 0
+    identity: int = 0
+
+
+@dataclass(frozen=True)
+class DnsVerdict:
+    """The policy hook's decision on one question. ``rule_id``: the deciding rule's id in the agent's
+    compiled rules (flows name it as they name an L4 rule); ``description``: what the rule says, for
+    a rule without an id."""
+
+    allowed: bool
+    rule_id: int = 0
+    description: str = ""
+
+
+ALLOWED = DnsVerdict(True)
+
+
+class DnsPolicyHook(Protocol):
+    """What the proxy asks of DNS policy (agent/dns/fqdn.py implements it; `AllowAll` by default)."""
+
+    def check(self, endpoint: DnsClient, qname: str, qtype: str) -> DnsVerdict:
+        """May ``endpoint`` look up ``qname`` (as asked, trailing dot) of type ``qtype`` ("A")? Runs
+        on the proxy's loop: must not block."""
+        ...
+
+    def observed(self, endpoint: DnsClient, qname: str, ips: tuple[str, ...], ttl: int) -> None:
+        """The answer about to be given to ``endpoint``: its addresses and lowest TTL. Called before the
+        answer leaves, in a worker thread; may block (bounded) until the datapath allows ``ips``."""
+        ...
+
+
+class AllowAll:
+    """The default hook: every name may be looked up, nothing is recorded."""
+
+    def check(self, endpoint: DnsClient, qname: str, qtype: str) -> DnsVerdict:
+        return ALLOWED
+
+    def observed(self, endpoint: DnsClient, qname: str, ips: tuple[str, ...], ttl: int) -> None:
+        return None
+
+    def observed_fast(self, endpoint: DnsClient, qname: str, ips: tuple[str, ...], ttl: int) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class DnsSnapshot:
+    """What the proxy answers from, rebuilt by the agent on every reconcile and swapped whole."""
+
+    zone: MeshZone
+    clients: Mapping[str, DnsClient] = field(default_factory=dict)  # this node's endpoints by address
+
+
+@dataclass(frozen=True)
+class DnsEvent:
+    """One answered (or refused) question, for the agent to turn into a flow (agent/flows.py dns_flow)."""
+
+    time_ns: int
+    client: DnsClient
+    client_port: int
+    server: tuple[str, int]  # the resolver address the client asked (its original destination)
+    protocol: str  # "UDP" | "TCP"
+    qname: str
+    qtype: str
+    rcode: int
+    ips: tuple[str, ...] = ()
+    ttl: int = 0
+    cnames: tuple[str, ...] = ()
+    rrtypes: tuple[str, ...] = ()
+    latency_ns: int = 0
+    verdict: DnsVerdict = ALLOWED
+
+
+@dataclass(frozen=True)
+class _Meta:
+    """What a kept answer says, for the policy check, the hook and the flow of a fast-path answer."""
+
+    qname: str
+    qtype: str
+    rcode: int
+    ips: tuple[str, ...]
+    ttl: int
+    cnames: tuple[str, ...]
+    rrtypes: tuple[str, ...]
+    mesh: bool  # answered by the zone, not from the cache of upstream answers
+
+
+class DnsCounters:
+    """The proxy's counts (meshagent_dns_* metrics). Written on the loop, read by the metrics thread."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, int] = {}  # by qtype
+        self.responses: dict[str, int] = {}  # by rcode name
+        self.dropped: dict[str, int] = {}  # by reason: garbage, response, overload, tcp-clients
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.unknown_clients = 0  # questions from an address that is no endpoint of this node
+        self.policy_refused = 0
+
+    def count(self, table: dict[str, int], key: str) -> None:
+        table[key] = table.get(key, 0) + 1
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"requests": dict(self.requests), "responses": dict(self.responses), "dropped": dict(self.dropped),
+                "cache_hits": self.cache_hits, "cache_misses": self.cache_misses,
+                "unknown_clients": self.unknown_clients, "policy_refused": self.policy_refused}
+
+
+class _Udp(asyncio.DatagramProtocol):
+    def __init__(self, proxy: DnsProxy):
+        self.proxy = proxy
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        try:
+            self.proxy._on_datagram(self.transport, data, addr)
+        except Exception:  # a bug must cost one answer, never the proxy
+            log.exception("DNS proxy: answering %s failed", addr)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP errors for answers to clients that went away: nothing to do
+
+
+class DnsProxy:
+    """The node's DNS proxy on (``host``, ``port``), UDP and TCP. `start()` binds (raising
+    DnsProxyError) and runs the loop thread; `update()` swaps the snapshot; `stop()` ends it."""
+
+    def __init__(self, host: str, port: int, upstreams: Upstreams, snapshot: DnsSnapshot,
+                 hook: DnsPolicyHook | None = None, on_event: Callable[[DnsEvent], None] | None = None,
+                 original_dst: Callable[[str, int, str], tuple[str, int] | None] | None = None,
+                 cache_entries: int = 10_000):
+        self.host, self.port = host, port
+        self.upstreams = upstreams
+        self.hook: DnsPolicyHook = hook or AllowAll()
+        self.on_event = on_event
+        # The resolver a redirected client asked (client ip, port, "UDP"|"TCP"); None: this proxy.
+        self.original_dst = original_dst
+        self.counters = DnsCounters()
+        self.cache = DnsCache(cache_entries)
+        self.wire = WireCache(cache_entries)
+        self._snap = snapshot
+        self._inflight: dict[tuple[str, int], asyncio.Future] = {}
+        self._pending = 0
+        self._tcp_clients = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._socks: list[socket.socket] = []
+        self._pool = concurrent.futures.ThreadPoolExecutor(OBSERVE_THREADS, thread_name_prefix="dns-observe")
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+
+    # ---- life -----------------------------------------------------------------------------------
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.host, self.port
+
+    def start(self) -> None:
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socks = [udp, tcp]
+        try:
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            udp.bind((self.host, self.port))
+            if self.port == 0:
+                self.port = udp.getsockname()[1]
+            tcp.bind((self.host, self.port))
+            tcp.listen(128)
+        except OSError as e:
+            self._close_socks()
+            raise DnsProxyError(f"DNS proxy cannot listen on {self.host}:{self.port} (UDP and TCP): {e.strerror}; "
+                                "set dns_proxy_port to a free port, or dns_proxy: false") from None
+        for s in self._socks:
+            s.setblocking(False)
+        self._thread = threading.Thread(target=self._run, name="dns-proxy", daemon=True)
+        self._thread.start()
+        self._started.wait(10)
+        if self._start_error is not None:
+            raise DnsProxyError(f"DNS proxy failed to start: {self._start_error}")
+
+    def _run(self) -> None:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._serve())
+        except BaseException as e:  # reported to start()
+            self._start_error = e
+            self._started.set()
+            loop.close()
+            return
+        self._started.set()
+        try:
+            loop.run_forever()
+        finally:
+            for task in asyncio.all_tasks(loop):
+                task.cancel()
+            loop.run_until_complete(asyncio.sleep(0))
+            loop.close()
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        udp, tcp = self._socks
+        await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp)
+        await asyncio.start_server(self._tcp_client, sock=tcp)
+
+    def stop(self) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is not None and thread is not None and thread.is_alive():
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(5)
+        self._close_socks()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _close_socks(self) -> None:
+        for s in self._socks:
+            s.close()
+
+    def update(self, snapshot: DnsSnapshot) -> None:
+        """Answer from ``snapshot`` from now on (called by the agent after each reconcile)."""
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            loop.call_soon_threadsafe(self._swap, snapshot)
+        else:
+            self._swap(snapshot)
+
+    def _swap(self, snapshot: DnsSnapshot) -> None:
+        self._snap = snapshot
+        self.wire.clear()  # kept answers were built from the old zone and clients
+
+    # ---- UDP --------------------------------------------------------------------------------------
+
+    def _on_datagram(self, transport: asyncio.DatagramTransport, data: bytes, addr: tuple) -> None:
+        fast = self._fast(data, addr, True)
+        if fast is not None:
+            transport.sendto(fast, addr)
+            return
+        if self._pending >= MAX_PENDING:
+            self.counters.count(self.counters.dropped, "overload")
+            return
+        self._pending += 1
+        task = asyncio.ensure_future(self._answer(data, addr, True))
+        task.add_done_callback(lambda t: self._udp_done(t, transport, addr))
+
+    def _udp_done(self, task: asyncio.Task, transport: asyncio.DatagramTransport, addr: tuple) -> None:
+        self._pending -= 1
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            log.error("DNS proxy: answering %s failed", addr, exc_info=task.exception())
+            return
+        reply = task.result()
+        if reply is not None and not transport.is_closing():
+            transport.sendto(reply, addr)
+
+    # ---- TCP --------------------------------------------------------------------------------------
+
+    async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._tcp_clients >= MAX_TCP_CLIENTS:
+            self.counters.count(self.counters.dropped, "tcp-clients")
+            writer.close()
+            return
+        self._tcp_clients += 1
+        try:
+            addr = writer.get_extra_info("peername")
+            while True:
+                try:
+                    head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_TIMEOUT_S)
+                    (length,) = struct.unpack("!H", head)
+                    data = await asyncio.wait_for(reader.readexactly(length), TCP_IO_TIMEOUT_S)
+                except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+                    return  # closed, stalled or idle: the connection ends
+                reply = self._fast(data, addr, False)
+                if reply is None:
+                    if self._pending >= MAX_PENDING:
+                        self.counters.count(self.counters.dropped, "overload")
+                        return
+                    self._pending += 1
+                    try:
+                        reply = await self._answer(data, addr, False)
+                    finally:
+                        self._pending -= 1
+                if reply is None:
+                    return  # not DNS: there is no telling where its next message would start
+                writer.write(struct.pack("!H", len(reply)) + reply)
+                try:
+                    await asyncio.wait_for(writer.drain(), TCP_IO_TIMEOUT_S)
+                except (TimeoutError, ConnectionError):
+                    return
+        finally:
+            self._tcp_clients -= 1
+            writer.close()
+
+    # ---- answering --------------------------------------------------------------------------------
+
+    def _fast(self, data: bytes, addr: tuple, udp: bool) -> bytes | None:
+        """The kept answer to these exact bytes, if there is one and nothing else must happen first."""
+        snap = self._snap
+        client = snap.clients.get(addr[0])
+        if client is None or len(data) < 12:
+            return None
+        now = time.monotonic()
+        hit = self.wire.get((udp, client.namespace, data[2:]), now)
+        if hit is None:
+            return None
+        meta: _Meta = hit.meta
+        hook = self.hook
+        verdict = hook.check(client, meta.qname, meta.qtype)
+        if not verdict.allowed:
+            return None  # the slow path refuses it and says why
+        if meta.ips:
+            fast = getattr(hook, "observed_fast", None)
+            if fast is None or not fast(client, meta.qname, meta.ips, meta.ttl):
+                return None  # the slow path waits for the hook
+        c = self.counters
+        c.count(c.requests, meta.qtype)
+        c.count(c.responses, RCODE_NAMES.get(meta.rcode, str(meta.rcode)))
+        if not meta.mesh:
+            c.cache_hits += 1
+        self._event(client, addr, udp, meta.qname, meta.qtype, meta.rcode, meta, 0, ALLOWED)
+        return bytes(data[:2]) + hit.tail
+
+    async def _answer(self, data: bytes, addr: tuple, udp: bool) -> bytes | None:
+        """The answer to one message from ``addr`` (None: send nothing)."""
+        started = time.monotonic_ns()
+        c = self.counters
+        query = parse_query(data, udp)
+        if isinstance(query, Rejection):
+            c.count(c.dropped if query.reply is None else c.responses,
+                    query.reason if query.reply is None else RCODE_NAMES.get(query.rcode, str(query.rcode)))
+            return query.reply
+        c.count(c.requests, query.qtype)
+        snap = self._snap
+        client = snap.clients.get(addr[0])
+        if client is None:
+            c.unknown_clients += 1
+            return self._error(query, RCODE.REFUSED)
+        try:
+            verdict = self.hook.check(client, query.qname, query.qtype)
+        except Exception:
+            log.exception("DNS policy check of %s for %s failed", query.qname, client.name)
+            return self._error(query, RCODE.SERVFAIL)
+        if not verdict.allowed:
+            c.policy_refused += 1
+            self._event(client, addr, udp, query.qname, query.qtype, RCODE.REFUSED, None, started, verdict)
+            return self._error(query, RCODE.REFUSED)
+
+        now = time.monotonic()
+        answer = snap.zone.lookup(query.qname, query.qtype, client.namespace)
+        if answer is not None:
+            reply, steady_until = zone_reply(query, answer), float("inf")  # until the next snapshot
+        else:
+            entry = self.cache.get(query.key, now)
+            if entry is not None:
+                c.cache_hits += 1
+                reply, steady_until = forwarded_reply(query, entry.reply, entry.age(now)), entry.steady_until(now)
+            else:
+                c.cache_misses += 1
+                try:
+                    upstream = await self._forward(query)
+                except UpstreamError:
+                    self._event(client, addr, udp, query.qname, query.qtype, RCODE.SERVFAIL, None, started, ALLOWED)
+                    return self._error(query, RCODE.SERVFAIL)
+                now = time.monotonic()
+                entry = self.cache.put(query.key, upstream, now)
+                reply = forwarded_reply(query, upstream)
+                steady_until = entry.steady_until(now) if entry is not None else now
+
+        wire, truncated = to_wire(reply, query.max_udp if udp else None)
+        ips, ttl, cnames, rrtypes = answer_ips(reply)
+        rcode = reply.header.rcode
+        meta = _Meta(query.qname, query.qtype, rcode, ips if not truncated else (), ttl, cnames, rrtypes,
+                     answer is not None)
+        if ips and not truncated:
+            await self._observe(client, query.qname, ips, ttl)
+        if self._snap is snap:  # answers of a replaced snapshot are not kept
+            self.wire.put((udp, client.namespace, bytes(data[2:])), wire[2:], steady_until, meta, now)
+        c.count(c.responses, RCODE_NAMES.get(rcode, str(rcode)))
+        self._event(client, addr, udp, query.qname, query.qtype, rcode, meta, started, ALLOWED)
+        return wire
+
+    def _error(self, query: Query, rcode: int) -> bytes:
+        self.counters.count(self.counters.responses, RCODE_NAMES[rcode])
+        return query_error(query, rcode)
+
+    async def _forward(self, query: Query):
+        """The upstream answer to ``query``; one upstream question for everyone asking it at once."""
+        key = query.key
+        shared = self._inflight.get(key)
+        if shared is not None:
+            return await asyncio.shield(shared)
+        if len(self._inflight) >= MAX_INFLIGHT:
+            raise UpstreamError("overload", f"{MAX_INFLIGHT} questions already wait on upstreams")
+        future = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            reply = await self.upstreams.ask(query)
+        except UpstreamError as e:
+            future.set_exception(e)
+            future.exception()  # retrieved: nobody else may be waiting
+            raise
+        except BaseException as e:
+            future.set_exception(UpstreamError("error", str(e)))
+            future.exception()
+            raise
+        else:
+            future.set_result(reply)
+            return reply
+        finally:
+            del self._inflight[key]
+
+    async def _observe(self, client: DnsClient, qname: str, ips: tuple[str, ...], ttl: int) -> None:
+        hook = self.hook
+        fast = getattr(hook, "observed_fast", None)
+        try:
+            if fast is not None and fast(client, qname, ips, ttl):
+                return
+            loop = asyncio.get_running_loop()
+            await asyncio.wait_for(loop.run_in_executor(self._pool, hook.observed, client, qname, ips, ttl),
+                                   OBSERVE_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("DNS policy hook took over %.1fs for %s (%s): answered anyway", OBSERVE_TIMEOUT_S, qname,
+                        client.name)
+        except Exception:
+            log.exception("DNS policy hook failed for %s (%s): answered anyway", qname, client.name)
+
+    def _event(self, client: DnsClient, addr: tuple, udp: bool, qname: str, qtype: str, rcode: int,
+               meta: _Meta | None, started_ns: int, verdict: DnsVerdict) -> None:
+        on_event = self.on_event
+        if on_event is None:
+            return
+        protocol = "UDP" if udp else "TCP"
+        server = None
+        if self.original_dst is not None:
+            try:
+                server = self.original_dst(addr[0], addr[1], protocol)
+            except Exception:
+                log.exception("DNS proxy: original destination of %s failed", addr)
+        try:
+            on_event(DnsEvent(
+                time_ns=time.time_ns(), client=client, client_port=addr[1], server=server or (self.host, 53),
+                protocol=protocol, qname=qname, qtype=qtype, rcode=rcode,
+                ips=meta.ips if meta else (), ttl=meta.ttl if meta else 0, cnames=meta.cnames if meta else (),
+                rrtypes=meta.rrtypes if meta else (),
+                latency_ns=time.monotonic_ns() - started_ns if started_ns else 0, verdict=verdict))
+        except Exception:
+            log.exception("DNS proxy: recording the flow of %s failed", qname)
