@@ -23,6 +23,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -33,7 +34,7 @@ from agent.files import DIR_MODE, FILE_MODE, write_text_if_changed
 
 log = logging.getLogger("meshagent.fqdn")
 
-__all__ = ["DEFAULT_MIN_TTL", "FqdnCache", "FqdnIp", "FqdnSnapshot"]
+__all__ = ["DEFAULT_MIN_TTL", "FqdnCache", "FqdnIp", "FqdnSnapshot", "state_path"]
 
 DEFAULT_MIN_TTL = 3600  # Cilium's --tofqdns-min-ttl
 # Bounds on what one endpoint can make the agent hold (Cilium: --tofqdns-endpoint-max-ip-per-hostname
@@ -42,6 +43,11 @@ DEFAULT_MIN_TTL = 3600  # Cilium's --tofqdns-min-ttl
 MAX_IPS_PER_NAME = 1000
 MAX_NAMES_PER_ENDPOINT = 10_000
 STATE_VERSION = 1
+
+
+def state_path(state_dir: str, node_name: str) -> str:
+    """Where a node's agent keeps its FQDN cache across restarts."""
+    return os.path.join(state_dir, f"fqdn-{node_name}.json")
 
 
 @dataclass(frozen=True)
