@@ -1,8 +1,10 @@
-"""Atomic file writes: the one way the agent replaces a file that someone may be reading.
+"""File writes: the one way the agent replaces a file that someone may be reading.
 
 Write a temporary file in the same directory, then rename it over the old one: a reader (the L7
-processor polling its snapshot, `ip netns exec` binding a hosts file, another agent reading the
-store) sees the old file or the new one, never half of one.
+processor polling its snapshot, another agent reading the store) sees the old file or the new one,
+never half of one. A file that is bind-mounted elsewhere (an endpoint's /etc/netns/NAME/hosts,
+which `ip netns exec` mounts over /etc/hosts) is overwritten in place instead: the mount holds the
+inode, and a rename would never reach it (`write_in_place`).
 """
 
 from __future__ import annotations
@@ -62,13 +64,34 @@ def write_atomic(path: str, text: str, mode: int = FILE_MODE, dir_mode: int = DI
         raise
 
 
-def write_text_if_changed(path: str, text: str, mode: int = FILE_MODE, dir_mode: int = DIR_MODE) -> bool:
+def write_in_place(path: str, text: str, mode: int = FILE_MODE, dir_mode: int = DIR_MODE) -> None:
+    """Overwrite ``path`` with ``text`` keeping its inode, for a file that is bind-mounted elsewhere:
+    `ip netns exec` mounts /etc/netns/NAME/hosts over a process's /etc/hosts, and a rename would
+    leave that process with the old inode for good. The new text goes over the old one before the
+    file is cut to its length, so a reader never finds it empty; for the moment of that one write it
+    may see new lines followed by the tail of old ones, which the next read corrects (a rename is
+    the better choice for any file nobody mounts)."""
+    make_dirs(os.path.dirname(path) or ".", dir_mode)
+    data = text.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, mode)  # never through a planted link
+    try:
+        os.fchmod(fd, mode)
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], done)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
+
+
+def write_text_if_changed(path: str, text: str, mode: int = FILE_MODE, dir_mode: int = DIR_MODE,
+                          in_place: bool = False) -> bool:
     """Replace ``path`` with ``text`` unless it holds exactly that already (with ``mode``); return
-    whether it wrote."""
+    whether it wrote. ``in_place``: keep the inode (`write_in_place`), else rename (`write_atomic`)."""
     with contextlib.suppress(FileNotFoundError, UnicodeDecodeError), open(path) as f:
         if f.read() == text and os.stat(f.fileno()).st_mode & 0o777 == mode:
             return False
-    write_atomic(path, text, mode, dir_mode)
+    (write_in_place if in_place else write_atomic)(path, text, mode, dir_mode)
     return True
 
 

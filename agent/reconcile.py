@@ -25,11 +25,12 @@ Who writes what. Every table below is written here and nowhere else:
     endpoints_by_id  ep_id -> endpoint_info (the L7 processor's marks)  common.h   endpoints_by_id
     routes           other nodes' pod CIDRs -> their node IPs           the node's routing table (proto 201)
     datapath_config  the L7 processor's address, for TC                 common.h   config_map (proxy_*)
+    dns_redirect     the DNS proxy's port: endpoints' DNS goes there    config.h   config_map (dns_port)
     endpoint_netns   netns cookie -> (ep_id, identity)                  netns.h    endpoint_netns
     lb_services      (VIP, port, proto) -> backends, flags              lb.h       lb_services, lb_backends
     lb_config        the L7 processor's address, for the socket hooks   lb.h       lb_config
     fastpath_config  socket fast path switch, node netns, pod CIDR      sockmap.h  fastpath_config
-    hosts_files      service names of each endpoint we created          /etc/netns/NAME/hosts
+    hosts_files      /etc/hosts of each endpoint we created             /etc/netns/NAME/hosts (in place)
 
 `config_map.policy_revision` is written by `Sync.bump_revision` only.
 
@@ -82,11 +83,12 @@ POLICY_KINDS = ("CiliumNetworkPolicy", "NetworkPolicy")
 
 # Additions and updates go in this order; removals in the reverse one.
 TABLE_ORDER = ("vips", "node_files", "l7_snapshot", "ipcache", "ipblock_cidrs", "policy", "endpoints",
-               "endpoints_by_id", "routes", "datapath_config", "endpoint_netns", "lb_services", "lb_config",
-               "fastpath_config", "hosts_files")
+               "endpoints_by_id", "routes", "datapath_config", "dns_redirect", "endpoint_netns", "lb_services",
+               "lb_config", "fastpath_config", "hosts_files")
 # A change to one of these makes established flows re-check policy (a policy revision bump).
 POLICY_TABLES = frozenset({"ipcache", "ipblock_cidrs", "policy", "endpoints", "endpoints_by_id"})
 PROXY = "proxy"  # the one key of datapath_config and lb_config
+DNS = "dns"  # the one key of dns_redirect
 FASTPATH = "fastpath"  # the one key of fastpath_config
 
 
@@ -176,7 +178,10 @@ def compute(desired: DesiredState) -> Computed:
     node_files = {}
     if node.cidr_identities_path:
         node_files[node.cidr_identities_path] = json.dumps(compiled.cidr_identities, sort_keys=True)
-    hosts = {hosts_path(rec): hosts_file(plan.views, rec.namespace, node.cluster_domain)
+    # With the DNS proxy the names come from it (for every process, however started, and fresh) and
+    # the hosts file keeps localhost alone; it is written in place all the same (Files), since a
+    # process keeps the inode `ip netns exec` mounted when it started.
+    hosts = {hosts_path(rec): hosts_file(plan.views, rec.namespace, node.cluster_domain, bool(node.dns_port))
              for rec in local if hosts_path(rec)}
     tables = {
         "vips": dict(plan.vips),
@@ -189,6 +194,7 @@ def compute(desired: DesiredState) -> Computed:
         "endpoints_by_id": by_id,
         "routes": routes,
         "datapath_config": {PROXY: proxy},
+        "dns_redirect": {DNS: node.dns_port} if node.dns_port else {},
         "endpoint_netns": netns,
         "lb_services": lb_services(plan),
         "lb_config": {PROXY: proxy},
@@ -237,7 +243,9 @@ def lb_table(services: Mapping[tuple, Sequence[tuple]], flags: Mapping[tuple, in
 
 def hosts_path(rec: EndpointRecord) -> str | None:
     """/etc/netns/NAME/hosts, which `ip netns exec` (and `meshagent exec`) mount over /etc/hosts; only
-    for namespaces we created (an attached namespace's /etc/netns is its owner's)."""
+    for namespaces we created (an attached namespace's /etc/netns is its owner's). No resolv.conf is
+    written beside it: processes keep the host's resolver address, and the DNS redirect takes their
+    queries to the node's DNS proxy whatever that address is (bpf/lib/dns.h)."""
     if not (rec.netns_owned and rec.netns.startswith("/run/netns/")):
         return None
     return f"/etc/netns/{rec.netns.rsplit('/', 1)[1]}/hosts"
@@ -442,6 +450,26 @@ class ProxyTable(_Table):
         self.dp.set_proxy(None)
 
 
+class DnsRedirectTable(_Table):
+    """The DNS proxy's port in the global config: while it is set, the socket hooks send every DNS
+    query of an endpoint to the proxy and TC lets it through (bpf/lib/dns.h)."""
+
+    name = "dns_redirect"
+
+    def __init__(self, tc):
+        self.tc = tc
+
+    def read(self) -> dict:
+        port = self.tc.dns_port()
+        return {DNS: port} if port else {}
+
+    def write(self, key, value, old) -> None:
+        self.tc.set_dns_port(value)
+
+    def delete(self, key, old) -> None:
+        self.tc.set_dns_port(0)
+
+
 class RoutesTable(_Table):
     """Routes to the other nodes' pod CIDRs via their node IPs (direct routing); only the routes
     marked with meshagent's protocol number are read, written and removed (agent/node.py)."""
@@ -575,22 +603,24 @@ class VipRecords:
 
 
 class Files:
-    """Files by path -> text, replaced atomically when their text differs. Files are not deleted
+    """Files by path -> text, replaced atomically when their text differs, or overwritten in place
+    (``in_place``) when they are bind-mounted elsewhere (agent/files.py). Files are not deleted
     here: an endpoint's /etc/netns/NAME goes with its namespace, the node's files with teardown.
     The node's files are root's alone; hosts files are read by every process of an endpoint."""
 
     kernel = False
     volatile = False
 
-    def __init__(self, name: str, public: bool = False):
+    def __init__(self, name: str, public: bool = False, in_place: bool = False):
         self.name = name
         self.modes = (PUBLIC_FILE_MODE, PUBLIC_DIR_MODE) if public else (FILE_MODE, DIR_MODE)
+        self.in_place = in_place
 
     def read(self) -> dict:
         return {}  # nothing assumed: the first round compares with the files on disk
 
     def write(self, key, value, old) -> None:
-        write_text_if_changed(key, value, *self.modes)
+        write_text_if_changed(key, value, *self.modes, in_place=self.in_place)
 
     def delete(self, key, old) -> None:
         pass
@@ -602,8 +632,9 @@ def node_tables(tc, sockets, store) -> list[Table]:
         VipRecords(store), Files("node_files"), Files("l7_snapshot"),
         IpcacheTable(tc), IpcacheTable(tc, "ipblock_cidrs"), PolicyTable(tc), EndpointTable(tc),
         EndpointByIdTable(tc), RoutesTable(),
-        ProxyTable("datapath_config", tc), EndpointNetnsTable(sockets), ServiceTable(sockets),
-        ProxyTable("lb_config", sockets), FastpathConfigTable(sockets), Files("hosts_files", public=True),
+        ProxyTable("datapath_config", tc), DnsRedirectTable(tc), EndpointNetnsTable(sockets), ServiceTable(sockets),
+        ProxyTable("lb_config", sockets), FastpathConfigTable(sockets),
+        Files("hosts_files", public=True, in_place=True),  # `ip netns exec` bind-mounts them
     ]
 
 

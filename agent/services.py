@@ -182,9 +182,14 @@ def backends_for(body: dict, endpoints: Iterable[EndpointRecord]) -> tuple[Servi
     ))
 
 
-def hosts_file(services: Iterable[ServiceView], client_namespace: str, cluster_domain: str = "cluster.local") -> str:
-    """/etc/hosts for an endpoint in ``client_namespace``: localhost plus every service's names."""
-    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback", "", "# meshagent services"]
+def hosts_file(services: Iterable[ServiceView], client_namespace: str, cluster_domain: str = "cluster.local",
+               dns_proxy: bool = False) -> str:
+    """/etc/hosts for an endpoint in ``client_namespace``: localhost plus every service's names, or
+    with ``dns_proxy`` localhost alone (the node's DNS proxy answers the names)."""
+    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback", ""]
+    if dns_proxy:
+        return "\n".join([*lines, "# meshagent: service names are answered by the node's DNS proxy"]) + "\n"
+    lines.append("# meshagent services")
     for svc in sorted(services, key=lambda s: (s.namespace, s.name)):
         lines.append(f"{svc.vip}\t" + " ".join(svc.hostnames(client_namespace, cluster_domain)))
     return "\n".join(lines) + "\n"

@@ -53,6 +53,7 @@ class NodeFacts:
     fastpath: bool = False  # socket fast path on (configured and supported by the kernel)
     l7_config_path: str = ""  # the processor's config snapshot
     cidr_identities_path: str = ""  # the node-local CIDR identity numbers, kept stable across restarts
+    dns_port: int = 0  # the node's DNS proxy (at router_ip), where endpoints' DNS goes; 0: no DNS proxy
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,10 @@
  * client's egress policy and the backend's ingress policy decide it, as if the client had
  * connected to the backend itself (lib/common.h, MARK_MAGIC_PROXY_EGRESS). Both are checked only
  * for a flow's first packet and on policy re-checks: established flows cost what they did.
+ *
+ * The node's DNS proxy: an endpoint's new UDP or TCP flow to it (datapath_config.proxy_ip and
+ * dns_port) is a redirect too, admitted without the egress policy (is_dns_redirect): the socket
+ * hooks send every DNS query there (lib/dns.h), and the proxy decides what may be looked up.
  */
 #include "lib/common.h"
 #include "lib/drop_reasons.h"
@@ -36,6 +40,25 @@ static __always_inline int is_proxy_redirect(struct datapath_config *cfg, struct
 {
 	return cfg && cfg->proxy_ip && p->daddr == cfg->proxy_ip && p->proto == IPPROTO_TCP &&
 	       p->dport == bpf_ntohs(cfg->proxy_port);
+}
+
+/**
+ * is_dns_redirect - a new flow from an endpoint to the node's DNS proxy
+ * @cfg: the global config (the proxy's address and DNS port), or NULL
+ * @p:   the parsed packet, sent by the endpoint (its source address was checked)
+ *
+ * The socket hooks sent the endpoint's query there (lib/dns.h), whatever resolver it asked for;
+ * it passes whatever the endpoint's egress policy says, and the proxy decides: the DNS rules
+ * (toPorts.rules.dns) say which names may be looked up, and an endpoint whose egress policy does
+ * not allow DNS at all gets REFUSED. Why this opens nothing else: only the exact address and port
+ * pass (UDP or TCP), only from an endpoint's own address, and whatever reaches them, a redirected
+ * query or a packet crafted to that ip:port from a raw socket, reaches the DNS proxy and nothing
+ * else, which holds it to the same rules. Replies are the flow's, tracked by conntrack.
+ */
+static __always_inline int is_dns_redirect(struct datapath_config *cfg, struct pkt *p)
+{
+	return cfg && cfg->proxy_ip && cfg->dns_port && p->daddr == cfg->proxy_ip &&
+	       (p->proto == IPPROTO_UDP || p->proto == IPPROTO_TCP) && p->dport == bpf_ntohs(cfg->dns_port);
 }
 
 /**
@@ -104,10 +127,11 @@ static __always_inline int policy_new_flow(struct __sk_buff *skb, struct datapat
 
 	if (dir == DIR_EGRESS) {
 		*remote = ipcache_lookup_identity(p->daddr);
-		if (is_proxy_redirect(cfg, p)) {
+		if (is_proxy_redirect(cfg, p) || is_dns_redirect(cfg, p)) {
 			/* The L7 processor picks the connection's real destination; this
 			 * endpoint's egress policy decides on it there, on the processor's
-			 * upstream flow (ingress_remote, MARK_MAGIC_PROXY_EGRESS). */
+			 * upstream flow (ingress_remote, MARK_MAGIC_PROXY_EGRESS). The DNS
+			 * proxy decides on the query (is_dns_redirect). */
 			res->verdict = VERDICT_REDIRECTED;
 			*ct_flags = CT_F_REDIRECT;
 			return 0;

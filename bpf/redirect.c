@@ -7,12 +7,17 @@
  *   sock6_*            the same four for AF_INET6 sockets that use IPv4-mapped addresses
  *                      (::ffff:a.b.c.d; Java and other dual-stack clients do by default): the
  *                      kernel runs only the INET6 hooks for them. Native IPv6 passes untouched.
+ *   sock_release       BPF_CGROUP_INET_SOCK_RELEASE  a socket closes: forget its DNS redirect
  *   sock_ops           BPF_CGROUP_SOCK_OPS           a connection redirected to the L7 processor
  *                      has its local port now: publish its original destination by client
  *                      address (l7_pending -> l7_origdst, lib/lb.h); an eligible connection is
  *                      established: add the socket to the fast path (lib/sockmap.h)
  *   fastpath_msg       BPF_SK_MSG_VERDICT on the fastpath_socks map: sendmsg() on a socket of the
  *                      fast path, hand the bytes to the peer socket or fall back to TCP
+ *
+ * DNS (lib/dns.h): connect() and sendmsg() to any address on port 53 from an endpoint's socket go to
+ * the node's DNS proxy; recvmsg() and getpeername() report the resolver the socket asked for. This
+ * comes first: a Service VIP on port 53 is DNS too, and goes to the proxy.
  *
  * L7 services (LB_F_L7, TCP only): connect() goes to the node's L7 processor (lb_config) instead
  * of a backend; getpeername() still reports the VIP. Without a processor in lb_config they are
@@ -34,6 +39,7 @@
 #include "lib/netns.h"
 #include "lib/lb.h"
 #include "lib/sockmap.h"
+#include "lib/dns.h"
 
 #define SYS_PROCEED 1
 #define SYS_REJECT  0
@@ -107,11 +113,18 @@ static __always_inline struct lb4_revnat *__sock_xlate_rev(struct bpf_sock_addr 
 
 static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx)
 {
+	struct dns_origdst dns = {};
 	struct lb4_backend be = {};
+	__u32 ip = ctx->user_ip4;
+	__u16 port = (__u16)ctx->user_port; /* network order in the low 16 bits */
 	int ret;
 
-	/* user_port: network order in the low 16 bits */
-	ret = __sock_xlate_fwd(ctx, ctx->user_ip4, (__u16)ctx->user_port, &be);
+	if (dns_redirect(ctx, ip, port, &dns)) {
+		ctx->user_ip4 = dns.addr;
+		ctx->user_port = dns.port;
+		return SYS_PROCEED;
+	}
+	ret = __sock_xlate_fwd(ctx, ip, port, &be);
 	if (be.ip) { /* 0.0.0.0 is never a backend */
 		ctx->user_ip4 = be.ip;
 		ctx->user_port = be.port;
@@ -121,8 +134,17 @@ static __always_inline int sock4_xlate_fwd(struct bpf_sock_addr *ctx)
 
 static __always_inline int sock4_xlate_rev(struct bpf_sock_addr *ctx)
 {
-	struct lb4_revnat *rev = __sock_xlate_rev(ctx, ctx->user_ip4, (__u16)ctx->user_port);
+	__u32 ip = ctx->user_ip4;
+	__u16 port = (__u16)ctx->user_port;
+	struct dns_origdst *dns = dns_reverse(ctx, ip, port);
+	struct lb4_revnat *rev;
 
+	if (dns) {
+		ctx->user_ip4 = dns->addr;
+		ctx->user_port = dns->port;
+		return SYS_PROCEED;
+	}
+	rev = __sock_xlate_rev(ctx, ip, port);
 	if (rev) {
 		ctx->user_ip4 = rev->vip;
 		ctx->user_port = rev->port;
@@ -138,12 +160,22 @@ static __always_inline int is_v4_mapped(struct bpf_sock_addr *ctx)
 
 static __always_inline int sock6_xlate_fwd(struct bpf_sock_addr *ctx)
 {
+	struct dns_origdst dns = {};
 	struct lb4_backend be = {};
+	__u32 ip;
+	__u16 port;
 	int ret;
 
 	if (!is_v4_mapped(ctx))
 		return SYS_PROCEED;
-	ret = __sock_xlate_fwd(ctx, ctx->user_ip6[3], (__u16)ctx->user_port, &be);
+	ip = ctx->user_ip6[3];
+	port = (__u16)ctx->user_port;
+	if (dns_redirect(ctx, ip, port, &dns)) {
+		ctx->user_ip6[3] = dns.addr;
+		ctx->user_port = dns.port;
+		return SYS_PROCEED;
+	}
+	ret = __sock_xlate_fwd(ctx, ip, port, &be);
 	if (be.ip) {
 		ctx->user_ip6[3] = be.ip;
 		ctx->user_port = be.port;
@@ -153,11 +185,22 @@ static __always_inline int sock6_xlate_fwd(struct bpf_sock_addr *ctx)
 
 static __always_inline int sock6_xlate_rev(struct bpf_sock_addr *ctx)
 {
+	struct dns_origdst *dns;
 	struct lb4_revnat *rev;
+	__u32 ip;
+	__u16 port;
 
 	if (!is_v4_mapped(ctx))
 		return SYS_PROCEED;
-	rev = __sock_xlate_rev(ctx, ctx->user_ip6[3], (__u16)ctx->user_port);
+	ip = ctx->user_ip6[3];
+	port = (__u16)ctx->user_port;
+	dns = dns_reverse(ctx, ip, port);
+	if (dns) {
+		ctx->user_ip6[3] = dns->addr;
+		ctx->user_port = dns->port;
+		return SYS_PROCEED;
+	}
+	rev = __sock_xlate_rev(ctx, ip, port);
 	if (rev) {
 		ctx->user_ip6[3] = rev->vip;
 		ctx->user_port = rev->port;
@@ -203,6 +246,12 @@ int sock6_recvmsg(struct bpf_sock_addr *ctx)
 int sock6_getpeername(struct bpf_sock_addr *ctx)
 {
 	return sock6_xlate_rev(ctx);
+}
+
+int sock_release(struct bpf_sock *sk)
+{
+	dns_forget(sk);
+	return 1;
 }
 
 /* The L7 processor accepts the connection and knows only its peer, the client's address and port;

@@ -633,8 +633,9 @@ def exec_(target: Target, name: str, command: tuple[str, ...]) -> None:
     netns = ep["netns"]
     try:
         if netns.startswith("/run/netns/"):
-            # A named namespace: `ip netns exec` also bind-mounts /etc/netns/NAME/hosts, where the
-            # agent writes the service names, over /etc/hosts.
+            # A named namespace: `ip netns exec` also bind-mounts /etc/netns/NAME/hosts over
+            # /etc/hosts (localhost; the service names too when the node runs no DNS proxy, which
+            # otherwise answers them: bpf/lib/dns.h).
             os.execvp("ip", ["ip", "netns", "exec", os.path.basename(netns), *command])
         os.execvp("nsenter", ["nsenter", f"--net={netns}", "--", *command])
     except FileNotFoundError as e:

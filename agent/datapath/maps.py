@@ -37,7 +37,7 @@ class DatapathConfigC(ct.Structure):
         ("policy_revision", ct.c_uint32),
         ("proxy_ip", ct.c_uint32),  # network order; 0 = no L7 processor
         ("proxy_port", ct.c_uint16),  # network order
-        ("pad", ct.c_uint16),
+        ("dns_port", ct.c_uint16),  # network order; 0 = no DNS proxy (bpf/lib/dns.h)
     ]
 
 
@@ -227,6 +227,10 @@ class FastpathCounterC(ct.Structure):
     _fields_ = [("messages", ct.c_uint64), ("bytes", ct.c_uint64)]
 
 
+class DnsOrigDstC(ct.Structure):
+    _fields_ = [("addr", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]  # network order
+
+
 # C struct name -> (our copy, the map and side BCC exposes it on), for check_layout() (bpf/redirect.c's maps).
 SOCKET_LAYOUTS = {
     "endpoint_netns_info": (EndpointNetnsC, "endpoint_netns", "Leaf"),
@@ -243,6 +247,7 @@ SOCKET_LAYOUTS = {
     "fastpath_flow": (FastpathFlowC, "fastpath_flows", "Leaf"),
     "fastpath_config": (FastpathConfigC, "fastpath_config", "Leaf"),
     "fastpath_counter": (FastpathCounterC, "fastpath_metrics", "Leaf"),
+    "dns_origdst": (DnsOrigDstC, "dns_origdst", "Leaf"),
 }
 
 

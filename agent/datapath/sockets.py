@@ -84,11 +84,13 @@ PROGRAMS = {
     "sock6_recvmsg": 20,      # BPF_CGROUP_UDP6_RECVMSG
     "sock6_getpeername": 30,  # BPF_CGROUP_INET6_GETPEERNAME
     "sock_ops": 3,            # BPF_CGROUP_SOCK_OPS           (L7 redirects' origins, the fast path)
+    "sock_release": 34,       # BPF_CGROUP_INET_SOCK_RELEASE  (a closed socket's DNS redirect, lib/dns.h)
 }
 # Attached to the fastpath_socks map rather than to a cgroup.
 FASTPATH_PROGRAM = "fastpath_msg"
 BPF_SK_MSG_VERDICT = 7
 BPF_CGROUP_SOCK_OPS = 3
+BPF_CGROUP_INET_SOCK_RELEASE = 34
 BPF_F_ALLOW_MULTI = 0x2
 BPF_F_REPLACE = 0x4
 
@@ -101,9 +103,10 @@ MAP_SIZES = {
     "L7_ORIGDST_MAP_SIZE": 65536,
     "FASTPATH_MAP_SIZE": 65536,  # sockets on the fast path
     "FASTPATH_FLOW_MAP_SIZE": 131072,  # their state (LRU)
+    "DNS_ORIGDST_MAP_SIZE": 65536,  # open sockets whose DNS query went to the proxy (LRU; lib/dns.h)
 }
 PINNED_MAPS = ("endpoint_netns", "lb_services", "lb_backends", "lb_revnat", "lb_config", "l7_pending",
-               "l7_origdst", "fastpath_socks", "fastpath_flows", "fastpath_config", "fastpath_metrics")
+               "l7_origdst", "fastpath_socks", "fastpath_flows", "fastpath_config", "fastpath_metrics", "dns_origdst")
 
 LB_F_L7 = 0x1  # bpf/lib/lb.h: TCP: redirect to the L7 processor (balanced as L4 until set_proxy())
 MAX_BACKENDS = 0xFFFF  # backend_count is a u16
@@ -357,6 +360,8 @@ class SocketDatapath:
             for name, attach_type in PROGRAMS.items():
                 if attach_type == BPF_CGROUP_SOCK_OPS:
                     self.functions[name] = self.bpf.load_func(name, BPF.SOCK_OPS)
+                elif attach_type == BPF_CGROUP_INET_SOCK_RELEASE:
+                    self.functions[name] = self.bpf.load_func(name, BPF.CGROUP_SOCK, attach_type=attach_type)
                 else:
                     self.functions[name] = self.bpf.load_func(name, BPF.CGROUP_SOCK_ADDR, attach_type=attach_type)
             self.fastpath_msg = self.bpf.load_func(FASTPATH_PROGRAM, BPF.SK_MSG)
@@ -523,6 +528,10 @@ class SocketDatapath:
     def proxy(self) -> tuple[str, int] | None:
         cfg = self.bpf["lb_config"][0]
         return (be32_to_ip(cfg.proxy_ip), socket.ntohs(cfg.proxy_port)) if cfg.proxy_ip else None
+
+    def dns_origdst_entries(self) -> dict[int, tuple[str, int]]:
+        """socket cookie -> (resolver address, port) a redirected DNS query was sent to (lib/dns.h)."""
+        return {k.value: (be32_to_ip(v.addr), socket.ntohs(v.port)) for k, v in self.bpf["dns_origdst"].items()}
 
     def l7_origdst_entries(self) -> dict[tuple[str, int], tuple[str, int, int, int]]:
         """(client ip, client port) -> (VIP, port, identity, ep_id) not yet taken by the processor."""

@@ -121,6 +121,21 @@ class TcDatapath:
         cfg.proxy_ip, cfg.proxy_port = ip_be, port_be
         table[0] = cfg
 
+    def set_dns_port(self, port: int) -> None:
+        """Turn the DNS redirect on (the node's DNS proxy at the processor's address, ``port``, UDP
+        and TCP) or off (0). The socket hooks send every DNS query of an endpoint there and TC lets
+        it through (bpf/lib/dns.h, bpf/policy.c is_dns_redirect). Leaves the other fields alone."""
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 0xFFFF:
+            raise ValueError(f"DNS proxy port {port!r} is not in 0..65535 (0: off)")
+        table = self.bpf["config_map"]
+        cfg = table[0]
+        cfg.dns_port = socket.htons(port)
+        table[0] = cfg
+
+    def dns_port(self) -> int:
+        """The DNS proxy's port as the datapath holds it; 0: no DNS redirect."""
+        return socket.ntohs(self.bpf["config_map"][0].dns_port)
+
     def policy_revision(self) -> int:
         return int(self.bpf["config_map"][0].policy_revision)
 

@@ -20,12 +20,18 @@
  * hooks of bpf/redirect.c send L7 services to): a new TCP flow from an endpoint to it is a
  * redirect (VERDICT_REDIRECTED), admitted here; the endpoint's egress policy is applied
  * to the processor's upstream connection instead, at the backend (MARK_MAGIC_PROXY_EGRESS). 0 = none.
+ *
+ * dns_port is the node's DNS proxy, at proxy_ip:dns_port (UDP and TCP): the socket hooks of
+ * bpf/redirect.c send every DNS query of an endpoint there (lib/dns.h), and from_container lets
+ * those packets through whatever the egress policy (bpf/policy.c is_dns_redirect). 0 = no DNS
+ * proxy: DNS is left alone. It took the place of the old padding, so the struct kept its size and
+ * an older agent's pinned map is adopted as it is (its 0 there means off).
  * Writers change one field and keep the others (read, modify, write the element back). */
 struct datapath_config {
 	__u32 policy_revision;    /* 0 */
 	__u32 proxy_ip;           /* 4: network order; 0 = no L7 processor */
 	__u16 proxy_port;         /* 8: network order */
-	__u16 pad;                /* 10 */
+	__u16 dns_port;           /* 10: network order; 0 = no DNS proxy */
 };                            /* 12 bytes */
 
 BPF_TABLE_PINNED("array", __u32, struct datapath_config, config_map, 1, PIN_DIR "/config");

@@ -20,8 +20,6 @@ Cleanup (fixture, also on failure): processes killed by PID, programs detached f
 
 from __future__ import annotations
 
-import contextlib
-import ctypes as ct
 import json
 import os
 import subprocess
@@ -34,7 +32,7 @@ from agent.datapath import maps
 from agent.datapath.sockets import CGROUP_ROOT, LB_F_L7, SocketDatapath, netns_cookie
 from agent.datapath.tc import TcDatapath
 from agent.policy.types import EGRESS, INGRESS, Action, Enforcement, PolicyEntry, PolicyKey
-from tests.datapath.topology import Topology, remove_redirect_pins, run, sync_services
+from tests.datapath.topology import Topology, in_netns, remove_redirect_pins, run, sync_services
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TAG = uuid.uuid4().hex[:6]
@@ -118,26 +116,6 @@ except OSError as e:
     out["error"] = type(e).__name__
 print(json.dumps(out))
 """
-
-
-@contextlib.contextmanager
-def in_netns(path: str):
-    """Run the block with this thread in another network namespace (netlink sockets made inside
-    belong to it), then come back."""
-    libc = ct.CDLL(None, use_errno=True)
-    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    there = os.open(path, os.O_RDONLY)
-    try:
-        if libc.setns(there, 0x40000000) != 0:
-            raise OSError(ct.get_errno(), f"setns {path}")
-        try:
-            yield
-        finally:
-            if libc.setns(here, 0x40000000) != 0:
-                raise OSError(ct.get_errno(), "setns back")
-    finally:
-        os.close(here)
-        os.close(there)
 
 
 def _policy(dp: TcDatapath, ep_id: int, direction: int, identity: int, port: int, rule_id: int) -> None:

@@ -13,6 +13,7 @@ A subclass lays out its test's topology in `setup()`; `with topo.session():` run
 from __future__ import annotations
 
 import contextlib
+import ctypes as ct
 import os
 import select
 import shutil
@@ -48,6 +49,26 @@ def remove_redirect_pins(pin_dir: str) -> None:
     shutil.rmtree(pin_dir, ignore_errors=True)
     with contextlib.suppress(OSError):
         os.rmdir(PIN_ROOT)
+
+
+@contextlib.contextmanager
+def in_netns(path: str):
+    """Run the block with this thread in another network namespace (netlink sockets made inside
+    belong to it), then come back."""
+    libc = ct.CDLL(None, use_errno=True)
+    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    there = os.open(path, os.O_RDONLY)
+    try:
+        if libc.setns(there, 0x40000000) != 0:
+            raise OSError(ct.get_errno(), f"setns {path}")
+        try:
+            yield
+        finally:
+            if libc.setns(here, 0x40000000) != 0:
+                raise OSError(ct.get_errno(), "setns back")
+    finally:
+        os.close(here)
+        os.close(there)
 
 
 def _terminated(signum, frame):

@@ -149,6 +149,38 @@ def test_the_cluster_domain_names_services_not_the_trust_domain():
     assert json.loads(tables["l7_snapshot"]["/state/l7-n1.json"])["cluster_domain"] == "corp.example"
 
 
+def test_with_the_dns_proxy_hosts_files_keep_localhost_and_dns_goes_to_the_proxy():
+    """The DNS proxy answers the names (fresh, for every process however started): the redirect is
+    on at its port and the hosts files hold no service names, which a process started before a
+    Service was applied would never see (it keeps the file `ip netns exec` mounted)."""
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
+           "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}}
+    d = desired((WEB, 17), resources={"Service": (svc,)})
+    on = compute(DesiredState(**{**d.__dict__, "node": facts(ifindex={"web": 17}, dns_port=15053)})).tables
+    assert on["dns_redirect"] == {"dns": 15053}
+    hosts = on["hosts_files"]["/etc/netns/web/hosts"]
+    assert hosts.startswith("127.0.0.1\tlocalhost\n") and "web.default" not in hosts
+    assert on["lb_services"] == compute(d).tables["lb_services"], "the services themselves do not change"
+    off = compute(d).tables  # dns_port 0: no DNS proxy, the names stay in the files
+    assert off["dns_redirect"] == {} and "web.default.svc.cluster.local" in off["hosts_files"]["/etc/netns/web/hosts"]
+
+
+def test_hosts_files_are_written_in_place_and_the_dns_port_through_the_tc_datapath():
+    from unittest import mock
+
+    from agent.reconcile import DnsRedirectTable, node_tables
+
+    with mock.patch("agent.reconcile.pod_routes", return_value={}):
+        tables = {t.name: t for t in node_tables(mock.MagicMock(), mock.MagicMock(), mock.MagicMock())}
+    assert tables["hosts_files"].in_place and not tables["l7_snapshot"].in_place
+    tc = mock.MagicMock()
+    tc.dns_port.return_value = 0
+    sync = Sync([DnsRedirectTable(tc)])
+    sync.apply({"dns_redirect": {"dns": 15053}})
+    sync.apply({"dns_redirect": {}})
+    assert tc.set_dns_port.call_args_list == [mock.call(15053), mock.call(0)]
+
+
 class Recorder:
     """A table that records every call into a shared log."""
 

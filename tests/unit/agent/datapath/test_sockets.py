@@ -101,6 +101,7 @@ def test_attach_types_match_bcc():
         "sock6_recvmsg": bcc.BPFAttachType.CGROUP_UDP6_RECVMSG,
         "sock6_getpeername": bcc.BPFAttachType.CGROUP_INET6_GETPEERNAME,
         "sock_ops": bcc.BPFAttachType.CGROUP_SOCK_OPS,
+        "sock_release": bcc.BPFAttachType.CGROUP_INET_SOCK_RELEASE,
     }
     assert sockets.PROGRAMS == expected
 
@@ -108,7 +109,8 @@ def test_attach_types_match_bcc():
 def test_every_program_is_defined_in_redirect_c():
     text = (BPF / "redirect.c").read_text()
     for name, attach_type in sockets.PROGRAMS.items():
-        ctx = "bpf_sock_ops \\*skops" if attach_type == sockets.BPF_CGROUP_SOCK_OPS else "bpf_sock_addr \\*ctx"
+        ctx = {sockets.BPF_CGROUP_SOCK_OPS: "bpf_sock_ops \\*skops",
+               sockets.BPF_CGROUP_INET_SOCK_RELEASE: "bpf_sock \\*sk"}.get(attach_type, "bpf_sock_addr \\*ctx")
         assert re.search(rf"^int {name}\(struct {ctx}\)", text, re.M), name
 
 
@@ -122,6 +124,15 @@ def test_l7_encodings():
     assert raw[6:8] == (3).to_bytes(2, "little") and raw[8:12] == (0x123456).to_bytes(4, "little")
     cfg = maps.LbConfigC(proxy_ip=sockets.ip_to_be32("10.200.0.1"), proxy_port=socket.htons(15001))
     assert bytes(cfg) == socket.inet_aton("10.200.0.1") + (15001).to_bytes(2, "big") + b"\0\0"
+
+
+def test_dns_encodings():
+    """dns_origdst's value as user_ip4/user_port hold an address; datapath_config's dns_port."""
+    value = maps.DnsOrigDstC(addr=sockets.ip_to_be32("192.0.2.53"), port=socket.htons(53))
+    assert bytes(value) == socket.inet_aton("192.0.2.53") + (53).to_bytes(2, "big") + b"\0\0"
+    cfg = maps.DatapathConfigC(policy_revision=7, proxy_ip=sockets.ip_to_be32("10.200.0.1"),
+                               proxy_port=socket.htons(15001), dns_port=socket.htons(15053))
+    assert bytes(cfg)[8:] == (15001).to_bytes(2, "big") + (15053).to_bytes(2, "big")
 
 
 def test_lb_flags_match_header():
