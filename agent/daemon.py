@@ -732,6 +732,8 @@ def run_agent(config_path: str | None) -> int:
             agent.l7.stop()
         if agent.dns:
             agent.dns.stop()
+        with contextlib.suppress(OSError):  # the last answers, for the next agent's toFQDNs allows
+            agent.fqdn.save(agent.fqdn_path)
         if api:
             api.stop()
         agent.store.close()  # the etcd store's lease outlives it by store_lease_ttl

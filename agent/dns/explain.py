@@ -27,7 +27,7 @@ def _allowed_by(selectors: Sequence[DnsRule], name: str, rules: Mapping[int, Rul
 
 
 def _expiry(expires: float, in_use: bool, now: float) -> dict[str, Any]:
-    return {"expires": format_time(int(expires * 1e9)), "expires_in_s": round(expires - now),
+    return {"expires": format_time(round(expires * 1000) * 1_000_000), "expires_in_s": round(expires - now),
             # Cilium's cache names where an entry comes from: a lookup, or a connection still using it
             "source": "connection" if in_use else "lookup"}
 
