@@ -227,7 +227,8 @@ class Agent:
         self.computed = computed
         self.last_reconcile = time.time()
         self.flow_ctx = flow_context(desired, computed, self.flow_ctx.boot_offset_ns)
-        self.fqdn_hook.update(FqdnView(computed.dns, computed.fqdn_selectors, computed.fqdn_generation))
+        self.fqdn_hook.update(FqdnView(computed.dns, computed.fqdn_selectors, computed.fqdn_allowed,
+                                       computed.fqdn_generation))
         self._host_ips = frozenset((*desired.node.local_ips, desired.node.router_ip))
         self._dns_snapshot = dns_snapshot(desired, computed.services)
         if self.dns is not None:

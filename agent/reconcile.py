@@ -119,6 +119,7 @@ class Computed:
     dns: Mapping[int, DnsPolicy] = field(default_factory=dict)
     fqdn_selectors: Mapping[int, tuple[DnsRule, ...]] = field(default_factory=dict)
     fqdn_prefixes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    fqdn_allowed: Mapping[int, frozenset[str]] = field(default_factory=dict)
     fqdn_generation: int = 0
 
 
@@ -204,7 +205,7 @@ def compute(desired: DesiredState) -> Computed:
     return Computed(tables=tables, rules=dict(compiled.rules), services=plan.views,
                     cidr_identities=dict(compiled.cidr_identities), dns=dict(compiled.dns),
                     fqdn_selectors=dict(compiled.fqdn_selectors), fqdn_prefixes=dict(compiled.fqdn_prefixes),
-                    fqdn_generation=desired.fqdn.generation)
+                    fqdn_allowed=dict(compiled.fqdn_allowed), fqdn_generation=desired.fqdn.generation)
 
 
 def lb_services(plan: ServicePlan) -> dict[tuple, tuple[tuple[tuple[str, int], ...], int]]:

@@ -5,9 +5,10 @@
   reconcile (`update`). A refusal carries the deciding rule, which the proxy's DROPPED DNS flow names.
 - ``observed`` / ``observed_fast``: an answer is about to be given. Its addresses go into the FQDN
   cache (agent/dns/fqdn.py) for that endpoint; when a toFQDNs selector of the endpoint matches the
-  name and the kernel's maps do not hold the cache's latest state yet, the answer waits, at most
-  ``wait_s``, for a reconcile to put them there, as Cilium's proxy holds an answer until the policy
-  map allows its addresses. So a client that connects right after its lookup is not dropped.
+  name and the last reconcile did not allow all of its addresses yet, the answer waits, at most
+  ``wait_s``, for a reconcile to put them in the maps, as Cilium's proxy holds an answer until the
+  policy map allows its addresses. So a client that connects right after its lookup is not dropped;
+  an answer repeating allowed addresses (its TTL pushed on in the cache) leaves at once.
 
 The hook never writes the datapath itself: it asks the agent's one reconcile path (``reconcile``,
 given the cache generation that must be in the maps and the time left).
@@ -36,10 +37,12 @@ OBSERVE_WAIT_S = 0.9
 @dataclass(frozen=True)
 class FqdnView:
     """What the last reconcile compiled, as the hook reads it: per local endpoint (ep_id) its DNS
-    policy and its toFQDNs selectors, and the FQDN cache generation that is now in the kernel."""
+    policy, its toFQDNs selectors and the addresses they allow, and the FQDN cache generation that is
+    now in the kernel."""
 
     dns: Mapping[int, DnsPolicy] = field(default_factory=dict)
     selectors: Mapping[int, tuple[DnsRule, ...]] = field(default_factory=dict)
+    allowed: Mapping[int, frozenset[str]] = field(default_factory=dict)
     generation: int = -1  # nothing applied yet
 
 
@@ -67,36 +70,37 @@ class FqdnPolicyHook:
     def observed_fast(self, endpoint: DnsClient, qname: str, ips: tuple[str, ...], ttl: int) -> bool:
         """Record the answer; True when nothing is left to wait for (never blocks)."""
         self.cache.record(endpoint.name, qname, ips, ttl)
-        return not self._waits(endpoint, qname)
+        return not self._waits(endpoint, qname, ips)
 
     def observed(self, endpoint: DnsClient, qname: str, ips: tuple[str, ...], ttl: int) -> None:
         """Record the answer and, if a toFQDNs selector wants it, have the datapath take it (bounded)."""
         self.cache.record(endpoint.name, qname, ips, ttl)
-        if not self._waits(endpoint, qname):
+        if not self._waits(endpoint, qname, ips):
             return
         target = self.cache.generation
         deadline = self._clock() + self.wait_s
         left = self.wait_s
-        while self.view.generation < target and left > 0:
+        while self.view.generation < target and self._waits(endpoint, qname, ips) and left > 0:
             try:
                 self._reconcile(target, left)
             except Exception:  # the answer goes out anyway; the periodic loop retries
                 log.exception("FQDN cache: reconcile for %s of %s failed", qname, endpoint.name)
                 return
             left = deadline - self._clock()
-        if self.view.generation < target:
+        if self._waits(endpoint, qname, ips):
             log.warning("FQDN cache: the answer for %s to %s left before the datapath allowed its addresses",
                         qname, endpoint.name)
 
     # ----------------------------------------------------------------------------------------------
 
-    def _waits(self, endpoint: DnsClient, qname: str) -> bool:
+    def _waits(self, endpoint: DnsClient, qname: str, ips: tuple[str, ...]) -> bool:
         """Whether an answer must wait: a toFQDNs selector of the endpoint matches the name, and the
-        maps do not hold the cache as it is now."""
+        last reconcile did not allow every address of the answer to it."""
         view = self.view
-        if view.generation >= self.cache.generation:
+        if not any(rule.selector.matches(qname) for rule in view.selectors.get(endpoint.ep_id, ())):
             return False
-        return any(rule.selector.matches(qname) for rule in view.selectors.get(endpoint.ep_id, ()))
+        allowed = view.allowed.get(endpoint.ep_id, frozenset())
+        return not all(ip in allowed for ip in ips if ":" not in ip)  # IPv6 answers allow nothing here
 
     def selectors_for(self, ep_id: int, qname: str) -> tuple[DnsRule, ...]:
         """The toFQDNs selectors (with their rules) of endpoint ``ep_id`` that match ``qname``."""

@@ -963,6 +963,8 @@ def compile_policies(
                         continue
                     _expand(rule, ep, resolver, numbers, order[rule], buckets, named_index)
 
+    for (ep_id, _peer), nets in fqdn_nets.items():
+        out.fqdn_allowed[ep_id] = out.fqdn_allowed.get(ep_id, frozenset()) | {str(n.network_address) for n in nets}
     for (ep_id, direction, peer), bucket in sorted(buckets.items()):
         for (proto, port, prefix), entry in sorted(_flatten(bucket).items()):
             out.entries[PolicyKey(ep_id, direction, peer, proto, port, prefix)] = entry

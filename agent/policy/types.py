@@ -118,3 +118,6 @@ class CompiledPolicy:
     # them ("api.example.com.", "*.example.com."), which label those identities in flows as Cilium's
     # fqdn:<pattern> labels do.
     fqdn_prefixes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Per local endpoint (ep_id): the addresses its toFQDNs selectors allow (the DNS proxy's hook
+    # releases an answer at once when they hold all of its addresses)
+    fqdn_allowed: dict[int, frozenset[str]] = field(default_factory=dict)

@@ -17,6 +17,11 @@ API = DnsRule(FqdnSelector(match_name="api.example.test."), 11)
 DNS = {1: DnsPolicy(any_name=False, rules=(DnsRule(FqdnSelector(match_pattern="*.example.test."), 10),), rule_id=10)}
 
 
+def allowed(snap) -> dict[int, frozenset[str]]:
+    """What the compiler would allow: the client's (ep 1) addresses of api.example.test."""
+    return {1: frozenset(snap.names.get("client", {}).get("api.example.test.", ()))}
+
+
 class FakeAgent:
     """The agent's reconcile_fqdn: compiles the cache's snapshot into a new view (after ``delay``)."""
 
@@ -35,7 +40,7 @@ class FakeAgent:
             self.calls += 1
             snap = self.hook.cache.snapshot()
             time.sleep(self.delay)
-            self.hook.update(FqdnView(DNS, {1: (API,)}, snap.generation))
+            self.hook.update(FqdnView(DNS, {1: (API,)}, allowed(snap), snap.generation))
         finally:
             self.lock.release()
 
@@ -44,7 +49,7 @@ def make(delay: float = 0.0, wait_s: float = 0.9) -> tuple[FqdnPolicyHook, FakeA
     agent = FakeAgent(delay)
     hook = FqdnPolicyHook(FqdnCache(min_ttl=60), reconcile=agent.reconcile, wait_s=wait_s)
     agent.hook = hook
-    hook.update(FqdnView(DNS, {1: (API,)}, 0))
+    hook.update(FqdnView(DNS, {1: (API,)}, {}, 0))
     return hook, agent
 
 
@@ -59,7 +64,7 @@ def test_check_applies_the_endpoints_dns_rules():
 
 def test_an_audit_refusal_is_answered_and_says_so():
     hook, _ = make()
-    hook.update(FqdnView({1: DnsPolicy(any_name=False, rule_id=4, audit=True)}, {}, 0))
+    hook.update(FqdnView({1: DnsPolicy(any_name=False, rule_id=4, audit=True)}, {}, {}, 0))
     v = hook.check(CLIENT, "x.test.", "A")
     assert v.allowed and v.description.startswith("audit mode, would be refused")
 
@@ -69,8 +74,11 @@ def test_a_selected_answer_waits_for_the_datapath():
     assert not hook.observed_fast(CLIENT, "api.example.test.", ("192.0.2.10",), 5)  # must wait
     hook.observed(CLIENT, "api.example.test.", ("192.0.2.10",), 5)
     assert agent.calls == 1 and hook.view.generation == hook.cache.generation
-    # the same answer again: already in the datapath, nothing to wait for
+    # the same answer again: already in the datapath, nothing to wait for, even after other answers
+    hook.observed(CLIENT, "evil.example.test.", ("192.0.2.66",), 5)
     assert hook.observed_fast(CLIENT, "api.example.test.", ("192.0.2.10",), 5)
+    assert hook.observed_fast(CLIENT, "api.example.test.", ("192.0.2.10", "2001:db8::1"), 5)  # IPv6 allows nothing
+    assert not hook.observed_fast(CLIENT, "api.example.test.", ("192.0.2.10", "192.0.2.12"), 5)  # one is new
 
 
 def test_an_unselected_answer_is_recorded_without_waiting():
@@ -85,7 +93,7 @@ def test_an_unselected_answer_is_recorded_without_waiting():
 
 def test_the_wait_is_bounded():
     hook, agent = make(delay=0.5, wait_s=0.2)
-    hook.update(FqdnView(DNS, {1: (API,)}, 0))
+    hook.update(FqdnView(DNS, {1: (API,)}, {}, 0))
     agent.lock.acquire()  # someone else holds the agent's lock (a long reconcile)
     try:
         started = time.monotonic()
@@ -113,6 +121,6 @@ def test_a_failing_reconcile_releases_the_answer(caplog):
         raise RuntimeError("store away")
 
     hook = FqdnPolicyHook(FqdnCache(min_ttl=60), reconcile=broken)
-    hook.update(FqdnView(DNS, {1: (API,)}, 0))
+    hook.update(FqdnView(DNS, {1: (API,)}, {}, 0))
     hook.observed(CLIENT, "api.example.test.", ("192.0.2.10",), 5)
     assert "reconcile for api.example.test. of client failed" in caplog.text
