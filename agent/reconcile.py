@@ -46,6 +46,9 @@ Writers that stay outside, and why:
   `EndpointManager.reidentify` before compute when a local endpoint's security labels changed (its
   Namespace relabelled): identities are the cluster's, agreed through the store, not a table.
 - Veths, namespaces, cgroups and TC filters: plumbing, not table contents (agent.endpoint_manager).
+- The FQDN cache (agent/dns/fqdn.py) and its file state_dir/fqdn-NODE.json: an input of the desired
+  state (what the DNS proxy answered), like the store, written by the proxy's policy hook and aged
+  by `Agent.fqdn_gc`; compute reads its snapshot, and each change that matters runs this path.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ what the agent itself knows about its node (`NodeFacts`: interfaces it plumbed, 
 the addresses of the node), resolves the DNS names ServiceEntries need, and returns a
 `DesiredState` that `agent.reconcile.compute` turns into table contents without any I/O.
 
+The FQDN cache's snapshot (what the DNS proxy answered each local endpoint, agent/dns/fqdn.py) is
+handed in by the agent: node-local state that toFQDNs policies resolve against.
+
 Namespace resources are read here too: their labels are part of every endpoint's security labels
 (`DesiredState.security_labels`), so a relabelled namespace changes the identity its endpoints
 should have (`DesiredState.stale_identities`, which the agent acts on before computing).
