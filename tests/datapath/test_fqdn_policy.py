@@ -230,6 +230,9 @@ def test_tofqdns_allows_a_name_once_resolved_and_not_another(world):
     assert "CiliumNetworkPolicy default/fqdn spec.egress[1]" in api["allowed_by"][0]["rule"]
     ipcache = {row["prefix"]: row["identity"] for row in world.node.cli_json("bpf", "ipcache", "list")}
     assert ipcache.get(f"{API}/32", 0) >= 1 << 24, "the address has a CIDR identity of its own"
+    allowed = world.node.flows("--from-ip", world.eps["client"]["ip"], "--to-ip", API, "--verdict", "FORWARDED")
+    assert allowed and "fqdn:api.example.test." in allowed[-1]["destination"]["labels"], allowed
+    assert allowed[-1]["policy"]["path"] == "spec.egress[1]"
     # evil.example.test may be looked up (*.example.test) but no toFQDNs selector wants it
     assert world.query("client", "udp", "evil.example.test")["answers"] == [EVIL]
     (evil,) = world.cached("client", "evil.example.test")
