@@ -486,7 +486,7 @@ class _Parser:
         if not items:
             return None
         if not allowed:
-            raise self.error(f"{path}.dns", "DNS rules are allowed in egress rules only (as in Cilium)")
+            raise self.error(f"{path}.dns", "DNS rules are allowed in egress allow rules only (as in Cilium)")
         return tuple(self._fqdn_selector(f"{path}.dns[{i}]", item) for i, item in enumerate(items))
 
     def _dns_ports(self, path: str, items: list) -> None:
@@ -555,9 +555,11 @@ class _Parser:
             ports += self._port_blocks(ipath, (PROTO_NUMBERS[name],), item.get("port"), item.get("endPort"))
         # Kubernetes: an empty or missing from/to matches every peer, empty or missing ports every port.
         numeric, named = _split_ports(ports)
+        blocks = numeric or (() if named else (_ALL_PORTS,))
         return _Rule(
             self.policy, path, direction, Action.ALLOW,
-            tuple(peers) or (_ANYONE,), numeric or (() if named else (_ALL_PORTS,)), named,
+            tuple(peers) or (_ANYONE,), blocks, named,
+            _dns_access([(blocks, None)]) if direction == EGRESS else None,  # port 53 open: any name
         )
 
     def _np_peer(self, path: str, peer: Mapping) -> _Peer:

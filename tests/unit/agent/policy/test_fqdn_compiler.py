@@ -202,6 +202,32 @@ spec:
     assert dns(c, EP_CLIENT, "api.example.test").allowed
 
 
+@pytest.mark.parametrize("ports,allowed", [
+    ("[{protocol: UDP, port: 53}]", True),
+    ("[{protocol: TCP, port: 53}]", True),
+    ("[{protocol: TCP, port: 40, endPort: 60}]", True),
+    ("[]", True),  # every port
+    ("[{protocol: UDP, port: 54}]", False),
+    ("[{protocol: SCTP, port: 53}]", False),
+])
+def test_a_networkpolicy_egress_rule_on_port_53_allows_every_name(ports, allowed):
+    """A NetworkPolicy has no DNS rules: port 53 allowed means any name, as Kubernetes users expect."""
+    text = f"""
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: dns, namespace: default}}
+spec:
+  podSelector: {{matchLabels: {{app: client}}}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{{ipBlock: {{cidr: 0.0.0.0/0}}}}]
+    ports: {ports}
+"""
+    c = compile_(text)
+    d = dns(c, EP_CLIENT, "api.example.test")
+    assert d.allowed is allowed and d.rule_id
+
+
 def test_policy_enforcement_always_refuses_dns_of_an_unselected_endpoint():
     c = compile_policies([], IDENTITIES, ENDPOINTS, mode="always")
     d = decide(c.dns[EP_WEB], "api.example.test")
@@ -271,7 +297,7 @@ def test_compiler_refuses_bad_dns_input(old, new, expected):
 def test_compiler_refuses_dns_rules_on_ingress_and_tofqdns_in_deny():
     ingress = FQDN_POLICY.replace("  egress:\n  - toPorts", "  ingress:\n  - toPorts").replace(
         "  - toFQDNs:\n    - matchName: api.example.test\n", "  - fromEntities: [world]\n")
-    with pytest.raises(PolicyCompileError, match="DNS rules are allowed in egress rules only"):
+    with pytest.raises(PolicyCompileError, match="DNS rules are allowed in egress allow rules only"):
         compile_(ingress)
     deny = FQDN_POLICY.replace("  - toFQDNs:", "  egressDeny:\n  - toFQDNs:")
     with pytest.raises(PolicyCompileError, match=r"spec.egressDeny\[0\].toFQDNs: not supported"):
