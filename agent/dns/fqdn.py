@@ -209,13 +209,18 @@ class FqdnCache:
     def save(self, path: str) -> None:
         """Write the cache to ``path`` if it changed since the last save (root's alone, like the rest of
         the state directory)."""
-        with self._lock:
+        with self._lock:  # a copy: the proxy's threads record meanwhile
             if not self._dirty:
                 return
-            doc = {"version": STATE_VERSION, "endpoints": self._data}
-            text = json.dumps(doc, sort_keys=True)
+            data = {ep: {n: {ip: list(slot) for ip, slot in ips.items()} for n, ips in by_name.items()}
+                    for ep, by_name in self._data.items()}
             self._dirty = False
-        write_text_if_changed(path, text, FILE_MODE, DIR_MODE)
+        text = json.dumps({"version": STATE_VERSION, "endpoints": data}, sort_keys=True)
+        try:
+            write_text_if_changed(path, text, FILE_MODE, DIR_MODE)
+        except OSError:
+            self._dirty = True  # tried again at the next save
+            raise
 
     def load(self, path: str) -> int:
         """Read what a previous agent saved; a missing or unreadable file is an empty cache (the names
