@@ -83,11 +83,19 @@ class FlowContext:
 # ---- time ----------------------------------------------------------------------------------------
 
 
+_last_second: tuple[int, str] = (-1, "")  # the last second formatted: flows come many to a second
+
+
 def format_time(epoch_ns: int) -> str:
     """RFC3339 with nine fractional digits and Z (fixed width, so strings sort like times)."""
+    global _last_second
     epoch_ns = min(max(int(epoch_ns), 0), _MAX_EPOCH_NS)
     sec, ns = divmod(epoch_ns, 10**9)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{ns:09d}Z"
+    last_sec, text = _last_second
+    if sec != last_sec:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        _last_second = (sec, text)
+    return f"{text}.{ns:09d}Z"
 
 
 _TIME_RE = re.compile(
@@ -300,7 +308,7 @@ def dns_flow(ev: Any, ctx: FlowContext, server_identity: int = HOST) -> dict[str
     An answer is a RESPONSE from the resolver the client asked (``server_identity``: the node's, 1,
     unless it is an endpoint's) to the client, is_reply; a question refused by the client's DNS rules
     is a DROPPED REQUEST from the client, with the deciding rule."""
-    verdict = ev.verdict
+    answer, verdict = ev.answer, ev.verdict
     l7_type = "RESPONSE" if verdict.allowed else "REQUEST"
     client_ip, (server_ip, server_port) = ev.client.ip, ev.server
     client_ref = ctx.endpoints_by_ip.get(client_ip)
@@ -308,13 +316,13 @@ def dns_flow(ev: Any, ctx: FlowContext, server_identity: int = HOST) -> dict[str
                                  False, 0)
     server_ref = ctx.endpoints_by_ip.get(server_ip)
     server_side = _endpoint_side(ctx, server_ip, server_ref.identity if server_ref else server_identity, False, 0)
-    qtypes, ips, cnames = [ev.qtype], list(ev.ips), list(ev.cnames)
-    ports = {"source_port": ev.client_port, "destination_port": server_port}
+    qtypes, ips, cnames = [answer.qtype], list(answer.ips), list(answer.cnames)
     if l7_type == "RESPONSE":
         src, dst, ip = server_side, client_side, {"source": server_ip, "destination": client_ip}
         ports = {"source_port": server_port, "destination_port": ev.client_port}
     else:
         src, dst, ip = client_side, server_side, {"source": client_ip, "destination": server_ip}
+        ports = {"source_port": ev.client_port, "destination_port": server_port}
     flow: dict[str, Any] = {"time": format_time(ev.time_ns), "verdict": "FORWARDED" if verdict.allowed else "DROPPED"}
     if not verdict.allowed:
         flow["drop_reason_desc"] = "POLICY_DENIED"
@@ -329,15 +337,64 @@ def dns_flow(ev: Any, ctx: FlowContext, server_identity: int = HOST) -> dict[str
         "traffic_direction": "EGRESS",
         "is_reply": verdict.allowed,
         "l7": {"type": l7_type, "latency_ns": ev.latency_ns,
-               "dns": {"query": ev.qname, "ips": ips, "ttl": ev.ttl, "cnames": cnames, "observation_source": "proxy",
-                       "rcode": ev.rcode, "qtypes": qtypes, "rrtypes": list(ev.rrtypes)}},
-        "Summary": dns_summary(l7_type, ev.qname, qtypes, ev.rcode, ips, cnames, ev.ttl),
+               "dns": {"query": answer.qname, "ips": ips, "ttl": answer.ttl, "cnames": cnames,
+                       "observation_source": "proxy", "rcode": answer.rcode, "qtypes": qtypes,
+                       "rrtypes": list(answer.rrtypes)}},
+        "Summary": dns_summary(l7_type, answer.qname, qtypes, answer.rcode, ips, cnames, answer.ttl),
     })
     if verdict.rule_id:
         _attach_rule(flow, verdict.rule_id, ctx)
     elif verdict.description:
         flow["policy"] = {"description": verdict.description}
     return flow
+
+
+class DnsFlowBuilder:
+    """`dns_flow` for every question the proxy answers, at a stub resolver's rate: the flow of an answer
+    given again (the same DnsAnswer object, client and resolver) is copied from a template made the
+    first time, with only its time, ports and latency new. Templates are dropped when the flow
+    context (names and labels) changes. Used from the proxy's thread only."""
+
+    def __init__(self, max_templates: int = 4096):
+        self.max_templates = max_templates
+        # DnsAnswer (compared by identity: a cheap key) -> (client IP, resolver, its identity, template, its l7)
+        self._templates: dict[Any, tuple[str, tuple[str, int], int, dict[str, Any], dict[str, Any]]] = {}
+        self._ctx: FlowContext | None = None
+        self._second: tuple[int, str] = (-1, "")
+
+    def build(self, ev: tuple, ctx: FlowContext, server_identity: int = HOST) -> dict[str, Any]:
+        """``ev``: the fields of an agent.dns.proxy.DnsEvent, in its order (a plain tuple will do)."""
+        time_ns, client, client_port, server, protocol, answer, latency_ns, verdict = ev
+        if not verdict.allowed:
+            return dns_flow(_named(ev), ctx, server_identity)  # refusals are rare and carry their rule
+        if ctx is not self._ctx:
+            self._templates.clear()
+            self._ctx = ctx
+        kept = self._templates.get(answer)
+        if kept is None or kept[0] != client.ip or kept[1] != server or kept[2] != server_identity:
+            if len(self._templates) >= self.max_templates:
+                self._templates.clear()  # kept answers are rebuilt within a second or a zone anyway
+            template = dns_flow(_named(ev), ctx, server_identity)
+            kept = self._templates[answer] = (client.ip, server, server_identity, template, template["l7"])
+        flow = kept[3].copy()
+        sec, ns = divmod(time_ns, 1_000_000_000)
+        second, text = self._second
+        if sec != second:
+            text = format_time(sec * 1_000_000_000)[:-11]  # the seconds, without ".%09dZ"
+            self._second = (sec, text)
+        flow["time"] = f"{text}.{ns:09d}Z"
+        flow["l4"] = {protocol: {"source_port": server[1], "destination_port": client_port}}
+        flow["l7"] = l7 = kept[4].copy()
+        l7["latency_ns"] = latency_ns
+        return flow
+
+
+def _named(ev: tuple) -> Any:
+    """A DnsEvent's fields as attributes (dns_flow reads them by name)."""
+    from types import SimpleNamespace
+
+    names = ("time_ns", "client", "client_port", "server", "protocol", "answer", "latency_ns", "verdict")
+    return ev if hasattr(ev, "_fields") else SimpleNamespace(**dict(zip(names, ev, strict=True)))
 
 
 # ---- filters -------------------------------------------------------------------------------------
@@ -623,9 +680,10 @@ class FlowBuffer:
         self.evicted_total = 0
         self.subscriber_lost_total = 0  # flows dropped for slow followers, all followers together
 
-    def add(self, flow: dict[str, Any]) -> None:
+    def add(self, flow: dict[str, Any], time_ns: int | None = None) -> None:
+        """``time_ns``: the flow's time as epoch ns, when the caller has it (else parsed from the flow)."""
         # Parse the time once here so `since` queries over the whole ring need not.
-        t = flow_time_ns(flow)
+        t = time_ns if time_ns is not None else flow_time_ns(flow)
         if t is None:
             t = time.time_ns()
         with self._lock:
@@ -637,6 +695,19 @@ class FlowBuffer:
             for sub in self._subs:
                 if not sub._put(flow):
                     self.subscriber_lost_total += 1
+
+    def add_many(self, flows: Iterable[tuple[dict[str, Any], int]]) -> None:
+        """Several (flow, epoch ns) at once, under one lock (the DNS proxy's batches)."""
+        with self._lock:
+            ring, subs, capacity = self._ring, self._subs, self.capacity
+            for flow, t in flows:
+                if len(ring) == capacity:
+                    self.evicted_total += 1
+                ring.append((t, flow))
+                self.received_total += 1
+                for sub in subs:
+                    if not sub._put(flow):
+                        self.subscriber_lost_total += 1
 
     def query(self, flt: FlowFilter | None = None, last: int | None = None) -> list[dict[str, Any]]:
         """Matching flows, oldest first; with ``last``, only the newest ``last`` of them."""
@@ -712,6 +783,12 @@ class FlowCounters:
             self._flows[fkey] = self._flows.get(fkey, 0) + 1
             if vkey is not None:
                 self._verdicts[vkey] = self._verdicts.get(vkey, 0) + 1
+
+    def count(self, verdict: str, typ: str, n: int = 1) -> None:
+        """``n`` flows known to carry no policy verdict (DNS answers): `observe` without reading them."""
+        key = (verdict, typ)
+        with self._lock:
+            self._flows[key] = self._flows.get(key, 0) + n
 
     def snapshot(self) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]]:
         """(flows by (verdict, type), policy verdicts by (direction, match)): copies."""

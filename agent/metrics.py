@@ -104,7 +104,9 @@ class AgentCollector:
         refused = CounterMetricFamily("meshagent_dns_policy_refused",
                                       "DNS questions refused by the asking endpoint's DNS rules")
         refused.add_metric([], c["policy_refused"])
-        yield from (requests, responses, errors, dropped, hits, misses, unknown, refused)
+        entries = GaugeMetricFamily("meshagent_dns_cache_entries", "Forwarded answers held in the DNS cache")
+        entries.add_metric([], len(dns.cache))
+        yield from (requests, responses, errors, dropped, hits, misses, unknown, refused, entries)
 
     def _l7_metrics(self):
         """The L7 processor's istio_* and meshagent_l7_* metrics, re-exported so one scrape of the node

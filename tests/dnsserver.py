@@ -7,7 +7,7 @@ In a namespace: ``python -m tests.dnsserver --port 5353 --record api.example.tes
 Names it has get their A records (NOERROR, no answer for other types); a name ending in
 ``.nx.test`` or unknown gets NXDOMAIN with an SOA whose minimum is ``negative_ttl``; a name starting
 with ``big.`` gets 60 A records: over UDP it answers at most 512 bytes (the rest: TC set, ask
-over TCP), whatever EDNS size was asked. ``dead = True`` makes it read and never answer.
+over TCP), whatever EDNS size was asked. ``dead = True`` makes it read and never answer; ``delay`` holds each answer.
 ``queries`` counts what it was asked.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import threading
+import time
 from collections import Counter
 
 from dnslib import QTYPE, RCODE, RR, SOA, A, DNSError, DNSRecord
@@ -32,7 +33,9 @@ class _Resolver(BaseResolver):
         name = str(request.q.qname).rstrip(".").lower()
         with owner.lock:
             owner.queries[(name, QTYPE.get(request.q.qtype), handler.protocol)] += 1
-            dead = owner.dead
+            dead, delay = owner.dead, owner.delay
+        if delay:
+            time.sleep(delay)
         if dead:
             raise DNSError("playing dead")  # dnslib's handler sends nothing then
         reply = request.reply()
@@ -67,12 +70,21 @@ class UpstreamServer:
         self.negative_ttl = negative_ttl
         self.queries: Counter = Counter()
         self.dead = False
+        self.delay = 0.0  # seconds before each answer
         self.lock = threading.Lock()
         resolver = _Resolver(self)
-        self.udp = DNSServer(resolver, address=host, port=port, logger=QUIET, handler=_Handler)
-        self.port = self.udp.server.server_address[1]
+        for attempt in range(10 if port == 0 else 1):  # port 0: a free UDP port whose TCP twin is free too
+            self.udp = DNSServer(resolver, address=host, port=port, logger=QUIET, handler=_Handler)
+            self.port = self.udp.server.server_address[1]
+            try:
+                self.tcp = DNSServer(resolver, address=host, port=self.port, tcp=True, logger=QUIET,
+                                     handler=_Handler)
+                break
+            except OSError:
+                self.udp.server.server_close()
+                if attempt == 9 or port != 0:
+                    raise
         self.host = host
-        self.tcp = DNSServer(resolver, address=host, port=self.port, tcp=True, logger=QUIET, handler=_Handler)
 
     def asked(self, name: str, qtype: str = "A") -> int:
         with self.lock:

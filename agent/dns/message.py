@@ -40,6 +40,7 @@ MAX_UDP_PLAIN = 512  # RFC 1035: a UDP message without EDNS
 MAX_UDP_EDNS = 1232  # the DNS flag day 2020 size: what we advertise and the most we send over UDP
 MAX_QUERY_BYTES = 4096  # no real query comes near it (a name is at most 255 bytes)
 QTYPE_OPT = 41
+BADVERS = 16  # an extended rcode: its high bits go in the OPT record
 ZONE_TRANSFERS = frozenset({"AXFR", "IXFR"})
 _PLAIN_LABEL = frozenset(range(0x21, 0x7F)) - {ord("."), ord("\\")}
 
@@ -73,7 +74,7 @@ class Rejection:
     """A message that is not a query we answer: ``reply`` is what to send (None: send nothing),
     ``reason`` names it for the counters."""
 
-    reason: str  # "garbage" | "response" | "oversized" | "formerr" | "notimp" | "refused"
+    reason: str  # "garbage" | "response" | "oversized" | "formerr" | "notimp" | "refused" | "badvers"
     reply: bytes | None = None
     rcode: int = RCODE.FORMERR
 
@@ -107,6 +108,10 @@ def parse_query(data: bytes, udp: bool = True) -> Query | Rejection:
     if len(opts) > 1:
         return _reject(header, "formerr", RCODE.FORMERR, question)  # RFC 6891 6.1.1
     edns_size = max(opts[0].edns_len, MAX_UDP_PLAIN) if opts else 0
+    if opts and opts[0].edns_ver > 0:  # RFC 6891 6.1.3: BADVERS (16: extended rcode 1, header rcode 0)
+        reply = DNSRecord(_reply_header(header.id, 0, header.rd), q=question)
+        reply.add_ar(EDNS0(ext_rcode=BADVERS >> 4, udp_len=MAX_UDP_EDNS))
+        return Rejection("badvers", bytes(reply.pack()), BADVERS)
     if udp and not opts and len(data) > MAX_UDP_PLAIN:
         return _reject(header, "oversized", RCODE.FORMERR, question)
     if question.qclass != CLASS.IN:
@@ -234,7 +239,11 @@ def parse_upstream(data: bytes, qid: int, query: Query) -> DNSRecord | None:
         reply = DNSRecord.parse(bytes(data))
     except Exception:  # dnslib's DNSError, and struct/index/unicode errors on odd input
         return None
-    if reply.header.id != qid or not reply.header.qr or len(reply.questions) != 1:
+    if reply.header.id != qid or not reply.header.qr:
+        return None
+    if reply.header.tc and not reply.questions:
+        return reply  # some servers truncate to the bare header: it says "ask over TCP", nothing else
+    if len(reply.questions) != 1:
         return None
     q = reply.questions[0]
     if q.qtype != query.qtype_num or q.qname != query.record.q.qname:

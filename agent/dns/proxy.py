@@ -12,7 +12,7 @@ Every question goes through the same steps:
                    questions asked at once for the same name and type share one upstream query
     observe        hook.observed(endpoint, name, IPs, TTL) before the answer leaves, so that policy
                    allowing those IPs (toFQDNs) is in the datapath when the client connects
-    answer         a DNS flow (Hubble's schema, through ``on_flow``) and the counters
+    answer         an event for a DNS flow (handed to the agent in batches, ``on_events``) and the counters
 
 The fast path: an answer built once is kept as bytes (cache.WireCache), keyed by the query's bytes
 after its ID, so a stub resolver that asks the same question again is answered with one dict
@@ -44,8 +44,9 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
+import uvloop
 from dnslib import RCODE
 
 from agent.dns.cache import DnsCache, WireCache
@@ -68,11 +69,14 @@ log = logging.getLogger("meshagent.dns")
 MAX_PENDING = 4096  # questions in progress (waiting on an upstream or on the policy hook)
 MAX_INFLIGHT = 256  # distinct questions asked upstream at once (each holds a socket)
 MAX_TCP_CLIENTS = 256
+UDP_RCVBUF = 1 << 20  # bytes of questions the kernel holds for us (up to net.core.rmem_max)
 TCP_IDLE_TIMEOUT_S = 10.0  # for the next question on an open connection (RFC 7766 suggests seconds)
 TCP_IO_TIMEOUT_S = 5.0  # for a started question to arrive whole, and for an answer to be taken
 OBSERVE_TIMEOUT_S = 1.0  # the longest an answer waits for hook.observed (the hook bounds itself too)
 OBSERVE_THREADS = 4
-RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
+EVENT_FLUSH_S = 0.05  # events go to the agent in batches, as often as the ring buffer is drained
+EVENT_BATCH_MAX = 4096
+RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED", 16: "BADVERS"}
 
 
 class DnsProxyError(MeshError):
@@ -141,38 +145,34 @@ class DnsSnapshot:
     clients: Mapping[str, DnsClient] = field(default_factory=dict)  # this node's endpoints by address
 
 
-@dataclass(frozen=True)
-class DnsEvent:
-    """One answered (or refused) question, for the agent to turn into a flow (agent/flows.py dns_flow)."""
+@dataclass(frozen=True, eq=False)
+class DnsAnswer:
+    """What one answer says: kept with an answer the proxy gives again (the fast path), so flows can
+    be built from a template per answer. Compared by identity, which makes it a cheap dict key."""
+
+    qname: str  # as asked, trailing dot
+    qtype: str
+    rcode: int
+    ips: tuple[str, ...] = ()
+    ttl: int = 0  # the lowest TTL of the answer records
+    cnames: tuple[str, ...] = ()
+    rrtypes: tuple[str, ...] = ()
+    mesh: bool = False  # answered by the mesh zone, not from upstream (or the cache of upstream answers)
+
+
+class DnsEvent(NamedTuple):
+    """One answered (or refused) question, for the agent to turn into a flow (agent/flows.py
+    DnsFlowBuilder). The proxy hands over plain tuples of these fields in this order (one is made
+    per question, and a tuple is the cheapest thing to make); ``DnsEvent(*event)`` names them."""
 
     time_ns: int
     client: DnsClient
     client_port: int
     server: tuple[str, int]  # the resolver address the client asked (its original destination)
     protocol: str  # "UDP" | "TCP"
-    qname: str
-    qtype: str
-    rcode: int
-    ips: tuple[str, ...] = ()
-    ttl: int = 0
-    cnames: tuple[str, ...] = ()
-    rrtypes: tuple[str, ...] = ()
+    answer: DnsAnswer
     latency_ns: int = 0
     verdict: DnsVerdict = ALLOWED
-
-
-@dataclass(frozen=True)
-class _Meta:
-    """What a kept answer says, for the policy check, the hook and the flow of a fast-path answer."""
-
-    qname: str
-    qtype: str
-    rcode: int
-    ips: tuple[str, ...]
-    ttl: int
-    cnames: tuple[str, ...]
-    rrtypes: tuple[str, ...]
-    mesh: bool  # answered by the zone, not from the cache of upstream answers
 
 
 class DnsCounters:
@@ -206,7 +206,12 @@ class _Udp(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         try:
-            self.proxy._on_datagram(self.transport, data, addr)
+            proxy = self.proxy
+            fast = proxy._fast(data, addr, True)
+            if fast is not None:
+                self.transport.sendto(fast, addr)
+            else:
+                proxy._on_datagram(self.transport, data, addr)
         except Exception:  # a bug must cost one answer, never the proxy
             log.exception("DNS proxy: answering %s failed", addr)
 
@@ -219,13 +224,16 @@ class DnsProxy:
     DnsProxyError) and runs the loop thread; `update()` swaps the snapshot; `stop()` ends it."""
 
     def __init__(self, host: str, port: int, upstreams: Upstreams, snapshot: DnsSnapshot,
-                 hook: DnsPolicyHook | None = None, on_event: Callable[[DnsEvent], None] | None = None,
+                 hook: DnsPolicyHook | None = None, on_events: Callable[[list[tuple]], None] | None = None,
                  original_dst: Callable[[str, int, str], tuple[str, int] | None] | None = None,
                  cache_entries: int = 10_000):
         self.host, self.port = host, port
         self.upstreams = upstreams
-        self.hook: DnsPolicyHook = hook or AllowAll()
-        self.on_event = on_event
+        self.hook = hook or AllowAll()
+        self.on_events = on_events  # answered questions, in batches (flows)
+        self._events: list[tuple] = []  # DnsEvent fields
+        self._wall_offset_ns = time.time_ns() - time.monotonic_ns()  # flow times: one clock read a question
+        self._server = (host, 53)  # the resolver a flow names when original_dst does not know it
         # The resolver a redirected client asked (client ip, port, "UDP"|"TCP"); None: this proxy.
         self.original_dst = original_dst
         self.counters = DnsCounters()
@@ -245,24 +253,30 @@ class DnsProxy:
     # ---- life -----------------------------------------------------------------------------------
 
     @property
+    def hook(self) -> DnsPolicyHook:
+        return self._hook
+
+    @hook.setter
+    def hook(self, hook: DnsPolicyHook) -> None:
+        self._hook = hook
+        self._observed_fast = getattr(hook, "observed_fast", None)
+
+    @property
     def address(self) -> tuple[str, int]:
         return self.host, self.port
 
     def start(self) -> None:
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socks = [udp, tcp]
-        try:
-            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            udp.bind((self.host, self.port))
-            if self.port == 0:
-                self.port = udp.getsockname()[1]
-            tcp.bind((self.host, self.port))
-            tcp.listen(128)
-        except OSError as e:
-            self._close_socks()
-            raise DnsProxyError(f"DNS proxy cannot listen on {self.host}:{self.port} (UDP and TCP): {e.strerror}; "
-                                "set dns_proxy_port to a free port, or dns_proxy: false") from None
+        # Port 0 (tests): the first free UDP port whose TCP twin is free too; a few tries.
+        for attempt in range(10 if self.port == 0 else 1):
+            try:
+                self._socks = self._bind(self.port)
+                break
+            except OSError as e:
+                if attempt == 9 or self.port != 0:
+                    raise DnsProxyError(
+                        f"DNS proxy cannot listen on {self.host}:{self.port} (UDP and TCP): {e.strerror}; "
+                        "set dns_proxy_port to a free port, or dns_proxy: false") from None
+        self.port = self._socks[0].getsockname()[1]
         for s in self._socks:
             s.setblocking(False)
         self._thread = threading.Thread(target=self._run, name="dns-proxy", daemon=True)
@@ -271,9 +285,22 @@ class DnsProxy:
         if self._start_error is not None:
             raise DnsProxyError(f"DNS proxy failed to start: {self._start_error}")
 
-    def _run(self) -> None:
-        import uvloop
+    def _bind(self, port: int) -> list[socket.socket]:
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)  # a burst waits; more is dropped
+            udp.bind((self.host, port))
+            tcp.bind((self.host, udp.getsockname()[1]))
+            tcp.listen(128)
+        except OSError:
+            udp.close()
+            tcp.close()
+            raise
+        return [udp, tcp]
 
+    def _run(self) -> None:
         loop = uvloop.new_event_loop()
         self._loop = loop
         asyncio.set_event_loop(loop)
@@ -302,6 +329,7 @@ class DnsProxy:
     def stop(self) -> None:
         loop, thread = self._loop, self._thread
         if loop is not None and thread is not None and thread.is_alive():
+            loop.call_soon_threadsafe(self._flush)
             loop.call_soon_threadsafe(loop.stop)
             thread.join(5)
         self._close_socks()
@@ -312,7 +340,10 @@ class DnsProxy:
             s.close()
 
     def update(self, snapshot: DnsSnapshot) -> None:
-        """Answer from ``snapshot`` from now on (called by the agent after each reconcile)."""
+        """Answer from ``snapshot`` from now on (called by the agent after each reconcile). The same
+        names and clients as now change nothing, so the kept answers stay."""
+        if snapshot == self._snap:
+            return
         loop = self._loop
         if loop is not None and loop.is_running():
             loop.call_soon_threadsafe(self._swap, snapshot)
@@ -326,10 +357,7 @@ class DnsProxy:
     # ---- UDP --------------------------------------------------------------------------------------
 
     def _on_datagram(self, transport: asyncio.DatagramTransport, data: bytes, addr: tuple) -> None:
-        fast = self._fast(data, addr, True)
-        if fast is not None:
-            transport.sendto(fast, addr)
-            return
+        """A datagram the fast path did not answer: answered by a task."""
         if self._pending >= MAX_PENDING:
             self.counters.count(self.counters.dropped, "overload")
             return
@@ -390,29 +418,32 @@ class DnsProxy:
 
     def _fast(self, data: bytes, addr: tuple, udp: bool) -> bytes | None:
         """The kept answer to these exact bytes, if there is one and nothing else must happen first."""
+        started = time.monotonic_ns()
         snap = self._snap
         client = snap.clients.get(addr[0])
         if client is None or len(data) < 12:
             return None
-        now = time.monotonic()
+        now = started / 1e9
         hit = self.wire.get((udp, client.namespace, data[2:]), now)
         if hit is None:
             return None
-        meta: _Meta = hit.meta
-        hook = self.hook
-        verdict = hook.check(client, meta.qname, meta.qtype)
-        if not verdict.allowed:
-            return None  # the slow path refuses it and says why
-        if meta.ips:
-            fast = getattr(hook, "observed_fast", None)
-            if fast is None or not fast(client, meta.qname, meta.ips, meta.ttl):
-                return None  # the slow path waits for the hook
+        meta: DnsAnswer = hit.meta
+        try:
+            if not self._hook.check(client, meta.qname, meta.qtype).allowed:
+                return None  # the slow path refuses it and says why
+            if meta.ips:
+                fast = self._observed_fast
+                if fast is None or not fast(client, meta.qname, meta.ips, meta.ttl):
+                    return None  # the slow path waits for the hook
+        except Exception:
+            return None  # the slow path asks again, and answers SERVFAIL if the hook fails there too
         c = self.counters
-        c.count(c.requests, meta.qtype)
-        c.count(c.responses, RCODE_NAMES.get(meta.rcode, str(meta.rcode)))
+        c.requests[meta.qtype] = c.requests.get(meta.qtype, 0) + 1
+        rcode = RCODE_NAMES.get(meta.rcode) or str(meta.rcode)
+        c.responses[rcode] = c.responses.get(rcode, 0) + 1
         if not meta.mesh:
             c.cache_hits += 1
-        self._event(client, addr, udp, meta.qname, meta.qtype, meta.rcode, meta, 0, ALLOWED)
+        self._event(client, addr, udp, meta, started, ALLOWED)
         return bytes(data[:2]) + hit.tail
 
     async def _answer(self, data: bytes, addr: tuple, udp: bool) -> bytes | None:
@@ -431,13 +462,13 @@ class DnsProxy:
             c.unknown_clients += 1
             return self._error(query, RCODE.REFUSED)
         try:
-            verdict = self.hook.check(client, query.qname, query.qtype)
+            verdict = self._hook.check(client, query.qname, query.qtype)
         except Exception:
             log.exception("DNS policy check of %s for %s failed", query.qname, client.name)
             return self._error(query, RCODE.SERVFAIL)
         if not verdict.allowed:
             c.policy_refused += 1
-            self._event(client, addr, udp, query.qname, query.qtype, RCODE.REFUSED, None, started, verdict)
+            self._event(client, addr, udp, DnsAnswer(query.qname, query.qtype, RCODE.REFUSED), started, verdict)
             return self._error(query, RCODE.REFUSED)
 
         now = time.monotonic()
@@ -454,7 +485,8 @@ class DnsProxy:
                 try:
                     upstream = await self._forward(query)
                 except UpstreamError:
-                    self._event(client, addr, udp, query.qname, query.qtype, RCODE.SERVFAIL, None, started, ALLOWED)
+                    self._event(client, addr, udp, DnsAnswer(query.qname, query.qtype, RCODE.SERVFAIL), started,
+                                ALLOWED)
                     return self._error(query, RCODE.SERVFAIL)
                 now = time.monotonic()
                 entry = self.cache.put(query.key, upstream, now)
@@ -464,14 +496,14 @@ class DnsProxy:
         wire, truncated = to_wire(reply, query.max_udp if udp else None)
         ips, ttl, cnames, rrtypes = answer_ips(reply)
         rcode = reply.header.rcode
-        meta = _Meta(query.qname, query.qtype, rcode, ips if not truncated else (), ttl, cnames, rrtypes,
+        meta = DnsAnswer(query.qname, query.qtype, rcode, ips if not truncated else (), ttl, cnames, rrtypes,
                      answer is not None)
         if ips and not truncated:
             await self._observe(client, query.qname, ips, ttl)
         if self._snap is snap:  # answers of a replaced snapshot are not kept
             self.wire.put((udp, client.namespace, bytes(data[2:])), wire[2:], steady_until, meta, now)
         c.count(c.responses, RCODE_NAMES.get(rcode, str(rcode)))
-        self._event(client, addr, udp, query.qname, query.qtype, rcode, meta, started, ALLOWED)
+        self._event(client, addr, udp, meta, started, ALLOWED)
         return wire
 
     def _error(self, query: Query, rcode: int) -> bytes:
@@ -505,8 +537,7 @@ class DnsProxy:
             del self._inflight[key]
 
     async def _observe(self, client: DnsClient, qname: str, ips: tuple[str, ...], ttl: int) -> None:
-        hook = self.hook
-        fast = getattr(hook, "observed_fast", None)
+        hook, fast = self._hook, self._observed_fast
         try:
             if fast is not None and fast(client, qname, ips, ttl):
                 return
@@ -519,24 +550,31 @@ class DnsProxy:
         except Exception:
             log.exception("DNS policy hook failed for %s (%s): answered anyway", qname, client.name)
 
-    def _event(self, client: DnsClient, addr: tuple, udp: bool, qname: str, qtype: str, rcode: int,
-               meta: _Meta | None, started_ns: int, verdict: DnsVerdict) -> None:
-        on_event = self.on_event
-        if on_event is None:
+    def _event(self, client: DnsClient, addr: tuple, udp: bool, answer: DnsAnswer, started_ns: int,
+               verdict: DnsVerdict) -> None:
+        if self.on_events is None:
             return
         protocol = "UDP" if udp else "TCP"
-        server = None
+        server = self._server
         if self.original_dst is not None:
             try:
-                server = self.original_dst(addr[0], addr[1], protocol)
+                server = self.original_dst(addr[0], addr[1], protocol) or server
             except Exception:
                 log.exception("DNS proxy: original destination of %s failed", addr)
-        try:
-            on_event(DnsEvent(
-                time_ns=time.time_ns(), client=client, client_port=addr[1], server=server or (self.host, 53),
-                protocol=protocol, qname=qname, qtype=qtype, rcode=rcode,
-                ips=meta.ips if meta else (), ttl=meta.ttl if meta else 0, cnames=meta.cnames if meta else (),
-                rrtypes=meta.rrtypes if meta else (),
-                latency_ns=time.monotonic_ns() - started_ns if started_ns else 0, verdict=verdict))
-        except Exception:
-            log.exception("DNS proxy: recording the flow of %s failed", qname)
+        events = self._events
+        now_ns = time.monotonic_ns()
+        events.append((now_ns + self._wall_offset_ns, client, addr[1], server, protocol, answer,
+                       now_ns - started_ns, verdict))
+        if len(events) == 1:
+            asyncio.get_running_loop().call_later(EVENT_FLUSH_S, self._flush)
+        elif len(events) >= EVENT_BATCH_MAX:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Hand the events gathered since the last flush to the agent (one call: one lock for the lot)."""
+        events, self._events = self._events, []
+        if events and self.on_events is not None:
+            try:
+                self.on_events(events)
+            except Exception:
+                log.exception("DNS proxy: recording %d flows failed", len(events))

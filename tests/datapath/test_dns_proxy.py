@@ -217,3 +217,35 @@ def test_status_names_the_proxy(dns):
     status = node.cli_json("status")
     assert status["dns_proxy"] == {"listen": f"{proxy}:{DNS_PORT}", "upstreams": [f"127.0.0.1:{UPSTREAM_PORT}"]}
     assert f"{proxy}:{DNS_PORT}" in node.cli("status").stdout
+
+
+BLOCKER = r"""
+import socket, sys, threading
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+threading.Event().wait()
+"""
+
+
+def test_dns_proxy_false_leaves_the_port_alone(node_factory):
+    node = node_factory(extra={"dns_proxy": False})
+    assert node.cli_json("status")["dns_proxy"] is None
+    assert "off (dns_proxy: false)" in node.cli("status").stdout
+    ep = node.add_endpoint("quiet", "app=quiet")
+    proxy = str(next(ipaddress.IPv4Network(node.pod_cidr).hosts()))
+    got = ask(node, ep, proxy, ("web",))
+    assert "error" in got[0], "nothing answers on the proxy's port"
+
+
+def test_a_taken_proxy_port_stops_the_agent_with_one_line(node_factory):
+    node = node_factory(start=False)
+    proxy = str(next(ipaddress.IPv4Network(node.pod_cidr).hosts()))
+    node.ns(["ip", "addr", "add", f"{proxy}/32", "dev", "lo"])
+    blocker = node.spawn(["nsenter", f"--net=/run/netns/{node.netns}", PY, "-c", BLOCKER, proxy, str(DNS_PORT)])
+    assert blocker.stdout.readline().strip() == "ready"
+    node.start_agent(wait=False)
+    assert node.agent.wait(60) == 1
+    errors = [line for line in node.log_path.read_text().splitlines() if line.startswith("Error:")]
+    assert errors == [f"Error: DNS proxy cannot listen on {proxy}:{DNS_PORT} (UDP and TCP): Address already in use; "
+                      "set dns_proxy_port to a free port, or dns_proxy: false"], errors

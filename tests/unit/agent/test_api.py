@@ -358,6 +358,14 @@ def test_requests_as_the_cli_sends_them():
         ((("app", "web"),), "10.0.0.0/8", 80, "tcp", "DROPPED", "L7")
 
 
+def test_flows_take_the_dns_protocol():
+    agent = stand_in()
+    reply = api.handle(agent, json.dumps({"op": "flows", "args": {"filters": {"protocol": "DNS"}}}).encode(),
+                       lambda item: None)
+    assert reply["ok"] is True, reply
+    assert agent.method_calls[0][1][0].protocol == "dns"
+
+
 def test_defaults_are_fresh_copies():
     agent = stand_in()
     agent.endpoint_add.side_effect = lambda name, labels, *rest: labels.update(mutated="yes") or {}

@@ -23,6 +23,17 @@ def test_store_keys():
     assert from_dict({"store_lease_ttl": None}).store_lease_ttl == 30
 
 
+def test_dns_keys():
+    cfg = from_dict({"node_name": "n1"})
+    assert (cfg.dns_proxy, cfg.dns_proxy_port, cfg.dns_upstreams, cfg.tofqdns_min_ttl) == (True, 15053, (), 3600)
+    cfg = from_dict({"dns_proxy": False, "dns_proxy_port": 5300, "tofqdns_min_ttl": 0,
+                     "dns_upstreams": ["10.0.0.2", "10.0.0.3:5353", "[fd00::1]:53", "fd00::2"]})
+    assert (cfg.dns_proxy, cfg.dns_proxy_port, cfg.tofqdns_min_ttl) == (False, 5300, 0)
+    assert cfg.dns_upstreams == ("10.0.0.2", "10.0.0.3:5353", "[fd00::1]:53", "fd00::2")
+    assert from_dict({"dns_upstreams": "10.0.0.9"}).dns_upstreams == ("10.0.0.9",), "one resolver without a list"
+    assert from_dict({"dns_upstreams": None, "tofqdns_min_ttl": None}).tofqdns_min_ttl == 3600
+
+
 def test_l7_processor_bounds():
     cfg = from_dict({"node_name": "n1"})
     assert cfg.l7_max_connections_per_endpoint == 0  # a share of the processor's descriptors
@@ -67,6 +78,23 @@ def test_l7_processor_bounds():
     ({"store_lease_ttl": 30.5}, "store_lease_ttl"),
     ({"store_lease_ttl": "30"}, "store_lease_ttl"),
     ({"store_lease_ttl": True}, "store_lease_ttl"),
+    ({"dns_proxy": "on"}, "dns_proxy must be a bool"),
+    ({"dns_proxy_port": 0}, "dns_proxy_port 0 is not a port number"),
+    ({"dns_proxy_port": 70000}, "dns_proxy_port"),
+    ({"dns_proxy_port": "53"}, "dns_proxy_port"),
+    ({"dns_proxy_port": True}, "dns_proxy_port"),
+    ({"dns_proxy_port": 15001}, "dns_proxy_port 15001 is also l7_ports.outbound"),
+    ({"dns_proxy_port": 16000, "l7_ports": {"inbound": 16000}}, "is also l7_ports.inbound"),
+    ({"dns_upstreams": ["dns.google"]}, "dns_upstreams: 'dns.google' is not an IP address"),
+    ({"dns_upstreams": ["10.0.0.1:0"]}, "the port must be a number from 1 to 65535"),
+    ({"dns_upstreams": ["10.0.0.1:x"]}, "dns_upstreams"),
+    ({"dns_upstreams": ["[::1"]}, "dns_upstreams"),
+    ({"dns_upstreams": {"a": 1}}, "dns_upstreams must be a list"),
+    ({"dns_upstreams": ["10.0.0.1"] * 9}, "at most 8"),
+    ({"tofqdns_min_ttl": -1}, "tofqdns_min_ttl -1 must be a whole number of seconds from 0 to 86400"),
+    ({"tofqdns_min_ttl": 86401}, "tofqdns_min_ttl"),
+    ({"tofqdns_min_ttl": 1.5}, "tofqdns_min_ttl"),
+    ({"tofqdns_min_ttl": "60"}, "tofqdns_min_ttl"),
 ])
 def test_bad_config(raw, needle):
     with pytest.raises(NodeConfigError) as e:

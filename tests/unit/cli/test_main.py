@@ -842,3 +842,9 @@ def test_a_bug_is_not_hidden(agent):
     agent.reply("endpoint_list", {"items": "not a list of dicts"})
     result = run(agent, "endpoint", "list")
     assert result.exit_code == 1 and result.exception is not None  # a traceback for a bug, not "Error:"
+
+
+def test_flows_protocol_dns(agent):
+    agent.reply("flows", {"lost_events": 0})
+    assert run(agent, "flows", "--protocol", "DNS").exit_code == 0
+    assert agent.args("flows")["filters"]["protocol"] == "dns"

@@ -256,3 +256,35 @@ def test_lost_warning():
     assert out.lost_warning(12) == (
         "warning: 12 flow events were lost (ring buffer full); the list is incomplete"
     )
+
+
+def test_dns_flows_print_as_hubble_prints_them():
+    answer = {
+        "time": "2024-11-25T20:01:02.123456789Z", "verdict": "FORWARDED", "Type": "L7", "is_reply": True,
+        "IP": {"source": "10.200.0.1", "destination": "10.200.0.11"},
+        "l4": {"UDP": {"source_port": 53, "destination_port": 40000}},
+        "source": {"identity": 1, "labels": ["reserved:host"]},
+        "destination": {"identity": 300, "labels": ["k8s:app=client"], "namespace": "default", "pod_name": "client"},
+        "l7": {"type": "RESPONSE", "dns": {"query": "web.default.svc.cluster.local.", "rcode": 0}},
+        "Summary": 'DNS Answer "10.96.0.10" TTL: 30 (Proxy web.default.svc.cluster.local. A)',
+    }
+    assert out.format_flow(answer, UTC) == (
+        "Nov 25 20:01:02.123  default/client:40000 (ID:300) <- 10.200.0.1:53 (host)  "
+        'dns-response FORWARDED (DNS Answer "10.96.0.10" TTL: 30 (Proxy web.default.svc.cluster.local. A))')
+    refused = answer | {"verdict": "DROPPED", "drop_reason_desc": "POLICY_DENIED", "is_reply": False,
+                        "IP": {"source": "10.200.0.11", "destination": "10.200.0.1"},
+                        "l4": {"UDP": {"source_port": 40000, "destination_port": 53}},
+                        "source": answer["destination"], "destination": answer["source"],
+                        "l7": {"type": "REQUEST", "dns": {"query": "evil.example.test.", "rcode": 5}},
+                        "Summary": "DNS Query evil.example.test. A",
+                        "policy": {"name": "default/dns-only", "path": "spec.egress[0].toPorts[0].rules.dns[0]"}}
+    assert out.format_flow(refused, UTC).endswith(
+        "dns-request DROPPED (POLICY_DENIED) (DNS Query evil.example.test. A) by default/dns-only "
+        "spec.egress[0].toPorts[0].rules.dns[0]")
+
+
+def test_status_names_the_dns_proxy():
+    assert "DNS proxy" in out.status_text({"dns_proxy": {"listen": "10.200.0.1:15053", "upstreams": ["1.1.1.1:53"]}})
+    text = out.status_text({"dns_proxy": {"listen": "10.200.0.1:15053", "upstreams": ["1.1.1.1:53"]}})
+    assert "10.200.0.1:15053 (UDP, TCP), forwarding to 1.1.1.1:53" in text
+    assert "off (dns_proxy: false)" in out.status_text({"dns_proxy": None})
