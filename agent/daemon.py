@@ -104,15 +104,6 @@ CT_F_CLOSED = 0x7  # bpf/lib/conntrack.h: FIN either way, or RST
 FQDN_GC_INTERVAL_S = 1.0  # how late an FQDN allow may outlive its expiry
 
 
-DNS_PROXY_PORT = 15053  # until the node config has dns_proxy_port (issue12-proxy)
-
-
-def dns_redirect_port(cfg: NodeConfig) -> int:
-    """Where the socket hooks send endpoints' DNS queries (bpf/lib/dns.h): the DNS proxy's port, 0 if
-    the node runs none (`dns_proxy: false`)."""
-    return getattr(cfg, "dns_proxy_port", DNS_PROXY_PORT) if getattr(cfg, "dns_proxy", True) else 0
-
-
 class Agent:
     def __init__(self, cfg: NodeConfig):
         self.cfg = cfg
@@ -200,7 +191,7 @@ class Agent:
             ifindex=dict(self.endpoints.ifindex), netns_cookies=dict(self.endpoints.netns_cookies),
             node_netns=self._node_netns, fastpath=self._fastpath, l7_config_path=self.l7_config_path,
             cidr_identities_path=os.path.join(cfg.state_dir, f"cidr-identities-{cfg.node_name}.json"),
-            dns_port=dns_redirect_port(cfg),
+            dns_port=cfg.dns_proxy_port if cfg.dns_proxy else 0,  # where endpoints' DNS goes (bpf/lib/dns.h)
         )
 
     @property

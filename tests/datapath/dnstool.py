@@ -1,10 +1,10 @@
 """DNS helpers the DNS tests run as processes, inside endpoints or namespaces (python -m ... or path).
 
-    python dnstool.py serve ADDR PORT ANSWER_IP [NAME...]
-                                                        a dnslib server, UDP and TCP: A queries get
-                                                        ANSWER_IP (ttl 30), TXT queries "<client ip>
-                                                        <udp|tcp>"; with NAMEs, only those names, the
-                                                        others NXDOMAIN; prints "ready" once both listen
+    python dnstool.py serve ADDR PORT ANSWER_IP         a stand-in DNS proxy (dnslib), UDP and TCP: A
+                                                        queries get ANSWER_IP, TXT queries "<client ip>
+                                                        <udp|tcp>" (who asked, and how); prints "ready"
+                                                        once both listen. The "outside world" server
+                                                        of the agent tests is tests/dnsserver.py
     python dnstool.py query MODE SERVER PORT NAME QTYPE [--hold]
                                                         one query; MODE: udp (sendto), udp-connected,
                                                         tcp, udp6 (an AF_INET6 socket, IPv4-mapped
@@ -33,19 +33,15 @@ import time
 SO_COOKIE = 57
 
 
-def serve(addr: str, port: int, answer_ip: str, only: list[str]) -> None:
-    from dnslib import QTYPE, RCODE, RR, TXT, A
+def serve(addr: str, port: int, answer_ip: str) -> None:
+    from dnslib import QTYPE, RR, TXT, A
     from dnslib.server import BaseResolver, DNSLogger, DNSServer
-
-    names = {n.rstrip(".").lower() for n in only}
 
     class Resolver(BaseResolver):
         def resolve(self, request, handler):
             reply = request.reply()
             q = request.q
-            if names and str(q.qname).rstrip(".").lower() not in names:
-                reply.header.rcode = RCODE.NXDOMAIN
-            elif q.qtype == QTYPE.A:
+            if q.qtype == QTYPE.A:
                 reply.add_answer(RR(q.qname, QTYPE.A, rdata=A(answer_ip), ttl=30))
             elif q.qtype == QTYPE.TXT:
                 text = f"{handler.client_address[0]} {handler.protocol}"
@@ -141,7 +137,7 @@ def gai_reverse(addrs: list[str]) -> None:
 def main(argv: list[str]) -> None:
     cmd, args = argv[0], argv[1:]
     if cmd == "serve":
-        serve(args[0], int(args[1]), args[2], args[3:])
+        serve(args[0], int(args[1]), args[2])
     elif cmd == "query":
         hold = "--hold" in args
         args = [a for a in args if a != "--hold"]

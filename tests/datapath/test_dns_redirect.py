@@ -2,9 +2,9 @@
 fixture) with its DNS proxy, the kernel's redirect (bpf/lib/dns.h), real resolvers (glibc's
 getaddrinfo, dnslib over UDP and TCP) in processes started every way an endpoint's are.
 
-    node netns   the agent; the "outside world's" DNS server (tests/datapath/dnstool.py serve) on the
-                 node's loopback, 127.0.0.1:UPSTREAM_PORT, the node's dns_upstreams: it knows
-                 EXTERNAL alone and answers the rest NXDOMAIN
+    node netns   the agent; the "outside world's" DNS server (tests/dnsserver.py) on the node's
+                 loopback, 127.0.0.1:UPSTREAM_PORT, the node's dns_upstreams: it knows EXTERNAL
+                 alone and answers the rest NXDOMAIN
     client       role=client, namespace default
     web          app=web, namespace default, behind Service web
     cart         app=cart, namespace shop, behind Service cart
@@ -72,14 +72,16 @@ class Mesh:
     def netns(self, ep: str) -> str:
         return f"/run/netns/{self.node.netns_of(self.eps[ep])}"
 
-    def nsenter(self, ep: str, *argv: str, nameserver: str | None = ANY_RESOLVER, timeout: float = 60) -> dict:
+    def nsenter(self, ep: str, *argv: str, nameserver: str | None = ANY_RESOLVER, options: str = "",
+                timeout: float = 60) -> dict:
         """Run dnstool in endpoint ``ep`` entered with nsenter alone (no `ip netns exec`, so no
-        hosts file is mounted), with a resolv.conf naming ``nameserver`` (None: the host's)."""
+        hosts file is mounted), with a resolv.conf naming ``nameserver`` (None: the host's) and
+        ``options`` (resolv.conf's)."""
         cmd = ["nsenter", f"--net={self.netns(ep)}"]
         if nameserver is not None:
             conf = os.path.join(self.tmp, f"resolv-{uuid.uuid4().hex[:6]}.conf")
             with open(conf, "w") as f:
-                f.write(f"nameserver {nameserver}\noptions timeout:2 attempts:2\n")
+                f.write(f"nameserver {nameserver}\noptions timeout:2 attempts:2 {options}\n")
             cmd += ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                     f'mount --bind "{conf}" /etc/resolv.conf && exec "$@"', "sh"]
         proc = subprocess.run([*cmd, PY, DNSTOOL, *argv], capture_output=True, text=True, timeout=timeout)
@@ -96,8 +98,8 @@ class Mesh:
 @pytest.fixture(scope="module")
 def mesh(node_factory):
     node = node_factory(start=False, extra={"dns_upstreams": [f"127.0.0.1:{UPSTREAM_PORT}"]})
-    upstream = node.spawn(["nsenter", f"--net=/run/netns/{node.netns}", PY, DNSTOOL, "serve", "127.0.0.1",
-                           str(UPSTREAM_PORT), EXTERNAL_IP, EXTERNAL])
+    upstream = node.spawn(["nsenter", f"--net=/run/netns/{node.netns}", PY, "-m", "tests.dnsserver", "--port",
+                           str(UPSTREAM_PORT), "--record", f"{EXTERNAL}={EXTERNAL_IP}:60"])
     assert upstream.stdout.readline().strip() == "ready", upstream.stderr.read()
     node.start_agent()
     eps = {
@@ -125,6 +127,12 @@ def test_any_resolver_address_reaches_the_proxy(mesh, nameserver):
     """A loopback stub's address, a VM resolver's, and the host's own resolv.conf (None)."""
     out = mesh.nsenter("client", "gai", "web.default.svc.cluster.local", EXTERNAL, nameserver=nameserver)
     assert out == {"web.default.svc.cluster.local": [mesh.vip("web")], EXTERNAL: [EXTERNAL_IP]}
+
+
+def test_glibc_over_tcp(mesh):
+    """resolv.conf's use-vc: glibc asks over TCP, connect() is redirected, getpeername() agrees."""
+    out = mesh.nsenter("client", "gai", "web", EXTERNAL, options="use-vc")
+    assert out == {"web": [mesh.vip("web")], EXTERNAL: [EXTERNAL_IP]}
 
 
 def test_service_names_resolve_for_meshagent_exec(mesh):
@@ -155,12 +163,23 @@ def test_an_external_name_is_forwarded(mesh):
     assert mesh.nsenter("client", "gai", "nowhere.example.test")["nowhere.example.test"].startswith("error")
 
 
+def host_resolver() -> str:
+    """The first IPv4 nameserver of the host's resolv.conf, or an address of our own when it has none."""
+    with open("/etc/resolv.conf") as f:
+        for line in f:
+            words = line.split()
+            if words[:1] == ["nameserver"] and len(words) > 1 and "." in words[1]:
+                return words[1]
+    return "127.0.0.53"
+
+
 @pytest.mark.parametrize("mode", ["udp", "udp-connected", "tcp"])
-def test_udp_and_tcp_queries_see_their_own_resolver_as_the_peer(mesh, mode):
-    out = mesh.nsenter("client", "query", mode, ANY_RESOLVER, "53", "web.default.svc.cluster.local", "A")
+@pytest.mark.parametrize("resolver", [ANY_RESOLVER, host_resolver()])
+def test_udp_and_tcp_queries_see_their_own_resolver_as_the_peer(mesh, mode, resolver):
+    out = mesh.nsenter("client", "query", mode, resolver, "53", "web.default.svc.cluster.local", "A")
     assert out["error"] is None and out["rcode"] == 0 and out["answers"] == [mesh.vip("web")], out
     peers = {out["recvfrom"], out["getpeername"]} - {None}
-    assert peers == {f"{ANY_RESOLVER}:53"}, out
+    assert peers == {f"{resolver}:53"}, out
 
 
 def test_a_process_started_before_a_service_resolves_it(mesh):

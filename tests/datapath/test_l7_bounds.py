@@ -120,7 +120,7 @@ def l7_drops(node, pod: str) -> list[dict]:
     deadline = time.monotonic() + 10  # the processor flushes flows every 0.25 s
     while True:
         flows = [f for f in node.flows("--type", "l7", "--verdict", "DROPPED")
-                 if (f.get("source") or {}).get("pod_name") == pod]
+                 if (f.get("source") or {}).get("pod_name") == pod and "http" in f.get("l7", {})]  # not DNS
         if flows or time.monotonic() > deadline:
             return flows
         time.sleep(0.3)

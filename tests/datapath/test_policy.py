@@ -18,6 +18,13 @@ PY = sys.executable
 
 
 @pytest.fixture(scope="module")
+def node(node_factory):
+    """A node without the DNS proxy: UDP 53 is a port like any other in these tests, and the proxy's
+    redirect would take every port-53 datagram of an endpoint (bpf/lib/dns.h)."""
+    return node_factory(extra={"dns_proxy": False})
+
+
+@pytest.fixture(scope="module")
 def world(node):
     """Three endpoints: a server (app=web), a good client (role=frontend), a bad client (role=other)."""
     eps = {

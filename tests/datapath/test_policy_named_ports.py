@@ -13,6 +13,13 @@ from tests.datapath.test_policy import NETTOOL, PY, tcp_ok, udp_ok
 
 
 @pytest.fixture(scope="module")
+def node(node_factory):
+    """A node without the DNS proxy: UDP 53 is a port like any other in these tests, and the proxy's
+    redirect would take every port-53 datagram of an endpoint (bpf/lib/dns.h)."""
+    return node_factory(extra={"dns_proxy": False})
+
+
+@pytest.fixture(scope="module")
 def world(node):
     """web-1 names http 8080, web-2 names http 9090 (two identities: inst differs); both serve 8080,
     8081 and 9090. A client names nothing."""

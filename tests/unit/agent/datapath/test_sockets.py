@@ -318,3 +318,50 @@ def test_fastpath_needs_every_kernel_offset(monkeypatch):
     del offsets[("sk_psock", "msg_tot_len")]  # an older kernel (6.1 has none): no queue length to bound
     assert "-DFP_UNSUPPORTED=1" in sockets.fastpath_kernel_cflags()
     assert not sockets.fastpath_supported()
+
+
+# ---- the DNS proxy's port in the TC datapath's global config ------------------------------------------
+
+
+class FakeConfigMap:
+    """config_map as BCC shows it: one element, read and written whole."""
+
+    def __init__(self):
+        self.value = maps.DatapathConfigC(policy_revision=41)
+
+    def __getitem__(self, index):
+        return maps.DatapathConfigC.from_buffer_copy(bytes(self.value))
+
+    def __setitem__(self, index, value):
+        self.value = maps.DatapathConfigC.from_buffer_copy(bytes(value))
+
+
+def _tc_with_fake_config():
+    from agent.datapath.tc import TcDatapath
+
+    tc = TcDatapath("/nonexistent")
+    tc.bpf = {"config_map": FakeConfigMap()}
+    return tc
+
+
+def test_dns_port_is_written_beside_the_proxy_and_the_revision():
+    tc = _tc_with_fake_config()
+    tc.set_proxy("10.200.0.1", 15001)
+    tc.set_dns_port(15053)
+    cfg = tc.bpf["config_map"][0]
+    assert (cfg.policy_revision, tc.proxy(), tc.dns_port()) == (41, ("10.200.0.1", 15001), 15053)
+    assert cfg.dns_port == socket.htons(15053), "network order, as the hooks compare it with user_port"
+    tc.bump_policy_revision()
+    tc.set_proxy("10.200.0.1", 15002)
+    assert tc.dns_port() == 15053, "each writer keeps the other fields"
+    tc.set_dns_port(0)
+    assert tc.dns_port() == 0 and tc.proxy() == ("10.200.0.1", 15002)
+
+
+@pytest.mark.parametrize("port", [-1, 65536, True, "53", 53.0, None])
+def test_bad_dns_ports_are_refused_and_change_nothing(port):
+    tc = _tc_with_fake_config()
+    tc.set_dns_port(15053)
+    with pytest.raises(ValueError, match="DNS proxy port .* is not in 0..65535"):
+        tc.set_dns_port(port)
+    assert tc.dns_port() == 15053
