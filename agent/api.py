@@ -345,6 +345,7 @@ class Obj(Type):
 NAME = Str(MAX_NAME)
 TEXT = Str(MAX_TEXT)
 ADDRESS = Str(64)  # an IPv4 address or CIDR; the agent parses it
+FQDN = Str(256)  # a DNS name (255 at most, as Cilium's matchName); the agent checks it
 LABELS = MapOf(Str(MAX_LABEL_TEXT), Str(MAX_LABEL_TEXT), MAX_LABELS)
 DOCUMENTS = ListOf(Obj({"body": required(AnyObject()), "where": optional(TEXT)}), MAX_DOCUMENTS)
 PORT = Either((Int(0, 65535), Str(5)))  # 80, or "80" as the CLI's flags give it
@@ -440,10 +441,12 @@ OPS: dict[str, Op] = {
     "node_list": op(lambda agent, a: agent.node_list()),
     "policy_trace": op(
         lambda agent, a: agent.policy_trace(a.from_labels, a.to_labels, a.from_namespace, a.to_namespace,
-                                            a.protocol, a.dport, from_ip=a.from_ip, to_ip=a.to_ip),
+                                            a.protocol, a.dport, from_ip=a.from_ip, to_ip=a.to_ip, to_fqdn=a.to_fqdn),
         from_labels=optional(LABELS, {}), to_labels=optional(LABELS, {}), from_namespace=optional(NAME),
         to_namespace=optional(NAME), protocol=optional(PROTOCOL), dport=optional(PORT),
-        from_ip=optional(ADDRESS), to_ip=optional(ADDRESS)),
+        from_ip=optional(ADDRESS), to_ip=optional(ADDRESS), to_fqdn=optional(FQDN)),
+    "fqdn_cache_list": op(lambda agent, a: agent.fqdn_cache_list(a.endpoint),
+                          endpoint=optional(NAME)),
     "bpf_ct_list": op(lambda agent, a: agent.bpf_ct_list()),
     "bpf_ipcache_list": op(lambda agent, a: agent.bpf_ipcache_list()),
     "bpf_ipblock_list": op(lambda agent, a: agent.bpf_ipblock_list()),

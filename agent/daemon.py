@@ -34,7 +34,11 @@ from agent import identity as ids
 from agent.datapath import clock, maps
 from agent.datapath.sockets import CGROUP_ROOT, SocketDatapath, current_netns_cookie, fastpath_supported
 from agent.datapath.tc import PROGRAMS, TcDatapath
+from agent.dns.explain import fqdn_cache_rows, fqdn_trace
+from agent.dns.fqdn import FqdnCache, state_path
+from agent.dns.hook import FqdnPolicyHook, FqdnView
 from agent.dns.proxy import DnsPolicyHook, DnsProxy
+from agent.dns.rules import check_match_name
 from agent.dns.snapshot import dns_snapshot
 from agent.dns.upstream import Upstreams, parse_upstream_address, resolv_conf_upstreams
 from agent.endpoint_manager import EndpointManager, valid_name
@@ -55,8 +59,8 @@ from agent.node import (
 from agent.node_config import NodeConfig, NodeConfigError, load
 from agent.node_registry import NodeClaimError, NodeRegistry, detect_node_ip
 from agent.policy.compiler import compile_policies
-from agent.policy.trace import Decider, enforcement_of, parse_protocol, resolve_address, resolve_side, trace
-from agent.policy.types import EndpointInfo, IdentityInfo
+from agent.policy.trace import Decider, Side, enforcement_of, parse_protocol, resolve_address, resolve_side, trace
+from agent.policy.types import EGRESS, EndpointInfo, IdentityInfo
 from agent.reconcile import (
     POLICY_KINDS,
     Computed,
@@ -97,6 +101,7 @@ CT_TIMEOUT_CLOSED_S = 10.0
 CT_TIMEOUT_NON_TCP_S = 60.0
 CT_TIMEOUT_TCP_S = 6 * 3600.0
 CT_F_CLOSED = 0x7  # bpf/lib/conntrack.h: FIN either way, or RST
+FQDN_GC_INTERVAL_S = 1.0  # how late an FQDN allow may outlive its expiry
 
 
 class Agent:
@@ -118,7 +123,11 @@ class Agent:
         self.computed: Computed | None = None
         self.l7: L7Supervisor | None = None
         self.dns: DnsProxy | None = None
-        self.dns_hook: DnsPolicyHook | None = None  # None: every name may be looked up
+        # toFQDNs and DNS rules: what the proxy answered each endpoint (agent/dns/fqdn.py) and the hook
+        # that checks its queries and records its answers (agent/dns/hook.py)
+        self.fqdn = FqdnCache(cfg.tofqdns_min_ttl)
+        self.fqdn_hook = FqdnPolicyHook(self.fqdn, reconcile=self.reconcile_fqdn)
+        self.dns_hook: DnsPolicyHook | None = self.fqdn_hook
         self._dns_snapshot = None
         self._dns_flows = DnsFlowBuilder()
         self._host_ips: frozenset[str] = frozenset()
@@ -150,6 +159,7 @@ class Agent:
         self._node_netns = current_netns_cookie()  # the agent runs in the node's namespace, as the processor
         self.sync = Sync(node_tables(self.datapath, self.sockets, self.store),
                          bump_revision=self.datapath.bump_policy_revision)  # adopts what the maps hold
+        self.fqdn.load(self.fqdn_path)  # the previous agent's answers: its toFQDNs allows stand on
         with self.lock:
             self.endpoints.adopt()
             self.reconcile()
@@ -188,8 +198,12 @@ class Agent:
     def l7_config_path(self) -> str:
         return os.path.join(self.cfg.state_dir, f"l7-{self.cfg.node_name}.json")
 
+    @property
+    def fqdn_path(self) -> str:
+        return state_path(self.cfg.state_dir, self.cfg.node_name)
+
     def desired(self) -> DesiredState:
-        return read_desired(self.store, self.facts(), self.identities.all(), self.resolver)
+        return read_desired(self.store, self.facts(), self.identities.all(), self.resolver, self.fqdn.snapshot())
 
     def reconcile(self) -> None:
         """Store -> desired state -> computed tables -> incremental writes. Caller holds self.lock.
@@ -205,12 +219,46 @@ class Agent:
         self.computed = computed
         self.last_reconcile = time.time()
         self.flow_ctx = flow_context(desired, computed, self.flow_ctx.boot_offset_ns)
+        self.fqdn_hook.update(FqdnView(computed.dns, computed.fqdn_selectors, computed.fqdn_allowed,
+                                       computed.fqdn_generation))
         self._host_ips = frozenset((*desired.node.local_ips, desired.node.router_ip))
         self._dns_snapshot = dns_snapshot(desired, computed.services)
         if self.dns is not None:
             self.dns.update(self._dns_snapshot)
         if "l7_snapshot" in stats.tables and self.l7 is not None:
             self.l7.reload()  # every worker at once, rather than each at its next poll of the file
+
+    def reconcile_fqdn(self, generation: int, timeout: float) -> None:
+        """Have the datapath hold FQDN cache ``generation`` or later (the DNS policy hook asks, before
+        the proxy releases an answer whose addresses a toFQDNs policy allows). Waits at most
+        ``timeout`` for the lock; a reconcile already done by someone else is not repeated."""
+        if not self.lock.acquire(timeout=max(timeout, 0.0)):
+            return
+        try:
+            if self.fqdn_hook.view.generation < generation:
+                self.reconcile()
+        finally:
+            self.lock.release()
+
+    def fqdn_gc(self) -> None:
+        """Drop the FQDN cache's expired addresses (kept while a connection uses them) and those of
+        deleted endpoints; reconcile if any went, so their allows go too; save the cache."""
+        gone = self.fqdn.retain(list(self.endpoints.ifindex))
+        gone = self.fqdn.gc(self._fqdn_live_peers) or gone
+        if gone:
+            with self.lock:
+                self.reconcile()
+        self.fqdn.save(self.fqdn_path)
+
+    def _fqdn_live_peers(self) -> set[tuple[str, str]]:
+        """(endpoint name, peer address) of every connection this node's endpoints opened that
+        conntrack holds open (not closed by FIN or RST)."""
+        names = {ep_id: ref.name for ep_id, ref in self.flow_ctx.endpoints_by_id.items()}
+        out = set()
+        for key, entry in self.datapath.table("ct_map").items():
+            if key.dir == EGRESS and not entry.flags & CT_F_CLOSED and key.ep_id in names:
+                out.add((names[key.ep_id], maps.be32_to_ip(key.daddr)))
+        return out
 
     # ---- resources -------------------------------------------------------------------------------
 
@@ -373,11 +421,22 @@ class Agent:
 
     def policy_trace(self, from_labels: dict, to_labels: dict, from_namespace: str | None,
                      to_namespace: str | None, protocol: str | None, dport: object,
-                     from_ip: str | None = None, to_ip: str | None = None) -> dict:
+                     from_ip: str | None = None, to_ip: str | None = None, to_fqdn: str | None = None) -> dict:
         """Each side's own policy decides its direction: this node's endpoints from the kernel's maps as
         they are now, another node's from the store, compiled for it as its agent compiles it. A side
-        given by address is the endpoint that has it, else what this node's ipcache says of it."""
+        given by address is the endpoint that has it, else what this node's ipcache says of it.
+        ``to_fqdn``: the destination is a DNS name: whether the source (an endpoint of this node) may
+        look it up, and the verdict for each address the FQDN cache holds for it (`_trace_fqdn`)."""
         proto, port = parse_protocol(protocol, dport)
+        name = None
+        if to_fqdn is not None:
+            if to_labels or to_namespace or to_ip:
+                raise UserError("--to-fqdn names the destination alone: give it without --to-label, --to-namespace "
+                                "or --to-ip")
+            try:
+                name = check_match_name(to_fqdn)
+            except ValueError as e:
+                raise UserError(f"--to-fqdn: {e}") from None
         desired = self.desired()
         local = list(desired.local_endpoints)
         everyone = local + [r for r in desired.endpoints if r.node != self.cfg.node_name]
@@ -385,6 +444,8 @@ class Agent:
         sides = []
         for labels, namespace, ip, flag in ((from_labels, from_namespace, from_ip, "--from"),
                                             (to_labels, to_namespace, to_ip, "--to")):
+            if flag == "--to" and name is not None:
+                break
             if ip and (labels or namespace):
                 raise UserError(f"{flag}-ip names the side alone: give it without {flag}-label or {flag}-namespace")
             if ip:
@@ -392,10 +453,34 @@ class Agent:
             else:
                 sides.append(resolve_side(labels, namespace, everyone, desired.identities, f"{flag}-label",
                                            namespaces))
+        if name is not None:
+            return self._trace_fqdn(sides[0], name, proto, port, desired, everyone)
         src, dst = sides
+        return trace(src, dst, proto, port, self._deciders((src, dst), desired))
+
+    def _trace_fqdn(self, src: Side, name: str, proto: int, port: int, desired: DesiredState,
+                    everyone: Sequence[ep.EndpointRecord]) -> dict:
+        """`policy trace --to-fqdn`: the source's DNS rules on ``name``, the toFQDNs selectors matching
+        it, and an L4 trace to each address the FQDN cache holds for (source, name)."""
+        rec = src.endpoint
+        if rec is None or rec.node != self.cfg.node_name or rec.name not in self.endpoints.ifindex:
+            raise UserError(f"--to-fqdn: the source must be an endpoint of node {self.cfg.node_name} (DNS rules and "
+                            "the FQDN cache are kept where the endpoint runs): give its labels with --from-label")
+        entries = [e for e in self.fqdn.entries(rec.name) if e.name == name]
+        ipcache = self.sync.read("ipcache")
+        l4 = {}
+        for entry in entries:
+            dst = resolve_address(entry.ip, everyone, ipcache, "--to-fqdn")
+            l4[entry.ip] = trace(src, dst, proto, port, self._deciders((src, dst), desired))
+        return fqdn_trace(rec.name, rec.ep_id, name, self.fqdn_hook.view, self.flow_ctx.rules, entries, l4,
+                          time.time())
+
+    def _deciders(self, sides: Sequence[Side], desired: DesiredState) -> dict[tuple[str, str], Decider]:
+        """What decides each endpoint side's direction (see `policy_trace`)."""
+        namespaces = desired.namespaces
         deciders = {}
         kernel_policy, kernel_ipblocks = None, {}
-        for side in (src, dst):
+        for side in sides:
             rec = side.endpoint
             if rec is None or (rec.node, rec.name) in deciders:
                 continue
@@ -422,7 +507,16 @@ class Agent:
                 deciders[(rec.node, rec.name)] = Decider(
                     compiled.entries, compiled.enforcement, compiled.rules,
                     f"computed from the store (node {rec.node} enforces it)", compiled.ipblock_cidrs)
-        return trace(src, dst, proto, port, deciders)
+        return deciders
+
+    def fqdn_cache_list(self, endpoint: str | None = None) -> dict:
+        """`meshagent fqdn cache list`: what the DNS proxy answered each endpoint of this node, until
+        when it stays allowed, and which toFQDNs rules allow it."""
+        if endpoint is not None:
+            self.endpoints.find(endpoint)  # an unknown name is a one-line error naming the known ones
+        ep_ids = {ref.name: ep_id for ep_id, ref in self.flow_ctx.endpoints_by_id.items()}
+        return {"items": fqdn_cache_rows(self.fqdn.entries(endpoint), ep_ids, self.fqdn_hook.view,
+                                         self.flow_ctx.rules, time.time())}
 
     def bpf_ct_list(self) -> dict:
         return {"items": bpf_listing.ct_entries(self.datapath.table("ct_map"))}
@@ -544,6 +638,7 @@ class Agent:
 
     def periodic(self) -> None:
         next_gc = time.monotonic() + CT_GC_INTERVAL_S
+        next_fqdn_gc = time.monotonic() + FQDN_GC_INTERVAL_S
         changed = self.store.changed
         while not self.stopping.is_set():
             # Wake on the store's news (a watch event), else every half second to poll and tick.
@@ -564,6 +659,9 @@ class Agent:
                 if time.monotonic() >= next_gc:
                     self.ct_gc()
                     next_gc = time.monotonic() + CT_GC_INTERVAL_S
+                if time.monotonic() >= next_fqdn_gc:
+                    self.fqdn_gc()
+                    next_fqdn_gc = time.monotonic() + FQDN_GC_INTERVAL_S
             except Exception:  # keep enforcing; report and retry on the next tick
                 log.exception("periodic reconcile failed")
 
@@ -637,6 +735,8 @@ def run_agent(config_path: str | None) -> int:
             agent.l7.stop()
         if agent.dns:
             agent.dns.stop()
+        with contextlib.suppress(OSError):  # the last answers, for the next agent's toFQDNs allows
+            agent.fqdn.save(agent.fqdn_path)
         if api:
             api.stop()
         agent.store.close()  # the etcd store's lease outlives it by store_lease_ttl

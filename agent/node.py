@@ -10,6 +10,7 @@ import os
 
 from agent import endpoint as ep
 from agent.datapath.sockets import SocketDatapath
+from agent.dns.fqdn import state_path as fqdn_state_path
 from agent.errors import MeshError
 from agent.files import open_private, private_dir
 from agent.l7_supervisor import processor_pid_path, stop_processor
@@ -159,7 +160,8 @@ def teardown(cfg: NodeConfig, endpoints: bool = False) -> list[str]:
             done.append(f"removed cgroup {cfg.cgroup}")
         for path in (cfg.api_socket, os.path.join(cfg.state_dir, f"cidr-identities-{cfg.node_name}.json"),
                      os.path.join(cfg.state_dir, f"l7-{cfg.node_name}.json"),
-                     os.path.join(cfg.state_dir, f"l7-{cfg.node_name}.log")):
+                     os.path.join(cfg.state_dir, f"l7-{cfg.node_name}.log"),
+                     fqdn_state_path(cfg.state_dir, cfg.node_name)):
             if os.path.exists(path):
                 os.unlink(path)
                 done.append(f"removed {path}")

@@ -46,6 +46,9 @@ Writers that stay outside, and why:
   `EndpointManager.reidentify` before compute when a local endpoint's security labels changed (its
   Namespace relabelled): identities are the cluster's, agreed through the store, not a table.
 - Veths, namespaces, cgroups and TC filters: plumbing, not table contents (agent.endpoint_manager).
+- The FQDN cache (agent/dns/fqdn.py) and its file state_dir/fqdn-NODE.json: an input of the desired
+  state (what the DNS proxy answered), like the store, written by the proxy's policy hook and aged
+  by `Agent.fqdn_gc`; compute reads its snapshot, and each change that matters runs this path.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ from agent.datapath.sockets import (
     normalize_key,
     service_key_to_c,
 )
+from agent.dns.rules import DnsPolicy, DnsRule
 from agent.endpoint import EndpointRecord
 from agent.files import DIR_MODE, FILE_MODE, PUBLIC_DIR_MODE, PUBLIC_FILE_MODE, write_text_if_changed
 from agent.flows import EndpointRef, FlowContext
@@ -113,6 +117,13 @@ class Computed:
     rules: Mapping[int, RuleInfo]
     services: tuple[ServiceView, ...]
     cidr_identities: Mapping[str, int]
+    # DNS policy of each local endpoint (ep_id), its toFQDNs selectors, the FQDN /32s with the selectors
+    # that chose them, and the FQDN cache generation this round compiled (agent/dns/hook.py waits for it)
+    dns: Mapping[int, DnsPolicy] = field(default_factory=dict)
+    fqdn_selectors: Mapping[int, tuple[DnsRule, ...]] = field(default_factory=dict)
+    fqdn_prefixes: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    fqdn_allowed: Mapping[int, frozenset[str]] = field(default_factory=dict)
+    fqdn_generation: int = 0
 
 
 def compute(desired: DesiredState) -> Computed:
@@ -129,7 +140,7 @@ def compute(desired: DesiredState) -> Computed:
                       labels=desired.security_labels(rec, namespaces),
                       ports=ports_of(rec.ports)) for rec in local],
         mode=node.policy_mode, cidr_identities=desired.cidr_identities,
-        cluster_endpoints=named_port_endpoints(desired.endpoints),
+        cluster_endpoints=named_port_endpoints(desired.endpoints), fqdn=desired.fqdn.names,
     )
     ipcache: dict[str, int] = dict(compiled.cidr_identities)
     routes = {}
@@ -195,7 +206,9 @@ def compute(desired: DesiredState) -> Computed:
         "hosts_files": hosts,
     }
     return Computed(tables=tables, rules=dict(compiled.rules), services=plan.views,
-                    cidr_identities=dict(compiled.cidr_identities))
+                    cidr_identities=dict(compiled.cidr_identities), dns=dict(compiled.dns),
+                    fqdn_selectors=dict(compiled.fqdn_selectors), fqdn_prefixes=dict(compiled.fqdn_prefixes),
+                    fqdn_allowed=dict(compiled.fqdn_allowed), fqdn_generation=desired.fqdn.generation)
 
 
 def lb_services(plan: ServicePlan) -> dict[tuple, tuple[tuple[tuple[str, int], ...], int]]:
@@ -252,6 +265,8 @@ def flow_context(desired: DesiredState, computed: Computed, boot_offset_ns: int)
     labels: dict[int, Mapping[str, str]] = {i: dict(lbls) for i, lbls in desired.identities.items()}
     for prefix, cid in computed.cidr_identities.items():
         labels[cid] = {f"cidr:{prefix}": ""}
+        # An address toFQDNs allowed: labelled as Cilium labels it, by the selectors that chose it
+        labels[cid].update({f"fqdn:{sel}": "" for sel in computed.fqdn_prefixes.get(prefix, ())})
     namespaces = desired.namespaces
     refs = {(r.node, r.name): endpoint_ref(r, desired.security_labels(r, namespaces)) for r in desired.endpoints}
     return FlowContext(

@@ -6,6 +6,9 @@ what the agent itself knows about its node (`NodeFacts`: interfaces it plumbed, 
 the addresses of the node), resolves the DNS names ServiceEntries need, and returns a
 `DesiredState` that `agent.reconcile.compute` turns into table contents without any I/O.
 
+The FQDN cache's snapshot (what the DNS proxy answered each local endpoint, agent/dns/fqdn.py) is
+handed in by the agent: node-local state that toFQDNs policies resolve against.
+
 Namespace resources are read here too: their labels are part of every endpoint's security labels
 (`DesiredState.security_labels`), so a relabelled namespace changes the identity its endpoints
 should have (`DesiredState.stale_identities`, which the agent acts on before computing).
@@ -21,6 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from agent.dns.fqdn import FqdnSnapshot
 from agent.endpoint import EndpointRecord
 from agent.labels import security_labels
 from agent.node_registry import NodeRecord, read_nodes
@@ -65,6 +69,8 @@ class DesiredState:
     remote_nodes: tuple[NodeRecord, ...] = ()  # every other node of the store
     cidr_identities: Mapping[str, int] = field(default_factory=dict)  # the previous round's numbers
     resolved: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # ServiceEntry DNS names
+    # The FQDN cache (node-local, not the store): what the DNS proxy answered each endpoint, for toFQDNs
+    fqdn: FqdnSnapshot = field(default_factory=FqdnSnapshot.empty)
 
     def kind(self, kind: str) -> tuple[dict, ...]:
         return self.resources.get(kind, ())
@@ -126,7 +132,8 @@ def read_vips(store) -> dict[str, str]:
 
 
 def read_desired(store, facts: NodeFacts, identities: Mapping[int, Mapping[str, str]],
-                 resolver: DnsResolver | None = None) -> DesiredState:
+                 resolver: DnsResolver | None = None, fqdn: FqdnSnapshot | None = None) -> DesiredState:
+    """``fqdn``: the FQDN cache's snapshot (agent/dns/fqdn.py), which toFQDNs policies resolve against."""
     endpoints = tuple(EndpointRecord.from_dict(v) for v in store.list("endpoints").values())
     resources = read_resources(store)
     remote = tuple(rec for name, rec in sorted(read_nodes(store).items()) if name != facts.name)
@@ -139,7 +146,7 @@ def read_desired(store, facts: NodeFacts, identities: Mapping[int, Mapping[str, 
     return DesiredState(
         node=facts, endpoints=endpoints, identities=identities, resources=resources, vips=read_vips(store),
         remote_nodes=remote, cidr_identities=load_cidr_identities(facts.cidr_identities_path),
-        resolved=resolved,
+        resolved=resolved, fqdn=fqdn or FqdnSnapshot.empty(),
     )
 
 

@@ -763,6 +763,7 @@ def policy() -> None:
     "meshagent policy trace --from-label app=a --from-namespace shop --to-label app=db --dport 5432",
     "meshagent policy trace --from-label app=client --to-label reserved=world --dport 53/udp",
     "meshagent policy trace --from-label app=client --to-ip 192.0.2.10 --dport 443",
+    "meshagent policy trace --from-label app=client --to-fqdn api.example.com --dport 443",
 ))
 @click.option("--from-label", "from_labels", type=LABELS, multiple=True,
               help="Labels of the source (repeatable); or --from-ip.")
@@ -770,33 +771,67 @@ def policy() -> None:
               help="Labels of the destination (repeatable); or --to-ip.")
 @click.option("--from-ip", type=IPV4, help="Address of the source: an endpoint's, or one outside the cluster.")
 @click.option("--to-ip", type=IPV4, help="Address of the destination (ipBlocks and CIDR rules match it).")
+@click.option("--to-fqdn", metavar="NAME",
+              help="A DNS name: may the source look it up, and the verdict to each address it was given.")
 @click.option("--from-namespace", metavar="NS", help="Namespace of the source (default: any).")
 @click.option("--to-namespace", metavar="NS", help="Namespace of the destination (default: any).")
 @click.option("--dport", type=PortProtoType(), required=True, help="Destination port and protocol.")
 @output_option()
 @pass_target
 def policy_trace(target: Target, from_labels: tuple[dict, ...], to_labels: tuple[dict, ...],
-                 from_ip: str | None, to_ip: str | None, from_namespace: str | None, to_namespace: str | None,
-                 dport: tuple[int, str], output: str) -> None:
+                 from_ip: str | None, to_ip: str | None, to_fqdn: str | None, from_namespace: str | None,
+                 to_namespace: str | None, dport: tuple[int, str], output: str) -> None:
     """Which verdict the datapath gives a new connection, and which rule decided it.
 
-    Each side is given by labels or by address. Exits 0 whatever the verdict.
+    Each side is given by labels or by address; the destination also by DNS name (--to-fqdn: the
+    source's DNS rules, the toFQDNs rules matching the name, and the verdict to each address the
+    source's FQDN cache holds for it). Exits 0 whatever the verdict.
     """
-    for side, labels, ip, namespace in (("from", from_labels, from_ip, from_namespace),
-                                        ("to", to_labels, to_ip, to_namespace)):
-        if bool(labels) == bool(ip):
-            raise click.UsageError(f"give --{side}-label or --{side}-ip (one of them)")
-        if ip and namespace:
-            raise click.UsageError(f"--{side}-namespace goes with --{side}-label, not --{side}-ip")
+    for side, labels, ip, namespace, fqdn in (("from", from_labels, from_ip, from_namespace, None),
+                                              ("to", to_labels, to_ip, to_namespace, to_fqdn)):
+        given = [f"--{side}-{flag}" for flag, v in (("label", labels), ("ip", ip), ("fqdn", fqdn)) if v]
+        if len(given) != 1:
+            fqdn_flag = " or --to-fqdn" if side == "to" else ""
+            raise click.UsageError(f"give --{side}-label or --{side}-ip{fqdn_flag} (one of them)")
+        if namespace and not labels:
+            raise click.UsageError(f"--{side}-namespace goes with --{side}-label, not {given[0]}")
     port, protocol = dport
-    by_address = {k: v for k, v in (("from_ip", from_ip), ("to_ip", to_ip)) if v}
+    by_address = {k: v for k, v in (("from_ip", from_ip), ("to_ip", to_ip), ("to_fqdn", to_fqdn)) if v}
     result = target.client().call(
         "policy_trace",
         from_labels={k: v for labels in from_labels for k, v in labels.items()},
         to_labels={k: v for labels in to_labels for k, v in labels.items()},
         from_namespace=from_namespace, to_namespace=to_namespace, dport=port, protocol=protocol, **by_address,
     )
-    emit(result, output, out.trace_text)
+    emit(result, output, out.fqdn_trace_text if to_fqdn else out.trace_text)
+
+
+# ---- fqdn ----------------------------------------------------------------------------------------
+
+
+@cli.group(epilog=examples("meshagent fqdn cache list"))
+def fqdn() -> None:
+    """DNS-based policy (toFQDNs): what the DNS proxy answered the endpoints."""
+
+
+@fqdn.group("cache", epilog=examples("meshagent fqdn cache list"))
+def fqdn_cache() -> None:
+    """The FQDN cache: per endpoint, the addresses of the names it looked up, and until when."""
+
+
+@fqdn_cache.command("list", epilog=examples(
+    "meshagent fqdn cache list",
+    "meshagent fqdn cache list --endpoint client -o json",
+))
+@click.option("--endpoint", metavar="NAME", help="Only this endpoint's entries.")
+@output_option()
+@pass_target
+def fqdn_cache_list(target: Target, endpoint: str | None, output: str) -> None:
+    """List the addresses the DNS proxy gave each endpoint of this node, when each stops being allowed
+    (max(TTL, tofqdns_min_ttl) after the answer; kept while a connection uses it), and the toFQDNs
+    rules that allow it."""
+    items = target.client().call("fqdn_cache_list", endpoint=endpoint).get("items") or []
+    emit(items, output, out.fqdn_cache_table)
 
 
 # ---- bpf -----------------------------------------------------------------------------------------

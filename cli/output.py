@@ -275,6 +275,54 @@ def trace_text(result: Mapping[str, Any]) -> str:
     return f"{text}{names}\n\nFinal verdict: {result.get('verdict', '?')}{read}"
 
 
+def _expires(item: Mapping[str, Any]) -> str:
+    """``Nov 25 20:01:02 (in 42s)``, or for an address kept by a connection ``... (expired 3s ago, in use)``."""
+    when = flow_time(item.get("expires"))[:-4]
+    left = item.get("expires_in_s")
+    if not isinstance(left, int):
+        return when
+    if left >= 0:
+        return f"{when} (in {left}s)"
+    in_use = ", in use" if item.get("source") == "connection" else ""
+    return f"{when} (expired {-left}s ago{in_use})"
+
+
+def _allowed_by(item: Mapping[str, Any]) -> str:
+    return "; ".join(f"rule {a.get('rule_id')}: {a.get('selector')} ({a.get('rule')})"
+                     for a in item.get("allowed_by") or item.get("selectors") or ()) or "-"
+
+
+def fqdn_cache_table(items: Sequence[Mapping[str, Any]]) -> str:
+    """`meshagent fqdn cache list`: one row per endpoint, name and expiry."""
+    return table(["ENDPOINT", "NAME", "IPS", "EXPIRES", "SOURCE", "ALLOWED BY"],
+                 ([i.get("endpoint"), i.get("name"), i.get("ips"), _expires(i), i.get("source"), _allowed_by(i)]
+                  for i in items))
+
+
+def fqdn_trace_text(result: Mapping[str, Any]) -> str:
+    """`policy trace --to-fqdn`: the lookup, the toFQDNs selectors, then each cached address's L4 trace."""
+    lookup = result.get("lookup") or {}
+    rule = f"rule {lookup['rule_id']}: {lookup.get('rule')}" if lookup.get("rule_id") else lookup.get("rule", "-")
+    lines = [key_values([
+        ("Lookup", f"{lookup.get('verdict')} {result.get('fqdn')} by {result.get('endpoint')}"),
+        ("Decided by", rule),
+        ("Why", lookup.get("reason")),
+        ("toFQDNs", _allowed_by(result)),
+    ])]
+    addresses = result.get("addresses") or []
+    if addresses:
+        lines.append("")
+        lines.append(table(["ADDRESS", "EXPIRES", "VERDICT", "DECIDED BY"], (
+            [a.get("ip"), _expires(a), a.get("verdict"),
+             "; ".join(f"{s.get('direction')}: {_rule(s)}" for s in a.get("steps") or ())]
+            for a in addresses)))
+    elif lookup.get("verdict") != "REFUSED":
+        lines.append(f"\nThe FQDN cache holds no address of {result.get('fqdn')} for {result.get('endpoint')}: "
+                     "toFQDNs allows only addresses the DNS proxy answered it; look the name up first.")
+    lines.append(f"\nFinal verdict: {result.get('verdict', '?')}")
+    return "\n".join(lines)
+
+
 def _rule(step: Mapping[str, Any]) -> str:
     rule = step.get("rule") or "-"
     by_address = step.get("by_address")  # a NetworkPolicy ipBlock matched the peer's address

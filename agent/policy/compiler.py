@@ -26,6 +26,12 @@ it covers (its except carved out, as for the ipcache), looked up by the kernel w
 the peer's address has in `ipblock_cidrs` (the ipBlock prefixes alone). Each ipBlock is a rule of
 its own named by its path (``spec.egress[0].to[1].ipBlock``), so flows and policy trace name it.
 
+toFQDNs and DNS rules. A toFQDNs peer resolves per endpoint: the addresses the FQDN cache
+(agent/dns/fqdn.py, handed in as ``fqdn``) holds for that endpoint under the names its selector
+matches, each a /32 with a CIDR identity of its own (`_fqdn_prefixes`). ``toPorts[].rules.dns`` on
+port 53 says which names an endpoint may look up; each local endpoint gets a `DnsPolicy`
+(`_dns_policy`), which the DNS proxy's policy hook applies to its queries.
+
 Semantic problems the resource schema cannot catch (a named port starting a range, IPv6 CIDRs, an
 except outside its CIDR, unknown entities, …) raise PolicyCompileError with a one-line message
 naming the policy and the field path.
@@ -43,6 +49,7 @@ from ipaddress import IPv4Network
 from typing import Any
 
 from agent import identity as ids
+from agent.dns.rules import UNRESTRICTED, DnsPolicy, DnsRule, FqdnSelector
 from agent.errors import MeshError
 from agent.labels import NAMESPACE_LABEL, NAMESPACE_LABELS_PREFIX, LabelError, Selector, namespace_labels_of
 from agent.named_ports import policy_port_name
@@ -158,7 +165,15 @@ class _EntityPeer:
     entity: str
 
 
-_Peer = _LabelPeer | _CidrPeer | _EntityPeer
+@dataclass(frozen=True)
+class _FqdnPeer:
+    """toFQDNs: the addresses the FQDN cache holds, for the endpoint the rule applies to, under the
+    names the selector matches; each a /32 with a CIDR identity of its own (see `compile_policies`)."""
+
+    selector: FqdnSelector
+
+
+_Peer = _LabelPeer | _CidrPeer | _EntityPeer | _FqdnPeer
 _ANYONE = _EntityPeer("all")
 
 
@@ -170,6 +185,16 @@ class _Named:
     name: str
 
 
+@dataclass(frozen=True)
+class _DnsAccess:
+    """What an egress rule says about DNS: it covers port 53 (UDP or TCP) to its peers, and the names
+    its port 53 rules allow: ``any_name`` when a port rule covering 53 has no DNS rules (Cilium then
+    wildcards the port's DNS rules), else the selectors of its ``rules.dns``."""
+
+    any_name: bool
+    selectors: tuple[FqdnSelector, ...] = ()
+
+
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: the policy body is a dict
 class _Rule:
     policy: PolicyInput
@@ -179,6 +204,7 @@ class _Rule:
     peers: tuple[_Peer, ...]  # empty: the rule matches nothing
     ports: tuple[tuple[int, int, int], ...]  # (proto, port, prefix); _ALL_PORTS = any traffic
     named: tuple[_Named, ...] = ()  # ports by name, besides ``ports`` (which is then empty or numeric)
+    dns: _DnsAccess | None = None  # an egress rule covering port 53: what it allows to look up
 
 
 @dataclass(frozen=True, eq=False)
@@ -351,6 +377,9 @@ class _Parser:
     def _cnp_rule(self, path: str, rule: Mapping, direction: int, action: Action) -> _Rule:
         peer = "from" if direction == INGRESS else "to"
         allowed = {f"{peer}Endpoints", f"{peer}CIDR", f"{peer}CIDRSet", f"{peer}Entities", "toPorts", "icmps"}
+        egress_allow = direction == EGRESS and action == Action.ALLOW
+        if egress_allow:
+            allowed.add("toFQDNs")  # Cilium's EgressDenyRule has no toFQDNs
         for key in rule:
             if key not in allowed:
                 raise self.error(f"{path}.{key}", f"not supported (supported: {', '.join(sorted(allowed))})")
@@ -383,15 +412,20 @@ class _Parser:
                 known = ", ".join(ENTITIES)
                 raise self.error(f"{path}.{field}[{i}]", f"unknown entity {name!r} (known: {known})")
             peers.append(_EntityPeer(name))
+        for i, sel in enumerate(self._list(f"{path}.toFQDNs", rule.get("toFQDNs"))):
+            peers.append(_FqdnPeer(self._fqdn_selector(f"{path}.toFQDNs[{i}]", sel)))
 
         ports: list[tuple] = []
+        dns: list[tuple[list[tuple], tuple[FqdnSelector, ...] | None]] = []  # (port blocks, DNS rules) per port rule
         for i, port_rule in enumerate(self._list(f"{path}.toPorts", rule.get("toPorts"))):
             ppath = f"{path}.toPorts[{i}]"
-            ports += self._cnp_port_rule(ppath, self._mapping(ppath, port_rule))
+            blocks, selectors = self._cnp_port_rule(ppath, self._mapping(ppath, port_rule), egress_allow)
+            ports += blocks
+            dns.append((blocks, selectors))
         for i, icmp in enumerate(self._list(f"{path}.icmps", rule.get("icmps"))):
             ports += self._cnp_icmp(f"{path}.icmps[{i}]", self._mapping(f"{path}.icmps[{i}]", icmp))
 
-        peer_fields = ("Endpoints", "CIDR", "CIDRSet", "Entities")
+        peer_fields = ("Endpoints", "CIDR", "CIDRSet", "Entities", "FQDNs")
         has_peers = any(_present(rule.get(f"{peer}{f}")) for f in peer_fields)
         has_ports = _present(rule.get("toPorts")) or _present(rule.get("icmps"))
         if not has_peers and not has_ports:
@@ -402,15 +436,27 @@ class _Parser:
             tuple(peers) if has_peers else (_ANYONE,),  # ports only: from/to anyone
             numeric if has_ports else (_ALL_PORTS,),  # peers only: all traffic
             named,
+            _dns_access(dns if has_ports else [([_ALL_PORTS], None)]) if direction == EGRESS else None,
         )
 
-    def _cnp_port_rule(self, path: str, port_rule: Mapping) -> list[tuple]:
+    def _fqdn_selector(self, path: str, value: Any) -> FqdnSelector:
+        try:
+            return FqdnSelector.from_dict(self._mapping(path, value))
+        except ValueError as e:
+            raise self.error(path, str(e)) from None
+
+    def _cnp_port_rule(self, path: str, port_rule: Mapping, dns_allowed: bool
+                       ) -> tuple[list[tuple], tuple[FqdnSelector, ...] | None]:
+        """The port blocks of one toPorts item, and the selectors of its rules.dns (None: no DNS rules)."""
         for key, value in port_rule.items():
-            if key != "ports" and value:
-                raise self.error(f"{path}.{key}", "not supported (L4 policy only: ports)")
+            if key not in ("ports", "rules") and value:
+                raise self.error(f"{path}.{key}", "not supported (L4 policy only: ports; DNS rules: rules.dns)")
+        selectors = self._dns_rules(f"{path}.rules", port_rule.get("rules"), dns_allowed)
         items = self._list(f"{path}.ports", port_rule.get("ports"))
+        if selectors is not None:
+            self._dns_ports(f"{path}.ports", items)
         if not items:
-            return [_ALL_PORTS]
+            return [_ALL_PORTS], selectors
         out: list[tuple] = []
         for i, item in enumerate(items):
             ipath = f"{path}.ports[{i}]"
@@ -427,7 +473,34 @@ class _Parser:
                 given = item.get("protocol")
                 raise self.error(f"{ipath}.protocol", f"{given!r}: supported: TCP, UDP, SCTP, ICMP, ANY")
             out += self._port_blocks(ipath, protos, item.get("port"), item.get("endPort"))
-        return out
+        return out, selectors
+
+    def _dns_rules(self, path: str, rules: Any, allowed: bool) -> tuple[FqdnSelector, ...] | None:
+        """The selectors of ``rules.dns``; L7 rules of other protocols are refused."""
+        rules = self._mapping(path, rules)
+        for key, value in rules.items():
+            if key != "dns" and value:
+                raise self.error(f"{path}.{key}", "L7 rules other than dns are not supported in "
+                                 "CiliumNetworkPolicy; use an Istio AuthorizationPolicy")
+        items = self._list(f"{path}.dns", rules.get("dns"))
+        if not items:
+            return None
+        if not allowed:
+            raise self.error(f"{path}.dns", "DNS rules are allowed in egress allow rules only (as in Cilium)")
+        return tuple(self._fqdn_selector(f"{path}.dns[{i}]", item) for i, item in enumerate(items))
+
+    def _dns_ports(self, path: str, items: list) -> None:
+        """DNS rules apply to port 53 (where the DNS proxy takes queries), over UDP, TCP or ANY."""
+        if not items:
+            raise self.error(path, "DNS rules need port 53 (UDP, TCP or ANY): give ports: [{port: \"53\"}]")
+        for i, item in enumerate(items):
+            item = self._mapping(f"{path}[{i}]", item)
+            port, protocol = item.get("port"), str(item.get("protocol") or "ANY").upper()
+            if str(port).strip() != "53" or isinstance(port, bool) or item.get("endPort") is not None:
+                raise self.error(f"{path}[{i}].port", f"{port!r}: DNS rules apply to port 53 only (the DNS proxy's); "
+                                 "put other ports in a toPorts item of their own")
+            if protocol not in ("UDP", "TCP", "ANY"):
+                raise self.error(f"{path}[{i}].protocol", f"{protocol!r}: DNS rules take UDP, TCP or ANY")
 
     def _cnp_icmp(self, path: str, icmp: Mapping) -> list[tuple]:
         out: list[tuple] = []
@@ -482,9 +555,11 @@ class _Parser:
             ports += self._port_blocks(ipath, (PROTO_NUMBERS[name],), item.get("port"), item.get("endPort"))
         # Kubernetes: an empty or missing from/to matches every peer, empty or missing ports every port.
         numeric, named = _split_ports(ports)
+        blocks = numeric or (() if named else (_ALL_PORTS,))
         return _Rule(
             self.policy, path, direction, Action.ALLOW,
-            tuple(peers) or (_ANYONE,), numeric or (() if named else (_ALL_PORTS,)), named,
+            tuple(peers) or (_ANYONE,), blocks, named,
+            _dns_access([(blocks, None)]) if direction == EGRESS else None,  # port 53 open: any name
         )
 
     def _np_peer(self, path: str, peer: Mapping) -> _Peer:
@@ -508,6 +583,30 @@ def _split_ports(specs: Sequence) -> tuple[tuple[tuple[int, int, int], ...], tup
     """A rule's port list as (numeric blocks, named ports), each without repeats, in order."""
     named = tuple(dict.fromkeys(s for s in specs if isinstance(s, _Named)))
     return tuple(dict.fromkeys(s for s in specs if not isinstance(s, _Named))), named
+
+
+_DNS_PORT = 53
+
+
+def _covers_dns(block: tuple[int, int, int]) -> bool:
+    proto, port, prefix = block
+    return proto == ANY_PROTO or (proto in (_TCP, _UDP) and _DNS_PORT & port_mask(prefix) == port)
+
+
+def _dns_access(port_rules: Sequence[tuple[Sequence[tuple], tuple[FqdnSelector, ...] | None]]) -> _DnsAccess | None:
+    """What a rule's port rules, each (port blocks, DNS selectors or None), allow to look up; None if
+    none covers port 53."""
+    any_name, selectors = False, []
+    for blocks, sels in port_rules:
+        if not any(_covers_dns(b) for b in blocks if not isinstance(b, _Named)):
+            continue
+        if sels is None:
+            any_name = True
+        else:
+            selectors += sels
+    if not any_name and not selectors:
+        return None
+    return _DnsAccess(any_name, tuple(dict.fromkeys(selectors)))
 
 
 def _named_summary(named: Sequence[_Named]) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -625,12 +724,20 @@ class _Resolver:
     """Peers to identity numbers, over the identities of the cluster and the CIDR identities."""
 
     def __init__(self, identities: Mapping[int, Mapping[str, str]], cidrs: Mapping[IPv4Network, int],
-                 ipblocks: Mapping[IPv4Network, int]):
+                 ipblocks: Mapping[IPv4Network, int],
+                 fqdn_nets: Mapping[tuple[int, _FqdnPeer], frozenset[IPv4Network]] | None = None):
         self.identities = identities
         self.cidrs = cidrs
+        self._fqdn_nets = fqdn_nets or {}
         self._cache: dict[_Peer, frozenset[int]] = {}
         self._ipcache = _Prefixes(cidrs)  # every mentioned prefix, as the ipcache holds them
         self._ipblocks = _Prefixes(ipblocks)  # the ipBlock prefixes alone, as ipblock_cidrs holds them
+
+    def resolve_for(self, peer: _Peer, ep_id: int) -> frozenset[int]:
+        """`resolve`, where a toFQDNs peer resolves per endpoint (to its own FQDN cache's addresses)."""
+        if isinstance(peer, _FqdnPeer):
+            return frozenset(self.cidrs[net] for net in self._fqdn_nets.get((ep_id, peer), ()))
+        return self.resolve(peer)
 
     def resolve(self, peer: _Peer) -> frozenset[int]:
         """The peer's identities, and for an ipBlock the by-address keys of the prefixes it covers."""
@@ -658,6 +765,8 @@ class _Resolver:
             if peer.cidr.prefixlen == 0:
                 out.add(ids.WORLD)  # addresses in no mentioned prefix
             return out
+        if isinstance(peer, _FqdnPeer):
+            return set()  # per endpoint: resolve_for
         entity = peer.entity
         if entity == "all":
             return {ANY_IDENTITY}
@@ -761,6 +870,7 @@ def compile_policies(
     mode: str = "default",
     cidr_identities: Mapping[str, int] | None = None,
     cluster_endpoints: Sequence[EndpointInfo] | None = None,
+    fqdn: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
 ) -> CompiledPolicy:
     """The policy map, enforcement flags and rule table for this node's endpoints.
 
@@ -769,6 +879,8 @@ def compile_policies(
     the previous result's numbers, kept stable for prefixes still in use. ``cluster_endpoints``:
     the endpoints of every node (this one's too) that name ports, against which egress rules'
     named ports resolve (default: ``endpoints``); only their identities and ports are read.
+    ``fqdn``: the FQDN cache, local endpoint name -> DNS name -> the IPv4 addresses the DNS proxy gave
+    it, which toFQDNs selectors resolve against (agent/dns/fqdn.py).
     Raises PolicyCompileError for a policy that cannot be enforced as written.
     """
     if mode not in MODES:
@@ -795,6 +907,8 @@ def compile_policies(
                     if peer.by_address:
                         block_prefixes.add(peer.cidr)
                         block_prefixes.update(peer.excepts)
+    fqdn_nets, fqdn_labels = _fqdn_prefixes(subjects, endpoints, fqdn or {})
+    prefixes.update(fqdn_labels)
     cidrs = _allocate_cidr_identities(prefixes, cidr_identities or {})
     ipblocks = {net: cidrs[net] for net in block_prefixes}
 
@@ -824,18 +938,26 @@ def compile_policies(
     }
     for ep in endpoints:
         universe.setdefault(ep.identity, ep.labels)
-    resolver = _Resolver(universe, cidrs, ipblocks)
+    resolver = _Resolver(universe, cidrs, ipblocks, fqdn_nets)
     named_index = _named_port_index(endpoints if cluster_endpoints is None else cluster_endpoints)
 
     out = CompiledPolicy(cidr_identities={str(net): n for net, n in sorted(cidrs.items())}, rules=rules,
-                         ipblock_cidrs={str(net): n for net, n in sorted(ipblocks.items())})
+                         ipblock_cidrs={str(net): n for net, n in sorted(ipblocks.items())},
+                         fqdn_prefixes={str(net): tuple(sorted(lbls)) for net, lbls in sorted(fqdn_labels.items())})
     buckets: dict[tuple[int, int, int], dict[_Port, _Candidate]] = {}
     for ep in sorted(endpoints, key=lambda e: e.ep_id):
         selecting = [s for s in subjects if s.selector.matches(ep.labels)]
         for direction in (INGRESS, EGRESS):
             enforcing = [s for s in selecting if direction in s.enforces]
-            out.enforcement[(ep.ep_id, direction)] = _enforcement(enforcing, mode, numbers)
-            if not out.enforcement[(ep.ep_id, direction)].enforced:
+            enf = out.enforcement[(ep.ep_id, direction)] = _enforcement(enforcing, mode, numbers)
+            if direction == EGRESS:
+                out.dns[ep.ep_id] = _dns_policy(enforcing, enf, numbers)
+                if enf.enforced:
+                    out.fqdn_selectors[ep.ep_id] = tuple(
+                        DnsRule(peer.selector, numbers[_rule_name(rule.policy, rule.path)])
+                        for s in enforcing for rule in s.rules if rule.direction == EGRESS
+                        for peer in rule.peers if isinstance(peer, _FqdnPeer))
+            if not enf.enforced:
                 continue
             for subject in enforcing:
                 for rule in subject.rules:
@@ -843,10 +965,71 @@ def compile_policies(
                         continue
                     _expand(rule, ep, resolver, numbers, order[rule], buckets, named_index)
 
+    for (ep_id, _peer), nets in fqdn_nets.items():
+        out.fqdn_allowed[ep_id] = out.fqdn_allowed.get(ep_id, frozenset()) | {str(n.network_address) for n in nets}
     for (ep_id, direction, peer), bucket in sorted(buckets.items()):
         for (proto, port, prefix), entry in sorted(_flatten(bucket).items()):
             out.entries[PolicyKey(ep_id, direction, peer, proto, port, prefix)] = entry
     return out
+
+
+def _fqdn_prefixes(subjects: Sequence[_Subject], endpoints: Sequence[EndpointInfo],
+                   fqdn: Mapping[str, Mapping[str, Sequence[str]]]
+                   ) -> tuple[dict[tuple[int, _FqdnPeer], frozenset[IPv4Network]], dict[IPv4Network, set[str]]]:
+    """toFQDNs peers per endpoint: (ep_id, peer) -> the /32s of the addresses the FQDN cache holds for
+    that endpoint under names the peer's selector matches; and each such /32 -> the selectors that
+    chose it. Each /32 gets a CIDR identity of its own, as Cilium gives each address one (labelled
+    fqdn:<selector>); an address that is an endpoint's keeps the endpoint's identity in the ipcache,
+    where its /32 wins, as a toCIDR prefix holding a pod does."""
+    nets: dict[tuple[int, _FqdnPeer], frozenset[IPv4Network]] = {}
+    labels: dict[IPv4Network, set[str]] = {}
+    for ep in endpoints:
+        names = fqdn.get(ep.name)
+        if not names:
+            continue
+        for subject in subjects:
+            if EGRESS not in subject.enforces or not subject.selector.matches(ep.labels):
+                continue
+            for rule in subject.rules:
+                for peer in rule.peers:
+                    if not isinstance(peer, _FqdnPeer) or (ep.ep_id, peer) in nets:
+                        continue
+                    chosen = set()
+                    for name, ips in names.items():
+                        if peer.selector.matches(name):
+                            chosen.update(IPv4Network(f"{ip}/32") for ip in ips)
+                    nets[(ep.ep_id, peer)] = frozenset(chosen)
+                    for net in chosen:
+                        labels.setdefault(net, set()).add(peer.selector.match_name or peer.selector.match_pattern)
+    return nets, labels
+
+
+def _dns_policy(enforcing: Sequence[_Subject], enf: Enforcement, numbers: Mapping[str, int]) -> DnsPolicy:
+    """What an endpoint may look up, from the egress rules of the policies enforcing on it.
+
+    The DNS proxy answers every query itself, whatever resolver address it was sent to, so a rule's
+    peers are not compared with that address: a rule that allows port 53 (UDP or TCP) to any peer
+    counts. Not under egress enforcement: every name. A deny rule closing port 53 to every peer
+    (toEntities all, or toPorts alone): none. A rule allowing port 53 without DNS rules: every name
+    (Cilium wildcards the port's DNS rules then). Else the names the DNS rules select; and when no
+    rule allows port 53 at all, none (the query would have been dropped)."""
+    if not enf.enforced:
+        return UNRESTRICTED
+
+    def rule_id(rule: _Rule) -> int:
+        return numbers[_rule_name(rule.policy, rule.path)]
+
+    rules = [r for s in enforcing for r in s.rules if r.direction == EGRESS and r.dns is not None]
+    for r in rules:
+        if r.action == Action.DENY and not r.policy.audit and _ANYONE in r.peers:
+            return DnsPolicy(any_name=False, rule_id=rule_id(r))
+    allows = [r for r in rules if r.action == Action.ALLOW]
+    for r in allows:
+        if r.dns.any_name:
+            return DnsPolicy(any_name=True, rule_id=rule_id(r))
+    dns_rules = tuple(DnsRule(sel, rule_id(r)) for r in allows for sel in r.dns.selectors)
+    deciding = rule_id(allows[0]) if allows else enf.rule_id
+    return DnsPolicy(any_name=False, rules=dns_rules, rule_id=deciding, audit=enf.audit)
 
 
 def _enforcement(enforcing: Sequence[_Subject], mode: str, numbers: Mapping[str, int]) -> Enforcement:
@@ -920,7 +1103,7 @@ def _expand(
     candidate = _Candidate(rank, order, entry)
     peers: set[int] = set()
     for peer in rule.peers:
-        peers |= resolver.resolve(peer)
+        peers |= resolver.resolve_for(peer, ep.ep_id)
     pairs = [(peer, port) for peer in peers for port in rule.ports]
     if rule.named:
         pairs += sorted(_named_entries(rule, ep, peers, named_index))

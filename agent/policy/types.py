@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from agent.dns.rules import DnsPolicy, DnsRule
 from agent.named_ports import NamedPort
 
 # Directions as the datapath numbers them (bpf/lib/common.h: DIR_INGRESS / DIR_EGRESS).
@@ -109,3 +110,14 @@ class CompiledPolicy:
     cidr_identities: dict[str, int] = field(default_factory=dict)  # "10.0.0.0/8" -> local CIDR identity
     # The prefixes NetworkPolicy ipBlocks name -> their CIDR identities: bpf/lib/ipcache.h ipblock_cidrs
     ipblock_cidrs: dict[str, int] = field(default_factory=dict)
+    # Per local endpoint (ep_id): the names it may look up (toPorts.rules.dns and port 53 rules), read
+    # by the DNS proxy's policy hook, and the toFQDNs selectors of its egress rules (with their rules).
+    dns: dict[int, DnsPolicy] = field(default_factory=dict)
+    fqdn_selectors: dict[int, tuple[DnsRule, ...]] = field(default_factory=dict)
+    # The /32 prefixes that toFQDNs selectors gave CIDR identities -> the names or patterns that chose
+    # them ("api.example.com.", "*.example.com."), which label those identities in flows as Cilium's
+    # fqdn:<pattern> labels do.
+    fqdn_prefixes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Per local endpoint (ep_id): the addresses its toFQDNs selectors allow (the DNS proxy's hook
+    # releases an answer at once when they hold all of its addresses)
+    fqdn_allowed: dict[int, frozenset[str]] = field(default_factory=dict)

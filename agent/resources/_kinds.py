@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agent.dns.rules import check_match_name, check_match_pattern
 from agent.labels import NAMESPACE_NAME_LABEL, LabelError, Selector
 
 from . import _values as v
@@ -156,20 +157,43 @@ ENTITIES = (
     "world", "cluster", "host", "remote-node", "all", "init", "health", "unmanaged", "kube-apiserver",
 )
 _L7 = "L7 rules in CiliumNetworkPolicy are not supported; use an Istio AuthorizationPolicy"
+_L7_OTHERS = "L7 rules other than dns are not supported in CiliumNetworkPolicy; use an Istio AuthorizationPolicy"
 
-CNP_PORT_RULE = Obj({
-    "ports": Req(ListOf(Obj({
-        "port": CNP_PORT_VALUE,
-        "endPort": PORT_INT,
-        "protocol": Enum(("TCP", "UDP", "SCTP", "ICMP", "ANY"), unsupported=("ICMPv6", "VRRP", "IGMP")),
-    }, rules=(_end_port,)), non_empty=True)),
-}, unsupported={
-    "rules": _L7,
-    "terminatingTLS": _L7,
-    "originatingTLS": _L7,
-    "serverNames": _L7,
-    "listener": _L7,
+# toFQDNs and toPorts[].rules.dns items (Cilium's FQDNSelector): a name, or a pattern (agent/dns/rules.py).
+FQDN_SELECTOR = Obj({
+    "matchName": string(check_match_name, "a DNS name"),
+    "matchPattern": string(check_match_pattern, "a DNS name pattern"),
+}, rules=(exactly_one_of("matchName", "matchPattern"),))
+DNS_RULES = Obj({"dns": ListOf(FQDN_SELECTOR, non_empty=True)},
+                unsupported=dict.fromkeys(("http", "kafka", "l7proto", "l7"), _L7_OTHERS))
+
+
+def _dns_on_port_53(obj: Mapping[str, Any], path: str) -> None:
+    """DNS rules apply where the DNS proxy takes queries: port 53, over UDP, TCP or ANY."""
+    if not (obj.get("rules") or {}).get("dns"):
+        return
+    for i, p in enumerate(obj.get("ports") or ()):
+        where = f"{join(path, 'ports')}[{i}]"
+        if "port" not in p or "endPort" in p or v.is_port_name(p["port"]) or v.port_number(p["port"]) != 53:
+            raise Invalid(join(where, "port"), f"{show(p.get('port', 'any port'))}: DNS rules apply to port 53 only "
+                          "(where the DNS proxy takes queries); put other ports in a toPorts item of their own")
+        if p.get("protocol", "ANY") not in ("UDP", "TCP", "ANY"):
+            raise Invalid(join(where, "protocol"), f"{p['protocol']}: DNS rules take protocol UDP, TCP or ANY")
+
+
+CNP_PORTS = Req(ListOf(Obj({
+    "port": CNP_PORT_VALUE,
+    "endPort": PORT_INT,
+    "protocol": Enum(("TCP", "UDP", "SCTP", "ICMP", "ANY"), unsupported=("ICMPv6", "VRRP", "IGMP")),
+}, rules=(_end_port,)), non_empty=True))
+_TLS_UNSUPPORTED = dict.fromkeys(("terminatingTLS", "originatingTLS", "serverNames", "listener"), _L7)
+# Ingress and deny rules: L4 only. DNS rules are egress-only in Cilium; its deny rules have no L7 rules.
+CNP_PORT_RULE = Obj({"ports": CNP_PORTS}, unsupported={
+    "rules": _L7 + " (DNS rules belong in egress rules, as in Cilium)", **_TLS_UNSUPPORTED,
 })
+# Egress allow rules: also rules.dns, the names an endpoint may look up.
+CNP_EGRESS_PORT_RULE = Obj({"ports": CNP_PORTS, "rules": DNS_RULES}, unsupported=_TLS_UNSUPPORTED,
+                           rules=(_dns_on_port_53,))
 
 ICMP_RULE = Obj({
     "fields": Req(ListOf(Obj({
@@ -183,9 +207,13 @@ CIDR_SET = Obj({"cidr": Req(CIDR), "except": ListOf(CIDR)}, unsupported={
 }, rules=(_except_inside,))
 
 
-def _cnp_rule(peer: str) -> Obj:
-    """An ingress ("from") or egress ("to") rule; the deny variants take the same fields."""
-    peers = (f"{peer}Endpoints", f"{peer}CIDR", f"{peer}CIDRSet", f"{peer}Entities")
+def _cnp_rule(peer: str, deny: bool = False) -> Obj:
+    """An ingress ("from") or egress ("to") rule, or with ``deny`` its deny variant (no toFQDNs, no
+    L7 rules, as Cilium's IngressDenyRule and EgressDenyRule)."""
+    egress_allow = peer == "to" and not deny
+    peers: tuple[str, ...] = (f"{peer}Endpoints", f"{peer}CIDR", f"{peer}CIDRSet", f"{peer}Entities")
+    if egress_allow:
+        peers += ("toFQDNs",)  # Cilium: one kind of L3 peer per rule, toFQDNs included
 
     def one_peer_kind(obj: Mapping[str, Any], path: str) -> None:
         # Cilium's own rule: "Combining FromEndpoints and FromCIDR is not supported yet".
@@ -202,26 +230,30 @@ def _cnp_rule(peer: str) -> Obj:
     other: dict[str, Unsupported | str] = dict.fromkeys(
         (f"{peer}Requires", f"{peer}Groups", f"{peer}Nodes", "authentication"), Unsupported())
     if peer == "to":
-        other["toFQDNs"] = Unsupported("DNS-based policy (toFQDNs) is not supported")
+        if deny:
+            other["toFQDNs"] = "toFQDNs is not supported in egressDeny (as in Cilium); deny by toCIDR, or allow " \
+                               "only what toFQDNs selects in egress"
         other["toServices"] = "toServices is not supported; use toEndpoints with the service's selector"
-    return Obj({
+    fields: dict[str, Node] = {
         peers[0]: ListOf(SELECTOR),
         peers[1]: ListOf(CIDR),
         peers[2]: ListOf(CIDR_SET),
         peers[3]: ListOf(Enum(ENTITIES)),
-        "toPorts": ListOf(CNP_PORT_RULE),
+        "toPorts": ListOf(CNP_EGRESS_PORT_RULE if egress_allow else CNP_PORT_RULE),
         "icmps": ListOf(ICMP_RULE),
-    }, unsupported=other,
-        rules=(one_peer_kind, icmps_alone))
+    }
+    if egress_allow:
+        fields["toFQDNs"] = ListOf(FQDN_SELECTOR)
+    return Obj(fields, unsupported=other, rules=(one_peer_kind, icmps_alone))
 
 
 CNP_SPEC = Obj({
     "endpointSelector": Req(SELECTOR),
     "description": STR,
     "ingress": ListOf(_cnp_rule("from")),
-    "ingressDeny": ListOf(_cnp_rule("from")),
+    "ingressDeny": ListOf(_cnp_rule("from", deny=True)),
     "egress": ListOf(_cnp_rule("to")),
-    "egressDeny": ListOf(_cnp_rule("to")),
+    "egressDeny": ListOf(_cnp_rule("to", deny=True)),
 }, unsupported={
     "nodeSelector": "host policies (nodeSelector) are not supported; use endpointSelector",
     "enableDefaultDeny": Unsupported(),

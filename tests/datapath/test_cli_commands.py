@@ -50,6 +50,7 @@ COMMANDS: dict[tuple[str, ...], tuple[list[str], int]] = {
     ("service", "list"): (["-o", "json"], 0),
     ("flows",): (["--last", "5"], 0),
     ("policy", "trace"): (["--from-label", "app=cli-a", "--to-label", "app=cli-b", "--dport", "80/tcp"], 0),
+    ("fqdn", "cache", "list"): (["-o", "json"], 0),
     ("bpf", "ct", "list"): (["-o", "json"], 0),
     ("bpf", "ipcache", "list"): (["-o", "json"], 0),
     ("bpf", "ipblock", "list"): (["-o", "json"], 0),

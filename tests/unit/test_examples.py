@@ -104,3 +104,31 @@ def test_ipblock_example_means_what_its_comments_say():
     assert decide("db", INGRESS, "other", 5432) == "DENIED"
     assert decide("batch", EGRESS, "10.8.1.5", 80) == "ALLOWED"  # outside the cluster
     assert decide("batch", EGRESS, "other", 80) == "DENIED"  # Cilium: a pod is not matched by its address
+
+
+def test_fqdn_example_allows_as_its_comments_say():
+    """examples/fqdn-policy.yaml: which names the client may look up, and which looked-up addresses
+    it may reach on 443."""
+    from agent.dns.rules import decide
+    from agent.labels import security_labels
+    from agent.policy.compiler import PolicyInput, compile_policies
+    from agent.policy.lookup import lookup
+    from agent.policy.types import EGRESS, EndpointInfo, IdentityInfo
+
+    resources = load_paths([str(EXAMPLES / "fqdn-policy.yaml")])
+    labels = security_labels({"app": "client"}, "default", "default")
+    cache = {"client": {"api.example.com.": ("192.0.2.10",), "x.y.cdn.example.com.": ("192.0.2.20",),
+                        "www.example.com.": ("192.0.2.30",)}}
+    c = compile_policies([PolicyInput.from_body(r.kind, r.body) for r in resources], [IdentityInfo(300, labels)],
+                         [EndpointInfo(1, "client", "default", "10.200.0.9", 300, labels)], fqdn=cache)
+    may = {n: decide(c.dns[1], n).allowed for n in ("api.example.com", "example.com", "a.b.example.com",
+                                                     "web.default.svc.cluster.local", "web", "db", "evil.test")}
+    assert may == {"api.example.com": True, "example.com": True, "a.b.example.com": False,
+                   "web.default.svc.cluster.local": True, "web": True, "db": False, "evil.test": False}
+
+    def verdict(ip: str, port: int) -> str:
+        return lookup(c.entries, c.enforcement, 1, EGRESS, c.cidr_identities[f"{ip}/32"], 6, port).verdict
+
+    assert (verdict("192.0.2.10", 443), verdict("192.0.2.20", 443), verdict("192.0.2.10", 80)) == \
+        ("ALLOWED", "ALLOWED", "DENIED")
+    assert "192.0.2.30/32" not in c.cidr_identities  # www.example.com: looked up, selected by no toFQDNs

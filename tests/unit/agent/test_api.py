@@ -346,7 +346,9 @@ def test_requests_as_the_cli_sends_them():
                 to_namespace=None, dport=53, protocol="UDP")[1] == \
         ({"app": "a"}, {"reserved": "world"}, None, None, "UDP", 53)
     assert call("policy_trace", from_labels={"app": "a"}, to_ip="192.0.2.9")[2] == \
-        {"from_ip": None, "to_ip": "192.0.2.9"}
+        {"from_ip": None, "to_ip": "192.0.2.9", "to_fqdn": None}
+    assert call("policy_trace", from_labels={"app": "a"}, to_fqdn="api.example.com")[2]["to_fqdn"] == "api.example.com"
+    assert call("fqdn_cache_list") == ("fqdn_cache_list", (None,), {})
     method, (flt, last, follow, _send, _alive), _ = call(
         "flows", last=None, since_s=None, follow=False,
         filters={"from_label": ["app=web"], "to_label": [], "from_ip": None, "to_ip": "10.0.0.0/8", "port": 80,

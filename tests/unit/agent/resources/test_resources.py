@@ -615,7 +615,7 @@ SVC_BASE = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports
     (edit(GOOD_CNP, "ingress:", "ingressDeny:").replace('protocol: TCP}]', 'protocol: TCP}], rules: {}'),
      "spec.ingressDeny[0].toPorts[0].rules: L7 rules in CiliumNetworkPolicy are not supported"),
     (edit(GOOD_CNP, "ingress:", "egress:").replace("fromEndpoints", "toFQDNs"),
-     "spec.egress[0].toFQDNs: DNS-based policy (toFQDNs) is not supported; supported: toEndpoints"),
+     "spec.egress[0].toFQDNs[0].matchLabels: unknown field; supported: matchName, matchPattern"),
     (edit(GOOD_CNP, "    toPorts", "    fromEntities: [world]\n    toPorts"),
      "spec.ingress[0].fromEntities: fromEndpoints and fromEntities cannot be combined in one rule"),
     (edit(GOOD_CNP, "fromEndpoints: [{matchLabels: {role: frontend}}]", "fromEntities: [internet]"),
