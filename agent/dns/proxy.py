@@ -444,7 +444,7 @@ class DnsProxy:
         if not meta.mesh:
             c.cache_hits += 1
         self._event(client, addr, udp, meta, started, ALLOWED)
-        return bytes(data[:2]) + hit.tail
+        return data[:2] + hit.tail
 
     async def _answer(self, data: bytes, addr: tuple, udp: bool) -> bytes | None:
         """The answer to one message from ``addr`` (None: send nothing)."""
