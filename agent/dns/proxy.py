@@ -145,10 +145,10 @@ class DnsSnapshot:
     clients: Mapping[str, DnsClient] = field(default_factory=dict)  # this node's endpoints by address
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class DnsAnswer:
-    """What one answer says: kept with an answer the proxy gives again (the fast path), so flows can
-    be built from a template per answer. Compared by identity, which makes it a cheap dict key."""
+    """What one answer says, for its flow: made once and kept with an answer the proxy gives again
+    (the fast path), so each further flow of it costs only a reference."""
 
     qname: str  # as asked, trailing dot
     qtype: str
@@ -162,8 +162,9 @@ class DnsAnswer:
 
 class DnsEvent(NamedTuple):
     """One answered (or refused) question, for the agent to turn into a flow (agent/flows.py
-    DnsFlowBuilder). The proxy hands over plain tuples of these fields in this order (one is made
-    per question, and a tuple is the cheapest thing to make); ``DnsEvent(*event)`` names them."""
+    dns_flow_of, when it is read). The proxy hands over plain tuples of these fields in this order
+    (one is made per question, and a tuple is the cheapest thing to make); ``DnsEvent(*event)``
+    names them."""
 
     time_ns: int
     client: DnsClient
