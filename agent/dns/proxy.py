@@ -389,9 +389,11 @@ class DnsProxy:
             addr = writer.get_extra_info("peername")
             while True:
                 try:
-                    head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_TIMEOUT_S)
+                    async with asyncio.timeout(TCP_IDLE_TIMEOUT_S):
+                        head = await reader.readexactly(2)
                     (length,) = struct.unpack("!H", head)
-                    data = await asyncio.wait_for(reader.readexactly(length), TCP_IO_TIMEOUT_S)
+                    async with asyncio.timeout(TCP_IO_TIMEOUT_S):
+                        data = await reader.readexactly(length)
                 except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
                     return  # closed, stalled or idle: the connection ends
                 reply = self._fast(data, addr, False)
@@ -408,7 +410,8 @@ class DnsProxy:
                     return  # not DNS: there is no telling where its next message would start
                 writer.write(struct.pack("!H", len(reply)) + reply)
                 try:
-                    await asyncio.wait_for(writer.drain(), TCP_IO_TIMEOUT_S)
+                    async with asyncio.timeout(TCP_IO_TIMEOUT_S):
+                        await writer.drain()
                 except (TimeoutError, ConnectionError):
                     return
         finally:
