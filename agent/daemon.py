@@ -43,7 +43,16 @@ from agent.dns.snapshot import dns_snapshot
 from agent.dns.upstream import Upstreams, parse_upstream_address, resolv_conf_upstreams
 from agent.endpoint_manager import EndpointManager, valid_name
 from agent.errors import MeshError, UserError
-from agent.flows import DnsFlowBuilder, FlowBuffer, FlowContext, FlowCounters, FlowFilter, decode_event, enrich_l7_flow
+from agent.flows import (
+    FlowBuffer,
+    FlowContext,
+    FlowCounters,
+    FlowFilter,
+    LazyFlow,
+    decode_event,
+    dns_flow_of,
+    enrich_l7_flow,
+)
 from agent.identity import IdentityAllocator
 from agent.l7_supervisor import L7Supervisor
 from agent.named_ports import ports_of
@@ -129,7 +138,6 @@ class Agent:
         self.fqdn_hook = FqdnPolicyHook(self.fqdn, reconcile=self.reconcile_fqdn)
         self.dns_hook: DnsPolicyHook | None = self.fqdn_hook
         self._dns_snapshot = None
-        self._dns_flows = DnsFlowBuilder()
         self._host_ips: frozenset[str] = frozenset()
         self.flows = FlowBuffer()
         self.counters = FlowCounters()
@@ -603,19 +611,21 @@ class Agent:
 
     def _on_dns_events(self, events: list[tuple]) -> None:
         """The DNS proxy's answers as flows (its thread; a batch every 50 ms at most). ``events``:
-        tuples of agent.dns.proxy.DnsEvent's fields."""
-        ctx, host_ips, build = self.flow_ctx, self._host_ips, self._dns_flows.build
+        tuples of agent.dns.proxy.DnsEvent's fields. An answer's flow is made when first read (most
+        never are); a refusal's now, as it is a policy verdict to count."""
+        ctx, host_ips = self.flow_ctx, self._host_ips
         flows, answered = [], 0
         for ev in events:
-            flow = build(ev, ctx, ids.HOST if ev[3][0] in host_ips else ids.WORLD)  # ev[3]: the resolver
-            flows.append((flow, ev[0]))
             if ev[7].allowed:  # the verdict
-                answered += 1  # an answer's flow carries no policy verdict: counted without reading it
+                flows.append((LazyFlow(dns_flow_of, (ev, ctx, host_ips)), ev[0]))
+                answered += 1
             else:
+                flow = dns_flow_of((ev, ctx, host_ips))
                 self.counters.observe(flow)
+                flows.append((flow, ev[0]))
         self.flows.add_many(flows)
         if answered:
-            self.counters.count("FORWARDED", "L7", answered)
+            self.counters.count("FORWARDED", "L7", answered)  # an answer's flow carries no policy verdict
 
     def _on_l7_flow(self, record: dict) -> None:
         flow = enrich_l7_flow(record, self.flow_ctx)

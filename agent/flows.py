@@ -17,7 +17,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -349,48 +349,16 @@ def dns_flow(ev: Any, ctx: FlowContext, server_identity: int = HOST) -> dict[str
     return flow
 
 
-class DnsFlowBuilder:
-    """`dns_flow` for every question the proxy answers, at a stub resolver's rate: the flow of an answer
-    given again (the same DnsAnswer object, client and resolver) is copied from a template made the
-    first time, with only its time, ports and latency new. Templates are dropped when the flow
-    context (names and labels) changes. Used from the proxy's thread only."""
-
-    def __init__(self, max_templates: int = 4096):
-        self.max_templates = max_templates
-        # DnsAnswer (compared by identity: a cheap key) -> (client IP, resolver, its identity, template, its l7)
-        self._templates: dict[Any, tuple[str, tuple[str, int], int, dict[str, Any], dict[str, Any]]] = {}
-        self._ctx: FlowContext | None = None
-        self._second: tuple[int, str] = (-1, "")
-
-    def build(self, ev: tuple, ctx: FlowContext, server_identity: int = HOST) -> dict[str, Any]:
-        """``ev``: the fields of an agent.dns.proxy.DnsEvent, in its order (a plain tuple will do)."""
-        time_ns, client, client_port, server, protocol, answer, latency_ns, verdict = ev
-        if not verdict.allowed:
-            return dns_flow(_named(ev), ctx, server_identity)  # refusals are rare and carry their rule
-        if ctx is not self._ctx:
-            self._templates.clear()
-            self._ctx = ctx
-        kept = self._templates.get(answer)
-        if kept is None or kept[0] != client.ip or kept[1] != server or kept[2] != server_identity:
-            if len(self._templates) >= self.max_templates:
-                self._templates.clear()  # kept answers are rebuilt within a second or a zone anyway
-            template = dns_flow(_named(ev), ctx, server_identity)
-            kept = self._templates[answer] = (client.ip, server, server_identity, template, template["l7"])
-        flow = kept[3].copy()
-        sec, ns = divmod(time_ns, 1_000_000_000)
-        second, text = self._second
-        if sec != second:
-            text = format_time(sec * 1_000_000_000)[:-11]  # the seconds, without ".%09dZ"
-            self._second = (sec, text)
-        flow["time"] = f"{text}.{ns:09d}Z"
-        flow["l4"] = {protocol: {"source_port": server[1], "destination_port": client_port}}
-        flow["l7"] = l7 = kept[4].copy()
-        l7["latency_ns"] = latency_ns
-        return flow
+def dns_flow_of(arg: tuple) -> dict[str, Any]:
+    """`dns_flow` of (event fields, the flow context when it happened, the node's own addresses): the
+    `LazyFlow` maker of the agent's DNS flows. A resolver at one of the node's addresses is the host
+    (the proxy's own), any other the world."""
+    ev, ctx, host_ips = arg
+    return dns_flow(_named(ev), ctx, HOST if ev[3][0] in host_ips else WORLD)
 
 
 def _named(ev: tuple) -> Any:
-    """A DnsEvent's fields as attributes (dns_flow reads them by name)."""
+    """A DnsEvent's fields as attributes (dns_flow reads them by name); the proxy hands over tuples."""
     from types import SimpleNamespace
 
     names = ("time_ns", "client", "client_port", "server", "protocol", "answer", "latency_ns", "verdict")
@@ -665,6 +633,28 @@ class Subscription:
         self.unsubscribe()
 
 
+class LazyFlow:
+    """A flow made only when it is first read: ``make(arg)``. The DNS proxy answers at a stub
+    resolver's rate and most of its flows are never read; they wait in the ring as their event.
+    Made at most once in practice (two readers at once would both make the same dict)."""
+
+    __slots__ = ("make", "arg", "flow")
+
+    def __init__(self, make: Callable[[Any], dict[str, Any]], arg: Any):
+        self.make, self.arg, self.flow = make, arg, None
+
+    def get(self) -> dict[str, Any]:
+        flow = self.flow
+        if flow is None:
+            flow = self.flow = self.make(self.arg)
+        return flow
+
+
+def _made(entries: Iterable[tuple[int, Any]]) -> Iterator[tuple[int, dict[str, Any]]]:
+    for t, f in entries:
+        yield t, (f.get() if type(f) is LazyFlow else f)
+
+
 class FlowBuffer:
     """The last ``capacity`` flows (a ring: the oldest is overwritten) plus live followers."""
 
@@ -696,11 +686,14 @@ class FlowBuffer:
                 if not sub._put(flow):
                     self.subscriber_lost_total += 1
 
-    def add_many(self, flows: Iterable[tuple[dict[str, Any], int]]) -> None:
-        """Several (flow, epoch ns) at once, under one lock (the DNS proxy's batches)."""
+    def add_many(self, flows: Iterable[tuple[dict[str, Any] | LazyFlow, int]]) -> None:
+        """Several (flow, epoch ns) at once, under one lock (the DNS proxy's batches). A `LazyFlow` is
+        kept as it is and made when first read, unless someone follows: followers get dicts now."""
         with self._lock:
             ring, subs, capacity = self._ring, self._subs, self.capacity
             for flow, t in flows:
+                if subs and type(flow) is LazyFlow:
+                    flow = flow.get()
                 if len(ring) == capacity:
                     self.evicted_total += 1
                 ring.append((t, flow))
@@ -717,11 +710,13 @@ class FlowBuffer:
             snapshot = list(self._ring)  # filter outside the lock: don't stall the event thread
         flt = flt or FlowFilter()
         if last is None:
-            return [f for t, f in snapshot if flt._matches(f, t)]
+            return [f for t, f in _made(snapshot) if flt._matches(f, t)]
         out: list[dict[str, Any]] = []
         for t, f in reversed(snapshot):
             if len(out) >= last:
                 break
+            if type(f) is LazyFlow:
+                f = f.get()
             if flt._matches(f, t):
                 out.append(f)
         out.reverse()

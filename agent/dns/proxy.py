@@ -145,10 +145,10 @@ class DnsSnapshot:
     clients: Mapping[str, DnsClient] = field(default_factory=dict)  # this node's endpoints by address
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class DnsAnswer:
-    """What one answer says: kept with an answer the proxy gives again (the fast path), so flows can
-    be built from a template per answer. Compared by identity, which makes it a cheap dict key."""
+    """What one answer says, for its flow: made once and kept with an answer the proxy gives again
+    (the fast path), so each further flow of it costs only a reference."""
 
     qname: str  # as asked, trailing dot
     qtype: str
@@ -162,8 +162,9 @@ class DnsAnswer:
 
 class DnsEvent(NamedTuple):
     """One answered (or refused) question, for the agent to turn into a flow (agent/flows.py
-    DnsFlowBuilder). The proxy hands over plain tuples of these fields in this order (one is made
-    per question, and a tuple is the cheapest thing to make); ``DnsEvent(*event)`` names them."""
+    dns_flow_of, when it is read). The proxy hands over plain tuples of these fields in this order
+    (one is made per question, and a tuple is the cheapest thing to make); ``DnsEvent(*event)``
+    names them."""
 
     time_ns: int
     client: DnsClient
@@ -388,9 +389,11 @@ class DnsProxy:
             addr = writer.get_extra_info("peername")
             while True:
                 try:
-                    head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE_TIMEOUT_S)
+                    async with asyncio.timeout(TCP_IDLE_TIMEOUT_S):
+                        head = await reader.readexactly(2)
                     (length,) = struct.unpack("!H", head)
-                    data = await asyncio.wait_for(reader.readexactly(length), TCP_IO_TIMEOUT_S)
+                    async with asyncio.timeout(TCP_IO_TIMEOUT_S):
+                        data = await reader.readexactly(length)
                 except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
                     return  # closed, stalled or idle: the connection ends
                 reply = self._fast(data, addr, False)
@@ -407,7 +410,8 @@ class DnsProxy:
                     return  # not DNS: there is no telling where its next message would start
                 writer.write(struct.pack("!H", len(reply)) + reply)
                 try:
-                    await asyncio.wait_for(writer.drain(), TCP_IO_TIMEOUT_S)
+                    async with asyncio.timeout(TCP_IO_TIMEOUT_S):
+                        await writer.drain()
                 except (TimeoutError, ConnectionError):
                     return
         finally:
@@ -444,7 +448,7 @@ class DnsProxy:
         if not meta.mesh:
             c.cache_hits += 1
         self._event(client, addr, udp, meta, started, ALLOWED)
-        return bytes(data[:2]) + hit.tail
+        return data[:2] + hit.tail
 
     async def _answer(self, data: bytes, addr: tuple, udp: bool) -> bytes | None:
         """The answer to one message from ``addr`` (None: send nothing)."""

@@ -149,12 +149,14 @@ class Upstreams:
         deadline = time.monotonic() + budget
         qid = secrets.randbits(16)
         wire = upstream_query(query, qid)
-        reply = await asyncio.wait_for(self._udp(server, wire, qid, query), budget)
+        async with asyncio.timeout(budget):  # no task per question, unlike wait_for
+            reply = await self._udp(server, wire, qid, query)
         if reply.header.tc:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError
-            reply = await asyncio.wait_for(self._tcp(server, wire, qid, query), left)
+            async with asyncio.timeout(left):
+                reply = await self._tcp(server, wire, qid, query)
         return reply
 
     async def _udp(self, server: Upstream, wire: bytes, qid: int, query: Query) -> DNSRecord:

@@ -1,4 +1,4 @@
-"""DNS flows (agent/flows.py dns_flow, DnsFlowBuilder) in Hubble's schema, and `--protocol dns`."""
+"""DNS flows (agent/flows.py dns_flow, LazyFlow) in Hubble's schema, and `--protocol dns`."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import pytest
 from agent import identity as ids
 from agent.dns.proxy import ALLOWED, DnsAnswer, DnsClient, DnsEvent, DnsVerdict
 from agent.flows import (
-    DnsFlowBuilder,
     EndpointRef,
     FlowBuffer,
     FlowContext,
     FlowCounters,
     FlowFilter,
+    LazyFlow,
     dns_flow,
+    dns_flow_of,
     dns_summary,
     flow_time_ns,
 )
@@ -84,35 +85,35 @@ def test_a_refused_question_is_a_dropped_request_naming_the_rule():
     assert described["policy"] == {"description": "no DNS rule allows it"}
 
 
-def test_the_builder_gives_what_dns_flow_gives():
-    builder = DnsFlowBuilder()
-    answers = [WEB, DnsAnswer("api.example.test.", "A", 0, ("192.0.2.1", "192.0.2.2"), 59, ("edge.",), ("CNAME", "A"))]
-    for i in range(6):
-        ev = event(answers[i % 2], port=40000 + i, t=T + i * 999_999_937)
-        assert builder.build(tuple(ev), CTX) == dns_flow(ev, CTX), i
-    refused = event(DnsAnswer("evil.", "A", 5), DnsVerdict(False, rule_id=9))
-    assert builder.build(refused, CTX) == dns_flow(refused, CTX)
+def test_lazy_flows_are_made_when_read():
+    made = []
+
+    def make(arg):
+        made.append(arg)
+        return dns_flow_of(arg)
+
+    buf = FlowBuffer()
+    host = frozenset({"10.200.0.1"})
+    buf.add_many([(LazyFlow(make, (tuple(event(port=p, t=T + p)), CTX, host)), T + p) for p in (1, 2, 3)])
+    assert made == [], "nobody read them yet"
+    assert buf.query(last=1)[0] == dns_flow(event(port=3, t=T + 3), CTX)
+    assert len(made) == 1, "--last 1 makes one"
+    flows = buf.query(FlowFilter(protocol="dns"))
+    assert [f["l4"]["UDP"]["destination_port"] for f in flows] == [1, 2, 3] and len(made) == 3, "each made once"
+    assert buf.query(FlowFilter(since_ns=T + 2)) == flows[1:], "since works on the time kept beside them"
 
 
-def test_the_builders_templates_follow_the_client_the_resolver_and_the_context():
-    builder = DnsFlowBuilder(max_templates=2)
-    first = builder.build(event(), CTX)
-    other = DnsClient(name="other", namespace="default", ip="10.200.0.12", identity=301)
-    moved = DnsEvent(T, other, 40000, ("10.200.0.1", 53), "UDP", WEB, 0, ALLOWED)
-    assert builder.build(moved, CTX)["IP"]["destination"] == "10.200.0.12"
-    assert builder.build(event(server=("10.9.9.9", 53)), CTX, ids.WORLD)["source"]["identity"] == ids.WORLD
-    renamed = FlowContext(node_name="n2", endpoints_by_ip={}, identity_labels={}, rules={}, boot_offset_ns=0)
-    assert builder.build(event(), renamed)["node_name"] == "n2" and first["node_name"] == "n1"
-    for i in range(5):  # beyond max_templates: still right
-        answer = DnsAnswer(f"n{i}.", "A", 0, (f"192.0.2.{i}",), 5, (), ("A",))
-        assert builder.build(event(answer), CTX) == dns_flow(event(answer), CTX)
+def test_lazy_flows_are_made_at_once_for_followers():
+    buf = FlowBuffer()
+    sub = buf.subscribe()
+    buf.add_many([(LazyFlow(dns_flow_of, (tuple(event()), CTX, frozenset())), T)])
+    got = sub.get(1)
+    assert isinstance(got, dict) and got is buf.query()[0], "the follower and the ring share the same dict"
+    assert got["source"]["identity"] == ids.WORLD, "a resolver not among the node's addresses is the world"
 
 
-def test_flows_are_not_shared_between_answers():
-    builder = DnsFlowBuilder()
-    a, b = builder.build(event(port=1), CTX), builder.build(event(port=2), CTX)
-    assert a["l4"]["UDP"]["destination_port"] == 1 and b["l4"]["UDP"]["destination_port"] == 2
-    assert a["l7"] is not b["l7"]
+def test_dns_flow_of_names_the_node_as_host():
+    assert dns_flow_of((tuple(event()), CTX, frozenset({"10.200.0.1"})))["source"]["identity"] == ids.HOST
 
 
 @pytest.mark.parametrize("protocol,matches", [("dns", True), ("udp", True), ("tcp", False), ("icmp", False)])
@@ -150,8 +151,7 @@ def test_counters_count_without_reading():
     assert verdicts == {("egress", "none"): 1}, "a refusal by DNS rules is a policy verdict"
 
 
-def test_builder_time_formatting_across_seconds():
-    builder = DnsFlowBuilder()
+def test_time_formatting_across_seconds():
     now = time.time_ns()
     for t in (now, now + 1, now + 10**9 - 1, now + 10**9, now + 5 * 10**9 + 7):
-        assert flow_time_ns(builder.build(event(t=t), CTX)) == t
+        assert flow_time_ns(dns_flow(event(t=t), CTX)) == t

@@ -26,7 +26,7 @@ from agent.dns.proxy import (
 )
 from agent.dns.upstream import Upstream, Upstreams
 from agent.dns.zone import MeshZone, ZoneService
-from agent.flows import DnsFlowBuilder, FlowContext
+from agent.flows import FlowContext, dns_flow_of
 from tests.dnsserver import UpstreamServer
 
 CLIENT = DnsClient(name="client", namespace="default", ip="127.0.0.1", ep_id=7, identity=4242)
@@ -281,8 +281,7 @@ def test_every_answer_is_an_event_that_makes_a_hubble_flow(proxy):
     ask(proxy, "gone.nx.test", tcp=True)
     wait_for(lambda: len(proxy.events) >= 3)
     ctx = FlowContext(node_name="n1", endpoints_by_ip={}, identity_labels={}, rules={}, boot_offset_ns=0)
-    builder = DnsFlowBuilder()
-    flows = [builder.build(e, ctx) for e in proxy.events]
+    flows = [dns_flow_of((e, ctx, frozenset({"127.0.0.1"}))) for e in proxy.events]
     web = flows[1]
     assert web["l7"]["dns"] == {"query": "web.default.svc.cluster.local.", "ips": ["10.96.0.10"], "ttl": 30,
                                 "cnames": [], "observation_source": "proxy", "rcode": 0, "qtypes": ["A"],
