@@ -59,10 +59,19 @@ meshagent exec demo-frontend -- curl -s -o /dev/null -w 'HTTP %{http_code}\n' --
 step "intruder -> web:80 (denied: no rule matches)"
 meshagent exec demo-intruder -- curl -s -o /dev/null -w 'HTTP %{http_code}\n' --max-time 2 "http://$WEB/" || echo "connection timed out: dropped by policy"
 
-step "a Service: examples/services.yaml (VIP balanced at connect time, name in /etc/hosts)"
+step "a Service: examples/services.yaml (VIP balanced at connect time, its name from the node's DNS proxy)"
 meshagent apply -f examples/services.yaml
 meshagent service list
 meshagent exec demo-frontend -- curl -s -o /dev/null -w 'http://web/ -> HTTP %{http_code} from %{remote_ip}\n' --max-time 3 http://web/
+
+step "DNS: every query of an endpoint reaches the node's proxy, whatever resolver it asks (here: plain nsenter)"
+NETNS=$(meshagent endpoint list -o json | python3 -c 'import json,sys; print([e["netns"] for e in json.load(sys.stdin) if e["name"]=="demo-frontend"][0])')
+for name in web web.default web.default.svc.cluster.local; do
+    nsenter --net="$NETNS" getent hosts "$name" | sed "s/^/$name -> /"
+done
+nsenter --net="$NETNS" getent hosts "$WEB" | sed "s/^/reverse $WEB -> /"
+sleep 0.5
+meshagent flows --protocol dns --last 3
 
 step "L7: two versions of shop, split 80/20 by a VirtualService (examples/l7-split.yaml)"
 for v in v1 v2; do
