@@ -65,7 +65,7 @@ class FqdnPolicyHook:
     def check(self, endpoint: DnsClient, qname: str, qtype: str) -> DnsVerdict:
         d = decide(self.view.dns.get(endpoint.ep_id, UNRESTRICTED), qname)
         reason = f"audit mode, would be refused: {d.reason}" if d.audit else d.reason
-        return DnsVerdict(d.allowed, d.rule_id, reason)
+        return DnsVerdict(d.allowed, d.rule_id, reason, mesh_names=d.mesh_names)
 
     def observed_fast(self, endpoint: DnsClient, qname: str, ips: tuple[str, ...], ttl: int) -> bool:
         """Record the answer; True when nothing is left to wait for (never blocks)."""

@@ -105,6 +105,8 @@ class DnsVerdict:
     allowed: bool
     rule_id: int = 0
     description: str = ""
+    # Refused for names outside the mesh only: a name the mesh zone answers is answered anyway.
+    mesh_names: bool = False
 
 
 ALLOWED = DnsVerdict(True)
@@ -433,7 +435,8 @@ class DnsProxy:
             return None
         meta: DnsAnswer = hit.meta
         try:
-            if not self._hook.check(client, meta.qname, meta.qtype).allowed:
+            verdict = self._hook.check(client, meta.qname, meta.qtype)
+            if not verdict.allowed and not (verdict.mesh_names and meta.mesh):
                 return None  # the slow path refuses it and says why
             if meta.ips:
                 fast = self._observed_fast
@@ -470,13 +473,13 @@ class DnsProxy:
         except Exception:
             log.exception("DNS policy check of %s for %s failed", query.qname, client.name)
             return self._error(query, RCODE.SERVFAIL)
-        if not verdict.allowed:
+        answer = snap.zone.lookup(query.qname, query.qtype, client.namespace)
+        if not verdict.allowed and not (verdict.mesh_names and answer is not None):
             c.policy_refused += 1
             self._event(client, addr, udp, DnsAnswer(query.qname, query.qtype, RCODE.REFUSED), started, verdict)
             return self._error(query, RCODE.REFUSED)
 
         now = time.monotonic()
-        answer = snap.zone.lookup(query.qname, query.qtype, client.namespace)
         if answer is not None:
             reply, steady_until = zone_reply(query, answer), float("inf")  # until the next snapshot
         else:

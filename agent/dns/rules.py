@@ -176,6 +176,10 @@ class DnsDecision:
     rule_id: int  # the rule that allowed or refused it (0: no policy applies)
     reason: str  # one line: which selector matched, or why none did
     audit: bool = False  # refused by policy in audit mode: answered, and reported
+    # Refused because egress policy does not allow DNS at all (no DNS rules): the mesh's own names
+    # (Services, ServiceEntries) are still answered, as the hosts files gave them before the proxy
+    # and as ztunnel's DNS proxy does; only forwarding to the outside is refused.
+    mesh_names: bool = False
 
 
 def decide(policy: DnsPolicy, qname: str) -> DnsDecision:
@@ -188,7 +192,7 @@ def decide(policy: DnsPolicy, qname: str) -> DnsDecision:
         if rule.selector.matches(qname):
             return DnsDecision(True, rule.rule_id, f"{rule.selector} matches {fqdn(qname)}")
     if policy.rules:
-        reason = f"no DNS rule of the endpoint matches {fqdn(qname)}"
-    else:
-        reason = "the endpoint's egress policy does not allow port 53 (DNS)"
-    return DnsDecision(policy.audit, policy.rule_id, reason, audit=policy.audit)
+        return DnsDecision(policy.audit, policy.rule_id, f"no DNS rule of the endpoint matches {fqdn(qname)}",
+                           audit=policy.audit)
+    return DnsDecision(policy.audit, policy.rule_id, "the endpoint's egress policy does not allow port 53 (DNS): "
+                       "only the mesh's own names are answered", audit=policy.audit, mesh_names=True)

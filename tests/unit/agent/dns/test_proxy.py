@@ -218,6 +218,24 @@ def test_names_outside_the_dns_rules_are_refused_with_a_dropped_flow(upstream):
         assert ("client", "evil.example.test.", "A") in hook.checked
 
 
+class NoDns(Hook):
+    """Egress policy that does not allow port 53 at all: the outside is refused, the mesh is not."""
+
+    def check(self, endpoint, qname, qtype):
+        self.checked.append((endpoint.name, qname, qtype))
+        return DnsVerdict(False, rule_id=5, description="no port 53", mesh_names=True)
+
+
+def test_without_dns_allowed_the_mesh_s_names_are_answered_and_the_outside_refused(upstream):
+    with running([Upstream("127.0.0.1", upstream.port)], hook=NoDns()) as p:
+        for _ in range(2):  # the second from the kept answer (fast path)
+            assert addresses(ask(p, "web")) == ["10.96.0.10"]
+        assert ask(p, "api.example.test").header.rcode == RCODE.REFUSED
+        assert ask(p, "nothere.default.svc.cluster.local").header.rcode == RCODE.NXDOMAIN
+        assert upstream.asked("api.example.test") == 0
+        assert p.counters.snapshot()["policy_refused"] == 1
+
+
 def test_the_hook_sees_the_addresses_before_the_client_does(upstream):
     hook = Hook(delay=0.3)
     with running([Upstream("127.0.0.1", upstream.port)], hook=hook) as p:

@@ -125,6 +125,7 @@ def test_decide():
     assert not refused.allowed and refused.rule_id == 7 and "no DNS rule" in refused.reason
     closed = decide(DnsPolicy(any_name=False, rule_id=3), "x.test")
     assert not closed.allowed and closed.rule_id == 3 and "does not allow port 53" in closed.reason
+    assert closed.mesh_names and not refused.mesh_names  # only "no DNS at all" still answers mesh names
     assert decide(UNRESTRICTED, "x").allowed and decide(UNRESTRICTED, "x").rule_id == 0
     anyname = decide(DnsPolicy(any_name=True, rule_id=9), "x")
     assert anyname.allowed and anyname.rule_id == 9
