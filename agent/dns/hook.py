@@ -67,13 +67,25 @@ class FqdnPolicyHook:
         reason = f"audit mode, would be refused: {d.reason}" if d.audit else d.reason
         return DnsVerdict(d.allowed, d.rule_id, reason, mesh_names=d.mesh_names)
 
+    def tracked(self, ep_id: int) -> bool:
+        """Whether the FQDN cache follows this endpoint's lookups: it has DNS-aware policy (DNS rules or
+        toFQDNs selectors), as Cilium's proxy sees only such endpoints' DNS. Others' answers are not
+        recorded, so a busy resolver client without such policy costs the cache (and its saves) nothing."""
+        view = self.view
+        policy = view.dns.get(ep_id)
+        return bool(view.selectors.get(ep_id)) or (policy is not None and bool(policy.rules))
+
     def observed_fast(self, endpoint: DnsClient, qname: str, ips: tuple[str, ...], ttl: int) -> bool:
         """Record the answer; True when nothing is left to wait for (never blocks)."""
+        if not self.tracked(endpoint.ep_id):
+            return True
         self.cache.record(endpoint.name, qname, ips, ttl)
         return not self._waits(endpoint, qname, ips)
 
     def observed(self, endpoint: DnsClient, qname: str, ips: tuple[str, ...], ttl: int) -> None:
         """Record the answer and, if a toFQDNs selector wants it, have the datapath take it (bounded)."""
+        if not self.tracked(endpoint.ep_id):
+            return
         self.cache.record(endpoint.name, qname, ips, ttl)
         if not self._waits(endpoint, qname, ips):
             return

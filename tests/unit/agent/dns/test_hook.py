@@ -87,8 +87,9 @@ def test_an_unselected_answer_is_recorded_without_waiting():
     assert hook.observed_fast(OTHER, "api.example.test.", ("192.0.2.10",), 5)  # no toFQDNs for it
     hook.observed(CLIENT, "evil.example.test.", ("192.0.2.66",), 5)
     assert agent.calls == 0
-    assert hook.cache.snapshot().names == {"client": {"evil.example.test.": ("192.0.2.66",)},
-                                           "other": {"api.example.test.": ("192.0.2.10",)}}
+    # the client has DNS rules, so its lookups are followed; `other` has no DNS-aware policy: not recorded
+    assert hook.cache.snapshot().names == {"client": {"evil.example.test.": ("192.0.2.66",)}}
+    assert hook.tracked(CLIENT.ep_id) and not hook.tracked(OTHER.ep_id)
 
 
 def test_the_wait_is_bounded():
