@@ -559,9 +559,7 @@ def summarise(samples: dict[str, list[dict | None]], kinds: tuple[str, ...]) -> 
                 ratios[key] = got
 
     def target(name: str, key: str, ok: Callable[[float], bool], goal: str) -> dict:
-        got = ratios.get(key)
-        return {"target": name, "measure": key, "goal": goal, "median": got and got["median"],
-                "met": None if got is None else ok(got["median"])}
+        return harness.target(ratios, name, key, ok, goal)
 
     targets = []
     for kind in ("mesh", "external"):

@@ -172,6 +172,13 @@ def paired(samples: dict[str, list[dict | None]], num: str, den: str, metric: st
     return spread(values)
 
 
+def target(ratios: dict[str, dict], name: str, key: str, ok: Callable[[float], bool], goal: str) -> dict:
+    """One goal of the bench, judged on the median of ``ratios[key]`` (met: None when not measured)."""
+    got = ratios.get(key)
+    return {"target": name, "measure": key, "goal": goal, "median": got and got["median"],
+            "met": None if got is None else ok(got["median"])}
+
+
 def fmt(stat: dict | None, digits: int = 0, scale: float = 1.0) -> str:
     """A spread as a table cell: ``median (min–max)``."""
     if not stat:

@@ -654,9 +654,7 @@ def summarise(samples: dict[str, list[dict | None]]) -> tuple[dict, dict, list[d
             ratios[key] = got
 
     def target(name: str, key: str, ok: Callable[[float], bool], goal: str) -> dict:
-        got = ratios.get(key)
-        return {"target": name, "measure": key, "goal": goal, "median": got and got["median"],
-                "met": None if got is None else ok(got["median"])}
+        return harness.target(ratios, name, key, ok, goal)
 
     targets = [
         target("requests per CPU-second vs haproxy", "processor/haproxy req_per_cpu_s", lambda v: v >= 1.0,

@@ -78,6 +78,9 @@ from bench.harness import (
     sysctl,
     traffic_cpu,
 )
+from bench.harness import (
+    target as bench_target,
+)
 from bench.topology import IP_A, IP_B, NS_PREFIX, POD_CIDR, Endpoint, Node, add_netns, delete_netns, plain_node
 
 MESHAGENT = [sys.executable, "-m", "cli.main"]  # the CLI of this checkout, whichever venv runs us
@@ -504,9 +507,7 @@ def summarise(samples: dict[str, list[dict | None]]) -> tuple[dict, dict, list[d
     ratios = {k: v for k, v in ratios.items() if v}
 
     def target(name: str, key: str, ok: Callable[[float], bool], goal: str) -> dict:
-        got = ratios.get(key)
-        return {"target": name, "measure": key, "goal": goal, "median": got and got["median"],
-                "met": None if got is None else ok(got["median"])}
+        return bench_target(ratios, name, key, ok, goal)
 
     targets = []
     for agent in ("agent-10", "agent-1k", "agent-10k"):
