@@ -142,14 +142,24 @@ def sysctl(name: str, value: str) -> Iterator[None]:
 # ---- the load generator --------------------------------------------------------------------------
 
 
+def build_c(source: Path, binary: Path, *flags: str, headers: tuple[Path, ...] = ()) -> Path:
+    """Compile ``source`` into ``binary`` when it is missing or older than the source or ``headers``."""
+    newest = max(p.stat().st_mtime for p in (source, *headers))
+    if binary.exists() and binary.stat().st_mtime >= newest:
+        return binary
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    run(["gcc", "-O2", "-Wall", *flags, "-o", str(binary), str(source)])
+    log(f"compiled {binary.relative_to(REPO)}")
+    return binary
+
+
 def build_rr() -> Path:
-    """Compile bench/rr.c into bench/bin/rr when it is missing or older than its source."""
-    if RR_BIN.exists() and RR_BIN.stat().st_mtime >= RR_SOURCE.stat().st_mtime:
-        return RR_BIN
-    RR_BIN.parent.mkdir(parents=True, exist_ok=True)
-    run(["gcc", "-O2", "-Wall", "-pthread", "-o", str(RR_BIN), str(RR_SOURCE)])
-    log(f"compiled {RR_BIN.relative_to(REPO)}")
-    return RR_BIN
+    """bench/rr.c as bench/bin/rr."""
+    return build_c(RR_SOURCE, RR_BIN, "-pthread")
+
+
+# The load generators' shared latency histogram (bench/loadgen.c, bench/dnsload.c).
+LATENCY_HIST_H = BENCH_DIR / "latency_hist.h"
 
 
 # ---- per-round statistics ------------------------------------------------------------------------

@@ -266,9 +266,8 @@ class FlowReader:
 
 
 def build_loadgen() -> Path:
-    """Compile bench/loadgen.c into bench/bin/loadgen when it is missing or older than its source."""
-    if LOADGEN_BIN.exists() and LOADGEN_BIN.stat().st_mtime >= LOADGEN_SOURCE.stat().st_mtime:
-        return LOADGEN_BIN
+    """bench/loadgen.c as bench/bin/loadgen."""
+    return harness.build_c(LOADGEN_SOURCE, LOADGEN_BIN, headers=(harness.LATENCY_HIST_H,))
     LOADGEN_BIN.parent.mkdir(parents=True, exist_ok=True)
     harness.run(["gcc", "-O2", "-Wall", "-o", str(LOADGEN_BIN), str(LOADGEN_SOURCE)])
     log(f"compiled {LOADGEN_BIN.relative_to(REPO)}")
