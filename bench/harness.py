@@ -162,6 +162,22 @@ def build_rr() -> Path:
 LATENCY_HIST_H = BENCH_DIR / "latency_hist.h"
 
 
+# A connection attempt, run with python3 inside a namespace: prints open, refused (nothing listens,
+# nothing drops) or timeout (dropped).
+PROBE = """
+import socket, sys
+s = socket.socket()
+s.settimeout(1.0)
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    print("open")
+except ConnectionRefusedError:
+    print("refused")
+except OSError:
+    print("timeout")
+"""
+
+
 # ---- per-round statistics ------------------------------------------------------------------------
 
 

@@ -522,20 +522,6 @@ def rr_policies() -> list[dict]:
     ]
 
 
-# A connection attempt from the client's namespace: open, refused (nothing listens, nothing drops)
-# or timeout (dropped). The same probe as bench/run.py's (not imported: run.py imports this module).
-PROBE = """
-import socket, sys
-s = socket.socket()
-s.settimeout(1.0)
-try:
-    s.connect((sys.argv[1], int(sys.argv[2])))
-    print("open")
-except ConnectionRefusedError:
-    print("refused")
-except OSError:
-    print("timeout")
-"""
 
 
 class RrPhase:
@@ -572,7 +558,7 @@ class RrPhase:
         return pairs
 
     def probe(self, pair: Pair, port: int) -> str:
-        return harness.run(harness.in_netns(pair.client_ns, [sys.executable, "-c", PROBE, pair.server_ip, str(port)]),
+        return harness.run(harness.in_netns(pair.client_ns, [sys.executable, "-c", harness.PROBE, pair.server_ip, str(port)]),
                            check=False, timeout=10).stdout.strip()
 
     def check(self, pair: Pair) -> None:

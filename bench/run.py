@@ -58,6 +58,7 @@ from agent.files import write_atomic
 from bench.harness import (
     BPFFS_DIR,
     CGROUP_DIR,
+    PROBE,
     REPO,
     RESULTS_DIR,
     RR_BIN,
@@ -371,18 +372,6 @@ class AgentNode:
 
 # ---- measuring -----------------------------------------------------------------------------------
 
-PROBE = """
-import socket, sys
-s = socket.socket()
-s.settimeout(1.0)
-try:
-    s.connect((sys.argv[1], int(sys.argv[2])))
-    print("open")
-except ConnectionRefusedError:
-    print("refused")
-except OSError:
-    print("timeout")
-"""
 
 
 class Meter:
