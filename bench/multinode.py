@@ -522,8 +522,6 @@ def rr_policies() -> list[dict]:
     ]
 
 
-
-
 class RrPhase:
     def __init__(self, s: Settings, cluster: Cluster, janitor: harness.Janitor):
         self.s, self.cluster, self.janitor = s, cluster, janitor
@@ -558,8 +556,8 @@ class RrPhase:
         return pairs
 
     def probe(self, pair: Pair, port: int) -> str:
-        return harness.run(harness.in_netns(pair.client_ns, [sys.executable, "-c", harness.PROBE, pair.server_ip, str(port)]),
-                           check=False, timeout=10).stdout.strip()
+        probe = [sys.executable, "-c", harness.PROBE, pair.server_ip, str(port)]
+        return harness.run(harness.in_netns(pair.client_ns, probe), check=False, timeout=10).stdout.strip()
 
     def check(self, pair: Pair) -> None:
         """The server answers on RR_PORT (the agents: once both nodes' ipcache know both sides), and
