@@ -101,6 +101,7 @@ from agent.state import (
     read_vips,
 )
 from agent.store import StoreError, open_store
+from agent.store.base import hhmmss, store_name
 
 log = logging.getLogger("meshagent")
 
@@ -322,9 +323,8 @@ class Agent:
         of several keys is not half made (each write would fail anyway, one line naming the store)."""
         st = self.store.status()
         if not st.get("connected", True):
-            since = time.strftime("%H:%M:%S", time.localtime(st["since"])) if st.get("since") else "?"
-            # Named as the store names itself in its own errors ("etcd store URL").
-            store = f"{st.get('backend', 'dir')} store {st.get('url', self.cfg.store)}"
+            since = hhmmss(st["since"]) if st.get("since") else "?"
+            store = store_name(st.get("backend", "dir"), st.get("url", self.cfg.store))
             raise StoreError(f"{store}: unreachable since {since}"
                              + (f" ({st['error']})" if st.get("error") else "")
                              + f"; {what} was not made: retry once the store is back")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, tzinfo
 from typing import Any
@@ -33,6 +32,7 @@ import yaml
 from agent.identity import RESERVED
 from agent.named_ports import ports_text
 from agent.policy.icmp import ICMP_TYPE_NAMES
+from agent.store.base import hhmmss
 
 OUTPUT_FORMATS = ("table", "json", "yaml")
 
@@ -167,7 +167,7 @@ def _store(url: Any, st: Mapping[str, Any] | None, sync_age: Any) -> str:
         state = "connected"
     else:
         since = st.get("since")
-        when = time.strftime("%H:%M:%S", time.localtime(since)) if isinstance(since, int | float) else "?"
+        when = hhmmss(since) if isinstance(since, int | float) else "?"
         state = f"unreachable since {when}" + (f" ({st['error']})" if st.get("error") else "")
     synced = f", datapath synced {sync_age}s ago" if sync_age is not None else ""
     return f"{st.get('url', url)}: {state}{synced}"

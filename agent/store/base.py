@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from typing import Any, Protocol
 
 from agent.errors import MeshError
@@ -74,6 +75,16 @@ def decode(raw: bytes | str) -> dict | None:
 
 def corrupt_error(store: str, key: str, fix: str) -> StoreError:
     return StoreError(f"{store}: key {key} holds a value that is not a JSON object; {fix}")
+
+
+def store_name(backend: str, url: str) -> str:
+    """How errors name a store: "etcd store etcd://10.0.0.1:2379"."""
+    return f"{backend} store {url}"
+
+
+def hhmmss(epoch: float) -> str:
+    """A time of day as errors and `status` give it (local time)."""
+    return time.strftime("%H:%M:%S", time.localtime(epoch))
 
 
 def status_record(backend: str, url: str, *, connected: bool, since: float, last_sync: float, revision: int,

@@ -75,7 +75,9 @@ from agent.store.base import (
     corrupt_error,
     decode,
     encode,
+    hhmmss,
     status_record,
+    store_name,
 )
 from agent.store.mirror import CORRUPT, Change, Mirror
 
@@ -221,10 +223,6 @@ def _tls_reason(e: ssl.SSLError) -> str:
     return (code or str(e)).lower().replace("_", " ")
 
 
-def _hhmmss(epoch: float) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(epoch))
-
-
 class EtcdStore:
     """The store interface over etcd (see agent/store/__init__.py and this module's doc)."""
 
@@ -234,7 +232,7 @@ class EtcdStore:
                  lease_ttl: int = DEFAULT_LEASE_TTL_S, state_dir: str | None = None, node_name: str | None = None,
                  prefix: str = PREFIX):
         self.url = url
-        self.name = f"etcd store {url}"
+        self.name = store_name("etcd", url)
         self.endpoints = parse_url(url)
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
         self.lease_ttl = int(lease_ttl)
@@ -347,7 +345,7 @@ class EtcdStore:
         if f.kind == "unreachable":
             with self._state_lock:
                 since = self._since
-            return StoreError(f"{self.name}: unreachable since {_hhmmss(since)} ({self._hint(f.reason)}); "
+            return StoreError(f"{self.name}: unreachable since {hhmmss(since)} ({self._hint(f.reason)}); "
                               f"{not_made}check that etcd runs and the node reaches it")
         if f.kind == "timeout":
             maybe = "the change may or may not have been made; " if write else ""
@@ -391,7 +389,7 @@ class EtcdStore:
             if self._connected:
                 self._connected, self._since = False, time.time()
                 log.warning("%s: unreachable (%s); serving its last known state, of %s", self.name, reason,
-                            _hhmmss(self._last_sync))
+                            hhmmss(self._last_sync))
 
     def _synced(self) -> None:
         with self._state_lock:
