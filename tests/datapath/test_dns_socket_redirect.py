@@ -63,7 +63,6 @@ class DnsTopology(Topology):
         super().__init__(f"dnr{TAG}", NODE, ROUTER_IP, ipv6=False)
         self.dp: TcDatapath | None = None
         self.redirect: SocketDatapath | None = None
-        self.events: list[maps.FlowEventC] = []
         self.prog_ids: set[int] = set()
         self.tmp = tempfile.mkdtemp(prefix=f"meshagent-dnr-{TAG}-")
 
@@ -72,7 +71,7 @@ class DnsTopology(Topology):
         hosts = {name: self.add_endpoint(name, netns, ip) for name, (netns, ip, _, _) in EPS.items()}
         self.dp = TcDatapath(PIN_DIR, MAP_SIZES)
         self.dp.load()
-        self.dp.open_events(lambda ev: self.events.append(maps.FlowEventC.from_buffer_copy(bytes(ev))))
+        self.collect_flow_events(self.dp)
         ipcache = self.dp.table("ipcache")
         ipcache[maps.ipcache_key_to_c(f"{ROUTER_IP}/32")] = maps.IpcacheEntryC(identity=IDENTITY_HOST)
         open_ = Enforcement(False)
@@ -120,11 +119,6 @@ class DnsTopology(Topology):
                                *names], capture_output=True, text=True, timeout=30)
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
-
-    def flow_events(self) -> list[maps.FlowEventC]:
-        self.dp.drain_events()
-        out, self.events[:] = list(self.events), []
-        return out
 
     def cleanup(self) -> None:
         try:

@@ -130,7 +130,6 @@ class L7Topology(Topology):
         self.dp: TcDatapath | None = None
         self.redirect: SocketDatapath | None = None
         self.proxy: subprocess.Popen | None = None
-        self.events: list[maps.FlowEventC] = []
         self.prog_ids: set[int] = set()
 
     def setup(self) -> None:
@@ -140,7 +139,7 @@ class L7Topology(Topology):
         # The TC policy programs on the host-side veths, endpoint table, ipcache, policy.
         self.dp = TcDatapath(PIN_DIR, MAP_SIZES)
         self.dp.load()
-        self.dp.open_events(lambda ev: self.events.append(maps.FlowEventC.from_buffer_copy(bytes(ev))))
+        self.collect_flow_events(self.dp)
         ipcache = self.dp.table("ipcache")
         ipcache[maps.ipcache_key_to_c(f"{ROUTER_IP}/32")] = maps.IpcacheEntryC(identity=1)  # HOST
         open_, deny = Enforcement(False), (lambda rule: Enforcement(True, False, rule_id=rule))
@@ -183,11 +182,6 @@ class L7Topology(Topology):
                                str(port), str(timeout)], capture_output=True, text=True, timeout=30)
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
-
-    def flow_events(self) -> list[maps.FlowEventC]:
-        self.dp.drain_events()
-        out, self.events[:] = list(self.events), []
-        return out
 
     def cleanup(self) -> None:
         try:

@@ -21,7 +21,9 @@ import signal
 import subprocess
 from collections.abc import Iterator
 
+from agent.datapath import maps
 from agent.datapath.sockets import SocketDatapath
+from agent.datapath.tc import TcDatapath
 from agent.reconcile import ServiceTable, Sync, lb_table
 
 GATEWAY = "169.254.1.1"
@@ -161,6 +163,17 @@ class Topology:
         finally:
             self.cleanup()
             signal.signal(signal.SIGTERM, previous)
+
+    def collect_flow_events(self, dp: TcDatapath) -> None:
+        """Keep every flow event ``dp``'s ring buffer reports, for flow_events()."""
+        self._events_dp, self.events = dp, []
+        dp.open_events(lambda ev: self.events.append(maps.FlowEventC.from_buffer_copy(bytes(ev))))
+
+    def flow_events(self) -> list[maps.FlowEventC]:
+        """The flow events reported since the last call."""
+        self._events_dp.drain_events()
+        out, self.events[:] = list(self.events), []
+        return out
 
     def cleanup(self) -> None:
         for proc in self.procs:
